@@ -1,0 +1,240 @@
+//! ES256 provider tokens (protocol sheet A2.1): signed once, shared by every connection,
+//! re-signed only when older than the refresh interval.
+//!
+//! The signer emits the raw 64-byte R‖S signature RFC 7518 asks for; the verifier (used by
+//! the mock) accepts that and the DER form, as APNs does.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair, KeyPair, UnparsedPublicKey};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer};
+
+/// How often a shared token is re-signed by default (Apple: between 20 and 60 minutes).
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(50 * 60);
+
+/// The DER prefix of a P-256 SubjectPublicKeyInfo; the uncompressed point follows it.
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// A key, a token or a claim that is not what APNs expects.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("the key is not a PEM PKCS#8 P-256 private key (.p8): {0}")]
+    Key(String),
+    #[error("the key is not a PEM P-256 public key: {0}")]
+    PublicKey(String),
+    #[error("the token is not a compact JWS")]
+    Malformed,
+    #[error("the token's algorithm is not ES256")]
+    Algorithm,
+    #[error("the token's signature does not verify")]
+    Signature,
+}
+
+/// Signs and caches the provider token of one key. Cheap to share behind an `Arc`.
+pub struct Signer {
+    /// The team's .p8 key; never logged, never leaves this struct.
+    key: EcdsaKeyPair,
+    key_id: String,
+    team_id: String,
+    rng: SystemRandom,
+    /// How old the cached token may grow before it is re-signed.
+    refresh: Duration,
+    /// The token every connection sends, and when it was signed.
+    cached: Mutex<Option<(Arc<str>, Instant)>>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("key_id", &self.key_id)
+            .field("team_id", &self.team_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The claims a verified token carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    pub key_id: String,
+    pub team_id: String,
+    pub issued_at: i64,
+}
+
+impl Signer {
+    /// Loads a .p8 key (PEM PKCS#8, P-256).
+    pub fn from_pem(
+        pem: &[u8],
+        key_id: &str,
+        team_id: &str,
+        refresh: Duration,
+    ) -> Result<Self, JwtError> {
+        let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| JwtError::Key(e.to_string()))?;
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            der.secret_pkcs8_der(),
+            &rng,
+        )
+        .map_err(|e| JwtError::Key(e.to_string()))?;
+        Ok(Self {
+            key,
+            key_id: key_id.to_owned(),
+            team_id: team_id.to_owned(),
+            rng,
+            refresh,
+            cached: Mutex::new(None),
+        })
+    }
+
+    /// The current token: the cached one, or a fresh one when the cache is older than the
+    /// refresh interval.
+    pub fn token(&self) -> Arc<str> {
+        let mut cached = self.cached.lock().expect("jwt cache poisoned");
+        if let Some((token, at)) = cached.as_ref() {
+            if at.elapsed() < self.refresh {
+                return token.clone();
+            }
+        }
+        let token: Arc<str> = self.sign(unix_now()).into();
+        *cached = Some((token.clone(), Instant::now()));
+        token
+    }
+
+    /// Signs a token with the given `iat`.
+    pub fn sign(&self, issued_at: i64) -> String {
+        let header = format!(r#"{{"alg":"ES256","kid":"{}"}}"#, self.key_id);
+        let claims = format!(r#"{{"iss":"{}","iat":{issued_at}}}"#, self.team_id);
+        let signing_input = format!("{}.{}", B64.encode(header), B64.encode(claims));
+        let sig = self
+            .key
+            .sign(&self.rng, signing_input.as_bytes())
+            .expect("ECDSA signing with a valid key does not fail");
+        format!("{signing_input}.{}", B64.encode(sig.as_ref()))
+    }
+
+    /// The uncompressed public point, for a verifier.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.key.public_key().as_ref().to_vec()
+    }
+}
+
+/// Reads a P-256 public key for verification from PEM: a `PUBLIC KEY` (SPKI) or the .p8
+/// private key itself, from which the public half is taken.
+pub fn public_key_from_pem(pem: &[u8]) -> Result<Vec<u8>, JwtError> {
+    if let Ok(spki) = SubjectPublicKeyInfoDer::from_pem_slice(pem) {
+        let der = spki.as_ref();
+        return match der.strip_prefix(&P256_SPKI_PREFIX[..]) {
+            Some(point) if point.len() == 65 => Ok(point.to_vec()),
+            _ => Err(JwtError::PublicKey("not a P-256 key".into())),
+        };
+    }
+    Signer::from_pem(pem, "", "", DEFAULT_REFRESH)
+        .map(|s| s.public_key())
+        .map_err(|e| JwtError::PublicKey(e.to_string()))
+}
+
+/// Verifies an ES256 token against a public point and returns its claims. Accepts raw R‖S
+/// and DER signatures. Claim checks (age, team, key id) are the caller's.
+pub fn verify(token: &str, public_key: &[u8]) -> Result<Claims, JwtError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed);
+    };
+    let header: serde_json::Value = decode_json(h)?;
+    if header["alg"] != "ES256" {
+        return Err(JwtError::Algorithm);
+    }
+    let claims: serde_json::Value = decode_json(c)?;
+    let sig = B64.decode(s).map_err(|_| JwtError::Malformed)?;
+    let signing_input = &token[..h.len() + 1 + c.len()];
+    let alg: &dyn signature::VerificationAlgorithm = if sig.len() == 64 {
+        &signature::ECDSA_P256_SHA256_FIXED
+    } else {
+        &signature::ECDSA_P256_SHA256_ASN1
+    };
+    UnparsedPublicKey::new(alg, public_key)
+        .verify(signing_input.as_bytes(), &sig)
+        .map_err(|_| JwtError::Signature)?;
+    Ok(Claims {
+        key_id: header["kid"].as_str().unwrap_or_default().to_owned(),
+        team_id: claims["iss"].as_str().unwrap_or_default().to_owned(),
+        issued_at: claims["iat"].as_i64().ok_or(JwtError::Malformed)?,
+    })
+}
+
+fn decode_json(part: &str) -> Result<serde_json::Value, JwtError> {
+    let bytes = B64.decode(part).map_err(|_| JwtError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_pem() -> String {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem()
+    }
+
+    #[test]
+    fn a_signed_token_verifies_with_the_public_key() {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let signer = Signer::from_pem(pair.serialize_pem().as_bytes(), "KEY1234567", "TEAM123456", DEFAULT_REFRESH).unwrap();
+        let token = signer.sign(1_800_000_000);
+        let public = public_key_from_pem(pair.public_key_pem().as_bytes()).unwrap();
+        assert_eq!(public, signer.public_key());
+        let claims = verify(&token, &public).unwrap();
+        assert_eq!(
+            claims,
+            Claims { key_id: "KEY1234567".into(), team_id: "TEAM123456".into(), issued_at: 1_800_000_000 }
+        );
+        // The header is exactly what APNs expects.
+        let header = B64.decode(token.split('.').next().unwrap()).unwrap();
+        assert_eq!(header, br#"{"alg":"ES256","kid":"KEY1234567"}"#);
+    }
+
+    #[test]
+    fn a_token_from_another_key_or_tampered_does_not_verify() {
+        let signer = Signer::from_pem(key_pem().as_bytes(), "K", "T", DEFAULT_REFRESH).unwrap();
+        let other = Signer::from_pem(key_pem().as_bytes(), "K", "T", DEFAULT_REFRESH).unwrap();
+        let token = signer.sign(1);
+        assert!(matches!(verify(&token, &other.public_key()), Err(JwtError::Signature)));
+        let tampered = token.replacen('.', ".e30", 1);
+        assert!(verify(&tampered, &signer.public_key()).is_err());
+        assert!(matches!(verify("a.b", &signer.public_key()), Err(JwtError::Malformed)));
+    }
+
+    #[test]
+    fn the_token_is_signed_once_and_reused() {
+        let signer = Signer::from_pem(key_pem().as_bytes(), "K", "T", DEFAULT_REFRESH).unwrap();
+        let a = signer.token();
+        let b = signer.token();
+        assert!(Arc::ptr_eq(&a, &b));
+        let eager = Signer::from_pem(key_pem().as_bytes(), "K", "T", Duration::ZERO).unwrap();
+        let a = eager.token();
+        assert!(!Arc::ptr_eq(&a, &eager.token()));
+    }
+
+    #[test]
+    fn a_key_that_is_not_p8_is_refused() {
+        assert!(matches!(Signer::from_pem(b"nonsense", "K", "T", DEFAULT_REFRESH), Err(JwtError::Key(_))));
+    }
+}

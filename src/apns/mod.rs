@@ -1,0 +1,76 @@
+//! APNs: what a notification is, how the HTTP/2 request for it is built, and the client
+//! that sends it.
+//!
+//! - [`request`]: pure request and payload building (no network), tested byte for byte;
+//! - [`reason`]: every reason string APNs answers with, and the decisions on it;
+//! - [`jwt`]: ES256 provider tokens;
+//! - [`tls`]: the client's TLS configuration (ALPN h2, ring, verification always on);
+//! - [`http2`]: the persistent HTTP/2 client.
+
+pub mod http2;
+pub mod jwt;
+pub mod reason;
+pub mod request;
+pub mod tls;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use reason::Reason;
+
+/// Apple's production HTTP/2 endpoint.
+pub const PRODUCTION_URL: &str = "https://api.push.apple.com:443";
+/// Apple's sandbox (development) HTTP/2 endpoint.
+pub const SANDBOX_URL: &str = "https://api.sandbox.push.apple.com:443";
+
+/// Which APNs environment a token was issued by (the `environment` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Environment {
+    Production,
+    Sandbox,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Production => "production",
+            Environment::Sandbox => "sandbox",
+        }
+    }
+}
+
+impl FromStr for Environment {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "production" => Ok(Environment::Production),
+            "sandbox" => Ok(Environment::Sandbox),
+            other => Err(format!("unknown APNs environment {other:?} (production|sandbox)")),
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What APNs answered to one notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// 200: APNs took the notification (not proof of delivery to the phone).
+    Accepted,
+    /// Any other status, with the full response.
+    Rejected(Rejection),
+}
+
+/// An APNs error response, kept whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub reason: Reason,
+    /// With 410 only: when APNs last confirmed the token invalid, in Unix milliseconds.
+    pub timestamp_ms: Option<i64>,
+    pub apns_id: Option<String>,
+}

@@ -1,0 +1,214 @@
+//! Every reason string APNs answers with (protocol sheet A7), and what each one means for us.
+//!
+//! Call sites never compare strings: they ask the enum (`is_token_invalid`, `is_retryable`,
+//! `is_provider_error`). New reasons appear over the years, so an unknown string parses into
+//! [`Reason::Unknown`] instead of failing.
+
+use std::fmt;
+
+macro_rules! reasons {
+    ($( $(#[doc = $doc:literal])* $variant:ident = $status:literal, $text:literal; )*) => {
+        /// The `reason` of an APNs error response.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $( $(#[doc = $doc])* $variant, )*
+            /// `BadEnvironmentKeyInToken`: the spelling APNs has been seen to send for
+            /// `BadEnvironmentKeyIdInToken` (sheet X1); both mean the same thing.
+            BadEnvironmentKeyInToken,
+            /// A reason this version does not know yet (Apple keeps adding them).
+            Unknown(String),
+        }
+
+        impl Reason {
+            /// Every known reason, for table-driven tests and the mock's scripts.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)* Reason::BadEnvironmentKeyInToken];
+
+            /// Parses a reason string; unknown strings are kept in [`Reason::Unknown`].
+            pub fn parse(s: &str) -> Self {
+                match s {
+                    $( $text => Reason::$variant, )*
+                    "BadEnvironmentKeyInToken" => Reason::BadEnvironmentKeyInToken,
+                    other => Reason::Unknown(other.to_owned()),
+                }
+            }
+
+            /// The string APNs sends.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $( Reason::$variant => $text, )*
+                    Reason::BadEnvironmentKeyInToken => "BadEnvironmentKeyInToken",
+                    Reason::Unknown(s) => s,
+                }
+            }
+
+            /// The HTTP status APNs pairs with this reason (0 when unknown).
+            pub fn status(&self) -> u16 {
+                match self {
+                    $( Reason::$variant => $status, )*
+                    Reason::BadEnvironmentKeyInToken => 403,
+                    Reason::Unknown(_) => 0,
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// The collapse id is over 64 bytes.
+    BadCollapseId = 400, "BadCollapseId";
+    /// The token is malformed or belongs to the other environment.
+    BadDeviceToken = 400, "BadDeviceToken";
+    /// `apns-expiration` is not valid.
+    BadExpirationDate = 400, "BadExpirationDate";
+    /// `apns-id` is not a canonical UUID.
+    BadMessageId = 400, "BadMessageId";
+    /// `apns-priority` is not 1, 5 or 10.
+    BadPriority = 400, "BadPriority";
+    /// `apns-topic` is not valid.
+    BadTopic = 400, "BadTopic";
+    /// The token belongs to another topic (another app, or a VoIP token).
+    DeviceTokenNotForTopic = 400, "DeviceTokenNotForTopic";
+    /// A header was repeated.
+    DuplicateHeaders = 400, "DuplicateHeaders";
+    /// The connection idled out; reconnect and retry.
+    IdleTimeout = 400, "IdleTimeout";
+    /// `apns-push-type` is not a known value.
+    InvalidPushType = 400, "InvalidPushType";
+    /// No token in `:path`.
+    MissingDeviceToken = 400, "MissingDeviceToken";
+    /// `apns-topic` is required and absent.
+    MissingTopic = 400, "MissingTopic";
+    /// The body is empty.
+    PayloadEmpty = 400, "PayloadEmpty";
+    /// Pushing to this topic is not allowed.
+    TopicDisallowed = 400, "TopicDisallowed";
+    /// The client certificate is bad.
+    BadCertificate = 403, "BadCertificate";
+    /// The client certificate is for the other environment.
+    BadCertificateEnvironment = 403, "BadCertificateEnvironment";
+    /// The JWT's `iat` is more than an hour old: re-sign and reconnect.
+    ExpiredProviderToken = 403, "ExpiredProviderToken";
+    /// The action is not allowed; do not retry.
+    Forbidden = 403, "Forbidden";
+    /// The JWT is bad: signature, `alg`, `kid` or `iss`.
+    InvalidProviderToken = 403, "InvalidProviderToken";
+    /// Neither a certificate nor an `authorization` header.
+    MissingProviderToken = 403, "MissingProviderToken";
+    /// The key id differs from the one first used on this connection.
+    UnrelatedKeyIdInToken = 403, "UnrelatedKeyIdInToken";
+    /// An environment-restricted key was used against the other environment (Apple's spelling).
+    BadEnvironmentKeyIdInToken = 403, "BadEnvironmentKeyIdInToken";
+    /// `:path` is not `/3/device/<token>`.
+    BadPath = 404, "BadPath";
+    /// The method was not POST.
+    MethodNotAllowed = 405, "MethodNotAllowed";
+    /// The device token has expired.
+    ExpiredToken = 410, "ExpiredToken";
+    /// The token is no longer active for the topic (the app was removed).
+    Unregistered = 410, "Unregistered";
+    /// The payload is over the size limit.
+    PayloadTooLarge = 413, "PayloadTooLarge";
+    /// The JWT changed more than once in 20 minutes on one connection.
+    TooManyProviderTokenUpdates = 429, "TooManyProviderTokenUpdates";
+    /// Too many pushes to one device in a row; retry after a delay.
+    TooManyRequests = 429, "TooManyRequests";
+    /// APNs had an internal error; retry.
+    InternalServerError = 500, "InternalServerError";
+    /// APNs is unavailable; retry on another connection.
+    ServiceUnavailable = 503, "ServiceUnavailable";
+    /// This APNs server is shutting down; retry on a new connection.
+    Shutdown = 503, "Shutdown";
+}
+
+impl Reason {
+    /// The token is dead or not ours: stop using it (feedback → purge).
+    pub fn is_token_invalid(&self) -> bool {
+        matches!(
+            self,
+            Reason::Unregistered
+                | Reason::ExpiredToken
+                | Reason::BadDeviceToken
+                | Reason::DeviceTokenNotForTopic
+        )
+    }
+
+    /// A transient failure: the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Reason::TooManyRequests
+                | Reason::InternalServerError
+                | Reason::ServiceUnavailable
+                | Reason::Shutdown
+                | Reason::IdleTimeout
+        )
+    }
+
+    /// A credential or configuration problem of ours: an operator must act.
+    pub fn is_provider_error(&self) -> bool {
+        matches!(
+            self,
+            Reason::BadCertificate
+                | Reason::BadCertificateEnvironment
+                | Reason::ExpiredProviderToken
+                | Reason::Forbidden
+                | Reason::InvalidProviderToken
+                | Reason::MissingProviderToken
+                | Reason::UnrelatedKeyIdInToken
+                | Reason::BadEnvironmentKeyIdInToken
+                | Reason::BadEnvironmentKeyInToken
+                | Reason::TooManyProviderTokenUpdates
+                | Reason::TopicDisallowed
+                | Reason::BadTopic
+        )
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_round_trips_and_has_a_status() {
+        for r in Reason::ALL {
+            assert_eq!(&Reason::parse(r.as_str()), r);
+            assert!([400, 403, 404, 405, 410, 413, 429, 500, 503].contains(&r.status()), "{r}");
+        }
+        assert_eq!(Reason::parse("SomethingNew"), Reason::Unknown("SomethingNew".into()));
+        assert_eq!(Reason::ALL.len(), 33);
+    }
+
+    #[test]
+    fn decisions_follow_the_protocol_sheet() {
+        // (reason, token invalid, retryable, provider error)
+        let table = [
+            (Reason::Unregistered, true, false, false),
+            (Reason::ExpiredToken, true, false, false),
+            (Reason::BadDeviceToken, true, false, false),
+            (Reason::DeviceTokenNotForTopic, true, false, false),
+            (Reason::TooManyRequests, false, true, false),
+            (Reason::InternalServerError, false, true, false),
+            (Reason::ServiceUnavailable, false, true, false),
+            (Reason::Shutdown, false, true, false),
+            (Reason::IdleTimeout, false, true, false),
+            (Reason::TopicDisallowed, false, false, true),
+            (Reason::BadEnvironmentKeyIdInToken, false, false, true),
+            (Reason::BadEnvironmentKeyInToken, false, false, true),
+            (Reason::PayloadTooLarge, false, false, false),
+            (Reason::Unknown("X".into()), false, false, false),
+        ];
+        for (r, invalid, retry, provider) in table {
+            assert_eq!(
+                (r.is_token_invalid(), r.is_retryable(), r.is_provider_error()),
+                (invalid, retry, provider),
+                "{r}"
+            );
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Building APNs requests, apart from sending them (DESIGN.md "Notification").
+//!
+//! The payload of a ring is built once and shared by every token it goes to; the request
+//! for one token is then a handful of headers around that shared body.
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Uri};
+
+use crate::ring::RingEvent;
+use crate::token::DeviceToken;
+
+/// APNs's payload limit for alert notifications, in bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 4096;
+
+/// The alert text of a ring; `{gateway}` in either template becomes the gateway's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertTemplate {
+    pub title: String,
+    pub body: String,
+    /// `aps.sound`: `default` or a sound file bundled in the app.
+    pub sound: String,
+}
+
+impl Default for AlertTemplate {
+    fn default() -> Self {
+        Self {
+            title: "{gateway}".into(),
+            body: "Someone is at the door".into(),
+            sound: "default".into(),
+        }
+    }
+}
+
+/// Why a ring cannot become a payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("the notification payload would be {0} bytes, over APNs's {MAX_PAYLOAD_BYTES}")]
+    TooLarge(usize),
+}
+
+/// Builds the JSON payload of a ring (the same bytes for every token).
+pub fn build_payload(
+    ring: &RingEvent,
+    gateway_name: &str,
+    alert: &AlertTemplate,
+) -> Result<Bytes, PayloadError> {
+    let payload = serde_json::json!({
+        "aps": {
+            "alert": {
+                "title": alert.title.replace("{gateway}", gateway_name),
+                "body": alert.body.replace("{gateway}", gateway_name),
+            },
+            "sound": alert.sound,
+            "interruption-level": "time-sensitive",
+            "thread-id": ring.gateway_id,
+        },
+        "event_id": ring.event_id,
+        "gateway_id": ring.gateway_id,
+        "pressed_at": ring.pressed_at_rfc3339(),
+    });
+    let bytes = serde_json::to_vec(&payload).expect("a JSON value serialises");
+    if bytes.len() > MAX_PAYLOAD_BYTES {
+        return Err(PayloadError::TooLarge(bytes.len()));
+    }
+    Ok(Bytes::from(bytes))
+}
+
+/// One notification to one token: everything a request needs.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub token: DeviceToken,
+    /// `apns-topic`: the app's bundle id.
+    pub topic: String,
+    /// `apns-collapse-id`: the ring's `event_id`.
+    pub collapse_id: String,
+    /// `apns-expiration`: Unix seconds after which APNs stops trying.
+    pub expiration: i64,
+    /// The ring's payload, shared by all its tokens.
+    pub payload: Bytes,
+}
+
+/// Where requests go: scheme and authority of an APNs base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `https://host:port`, the prefix of every request URI.
+    pub base: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// Parses `https://host[:port]`; the port defaults to 443.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(format!("{url:?} must start with https:// (APNs is TLS only)"));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("{url:?} has no host"))?;
+        if !matches!(uri.path(), "" | "/") {
+            return Err(format!("{url:?} must have no path"));
+        }
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(443);
+        Ok(Self {
+            base: format!("https://{}:{port}", authority.host()),
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// Builds the HTTP/2 request (headers only; the body is `n.payload`).
+pub fn build_request(endpoint: &Endpoint, n: &Notification, bearer: Option<&str>) -> Request<()> {
+    let uri = format!("{}/3/device/{}", endpoint.base, n.token.as_hex());
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header("apns-push-type", HeaderValue::from_static("alert"))
+        .header("apns-priority", HeaderValue::from_static("10"))
+        .header("apns-topic", &n.topic)
+        .header("apns-collapse-id", &n.collapse_id)
+        .header("apns-expiration", n.expiration)
+        .header("content-type", HeaderValue::from_static("application/json"));
+    if let Some(jwt) = bearer {
+        req = req.header("authorization", format!("bearer {jwt}"));
+    }
+    req.body(()).expect("request parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn ring() -> RingEvent {
+        RingEvent {
+            event_id: "5f0c1e2d".into(),
+            gateway_id: "gw-042".into(),
+            pressed_at: datetime!(2026-11-28 09:15:02.120 UTC),
+            switch_id: Some("front".into()),
+        }
+    }
+
+    #[test]
+    fn the_payload_carries_alert_sound_level_thread_and_the_ring() {
+        let payload = build_payload(&ring(), "Front door", &AlertTemplate::default()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "aps": {
+                    "alert": {"title": "Front door", "body": "Someone is at the door"},
+                    "sound": "default",
+                    "interruption-level": "time-sensitive",
+                    "thread-id": "gw-042",
+                },
+                "event_id": "5f0c1e2d",
+                "gateway_id": "gw-042",
+                "pressed_at": "2026-11-28T09:15:02.12Z",
+            })
+        );
+    }
+
+    #[test]
+    fn a_payload_over_4096_bytes_is_refused() {
+        let alert = AlertTemplate { body: "x".repeat(4000), ..AlertTemplate::default() };
+        let name = "n".repeat(200);
+        assert!(matches!(build_payload(&ring(), &name, &alert), Err(PayloadError::TooLarge(n)) if n > 4096));
+    }
+
+    #[test]
+    fn the_request_has_the_path_and_headers_design_names() {
+        let endpoint = Endpoint::parse("https://api.push.apple.com").unwrap();
+        let token = DeviceToken::parse(&"ab".repeat(32)).unwrap();
+        let n = Notification {
+            token,
+            topic: "com.example.doorbell".into(),
+            collapse_id: "5f0c1e2d".into(),
+            expiration: 1_795_857_362,
+            payload: Bytes::from_static(b"{}"),
+        };
+        let req = build_request(&endpoint, &n, Some("eyJ.a.b"));
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(req.uri().to_string(), format!("https://api.push.apple.com:443/3/device/{}", "ab".repeat(32)));
+        let h = req.headers();
+        let cases = [
+            ("apns-push-type", "alert"),
+            ("apns-priority", "10"),
+            ("apns-topic", "com.example.doorbell"),
+            ("apns-collapse-id", "5f0c1e2d"),
+            ("apns-expiration", "1795857362"),
+            ("authorization", "bearer eyJ.a.b"),
+        ];
+        for (name, value) in cases {
+            assert_eq!(h.get(name).unwrap(), value, "{name}");
+        }
+        assert!(build_request(&endpoint, &n, None).headers().get("authorization").is_none());
+    }
+
+    #[test]
+    fn endpoints_parse_as_the_table_says() {
+        let cases = [
+            ("https://api.push.apple.com", Ok(("api.push.apple.com", 443))),
+            ("https://localhost:8443/", Ok(("localhost", 8443))),
+            ("https://[::1]:2197", Ok(("::1", 2197))),
+            ("http://api.push.apple.com", Err(())),
+            ("https://host/path", Err(())),
+            ("not a url", Err(())),
+        ];
+        for (url, want) in cases {
+            let got = Endpoint::parse(url).map(|e| (e.host, e.port)).map_err(|_| ());
+            assert_eq!(got, want.map(|(h, p)| (h.to_owned(), p)), "{url}");
+        }
+    }
+}

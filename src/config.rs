@@ -1,0 +1,361 @@
+//! Configuration: one typed struct per command, each flag with its `RINGPUSH_*` variable
+//! (flags win). Everything is parsed and checked here, once, at start-up; a bad value stops
+//! the process with the variable's name. Nothing deeper reads the environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::apns::http2::{self, Client};
+use crate::apns::jwt::{self, Signer};
+use crate::apns::request::{AlertTemplate, Endpoint};
+use crate::apns::{self, tls};
+use crate::broker::Names;
+use crate::token::DeviceToken;
+use crate::worker;
+
+/// A configuration value that cannot be used; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub reason: String,
+}
+
+fn config_error(var: &'static str, reason: impl ToString) -> ConfigError {
+    ConfigError { var, reason: reason.to_string() }
+}
+
+/// A value parser for durations (`60s`, `500ms`, `2m`) whose error names the variable.
+fn duration(var: &'static str) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| humantime::parse_duration(s).map_err(|e| format!("{var}: {s:?} is not a duration like 60s or 500ms ({e})"))
+}
+
+/// A value parser for positive integers whose error names the variable.
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {
+    move |s| match s.parse::<T>() {
+        Ok(n) if n > T::default() => Ok(n),
+        _ => Err(format!("{var}: {s:?} is not a positive whole number")),
+    }
+}
+
+/// A value parser for APNs base URLs whose error names the variable.
+fn endpoint(var: &'static str) -> impl Fn(&str) -> Result<Endpoint, String> + Clone + Send + Sync + 'static {
+    move |s| Endpoint::parse(s).map_err(|e| format!("{var}: {e}"))
+}
+
+/// A value parser for queue prefixes.
+fn prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 100
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("RINGPUSH_QUEUE_PREFIX: {s:?} must be 1-100 letters, digits, '-', '_' or '.'"))
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "ringpush", version, about = "Gets a doorbell ring onto every phone that should hear it (APNs)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply migrations/ to PostgreSQL (a second run is a no-op).
+    Migrate(DatabaseArgs),
+    /// Consume rings, look up tokens, push to APNs.
+    Worker(WorkerArgs),
+    /// Run a local APNs stand-in (HTTP/2 over TLS with its own CA).
+    MockApns(MockArgs),
+    /// Run the whole pipeline on this machine and print what happened.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL.
+    #[arg(long, env = "RINGPUSH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "RINGPUSH_QUEUE_PREFIX", default_value = "ringpush", value_parser = prefix)]
+    pub queue_prefix: String,
+}
+
+impl BrokerArgs {
+    pub fn names(&self) -> Names {
+        Names::new(&self.queue_prefix)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL (libpq form; `?options=-csearch_path%3Dname` selects a schema).
+    #[arg(long, env = "RINGPUSH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    pub database_url: String,
+    /// Most connections the pool opens.
+    #[arg(long, env = "RINGPUSH_DATABASE_POOL_SIZE", default_value = "4", value_parser = positive::<usize>("RINGPUSH_DATABASE_POOL_SIZE"))]
+    pub database_pool_size: usize,
+    /// How long to wait for a connection from the pool, or a new one.
+    #[arg(long, env = "RINGPUSH_DATABASE_TIMEOUT", default_value = "5s", value_parser = duration("RINGPUSH_DATABASE_TIMEOUT"))]
+    pub database_timeout: Duration,
+}
+
+impl DatabaseArgs {
+    pub fn pool(&self) -> Result<deadpool_postgres::Pool, ConfigError> {
+        crate::db::pool(&self.database_url, self.database_pool_size, self.database_timeout)
+            .map_err(|e| config_error("RINGPUSH_DATABASE_URL", e))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApnsArgs {
+    /// `http2` (today's APNs) or `binary` (the legacy protocol).
+    #[arg(long, env = "RINGPUSH_APNS_PROTOCOL", default_value = "http2")]
+    pub apns_protocol: String,
+    /// HTTP/2 API base for tokens whose environment is production.
+    #[arg(long, env = "RINGPUSH_APNS_PRODUCTION_URL", default_value = apns::PRODUCTION_URL, value_parser = endpoint("RINGPUSH_APNS_PRODUCTION_URL"))]
+    pub apns_production_url: Endpoint,
+    /// HTTP/2 API base for tokens whose environment is sandbox.
+    #[arg(long, env = "RINGPUSH_APNS_SANDBOX_URL", default_value = apns::SANDBOX_URL, value_parser = endpoint("RINGPUSH_APNS_SANDBOX_URL"))]
+    pub apns_sandbox_url: Endpoint,
+    /// Extra CA (PEM) to trust besides the public roots, e.g. the mock's.
+    #[arg(long, env = "RINGPUSH_APNS_CA_FILE")]
+    pub apns_ca_file: Option<PathBuf>,
+    /// Token auth: the team's .p8 key file.
+    #[arg(long, env = "RINGPUSH_APNS_KEY_FILE")]
+    pub apns_key_file: Option<PathBuf>,
+    /// Token auth: the key's 10-character id.
+    #[arg(long, env = "RINGPUSH_APNS_KEY_ID")]
+    pub apns_key_id: Option<String>,
+    /// Token auth: the 10-character team id.
+    #[arg(long, env = "RINGPUSH_APNS_TEAM_ID")]
+    pub apns_team_id: Option<String>,
+    /// Bundle id for tokens whose row has no topic.
+    #[arg(long, env = "RINGPUSH_APNS_TOPIC")]
+    pub apns_topic: Option<String>,
+    /// How long one APNs request may take.
+    #[arg(long, env = "RINGPUSH_APNS_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration("RINGPUSH_APNS_REQUEST_TIMEOUT"))]
+    pub apns_request_timeout: Duration,
+    /// How long connecting to APNs (TCP, TLS, HTTP/2) may take.
+    #[arg(long, env = "RINGPUSH_APNS_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration("RINGPUSH_APNS_CONNECT_TIMEOUT"))]
+    pub apns_connect_timeout: Duration,
+}
+
+impl ApnsArgs {
+    /// Checks the credentials and builds the client (connections open on first use).
+    pub fn client(&self) -> Result<Client, ConfigError> {
+        match self.apns_protocol.as_str() {
+            "http2" => {}
+            "binary" => {
+                return Err(config_error(
+                    "RINGPUSH_APNS_PROTOCOL",
+                    "the legacy binary protocol is not available in this version; use http2",
+                ))
+            }
+            other => return Err(config_error("RINGPUSH_APNS_PROTOCOL", format!("{other:?} is not http2 or binary"))),
+        }
+        let signer = self.signer()?;
+        let tls = tls::client_config(self.apns_ca_file.as_deref())
+            .map_err(|e| config_error("RINGPUSH_APNS_CA_FILE", e))?;
+        let settings = http2::Settings {
+            production: self.apns_production_url.clone(),
+            sandbox: self.apns_sandbox_url.clone(),
+            request_timeout: self.apns_request_timeout,
+            connect_timeout: self.apns_connect_timeout,
+        };
+        Ok(Client::new(settings, tls, Some(Arc::new(signer))))
+    }
+
+    fn signer(&self) -> Result<Signer, ConfigError> {
+        let (Some(file), Some(key_id), Some(team_id)) = (&self.apns_key_file, &self.apns_key_id, &self.apns_team_id) else {
+            let missing: Vec<&str> = [
+                ("RINGPUSH_APNS_KEY_FILE", self.apns_key_file.is_none()),
+                ("RINGPUSH_APNS_KEY_ID", self.apns_key_id.is_none()),
+                ("RINGPUSH_APNS_TEAM_ID", self.apns_team_id.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(var, missing)| missing.then_some(var))
+            .collect();
+            return Err(config_error(
+                "RINGPUSH_APNS_KEY_FILE",
+                format!("token auth needs RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID and RINGPUSH_APNS_TEAM_ID; missing: {}", missing.join(", ")),
+            ));
+        };
+        for (var, value) in [("RINGPUSH_APNS_KEY_ID", key_id), ("RINGPUSH_APNS_TEAM_ID", team_id)] {
+            if value.len() != 10 || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(config_error(var, format!("{value:?} is not a 10-character Apple id")));
+            }
+        }
+        let pem = std::fs::read(file).map_err(|e| config_error("RINGPUSH_APNS_KEY_FILE", format!("{}: {e}", file.display())))?;
+        Signer::from_pem(&pem, key_id, team_id, jwt::DEFAULT_REFRESH)
+            .map_err(|e| config_error("RINGPUSH_APNS_KEY_FILE", format!("{}: {e}", file.display())))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub apns: ApnsArgs,
+    /// How long a ring is worth delivering after it was pressed.
+    #[arg(long, env = "RINGPUSH_RING_TTL", default_value = "60s", value_parser = duration("RINGPUSH_RING_TTL"))]
+    pub ring_ttl: Duration,
+    /// Unacked rings the broker may hand this worker at once.
+    #[arg(long, env = "RINGPUSH_PREFETCH", default_value = "256", value_parser = positive::<u16>("RINGPUSH_PREFETCH"))]
+    pub prefetch: u16,
+    /// Most rings looked up by one database query.
+    #[arg(long, env = "RINGPUSH_BATCH_SIZE", default_value = "64", value_parser = positive::<usize>("RINGPUSH_BATCH_SIZE"))]
+    pub batch_size: usize,
+    /// Attempts before a ring that keeps failing goes to the dead queue.
+    #[arg(long, env = "RINGPUSH_MAX_ATTEMPTS", default_value = "5", value_parser = positive::<u32>("RINGPUSH_MAX_ATTEMPTS"))]
+    pub max_attempts: u32,
+    /// Alert title; `{gateway}` becomes the gateway's name.
+    #[arg(long, env = "RINGPUSH_ALERT_TITLE", default_value = "{gateway}")]
+    pub alert_title: String,
+    /// Alert body; `{gateway}` becomes the gateway's name.
+    #[arg(long, env = "RINGPUSH_ALERT_BODY", default_value = "Someone is at the door")]
+    pub alert_body: String,
+    /// `aps.sound`: `default` or a sound file in the app bundle.
+    #[arg(long, env = "RINGPUSH_ALERT_SOUND", default_value = "default")]
+    pub alert_sound: String,
+}
+
+impl WorkerArgs {
+    pub fn settings(&self) -> Result<worker::Settings, ConfigError> {
+        for (var, text) in [("RINGPUSH_ALERT_TITLE", &self.alert_title), ("RINGPUSH_ALERT_BODY", &self.alert_body)] {
+            if text.len() > 1024 {
+                return Err(config_error(var, "is over 1024 bytes; APNs payloads are limited to 4096"));
+            }
+        }
+        if self.ring_ttl.is_zero() {
+            return Err(config_error("RINGPUSH_RING_TTL", "must be more than zero"));
+        }
+        Ok(worker::Settings {
+            names: self.broker.names(),
+            prefetch: self.prefetch,
+            batch_size: self.batch_size,
+            ring_ttl: self.ring_ttl,
+            default_topic: self.apns.apns_topic.clone(),
+            alert: AlertTemplate {
+                title: self.alert_title.clone(),
+                body: self.alert_body.clone(),
+                sound: self.alert_sound.clone(),
+            },
+            max_attempts: self.max_attempts,
+            db_retry_delay: Duration::from_secs(1),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MockArgs {
+    /// Address the mock listens on.
+    #[arg(long, env = "RINGPUSH_MOCK_LISTEN", default_value = "127.0.0.1:2197")]
+    pub listen: SocketAddr,
+    /// Directory of the mock's CA and server certificate (generated on first start).
+    #[arg(long, env = "RINGPUSH_MOCK_CERT_DIR", default_value = "mock-apns-certs")]
+    pub cert_dir: PathBuf,
+    /// Public key (PEM) or .p8 key that JWTs must verify with; without it JWTs are not checked.
+    #[arg(long, env = "RINGPUSH_MOCK_JWT_KEY_FILE")]
+    pub jwt_key_file: Option<PathBuf>,
+    /// Key id JWTs must carry, when set.
+    #[arg(long, env = "RINGPUSH_MOCK_KEY_ID")]
+    pub key_id: Option<String>,
+    /// Team id JWTs must carry, when set.
+    #[arg(long, env = "RINGPUSH_MOCK_TEAM_ID")]
+    pub team_id: Option<String>,
+    /// Tokens (hex, comma-separated) answered with 410 Unregistered.
+    #[arg(long, env = "RINGPUSH_MOCK_UNREGISTERED", value_delimiter = ',')]
+    pub unregistered: Vec<String>,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS announced to clients.
+    #[arg(long, env = "RINGPUSH_MOCK_MAX_STREAMS", default_value = "1000", value_parser = positive::<u32>("RINGPUSH_MOCK_MAX_STREAMS"))]
+    pub max_streams: u32,
+}
+
+impl MockArgs {
+    pub fn settings(&self) -> Result<(crate::mock::Settings, Vec<DeviceToken>), ConfigError> {
+        let public_key = match &self.jwt_key_file {
+            None => None,
+            Some(path) => Some(read_public_key(path)?),
+        };
+        let unregistered = self
+            .unregistered
+            .iter()
+            .filter(|t| !t.is_empty())
+            .map(|t| DeviceToken::parse(t).map_err(|e| config_error("RINGPUSH_MOCK_UNREGISTERED", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let settings = crate::mock::Settings {
+            listen: self.listen,
+            cert_dir: self.cert_dir.clone(),
+            auth: crate::mock::AuthCheck { public_key, key_id: self.key_id.clone(), team_id: self.team_id.clone() },
+            max_concurrent_streams: self.max_streams,
+            keep_requests: 10_000,
+        };
+        Ok((settings, unregistered))
+    }
+}
+
+fn read_public_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let var = "RINGPUSH_MOCK_JWT_KEY_FILE";
+    let pem = std::fs::read(path).map_err(|e| config_error(var, format!("{}: {e}", path.display())))?;
+    jwt::public_key_from_pem(&pem).map_err(|e| config_error(var, format!("{}: {e}", path.display())))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// RabbitMQ URL (the demo uses its own queue prefix and removes it at the end).
+    #[arg(long, env = "RINGPUSH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// PostgreSQL URL (the demo uses its own schema and drops it at the end).
+    #[arg(long, env = "RINGPUSH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    pub database_url: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases = [
+            (vec!["ringpush", "worker", "--ring-ttl", "soon"], "RINGPUSH_RING_TTL"),
+            (vec!["ringpush", "worker", "--prefetch", "0"], "RINGPUSH_PREFETCH"),
+            (vec!["ringpush", "worker", "--queue-prefix", "a b"], "RINGPUSH_QUEUE_PREFIX"),
+            (vec!["ringpush", "worker", "--apns-production-url", "http://x"], "RINGPUSH_APNS_PRODUCTION_URL"),
+        ];
+        for (args, var) in cases {
+            let err = parse(&args).unwrap_err();
+            assert!(err.contains(var), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_credentials_are_named_at_start() {
+        let Command::Worker(w) = parse(&["ringpush", "worker", "--apns-key-id", "ABCDEFGHIJ"]).unwrap().command else {
+            panic!("not a worker")
+        };
+        let err = w.apns.client().err().unwrap().to_string();
+        assert!(err.contains("RINGPUSH_APNS_KEY_FILE") && err.contains("RINGPUSH_APNS_TEAM_ID"), "{err}");
+        assert!(!err.contains("missing: RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID"), "{err}");
+        let Command::Worker(w) = parse(&["ringpush", "worker", "--apns-protocol", "smoke"]).unwrap().command else {
+            panic!("not a worker")
+        };
+        assert!(w.apns.client().err().unwrap().to_string().starts_with("RINGPUSH_APNS_PROTOCOL"));
+    }
+}

@@ -1,0 +1,150 @@
+//! PostgreSQL: the connection pool, `ringpush migrate`, and the one query a worker runs per
+//! batch of rings.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::apns::Environment;
+use crate::token::DeviceToken;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// The database cannot be reached or used.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("RINGPUSH_DATABASE_URL is not a PostgreSQL URL: {0}")]
+    Url(tokio_postgres::Error),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("migration: {0}")]
+    Migrate(#[from] refinery::Error),
+    #[error("building the pool: {0}")]
+    Build(#[from] deadpool_postgres::BuildError),
+}
+
+/// Opens a pool with every timeout set (deadpool's defaults wait forever).
+pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbError> {
+    let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig { recycling_method: RecyclingMethod::Verified },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .build()?)
+}
+
+/// Applies `migrations/` (refinery keeps its history table beside ours); a second run is
+/// a no-op. Returns the names of the migrations it applied.
+pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
+    let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    let (mut client, connection) = config.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let report = embedded::migrations::runner().run_async(&mut client).await;
+    drop(client);
+    let _ = driver.await;
+    Ok(report?
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect())
+}
+
+/// A token a ring goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipient {
+    pub token: DeviceToken,
+    pub environment: Environment,
+    /// The app's bundle id; `None` means the configured default topic.
+    pub topic: Option<String>,
+}
+
+/// What the lookup found for one gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gateway {
+    /// The name shown in the alert (the id when the gateway has none).
+    pub name: String,
+    /// The distinct tokens of the owner and every sharee.
+    pub recipients: Vec<Recipient>,
+}
+
+/// The owner's and sharees' tokens of every gateway in one query, with a left join so a
+/// gateway without tokens is told apart from an unknown one. The tokens are distinct because
+/// `token` is the primary key and each row is matched once, however many ways its user
+/// reaches the gateway (an owner listed as a sharee too).
+const LOOKUP: &str = "
+SELECT g.id, coalesce(g.name, g.id), t.token, t.environment, t.topic
+FROM gateways g
+LEFT JOIN push_tokens t
+  ON t.user_id = g.owner_id
+  OR t.user_id IN (SELECT s.user_id FROM gateway_shares s WHERE s.gateway_id = g.id)
+WHERE g.id = ANY($1::text[])
+ORDER BY g.id, t.token";
+
+/// Looks up every gateway of a batch of rings at once. Gateways missing from the result are
+/// unknown. Rows whose token or environment is malformed are skipped with a warning.
+pub async fn lookup(pool: &Pool, gateway_ids: &[&str]) -> Result<HashMap<String, Gateway>, DbError> {
+    let client = pool.get().await?;
+    let statement = client.prepare_cached(LOOKUP).await?;
+    let rows = client.query(&statement, &[&gateway_ids]).await?;
+    let mut found: HashMap<String, Gateway> = HashMap::new();
+    for row in rows {
+        let id: String = row.get(0);
+        let gateway = found.entry(id).or_insert_with(|| Gateway { name: row.get(1), recipients: Vec::new() });
+        let Some(token) = row.get::<_, Option<String>>(2) else { continue };
+        let env: String = row.get(3);
+        match (DeviceToken::parse(&token), env.parse::<Environment>()) {
+            (Ok(token), Ok(environment)) => gateway.recipients.push(Recipient { token, environment, topic: row.get(4) }),
+            (Err(e), _) => tracing::warn!(error = %e, "skipping a malformed token row"),
+            (_, Err(e)) => tracing::warn!(error = %e, "skipping a token row"),
+        }
+    }
+    Ok(found)
+}
+
+/// The URL of the same database with `schema` first on the search path: how the demo and
+/// the tests keep their tables apart from everyone else's.
+pub fn url_with_schema(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-csearch_path%3D{schema}")
+}
+
+/// Creates a schema (its name is checked: identifiers cannot be bound as parameters).
+pub async fn create_schema(url: &str, schema: &str) -> Result<(), DbError> {
+    schema_statement(url, &format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", checked_identifier(schema))).await
+}
+
+/// Drops a schema and everything in it.
+pub async fn drop_schema(url: &str, schema: &str) -> Result<(), DbError> {
+    schema_statement(url, &format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", checked_identifier(schema))).await
+}
+
+fn checked_identifier(name: &str) -> &str {
+    assert!(
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "schema names are lower-case letters, digits and '_' only: {name:?}"
+    );
+    name
+}
+
+async fn schema_statement(url: &str, sql: &str) -> Result<(), DbError> {
+    let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    let (client, connection) = config.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let result = client.batch_execute(sql).await;
+    drop(client);
+    let _ = driver.await;
+    Ok(result?)
+}

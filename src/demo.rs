@@ -1,0 +1,331 @@
+//! `ringpush demo`: the whole pipeline on one machine. It migrates a schema of its own,
+//! seeds users, gateways, shares and tokens, starts the mock APNs and a worker in this
+//! process, publishes rings the way a gateway does, and reports what reached which phone.
+//! It leaves the broker and the database as it found them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicGetOptions;
+use lapin::BasicProperties;
+use ring::rand::{SecureRandom, SystemRandom};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::apns::http2::{self, Client};
+use crate::apns::jwt::{self, Signer};
+use crate::apns::request::{AlertTemplate, Endpoint};
+use crate::apns::tls;
+use crate::broker::{self, Names};
+use crate::config::DemoArgs;
+use crate::mock::{self, Mock};
+use crate::ring::RingEvent;
+use crate::token::DeviceToken;
+use crate::worker::{self, Counters, ERROR_HEADER};
+
+const TOPIC: &str = "com.example.doorbell";
+
+/// A person of the seed data, their phones and what they should hear.
+struct Person {
+    name: &'static str,
+    /// (token, environment, unregistered at the mock)
+    phones: Vec<(DeviceToken, &'static str, bool)>,
+}
+
+/// What the demo saw, printed for a person.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub elapsed: Duration,
+    pub rings_published: u64,
+    pub rings_consumed: u64,
+    pub rings_delivered: u64,
+    pub rings_expired: u64,
+    pub rings_unknown_gateway: u64,
+    pub rings_dead_lettered: u64,
+    /// Accepted notifications per person, with their phone count.
+    pub accepted_per_person: Vec<(String, u64, usize)>,
+    /// Rejections per (person, reason).
+    pub rejections: Vec<(String, String, u64)>,
+    /// Reasons found on the dead queue.
+    pub dead_reasons: Vec<String>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "ringpush demo: {} rings published, all settled in {:.2?}", self.rings_published, self.elapsed)?;
+        writeln!(f)?;
+        writeln!(f, "rings")?;
+        writeln!(f, "  consumed            {:>4}", self.rings_consumed)?;
+        writeln!(f, "  delivered           {:>4}", self.rings_delivered)?;
+        writeln!(f, "  expired (not sent)  {:>4}", self.rings_expired)?;
+        writeln!(f, "  unknown gateway     {:>4}", self.rings_unknown_gateway)?;
+        writeln!(f, "  dead-lettered       {:>4}", self.rings_dead_lettered)?;
+        writeln!(f)?;
+        writeln!(f, "notifications accepted by APNs (mock), per user")?;
+        for (who, accepted, phones) in &self.accepted_per_person {
+            writeln!(f, "  {who:<8} {accepted:>4}  ({phones} phone{})", if *phones == 1 { "" } else { "s" })?;
+        }
+        writeln!(f)?;
+        writeln!(f, "rejections")?;
+        if self.rejections.is_empty() {
+            writeln!(f, "  none")?;
+        }
+        for (who, reason, n) in &self.rejections {
+            writeln!(f, "  {who:<8} {reason:<14} {n:>4}  (that phone's app was deleted; the token is stale)")?;
+        }
+        writeln!(f)?;
+        writeln!(f, "dead queue")?;
+        for reason in &self.dead_reasons {
+            writeln!(f, "  x-ringpush-error: {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the demo and cleans up after it, whatever happened.
+pub async fn run(args: &DemoArgs, cancel: CancellationToken) -> anyhow::Result<Report> {
+    let id = random_hex(4);
+    let names = Names::new(&format!("ringpush-demo-{id}"));
+    let schema = format!("ringpush_demo_{id}");
+    let dir = std::env::temp_dir().join(format!("ringpush-demo-{id}"));
+    let workers = cancel.child_token();
+    let result = run_inner(args, &names, &schema, &dir, workers.clone()).await;
+    workers.cancel();
+    // Clean up: the broker, the schema, the files.
+    let cleanup = async {
+        let connection = broker::connect(&args.amqp_url, "ringpush demo cleanup").await?;
+        let channel = connection.create_channel().await?;
+        broker::delete(&channel, &names).await?;
+        let _ = connection.close(200, "done".into()).await;
+        crate::db::drop_schema(&args.database_url, &schema).await?;
+        anyhow::Ok(())
+    };
+    let cleaned = cleanup.await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = result?;
+    cleaned?;
+    Ok(report)
+}
+
+async fn run_inner(
+    args: &DemoArgs,
+    names: &Names,
+    schema: &str,
+    dir: &std::path::Path,
+    cancel: CancellationToken,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    // Database: a schema of our own, migrated and seeded.
+    crate::db::create_schema(&args.database_url, schema).await?;
+    let db_url = crate::db::url_with_schema(&args.database_url, schema);
+    crate::db::migrate(&db_url).await?;
+    let pool = crate::db::pool(&db_url, 4, Duration::from_secs(5))?;
+    let people = seed_people();
+    seed(&pool, &people).await?;
+
+    // APNs: a key of our own, the mock checking JWTs with its public half.
+    std::fs::create_dir_all(dir)?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let signer = Signer::from_pem(key.serialize_pem().as_bytes(), "DEMOKEY123", "DEMOTEAM12", jwt::DEFAULT_REFRESH)?;
+    let mock = Mock::start(
+        mock::Settings {
+            listen: "127.0.0.1:0".parse()?,
+            cert_dir: dir.join("mock-certs"),
+            auth: mock::AuthCheck {
+                public_key: Some(signer.public_key()),
+                key_id: Some("DEMOKEY123".into()),
+                team_id: Some("DEMOTEAM12".into()),
+            },
+            max_concurrent_streams: 1000,
+            keep_requests: 10_000,
+        },
+        cancel.clone(),
+    )
+    .await?;
+    let now_ms = jwt::unix_now() * 1000;
+    for person in &people {
+        for (token, _, unregistered) in &person.phones {
+            if *unregistered {
+                mock.unregister(token, now_ms - 3_600_000);
+            }
+        }
+    }
+    let endpoint = Endpoint::parse(&mock.url()).map_err(anyhow::Error::msg)?;
+    let apns = Client::new(
+        http2::Settings {
+            production: endpoint.clone(),
+            sandbox: endpoint,
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        },
+        tls::client_config(Some(mock.ca_file()))?,
+        Some(Arc::new(signer)),
+    );
+
+    // A worker in this process.
+    let counters = Arc::new(Counters::default());
+    let settings = worker::Settings {
+        names: names.clone(),
+        prefetch: 64,
+        batch_size: 16,
+        ring_ttl: Duration::from_secs(60),
+        default_topic: Some(TOPIC.into()),
+        alert: AlertTemplate::default(),
+        max_attempts: 5,
+        db_retry_delay: Duration::from_secs(1),
+    };
+    let worker = tokio::spawn({
+        let (url, counters, cancel) = (args.amqp_url.clone(), counters.clone(), cancel.clone());
+        async move { worker::run(settings, &url, pool, apns, counters, cancel).await }
+    });
+
+    // A gateway: rings as they are published in a home.
+    let connection = broker::connect(&args.amqp_url, "ringpush demo gateway").await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    broker::declare(&channel, names).await?;
+    let now = OffsetDateTime::now_utc();
+    let ring = |event: &str, gateway: &str, pressed_at: OffsetDateTime| RingEvent {
+        event_id: format!("{event}-{}", random_hex(4)),
+        gateway_id: gateway.into(),
+        pressed_at,
+        switch_id: Some("front".into()),
+    };
+    let rings = [
+        ring("front-1", "demo-front", now),
+        ring("front-2", "demo-front", now),
+        ring("garage-1", "demo-garage", now),
+        ring("unknown-1", "demo-nowhere", now),
+        ring("stale-1", "demo-front", now - Duration::from_secs(300)),
+    ];
+    for r in &rings {
+        broker::publish_ring(&channel, names, r).await?;
+    }
+    let malformed = br#"{"v":1,"event_id":"no-gateway"}"#;
+    broker::publish_confirmed(
+        &channel,
+        &names.rings,
+        "ring.demo-front",
+        malformed,
+        BasicProperties::default().with_content_type("application/json".into()),
+    )
+    .await?;
+    let published = rings.len() as u64 + 1;
+
+    // Wait until every ring is settled.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Counters::get(&counters.rings_acked) < published {
+        if Instant::now() > deadline {
+            anyhow::bail!("rings still unsettled after 60 s: {counters:?}");
+        }
+        if worker.is_finished() {
+            worker.await??;
+            anyhow::bail!("the worker stopped early");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+
+    let mut dead_reasons = Vec::new();
+    while let Some(msg) = channel.basic_get(names.dead.as_str().into(), BasicGetOptions { no_ack: true }).await? {
+        let reason = msg
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(ERROR_HEADER).cloned())
+            .map(|v| match v {
+                lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        dead_reasons.push(reason);
+    }
+    let _ = connection.close(200, "done".into()).await;
+    cancel.cancel();
+    worker.await??;
+
+    Ok(report(&people, &mock, &counters, published, elapsed, dead_reasons))
+}
+
+fn report(people: &[Person], mock: &Mock, c: &Counters, published: u64, elapsed: Duration, dead_reasons: Vec<String>) -> Report {
+    let owner: HashMap<String, &str> = people
+        .iter()
+        .flat_map(|p| p.phones.iter().map(move |(t, _, _)| (t.as_hex().to_owned(), p.name)))
+        .collect();
+    let mut accepted: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut rejected: BTreeMap<(&str, String), u64> = BTreeMap::new();
+    for r in mock.received() {
+        let who = r.token.as_deref().and_then(|t| owner.get(t).copied()).unwrap_or("?");
+        match r.reason {
+            None => *accepted.entry(who).or_default() += 1,
+            Some(reason) => *rejected.entry((who, reason.to_string())).or_default() += 1,
+        }
+    }
+    Report {
+        elapsed,
+        rings_published: published,
+        rings_consumed: Counters::get(&c.rings_consumed),
+        rings_delivered: Counters::get(&c.rings_delivered),
+        rings_expired: Counters::get(&c.rings_expired),
+        rings_unknown_gateway: Counters::get(&c.rings_unknown_gateway),
+        rings_dead_lettered: Counters::get(&c.rings_dead_lettered),
+        accepted_per_person: people
+            .iter()
+            .map(|p| (p.name.to_owned(), accepted.get(p.name).copied().unwrap_or(0), p.phones.len()))
+            .collect(),
+        rejections: rejected.into_iter().map(|((who, reason), n)| (who.to_owned(), reason, n)).collect(),
+        dead_reasons,
+    }
+}
+
+fn seed_people() -> Vec<Person> {
+    let token = || DeviceToken::parse(&random_hex(32)).expect("hex is a token");
+    vec![
+        Person { name: "alice", phones: vec![(token(), "production", false), (token(), "production", false)] },
+        Person { name: "bob", phones: vec![(token(), "production", false)] },
+        Person { name: "carol", phones: vec![(token(), "sandbox", false), (token(), "production", true)] },
+        Person { name: "dan", phones: vec![(token(), "production", false)] },
+    ]
+}
+
+/// alice owns the front door and shares it with bob and carol (and, by mistake, with
+/// herself); dan owns the garage and shares it with alice.
+async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let mut ids = HashMap::new();
+    for person in people {
+        let row = client.query_one("INSERT INTO users DEFAULT VALUES RETURNING id", &[]).await?;
+        let id: i64 = row.get(0);
+        ids.insert(person.name, id);
+        for (i, (token, env, _)) in person.phones.iter().enumerate() {
+            // Every other phone relies on the default topic (RINGPUSH_APNS_TOPIC).
+            let topic = (i % 2 == 0).then_some(TOPIC);
+            client
+                .execute(
+                    "INSERT INTO push_tokens (token, user_id, environment, topic) VALUES ($1, $2, $3, $4)",
+                    &[&token.as_hex(), &id, env, &topic],
+                )
+                .await?;
+        }
+    }
+    let gateways = [("demo-front", "Front door", "alice", &["bob", "carol", "alice"][..]), ("demo-garage", "Garage", "dan", &["alice"][..])];
+    for (gw, name, owner, sharees) in gateways {
+        client
+            .execute("INSERT INTO gateways (id, owner_id, name) VALUES ($1, $2, $3)", &[&gw, &ids[owner], &name])
+            .await?;
+        for s in sharees {
+            client
+                .execute("INSERT INTO gateway_shares (gateway_id, user_id) VALUES ($1, $2)", &[&gw, &ids[s]])
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// `n` random bytes as lower-case hex.
+pub fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    SystemRandom::new().fill(&mut bytes).expect("the system RNG works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,25 @@
+//! ringpush: gets a doorbell ring onto every phone that should hear it.
+//!
+//! A gateway publishes a ring event to RabbitMQ; workers look up the owner's and sharees'
+//! device tokens in PostgreSQL and push one APNs notification per token over persistent
+//! HTTP/2 connections. The tree is the architecture:
+//!
+//! - [`config`]: command-line flags and `RINGPUSH_*` variables, parsed once;
+//! - [`ring`]: ring event v1, parsed (never merely validated);
+//! - [`token`]: device tokens;
+//! - [`broker`]: RabbitMQ topology, connections, confirmed publishes;
+//! - [`db`]: PostgreSQL pool, migrations, the batched token lookup;
+//! - [`apns`]: request building, reasons, JWT, TLS and the HTTP/2 client;
+//! - [`worker`]: `ringpush worker`, the consume → lookup → push → settle loop;
+//! - [`mock`]: `ringpush mock-apns`, a local APNs used by tests, the demo and benchmarks;
+//! - [`demo`]: `ringpush demo`, the whole pipeline on one machine.
+
+pub mod apns;
+pub mod broker;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod mock;
+pub mod ring;
+pub mod token;
+pub mod worker;

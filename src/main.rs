@@ -1,0 +1,90 @@
+//! The `ringpush` binary: parse configuration, start telemetry, run one command until it
+//! ends or a signal asks it to stop. Everything else lives in the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use ringpush::config::{Cli, Command};
+use ringpush::{db, demo, mock, worker};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints a report for a person: keep the logs to warnings unless asked.
+    let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)))
+        .with_writer(std::io::stderr)
+        .init();
+    let cancel = shutdown_on_signals();
+    match run(cli.command, cancel).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "ringpush stopped");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate(args) => {
+            let applied = db::migrate(&args.database_url).await?;
+            if applied.is_empty() {
+                println!("schema is up to date; nothing applied");
+            } else {
+                println!("applied {}", applied.join(", "));
+            }
+            Ok(())
+        }
+        Command::Worker(args) => {
+            let settings = args.settings()?;
+            let apns = args.apns.client()?;
+            let pool = args.database.pool()?;
+            let counters = Arc::new(worker::Counters::default());
+            worker::run(settings, &args.broker.amqp_url, pool, apns, counters, cancel).await
+        }
+        Command::MockApns(args) => {
+            let (settings, unregistered) = args.settings()?;
+            let now_ms = ringpush::apns::jwt::unix_now() * 1000;
+            let scripts = unregistered
+                .into_iter()
+                .map(|t| (t, mock::Script { status: 410, reason: ringpush::apns::Reason::Unregistered, timestamp_ms: Some(now_ms) }))
+                .collect();
+            mock::run(settings, scripts, cancel).await
+        }
+        Command::Demo(args) => {
+            let report = demo::run(&args, cancel).await?;
+            print!("{report}");
+            Ok(())
+        }
+    }
+}
+
+/// The first SIGINT or SIGTERM cancels the token (finish what is in flight, then exit); a
+/// second one exits at once.
+fn shutdown_on_signals() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        for round in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if round == 0 {
+                tracing::info!("signal received: finishing in-flight work (again to exit at once)");
+                token.cancel();
+            } else {
+                std::process::exit(130);
+            }
+        }
+    });
+    cancel
+}
