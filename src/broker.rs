@@ -8,7 +8,9 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 
 /// How long a publish may wait for the broker's confirm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,7 +58,13 @@ impl Names {
 
     /// Every queue, in the order operators read them.
     pub fn queues(&self) -> [&str; 5] {
-        [&self.rings, &self.retry, &self.dead, &self.feedback, &self.purge]
+        [
+            &self.rings,
+            &self.retry,
+            &self.dead,
+            &self.feedback,
+            &self.purge,
+        ]
     }
 
     /// The routing key of a ring from a gateway.
@@ -70,7 +78,10 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let url = if url.contains("heartbeat=") {
         url.to_owned()
     } else {
-        format!("{url}{}heartbeat=15", if url.contains('?') { '&' } else { '?' })
+        format!(
+            "{url}{}heartbeat=15",
+            if url.contains('?') { '&' } else { '?' }
+        )
     };
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
     Ok(Connection::connect(&url, props).await?)
@@ -91,13 +102,19 @@ fn string(s: &str) -> AMQPValue {
 /// Declares the whole topology; identical arguments in every process (a mismatch would be
 /// 406 PRECONDITION_FAILED).
 pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
-    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     let quorum = || ("x-queue-type", string("quorum"));
     channel
         .exchange_declare(
             names.rings.as_str().into(),
             ExchangeKind::Topic,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -127,14 +144,19 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError
             names.retry.as_str().into(),
             durable,
             table(&[
-                ("x-message-ttl", AMQPValue::LongLongInt(RETRY_DELAY.as_millis() as i64)),
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongLongInt(RETRY_DELAY.as_millis() as i64),
+                ),
                 ("x-dead-letter-exchange", string(&names.rings)),
                 ("x-dead-letter-routing-key", string("ring.retry")),
             ]),
         )
         .await?;
     for queue in [&names.dead, &names.feedback, &names.purge] {
-        channel.queue_declare(queue.as_str().into(), durable, table(&[quorum()])).await?;
+        channel
+            .queue_declare(queue.as_str().into(), durable, table(&[quorum()]))
+            .await?;
     }
     Ok(())
 }
@@ -142,16 +164,25 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError
 /// Deletes every queue and the exchange of a prefix (the demo's and tests' clean-up).
 pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
     for queue in names.queues() {
-        channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+        channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await?;
     }
-    channel.exchange_delete(names.rings.as_str().into(), ExchangeDeleteOptions::default()).await?;
+    channel
+        .exchange_delete(
+            names.rings.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await?;
     Ok(())
 }
 
 /// A channel in confirm mode, for publishes that stand in for an ack.
 pub async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     Ok(channel)
 }
 
@@ -163,7 +194,11 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), BrokerError> {
-    let target = if exchange.is_empty() { routing_key } else { exchange };
+    let target = if exchange.is_empty() {
+        routing_key
+    } else {
+        exchange
+    };
     let confirm = async {
         channel
             .basic_publish(
@@ -186,9 +221,20 @@ pub async fn publish_confirmed(
 
 /// Publishes a ring as a gateway does: to the rings exchange, keyed by gateway, JSON,
 /// persistent, confirmed.
-pub async fn publish_ring(channel: &Channel, names: &Names, ring: &crate::ring::RingEvent) -> Result<(), BrokerError> {
+pub async fn publish_ring(
+    channel: &Channel,
+    names: &Names,
+    ring: &crate::ring::RingEvent,
+) -> Result<(), BrokerError> {
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_timestamp(ring.pressed_at.unix_timestamp() as u64);
-    publish_confirmed(channel, &names.rings, &Names::ring_key(&ring.gateway_id), &ring.to_json(), properties).await
+    publish_confirmed(
+        channel,
+        &names.rings,
+        &Names::ring_key(&ring.gateway_id),
+        &ring.to_json(),
+        properties,
+    )
+    .await
 }

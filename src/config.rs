@@ -26,12 +26,20 @@ pub struct ConfigError {
 }
 
 fn config_error(var: &'static str, reason: impl ToString) -> ConfigError {
-    ConfigError { var, reason: reason.to_string() }
+    ConfigError {
+        var,
+        reason: reason.to_string(),
+    }
 }
 
 /// A value parser for durations (`60s`, `500ms`, `2m`) whose error names the variable.
-fn duration(var: &'static str) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
-    move |s| humantime::parse_duration(s).map_err(|e| format!("{var}: {s:?} is not a duration like 60s or 500ms ({e})"))
+fn duration(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        humantime::parse_duration(s)
+            .map_err(|e| format!("{var}: {s:?} is not a duration like 60s or 500ms ({e})"))
+    }
 }
 
 /// A value parser for positive integers whose error names the variable.
@@ -45,7 +53,9 @@ fn positive<T: std::str::FromStr + PartialOrd + Default>(
 }
 
 /// A value parser for APNs base URLs whose error names the variable.
-fn endpoint(var: &'static str) -> impl Fn(&str) -> Result<Endpoint, String> + Clone + Send + Sync + 'static {
+fn endpoint(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<Endpoint, String> + Clone + Send + Sync + 'static {
     move |s| Endpoint::parse(s).map_err(|e| format!("{var}: {e}"))
 }
 
@@ -53,16 +63,23 @@ fn endpoint(var: &'static str) -> impl Fn(&str) -> Result<Endpoint, String> + Cl
 fn prefix(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 100
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(s.to_owned())
     } else {
-        Err(format!("RINGPUSH_QUEUE_PREFIX: {s:?} must be 1-100 letters, digits, '-', '_' or '.'"))
+        Err(format!(
+            "RINGPUSH_QUEUE_PREFIX: {s:?} must be 1-100 letters, digits, '-', '_' or '.'"
+        ))
     }
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "ringpush", version, about = "Gets a doorbell ring onto every phone that should hear it (APNs)")]
+#[command(
+    name = "ringpush",
+    version,
+    about = "Gets a doorbell ring onto every phone that should hear it (APNs)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -73,17 +90,23 @@ pub enum Command {
     /// Apply migrations/ to PostgreSQL (a second run is a no-op).
     Migrate(DatabaseArgs),
     /// Consume rings, look up tokens, push to APNs.
-    Worker(WorkerArgs),
+    Worker(Box<WorkerArgs>),
     /// Run a local APNs stand-in (HTTP/2 over TLS with its own CA).
     MockApns(MockArgs),
     /// Run the whole pipeline on this machine and print what happened.
     Demo(DemoArgs),
+    /// Publish rings as a gateway does: one, or N at a steady rate.
+    Ring(RingArgs),
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// RabbitMQ URL.
-    #[arg(long, env = "RINGPUSH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "RINGPUSH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "RINGPUSH_QUEUE_PREFIX", default_value = "ringpush", value_parser = prefix)]
@@ -99,7 +122,11 @@ impl BrokerArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL (libpq form; `?options=-csearch_path%3Dname` selects a schema).
-    #[arg(long, env = "RINGPUSH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    #[arg(
+        long,
+        env = "RINGPUSH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
     pub database_url: String,
     /// Most connections the pool opens.
     #[arg(long, env = "RINGPUSH_DATABASE_POOL_SIZE", default_value = "4", value_parser = positive::<usize>("RINGPUSH_DATABASE_POOL_SIZE"))]
@@ -111,8 +138,12 @@ pub struct DatabaseArgs {
 
 impl DatabaseArgs {
     pub fn pool(&self) -> Result<deadpool_postgres::Pool, ConfigError> {
-        crate::db::pool(&self.database_url, self.database_pool_size, self.database_timeout)
-            .map_err(|e| config_error("RINGPUSH_DATABASE_URL", e))
+        crate::db::pool(
+            &self.database_url,
+            self.database_pool_size,
+            self.database_timeout,
+        )
+        .map_err(|e| config_error("RINGPUSH_DATABASE_URL", e))
     }
 }
 
@@ -161,7 +192,12 @@ impl ApnsArgs {
                     "the legacy binary protocol is not available in this version; use http2",
                 ))
             }
-            other => return Err(config_error("RINGPUSH_APNS_PROTOCOL", format!("{other:?} is not http2 or binary"))),
+            other => {
+                return Err(config_error(
+                    "RINGPUSH_APNS_PROTOCOL",
+                    format!("{other:?} is not http2 or binary"),
+                ))
+            }
         }
         let signer = self.signer()?;
         let tls = tls::client_config(self.apns_ca_file.as_deref())
@@ -176,7 +212,9 @@ impl ApnsArgs {
     }
 
     fn signer(&self) -> Result<Signer, ConfigError> {
-        let (Some(file), Some(key_id), Some(team_id)) = (&self.apns_key_file, &self.apns_key_id, &self.apns_team_id) else {
+        let (Some(file), Some(key_id), Some(team_id)) =
+            (&self.apns_key_file, &self.apns_key_id, &self.apns_team_id)
+        else {
             let missing: Vec<&str> = [
                 ("RINGPUSH_APNS_KEY_FILE", self.apns_key_file.is_none()),
                 ("RINGPUSH_APNS_KEY_ID", self.apns_key_id.is_none()),
@@ -190,12 +228,20 @@ impl ApnsArgs {
                 format!("token auth needs RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID and RINGPUSH_APNS_TEAM_ID; missing: {}", missing.join(", ")),
             ));
         };
-        for (var, value) in [("RINGPUSH_APNS_KEY_ID", key_id), ("RINGPUSH_APNS_TEAM_ID", team_id)] {
+        for (var, value) in [
+            ("RINGPUSH_APNS_KEY_ID", key_id),
+            ("RINGPUSH_APNS_TEAM_ID", team_id),
+        ] {
             if value.len() != 10 || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return Err(config_error(var, format!("{value:?} is not a 10-character Apple id")));
+                return Err(config_error(
+                    var,
+                    format!("{value:?} is not a 10-character Apple id"),
+                ));
             }
         }
-        let pem = std::fs::read(file).map_err(|e| config_error("RINGPUSH_APNS_KEY_FILE", format!("{}: {e}", file.display())))?;
+        let pem = std::fs::read(file).map_err(|e| {
+            config_error("RINGPUSH_APNS_KEY_FILE", format!("{}: {e}", file.display()))
+        })?;
         Signer::from_pem(&pem, key_id, team_id, jwt::DEFAULT_REFRESH)
             .map_err(|e| config_error("RINGPUSH_APNS_KEY_FILE", format!("{}: {e}", file.display())))
     }
@@ -225,7 +271,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "RINGPUSH_ALERT_TITLE", default_value = "{gateway}")]
     pub alert_title: String,
     /// Alert body; `{gateway}` becomes the gateway's name.
-    #[arg(long, env = "RINGPUSH_ALERT_BODY", default_value = "Someone is at the door")]
+    #[arg(
+        long,
+        env = "RINGPUSH_ALERT_BODY",
+        default_value = "Someone is at the door"
+    )]
     pub alert_body: String,
     /// `aps.sound`: `default` or a sound file in the app bundle.
     #[arg(long, env = "RINGPUSH_ALERT_SOUND", default_value = "default")]
@@ -234,9 +284,15 @@ pub struct WorkerArgs {
 
 impl WorkerArgs {
     pub fn settings(&self) -> Result<worker::Settings, ConfigError> {
-        for (var, text) in [("RINGPUSH_ALERT_TITLE", &self.alert_title), ("RINGPUSH_ALERT_BODY", &self.alert_body)] {
+        for (var, text) in [
+            ("RINGPUSH_ALERT_TITLE", &self.alert_title),
+            ("RINGPUSH_ALERT_BODY", &self.alert_body),
+        ] {
             if text.len() > 1024 {
-                return Err(config_error(var, "is over 1024 bytes; APNs payloads are limited to 4096"));
+                return Err(config_error(
+                    var,
+                    "is over 1024 bytes; APNs payloads are limited to 4096",
+                ));
             }
         }
         if self.ring_ttl.is_zero() {
@@ -265,11 +321,19 @@ pub struct MockArgs {
     #[arg(long, env = "RINGPUSH_MOCK_LISTEN", default_value = "127.0.0.1:2197")]
     pub listen: SocketAddr,
     /// Directory of the mock's CA and server certificate (generated on first start).
-    #[arg(long, env = "RINGPUSH_MOCK_CERT_DIR", default_value = "mock-apns-certs")]
+    #[arg(
+        long,
+        env = "RINGPUSH_MOCK_CERT_DIR",
+        default_value = "mock-apns-certs"
+    )]
     pub cert_dir: PathBuf,
     /// Public key (PEM) or .p8 key that JWTs must verify with; without it JWTs are not checked.
     #[arg(long, env = "RINGPUSH_MOCK_JWT_KEY_FILE")]
     pub jwt_key_file: Option<PathBuf>,
+    /// Create RINGPUSH_MOCK_JWT_KEY_FILE as a new .p8 key when it does not exist (for
+    /// local setups with no Apple key; workers then sign with the same file).
+    #[arg(long, env = "RINGPUSH_MOCK_GENERATE_KEY")]
+    pub generate_key: bool,
     /// Key id JWTs must carry, when set.
     #[arg(long, env = "RINGPUSH_MOCK_KEY_ID")]
     pub key_id: Option<String>,
@@ -287,39 +351,94 @@ pub struct MockArgs {
 impl MockArgs {
     pub fn settings(&self) -> Result<(crate::mock::Settings, Vec<DeviceToken>), ConfigError> {
         let public_key = match &self.jwt_key_file {
+            None if self.generate_key => {
+                return Err(config_error(
+                    "RINGPUSH_MOCK_GENERATE_KEY",
+                    "needs RINGPUSH_MOCK_JWT_KEY_FILE: where to write the key",
+                ))
+            }
             None => None,
-            Some(path) => Some(read_public_key(path)?),
+            Some(path) => {
+                if self.generate_key && !path.exists() {
+                    write_new_key(path)?;
+                }
+                Some(read_public_key(path)?)
+            }
         };
         let unregistered = self
             .unregistered
             .iter()
             .filter(|t| !t.is_empty())
-            .map(|t| DeviceToken::parse(t).map_err(|e| config_error("RINGPUSH_MOCK_UNREGISTERED", e)))
+            .map(|t| {
+                DeviceToken::parse(t).map_err(|e| config_error("RINGPUSH_MOCK_UNREGISTERED", e))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let settings = crate::mock::Settings {
             listen: self.listen,
             cert_dir: self.cert_dir.clone(),
-            auth: crate::mock::AuthCheck { public_key, key_id: self.key_id.clone(), team_id: self.team_id.clone() },
+            auth: crate::mock::AuthCheck {
+                public_key,
+                key_id: self.key_id.clone(),
+                team_id: self.team_id.clone(),
+            },
             max_concurrent_streams: self.max_streams,
             keep_requests: 10_000,
+            response_delay: Duration::ZERO,
         };
         Ok((settings, unregistered))
     }
 }
 
+/// Writes a new P-256 PKCS#8 key (a .p8 like Apple's), readable by its owner only.
+fn write_new_key(path: &Path) -> Result<(), ConfigError> {
+    let var = "RINGPUSH_MOCK_JWT_KEY_FILE";
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| config_error(var, e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| config_error(var, format!("{}: {e}", dir.display())))?;
+    }
+    crate::mock::certs::write_private(path, &key.serialize_pem())
+        .map_err(|e| config_error(var, format!("{}: {e}", path.display())))
+}
+
 fn read_public_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
     let var = "RINGPUSH_MOCK_JWT_KEY_FILE";
-    let pem = std::fs::read(path).map_err(|e| config_error(var, format!("{}: {e}", path.display())))?;
-    jwt::public_key_from_pem(&pem).map_err(|e| config_error(var, format!("{}: {e}", path.display())))
+    let pem =
+        std::fs::read(path).map_err(|e| config_error(var, format!("{}: {e}", path.display())))?;
+    jwt::public_key_from_pem(&pem)
+        .map_err(|e| config_error(var, format!("{}: {e}", path.display())))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RingArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// The gateway that rings.
+    pub gateway_id: String,
+    /// How many rings to publish.
+    #[arg(long, default_value = "1", value_parser = positive::<u64>("--count"))]
+    pub count: u64,
+    /// Rings per second when publishing more than one.
+    #[arg(long, default_value = "1", value_parser = positive::<u32>("--per-second"))]
+    pub per_second: u32,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     /// RabbitMQ URL (the demo uses its own queue prefix and removes it at the end).
-    #[arg(long, env = "RINGPUSH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "RINGPUSH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// PostgreSQL URL (the demo uses its own schema and drops it at the end).
-    #[arg(long, env = "RINGPUSH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    #[arg(
+        long,
+        env = "RINGPUSH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
     pub database_url: String,
 }
 
@@ -334,10 +453,22 @@ mod tests {
     #[test]
     fn bad_values_name_their_variable() {
         let cases = [
-            (vec!["ringpush", "worker", "--ring-ttl", "soon"], "RINGPUSH_RING_TTL"),
-            (vec!["ringpush", "worker", "--prefetch", "0"], "RINGPUSH_PREFETCH"),
-            (vec!["ringpush", "worker", "--queue-prefix", "a b"], "RINGPUSH_QUEUE_PREFIX"),
-            (vec!["ringpush", "worker", "--apns-production-url", "http://x"], "RINGPUSH_APNS_PRODUCTION_URL"),
+            (
+                vec!["ringpush", "worker", "--ring-ttl", "soon"],
+                "RINGPUSH_RING_TTL",
+            ),
+            (
+                vec!["ringpush", "worker", "--prefetch", "0"],
+                "RINGPUSH_PREFETCH",
+            ),
+            (
+                vec!["ringpush", "worker", "--queue-prefix", "a b"],
+                "RINGPUSH_QUEUE_PREFIX",
+            ),
+            (
+                vec!["ringpush", "worker", "--apns-production-url", "http://x"],
+                "RINGPUSH_APNS_PRODUCTION_URL",
+            ),
         ];
         for (args, var) in cases {
             let err = parse(&args).unwrap_err();
@@ -347,15 +478,33 @@ mod tests {
 
     #[test]
     fn missing_credentials_are_named_at_start() {
-        let Command::Worker(w) = parse(&["ringpush", "worker", "--apns-key-id", "ABCDEFGHIJ"]).unwrap().command else {
+        let Command::Worker(w) = parse(&["ringpush", "worker", "--apns-key-id", "ABCDEFGHIJ"])
+            .unwrap()
+            .command
+        else {
             panic!("not a worker")
         };
         let err = w.apns.client().err().unwrap().to_string();
-        assert!(err.contains("RINGPUSH_APNS_KEY_FILE") && err.contains("RINGPUSH_APNS_TEAM_ID"), "{err}");
-        assert!(!err.contains("missing: RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID"), "{err}");
-        let Command::Worker(w) = parse(&["ringpush", "worker", "--apns-protocol", "smoke"]).unwrap().command else {
+        assert!(
+            err.contains("RINGPUSH_APNS_KEY_FILE") && err.contains("RINGPUSH_APNS_TEAM_ID"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("missing: RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID"),
+            "{err}"
+        );
+        let Command::Worker(w) = parse(&["ringpush", "worker", "--apns-protocol", "smoke"])
+            .unwrap()
+            .command
+        else {
             panic!("not a worker")
         };
-        assert!(w.apns.client().err().unwrap().to_string().starts_with("RINGPUSH_APNS_PROTOCOL"));
+        assert!(w
+            .apns
+            .client()
+            .err()
+            .unwrap()
+            .to_string()
+            .starts_with("RINGPUSH_APNS_PROTOCOL"));
     }
 }

@@ -35,7 +35,9 @@ pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbErr
     let manager = Manager::from_config(
         config,
         NoTls,
-        ManagerConfig { recycling_method: RecyclingMethod::Verified },
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        },
     );
     Ok(Pool::builder(manager)
         .max_size(max_size)
@@ -95,18 +97,30 @@ ORDER BY g.id, t.token";
 
 /// Looks up every gateway of a batch of rings at once. Gateways missing from the result are
 /// unknown. Rows whose token or environment is malformed are skipped with a warning.
-pub async fn lookup(pool: &Pool, gateway_ids: &[&str]) -> Result<HashMap<String, Gateway>, DbError> {
+pub async fn lookup(
+    pool: &Pool,
+    gateway_ids: &[&str],
+) -> Result<HashMap<String, Gateway>, DbError> {
     let client = pool.get().await?;
     let statement = client.prepare_cached(LOOKUP).await?;
     let rows = client.query(&statement, &[&gateway_ids]).await?;
     let mut found: HashMap<String, Gateway> = HashMap::new();
     for row in rows {
         let id: String = row.get(0);
-        let gateway = found.entry(id).or_insert_with(|| Gateway { name: row.get(1), recipients: Vec::new() });
-        let Some(token) = row.get::<_, Option<String>>(2) else { continue };
+        let gateway = found.entry(id).or_insert_with(|| Gateway {
+            name: row.get(1),
+            recipients: Vec::new(),
+        });
+        let Some(token) = row.get::<_, Option<String>>(2) else {
+            continue;
+        };
         let env: String = row.get(3);
         match (DeviceToken::parse(&token), env.parse::<Environment>()) {
-            (Ok(token), Ok(environment)) => gateway.recipients.push(Recipient { token, environment, topic: row.get(4) }),
+            (Ok(token), Ok(environment)) => gateway.recipients.push(Recipient {
+                token,
+                environment,
+                topic: row.get(4),
+            }),
             (Err(e), _) => tracing::warn!(error = %e, "skipping a malformed token row"),
             (_, Err(e)) => tracing::warn!(error = %e, "skipping a token row"),
         }
@@ -123,17 +137,34 @@ pub fn url_with_schema(url: &str, schema: &str) -> String {
 
 /// Creates a schema (its name is checked: identifiers cannot be bound as parameters).
 pub async fn create_schema(url: &str, schema: &str) -> Result<(), DbError> {
-    schema_statement(url, &format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", checked_identifier(schema))).await
+    schema_statement(
+        url,
+        &format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            checked_identifier(schema)
+        ),
+    )
+    .await
 }
 
 /// Drops a schema and everything in it.
 pub async fn drop_schema(url: &str, schema: &str) -> Result<(), DbError> {
-    schema_statement(url, &format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", checked_identifier(schema))).await
+    schema_statement(
+        url,
+        &format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            checked_identifier(schema)
+        ),
+    )
+    .await
 }
 
 fn checked_identifier(name: &str) -> &str {
     assert!(
-        !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
         "schema names are lower-case letters, digits and '_' only: {name:?}"
     );
     name

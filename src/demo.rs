@@ -54,7 +54,11 @@ pub struct Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "ringpush demo: {} rings published, all settled in {:.2?}", self.rings_published, self.elapsed)?;
+        writeln!(
+            f,
+            "ringpush demo: {} rings published, all settled in {:.2?}",
+            self.rings_published, self.elapsed
+        )?;
         writeln!(f)?;
         writeln!(f, "rings")?;
         writeln!(f, "  consumed            {:>4}", self.rings_consumed)?;
@@ -65,7 +69,11 @@ impl fmt::Display for Report {
         writeln!(f)?;
         writeln!(f, "notifications accepted by APNs (mock), per user")?;
         for (who, accepted, phones) in &self.accepted_per_person {
-            writeln!(f, "  {who:<8} {accepted:>4}  ({phones} phone{})", if *phones == 1 { "" } else { "s" })?;
+            writeln!(
+                f,
+                "  {who:<8} {accepted:>4}  ({phones} phone{})",
+                if *phones == 1 { "" } else { "s" }
+            )?;
         }
         writeln!(f)?;
         writeln!(f, "rejections")?;
@@ -128,19 +136,21 @@ async fn run_inner(
     // APNs: a key of our own, the mock checking JWTs with its public half.
     std::fs::create_dir_all(dir)?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let signer = Signer::from_pem(key.serialize_pem().as_bytes(), "DEMOKEY123", "DEMOTEAM12", jwt::DEFAULT_REFRESH)?;
+    let signer = Signer::from_pem(
+        key.serialize_pem().as_bytes(),
+        "DEMOKEY123",
+        "DEMOTEAM12",
+        jwt::DEFAULT_REFRESH,
+    )?;
     let mock = Mock::start(
-        mock::Settings {
-            listen: "127.0.0.1:0".parse()?,
-            cert_dir: dir.join("mock-certs"),
-            auth: mock::AuthCheck {
+        mock::Settings::local(
+            dir.join("mock-certs"),
+            mock::AuthCheck {
                 public_key: Some(signer.public_key()),
                 key_id: Some("DEMOKEY123".into()),
                 team_id: Some("DEMOTEAM12".into()),
             },
-            max_concurrent_streams: 1000,
-            keep_requests: 10_000,
-        },
+        ),
         cancel.clone(),
     )
     .await?;
@@ -228,7 +238,10 @@ async fn run_inner(
     let elapsed = started.elapsed();
 
     let mut dead_reasons = Vec::new();
-    while let Some(msg) = channel.basic_get(names.dead.as_str().into(), BasicGetOptions { no_ack: true }).await? {
+    while let Some(msg) = channel
+        .basic_get(names.dead.as_str().into(), BasicGetOptions { no_ack: true })
+        .await?
+    {
         let reason = msg
             .properties
             .headers()
@@ -245,18 +258,40 @@ async fn run_inner(
     cancel.cancel();
     worker.await??;
 
-    Ok(report(&people, &mock, &counters, published, elapsed, dead_reasons))
+    Ok(report(
+        &people,
+        &mock,
+        &counters,
+        published,
+        elapsed,
+        dead_reasons,
+    ))
 }
 
-fn report(people: &[Person], mock: &Mock, c: &Counters, published: u64, elapsed: Duration, dead_reasons: Vec<String>) -> Report {
+fn report(
+    people: &[Person],
+    mock: &Mock,
+    c: &Counters,
+    published: u64,
+    elapsed: Duration,
+    dead_reasons: Vec<String>,
+) -> Report {
     let owner: HashMap<String, &str> = people
         .iter()
-        .flat_map(|p| p.phones.iter().map(move |(t, _, _)| (t.as_hex().to_owned(), p.name)))
+        .flat_map(|p| {
+            p.phones
+                .iter()
+                .map(move |(t, _, _)| (t.as_hex().to_owned(), p.name))
+        })
         .collect();
     let mut accepted: BTreeMap<&str, u64> = BTreeMap::new();
     let mut rejected: BTreeMap<(&str, String), u64> = BTreeMap::new();
     for r in mock.received() {
-        let who = r.token.as_deref().and_then(|t| owner.get(t).copied()).unwrap_or("?");
+        let who = r
+            .token
+            .as_deref()
+            .and_then(|t| owner.get(t).copied())
+            .unwrap_or("?");
         match r.reason {
             None => *accepted.entry(who).or_default() += 1,
             Some(reason) => *rejected.entry((who, reason.to_string())).or_default() += 1,
@@ -272,9 +307,18 @@ fn report(people: &[Person], mock: &Mock, c: &Counters, published: u64, elapsed:
         rings_dead_lettered: Counters::get(&c.rings_dead_lettered),
         accepted_per_person: people
             .iter()
-            .map(|p| (p.name.to_owned(), accepted.get(p.name).copied().unwrap_or(0), p.phones.len()))
+            .map(|p| {
+                (
+                    p.name.to_owned(),
+                    accepted.get(p.name).copied().unwrap_or(0),
+                    p.phones.len(),
+                )
+            })
             .collect(),
-        rejections: rejected.into_iter().map(|((who, reason), n)| (who.to_owned(), reason, n)).collect(),
+        rejections: rejected
+            .into_iter()
+            .map(|((who, reason), n)| (who.to_owned(), reason, n))
+            .collect(),
         dead_reasons,
     }
 }
@@ -282,10 +326,25 @@ fn report(people: &[Person], mock: &Mock, c: &Counters, published: u64, elapsed:
 fn seed_people() -> Vec<Person> {
     let token = || DeviceToken::parse(&random_hex(32)).expect("hex is a token");
     vec![
-        Person { name: "alice", phones: vec![(token(), "production", false), (token(), "production", false)] },
-        Person { name: "bob", phones: vec![(token(), "production", false)] },
-        Person { name: "carol", phones: vec![(token(), "sandbox", false), (token(), "production", true)] },
-        Person { name: "dan", phones: vec![(token(), "production", false)] },
+        Person {
+            name: "alice",
+            phones: vec![
+                (token(), "production", false),
+                (token(), "production", false),
+            ],
+        },
+        Person {
+            name: "bob",
+            phones: vec![(token(), "production", false)],
+        },
+        Person {
+            name: "carol",
+            phones: vec![(token(), "sandbox", false), (token(), "production", true)],
+        },
+        Person {
+            name: "dan",
+            phones: vec![(token(), "production", false)],
+        },
     ]
 }
 
@@ -295,7 +354,9 @@ async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Resu
     let client = pool.get().await?;
     let mut ids = HashMap::new();
     for person in people {
-        let row = client.query_one("INSERT INTO users DEFAULT VALUES RETURNING id", &[]).await?;
+        let row = client
+            .query_one("INSERT INTO users DEFAULT VALUES RETURNING id", &[])
+            .await?;
         let id: i64 = row.get(0);
         ids.insert(person.name, id);
         for (i, (token, env, _)) in person.phones.iter().enumerate() {
@@ -309,14 +370,28 @@ async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Resu
                 .await?;
         }
     }
-    let gateways = [("demo-front", "Front door", "alice", &["bob", "carol", "alice"][..]), ("demo-garage", "Garage", "dan", &["alice"][..])];
+    let gateways = [
+        (
+            "demo-front",
+            "Front door",
+            "alice",
+            &["bob", "carol", "alice"][..],
+        ),
+        ("demo-garage", "Garage", "dan", &["alice"][..]),
+    ];
     for (gw, name, owner, sharees) in gateways {
         client
-            .execute("INSERT INTO gateways (id, owner_id, name) VALUES ($1, $2, $3)", &[&gw, &ids[owner], &name])
+            .execute(
+                "INSERT INTO gateways (id, owner_id, name) VALUES ($1, $2, $3)",
+                &[&gw, &ids[owner], &name],
+            )
             .await?;
         for s in sharees {
             client
-                .execute("INSERT INTO gateway_shares (gateway_id, user_id) VALUES ($1, $2)", &[&gw, &ids[s]])
+                .execute(
+                    "INSERT INTO gateway_shares (gateway_id, user_id) VALUES ($1, $2)",
+                    &[&gw, &ids[s]],
+                )
                 .await?;
         }
     }
@@ -326,6 +401,8 @@ async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Resu
 /// `n` random bytes as lower-case hex.
 pub fn random_hex(n: usize) -> String {
     let mut bytes = vec![0u8; n];
-    SystemRandom::new().fill(&mut bytes).expect("the system RNG works");
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system RNG works");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

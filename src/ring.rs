@@ -118,8 +118,15 @@ impl RingEvent {
 /// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-28T09:15:02.120Z`.
 pub fn format_rfc3339(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
-    let t = t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).unwrap_or(t);
+    let t = t
+        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
+        .unwrap_or(t);
     t.format(&Rfc3339).expect("a UTC time formats as RFC 3339")
+}
+
+/// Checks a gateway id as a ring event would.
+pub fn check_gateway_id(id: &str) -> Result<(), RingError> {
+    check_len("gateway_id", id, MAX_GATEWAY_ID_BYTES)
 }
 
 fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), RingError> {
@@ -144,7 +151,8 @@ mod tests {
     fn parses_ring_events_as_the_table_says() {
         let long_event = "e".repeat(65);
         let long_gw = "g".repeat(129);
-        let cases: Vec<(String, Result<(&str, &str, OffsetDateTime), RingError>)> = vec![
+        type Want = Result<(&'static str, &'static str, OffsetDateTime), RingError>;
+        let cases: Vec<(String, Want)> = vec![
             (
                 r#"{"v":1,"event_id":"e1","gateway_id":"gw-042","pressed_at":"2026-11-28T09:15:02.120Z","switch_id":"front"}"#.into(),
                 Ok(("e1", "gw-042", datetime!(2026-11-28 09:15:02.120 UTC))),
@@ -174,7 +182,15 @@ mod tests {
             let got = RingEvent::parse(body.as_bytes(), NOW);
             match (got, want) {
                 (Ok(ring), Ok((event, gw, at))) => {
-                    assert_eq!((ring.event_id.as_str(), ring.gateway_id.as_str(), ring.pressed_at), (event, gw, at), "{body}");
+                    assert_eq!(
+                        (
+                            ring.event_id.as_str(),
+                            ring.gateway_id.as_str(),
+                            ring.pressed_at
+                        ),
+                        (event, gw, at),
+                        "{body}"
+                    );
                 }
                 // Messages from serde and time are theirs to word; the variant is ours.
                 (Err(RingError::Json(_)), Err(RingError::Json(_))) => {}
@@ -193,8 +209,14 @@ mod tests {
             switch_id: Some("front".into()),
         };
         assert_eq!(ring.age(NOW), Duration::from_millis(7_880));
-        assert_eq!(ring.age(ring.pressed_at - Duration::from_secs(5)), Duration::ZERO);
-        assert_eq!(ring.expires_at(Duration::from_secs(60)), ring.pressed_at.unix_timestamp() + 60);
+        assert_eq!(
+            ring.age(ring.pressed_at - Duration::from_secs(5)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            ring.expires_at(Duration::from_secs(60)),
+            ring.pressed_at.unix_timestamp() + 60
+        );
         assert_eq!(ring.pressed_at_rfc3339(), "2026-11-28T09:15:02.12Z");
         assert_eq!(RingEvent::parse(&ring.to_json(), NOW).unwrap(), ring);
     }

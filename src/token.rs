@@ -34,7 +34,7 @@ impl DeviceToken {
         if let Some(pos) = s.bytes().position(|b| !b.is_ascii_hexdigit()) {
             return Err(TokenError::NotHex(pos));
         }
-        if s.len() % 2 != 0 {
+        if !s.len().is_multiple_of(2) {
             return Err(TokenError::OddLength(s.len()));
         }
         if s.len() > MAX_TOKEN_BYTES * 2 {

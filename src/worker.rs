@@ -14,7 +14,9 @@ use deadpool_postgres::Pool;
 use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 use time::OffsetDateTime;
@@ -66,7 +68,12 @@ pub enum RingOutcome {
     /// The gateway exists but nobody has a phone registered.
     NoTokens,
     /// Some tokens failed for a transient reason; the ring goes to the retry queue.
-    Retry { accepted: usize, rejected: usize, failed: usize, error: String },
+    Retry {
+        accepted: usize,
+        rejected: usize,
+        failed: usize,
+        error: String,
+    },
     /// The ring cannot be delivered; it goes to the dead queue with this reason.
     Dead(String),
 }
@@ -132,7 +139,9 @@ pub async fn run(
     let connection = broker::connect(amqp_url, "ringpush worker").await?;
     let channel = connection.create_channel().await?;
     broker::declare(&channel, &settings.names).await?;
-    channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
     let publisher = broker::confirm_channel(&connection).await?;
     let mut consumer = channel
         .basic_consume(
@@ -144,7 +153,13 @@ pub async fn run(
         .await?;
     info!(queue = %settings.names.rings, prefetch = settings.prefetch, "worker consuming");
     let batch_size = settings.batch_size.max(1);
-    let ctx = Arc::new(Context { settings, pool, apns, publisher, counters });
+    let ctx = Arc::new(Context {
+        settings,
+        pool,
+        apns,
+        publisher,
+        counters,
+    });
     let tracker = TaskTracker::new();
     loop {
         let first = tokio::select! {
@@ -165,7 +180,9 @@ pub async fn run(
         let ctx = ctx.clone();
         tracker.spawn(async move { handle_batch(&ctx, batch).await });
     }
-    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+    let _ = channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
     tracker.close();
     tracker.wait().await;
     let _ = channel.close(200, "worker stopping".into()).await;
@@ -190,7 +207,16 @@ async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
                 settle(ctx, &delivery, None, RingOutcome::Expired, Instant::now()).await;
             }
             Ok(ring) => rings.push((delivery, ring)),
-            Err(e) => settle(ctx, &delivery, None, RingOutcome::Dead(e.to_string()), Instant::now()).await,
+            Err(e) => {
+                settle(
+                    ctx,
+                    &delivery,
+                    None,
+                    RingOutcome::Dead(e.to_string()),
+                    Instant::now(),
+                )
+                .await
+            }
         }
     }
     if rings.is_empty() {
@@ -223,7 +249,9 @@ async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
 
 /// Pushes one ring to every token of its gateway and says what became of it.
 async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>) -> RingOutcome {
-    let Some(gateway) = gateway else { return RingOutcome::UnknownGateway };
+    let Some(gateway) = gateway else {
+        return RingOutcome::UnknownGateway;
+    };
     if gateway.recipients.is_empty() {
         return RingOutcome::NoTokens;
     }
@@ -277,7 +305,12 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
             }
             TokenResult::Rejected(reason) => {
                 rejected += 1;
-                *ctx.counters.rejected_by_reason.lock().unwrap().entry(reason.to_string()).or_default() += 1;
+                *ctx.counters
+                    .rejected_by_reason
+                    .lock()
+                    .unwrap()
+                    .entry(reason.to_string())
+                    .or_default() += 1;
             }
         }
     }
@@ -285,21 +318,35 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
     Counters::add(&ctx.counters.notifications_rejected, rejected);
     Counters::add(&ctx.counters.notifications_failed, failed);
     if failed > 0 {
-        return RingOutcome::Retry { accepted, rejected, failed, error: last_error };
+        return RingOutcome::Retry {
+            accepted,
+            rejected,
+            failed,
+            error: last_error,
+        };
     }
     RingOutcome::Delivered { accepted, rejected }
 }
 
 /// Makes a ring's outcome durable, then acks it: nothing is acked before its retry or
 /// dead-letter copy is confirmed by the broker.
-async fn settle(ctx: &Context, delivery: &Delivery, ring: Option<&RingEvent>, outcome: RingOutcome, started: Instant) {
+async fn settle(
+    ctx: &Context,
+    delivery: &Delivery,
+    ring: Option<&RingEvent>,
+    outcome: RingOutcome,
+    started: Instant,
+) {
     let c = &ctx.counters;
     let latency_ms = started.elapsed().as_millis() as u64;
     let (gateway, event) = ring.map_or(("", ""), |r| (r.gateway_id.as_str(), r.event_id.as_str()));
     let durable = match &outcome {
         RingOutcome::Delivered { accepted, rejected } => {
             Counters::add(&c.rings_delivered, 1);
-            info!(gateway, event, accepted, rejected, latency_ms, "ring delivered");
+            info!(
+                gateway,
+                event, accepted, rejected, latency_ms, "ring delivered"
+            );
             Ok(())
         }
         RingOutcome::Expired => {
@@ -317,7 +364,12 @@ async fn settle(ctx: &Context, delivery: &Delivery, ring: Option<&RingEvent>, ou
             info!(gateway, event, "ring for a gateway without phones");
             Ok(())
         }
-        RingOutcome::Retry { accepted, rejected, failed, error } => {
+        RingOutcome::Retry {
+            accepted,
+            rejected,
+            failed,
+            error,
+        } => {
             let attempt = attempt_of(delivery) + 1;
             if attempt >= ctx.settings.max_attempts {
                 let reason = format!("gave up after {attempt} attempts: {error}");
@@ -345,21 +397,52 @@ async fn settle(ctx: &Context, delivery: &Delivery, ring: Option<&RingEvent>, ou
     }
 }
 
-async fn dead_letter(ctx: &Context, delivery: &Delivery, reason: &str, gateway: &str, event: &str) -> Result<(), BrokerError> {
+async fn dead_letter(
+    ctx: &Context,
+    delivery: &Delivery,
+    reason: &str,
+    gateway: &str,
+    event: &str,
+) -> Result<(), BrokerError> {
     warn!(gateway, event, reason, "ring goes to the dead queue");
-    let properties = with_header(&delivery.properties, ERROR_HEADER, AMQPValue::LongString(LongString::from(reason)));
-    broker::publish_confirmed(&ctx.publisher, "", &ctx.settings.names.dead, &delivery.data, properties).await?;
+    let properties = with_header(
+        &delivery.properties,
+        ERROR_HEADER,
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    broker::publish_confirmed(
+        &ctx.publisher,
+        "",
+        &ctx.settings.names.dead,
+        &delivery.data,
+        properties,
+    )
+    .await?;
     Counters::add(&ctx.counters.rings_dead_lettered, 1);
     Ok(())
 }
 
 async fn retry(ctx: &Context, delivery: &Delivery, attempt: u32) -> Result<(), BrokerError> {
-    let properties = with_header(&delivery.properties, ATTEMPT_HEADER, AMQPValue::LongUInt(attempt));
-    broker::publish_confirmed(&ctx.publisher, "", &ctx.settings.names.retry, &delivery.data, properties).await
+    let properties = with_header(
+        &delivery.properties,
+        ATTEMPT_HEADER,
+        AMQPValue::LongUInt(attempt),
+    );
+    broker::publish_confirmed(
+        &ctx.publisher,
+        "",
+        &ctx.settings.names.retry,
+        &delivery.data,
+        properties,
+    )
+    .await
 }
 
 async fn requeue(ctx: &Context, delivery: &Delivery) {
-    let nack = BasicNackOptions { requeue: true, ..Default::default() };
+    let nack = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
     match delivery.acker.nack(nack).await {
         Ok(_) => Counters::add(&ctx.counters.rings_requeued, 1),
         Err(e) => error!(error = %e, "nack failed; the broker will redeliver the ring"),

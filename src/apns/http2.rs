@@ -160,13 +160,20 @@ impl Connection {
 
     async fn connect(&self) -> Result<SendRequest<Bytes>, SendError> {
         let endpoint = &self.endpoint;
-        let err = |reason: String| SendError::Connect { endpoint: endpoint.base.clone(), reason };
+        let err = |reason: String| SendError::Connect {
+            endpoint: endpoint.base.clone(),
+            reason,
+        };
         let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
             .await
             .map_err(|e| err(e.to_string()))?;
         tcp.set_nodelay(true).map_err(|e| err(e.to_string()))?;
         let name = ServerName::try_from(endpoint.host.clone()).map_err(|e| err(e.to_string()))?;
-        let tls = self.tls.connect(name, tcp).await.map_err(|e| err(format!("TLS: {e}")))?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| err(format!("TLS: {e}")))?;
         let (sender, connection) = h2::client::Builder::new()
             // APNs allows one stream until the first authenticated request; its SETTINGS
             // frame then raises the limit.
@@ -207,8 +214,15 @@ mod tests {
 
     #[test]
     fn rejections_are_read_leniently() {
-        let r = parse_rejection(410, br#"{"reason":"Unregistered","timestamp":1795857362120}"#, None);
-        assert_eq!((r.reason, r.timestamp_ms), (Reason::Unregistered, Some(1_795_857_362_120)));
+        let r = parse_rejection(
+            410,
+            br#"{"reason":"Unregistered","timestamp":1795857362120}"#,
+            None,
+        );
+        assert_eq!(
+            (r.reason, r.timestamp_ms),
+            (Reason::Unregistered, Some(1_795_857_362_120))
+        );
         let r = parse_rejection(400, br#"{"reason":"BrandNew"}"#, Some("id".into()));
         assert_eq!(r.reason, Reason::Unknown("BrandNew".into()));
         let r = parse_rejection(500, b"", None);

@@ -19,8 +19,8 @@ pub const DEFAULT_REFRESH: Duration = Duration::from_secs(50 * 60);
 
 /// The DER prefix of a P-256 SubjectPublicKeyInfo; the uncompressed point follows it.
 const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
 /// A key, a token or a claim that is not what APNs expects.
@@ -76,7 +76,8 @@ impl Signer {
         team_id: &str,
         refresh: Duration,
     ) -> Result<Self, JwtError> {
-        let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| JwtError::Key(e.to_string()))?;
+        let der =
+            PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| JwtError::Key(e.to_string()))?;
         let rng = SystemRandom::new();
         let key = EcdsaKeyPair::from_pkcs8(
             &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
@@ -145,7 +146,8 @@ pub fn public_key_from_pem(pem: &[u8]) -> Result<Vec<u8>, JwtError> {
 /// and DER signatures. Claim checks (age, team, key id) are the caller's.
 pub fn verify(token: &str, public_key: &[u8]) -> Result<Claims, JwtError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JwtError::Malformed);
     };
@@ -197,14 +199,24 @@ mod tests {
     #[test]
     fn a_signed_token_verifies_with_the_public_key() {
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let signer = Signer::from_pem(pair.serialize_pem().as_bytes(), "KEY1234567", "TEAM123456", DEFAULT_REFRESH).unwrap();
+        let signer = Signer::from_pem(
+            pair.serialize_pem().as_bytes(),
+            "KEY1234567",
+            "TEAM123456",
+            DEFAULT_REFRESH,
+        )
+        .unwrap();
         let token = signer.sign(1_800_000_000);
         let public = public_key_from_pem(pair.public_key_pem().as_bytes()).unwrap();
         assert_eq!(public, signer.public_key());
         let claims = verify(&token, &public).unwrap();
         assert_eq!(
             claims,
-            Claims { key_id: "KEY1234567".into(), team_id: "TEAM123456".into(), issued_at: 1_800_000_000 }
+            Claims {
+                key_id: "KEY1234567".into(),
+                team_id: "TEAM123456".into(),
+                issued_at: 1_800_000_000
+            }
         );
         // The header is exactly what APNs expects.
         let header = B64.decode(token.split('.').next().unwrap()).unwrap();
@@ -216,10 +228,16 @@ mod tests {
         let signer = Signer::from_pem(key_pem().as_bytes(), "K", "T", DEFAULT_REFRESH).unwrap();
         let other = Signer::from_pem(key_pem().as_bytes(), "K", "T", DEFAULT_REFRESH).unwrap();
         let token = signer.sign(1);
-        assert!(matches!(verify(&token, &other.public_key()), Err(JwtError::Signature)));
+        assert!(matches!(
+            verify(&token, &other.public_key()),
+            Err(JwtError::Signature)
+        ));
         let tampered = token.replacen('.', ".e30", 1);
         assert!(verify(&tampered, &signer.public_key()).is_err());
-        assert!(matches!(verify("a.b", &signer.public_key()), Err(JwtError::Malformed)));
+        assert!(matches!(
+            verify("a.b", &signer.public_key()),
+            Err(JwtError::Malformed)
+        ));
     }
 
     #[test]
@@ -235,6 +253,9 @@ mod tests {
 
     #[test]
     fn a_key_that_is_not_p8_is_refused() {
-        assert!(matches!(Signer::from_pem(b"nonsense", "K", "T", DEFAULT_REFRESH), Err(JwtError::Key(_))));
+        assert!(matches!(
+            Signer::from_pem(b"nonsense", "K", "T", DEFAULT_REFRESH),
+            Err(JwtError::Key(_))
+        ));
     }
 }

@@ -45,7 +45,9 @@ impl FromStr for Environment {
         match s {
             "production" => Ok(Environment::Production),
             "sandbox" => Ok(Environment::Sandbox),
-            other => Err(format!("unknown APNs environment {other:?} (production|sandbox)")),
+            other => Err(format!(
+                "unknown APNs environment {other:?} (production|sandbox)"
+            )),
         }
     }
 }

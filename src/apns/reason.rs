@@ -178,9 +178,15 @@ mod tests {
     fn every_reason_round_trips_and_has_a_status() {
         for r in Reason::ALL {
             assert_eq!(&Reason::parse(r.as_str()), r);
-            assert!([400, 403, 404, 405, 410, 413, 429, 500, 503].contains(&r.status()), "{r}");
+            assert!(
+                [400, 403, 404, 405, 410, 413, 429, 500, 503].contains(&r.status()),
+                "{r}"
+            );
         }
-        assert_eq!(Reason::parse("SomethingNew"), Reason::Unknown("SomethingNew".into()));
+        assert_eq!(
+            Reason::parse("SomethingNew"),
+            Reason::Unknown("SomethingNew".into())
+        );
         assert_eq!(Reason::ALL.len(), 33);
     }
 
@@ -205,7 +211,11 @@ mod tests {
         ];
         for (r, invalid, retry, provider) in table {
             assert_eq!(
-                (r.is_token_invalid(), r.is_retryable(), r.is_provider_error()),
+                (
+                    r.is_token_invalid(),
+                    r.is_retryable(),
+                    r.is_provider_error()
+                ),
                 (invalid, retry, provider),
                 "{r}"
             );

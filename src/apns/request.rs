@@ -91,9 +91,13 @@ pub struct Endpoint {
 impl Endpoint {
     /// Parses `https://host[:port]`; the port defaults to 443.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
         if uri.scheme_str() != Some("https") {
-            return Err(format!("{url:?} must start with https:// (APNs is TLS only)"));
+            return Err(format!(
+                "{url:?} must start with https:// (APNs is TLS only)"
+            ));
         }
         let authority = uri
             .authority()
@@ -101,7 +105,10 @@ impl Endpoint {
         if !matches!(uri.path(), "" | "/") {
             return Err(format!("{url:?} must have no path"));
         }
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(443);
         Ok(Self {
             base: format!("https://{}:{port}", authority.host()),
@@ -165,9 +172,14 @@ mod tests {
 
     #[test]
     fn a_payload_over_4096_bytes_is_refused() {
-        let alert = AlertTemplate { body: "x".repeat(4000), ..AlertTemplate::default() };
+        let alert = AlertTemplate {
+            body: "x".repeat(4000),
+            ..AlertTemplate::default()
+        };
         let name = "n".repeat(200);
-        assert!(matches!(build_payload(&ring(), &name, &alert), Err(PayloadError::TooLarge(n)) if n > 4096));
+        assert!(
+            matches!(build_payload(&ring(), &name, &alert), Err(PayloadError::TooLarge(n)) if n > 4096)
+        );
     }
 
     #[test]
@@ -183,7 +195,13 @@ mod tests {
         };
         let req = build_request(&endpoint, &n, Some("eyJ.a.b"));
         assert_eq!(req.method(), Method::POST);
-        assert_eq!(req.uri().to_string(), format!("https://api.push.apple.com:443/3/device/{}", "ab".repeat(32)));
+        assert_eq!(
+            req.uri().to_string(),
+            format!(
+                "https://api.push.apple.com:443/3/device/{}",
+                "ab".repeat(32)
+            )
+        );
         let h = req.headers();
         let cases = [
             ("apns-push-type", "alert"),
@@ -196,13 +214,19 @@ mod tests {
         for (name, value) in cases {
             assert_eq!(h.get(name).unwrap(), value, "{name}");
         }
-        assert!(build_request(&endpoint, &n, None).headers().get("authorization").is_none());
+        assert!(build_request(&endpoint, &n, None)
+            .headers()
+            .get("authorization")
+            .is_none());
     }
 
     #[test]
     fn endpoints_parse_as_the_table_says() {
         let cases = [
-            ("https://api.push.apple.com", Ok(("api.push.apple.com", 443))),
+            (
+                "https://api.push.apple.com",
+                Ok(("api.push.apple.com", 443)),
+            ),
             ("https://localhost:8443/", Ok(("localhost", 8443))),
             ("https://[::1]:2197", Ok(("::1", 2197))),
             ("http://api.push.apple.com", Err(())),
@@ -210,7 +234,9 @@ mod tests {
             ("not a url", Err(())),
         ];
         for (url, want) in cases {
-            let got = Endpoint::parse(url).map(|e| (e.host, e.port)).map_err(|_| ());
+            let got = Endpoint::parse(url)
+                .map(|e| (e.host, e.port))
+                .map_err(|_| ());
             assert_eq!(got, want.map(|(h, p)| (h.to_owned(), p)), "{url}");
         }
     }

@@ -30,7 +30,10 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     let shown = path.display().to_string();
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::CaFile { path: shown.clone(), reason: e.to_string() })?;
+        .map_err(|e| TlsError::CaFile {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
         return Err(TlsError::EmptyCaFile(shown));
     }

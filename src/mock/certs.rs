@@ -24,7 +24,10 @@ pub struct Certs {
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("certificate directory {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("reading {path}: {reason}")]
@@ -49,11 +52,20 @@ impl Certs {
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .map_err(|e| pem_err(&cert_file, e))?;
         let key = PrivateKeyDer::from_pem_file(&key_file).map_err(|e| pem_err(&key_file, e))?;
-        Ok(Self { ca_file, chain, key })
+        Ok(Self {
+            ca_file,
+            chain,
+            key,
+        })
     }
 }
 
-fn generate(dir: &Path, ca_file: &Path, cert_file: &Path, key_file: &Path) -> Result<(), CertError> {
+fn generate(
+    dir: &Path,
+    ca_file: &Path,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(), CertError> {
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |source| CertError::Io { path, source }
@@ -63,15 +75,23 @@ fn generate(dir: &Path, ca_file: &Path, cert_file: &Path, key_file: &Path) -> Re
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "ringpush mock APNs CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ringpush mock APNs CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
     let server_key = KeyPair::generate()?;
-    let mut params =
-        CertificateParams::new(SERVER_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-    params.distinguished_name.push(DnType::CommonName, "ringpush mock APNs");
+    let mut params = CertificateParams::new(
+        SERVER_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>(),
+    )?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "ringpush mock APNs");
     let server_cert = params.signed_by(&server_key, &issuer)?;
 
     std::fs::write(ca_file, ca_cert.pem()).map_err(io(ca_file))?;
@@ -82,7 +102,7 @@ fn generate(dir: &Path, ca_file: &Path, cert_file: &Path, key_file: &Path) -> Re
 }
 
 /// Writes a private key readable by its owner only.
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;

@@ -10,7 +10,9 @@ pub mod validate;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
@@ -38,6 +40,22 @@ pub struct Settings {
     pub max_concurrent_streams: u32,
     /// How many requests are kept for inspection (oldest dropped first).
     pub keep_requests: usize,
+    /// Wait this long before answering each request (a slow APNs).
+    pub response_delay: Duration,
+}
+
+impl Settings {
+    /// A mock on an ephemeral loopback port that checks JWTs against `auth`.
+    pub fn local(cert_dir: PathBuf, auth: AuthCheck) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cert_dir,
+            auth,
+            max_concurrent_streams: 1000,
+            keep_requests: 100_000,
+            response_delay: Duration::ZERO,
+        }
+    }
 }
 
 /// A scripted answer for one token.
@@ -67,7 +85,10 @@ pub struct Stats {
     pub accepted: u64,
     /// Rejections by reason string.
     pub rejected: BTreeMap<String, u64>,
+    /// TLS connections accepted.
     pub connections: u64,
+    /// The most requests the mock was answering at the same moment.
+    pub max_in_flight: u64,
 }
 
 impl Stats {
@@ -81,6 +102,9 @@ impl Stats {
 struct State {
     auth: AuthCheck,
     keep_requests: usize,
+    response_delay: Duration,
+    /// Requests being answered right now.
+    in_flight: AtomicU64,
     /// Per-token answers; tokens not listed are accepted.
     scripts: Mutex<HashMap<String, Script>>,
     stats: Mutex<Stats>,
@@ -111,6 +135,7 @@ impl Mock {
         let state = Arc::new(State {
             auth: settings.auth,
             keep_requests: settings.keep_requests,
+            response_delay: settings.response_delay,
             ..State::default()
         });
         let max_streams = settings.max_concurrent_streams;
@@ -125,16 +150,23 @@ impl Mock {
                     },
                 };
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, state, cancel) = (acceptor.clone(), accept_state.clone(), cancel.clone());
+                let (acceptor, state, cancel) =
+                    (acceptor.clone(), accept_state.clone(), cancel.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(acceptor, tcp, state, max_streams, cancel).await {
+                    if let Err(e) =
+                        serve_connection(acceptor, tcp, state, max_streams, cancel).await
+                    {
                         debug!(%peer, error = %e, "mock APNs connection ended");
                     }
                 });
             }
         });
         info!(%addr, ca_file = %certs.ca_file.display(), "mock APNs listening");
-        Ok(Self { addr, ca_file: certs.ca_file, state })
+        Ok(Self {
+            addr,
+            ca_file: certs.ca_file,
+            state,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -155,13 +187,21 @@ impl Mock {
     pub fn unregister(&self, token: &DeviceToken, timestamp_ms: i64) {
         self.script(
             token,
-            Script { status: 410, reason: Reason::Unregistered, timestamp_ms: Some(timestamp_ms) },
+            Script {
+                status: 410,
+                reason: Reason::Unregistered,
+                timestamp_ms: Some(timestamp_ms),
+            },
         );
     }
 
     /// Answers every request for `token` as scripted.
     pub fn script(&self, token: &DeviceToken, script: Script) {
-        self.state.scripts.lock().unwrap().insert(token.as_hex().to_owned(), script);
+        self.state
+            .scripts
+            .lock()
+            .unwrap()
+            .insert(token.as_hex().to_owned(), script);
     }
 
     pub fn stats(&self) -> Stats {
@@ -170,7 +210,13 @@ impl Mock {
 
     /// The requests answered so far (at most `keep_requests`, oldest first).
     pub fn received(&self) -> Vec<Received> {
-        self.state.received.lock().unwrap().iter().cloned().collect()
+        self.state
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
@@ -196,9 +242,15 @@ async fn serve_connection(
         let (request, respond) = request?;
         let state = state.clone();
         tokio::spawn(async move {
+            let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            {
+                let mut stats = state.stats.lock().unwrap();
+                stats.max_in_flight = stats.max_in_flight.max(now);
+            }
             if let Err(e) = handle_request(request, respond, &state).await {
                 debug!(error = %e, "mock APNs stream failed");
             }
+            state.in_flight.fetch_sub(1, Ordering::SeqCst);
         });
     }
     // Let streams in flight finish after a graceful shutdown.
@@ -219,6 +271,9 @@ async fn handle_request(
         payload.extend_from_slice(&chunk);
     }
     let payload = payload.freeze();
+    if !state.response_delay.is_zero() {
+        tokio::time::sleep(state.response_delay).await;
+    }
     let apns_id = parts
         .headers
         .get("apns-id")
@@ -226,13 +281,18 @@ async fn handle_request(
         .map(str::to_owned)
         .unwrap_or_else(new_apns_id);
     let now = crate::apns::jwt::unix_now();
-    let answer = validate::validate(&parts, &payload, &state.auth, now).and_then(|token| {
-        match state.scripts.lock().unwrap().get(token.as_hex()) {
-            Some(s) => Err((s.status, s.reason.clone())),
-            None => Ok(token),
-        }
-    });
-    let token = parts.uri.path().strip_prefix("/3/device/").map(str::to_ascii_lowercase);
+    let answer =
+        validate::validate(&parts, &payload, &state.auth, now).and_then(|token| {
+            match state.scripts.lock().unwrap().get(token.as_hex()) {
+                Some(s) => Err((s.status, s.reason.clone())),
+                None => Ok(token),
+            }
+        });
+    let token = parts
+        .uri
+        .path()
+        .strip_prefix("/3/device/")
+        .map(str::to_ascii_lowercase);
     let (status, reason) = match &answer {
         Ok(_) => (200, None),
         Err((status, reason)) => (*status, Some(reason.clone())),
@@ -258,7 +318,9 @@ async fn handle_request(
             payload,
         });
     }
-    let response = Response::builder().status(status).header("apns-id", apns_id);
+    let response = Response::builder()
+        .status(status)
+        .header("apns-id", apns_id);
     match reason {
         None => {
             respond.send_response(response.body(()).expect("valid response"), true)?;
@@ -266,9 +328,14 @@ async fn handle_request(
         Some(reason) => {
             let mut body = serde_json::json!({ "reason": reason.as_str() });
             if status == 410 {
-                let scripted = token
-                    .as_deref()
-                    .and_then(|t| state.scripts.lock().unwrap().get(t).and_then(|s| s.timestamp_ms));
+                let scripted = token.as_deref().and_then(|t| {
+                    state
+                        .scripts
+                        .lock()
+                        .unwrap()
+                        .get(t)
+                        .and_then(|s| s.timestamp_ms)
+                });
                 body["timestamp"] = scripted.unwrap_or(now * 1000).into();
             }
             let response = response
@@ -285,21 +352,34 @@ async fn handle_request(
 /// A random lower-case UUID (version 4 layout), as APNs makes up when none is sent.
 fn new_apns_id() -> String {
     let mut b = [0u8; 16];
-    SystemRandom::new().fill(&mut b).expect("the system RNG works");
+    SystemRandom::new()
+        .fill(&mut b)
+        .expect("the system RNG works");
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 /// `ringpush mock-apns`: serve until `cancel`, logging the counts every 10 s when they move.
-pub async fn run(settings: Settings, scripts: Vec<(DeviceToken, Script)>, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    scripts: Vec<(DeviceToken, Script)>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let mock = Mock::start(settings, cancel.clone()).await?;
     for (token, script) in scripts {
         mock.script(&token, script);
     }
     let mut last = Stats::default();
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -307,7 +387,12 @@ pub async fn run(settings: Settings, scripts: Vec<(DeviceToken, Script)>, cancel
         }
         let stats = mock.stats();
         if stats != last {
-            info!(accepted = stats.accepted, rejected = stats.rejected_total(), connections = stats.connections, "mock APNs counts");
+            info!(
+                accepted = stats.accepted,
+                rejected = stats.rejected_total(),
+                connections = stats.connections,
+                "mock APNs counts"
+            );
             last = stats;
         }
     }

@@ -10,8 +10,17 @@ use crate::token::DeviceToken;
 
 /// Push types APNs knows (an unknown one is `InvalidPushType`).
 const PUSH_TYPES: [&str; 11] = [
-    "alert", "background", "location", "voip", "complication", "fileprovider", "mdm",
-    "liveactivity", "pushtotalk", "widgets", "controls",
+    "alert",
+    "background",
+    "location",
+    "voip",
+    "complication",
+    "fileprovider",
+    "mdm",
+    "liveactivity",
+    "pushtotalk",
+    "widgets",
+    "controls",
 ];
 
 /// What the mock checks a provider token against.
@@ -61,7 +70,11 @@ pub fn validate(
         return bad(Reason::InvalidPushType);
     }
     if let Some(e) = h.get("apns-expiration") {
-        if std::str::from_utf8(e.as_bytes()).ok().and_then(|s| s.parse::<u64>().ok()).is_none() {
+        if std::str::from_utf8(e.as_bytes())
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_none()
+        {
             return bad(Reason::BadExpirationDate);
         }
     }
@@ -80,7 +93,11 @@ pub fn validate(
     if body.is_empty() {
         return bad(Reason::PayloadEmpty);
     }
-    let limit = if push_type == Some("voip") { 5120 } else { 4096 };
+    let limit = if push_type == Some("voip") {
+        5120
+    } else {
+        4096
+    };
     if body.len() > limit {
         return bad(Reason::PayloadTooLarge);
     }
@@ -143,52 +160,117 @@ mod tests {
         let long = "c".repeat(65);
         let cases: Vec<(Parts, &[u8], Option<Reason>)> = vec![
             (request(|b| b), b"{}", None),
-            (request(|b| b.header("apns-id", "not-a-uuid")), b"{}", Some(Reason::BadMessageId)),
-            (request(|b| b.header("apns-id", "123e4567-e89b-12d3-a456-426614174000")), b"{}", None),
-            (request(|b| b.method("GET")), b"{}", Some(Reason::MethodNotAllowed)),
-            (request(|b| b.header("apns-collapse-id", long.as_str())), b"{}", Some(Reason::DuplicateHeaders)),
-            (request(|b| b.header("apns-priority", "10")), b"{}", Some(Reason::DuplicateHeaders)),
-            (request(|b| b.uri("https://localhost/3/device/")), b"{}", Some(Reason::MissingDeviceToken)),
-            (request(|b| b.uri("https://localhost/3/devices/ab")), b"{}", Some(Reason::BadPath)),
-            (request(|b| b.uri("https://localhost/3/device/xyz")), b"{}", Some(Reason::BadDeviceToken)),
+            (
+                request(|b| b.header("apns-id", "not-a-uuid")),
+                b"{}",
+                Some(Reason::BadMessageId),
+            ),
+            (
+                request(|b| b.header("apns-id", "123e4567-e89b-12d3-a456-426614174000")),
+                b"{}",
+                None,
+            ),
+            (
+                request(|b| b.method("GET")),
+                b"{}",
+                Some(Reason::MethodNotAllowed),
+            ),
+            (
+                request(|b| b.header("apns-collapse-id", long.as_str())),
+                b"{}",
+                Some(Reason::DuplicateHeaders),
+            ),
+            (
+                request(|b| b.header("apns-priority", "10")),
+                b"{}",
+                Some(Reason::DuplicateHeaders),
+            ),
+            (
+                request(|b| b.uri("https://localhost/3/device/")),
+                b"{}",
+                Some(Reason::MissingDeviceToken),
+            ),
+            (
+                request(|b| b.uri("https://localhost/3/devices/ab")),
+                b"{}",
+                Some(Reason::BadPath),
+            ),
+            (
+                request(|b| b.uri("https://localhost/3/device/xyz")),
+                b"{}",
+                Some(Reason::BadDeviceToken),
+            ),
             (request(|b| b), b"", Some(Reason::PayloadEmpty)),
             (request(|b| b), &[b' '; 4097], Some(Reason::PayloadTooLarge)),
         ];
         for (i, (parts, body, want)) in cases.into_iter().enumerate() {
-            let got = validate(&parts, body, &AuthCheck::default(), NOW).err().map(|(_, r)| r);
+            let got = validate(&parts, body, &AuthCheck::default(), NOW)
+                .err()
+                .map(|(_, r)| r);
             assert_eq!(got, want, "case {i}");
         }
         // Single-header rules, built without the default header.
         let single = |name: &str, value: &str| {
             let mut parts = request(|b| b);
-            parts.headers.insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
-            validate(&parts, b"{}", &AuthCheck::default(), NOW).err().map(|(s, r)| (s, r))
+            parts.headers.insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            validate(&parts, b"{}", &AuthCheck::default(), NOW).err()
         };
-        assert_eq!(single("apns-collapse-id", &long), Some((400, Reason::BadCollapseId)));
-        assert_eq!(single("apns-priority", "7"), Some((400, Reason::BadPriority)));
-        assert_eq!(single("apns-push-type", "ring"), Some((400, Reason::InvalidPushType)));
-        assert_eq!(single("apns-expiration", "soon"), Some((400, Reason::BadExpirationDate)));
+        assert_eq!(
+            single("apns-collapse-id", &long),
+            Some((400, Reason::BadCollapseId))
+        );
+        assert_eq!(
+            single("apns-priority", "7"),
+            Some((400, Reason::BadPriority))
+        );
+        assert_eq!(
+            single("apns-push-type", "ring"),
+            Some((400, Reason::InvalidPushType))
+        );
+        assert_eq!(
+            single("apns-expiration", "soon"),
+            Some((400, Reason::BadExpirationDate))
+        );
         assert_eq!(single("apns-topic", ""), Some((400, Reason::MissingTopic)));
     }
 
     #[test]
     fn provider_tokens_are_checked_when_a_key_is_given() {
-        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().serialize_pem();
-        let signer = Signer::from_pem(pem.as_bytes(), "KEY1234567", "TEAM123456", DEFAULT_REFRESH).unwrap();
+        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem();
+        let signer =
+            Signer::from_pem(pem.as_bytes(), "KEY1234567", "TEAM123456", DEFAULT_REFRESH).unwrap();
         let auth = AuthCheck {
             public_key: Some(signer.public_key()),
             key_id: Some("KEY1234567".into()),
             team_id: Some("TEAM123456".into()),
         };
         let with = |jwt: Option<String>| {
-            let parts = request(|b| match jwt { Some(j) => b.header("authorization", format!("bearer {j}")), None => b });
+            let parts = request(|b| match jwt {
+                Some(j) => b.header("authorization", format!("bearer {j}")),
+                None => b,
+            });
             validate(&parts, b"{}", &auth, NOW).err().map(|(_, r)| r)
         };
         assert_eq!(with(Some(signer.sign(NOW - 10))), None);
         assert_eq!(with(None), Some(Reason::MissingProviderToken));
-        assert_eq!(with(Some(signer.sign(NOW - 3601))), Some(Reason::ExpiredProviderToken));
-        assert_eq!(with(Some("a.b.c".into())), Some(Reason::InvalidProviderToken));
-        let other_team = Signer::from_pem(pem.as_bytes(), "KEY1234567", "OTHERTEAM1", DEFAULT_REFRESH).unwrap();
-        assert_eq!(with(Some(other_team.sign(NOW))), Some(Reason::InvalidProviderToken));
+        assert_eq!(
+            with(Some(signer.sign(NOW - 3601))),
+            Some(Reason::ExpiredProviderToken)
+        );
+        assert_eq!(
+            with(Some("a.b.c".into())),
+            Some(Reason::InvalidProviderToken)
+        );
+        let other_team =
+            Signer::from_pem(pem.as_bytes(), "KEY1234567", "OTHERTEAM1", DEFAULT_REFRESH).unwrap();
+        assert_eq!(
+            with(Some(other_team.sign(NOW))),
+            Some(Reason::InvalidProviderToken)
+        );
     }
 }

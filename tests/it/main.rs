@@ -1,0 +1,7 @@
+//! Integration tests: one binary, a real RabbitMQ, a real PostgreSQL and the in-crate mock
+//! APNs over real TLS and HTTP/2. Each test gets its own queue prefix, schema and mock
+//! (see `support`), so they run in parallel and leave nothing behind.
+
+mod delivery;
+mod migrate;
+mod support;

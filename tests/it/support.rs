@@ -1,0 +1,365 @@
+//! `App::spawn`: a fresh schema, queue prefix, mock APNs and worker for one test, removed
+//! again when the test ends (also when it panics).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use ringpush::apns::http2::{self, Client};
+use ringpush::apns::jwt::{self, Signer};
+use ringpush::apns::request::{AlertTemplate, Endpoint};
+use ringpush::apns::tls;
+use ringpush::broker::{self, Names};
+use ringpush::demo::random_hex;
+use ringpush::mock::{self, Mock};
+use ringpush::ring::RingEvent;
+use ringpush::token::DeviceToken;
+use ringpush::worker::{self, Counters};
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const TOPIC: &str = "com.example.doorbell";
+pub const KEY_ID: &str = "TESTKEY123";
+pub const TEAM_ID: &str = "TESTTEAM12";
+
+pub fn amqp_url() -> String {
+    std::env::var("RINGPUSH_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn database_url() -> String {
+    std::env::var("RINGPUSH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema of the test's own, migrated, dropped when this is dropped.
+pub struct TestDb {
+    pub schema: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let schema = format!("t_{}", random_hex(6));
+        ringpush::db::create_schema(&database_url(), &schema)
+            .await
+            .expect("create schema");
+        let url = ringpush::db::url_with_schema(&database_url(), &schema);
+        Self { schema, url }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        on_fresh_runtime(async move {
+            let _ = ringpush::db::drop_schema(&database_url(), &schema).await;
+        });
+    }
+}
+
+/// Deletes a queue prefix's topology when dropped.
+pub struct TestQueues(pub Names);
+
+impl Drop for TestQueues {
+    fn drop(&mut self) {
+        let names = self.0.clone();
+        on_fresh_runtime(async move {
+            if let Ok(conn) = broker::connect(&amqp_url(), "ringpush test cleanup").await {
+                if let Ok(channel) = conn.create_channel().await {
+                    let _ = broker::delete(&channel, &names).await;
+                }
+                let _ = conn.close(200, "done".into()).await;
+            }
+        });
+    }
+}
+
+/// Runs clean-up from a `Drop`, which may be inside a runtime that must not block.
+fn on_fresh_runtime(f: impl std::future::Future<Output = ()> + Send + 'static) {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+    .join()
+    .unwrap();
+}
+
+/// What a test may change before the worker starts.
+pub struct Options {
+    pub worker: worker::Settings,
+    pub mock: mock::Settings,
+}
+
+pub struct App {
+    pub names: Names,
+    pub pool: Pool,
+    pub mock: Mock,
+    pub counters: Arc<Counters>,
+    /// The public half of the key the worker signs JWTs with.
+    pub jwt_public_key: Vec<u8>,
+    /// A confirm-mode channel for publishing rings and reading queues.
+    pub channel: Channel,
+    connection: Connection,
+    cancel: CancellationToken,
+    worker: Option<JoinHandle<anyhow::Result<()>>>,
+    // Dropped last, in this order: queues, then the schema, then the files.
+    _queues: TestQueues,
+    _db: TestDb,
+    dir: std::path::PathBuf,
+}
+
+impl App {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(edit: impl FnOnce(&mut Options)) -> Self {
+        let id = random_hex(6);
+        let names = Names::new(&format!("t-{id}"));
+        let queues = TestQueues(names.clone());
+        let db = TestDb::new().await;
+        ringpush::db::migrate(&db.url).await.expect("migrate");
+        let pool = ringpush::db::pool(&db.url, 4, Duration::from_secs(5)).unwrap();
+        let dir = std::env::temp_dir().join(format!("ringpush-test-{id}"));
+
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let signer = Signer::from_pem(
+            key.serialize_pem().as_bytes(),
+            KEY_ID,
+            TEAM_ID,
+            jwt::DEFAULT_REFRESH,
+        )
+        .unwrap();
+        let auth = mock::AuthCheck {
+            // The mock reads the public half from PEM, as `mock-apns` does.
+            public_key: Some(jwt::public_key_from_pem(key.public_key_pem().as_bytes()).unwrap()),
+            key_id: Some(KEY_ID.into()),
+            team_id: Some(TEAM_ID.into()),
+        };
+        let jwt_public_key = signer.public_key();
+        let mut options = Options {
+            worker: worker::Settings {
+                names: names.clone(),
+                prefetch: 64,
+                batch_size: 16,
+                ring_ttl: Duration::from_secs(60),
+                default_topic: Some(TOPIC.into()),
+                alert: AlertTemplate::default(),
+                max_attempts: 5,
+                db_retry_delay: Duration::from_millis(200),
+            },
+            mock: mock::Settings::local(dir.join("certs"), auth),
+        };
+        edit(&mut options);
+
+        let cancel = CancellationToken::new();
+        let mock = Mock::start(options.mock, cancel.clone())
+            .await
+            .expect("mock starts");
+        let endpoint = Endpoint::parse(&mock.url()).unwrap();
+        let apns = Client::new(
+            http2::Settings {
+                production: endpoint.clone(),
+                sandbox: endpoint,
+                request_timeout: Duration::from_secs(10),
+                connect_timeout: Duration::from_secs(10),
+            },
+            tls::client_config(Some(mock.ca_file())).unwrap(),
+            Some(Arc::new(signer)),
+        );
+        let connection = broker::connect(&amqp_url(), "ringpush test")
+            .await
+            .expect("broker");
+        let channel = broker::confirm_channel(&connection).await.unwrap();
+        broker::declare(&channel, &names).await.unwrap();
+        let counters = Arc::new(Counters::default());
+        let worker = tokio::spawn({
+            let (pool, counters, cancel) = (pool.clone(), counters.clone(), cancel.clone());
+            let settings = options.worker;
+            async move { worker::run(settings, &amqp_url(), pool, apns, counters, cancel).await }
+        });
+        Self {
+            names,
+            pool,
+            mock,
+            counters,
+            jwt_public_key,
+            channel,
+            connection,
+            cancel,
+            worker: Some(worker),
+            _queues: queues,
+            _db: db,
+            dir,
+        }
+    }
+
+    pub async fn add_user(&self) -> i64 {
+        let client = self.pool.get().await.unwrap();
+        client
+            .query_one("INSERT INTO users DEFAULT VALUES RETURNING id", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn add_gateway(&self, id: &str, owner: i64, name: &str) {
+        let client = self.pool.get().await.unwrap();
+        client
+            .execute(
+                "INSERT INTO gateways (id, owner_id, name) VALUES ($1, $2, $3)",
+                &[&id, &owner, &name],
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn share(&self, gateway: &str, user: i64) {
+        let client = self.pool.get().await.unwrap();
+        client
+            .execute(
+                "INSERT INTO gateway_shares (gateway_id, user_id) VALUES ($1, $2)",
+                &[&gateway, &user],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Registers a new random token for `user`.
+    pub async fn add_token(
+        &self,
+        user: i64,
+        environment: &str,
+        topic: Option<&str>,
+    ) -> DeviceToken {
+        let token = DeviceToken::parse(&random_hex(32)).unwrap();
+        let client = self.pool.get().await.unwrap();
+        client
+            .execute(
+                "INSERT INTO push_tokens (token, user_id, environment, topic) VALUES ($1, $2, $3, $4)",
+                &[&token.as_hex(), &user, &environment, &topic],
+            )
+            .await
+            .unwrap();
+        token
+    }
+
+    /// A ring pressed now (or `age` ago) at `gateway`.
+    pub fn ring(gateway: &str, age: Duration) -> RingEvent {
+        RingEvent {
+            event_id: format!("ev-{}", random_hex(8)),
+            gateway_id: gateway.into(),
+            pressed_at: OffsetDateTime::now_utc() - age,
+            switch_id: None,
+        }
+    }
+
+    pub async fn publish(&self, ring: &RingEvent) {
+        broker::publish_ring(&self.channel, &self.names, ring)
+            .await
+            .expect("publish ring");
+    }
+
+    /// Publishes any bytes to the rings exchange, as a confused gateway might.
+    pub async fn publish_raw(&self, body: &[u8]) {
+        let props = BasicProperties::default().with_content_type("application/json".into());
+        broker::publish_confirmed(&self.channel, &self.names.rings, "ring.raw", body, props)
+            .await
+            .unwrap();
+    }
+
+    /// Waits (bounded) until the worker has acked `n` rings.
+    pub async fn wait_acked(&self, n: u64) {
+        self.wait_for(&format!("{n} rings acked"), || {
+            Counters::get(&self.counters.rings_acked) >= n
+        })
+        .await;
+    }
+
+    /// Waits up to 30 s for a condition; the test fails with `what` if it never holds.
+    pub async fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; counters: {:?}",
+                self.counters
+            );
+            assert!(
+                !self.worker.as_ref().unwrap().is_finished(),
+                "the worker stopped while waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Messages ready in a queue right now.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let q = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        q.message_count()
+    }
+
+    /// Takes every message off the dead queue: (body, `x-ringpush-error`).
+    pub async fn drain_dead(&self) -> Vec<(Vec<u8>, String)> {
+        let mut out = Vec::new();
+        while let Some(msg) = self
+            .channel
+            .basic_get(
+                self.names.dead.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let reason = msg
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(worker::ERROR_HEADER).cloned());
+            let reason = match reason {
+                Some(AMQPValue::LongString(s)) => s.to_string(),
+                other => format!("{other:?}"),
+            };
+            out.push((msg.data.clone(), reason));
+        }
+        out
+    }
+
+    /// Stops the worker the way SIGTERM does and checks it exits cleanly.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        let worker = self.worker.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), worker)
+            .await
+            .expect("worker stops within 30 s")
+            .unwrap()
+            .expect("worker exits without error");
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
