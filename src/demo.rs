@@ -14,10 +14,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::apns::http2::{self, Client};
 use crate::apns::jwt::{self, Signer};
-use crate::apns::request::{AlertTemplate, Endpoint};
-use crate::apns::tls;
 use crate::broker::{self, Names};
 use crate::config::DemoArgs;
 use crate::mock::{self, Mock};
@@ -162,29 +159,15 @@ async fn run_inner(
             }
         }
     }
-    let endpoint = Endpoint::parse(&mock.url()).map_err(anyhow::Error::msg)?;
-    let apns = Client::new(
-        http2::Settings {
-            production: endpoint.clone(),
-            sandbox: endpoint,
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-        },
-        tls::client_config(Some(mock.ca_file()))?,
-        Some(Arc::new(signer)),
-    );
+    let apns = mock.client(Arc::new(signer))?;
 
     // A worker in this process.
     let counters = Arc::new(Counters::default());
     let settings = worker::Settings {
-        names: names.clone(),
         prefetch: 64,
         batch_size: 16,
-        ring_ttl: Duration::from_secs(60),
         default_topic: Some(TOPIC.into()),
-        alert: AlertTemplate::default(),
-        max_attempts: 5,
-        db_retry_delay: Duration::from_secs(1),
+        ..worker::Settings::new(names.clone())
     };
     let worker = tokio::spawn({
         let (url, counters, cancel) = (args.amqp_url.clone(), counters.clone(), cancel.clone());

@@ -56,6 +56,22 @@ pub struct Settings {
     pub db_retry_delay: Duration,
 }
 
+impl Settings {
+    /// The defaults `ringpush worker` runs with, for `names`.
+    pub fn new(names: Names) -> Self {
+        Self {
+            names,
+            prefetch: 256,
+            batch_size: 64,
+            ring_ttl: Duration::from_secs(60),
+            default_topic: None,
+            alert: AlertTemplate::default(),
+            max_attempts: 5,
+            db_retry_delay: Duration::from_secs(1),
+        }
+    }
+}
+
 /// What became of one ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RingOutcome {

@@ -24,6 +24,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::apns::http2::{self, Client};
+use crate::apns::request::Endpoint;
 use crate::apns::{tls, Reason};
 use crate::token::DeviceToken;
 pub use validate::AuthCheck;
@@ -181,6 +183,22 @@ impl Mock {
     /// The CA certificate clients must trust.
     pub fn ca_file(&self) -> &std::path::Path {
         &self.ca_file
+    }
+
+    /// An APNs client that sends both environments here, trusting the mock's CA.
+    pub fn client(&self, signer: Arc<crate::apns::jwt::Signer>) -> Result<Client, tls::TlsError> {
+        let endpoint = Endpoint::parse(&self.url()).expect("the mock's URL parses");
+        let settings = http2::Settings {
+            production: endpoint.clone(),
+            sandbox: endpoint,
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        };
+        Ok(Client::new(
+            settings,
+            tls::client_config(Some(self.ca_file()))?,
+            Some(signer),
+        ))
     }
 
     /// Answers every request for `token` with 410 Unregistered and this `timestamp`.

@@ -8,10 +8,7 @@ use deadpool_postgres::Pool;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
-use ringpush::apns::http2::{self, Client};
 use ringpush::apns::jwt::{self, Signer};
-use ringpush::apns::request::{AlertTemplate, Endpoint};
-use ringpush::apns::tls;
 use ringpush::broker::{self, Names};
 use ringpush::demo::random_hex;
 use ringpush::mock::{self, Mock};
@@ -147,14 +144,11 @@ impl App {
         let jwt_public_key = signer.public_key();
         let mut options = Options {
             worker: worker::Settings {
-                names: names.clone(),
                 prefetch: 64,
                 batch_size: 16,
-                ring_ttl: Duration::from_secs(60),
                 default_topic: Some(TOPIC.into()),
-                alert: AlertTemplate::default(),
-                max_attempts: 5,
                 db_retry_delay: Duration::from_millis(200),
+                ..worker::Settings::new(names.clone())
             },
             mock: mock::Settings::local(dir.join("certs"), auth),
         };
@@ -164,17 +158,7 @@ impl App {
         let mock = Mock::start(options.mock, cancel.clone())
             .await
             .expect("mock starts");
-        let endpoint = Endpoint::parse(&mock.url()).unwrap();
-        let apns = Client::new(
-            http2::Settings {
-                production: endpoint.clone(),
-                sandbox: endpoint,
-                request_timeout: Duration::from_secs(10),
-                connect_timeout: Duration::from_secs(10),
-            },
-            tls::client_config(Some(mock.ca_file())).unwrap(),
-            Some(Arc::new(signer)),
-        );
+        let apns = mock.client(Arc::new(signer)).unwrap();
         let connection = broker::connect(&amqp_url(), "ringpush test")
             .await
             .expect("broker");
