@@ -3,14 +3,25 @@
 
 use std::time::Duration;
 
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
+
+/// Header carrying why a message was dead-lettered.
+pub const ERROR_HEADER: &str = "x-ringpush-error";
 
 /// How long a publish may wait for the broker's confirm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,6 +53,9 @@ pub struct Names {
     pub dead: String,
     pub feedback: String,
     pub purge: String,
+    /// Feedback events and purge requests that cannot be read, with the reason.
+    pub feedback_dead: String,
+    pub purge_dead: String,
 }
 
 impl Names {
@@ -53,17 +67,21 @@ impl Names {
             dead: format!("{prefix}.rings.dead"),
             feedback: format!("{prefix}.feedback"),
             purge: format!("{prefix}.purge"),
+            feedback_dead: format!("{prefix}.feedback.dead"),
+            purge_dead: format!("{prefix}.purge.dead"),
         }
     }
 
     /// Every queue, in the order operators read them.
-    pub fn queues(&self) -> [&str; 5] {
+    pub fn queues(&self) -> [&str; 7] {
         [
             &self.rings,
             &self.retry,
             &self.dead,
             &self.feedback,
+            &self.feedback_dead,
             &self.purge,
+            &self.purge_dead,
         ]
     }
 
@@ -118,18 +136,32 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_declare(
-            names.rings.as_str().into(),
-            durable,
+    // Every queue of `names.queues()`, so `delete` removes exactly what this declares.
+    for queue in names.queues() {
+        let arguments = if queue == names.rings {
             table(&[
                 quorum(),
                 ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
                 ("x-dead-letter-exchange", string("")),
                 ("x-dead-letter-routing-key", string(&names.dead)),
-            ]),
-        )
-        .await?;
+            ])
+        } else if queue == names.retry {
+            // A classic queue without consumers: messages wait out the TTL, then return.
+            table(&[
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongLongInt(RETRY_DELAY.as_millis() as i64),
+                ),
+                ("x-dead-letter-exchange", string(&names.rings)),
+                ("x-dead-letter-routing-key", string("ring.retry")),
+            ])
+        } else {
+            table(&[quorum()])
+        };
+        channel
+            .queue_declare(queue.into(), durable, arguments)
+            .await?;
+    }
     channel
         .queue_bind(
             names.rings.as_str().into(),
@@ -139,25 +171,6 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_declare(
-            names.retry.as_str().into(),
-            durable,
-            table(&[
-                (
-                    "x-message-ttl",
-                    AMQPValue::LongLongInt(RETRY_DELAY.as_millis() as i64),
-                ),
-                ("x-dead-letter-exchange", string(&names.rings)),
-                ("x-dead-letter-routing-key", string("ring.retry")),
-            ]),
-        )
-        .await?;
-    for queue in [&names.dead, &names.feedback, &names.purge] {
-        channel
-            .queue_declare(queue.as_str().into(), durable, table(&[quorum()]))
-            .await?;
-    }
     Ok(())
 }
 
@@ -237,4 +250,96 @@ pub async fn publish_ring(
         properties,
     )
     .await
+}
+
+/// Copies `properties` with one header added or replaced.
+pub fn with_header(properties: &BasicProperties, name: &str, value: AMQPValue) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(ShortString::from(name), value);
+    properties.clone().with_headers(headers)
+}
+
+/// Publishes a copy of `delivery` to `dead_queue` with the reason in `x-ringpush-error`,
+/// confirmed. The caller acks the original only after this returns `Ok`.
+pub async fn dead_letter(
+    publisher: &Channel,
+    dead_queue: &str,
+    delivery: &Delivery,
+    reason: &str,
+) -> Result<(), BrokerError> {
+    let properties = with_header(
+        &delivery.properties,
+        ERROR_HEADER,
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    publish_confirmed(publisher, "", dead_queue, &delivery.data, properties).await
+}
+
+/// The `x-ringpush-error` of a dead-lettered message, if any.
+pub fn error_header(properties: &BasicProperties) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(ERROR_HEADER)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// The consume loop every consumer shares: a channel with a bounded prefetch and manual
+/// acks; each batch of the deliveries that are ready (at most `batch_size`) is handed to
+/// `handle` on a tracked task. On `cancel` it stops taking deliveries, waits for the
+/// batches in flight, and closes the channel.
+pub async fn consume_batches<F, Fut>(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    batch_size: usize,
+    cancel: CancellationToken,
+    handle: F,
+) -> Result<(), BrokerError>
+where
+    F: Fn(Vec<Delivery>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue, prefetch, "consuming");
+    let tracker = TaskTracker::new();
+    let result = loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => break Ok(()),
+            next = consumer.next() => next,
+        };
+        let first = match first {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => break Err(e.into()),
+            None => {
+                tracing::warn!(queue, "the broker ended the consumer");
+                break Ok(());
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < batch_size.max(1) {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(delivery))) => batch.push(delivery),
+                _ => break,
+            }
+        }
+        tracker.spawn(handle(batch));
+    };
+    let _ = channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
+    tracker.close();
+    tracker.wait().await;
+    let _ = channel.close(200, "stopping".into()).await;
+    result
 }

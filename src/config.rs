@@ -91,6 +91,10 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// Consume rings, look up tokens, push to APNs.
     Worker(Box<WorkerArgs>),
+    /// Turn token rejections into purge requests (dropping repeats within a window).
+    Feedback(FeedbackArgs),
+    /// Delete tokens APNs reported invalid, unless re-registered since.
+    Purge(PurgeArgs),
     /// Run a local APNs stand-in (HTTP/2 over TLS with its own CA).
     MockApns(MockArgs),
     /// Run the whole pipeline on this machine and print what happened.
@@ -312,6 +316,50 @@ impl WorkerArgs {
             max_attempts: self.max_attempts,
             db_retry_delay: Duration::from_secs(1),
         })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FeedbackArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// A token reported again within this window produces no second purge request.
+    #[arg(long, env = "RINGPUSH_FEEDBACK_DEDUP_WINDOW", default_value = "10m", value_parser = duration("RINGPUSH_FEEDBACK_DEDUP_WINDOW"))]
+    pub dedup_window: Duration,
+    /// Unacked feedback events held at once.
+    #[arg(long, env = "RINGPUSH_FEEDBACK_PREFETCH", default_value = "100", value_parser = positive::<u16>("RINGPUSH_FEEDBACK_PREFETCH"))]
+    pub prefetch: u16,
+}
+
+impl FeedbackArgs {
+    pub fn settings(&self) -> crate::feedback::Settings {
+        crate::feedback::Settings {
+            names: self.broker.names(),
+            prefetch: self.prefetch,
+            dedup_window: self.dedup_window,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Most purge requests per DELETE statement.
+    #[arg(long, env = "RINGPUSH_PURGE_BATCH_SIZE", default_value = "100", value_parser = positive::<usize>("RINGPUSH_PURGE_BATCH_SIZE"))]
+    pub batch_size: usize,
+}
+
+impl PurgeArgs {
+    pub fn settings(&self) -> crate::purge::Settings {
+        crate::purge::Settings {
+            names: self.broker.names(),
+            prefetch: (self.batch_size * 2).min(u16::MAX as usize) as u16,
+            batch_size: self.batch_size,
+            db_retry_delay: Duration::from_secs(1),
+        }
     }
 }
 

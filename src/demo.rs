@@ -21,6 +21,7 @@ use crate::mock::{self, Mock};
 use crate::ring::RingEvent;
 use crate::token::DeviceToken;
 use crate::worker::{self, Counters, ERROR_HEADER};
+use crate::{feedback, purge};
 
 const TOPIC: &str = "com.example.doorbell";
 
@@ -47,6 +48,14 @@ pub struct Report {
     pub rejections: Vec<(String, String, u64)>,
     /// Reasons found on the dead queue.
     pub dead_reasons: Vec<String>,
+    /// Feedback events the worker published for dead tokens.
+    pub feedback_events: u64,
+    /// Purge requests the feedback consumer published (repeats dropped).
+    pub purge_requests: u64,
+    /// Tokens the purger deleted.
+    pub tokens_purged: u64,
+    /// Tokens of deleted apps still in the database at the end (should be 0).
+    pub stale_tokens_left: u64,
 }
 
 impl fmt::Display for Report {
@@ -80,6 +89,20 @@ impl fmt::Display for Report {
         for (who, reason, n) in &self.rejections {
             writeln!(f, "  {who:<8} {reason:<14} {n:>4}  (that phone's app was deleted; the token is stale)")?;
         }
+        writeln!(f)?;
+        writeln!(f, "stale tokens")?;
+        writeln!(
+            f,
+            "  feedback events     {:>4}  (one per rejection)",
+            self.feedback_events
+        )?;
+        writeln!(
+            f,
+            "  purge requests      {:>4}  (repeats of a token dropped)",
+            self.purge_requests
+        )?;
+        writeln!(f, "  deleted from db     {:>4}", self.tokens_purged)?;
+        writeln!(f, "  still in db         {:>4}", self.stale_tokens_left)?;
         writeln!(f)?;
         writeln!(f, "dead queue")?;
         for reason in &self.dead_reasons {
@@ -155,7 +178,7 @@ async fn run_inner(
     for person in &people {
         for (token, _, unregistered) in &person.phones {
             if *unregistered {
-                mock.unregister(token, now_ms - 3_600_000);
+                mock.unregister(token, now_ms - 86_400_000);
             }
         }
     }
@@ -169,10 +192,43 @@ async fn run_inner(
         default_topic: Some(TOPIC.into()),
         ..worker::Settings::new(names.clone())
     };
-    let worker = tokio::spawn({
+    let feedback_counters = Arc::new(feedback::Counters::default());
+    let purge_counters = Arc::new(purge::Counters::default());
+    let mut processes = tokio::task::JoinSet::new();
+    {
         let (url, counters, cancel) = (args.amqp_url.clone(), counters.clone(), cancel.clone());
-        async move { worker::run(settings, &url, pool, apns, counters, cancel).await }
-    });
+        let pool = pool.clone();
+        processes
+            .spawn(async move { worker::run(settings, &url, pool, apns, counters, cancel).await });
+    }
+    {
+        let (url, counters, cancel) = (
+            args.amqp_url.clone(),
+            feedback_counters.clone(),
+            cancel.clone(),
+        );
+        let settings = feedback::Settings {
+            names: names.clone(),
+            prefetch: 100,
+            dedup_window: Duration::from_secs(600),
+        };
+        processes.spawn(async move { feedback::run(settings, &url, counters, cancel).await });
+    }
+    {
+        let (url, counters, cancel) = (
+            args.amqp_url.clone(),
+            purge_counters.clone(),
+            cancel.clone(),
+        );
+        let settings = purge::Settings {
+            names: names.clone(),
+            prefetch: 100,
+            batch_size: 50,
+            db_retry_delay: Duration::from_secs(1),
+        };
+        let pool = pool.clone();
+        processes.spawn(async move { purge::run(settings, &url, pool, counters, cancel).await });
+    }
 
     // A gateway: rings as they are published in a home.
     let connection = broker::connect(&args.amqp_url, "ringpush demo gateway").await?;
@@ -206,19 +262,42 @@ async fn run_inner(
     .await?;
     let published = rings.len() as u64 + 1;
 
-    // Wait until every ring is settled.
+    // Wait until every ring is settled and every dead token has gone through the purger.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Counters::get(&counters.rings_acked) < published {
+    let settled = || {
+        Counters::get(&counters.rings_acked) == published
+            && feedback::Counters::get(&feedback_counters.acked)
+                == Counters::get(&counters.feedback_events)
+            && purge::Counters::get(&purge_counters.acked)
+                == feedback::Counters::get(&feedback_counters.purge_requests)
+    };
+    while !settled() {
         if Instant::now() > deadline {
-            anyhow::bail!("rings still unsettled after 60 s: {counters:?}");
+            anyhow::bail!(
+                "still unsettled after 60 s: {counters:?} {feedback_counters:?} {purge_counters:?}"
+            );
         }
-        if worker.is_finished() {
-            worker.await??;
-            anyhow::bail!("the worker stopped early");
+        if let Some(stopped) = processes.try_join_next() {
+            stopped??;
+            anyhow::bail!("a process stopped early");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
+    let client = pool.get().await?;
+    let mut stale_left = 0;
+    for (token, _, unregistered) in people.iter().flat_map(|p| &p.phones) {
+        if *unregistered {
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM push_tokens WHERE token = $1",
+                    &[&token.as_hex()],
+                )
+                .await?;
+            stale_left += row.get::<_, i64>(0);
+        }
+    }
+    drop(client);
 
     let mut dead_reasons = Vec::new();
     while let Some(msg) = channel
@@ -239,16 +318,16 @@ async fn run_inner(
     }
     let _ = connection.close(200, "done".into()).await;
     cancel.cancel();
-    worker.await??;
+    while let Some(stopped) = processes.join_next().await {
+        stopped??;
+    }
 
-    Ok(report(
-        &people,
-        &mock,
-        &counters,
-        published,
-        elapsed,
-        dead_reasons,
-    ))
+    let mut report = report(&people, &mock, &counters, published, elapsed, dead_reasons);
+    report.feedback_events = Counters::get(&counters.feedback_events);
+    report.purge_requests = feedback::Counters::get(&feedback_counters.purge_requests);
+    report.tokens_purged = purge::Counters::get(&purge_counters.purged);
+    report.stale_tokens_left = stale_left as u64;
+    Ok(report)
 }
 
 fn report(
@@ -303,6 +382,7 @@ fn report(
             .map(|((who, reason), n)| (who.to_owned(), reason, n))
             .collect(),
         dead_reasons,
+        ..Report::default()
     }
 }
 
@@ -342,13 +422,16 @@ async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Resu
             .await?;
         let id: i64 = row.get(0);
         ids.insert(person.name, id);
-        for (i, (token, env, _)) in person.phones.iter().enumerate() {
+        for (i, (token, env, unregistered)) in person.phones.iter().enumerate() {
             // Every other phone relies on the default topic (RINGPUSH_APNS_TOPIC).
             let topic = (i % 2 == 0).then_some(TOPIC);
+            // A phone whose app was deleted registered its token a month ago.
+            let age_days = if *unregistered { 30.0 } else { 0.0 };
             client
                 .execute(
-                    "INSERT INTO push_tokens (token, user_id, environment, topic) VALUES ($1, $2, $3, $4)",
-                    &[&token.as_hex(), &id, env, &topic],
+                    "INSERT INTO push_tokens (token, user_id, environment, topic, updated_at)
+                     VALUES ($1, $2, $3, $4, now() - make_interval(days => $5::float8::int))",
+                    &[&token.as_hex(), &id, env, &topic, &age_days],
                 )
                 .await?;
         }

@@ -61,6 +61,22 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             )
             .await
         }
+        Command::Feedback(args) => {
+            let counters = Arc::new(ringpush::feedback::Counters::default());
+            ringpush::feedback::run(args.settings(), &args.broker.amqp_url, counters, cancel).await
+        }
+        Command::Purge(args) => {
+            let pool = args.database.pool()?;
+            let counters = Arc::new(ringpush::purge::Counters::default());
+            ringpush::purge::run(
+                args.settings(),
+                &args.broker.amqp_url,
+                pool,
+                counters,
+                cancel,
+            )
+            .await
+        }
         Command::MockApns(args) => {
             let (settings, unregistered) = args.settings()?;
             let now_ms = ringpush::apns::jwt::unix_now() * 1000;

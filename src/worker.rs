@@ -12,16 +12,13 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
-use futures_util::{FutureExt, StreamExt};
+
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, ShortString};
+use lapin::Channel;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::apns::http2::Client;
@@ -29,10 +26,10 @@ use crate::apns::request::{build_payload, AlertTemplate, Notification};
 use crate::apns::{Answer, Reason};
 use crate::broker::{self, BrokerError, Names};
 use crate::db::{self, Gateway};
+use crate::feedback::Invalidation;
 use crate::ring::RingEvent;
 
-/// Header carrying why a message was dead-lettered.
-pub const ERROR_HEADER: &str = "x-ringpush-error";
+pub use broker::ERROR_HEADER;
 /// Header counting how many times a ring has been sent to the retry queue.
 pub const ATTEMPT_HEADER: &str = "x-ringpush-attempt";
 
@@ -76,7 +73,12 @@ impl Settings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RingOutcome {
     /// Every token has an answer from APNs (accepted or rejected for good).
-    Delivered { accepted: usize, rejected: usize },
+    Delivered {
+        accepted: usize,
+        rejected: usize,
+        /// Tokens APNs says are dead: feedback events to publish before the ack.
+        invalid: Vec<Invalidation>,
+    },
     /// Older than the ring TTL: not pushed.
     Expired,
     /// No gateway with this id.
@@ -89,6 +91,7 @@ pub enum RingOutcome {
         rejected: usize,
         failed: usize,
         error: String,
+        invalid: Vec<Invalidation>,
     },
     /// The ring cannot be delivered; it goes to the dead queue with this reason.
     Dead(String),
@@ -97,8 +100,9 @@ pub enum RingOutcome {
 /// The outcome of one token of a ring.
 enum TokenResult {
     Accepted,
-    /// Rejected for good: APNs will not take this notification, however often it is sent.
-    Rejected(Reason),
+    /// Rejected for good: APNs will not take this notification, however often it is sent;
+    /// with the invalidation to report when the reason says the token is dead.
+    Rejected(Reason, Option<Invalidation>),
     /// Transient: no answer, or an answer that says "try again".
     Failed(String),
 }
@@ -120,6 +124,8 @@ pub struct Counters {
     pub notifications_accepted: AtomicU64,
     pub notifications_rejected: AtomicU64,
     pub notifications_failed: AtomicU64,
+    /// Feedback events published for tokens APNs says are dead.
+    pub feedback_events: AtomicU64,
     /// Rejections by APNs reason.
     pub rejected_by_reason: Mutex<BTreeMap<String, u64>>,
 }
@@ -153,22 +159,13 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let connection = broker::connect(amqp_url, "ringpush worker").await?;
-    let channel = connection.create_channel().await?;
-    broker::declare(&channel, &settings.names).await?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await?;
     let publisher = broker::confirm_channel(&connection).await?;
-    let mut consumer = channel
-        .basic_consume(
-            settings.names.rings.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    info!(queue = %settings.names.rings, prefetch = settings.prefetch, "worker consuming");
-    let batch_size = settings.batch_size.max(1);
+    broker::declare(&publisher, &settings.names).await?;
+    let (queue, prefetch, batch_size) = (
+        settings.names.rings.clone(),
+        settings.prefetch,
+        settings.batch_size,
+    );
     let ctx = Arc::new(Context {
         settings,
         pool,
@@ -176,35 +173,15 @@ pub async fn run(
         publisher,
         counters,
     });
-    let tracker = TaskTracker::new();
-    loop {
-        let first = tokio::select! {
-            _ = cancel.cancelled() => break,
-            next = consumer.next() => next,
-        };
-        let Some(first) = first else {
-            warn!("the broker ended the consumer");
-            break;
-        };
-        let mut batch = vec![first?];
-        while batch.len() < batch_size {
-            match consumer.next().now_or_never() {
-                Some(Some(delivery)) => batch.push(delivery?),
-                _ => break,
-            }
-        }
-        let ctx = ctx.clone();
-        tracker.spawn(async move { handle_batch(&ctx, batch).await });
-    }
-    let _ = channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+    let result =
+        broker::consume_batches(&connection, &queue, prefetch, batch_size, cancel, |batch| {
+            let ctx = ctx.clone();
+            async move { handle_batch(&ctx, batch).await }
+        })
         .await;
-    tracker.close();
-    tracker.wait().await;
-    let _ = channel.close(200, "worker stopping".into()).await;
     let _ = connection.close(200, "worker stopping".into()).await;
     info!("worker stopped");
-    Ok(())
+    Ok(result?)
 }
 
 /// Parses a batch, looks up all its gateways in one query, and handles each ring.
@@ -282,7 +259,7 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
             let topic = r.topic.clone().or_else(|| ctx.settings.default_topic.clone());
             let Some(topic) = topic else {
                 warn!(token = %r.token, "token has no topic and RINGPUSH_APNS_TOPIC is not set");
-                return TokenResult::Rejected(Reason::MissingTopic);
+                return TokenResult::Rejected(Reason::MissingTopic, None);
             };
             let n = Notification {
                 token: r.token.clone(),
@@ -302,16 +279,31 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
                         warn!(token = %r.token, status = rej.status, reason = %rej.reason, "APNs rejected the notification");
                     }
                     if rej.reason.is_retryable() {
-                        TokenResult::Failed(format!("APNs {} {}", rej.status, rej.reason))
-                    } else {
-                        TokenResult::Rejected(rej.reason)
+                        return TokenResult::Failed(format!("APNs {} {}", rej.status, rej.reason));
                     }
+                    let invalid = rej.reason.is_token_invalid().then(|| {
+                        let now = OffsetDateTime::now_utc();
+                        let since = rej
+                            .timestamp_ms
+                            .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).ok())
+                            .unwrap_or(now);
+                        Invalidation {
+                            token: r.token.clone(),
+                            environment: r.environment,
+                            topic: Some(n.topic.clone()),
+                            reason: rej.reason.to_string(),
+                            invalid_since: since,
+                            observed_at: now,
+                        }
+                    });
+                    TokenResult::Rejected(rej.reason, invalid)
                 }
                 Err(e) => TokenResult::Failed(e.to_string()),
             }
         }
     });
     let (mut accepted, mut rejected, mut failed, mut last_error) = (0, 0, 0, String::new());
+    let mut invalid = Vec::new();
     for result in join_all(sends).await {
         match result {
             TokenResult::Accepted => accepted += 1,
@@ -319,8 +311,9 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
                 failed += 1;
                 last_error = transient;
             }
-            TokenResult::Rejected(reason) => {
+            TokenResult::Rejected(reason, invalidation) => {
                 rejected += 1;
+                invalid.extend(invalidation);
                 *ctx.counters
                     .rejected_by_reason
                     .lock()
@@ -339,9 +332,14 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
             rejected,
             failed,
             error: last_error,
+            invalid,
         };
     }
-    RingOutcome::Delivered { accepted, rejected }
+    RingOutcome::Delivered {
+        accepted,
+        rejected,
+        invalid,
+    }
 }
 
 /// Makes a ring's outcome durable, then acks it: nothing is acked before its retry or
@@ -356,8 +354,17 @@ async fn settle(
     let c = &ctx.counters;
     let latency_ms = started.elapsed().as_millis() as u64;
     let (gateway, event) = ring.map_or(("", ""), |r| (r.gateway_id.as_str(), r.event_id.as_str()));
+    if let RingOutcome::Delivered { invalid, .. } | RingOutcome::Retry { invalid, .. } = &outcome {
+        if let Err(e) = report_invalid(ctx, invalid).await {
+            error!(error = %e, gateway, event, "cannot publish feedback; handing the ring back");
+            requeue(ctx, delivery).await;
+            return;
+        }
+    }
     let durable = match &outcome {
-        RingOutcome::Delivered { accepted, rejected } => {
+        RingOutcome::Delivered {
+            accepted, rejected, ..
+        } => {
             Counters::add(&c.rings_delivered, 1);
             info!(
                 gateway,
@@ -385,6 +392,7 @@ async fn settle(
             rejected,
             failed,
             error,
+            ..
         } => {
             let attempt = attempt_of(delivery) + 1;
             if attempt >= ctx.settings.max_attempts {
@@ -421,25 +429,23 @@ async fn dead_letter(
     event: &str,
 ) -> Result<(), BrokerError> {
     warn!(gateway, event, reason, "ring goes to the dead queue");
-    let properties = with_header(
-        &delivery.properties,
-        ERROR_HEADER,
-        AMQPValue::LongString(LongString::from(reason)),
-    );
-    broker::publish_confirmed(
-        &ctx.publisher,
-        "",
-        &ctx.settings.names.dead,
-        &delivery.data,
-        properties,
-    )
-    .await?;
+    broker::dead_letter(&ctx.publisher, &ctx.settings.names.dead, delivery, reason).await?;
     Counters::add(&ctx.counters.rings_dead_lettered, 1);
     Ok(())
 }
 
+/// Publishes a feedback event per dead token, all confirmed.
+async fn report_invalid(ctx: &Context, invalid: &[Invalidation]) -> Result<(), BrokerError> {
+    let queue = &ctx.settings.names.feedback;
+    for result in join_all(invalid.iter().map(|i| i.publish(&ctx.publisher, queue))).await {
+        result?;
+    }
+    Counters::add(&ctx.counters.feedback_events, invalid.len());
+    Ok(())
+}
+
 async fn retry(ctx: &Context, delivery: &Delivery, attempt: u32) -> Result<(), BrokerError> {
-    let properties = with_header(
+    let properties = broker::with_header(
         &delivery.properties,
         ATTEMPT_HEADER,
         AMQPValue::LongUInt(attempt),
@@ -474,10 +480,4 @@ fn attempt_of(delivery: &Delivery) -> u32 {
         Some(AMQPValue::LongLongInt(n)) => (*n).clamp(0, u32::MAX as i64) as u32,
         _ => 0,
     }
-}
-
-fn with_header(properties: &BasicProperties, name: &str, value: AMQPValue) -> BasicProperties {
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(ShortString::from(name), value);
-    properties.clone().with_headers(headers)
 }

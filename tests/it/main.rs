@@ -4,4 +4,5 @@
 
 mod delivery;
 mod migrate;
+mod purge;
 mod support;

@@ -15,6 +15,7 @@ use ringpush::mock::{self, Mock};
 use ringpush::ring::RingEvent;
 use ringpush::token::DeviceToken;
 use ringpush::worker::{self, Counters};
+use ringpush::{feedback, purge};
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -93,6 +94,10 @@ fn on_fresh_runtime(f: impl std::future::Future<Output = ()> + Send + 'static) {
 pub struct Options {
     pub worker: worker::Settings,
     pub mock: mock::Settings,
+    pub feedback: feedback::Settings,
+    pub purge: purge::Settings,
+    /// Start the purger with the others (a test may start it later with `start_purger`).
+    pub run_purger: bool,
 }
 
 pub struct App {
@@ -100,13 +105,17 @@ pub struct App {
     pub pool: Pool,
     pub mock: Mock,
     pub counters: Arc<Counters>,
+    pub feedback_counters: Arc<feedback::Counters>,
+    pub purge_counters: Arc<purge::Counters>,
+    purge_settings: purge::Settings,
     /// The public half of the key the worker signs JWTs with.
     pub jwt_public_key: Vec<u8>,
     /// A confirm-mode channel for publishing rings and reading queues.
     pub channel: Channel,
     connection: Connection,
     cancel: CancellationToken,
-    worker: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The processes running in this test: worker, feedback consumer, purger.
+    processes: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
     // Dropped last, in this order: queues, then the schema, then the files.
     _queues: TestQueues,
     _db: TestDb,
@@ -151,6 +160,18 @@ impl App {
                 ..worker::Settings::new(names.clone())
             },
             mock: mock::Settings::local(dir.join("certs"), auth),
+            feedback: feedback::Settings {
+                names: names.clone(),
+                prefetch: 100,
+                dedup_window: Duration::from_secs(600),
+            },
+            purge: purge::Settings {
+                names: names.clone(),
+                prefetch: 100,
+                batch_size: 50,
+                db_retry_delay: Duration::from_millis(200),
+            },
+            run_purger: true,
         };
         edit(&mut options);
 
@@ -170,20 +191,74 @@ impl App {
             let settings = options.worker;
             async move { worker::run(settings, &amqp_url(), pool, apns, counters, cancel).await }
         });
-        Self {
+        let feedback_counters = Arc::new(feedback::Counters::default());
+        let feedback = tokio::spawn({
+            let (counters, cancel) = (feedback_counters.clone(), cancel.clone());
+            let settings = options.feedback;
+            async move { feedback::run(settings, &amqp_url(), counters, cancel).await }
+        });
+        let mut app = Self {
             names,
             pool,
             mock,
             counters,
+            feedback_counters,
+            purge_counters: Arc::new(purge::Counters::default()),
+            purge_settings: options.purge,
             jwt_public_key,
             channel,
             connection,
             cancel,
-            worker: Some(worker),
+            processes: vec![("worker", worker), ("feedback", feedback)],
             _queues: queues,
             _db: db,
             dir,
+        };
+        if options.run_purger {
+            app.start_purger();
         }
+        app
+    }
+
+    /// Starts `ringpush purge` in this test.
+    pub fn start_purger(&mut self) {
+        let (pool, counters, cancel) = (
+            self.pool.clone(),
+            self.purge_counters.clone(),
+            self.cancel.clone(),
+        );
+        let settings = self.purge_settings.clone();
+        let purger =
+            tokio::spawn(
+                async move { purge::run(settings, &amqp_url(), pool, counters, cancel).await },
+            );
+        self.processes.push(("purge", purger));
+    }
+
+    /// Sets when the phone last registered `token`.
+    pub async fn registered_at(&self, token: &DeviceToken, at: OffsetDateTime) {
+        let client = self.pool.get().await.unwrap();
+        let at = ringpush::ring::format_rfc3339(at);
+        client
+            .execute(
+                "UPDATE push_tokens SET updated_at = $2::text::timestamptz WHERE token = $1",
+                &[&token.as_hex(), &at],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Whether a token is still in the database.
+    pub async fn token_exists(&self, token: &DeviceToken) -> bool {
+        let client = self.pool.get().await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM push_tokens WHERE token = $1",
+                &[&token.as_hex()],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == 1
     }
 
     pub async fn add_user(&self) -> i64 {
@@ -277,10 +352,12 @@ impl App {
                 "timed out waiting for {what}; counters: {:?}",
                 self.counters
             );
-            assert!(
-                !self.worker.as_ref().unwrap().is_finished(),
-                "the worker stopped while waiting for {what}"
-            );
+            for (name, process) in &self.processes {
+                assert!(
+                    !process.is_finished(),
+                    "{name} stopped while waiting for {what}"
+                );
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -302,15 +379,17 @@ impl App {
         q.message_count()
     }
 
-    /// Takes every message off the dead queue: (body, `x-ringpush-error`).
+    /// Takes every message off the rings' dead queue: (body, `x-ringpush-error`).
     pub async fn drain_dead(&self) -> Vec<(Vec<u8>, String)> {
+        self.drain(&self.names.dead).await
+    }
+
+    /// Takes every message off a queue: (body, `x-ringpush-error`).
+    pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, String)> {
         let mut out = Vec::new();
         while let Some(msg) = self
             .channel
-            .basic_get(
-                self.names.dead.as_str().into(),
-                BasicGetOptions { no_ack: true },
-            )
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
         {
@@ -331,12 +410,13 @@ impl App {
     /// Stops the worker the way SIGTERM does and checks it exits cleanly.
     pub async fn stop(mut self) {
         self.cancel.cancel();
-        let worker = self.worker.take().unwrap();
-        tokio::time::timeout(Duration::from_secs(30), worker)
-            .await
-            .expect("worker stops within 30 s")
-            .unwrap()
-            .expect("worker exits without error");
+        for (name, process) in std::mem::take(&mut self.processes) {
+            tokio::time::timeout(Duration::from_secs(30), process)
+                .await
+                .unwrap_or_else(|_| panic!("{name} stops within 30 s"))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{name} exits without error: {e:#}"));
+        }
         let _ = self.connection.close(200, "done".into()).await;
     }
 }

@@ -1,0 +1,327 @@
+//! Token invalidations and `ringpush feedback`.
+//!
+//! A worker that hears from APNs that a token is dead publishes a *feedback event*; the
+//! feedback consumer drops repeats of the same token within a window and turns the rest into
+//! *purge requests* for the purger. Both messages are v1 of the same JSON shape (DESIGN.md),
+//! read through [`Invalidation::parse`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::{BasicProperties, Channel};
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::apns::Environment;
+use crate::broker::{self, Names};
+use crate::ring::format_rfc3339;
+use crate::token::DeviceToken;
+
+/// A token APNs (or the legacy feedback service) says is no longer valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalidation {
+    pub token: DeviceToken,
+    pub environment: Environment,
+    /// The topic the rejected notification was sent with.
+    pub topic: Option<String>,
+    /// The APNs reason (`Unregistered`, `BadDeviceToken`, …), `InvalidToken` (binary status
+    /// 8) or `FeedbackService`.
+    pub reason: String,
+    /// Since when the token is invalid: APNs's 410 timestamp, else the time of the answer.
+    /// A token registered again after this moment is kept.
+    pub invalid_since: OffsetDateTime,
+    /// When ringpush heard about it.
+    pub observed_at: OffsetDateTime,
+}
+
+/// A feedback event (worker → `ringpush.feedback`).
+pub type FeedbackEvent = Invalidation;
+/// A purge request (feedback consumer → `ringpush.purge`).
+pub type PurgeRequest = Invalidation;
+
+/// Why a message is not a v1 invalidation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidationError {
+    #[error("not a JSON token invalidation: {0}")]
+    Json(String),
+    #[error("unknown version {0} (this consumer reads v 1)")]
+    Version(String),
+    #[error("`token`: {0}")]
+    Token(String),
+    #[error("`environment`: {0}")]
+    Environment(String),
+    #[error("`reason` is empty")]
+    Reason,
+    #[error("`{field}` is not an RFC 3339 time: {value:?}")]
+    Time { field: &'static str, value: String },
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    v: serde_json::Value,
+    token: String,
+    environment: String,
+    topic: Option<String>,
+    reason: String,
+    invalid_since: String,
+    observed_at: String,
+}
+
+impl Invalidation {
+    pub fn parse(body: &[u8]) -> Result<Self, InvalidationError> {
+        let w: Wire =
+            serde_json::from_slice(body).map_err(|e| InvalidationError::Json(e.to_string()))?;
+        if w.v.as_u64() != Some(1) {
+            return Err(InvalidationError::Version(w.v.to_string()));
+        }
+        let time = |field: &'static str, value: String| {
+            OffsetDateTime::parse(&value, &Rfc3339)
+                .map_err(|_| InvalidationError::Time { field, value })
+        };
+        if w.reason.is_empty() {
+            return Err(InvalidationError::Reason);
+        }
+        Ok(Self {
+            token: DeviceToken::parse(&w.token)
+                .map_err(|e| InvalidationError::Token(e.to_string()))?,
+            environment: w
+                .environment
+                .parse()
+                .map_err(InvalidationError::Environment)?,
+            topic: w.topic,
+            reason: w.reason,
+            invalid_since: time("invalid_since", w.invalid_since)?,
+            observed_at: time("observed_at", w.observed_at)?,
+        })
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "v": 1,
+            "token": self.token.as_hex(),
+            "environment": self.environment.as_str(),
+            "topic": self.topic,
+            "reason": self.reason,
+            "invalid_since": format_rfc3339(self.invalid_since),
+            "observed_at": format_rfc3339(self.observed_at),
+        }))
+        .expect("a JSON value serialises")
+    }
+
+    /// Publishes this invalidation to `queue`, persistent and confirmed.
+    pub async fn publish(&self, channel: &Channel, queue: &str) -> Result<(), broker::BrokerError> {
+        let properties = BasicProperties::default().with_content_type("application/json".into());
+        broker::publish_confirmed(channel, "", queue, &self.to_json(), properties).await
+    }
+}
+
+/// How the feedback consumer behaves.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub names: Names,
+    pub prefetch: u16,
+    /// A token seen again within this window produces no second purge request.
+    pub dedup_window: Duration,
+}
+
+/// Running counts of the feedback consumer.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Feedback events read.
+    pub events: AtomicU64,
+    /// Events dropped as repeats of a token already sent to the purger within the window.
+    pub duplicates: AtomicU64,
+    /// Purge requests published (confirmed).
+    pub purge_requests: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Events acked (after their outcome was durable).
+    pub acked: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+struct Context {
+    settings: Settings,
+    publisher: Channel,
+    counters: Arc<Counters>,
+    /// Tokens sent to the purger, and when: the de-duplication window.
+    seen: Mutex<HashMap<DeviceToken, Instant>>,
+}
+
+/// `ringpush feedback`: consumes feedback events until `cancel`.
+pub async fn run(
+    settings: Settings,
+    amqp_url: &str,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let connection = broker::connect(amqp_url, "ringpush feedback").await?;
+    let publisher = broker::confirm_channel(&connection).await?;
+    broker::declare(&publisher, &settings.names).await?;
+    let (queue, prefetch) = (settings.names.feedback.clone(), settings.prefetch);
+    let ctx = Arc::new(Context {
+        settings,
+        publisher,
+        counters,
+        seen: Mutex::new(HashMap::new()),
+    });
+    let result = broker::consume_batches(&connection, &queue, prefetch, 100, cancel, |batch| {
+        let ctx = ctx.clone();
+        async move { handle_batch(&ctx, batch).await }
+    })
+    .await;
+    let _ = connection.close(200, "feedback stopping".into()).await;
+    info!("feedback consumer stopped");
+    Ok(result?)
+}
+
+/// What to do with one feedback event.
+enum Step {
+    Purge(Invalidation),
+    Duplicate,
+    Dead(String),
+}
+
+async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
+    let c = &ctx.counters;
+    c.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let steps: Vec<Step> = {
+        let mut seen = ctx.seen.lock().unwrap();
+        let window = ctx.settings.dedup_window;
+        if seen.len() > 10_000 {
+            seen.retain(|_, at| at.elapsed() < window);
+        }
+        batch
+            .iter()
+            .map(|d| match Invalidation::parse(&d.data) {
+                Err(e) => Step::Dead(e.to_string()),
+                Ok(event) => match seen.get(&event.token) {
+                    Some(at) if at.elapsed() < window => Step::Duplicate,
+                    _ => {
+                        seen.insert(event.token.clone(), Instant::now());
+                        Step::Purge(event)
+                    }
+                },
+            })
+            .collect()
+    };
+    join_all(batch.iter().zip(steps).map(|(delivery, step)| async move {
+        let durable = match &step {
+            Step::Duplicate => {
+                c.duplicates.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Step::Dead(reason) => {
+                warn!(reason, "malformed feedback event goes to the dead queue");
+                let r = broker::dead_letter(
+                    &ctx.publisher,
+                    &ctx.settings.names.feedback_dead,
+                    delivery,
+                    reason,
+                )
+                .await;
+                if r.is_ok() {
+                    c.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+                r
+            }
+            Step::Purge(event) => {
+                let r = event
+                    .publish(&ctx.publisher, &ctx.settings.names.purge)
+                    .await;
+                match &r {
+                    Ok(()) => {
+                        c.purge_requests.fetch_add(1, Ordering::Relaxed);
+                        info!(token = %event.token, reason = %event.reason, "purge requested");
+                    }
+                    // Not sent: forget it, so the redelivered event is not taken as a repeat.
+                    Err(_) => {
+                        ctx.seen.lock().unwrap().remove(&event.token);
+                    }
+                }
+                r
+            }
+        };
+        match durable {
+            Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
+                Ok(_) => {
+                    c.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => error!(error = %e, "ack failed; the event will be redelivered"),
+            },
+            Err(e) => {
+                error!(error = %e, "cannot publish; handing the feedback event back");
+                let nack = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                let _ = delivery.acker.nack(nack).await;
+            }
+        }
+    }))
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn invalidations_round_trip_and_bad_ones_say_why() {
+        let event = Invalidation {
+            token: DeviceToken::parse(&"ab".repeat(32)).unwrap(),
+            environment: Environment::Sandbox,
+            topic: Some("com.example.doorbell".into()),
+            reason: "Unregistered".into(),
+            invalid_since: datetime!(2026-11-28 09:00:00 UTC),
+            observed_at: datetime!(2026-11-28 09:15:02.3 UTC),
+        };
+        assert_eq!(Invalidation::parse(&event.to_json()).unwrap(), event);
+
+        let ok = r#""token":"abcd","environment":"production","topic":null,"reason":"BadDeviceToken","invalid_since":"2026-11-28T09:00:00Z","observed_at":"2026-11-28T09:00:00Z""#;
+        let cases: &[(String, Option<&str>)] = &[
+            (format!(r#"{{"v":1,{ok}}}"#), None),
+            ("nope".into(), Some("not a JSON")),
+            (format!(r#"{{"v":2,{ok}}}"#), Some("unknown version 2")),
+            (
+                format!(r#"{{"v":1,{}}}"#, ok.replace("abcd", "xyz")),
+                Some("`token`"),
+            ),
+            (
+                format!(r#"{{"v":1,{}}}"#, ok.replace("production", "staging")),
+                Some("`environment`"),
+            ),
+            (
+                format!(r#"{{"v":1,{}}}"#, ok.replace("BadDeviceToken", "")),
+                Some("`reason`"),
+            ),
+            (
+                format!(
+                    r#"{{"v":1,{}}}"#,
+                    ok.replacen("2026-11-28T09:00:00Z", "monday", 1)
+                ),
+                Some("`invalid_since`"),
+            ),
+        ];
+        for (body, want) in cases {
+            match (Invalidation::parse(body.as_bytes()), want) {
+                (Ok(_), None) => {}
+                (Err(e), Some(w)) => assert!(e.to_string().contains(w), "{body}: {e}"),
+                (got, want) => panic!("{body}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Invalid tokens leave the database: worker → feedback → purge, end to end.
+
+use std::time::Duration;
+
+use lapin::options::BasicGetOptions;
+use ringpush::apns::{Environment, Reason};
+use ringpush::broker;
+use ringpush::feedback::{self, Invalidation};
+use ringpush::mock::Script;
+use ringpush::purge;
+use ringpush::worker::Counters;
+use time::OffsetDateTime;
+
+use crate::support::{amqp_url, App, TOPIC};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn ms(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[tokio::test]
+async fn an_unregistered_token_is_deleted_after_one_ring_through_the_three_processes() {
+    let app = App::spawn().await;
+    let owner = app.add_user().await;
+    app.add_gateway("gw-p", owner, "Door").await;
+    let gone = app.add_token(owner, "production", Some(TOPIC)).await;
+    let kept = app.add_token(owner, "production", Some(TOPIC)).await;
+    let now = OffsetDateTime::now_utc();
+    app.registered_at(&gone, now - 30 * DAY).await;
+    app.mock.unregister(&gone, ms(now - DAY));
+
+    app.publish(&App::ring("gw-p", Duration::ZERO)).await;
+    app.wait_for("the purge", || {
+        purge::Counters::get(&app.purge_counters.acked) == 1
+    })
+    .await;
+    assert_eq!(purge::Counters::get(&app.purge_counters.purged), 1);
+    assert!(
+        !app.token_exists(&gone).await,
+        "the unregistered token is deleted"
+    );
+    assert!(app.token_exists(&kept).await, "the good token stays");
+    assert_eq!(Counters::get(&app.counters.feedback_events), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_registered_again_after_the_rejection_is_kept() {
+    let app = App::spawn().await;
+    let owner = app.add_user().await;
+    app.add_gateway("gw-r", owner, "Door").await;
+    let token = app.add_token(owner, "production", Some(TOPIC)).await;
+    // APNs saw the app gone an hour ago; the phone registered again since (updated_at = now).
+    app.mock
+        .unregister(&token, ms(OffsetDateTime::now_utc()) - 3_600_000);
+
+    app.publish(&App::ring("gw-r", Duration::ZERO)).await;
+    app.wait_for("the purge", || {
+        purge::Counters::get(&app.purge_counters.acked) == 1
+    })
+    .await;
+    assert_eq!(purge::Counters::get(&app.purge_counters.purged), 0);
+    assert_eq!(purge::Counters::get(&app.purge_counters.kept), 1);
+    assert!(app.token_exists(&token).await);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_rejections_of_one_token_in_a_burst_make_one_purge_request() {
+    let app = App::spawn_with(|o| o.run_purger = false).await;
+    let owner = app.add_user().await;
+    app.add_gateway("gw-burst", owner, "Door").await;
+    let token = app.add_token(owner, "production", Some(TOPIC)).await;
+    // BadDeviceToken carries no timestamp: each rejection has its own invalid_since.
+    app.mock.script(
+        &token,
+        Script {
+            status: 400,
+            reason: Reason::BadDeviceToken,
+            timestamp_ms: None,
+        },
+    );
+    for _ in 0..50 {
+        app.publish(&App::ring("gw-burst", Duration::ZERO)).await;
+    }
+    app.wait_acked(50).await;
+    assert_eq!(Counters::get(&app.counters.feedback_events), 50);
+    app.wait_for("50 feedback events", || {
+        feedback::Counters::get(&app.feedback_counters.acked) == 50
+    })
+    .await;
+    assert_eq!(
+        feedback::Counters::get(&app.feedback_counters.purge_requests),
+        1
+    );
+    assert_eq!(
+        feedback::Counters::get(&app.feedback_counters.duplicates),
+        49
+    );
+    assert_eq!(app.depth(&app.names.purge).await, 1);
+    let requests = app.drain(&app.names.purge).await;
+    let request = Invalidation::parse(&requests[0].0).unwrap();
+    assert_eq!(
+        (request.token, request.reason.as_str()),
+        (token, "BadDeviceToken")
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_purger_that_dies_between_commit_and_ack_redoes_the_delete_harmlessly() {
+    let mut app = App::spawn_with(|o| o.run_purger = false).await;
+    let owner = app.add_user().await;
+    let stale = app.add_token(owner, "production", Some(TOPIC)).await;
+    let other = app.add_token(owner, "production", Some(TOPIC)).await;
+    let now = OffsetDateTime::now_utc();
+    app.registered_at(&stale, now - 30 * DAY).await;
+    app.registered_at(&other, now - 30 * DAY).await;
+    let request = Invalidation {
+        token: stale.clone(),
+        environment: Environment::Production,
+        topic: Some(TOPIC.into()),
+        reason: "Unregistered".into(),
+        invalid_since: now - DAY,
+        observed_at: now,
+    };
+    request
+        .publish(&app.channel, &app.names.purge)
+        .await
+        .unwrap();
+
+    // A purger takes the request, commits the delete, and dies before its ack.
+    let doomed = broker::connect(&amqp_url(), "doomed purger").await.unwrap();
+    let channel = doomed.create_channel().await.unwrap();
+    let taken = channel
+        .basic_get(
+            app.names.purge.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+        .expect("the request is there");
+    let parsed = Invalidation::parse(&taken.data).unwrap();
+    let done = purge::delete_batch(&app.pool, &[parsed]).await.unwrap();
+    assert_eq!(done, purge::Purged { purged: 1, kept: 0 });
+    drop(taken);
+    channel.close(200, "dying".into()).await.unwrap();
+    let _ = doomed.close(200, "dying".into()).await;
+
+    // The broker redelivers it to the next purger, which finds nothing more to delete.
+    app.start_purger();
+    app.wait_for("the redelivered request", || {
+        purge::Counters::get(&app.purge_counters.acked) == 1
+    })
+    .await;
+    assert_eq!(purge::Counters::get(&app.purge_counters.purged), 0);
+    assert_eq!(purge::Counters::get(&app.purge_counters.kept), 1);
+    assert_eq!(purge::Counters::get(&app.purge_counters.dead_lettered), 0);
+    assert!(!app.token_exists(&stale).await, "still gone");
+    assert!(app.token_exists(&other).await, "nothing else deleted");
+    assert_eq!(app.depth(&app.names.purge).await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_device_token_and_not_for_topic_purge_but_topic_disallowed_and_500_do_not() {
+    // One attempt: the 500 sends the ring to the dead queue instead of the retry queue.
+    let app = App::spawn_with(|o| o.worker.max_attempts = 1).await;
+    let owner = app.add_user().await;
+    app.add_gateway("gw-reasons", owner, "Door").await;
+    let scripted = [
+        (Reason::BadDeviceToken, true),
+        (Reason::DeviceTokenNotForTopic, true),
+        (Reason::TopicDisallowed, false),
+        (Reason::InternalServerError, false),
+    ];
+    let mut tokens = Vec::new();
+    for (reason, _) in &scripted {
+        let token = app.add_token(owner, "production", Some(TOPIC)).await;
+        app.registered_at(&token, OffsetDateTime::now_utc() - DAY)
+            .await;
+        app.mock.script(
+            &token,
+            Script {
+                status: reason.status(),
+                reason: reason.clone(),
+                timestamp_ms: None,
+            },
+        );
+        tokens.push(token);
+    }
+    app.publish(&App::ring("gw-reasons", Duration::ZERO)).await;
+    app.wait_acked(1).await;
+    assert_eq!(Counters::get(&app.counters.feedback_events), 2);
+    app.wait_for("two purges", || {
+        purge::Counters::get(&app.purge_counters.acked) == 2
+    })
+    .await;
+    for ((reason, purged), token) in scripted.iter().zip(&tokens) {
+        assert_eq!(!app.token_exists(token).await, *purged, "{reason}");
+    }
+    assert_eq!(app.depth(&app.names.feedback).await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_feedback_events_and_purge_requests_go_to_their_dead_queues() {
+    let app = App::spawn().await;
+    let props = || lapin::BasicProperties::default();
+    broker::publish_confirmed(&app.channel, "", &app.names.feedback, b"{\"v\":1}", props())
+        .await
+        .unwrap();
+    broker::publish_confirmed(&app.channel, "", &app.names.purge, b"[]", props())
+        .await
+        .unwrap();
+    app.wait_for("dead letters", || {
+        feedback::Counters::get(&app.feedback_counters.dead_lettered) == 1
+            && purge::Counters::get(&app.purge_counters.dead_lettered) == 1
+    })
+    .await;
+    let dead_feedback = app.drain(&app.names.feedback_dead).await;
+    let dead_purge = app.drain(&app.names.purge_dead).await;
+    assert_eq!(dead_feedback.len(), 1);
+    assert!(
+        dead_feedback[0]
+            .1
+            .starts_with("not a JSON token invalidation"),
+        "{dead_feedback:?}"
+    );
+    assert_eq!(dead_purge[0].0, b"[]");
+    assert!(
+        dead_purge[0].1.starts_with("not a JSON token invalidation"),
+        "{dead_purge:?}"
+    );
+    assert_eq!(app.depth(&app.names.purge).await, 0);
+    app.stop().await;
+}
