@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::apns::http2::{self, Client};
 use crate::apns::jwt::{self, Signer};
 use crate::apns::request::{AlertTemplate, Endpoint};
-use crate::apns::{self, tls};
+use crate::apns::{self, tls, Reason};
 use crate::broker::Names;
 use crate::token::DeviceToken;
 use crate::worker;
@@ -180,6 +180,21 @@ pub struct ApnsArgs {
     /// How long one APNs request may take.
     #[arg(long, env = "RINGPUSH_APNS_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration("RINGPUSH_APNS_REQUEST_TIMEOUT"))]
     pub apns_request_timeout: Duration,
+    /// Certificate auth: a .p12 file, or PEM with the certificate chain and its key.
+    #[arg(long, env = "RINGPUSH_APNS_CERT_FILE")]
+    pub apns_cert_file: Option<PathBuf>,
+    /// Certificate auth: the .p12 file's password.
+    #[arg(long, env = "RINGPUSH_APNS_CERT_PASSWORD", hide_env_values = true)]
+    pub apns_cert_password: Option<Secret>,
+    /// Token auth: re-sign the shared JWT this often (20m to 60m).
+    #[arg(long, env = "RINGPUSH_APNS_JWT_REFRESH", default_value = "50m", value_parser = duration("RINGPUSH_APNS_JWT_REFRESH"))]
+    pub apns_jwt_refresh: Duration,
+    /// Persistent connections per APNs endpoint.
+    #[arg(long, env = "RINGPUSH_APNS_CONNECTIONS", default_value = "2", value_parser = positive::<usize>("RINGPUSH_APNS_CONNECTIONS"))]
+    pub apns_connections: usize,
+    /// PING a connection idle this long (0s: never).
+    #[arg(long, env = "RINGPUSH_APNS_PING_INTERVAL", default_value = "60s", value_parser = duration("RINGPUSH_APNS_PING_INTERVAL"))]
+    pub apns_ping_interval: Duration,
     /// How long connecting to APNs (TCP, TLS, HTTP/2) may take.
     #[arg(long, env = "RINGPUSH_APNS_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration("RINGPUSH_APNS_CONNECT_TIMEOUT"))]
     pub apns_connect_timeout: Duration,
@@ -203,34 +218,60 @@ impl ApnsArgs {
                 ))
             }
         }
-        let signer = self.signer()?;
-        let tls = tls::client_config(self.apns_ca_file.as_deref())
+        let (signer, identity) = self.credentials()?;
+        let tls = tls::client_config(self.apns_ca_file.as_deref(), identity)
             .map_err(|e| config_error("RINGPUSH_APNS_CA_FILE", e))?;
-        let settings = http2::Settings {
-            production: self.apns_production_url.clone(),
-            sandbox: self.apns_sandbox_url.clone(),
-            request_timeout: self.apns_request_timeout,
-            connect_timeout: self.apns_connect_timeout,
-        };
-        Ok(Client::new(settings, tls, Some(Arc::new(signer))))
+        let mut settings = http2::Settings::new(
+            self.apns_production_url.clone(),
+            self.apns_sandbox_url.clone(),
+        );
+        settings.request_timeout = self.apns_request_timeout;
+        settings.connect_timeout = self.apns_connect_timeout;
+        settings.connections = self.apns_connections;
+        settings.ping_interval = Some(self.apns_ping_interval).filter(|d| !d.is_zero());
+        Ok(Client::new(settings, tls, signer.map(Arc::new)))
+    }
+
+    /// Exactly one of token auth (key file, key id, team id) and certificate auth.
+    fn credentials(&self) -> Result<(Option<Signer>, Option<tls::Identity>), ConfigError> {
+        let token_vars = [
+            ("RINGPUSH_APNS_KEY_FILE", self.apns_key_file.is_some()),
+            ("RINGPUSH_APNS_KEY_ID", self.apns_key_id.is_some()),
+            ("RINGPUSH_APNS_TEAM_ID", self.apns_team_id.is_some()),
+        ];
+        let any_token = token_vars.iter().any(|(_, set)| *set);
+        match (&self.apns_cert_file, any_token) {
+            (Some(_), true) => Err(config_error(
+                "RINGPUSH_APNS_CERT_FILE",
+                "set either certificate auth (RINGPUSH_APNS_CERT_FILE) or token auth (RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID, RINGPUSH_APNS_TEAM_ID), not both",
+            )),
+            (Some(file), false) => {
+                let password = self.apns_cert_password.as_ref().map_or("", |p| p.expose());
+                let identity = tls::Identity::from_file(file, password)
+                    .map_err(|e| config_error("RINGPUSH_APNS_CERT_FILE", e))?;
+                Ok((None, Some(identity)))
+            }
+            (None, _) => {
+                let missing: Vec<&str> = token_vars
+                    .iter()
+                    .filter_map(|(var, set)| (!set).then_some(*var))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(config_error(
+                        "RINGPUSH_APNS_KEY_FILE",
+                        format!("APNs needs token auth (RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID, RINGPUSH_APNS_TEAM_ID) or certificate auth (RINGPUSH_APNS_CERT_FILE); missing: {}", missing.join(", ")),
+                    ));
+                }
+                Ok((Some(self.signer()?), None))
+            }
+        }
     }
 
     fn signer(&self) -> Result<Signer, ConfigError> {
         let (Some(file), Some(key_id), Some(team_id)) =
             (&self.apns_key_file, &self.apns_key_id, &self.apns_team_id)
         else {
-            let missing: Vec<&str> = [
-                ("RINGPUSH_APNS_KEY_FILE", self.apns_key_file.is_none()),
-                ("RINGPUSH_APNS_KEY_ID", self.apns_key_id.is_none()),
-                ("RINGPUSH_APNS_TEAM_ID", self.apns_team_id.is_none()),
-            ]
-            .into_iter()
-            .filter_map(|(var, missing)| missing.then_some(var))
-            .collect();
-            return Err(config_error(
-                "RINGPUSH_APNS_KEY_FILE",
-                format!("token auth needs RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID and RINGPUSH_APNS_TEAM_ID; missing: {}", missing.join(", ")),
-            ));
+            unreachable!("credentials() checked all three are set");
         };
         for (var, value) in [
             ("RINGPUSH_APNS_KEY_ID", key_id),
@@ -243,11 +284,41 @@ impl ApnsArgs {
                 ));
             }
         }
+        let refresh = self.apns_jwt_refresh;
+        if !(jwt::MIN_REFRESH..=Duration::from_secs(3600)).contains(&refresh) {
+            return Err(config_error(
+                "RINGPUSH_APNS_JWT_REFRESH",
+                format!("{refresh:?} is outside 20m..60m (APNs refuses older tokens and more frequent changes)"),
+            ));
+        }
         let pem = std::fs::read(file).map_err(|e| {
             config_error("RINGPUSH_APNS_KEY_FILE", format!("{}: {e}", file.display()))
         })?;
-        Signer::from_pem(&pem, key_id, team_id, jwt::DEFAULT_REFRESH)
+        Signer::from_pem(&pem, key_id, team_id, refresh)
             .map_err(|e| config_error("RINGPUSH_APNS_KEY_FILE", format!("{}: {e}", file.display())))
+    }
+}
+
+/// A secret from the environment: never printed, not even by `Debug`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
     }
 }
 
@@ -391,9 +462,43 @@ pub struct MockArgs {
     /// Tokens (hex, comma-separated) answered with 410 Unregistered.
     #[arg(long, env = "RINGPUSH_MOCK_UNREGISTERED", value_delimiter = ',')]
     pub unregistered: Vec<String>,
-    /// SETTINGS_MAX_CONCURRENT_STREAMS announced to clients.
+    /// MAX_CONCURRENT_STREAMS announced when a connection opens (APNs: 1).
+    #[arg(long, env = "RINGPUSH_MOCK_INITIAL_STREAMS", default_value = "1", value_parser = positive::<u32>("RINGPUSH_MOCK_INITIAL_STREAMS"))]
+    pub initial_streams: u32,
+    /// MAX_CONCURRENT_STREAMS announced after the first accepted request.
     #[arg(long, env = "RINGPUSH_MOCK_MAX_STREAMS", default_value = "1000", value_parser = positive::<u32>("RINGPUSH_MOCK_MAX_STREAMS"))]
     pub max_streams: u32,
+    /// Announce the initial limit again after each rejection, as APNs does.
+    #[arg(long, env = "RINGPUSH_MOCK_DROP_STREAMS_AFTER_REJECTION")]
+    pub drop_streams_after_rejection: bool,
+    /// Wait this long before each answer.
+    #[arg(long, env = "RINGPUSH_MOCK_DELAY", default_value = "0s", value_parser = duration("RINGPUSH_MOCK_DELAY"))]
+    pub delay: Duration,
+    /// Fault: GOAWAY after this many streams on each connection.
+    #[arg(long, env = "RINGPUSH_MOCK_GOAWAY_AFTER")]
+    pub goaway_after: Option<u64>,
+    /// The GOAWAY's debug data: json, text or empty.
+    #[arg(long, env = "RINGPUSH_MOCK_GOAWAY_DEBUG", default_value = "json")]
+    pub goaway_debug: String,
+    /// Fault: reset every n-th stream with REFUSED_STREAM.
+    #[arg(long, env = "RINGPUSH_MOCK_REFUSE_EVERY")]
+    pub refuse_every: Option<u64>,
+    /// Fault: after this many streams, answer 503 Shutdown and send GOAWAY.
+    #[arg(long, env = "RINGPUSH_MOCK_SHUTDOWN_AFTER")]
+    pub shutdown_after: Option<u64>,
+    /// Fault: drop the TCP connection once this many streams have arrived on it.
+    #[arg(long, env = "RINGPUSH_MOCK_CLOSE_AFTER")]
+    pub close_after: Option<u64>,
+    /// Fault: answer this share of requests (per mille) with RINGPUSH_MOCK_ERROR_REASON.
+    #[arg(long, env = "RINGPUSH_MOCK_ERROR_PER_MILLE", default_value = "0")]
+    pub error_per_mille: u32,
+    /// The reason of those answers (its status follows APNs's table).
+    #[arg(
+        long,
+        env = "RINGPUSH_MOCK_ERROR_REASON",
+        default_value = "ServiceUnavailable"
+    )]
+    pub error_reason: String,
 }
 
 impl MockArgs {
@@ -421,17 +526,62 @@ impl MockArgs {
                 DeviceToken::parse(t).map_err(|e| config_error("RINGPUSH_MOCK_UNREGISTERED", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let auth = crate::mock::AuthCheck {
+            public_key,
+            key_id: self.key_id.clone(),
+            team_id: self.team_id.clone(),
+            ..crate::mock::AuthCheck::default()
+        };
+        let error_rate = match (self.error_per_mille, &self.error_reason) {
+            (0, _) => None,
+            (per_mille, reason) if per_mille <= 1000 => {
+                let reason = Reason::parse(reason);
+                if reason.status() == 0 {
+                    return Err(config_error(
+                        "RINGPUSH_MOCK_ERROR_REASON",
+                        format!("{reason} is not an APNs reason"),
+                    ));
+                }
+                Some(crate::mock::ErrorRate {
+                    per_mille,
+                    status: reason.status(),
+                    reason,
+                })
+            }
+            _ => {
+                return Err(config_error(
+                    "RINGPUSH_MOCK_ERROR_PER_MILLE",
+                    "must be 0 to 1000",
+                ))
+            }
+        };
+        let goaway_debug = match self.goaway_debug.as_str() {
+            "json" => crate::mock::GoAwayDebug::Json,
+            "text" => crate::mock::GoAwayDebug::Text,
+            "empty" => crate::mock::GoAwayDebug::Empty,
+            other => {
+                return Err(config_error(
+                    "RINGPUSH_MOCK_GOAWAY_DEBUG",
+                    format!("{other:?} is not json, text or empty"),
+                ))
+            }
+        };
         let settings = crate::mock::Settings {
-            listen: self.listen,
-            cert_dir: self.cert_dir.clone(),
-            auth: crate::mock::AuthCheck {
-                public_key,
-                key_id: self.key_id.clone(),
-                team_id: self.team_id.clone(),
-            },
+            initial_streams: self.initial_streams,
             max_concurrent_streams: self.max_streams,
+            drop_streams_after_rejection: self.drop_streams_after_rejection,
             keep_requests: 10_000,
-            response_delay: Duration::ZERO,
+            response_delay: self.delay,
+            faults: crate::mock::Faults {
+                goaway_after: self.goaway_after,
+                goaway_debug,
+                refuse_every: self.refuse_every,
+                shutdown_after: self.shutdown_after,
+                close_after: self.close_after,
+                error_rate,
+            },
+            listen: self.listen,
+            ..crate::mock::Settings::local(self.cert_dir.clone(), auth)
         };
         Ok((settings, unregistered))
     }

@@ -169,6 +169,7 @@ async fn run_inner(
                 public_key: Some(signer.public_key()),
                 key_id: Some("DEMOKEY123".into()),
                 team_id: Some("DEMOTEAM12".into()),
+                ..mock::AuthCheck::default()
             },
         ),
         cancel.clone(),

@@ -1,26 +1,41 @@
-//! The APNs HTTP/2 client: one persistent connection per endpoint, shared by every
-//! request, with as many streams in flight as the server's SETTINGS allow.
+//! The APNs HTTP/2 client: a few persistent connections per endpoint, shared by every
+//! request, each with as many streams in flight as the server's SETTINGS allow.
 //!
-//! `send` is a thin wrapper around [`super::request::build_request`]: it waits on the
-//! connection's `ready()` (the peer's stream limit is the backpressure), sends headers and
-//! the shared payload, and reads the answer. A connection that has died is replaced on the
-//! next request.
+//! `send` is a thin wrapper around [`super::request::build_request`]. Around it:
+//! - requests are spread round-robin over `connections` persistent connections per endpoint;
+//!   `ready()` waits for the server's stream limit, which `h2` follows as it changes;
+//! - a stream APNs never processed — refused with REFUSED_STREAM, above a GOAWAY's
+//!   last-stream-id, or never sent because the connection had gone — is resent at once on
+//!   another connection (RFC 7540 §8.1.4), invisibly to the caller;
+//! - a connection that fails, gets GOAWAY, or answers `Shutdown`, `IdleTimeout`,
+//!   `ExpiredProviderToken`, `UnrelatedKeyIdInToken` or `TooManyProviderTokenUpdates` is
+//!   dropped and replaced on next use; after `ExpiredProviderToken` the JWT is re-signed and
+//!   the request sent once more;
+//! - reconnecting backs off exponentially with jitter, so an unreachable APNs is probed, not
+//!   hammered; requests meanwhile fail fast with [`SendError::Backoff`];
+//! - an idle connection is PINGed, and dropped if the PING goes unanswered.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
+use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::jwt::Signer;
 use super::request::{build_request, Endpoint, Notification};
 use super::{Answer, Environment, Reason, Rejection};
+
+/// How many times a never-processed request is resent before giving up.
+const MAX_RESENDS: usize = 4;
 
 /// Why a notification got no answer from APNs. All of these are transient: the
 /// notification was not accepted and may be sent again.
@@ -28,6 +43,12 @@ use super::{Answer, Environment, Reason, Rejection};
 pub enum SendError {
     #[error("cannot connect to {endpoint}: {reason}")]
     Connect { endpoint: String, reason: String },
+    #[error("{endpoint} is unreachable; next try in {wait:?} (last error: {reason})")]
+    Backoff {
+        endpoint: String,
+        wait: Duration,
+        reason: String,
+    },
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
     #[error("no answer within {0:?}")]
@@ -39,81 +60,387 @@ pub enum SendError {
 pub struct Settings {
     pub production: Endpoint,
     pub sandbox: Endpoint,
-    /// How long one request may take, headers to answer.
+    /// How long one request may take, from the first try to the answer.
     pub request_timeout: Duration,
     /// How long a TCP connect plus TLS and HTTP/2 handshake may take.
     pub connect_timeout: Duration,
+    /// Persistent connections per endpoint.
+    pub connections: usize,
+    /// PING a connection idle for this long; `None` never pings.
+    pub ping_interval: Option<Duration>,
+    /// How long a PING may go unanswered before the connection is dropped.
+    pub ping_timeout: Duration,
+    /// Reconnect backoff: the first delay, doubled per failure up to the cap, jittered.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Settings {
+    /// The defaults `ringpush worker` uses, for two endpoints.
+    pub fn new(production: Endpoint, sandbox: Endpoint) -> Self {
+        Self {
+            production,
+            sandbox,
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            connections: 2,
+            ping_interval: Some(Duration::from_secs(60)),
+            ping_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The APNs client of one worker. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct Client {
-    production: Arc<Connection>,
-    sandbox: Arc<Connection>,
-    /// Token auth: the shared JWT signer (one token for every connection).
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    production: Pool,
+    sandbox: Pool,
+    /// Token auth: the shared JWT signer (one token for every connection). `None` with
+    /// certificate auth, where the TLS configuration carries the client certificate.
     signer: Option<Arc<Signer>>,
     request_timeout: Duration,
 }
 
-/// One persistent connection to one endpoint, opened on first use and replaced when it dies.
-struct Connection {
+/// The connections to one endpoint.
+struct Pool {
+    slots: Vec<Arc<Slot>>,
+    /// Round-robin position.
+    next: AtomicUsize,
+}
+
+/// One persistent connection, opened on first use and replaced when it fails.
+struct Slot {
     endpoint: Endpoint,
     tls: TlsConnector,
-    connect_timeout: Duration,
-    /// The live connection's request handle and its generation; the mutex also makes sure
-    /// only one task reconnects at a time.
-    current: Mutex<Option<(SendRequest<Bytes>, u64)>>,
+    settings: Arc<Settings>,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    live: Option<Live>,
+    /// Failed connects in a row, and when the next may be tried.
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+/// A live HTTP/2 connection.
+#[derive(Clone)]
+struct Live {
+    sender: SendRequest<Bytes>,
+    /// Cancelled when the connection ends or must not take new requests.
+    retired: CancellationToken,
+    /// When a request last went out, in ms since the client's epoch (for idle PINGs).
+    last_used: Arc<AtomicU64>,
+}
+
+/// A stream that failed; `sent` says whether its request reached the connection.
+struct StreamError {
+    error: h2::Error,
+    sent: bool,
+}
+
+impl StreamError {
+    /// APNs certainly did not process it: it may be resent at once.
+    fn unprocessed(&self) -> bool {
+        let e = &self.error;
+        !self.sent
+            || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+            || (e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR))
+    }
+
+    /// The connection is unusable for new streams.
+    fn connection_gone(&self) -> bool {
+        !self.sent || self.error.is_go_away() || self.error.is_io()
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
 }
 
 impl Client {
-    /// A client that connects lazily, on the first notification for each environment.
+    /// A client that connects lazily, on the first notification for each endpoint.
     pub fn new(settings: Settings, tls: Arc<ClientConfig>, signer: Option<Arc<Signer>>) -> Self {
-        let connection = |endpoint: Endpoint| {
-            Arc::new(Connection {
-                endpoint,
-                tls: TlsConnector::from(tls.clone()),
-                connect_timeout: settings.connect_timeout,
-                current: Mutex::new(None),
-            })
+        let settings = Arc::new(settings);
+        let pool = |endpoint: &Endpoint| Pool {
+            slots: (0..settings.connections.max(1))
+                .map(|_| {
+                    Arc::new(Slot {
+                        endpoint: endpoint.clone(),
+                        tls: TlsConnector::from(tls.clone()),
+                        settings: settings.clone(),
+                        state: Mutex::default(),
+                    })
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
         };
         Self {
-            production: connection(settings.production.clone()),
-            sandbox: connection(settings.sandbox.clone()),
-            signer,
-            request_timeout: settings.request_timeout,
+            inner: Arc::new(Inner {
+                production: pool(&settings.production),
+                sandbox: pool(&settings.sandbox),
+                signer,
+                request_timeout: settings.request_timeout,
+            }),
         }
     }
 
     /// Sends one notification and returns APNs's answer.
     pub async fn send(&self, env: Environment, n: &Notification) -> Result<Answer, SendError> {
-        let conn = match env {
-            Environment::Production => &self.production,
-            Environment::Sandbox => &self.sandbox,
+        let pool = match env {
+            Environment::Production => &self.inner.production,
+            Environment::Sandbox => &self.inner.sandbox,
         };
-        let jwt = self.signer.as_ref().map(|s| s.token());
-        let request = build_request(&conn.endpoint, n, jwt.as_deref());
-        let timeout = self.request_timeout;
-        match tokio::time::timeout(timeout, conn.send(request, n.payload.clone())).await {
+        let timeout = self.inner.request_timeout;
+        match tokio::time::timeout(timeout, self.send_on(pool, n)).await {
             Ok(result) => result,
             Err(_) => Err(SendError::Timeout(timeout)),
         }
     }
+
+    async fn send_on(&self, pool: &Pool, n: &Notification) -> Result<Answer, SendError> {
+        let mut renewed = false;
+        let mut last_error = None;
+        for attempt in 0..MAX_RESENDS + pool.slots.len() {
+            let slot = pool.pick();
+            let live = match slot.live().await {
+                Ok(live) => live,
+                // Try the other connections before giving up.
+                Err(e) if attempt + 1 < pool.slots.len() => {
+                    last_error = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let jwt = self.inner.signer.as_ref().map(|s| s.token());
+            let request = build_request(&slot.endpoint, n, jwt.as_deref());
+            match live.send(request, n.payload.clone()).await {
+                Ok(Answer::Rejected(rejection)) => {
+                    if retires_connection(&rejection.reason) {
+                        live.retire(&slot.endpoint, rejection.reason.as_str());
+                    }
+                    if rejection.reason == Reason::ExpiredProviderToken && !renewed {
+                        if let Some(signer) = &self.inner.signer {
+                            if signer.renew() {
+                                renewed = true;
+                                continue;
+                            }
+                        }
+                    }
+                    return Ok(Answer::Rejected(rejection));
+                }
+                Ok(answer) => return Ok(answer),
+                Err(e) => {
+                    if e.connection_gone() {
+                        live.retire(&slot.endpoint, &e.error.to_string());
+                    }
+                    if !e.unprocessed() {
+                        return Err(e.error.into());
+                    }
+                    debug!(error = %e.error, "stream not processed by APNs; resending");
+                    last_error = Some(e.error.into());
+                }
+            }
+        }
+        Err(last_error.expect("the loop ran at least once"))
+    }
 }
 
-impl Connection {
-    async fn send(&self, request: http::Request<()>, payload: Bytes) -> Result<Answer, SendError> {
-        let (sender, generation) = self.sender().await?;
-        let mut sender = match sender.ready().await {
-            Ok(ready) => ready,
-            Err(e) => {
-                // The connection is gone: forget it so the next request opens a new one.
-                self.forget(generation).await;
-                return Err(e.into());
+/// Answers after which APNs wants a new connection.
+fn retires_connection(reason: &Reason) -> bool {
+    matches!(
+        reason,
+        Reason::Shutdown
+            | Reason::IdleTimeout
+            | Reason::ExpiredProviderToken
+            | Reason::UnrelatedKeyIdInToken
+            | Reason::TooManyProviderTokenUpdates
+    )
+}
+
+impl Pool {
+    fn pick(&self) -> &Arc<Slot> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.slots[i % self.slots.len()]
+    }
+}
+
+impl Slot {
+    /// The live connection, opening one if there is none (and the backoff allows).
+    async fn live(self: &Arc<Self>) -> Result<Live, SendError> {
+        let mut state = self.state.lock().await;
+        if let Some(live) = &state.live {
+            if !live.retired.is_cancelled() {
+                return Ok(live.clone());
             }
+            state.live = None;
+        }
+        if let Some(at) = state.retry_at {
+            let now = Instant::now();
+            if now < at {
+                return Err(SendError::Backoff {
+                    endpoint: self.endpoint.base.clone(),
+                    wait: at - now,
+                    reason: state.last_error.clone(),
+                });
+            }
+        }
+        let timeout = self.settings.connect_timeout;
+        let connected = match tokio::time::timeout(timeout, self.connect()).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("timed out after {timeout:?}")),
         };
-        let (response, mut stream) = sender.send_request(request, false)?;
-        stream.send_data(payload, true)?;
-        let response = response.await?;
+        match connected {
+            Ok(live) => {
+                state.failures = 0;
+                state.retry_at = None;
+                state.live = Some(live.clone());
+                Ok(live)
+            }
+            Err(reason) => {
+                state.failures += 1;
+                let wait = backoff(&self.settings, state.failures);
+                state.retry_at = Some(Instant::now() + wait);
+                state.last_error = reason.clone();
+                warn!(endpoint = %self.endpoint.base, error = %reason, failures = state.failures, retry_in = ?wait, "cannot connect to APNs");
+                Err(SendError::Connect {
+                    endpoint: self.endpoint.base.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Live, String> {
+        let endpoint = &self.endpoint;
+        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|e| e.to_string())?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(endpoint.host.clone()).map_err(|e| e.to_string())?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (sender, mut connection) = h2::client::Builder::new()
+            // APNs allows one stream until the first authenticated request; its SETTINGS
+            // frame then raises the limit.
+            .initial_max_send_streams(1)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let retired = CancellationToken::new();
+        let last_used = Arc::new(AtomicU64::new(now_ms()));
+        if let (Some(interval), Some(ping_pong)) =
+            (self.settings.ping_interval, connection.ping_pong())
+        {
+            tokio::spawn(keep_alive(
+                ping_pong,
+                interval,
+                self.settings.ping_timeout,
+                last_used.clone(),
+                retired.clone(),
+                endpoint.base.clone(),
+            ));
+        }
+        let (base, done) = (endpoint.base.clone(), retired.clone());
+        tokio::spawn(async move {
+            match connection.await {
+                Ok(()) => debug!(endpoint = %base, "APNs connection closed"),
+                Err(e) => warn!(endpoint = %base, error = %e, "APNs connection ended"),
+            }
+            done.cancel();
+        });
+        info!(endpoint = %endpoint.base, "APNs connection open");
+        Ok(Live {
+            sender,
+            retired,
+            last_used,
+        })
+    }
+}
+
+/// Jittered exponential backoff: `min · 2^(failures-1)`, capped, times 0.5–1.5.
+fn backoff(settings: &Settings, failures: u32) -> Duration {
+    let exp = settings
+        .backoff_min
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(settings.backoff_max);
+    let mut b = [0u8; 1];
+    SystemRandom::new()
+        .fill(&mut b)
+        .expect("the system RNG works");
+    exp.mul_f64(0.5 + f64::from(b[0]) / 255.0)
+}
+
+/// PINGs the connection when it has been idle for `interval`; retires it when a PING goes
+/// unanswered.
+async fn keep_alive(
+    mut ping_pong: h2::PingPong,
+    interval: Duration,
+    timeout: Duration,
+    last_used: Arc<AtomicU64>,
+    retired: CancellationToken,
+    endpoint: String,
+) {
+    loop {
+        tokio::select! {
+            _ = retired.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let idle = now_ms().saturating_sub(last_used.load(Ordering::Relaxed));
+        if idle < interval.as_millis() as u64 {
+            continue;
+        }
+        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => debug!(endpoint = %endpoint, "PING answered"),
+            Ok(Err(e)) => {
+                warn!(endpoint = %endpoint, error = %e, "PING failed; dropping the connection");
+                retired.cancel();
+            }
+            Err(_) => {
+                warn!(endpoint = %endpoint, "PING unanswered; dropping the connection");
+                retired.cancel();
+            }
+        }
+    }
+}
+
+impl Live {
+    /// No new requests on this connection; streams in flight finish.
+    fn retire(&self, endpoint: &Endpoint, why: &str) {
+        if !self.retired.is_cancelled() {
+            info!(endpoint = %endpoint.base, reason = why, "replacing the APNs connection");
+            self.retired.cancel();
+        }
+    }
+
+    async fn send(
+        &self,
+        request: http::Request<()>,
+        payload: Bytes,
+    ) -> Result<Answer, StreamError> {
+        self.last_used.store(now_ms(), Ordering::Relaxed);
+        let unsent = |error| StreamError { error, sent: false };
+        let sent = |error| StreamError { error, sent: true };
+        let mut sender = self.sender.clone().ready().await.map_err(unsent)?;
+        let (response, mut stream) = sender.send_request(request, false).map_err(unsent)?;
+        stream.send_data(payload, true).map_err(sent)?;
+        let response = response.await.map_err(sent)?;
         let status = response.status().as_u16();
         let apns_id = response
             .headers()
@@ -123,7 +450,7 @@ impl Connection {
         let mut body = response.into_body();
         let mut bytes = BytesMut::new();
         while let Some(chunk) = body.data().await {
-            let chunk = chunk?;
+            let chunk = chunk.map_err(sent)?;
             let _ = body.flow_control().release_capacity(chunk.len());
             bytes.extend_from_slice(&chunk);
         }
@@ -131,65 +458,6 @@ impl Connection {
             return Ok(Answer::Accepted);
         }
         Ok(Answer::Rejected(parse_rejection(status, &bytes, apns_id)))
-    }
-
-    /// The live connection, opening one if there is none.
-    async fn sender(&self) -> Result<(SendRequest<Bytes>, u64), SendError> {
-        let mut current = self.current.lock().await;
-        if let Some((sender, generation)) = current.as_ref() {
-            return Ok((sender.clone(), *generation));
-        }
-        let sender = tokio::time::timeout(self.connect_timeout, self.connect())
-            .await
-            .map_err(|_| SendError::Connect {
-                endpoint: self.endpoint.base.clone(),
-                reason: format!("timed out after {:?}", self.connect_timeout),
-            })??;
-        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        *current = Some((sender.clone(), generation));
-        Ok((sender, generation))
-    }
-
-    async fn forget(&self, generation: u64) {
-        let mut current = self.current.lock().await;
-        if matches!(current.as_ref(), Some((_, g)) if *g == generation) {
-            *current = None;
-        }
-    }
-
-    async fn connect(&self) -> Result<SendRequest<Bytes>, SendError> {
-        let endpoint = &self.endpoint;
-        let err = |reason: String| SendError::Connect {
-            endpoint: endpoint.base.clone(),
-            reason,
-        };
-        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        tcp.set_nodelay(true).map_err(|e| err(e.to_string()))?;
-        let name = ServerName::try_from(endpoint.host.clone()).map_err(|e| err(e.to_string()))?;
-        let tls = self
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| err(format!("TLS: {e}")))?;
-        let (sender, connection) = h2::client::Builder::new()
-            // APNs allows one stream until the first authenticated request; its SETTINGS
-            // frame then raises the limit.
-            .initial_max_send_streams(1)
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(|e| err(format!("HTTP/2 handshake: {e}")))?;
-        let base = endpoint.base.clone();
-        tokio::spawn(async move {
-            match connection.await {
-                Ok(()) => debug!(endpoint = %base, "APNs connection closed"),
-                Err(e) => warn!(endpoint = %base, error = %e, "APNs connection ended"),
-            }
-        });
-        info!(endpoint = %endpoint.base, "APNs connection open");
-        Ok(sender)
     }
 }
 
@@ -227,5 +495,24 @@ mod tests {
         assert_eq!(r.reason, Reason::Unknown("BrandNew".into()));
         let r = parse_rejection(500, b"", None);
         assert!(matches!(r.reason, Reason::Unknown(_)));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let endpoint = Endpoint::parse("https://localhost").unwrap();
+        let mut s = Settings::new(endpoint.clone(), endpoint);
+        s.backoff_min = Duration::from_millis(100);
+        s.backoff_max = Duration::from_secs(1);
+        for (failures, base) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (30, 1000),
+        ] {
+            let d = backoff(&s, failures).as_millis() as u64;
+            assert!((base / 2..=base * 3 / 2).contains(&d), "{failures}: {d} ms");
+        }
     }
 }

@@ -16,6 +16,9 @@ use rustls_pki_types::{PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer};
 
 /// How often a shared token is re-signed by default (Apple: between 20 and 60 minutes).
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(50 * 60);
+/// The least time between two signatures: APNs answers 429 TooManyProviderTokenUpdates to
+/// a connection whose token changes more often.
+pub const MIN_REFRESH: Duration = Duration::from_secs(20 * 60);
 
 /// The DER prefix of a P-256 SubjectPublicKeyInfo; the uncompressed point follows it.
 const P256_SPKI_PREFIX: [u8; 26] = [
@@ -47,6 +50,8 @@ pub struct Signer {
     rng: SystemRandom,
     /// How old the cached token may grow before it is re-signed.
     refresh: Duration,
+    /// How young a token may be and still be replaced on demand ([`Signer::renew`]).
+    min_interval: Duration,
     /// The token every connection sends, and when it was signed.
     cached: Mutex<Option<(Arc<str>, Instant)>>,
 }
@@ -91,8 +96,29 @@ impl Signer {
             team_id: team_id.to_owned(),
             rng,
             refresh,
+            min_interval: MIN_REFRESH,
             cached: Mutex::new(None),
         })
+    }
+
+    /// Sets the least age at which [`Signer::renew`] replaces a token (default 20 minutes;
+    /// tests shorten it).
+    pub fn with_min_interval(mut self, min_interval: Duration) -> Self {
+        self.min_interval = min_interval;
+        self
+    }
+
+    /// Re-signs now, unless the current token is younger than the minimum interval (APNs
+    /// would refuse a change that soon). Returns whether a new token was signed.
+    pub fn renew(&self) -> bool {
+        let mut cached = self.cached.lock().expect("jwt cache poisoned");
+        if let Some((_, at)) = cached.as_ref() {
+            if at.elapsed() < self.min_interval {
+                return false;
+            }
+        }
+        *cached = Some((self.sign(unix_now()).into(), Instant::now()));
+        true
     }
 
     /// The current token: the cached one, or a fresh one when the cache is older than the
@@ -249,6 +275,29 @@ mod tests {
         let eager = Signer::from_pem(key_pem().as_bytes(), "K", "T", Duration::ZERO).unwrap();
         let a = eager.token();
         assert!(!Arc::ptr_eq(&a, &eager.token()));
+    }
+
+    #[test]
+    fn the_token_is_re_signed_after_its_age_and_never_sooner_than_the_minimum() {
+        let signer = Signer::from_pem(key_pem().as_bytes(), "K", "T", Duration::from_millis(300))
+            .unwrap()
+            .with_min_interval(Duration::from_millis(150));
+        let first = signer.token();
+        assert!(!signer.renew(), "a token younger than the minimum is kept");
+        assert!(Arc::ptr_eq(&first, &signer.token()));
+        std::thread::sleep(Duration::from_millis(160));
+        assert!(
+            Arc::ptr_eq(&first, &signer.token()),
+            "not re-signed before its age"
+        );
+        assert!(signer.renew(), "renewed on demand once old enough");
+        let second = signer.token();
+        assert!(!Arc::ptr_eq(&first, &second));
+        std::thread::sleep(Duration::from_millis(320));
+        assert!(
+            !Arc::ptr_eq(&second, &signer.token()),
+            "re-signed after its age"
+        );
     }
 
     #[test]

@@ -7,6 +7,9 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// The CA's private key, beside `ca.pem`.
+const CA_KEY_FILE: &str = "ca-key.pem";
+
 /// Names the server certificate is valid for.
 const SERVER_NAMES: [&str; 4] = ["localhost", "127.0.0.1", "::1", "mock-apns"];
 
@@ -41,7 +44,10 @@ impl Certs {
         let ca_file = dir.join("ca.pem");
         let cert_file = dir.join("server.pem");
         let key_file = dir.join("server-key.pem");
-        if !(ca_file.exists() && cert_file.exists() && key_file.exists()) {
+        let complete = [&ca_file, &cert_file, &key_file, &dir.join(CA_KEY_FILE)]
+            .iter()
+            .all(|f| f.exists());
+        if !complete {
             generate(dir, &ca_file, &cert_file, &key_file)?;
         }
         let pem_err = |path: &Path, e: rustls_pki_types::pem::Error| CertError::Pem {
@@ -58,6 +64,17 @@ impl Certs {
             key,
         })
     }
+}
+
+/// The mock CA's certificate parameters.
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "ringpush mock APNs CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
 }
 
 fn generate(
@@ -95,10 +112,33 @@ fn generate(
     let server_cert = params.signed_by(&server_key, &issuer)?;
 
     std::fs::write(ca_file, ca_cert.pem()).map_err(io(ca_file))?;
+    // The CA key stays beside it so client certificates can be issued for certificate auth.
+    let ca_key_file = dir.join(CA_KEY_FILE);
+    write_private(&ca_key_file, &issuer.key().serialize_pem()).map_err(io(&ca_key_file))?;
     std::fs::write(cert_file, format!("{}{}", server_cert.pem(), ca_cert.pem()))
         .map_err(io(cert_file))?;
     write_private(key_file, &server_key.serialize_pem()).map_err(io(key_file))?;
     Ok(())
+}
+
+/// Issues a client certificate signed by the CA of `dir` (which must exist): the PEM
+/// certificate and its PKCS#8 PEM key, for APNs certificate auth against the mock.
+pub fn issue_client_certificate(dir: &Path, name: &str) -> Result<(String, String), CertError> {
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read_to_string(&path).map_err(|source| CertError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    // The same name and key as `ca.pem`: what a verifier matches the issued certificate to.
+    let issuer = Issuer::new(ca_params()?, KeyPair::from_pem(&read(CA_KEY_FILE)?)?);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Writes a private key readable by its owner only.

@@ -2,24 +2,32 @@
 //!
 //! An HTTP/2 server over TLS with its own CA ([`certs`]) that checks requests the way APNs
 //! does ([`validate`]), answers 200, or the scripted rejection of a token (410 Unregistered
-//! with a millisecond `timestamp`, or any status and reason), and counts what it saw.
+//! with a millisecond `timestamp`, or any status and reason), and counts what it saw. Like
+//! APNs (protocol sheet A8/A9) it announces one stream per connection until the first
+//! accepted request, locks a connection to its first team and key, refuses a JWT that changes
+//! too often or is over an hour old, and accepts client certificates signed by its CA. Fault
+//! modes ([`Faults`]) inject GOAWAY, REFUSED_STREAM, 503 Shutdown, a TCP close mid-stream and
+//! a rate of errors; a frame-level [`shim`] lets it change SETTINGS and write GOAWAY frames
+//! the `h2` server cannot.
 
 pub mod certs;
+pub mod shim;
 pub mod validate;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use http::{HeaderMap, Request, Response};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::TcpListener;
-use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -38,12 +46,20 @@ pub struct Settings {
     pub cert_dir: PathBuf,
     /// JWT checks; without a public key every request is taken as authorised.
     pub auth: AuthCheck,
-    /// SETTINGS_MAX_CONCURRENT_STREAMS announced to clients.
+    /// MAX_CONCURRENT_STREAMS announced when a connection opens (APNs: 1).
+    pub initial_streams: u32,
+    /// MAX_CONCURRENT_STREAMS announced after the first accepted request.
     pub max_concurrent_streams: u32,
+    /// Announce `initial_streams` again after a rejection (and the maximum after the next
+    /// acceptance), as APNs does.
+    pub drop_streams_after_rejection: bool,
+    /// A connection may change its JWT at most once in this window (APNs: 20 minutes).
+    pub token_update_window: Duration,
     /// How many requests are kept for inspection (oldest dropped first).
     pub keep_requests: usize,
     /// Wait this long before answering each request (a slow APNs).
     pub response_delay: Duration,
+    pub faults: Faults,
 }
 
 impl Settings {
@@ -53,9 +69,62 @@ impl Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             cert_dir,
             auth,
+            initial_streams: 1,
             max_concurrent_streams: 1000,
+            drop_streams_after_rejection: false,
+            token_update_window: Duration::from_secs(20 * 60),
             keep_requests: 100_000,
             response_delay: Duration::ZERO,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Faults to inject, per connection unless said otherwise. Changeable while running.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// After this many streams on a connection: GOAWAY naming the last of them; later
+    /// streams are not processed.
+    pub goaway_after: Option<u64>,
+    /// The GOAWAY's debug data.
+    pub goaway_debug: GoAwayDebug,
+    /// Every n-th stream is reset with REFUSED_STREAM (not processed).
+    pub refuse_every: Option<u64>,
+    /// After this many streams: answer the next with 503 Shutdown, then GOAWAY.
+    pub shutdown_after: Option<u64>,
+    /// When this many streams have arrived on a connection, drop the TCP connection at once;
+    /// streams still unanswered are cut.
+    pub close_after: Option<u64>,
+    /// Answer this share of requests (per mille) with an error, e.g. 429, 500 or 503.
+    pub error_rate: Option<ErrorRate>,
+}
+
+/// A share of requests answered with one status and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorRate {
+    pub per_mille: u32,
+    pub status: u16,
+    pub reason: Reason,
+}
+
+/// What a GOAWAY frame's debug data holds (APNs has sent all three).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GoAwayDebug {
+    /// `{"reason":"Shutdown"}`, as Apple documents.
+    #[default]
+    Json,
+    /// Plain text, as seen in the field.
+    Text,
+    /// Nothing.
+    Empty,
+}
+
+impl GoAwayDebug {
+    fn bytes(self) -> Bytes {
+        match self {
+            GoAwayDebug::Json => Bytes::from_static(br#"{"reason":"Shutdown"}"#),
+            GoAwayDebug::Text => Bytes::from_static(b"Server is shutting down"),
+            GoAwayDebug::Empty => Bytes::new(),
         }
     }
 }
@@ -79,38 +148,98 @@ pub struct Received {
     pub path: String,
     pub headers: HeaderMap,
     pub payload: Bytes,
+    /// Which connection (1, 2, …) and stream carried it.
+    pub connection: u64,
+    pub stream_id: u32,
+    /// Whether the connection presented a client certificate.
+    pub certificate: bool,
 }
 
-/// Counts of what the mock answered.
+/// Counts of what the mock did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Requests answered 200.
     pub accepted: u64,
-    /// Rejections by reason string.
+    /// Requests answered with an error, by reason string.
     pub rejected: BTreeMap<String, u64>,
     /// TLS connections accepted.
     pub connections: u64,
-    /// The most requests the mock was answering at the same moment.
+    /// The most requests the mock was answering at the same moment (all connections).
     pub max_in_flight: u64,
+    /// Streams opened while the connection already had as many open as it announced.
+    pub limit_violations: u64,
+    /// Streams reset with REFUSED_STREAM.
+    pub refused: u64,
+    /// Streams above a GOAWAY's last-stream-id, never processed.
+    pub unprocessed: u64,
+    /// Streams lost to a TCP close before their answer.
+    pub cut: u64,
+    /// GOAWAY frames sent.
+    pub goaways: u64,
+    /// PING frames received.
+    pub pings: u64,
 }
 
 impl Stats {
     pub fn rejected_total(&self) -> u64 {
         self.rejected.values().sum()
     }
+
+    /// Requests processed: answered, accepted or not.
+    pub fn processed(&self) -> u64 {
+        self.accepted + self.rejected_total()
+    }
 }
 
 /// Shared state of a running mock.
-#[derive(Default)]
 struct State {
-    auth: AuthCheck,
-    keep_requests: usize,
-    response_delay: Duration,
+    settings: Settings,
+    faults: Mutex<Faults>,
     /// Requests being answered right now.
     in_flight: AtomicU64,
+    pings: Arc<AtomicU64>,
+    connections: AtomicU64,
     /// Per-token answers; tokens not listed are accepted.
     scripts: Mutex<HashMap<String, Script>>,
     stats: Mutex<Stats>,
     received: Mutex<VecDeque<Received>>,
+}
+
+/// One client connection, as the stream handlers see it.
+struct Conn {
+    number: u64,
+    shim: shim::Handle,
+    /// The client presented a certificate signed by the mock's CA.
+    certificate: bool,
+    /// The stream limit has been raised after an accepted request.
+    raised: AtomicBool,
+    /// Streams open on this connection now.
+    open: AtomicU64,
+    /// Which team and key the connection is locked to, and its current JWT.
+    jwt: Mutex<JwtState>,
+    /// Cancelled when the connection ends; held streams wait for it.
+    closed: CancellationToken,
+}
+
+#[derive(Default)]
+struct JwtState {
+    team_id: Option<String>,
+    key_id: Option<String>,
+    token: Option<(String, Instant)>,
+}
+
+/// What the accept loop decided for one stream.
+enum Plan {
+    Process,
+    /// Answer 503 Shutdown, then GOAWAY naming this stream.
+    Shutdown,
+    /// Answer with this error whatever the request.
+    Error(u16, Reason),
+    /// Above a GOAWAY's last-stream-id: hold it unanswered until the connection ends.
+    Unprocessed,
+    Refuse,
+    /// Drop the connection now.
+    Close,
 }
 
 /// A running mock. Dropping it does not stop it: cancel the token given to `start`.
@@ -118,6 +247,7 @@ struct State {
 pub struct Mock {
     addr: SocketAddr,
     ca_file: PathBuf,
+    cert_dir: PathBuf,
     state: Arc<State>,
 }
 
@@ -125,9 +255,19 @@ impl Mock {
     /// Binds, loads or generates the certificates, and serves until `cancel`.
     pub async fn start(settings: Settings, cancel: CancellationToken) -> anyhow::Result<Self> {
         let certs = certs::Certs::load_or_generate(&settings.cert_dir)?;
+        let mut roots = RootCertStore::empty();
+        for ca in tls::read_certs(&certs.ca_file)? {
+            roots.add(ca)?;
+        }
+        // Client certificates are optional (token auth sends none) but, when presented, must
+        // chain to the mock's CA.
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), tls::provider())
+                .allow_unauthenticated()
+                .build()?;
         let mut config = ServerConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(certs.chain, certs.key)?;
         // ALPN h2, and also clients that offer none (HTTP/2 with prior knowledge).
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -135,12 +275,15 @@ impl Mock {
         let listener = TcpListener::bind(settings.listen).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
-            auth: settings.auth,
-            keep_requests: settings.keep_requests,
-            response_delay: settings.response_delay,
-            ..State::default()
+            faults: Mutex::new(settings.faults.clone()),
+            settings: settings.clone(),
+            in_flight: AtomicU64::new(0),
+            pings: Arc::new(AtomicU64::new(0)),
+            connections: AtomicU64::new(0),
+            scripts: Mutex::default(),
+            stats: Mutex::default(),
+            received: Mutex::default(),
         });
-        let max_streams = settings.max_concurrent_streams;
         let accept_state = state.clone();
         tokio::spawn(async move {
             loop {
@@ -155,9 +298,7 @@ impl Mock {
                 let (acceptor, state, cancel) =
                     (acceptor.clone(), accept_state.clone(), cancel.clone());
                 tokio::spawn(async move {
-                    if let Err(e) =
-                        serve_connection(acceptor, tcp, state, max_streams, cancel).await
-                    {
+                    if let Err(e) = serve_connection(acceptor, tcp, state, cancel).await {
                         debug!(%peer, error = %e, "mock APNs connection ended");
                     }
                 });
@@ -167,6 +308,7 @@ impl Mock {
         Ok(Self {
             addr,
             ca_file: certs.ca_file,
+            cert_dir: settings.cert_dir,
             state,
         })
     }
@@ -185,20 +327,24 @@ impl Mock {
         &self.ca_file
     }
 
-    /// An APNs client that sends both environments here, trusting the mock's CA.
+    /// A client certificate and key (PEM) signed by the mock's CA, for certificate auth.
+    pub fn issue_client_certificate(
+        &self,
+        name: &str,
+    ) -> Result<(String, String), certs::CertError> {
+        certs::issue_client_certificate(&self.cert_dir, name)
+    }
+
+    /// An APNs client (token auth) that sends both environments here, trusting the mock's CA.
     pub fn client(&self, signer: Arc<crate::apns::jwt::Signer>) -> Result<Client, tls::TlsError> {
+        let config = tls::client_config(Some(self.ca_file()), None)?;
+        Ok(Client::new(self.client_settings(), config, Some(signer)))
+    }
+
+    /// Client settings that send both environments here.
+    pub fn client_settings(&self) -> http2::Settings {
         let endpoint = Endpoint::parse(&self.url()).expect("the mock's URL parses");
-        let settings = http2::Settings {
-            production: endpoint.clone(),
-            sandbox: endpoint,
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-        };
-        Ok(Client::new(
-            settings,
-            tls::client_config(Some(self.ca_file()))?,
-            Some(signer),
-        ))
+        http2::Settings::new(endpoint.clone(), endpoint)
     }
 
     /// Answers every request for `token` with 410 Unregistered and this `timestamp`.
@@ -222,8 +368,21 @@ impl Mock {
             .insert(token.as_hex().to_owned(), script);
     }
 
+    /// Answers `token` normally again.
+    pub fn unscript(&self, token: &DeviceToken) {
+        self.state.scripts.lock().unwrap().remove(token.as_hex());
+    }
+
+    /// Replaces the fault modes; new streams follow them at once.
+    pub fn set_faults(&self, faults: Faults) {
+        *self.state.faults.lock().unwrap() = faults;
+    }
+
     pub fn stats(&self) -> Stats {
-        self.state.stats.lock().unwrap().clone()
+        let mut stats = self.state.stats.lock().unwrap().clone();
+        stats.pings = self.state.pings.load(Ordering::Relaxed);
+        stats.connections = self.state.connections.load(Ordering::Relaxed);
+        stats
     }
 
     /// The requests answered so far (at most `keep_requests`, oldest first).
@@ -242,45 +401,138 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     state: Arc<State>,
-    max_streams: u32,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let tls = acceptor.accept(tcp).await?;
-    let mut conn = h2::server::Builder::new()
-        .max_concurrent_streams(max_streams)
-        .handshake::<_, Bytes>(tls)
+    let certificate = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|c| !c.is_empty());
+    let settings = &state.settings;
+    let (io, shim) = shim::spawn(tls, settings.initial_streams, state.pings.clone());
+    let mut h2 = h2::server::Builder::new()
+        .max_concurrent_streams(
+            settings
+                .max_concurrent_streams
+                .max(settings.initial_streams),
+        )
+        .handshake::<_, Bytes>(io)
         .await?;
-    state.stats.lock().unwrap().connections += 1;
+    let number = state.connections.fetch_add(1, Ordering::SeqCst) + 1;
+    let conn = Arc::new(Conn {
+        number,
+        shim,
+        certificate,
+        raised: AtomicBool::new(false),
+        open: AtomicU64::new(0),
+        jwt: Mutex::default(),
+        closed: CancellationToken::new(),
+    });
+    let _closed = conn.closed.clone().drop_guard();
+    let mut streams = 0u64;
+    let mut gone_away: Option<u32> = None;
     loop {
         let next = tokio::select! {
-            _ = cancel.cancelled() => { conn.graceful_shutdown(); None }
-            next = conn.accept() => next,
+            _ = cancel.cancelled() => { h2.graceful_shutdown(); None }
+            next = h2.accept() => next,
         };
-        let Some(request) = next else { break };
-        let (request, respond) = request?;
-        let state = state.clone();
+        let Some(next) = next else { break };
+        let (request, respond) = next?;
+        streams += 1;
+        let id = respond.stream_id().as_u32();
+        let open = conn.open.fetch_add(1, Ordering::SeqCst) + 1;
+        if open > u64::from(conn.shim.limit()) {
+            state.stats.lock().unwrap().limit_violations += 1;
+        }
+        let plan = decide(&state, &conn, streams, id, &mut gone_away);
+        let (state, conn) = (state.clone(), conn.clone());
         tokio::spawn(async move {
             let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             {
                 let mut stats = state.stats.lock().unwrap();
                 stats.max_in_flight = stats.max_in_flight.max(now);
             }
-            if let Err(e) = handle_request(request, respond, &state).await {
+            let result = handle_stream(plan, request, respond, id, &state, &conn).await;
+            if let Err(e) = result {
                 debug!(error = %e, "mock APNs stream failed");
+                state.stats.lock().unwrap().cut += 1;
             }
+            conn.open.fetch_sub(1, Ordering::SeqCst);
             state.in_flight.fetch_sub(1, Ordering::SeqCst);
         });
     }
     // Let streams in flight finish after a graceful shutdown.
-    std::future::poll_fn(|cx| conn.poll_closed(cx)).await?;
+    std::future::poll_fn(|cx| h2.poll_closed(cx)).await?;
     Ok(())
 }
 
-async fn handle_request(
+/// Decides a stream's fate in arrival order, so GOAWAY and counts are exact.
+fn decide(state: &State, conn: &Conn, n: u64, id: u32, gone_away: &mut Option<u32>) -> Plan {
+    if gone_away.is_some_and(|last| id > last) {
+        return Plan::Unprocessed;
+    }
+    let faults = state.faults.lock().unwrap().clone();
+    if faults.close_after.is_some_and(|after| n > after) {
+        return Plan::Close;
+    }
+    if faults.refuse_every.is_some_and(|k| k > 0 && n % k == 0) {
+        return Plan::Refuse;
+    }
+    if faults.shutdown_after.is_some_and(|after| n == after + 1) {
+        *gone_away = Some(id);
+        return Plan::Shutdown;
+    }
+    if faults.goaway_after.is_some_and(|after| n == after) {
+        // GOAWAY goes out before this stream is answered: it and the ones before it may be
+        // processed, the ones after are not.
+        *gone_away = Some(id);
+        conn.shim.inject(shim::Inject::GoAway {
+            last_stream_id: id,
+            error_code: 0,
+            debug: faults.goaway_debug.bytes(),
+        });
+        state.stats.lock().unwrap().goaways += 1;
+    }
+    if let Some(rate) = &faults.error_rate {
+        let mut b = [0u8; 2];
+        SystemRandom::new()
+            .fill(&mut b)
+            .expect("the system RNG works");
+        if u32::from(u16::from_be_bytes(b)) % 1000 < rate.per_mille {
+            return Plan::Error(rate.status, rate.reason.clone());
+        }
+    }
+    Plan::Process
+}
+
+async fn handle_stream(
+    plan: Plan,
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
+    id: u32,
     state: &State,
+    conn: &Conn,
 ) -> Result<(), h2::Error> {
+    match plan {
+        Plan::Unprocessed => {
+            state.stats.lock().unwrap().unprocessed += 1;
+            // Hold the stream, unanswered, until the client gives up the connection.
+            conn.closed.cancelled().await;
+            return Ok(());
+        }
+        Plan::Refuse => {
+            state.stats.lock().unwrap().refused += 1;
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            return Ok(());
+        }
+        Plan::Close => {
+            conn.shim.inject(shim::Inject::Close);
+            state.stats.lock().unwrap().cut += 1;
+            return Ok(());
+        }
+        Plan::Process | Plan::Shutdown | Plan::Error(..) => {}
+    }
     let (parts, mut body) = request.into_parts();
     let mut payload = BytesMut::new();
     while let Some(chunk) = body.data().await {
@@ -289,8 +541,8 @@ async fn handle_request(
         payload.extend_from_slice(&chunk);
     }
     let payload = payload.freeze();
-    if !state.response_delay.is_zero() {
-        tokio::time::sleep(state.response_delay).await;
+    if !state.settings.response_delay.is_zero() {
+        tokio::time::sleep(state.settings.response_delay).await;
     }
     let apns_id = parts
         .headers
@@ -299,47 +551,41 @@ async fn handle_request(
         .map(str::to_owned)
         .unwrap_or_else(new_apns_id);
     let now = crate::apns::jwt::unix_now();
-    let answer =
-        validate::validate(&parts, &payload, &state.auth, now).and_then(|token| {
-            match state.scripts.lock().unwrap().get(token.as_hex()) {
-                Some(s) => Err((s.status, s.reason.clone())),
-                None => Ok(token),
-            }
-        });
     let token = parts
         .uri
         .path()
         .strip_prefix("/3/device/")
         .map(str::to_ascii_lowercase);
+    let shutdown = matches!(plan, Plan::Shutdown);
+    let answer: Result<(), (u16, Reason)> = match plan {
+        Plan::Shutdown => Err((503, Reason::Shutdown)),
+        Plan::Error(status, reason) => Err((status, reason)),
+        _ => validate::validate(
+            &parts,
+            &payload,
+            &state.settings.auth,
+            conn.certificate,
+            now,
+        )
+        .and_then(|valid| {
+            check_connection_jwt(conn, valid.jwt, state.settings.token_update_window)
+                .map(|()| valid.token)
+        })
+        .and_then(
+            |token| match state.scripts.lock().unwrap().get(token.as_hex()) {
+                Some(s) => Err((s.status, s.reason.clone())),
+                None => Ok(()),
+            },
+        ),
+    };
     let (status, reason) = match &answer {
-        Ok(_) => (200, None),
+        Ok(()) => (200, None),
         Err((status, reason)) => (*status, Some(reason.clone())),
     };
-    {
-        let mut stats = state.stats.lock().unwrap();
-        match &reason {
-            None => stats.accepted += 1,
-            Some(r) => *stats.rejected.entry(r.as_str().to_owned()).or_default() += 1,
-        }
-    }
-    if state.keep_requests > 0 {
-        let mut received = state.received.lock().unwrap();
-        if received.len() == state.keep_requests {
-            received.pop_front();
-        }
-        received.push_back(Received {
-            token: token.clone(),
-            status,
-            reason: reason.clone(),
-            path: parts.uri.path().to_owned(),
-            headers: parts.headers.clone(),
-            payload,
-        });
-    }
     let response = Response::builder()
         .status(status)
         .header("apns-id", apns_id);
-    match reason {
+    match &reason {
         None => {
             respond.send_response(response.body(()).expect("valid response"), true)?;
         }
@@ -363,6 +609,80 @@ async fn handle_request(
             let mut stream = respond.send_response(response, false)?;
             stream.send_data(Bytes::from(body.to_string()), true)?;
         }
+    }
+    // Answered: count it as processed.
+    {
+        let mut stats = state.stats.lock().unwrap();
+        match &reason {
+            None => stats.accepted += 1,
+            Some(r) => *stats.rejected.entry(r.as_str().to_owned()).or_default() += 1,
+        }
+    }
+    if state.settings.keep_requests > 0 {
+        let mut received = state.received.lock().unwrap();
+        if received.len() == state.settings.keep_requests {
+            received.pop_front();
+        }
+        received.push_back(Received {
+            token,
+            status,
+            reason: reason.clone(),
+            path: parts.uri.path().to_owned(),
+            headers: parts.headers,
+            payload,
+            connection: conn.number,
+            stream_id: id,
+            certificate: conn.certificate,
+        });
+    }
+    // The stream limit: raised after the first accepted request, lowered after a rejection.
+    let settings = &state.settings;
+    if reason.is_none() && !conn.raised.swap(true, Ordering::SeqCst) {
+        conn.shim
+            .inject(shim::Inject::MaxStreams(settings.max_concurrent_streams));
+    } else if reason.is_some()
+        && settings.drop_streams_after_rejection
+        && conn.raised.swap(false, Ordering::SeqCst)
+    {
+        conn.shim
+            .inject(shim::Inject::MaxStreams(settings.initial_streams));
+    }
+    if shutdown {
+        conn.shim.inject(shim::Inject::GoAway {
+            last_stream_id: id,
+            error_code: 0,
+            debug: GoAwayDebug::Json.bytes(),
+        });
+        state.stats.lock().unwrap().goaways += 1;
+    }
+    Ok(())
+}
+
+/// APNs binds a connection to the team and key of its first JWT and lets the JWT change
+/// at most once per window.
+fn check_connection_jwt(
+    conn: &Conn,
+    jwt: Option<(String, crate::apns::jwt::Claims)>,
+    window: Duration,
+) -> Result<(), (u16, Reason)> {
+    let Some((token, claims)) = jwt else {
+        return Ok(());
+    };
+    let mut state = conn.jwt.lock().unwrap();
+    if state.key_id.as_ref().is_some_and(|k| *k != claims.key_id) {
+        return Err((403, Reason::UnrelatedKeyIdInToken));
+    }
+    if state.team_id.as_ref().is_some_and(|t| *t != claims.team_id) {
+        return Err((403, Reason::InvalidProviderToken));
+    }
+    state.key_id = Some(claims.key_id);
+    state.team_id = Some(claims.team_id);
+    match &state.token {
+        Some((current, _)) if *current == token => {}
+        Some((_, since)) if since.elapsed() < window => {
+            return Err((429, Reason::TooManyProviderTokenUpdates));
+        }
+        _ => state.token = Some((token, Instant::now())),
     }
     Ok(())
 }

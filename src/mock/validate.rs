@@ -1,6 +1,8 @@
 //! The mock's request checks, in roughly the order APNs applies them (protocol sheet A9):
 //! a pure function of the request, so each rule is tested without a network.
 
+use std::time::Duration;
+
 use http::request::Parts;
 use http::Method;
 
@@ -24,22 +26,46 @@ const PUSH_TYPES: [&str; 11] = [
 ];
 
 /// What the mock checks a provider token against.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AuthCheck {
     /// The P-256 public point JWTs must verify with; `None` skips JWT checks.
     pub public_key: Option<Vec<u8>>,
     /// The key id and team id a token must carry, when set.
     pub key_id: Option<String>,
     pub team_id: Option<String>,
+    /// Tokens whose `iat` is older than this are `ExpiredProviderToken` (APNs: one hour).
+    pub max_age: Duration,
 }
 
-/// Checks one request; returns its device token, or the status and reason to answer.
+impl Default for AuthCheck {
+    fn default() -> Self {
+        Self {
+            public_key: None,
+            key_id: None,
+            team_id: None,
+            max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A request that passed every check.
+#[derive(Debug, Clone)]
+pub struct Valid {
+    pub token: DeviceToken,
+    /// The provider token and its claims, when JWTs are checked (not on certificate
+    /// connections, where APNs ignores `authorization`).
+    pub jwt: Option<(String, jwt::Claims)>,
+}
+
+/// Checks one request; returns its device token (and JWT), or the status and reason to
+/// answer. `certificate` says the connection presented a client certificate.
 pub fn validate(
     parts: &Parts,
     body: &[u8],
     auth: &AuthCheck,
+    certificate: bool,
     now_unix: i64,
-) -> Result<DeviceToken, (u16, Reason)> {
+) -> Result<Valid, (u16, Reason)> {
     let h = &parts.headers;
     let bad = |r: Reason| Err((r.status(), r));
     if h.keys().any(|k| h.get_all(k).iter().count() > 1) {
@@ -87,9 +113,10 @@ pub fn validate(
     let Ok(token) = DeviceToken::parse(token) else {
         return bad(Reason::BadDeviceToken);
     };
-    if let Some(key) = &auth.public_key {
-        check_jwt(text("authorization"), key, auth, now_unix)?;
-    }
+    let jwt = match &auth.public_key {
+        Some(key) if !certificate => Some(check_jwt(text("authorization"), key, auth, now_unix)?),
+        _ => None,
+    };
     if body.is_empty() {
         return bad(Reason::PayloadEmpty);
     }
@@ -101,7 +128,7 @@ pub fn validate(
     if body.len() > limit {
         return bad(Reason::PayloadTooLarge);
     }
-    Ok(token)
+    Ok(Valid { token, jwt })
 }
 
 fn check_jwt(
@@ -109,7 +136,7 @@ fn check_jwt(
     key: &[u8],
     auth: &AuthCheck,
     now_unix: i64,
-) -> Result<(), (u16, Reason)> {
+) -> Result<(String, jwt::Claims), (u16, Reason)> {
     let bad = |r: Reason| Err((r.status(), r));
     let Some(token) = header.and_then(|v| v.strip_prefix("bearer ")) else {
         return bad(Reason::MissingProviderToken);
@@ -121,10 +148,10 @@ fn check_jwt(
     if mismatch(&auth.key_id, &claims.key_id) || mismatch(&auth.team_id, &claims.team_id) {
         return bad(Reason::InvalidProviderToken);
     }
-    if now_unix - claims.issued_at > 3600 {
+    if now_unix - claims.issued_at > auth.max_age.as_secs() as i64 {
         return bad(Reason::ExpiredProviderToken);
     }
-    Ok(())
+    Ok((token.to_owned(), claims))
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -204,7 +231,7 @@ mod tests {
             (request(|b| b), &[b' '; 4097], Some(Reason::PayloadTooLarge)),
         ];
         for (i, (parts, body, want)) in cases.into_iter().enumerate() {
-            let got = validate(&parts, body, &AuthCheck::default(), NOW)
+            let got = validate(&parts, body, &AuthCheck::default(), false, NOW)
                 .err()
                 .map(|(_, r)| r);
             assert_eq!(got, want, "case {i}");
@@ -216,7 +243,7 @@ mod tests {
                 http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 value.parse().unwrap(),
             );
-            validate(&parts, b"{}", &AuthCheck::default(), NOW).err()
+            validate(&parts, b"{}", &AuthCheck::default(), false, NOW).err()
         };
         assert_eq!(
             single("apns-collapse-id", &long),
@@ -248,13 +275,16 @@ mod tests {
             public_key: Some(signer.public_key()),
             key_id: Some("KEY1234567".into()),
             team_id: Some("TEAM123456".into()),
+            ..AuthCheck::default()
         };
         let with = |jwt: Option<String>| {
             let parts = request(|b| match jwt {
                 Some(j) => b.header("authorization", format!("bearer {j}")),
                 None => b,
             });
-            validate(&parts, b"{}", &auth, NOW).err().map(|(_, r)| r)
+            validate(&parts, b"{}", &auth, false, NOW)
+                .err()
+                .map(|(_, r)| r)
         };
         assert_eq!(with(Some(signer.sign(NOW - 10))), None);
         assert_eq!(with(None), Some(Reason::MissingProviderToken));

@@ -104,7 +104,11 @@ async fn a_ring_reaches_each_distinct_token_of_owner_and_sharees_once() {
 
 #[tokio::test]
 async fn one_connection_carries_many_rings_with_streams_in_flight_together() {
-    let app = App::spawn_with(|o| o.mock.response_delay = Duration::from_millis(50)).await;
+    let app = App::spawn_with(|o| {
+        o.mock.response_delay = Duration::from_millis(50);
+        o.apns.connections = 1;
+    })
+    .await;
     let owner = app.add_user().await;
     app.add_gateway("gw-busy", owner, "Hall").await;
     for _ in 0..10 {

@@ -8,7 +8,10 @@ use deadpool_postgres::Pool;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
+use ringpush::apns::http2;
 use ringpush::apns::jwt::{self, Signer};
+use ringpush::apns::request::Endpoint;
+use ringpush::apns::tls;
 use ringpush::broker::{self, Names};
 use ringpush::demo::random_hex;
 use ringpush::mock::{self, Mock};
@@ -96,6 +99,8 @@ pub struct Options {
     pub mock: mock::Settings,
     pub feedback: feedback::Settings,
     pub purge: purge::Settings,
+    /// The worker's APNs client (its endpoints are set to the mock's).
+    pub apns: http2::Settings,
     /// Start the purger with the others (a test may start it later with `start_purger`).
     pub run_purger: bool,
 }
@@ -149,6 +154,7 @@ impl App {
             public_key: Some(jwt::public_key_from_pem(key.public_key_pem().as_bytes()).unwrap()),
             key_id: Some(KEY_ID.into()),
             team_id: Some(TEAM_ID.into()),
+            ..mock::AuthCheck::default()
         };
         let jwt_public_key = signer.public_key();
         let mut options = Options {
@@ -171,6 +177,10 @@ impl App {
                 batch_size: 50,
                 db_retry_delay: Duration::from_millis(200),
             },
+            apns: {
+                let placeholder = Endpoint::parse("https://localhost").unwrap();
+                http2::Settings::new(placeholder.clone(), placeholder)
+            },
             run_purger: true,
         };
         edit(&mut options);
@@ -179,7 +189,16 @@ impl App {
         let mock = Mock::start(options.mock, cancel.clone())
             .await
             .expect("mock starts");
-        let apns = mock.client(Arc::new(signer)).unwrap();
+        let apns = {
+            let endpoints = mock.client_settings();
+            let settings = http2::Settings {
+                production: endpoints.production,
+                sandbox: endpoints.sandbox,
+                ..options.apns
+            };
+            let tls = tls::client_config(Some(mock.ca_file()), None).unwrap();
+            http2::Client::new(settings, tls, Some(Arc::new(signer)))
+        };
         let connection = broker::connect(&amqp_url(), "ringpush test")
             .await
             .expect("broker");
