@@ -476,7 +476,7 @@ fn decide(state: &State, conn: &Conn, n: u64, id: u32, gone_away: &mut Option<u3
     if faults.close_after.is_some_and(|after| n > after) {
         return Plan::Close;
     }
-    if faults.refuse_every.is_some_and(|k| k > 0 && n % k == 0) {
+    if faults.refuse_every.is_some_and(|k| k > 0 && n.is_multiple_of(k)) {
         return Plan::Refuse;
     }
     if faults.shutdown_after.is_some_and(|after| n == after + 1) {
