@@ -675,6 +675,57 @@ mod tests {
     }
 
     #[test]
+    fn exactly_one_kind_of_credentials_is_accepted() {
+        let worker = |args: &[&str]| {
+            let mut all = vec!["ringpush", "worker"];
+            all.extend_from_slice(args);
+            match parse(&all).unwrap().command {
+                Command::Worker(w) => w,
+                _ => panic!("not a worker"),
+            }
+        };
+        let both = worker(&["--apns-cert-file", "/x.p12", "--apns-key-file", "/k.p8"]);
+        let err = both.apns.client().err().unwrap().to_string();
+        assert!(
+            err.starts_with("RINGPUSH_APNS_CERT_FILE") && err.contains("not both"),
+            "{err}"
+        );
+        let none = worker(&[]);
+        let err = none.apns.client().err().unwrap().to_string();
+        assert!(
+            err.contains("RINGPUSH_APNS_CERT_FILE") && err.contains("RINGPUSH_APNS_KEY_FILE"),
+            "{err}"
+        );
+        let unreadable = worker(&[
+            "--apns-cert-file",
+            "/nonexistent.p12",
+            "--apns-cert-password",
+            "hunter2",
+        ]);
+        let err = unreadable.apns.client().err().unwrap().to_string();
+        assert!(
+            err.starts_with("RINGPUSH_APNS_CERT_FILE") && !err.contains("hunter2"),
+            "{err}"
+        );
+        assert!(
+            !format!("{unreadable:?}").contains("hunter2"),
+            "the password never shows"
+        );
+        let refresh = worker(&[
+            "--apns-key-file",
+            "/k.p8",
+            "--apns-key-id",
+            "ABCDEFGHIJ",
+            "--apns-team-id",
+            "ABCDEFGHIJ",
+            "--apns-jwt-refresh",
+            "10m",
+        ]);
+        let err = refresh.apns.client().err().unwrap().to_string();
+        assert!(err.starts_with("RINGPUSH_APNS_JWT_REFRESH"), "{err}");
+    }
+
+    #[test]
     fn missing_credentials_are_named_at_start() {
         let Command::Worker(w) = parse(&["ringpush", "worker", "--apns-key-id", "ABCDEFGHIJ"])
             .unwrap()

@@ -34,8 +34,10 @@ use super::jwt::Signer;
 use super::request::{build_request, Endpoint, Notification};
 use super::{Answer, Environment, Reason, Rejection};
 
-/// How many times a never-processed request is resent before giving up.
-const MAX_RESENDS: usize = 4;
+/// How many times a never-processed request is resent before giving up (the request
+/// timeout bounds it too). A busy connection that goes away can send dozens of waiting
+/// requests back at once, each to be placed on the next connection.
+const MAX_RESENDS: usize = 32;
 
 /// Why a notification got no answer from APNs. All of these are transient: the
 /// notification was not accepted and may be sent again.

@@ -301,6 +301,45 @@ mod tests {
     }
 
     #[test]
+    fn a_der_signature_verifies_too() {
+        // pushy signs with Java's SHA256withECDSA, which yields DER; APNs takes it.
+        let pem = key_pem();
+        let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let rng = SystemRandom::new();
+        let asn1 = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            der.secret_pkcs8_der(),
+            &rng,
+        )
+        .unwrap();
+        let input = format!(
+            "{}.{}",
+            B64.encode(r#"{"alg":"ES256","kid":"K"}"#),
+            B64.encode(r#"{"iss":"T","iat":5}"#)
+        );
+        let sig = asn1.sign(&rng, input.as_bytes()).unwrap();
+        assert_ne!(sig.as_ref().len(), 64);
+        let token = format!("{input}.{}", B64.encode(sig.as_ref()));
+        let public = Signer::from_pem(pem.as_bytes(), "K", "T", DEFAULT_REFRESH)
+            .unwrap()
+            .public_key();
+        assert_eq!(verify(&token, &public).unwrap().issued_at, 5);
+    }
+
+    #[test]
+    fn a_token_with_another_algorithm_is_refused() {
+        let input = format!(
+            "{}.{}.AAAA",
+            B64.encode(r#"{"alg":"HS256","kid":"K"}"#),
+            B64.encode(r#"{"iss":"T","iat":5}"#)
+        );
+        let public = Signer::from_pem(key_pem().as_bytes(), "K", "T", DEFAULT_REFRESH)
+            .unwrap()
+            .public_key();
+        assert!(matches!(verify(&input, &public), Err(JwtError::Algorithm)));
+    }
+
+    #[test]
     fn a_key_that_is_not_p8_is_refused() {
         assert!(matches!(
             Signer::from_pem(b"nonsense", "K", "T", DEFAULT_REFRESH),

@@ -191,34 +191,69 @@ mod tests {
     }
 
     #[test]
-    fn decisions_follow_the_protocol_sheet() {
-        // (reason, token invalid, retryable, provider error)
+    fn every_reason_maps_to_the_decision_of_the_protocol_sheet() {
+        use Reason::*;
+        // (reason, status, token invalid, retryable, provider error) — sheet A7.
         let table = [
-            (Reason::Unregistered, true, false, false),
-            (Reason::ExpiredToken, true, false, false),
-            (Reason::BadDeviceToken, true, false, false),
-            (Reason::DeviceTokenNotForTopic, true, false, false),
-            (Reason::TooManyRequests, false, true, false),
-            (Reason::InternalServerError, false, true, false),
-            (Reason::ServiceUnavailable, false, true, false),
-            (Reason::Shutdown, false, true, false),
-            (Reason::IdleTimeout, false, true, false),
-            (Reason::TopicDisallowed, false, false, true),
-            (Reason::BadEnvironmentKeyIdInToken, false, false, true),
-            (Reason::BadEnvironmentKeyInToken, false, false, true),
-            (Reason::PayloadTooLarge, false, false, false),
-            (Reason::Unknown("X".into()), false, false, false),
+            (BadCollapseId, 400, false, false, false),
+            (BadDeviceToken, 400, true, false, false),
+            (BadExpirationDate, 400, false, false, false),
+            (BadMessageId, 400, false, false, false),
+            (BadPriority, 400, false, false, false),
+            (BadTopic, 400, false, false, true),
+            (DeviceTokenNotForTopic, 400, true, false, false),
+            (DuplicateHeaders, 400, false, false, false),
+            (IdleTimeout, 400, false, true, false),
+            (InvalidPushType, 400, false, false, false),
+            (MissingDeviceToken, 400, false, false, false),
+            (MissingTopic, 400, false, false, false),
+            (PayloadEmpty, 400, false, false, false),
+            (TopicDisallowed, 400, false, false, true),
+            (BadCertificate, 403, false, false, true),
+            (BadCertificateEnvironment, 403, false, false, true),
+            (ExpiredProviderToken, 403, false, false, true),
+            (Forbidden, 403, false, false, true),
+            (InvalidProviderToken, 403, false, false, true),
+            (MissingProviderToken, 403, false, false, true),
+            (UnrelatedKeyIdInToken, 403, false, false, true),
+            (BadEnvironmentKeyIdInToken, 403, false, false, true),
+            (BadEnvironmentKeyInToken, 403, false, false, true),
+            (BadPath, 404, false, false, false),
+            (MethodNotAllowed, 405, false, false, false),
+            (ExpiredToken, 410, true, false, false),
+            (Unregistered, 410, true, false, false),
+            (PayloadTooLarge, 413, false, false, false),
+            (TooManyProviderTokenUpdates, 429, false, false, true),
+            (TooManyRequests, 429, false, true, false),
+            (InternalServerError, 500, false, true, false),
+            (ServiceUnavailable, 503, false, true, false),
+            (Shutdown, 503, false, true, false),
         ];
-        for (r, invalid, retry, provider) in table {
+        assert_eq!(
+            table.len(),
+            Reason::ALL.len(),
+            "the table covers every reason"
+        );
+        for (r, status, invalid, retry, provider) in table {
             assert_eq!(
                 (
+                    r.status(),
                     r.is_token_invalid(),
                     r.is_retryable(),
                     r.is_provider_error()
                 ),
-                (invalid, retry, provider),
+                (status, invalid, retry, provider),
                 "{r}"
             );
+            assert_eq!(Reason::parse(r.as_str()), r);
         }
+    }
+
+    #[test]
+    fn an_unknown_reason_is_kept_and_decides_nothing() {
+        let r = Reason::parse("SomeReasonFrom2030");
+        assert_eq!(r, Reason::Unknown("SomeReasonFrom2030".into()));
+        assert_eq!(r.as_str(), "SomeReasonFrom2030");
+        assert!(!r.is_token_invalid() && !r.is_retryable() && !r.is_provider_error());
     }
 }

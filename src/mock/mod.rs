@@ -476,7 +476,10 @@ fn decide(state: &State, conn: &Conn, n: u64, id: u32, gone_away: &mut Option<u3
     if faults.close_after.is_some_and(|after| n > after) {
         return Plan::Close;
     }
-    if faults.refuse_every.is_some_and(|k| k > 0 && n.is_multiple_of(k)) {
+    if faults
+        .refuse_every
+        .is_some_and(|k| k > 0 && n.is_multiple_of(k))
+    {
         return Plan::Refuse;
     }
     if faults.shutdown_after.is_some_and(|after| n == after + 1) {
@@ -568,7 +571,7 @@ async fn handle_stream(
             now,
         )
         .and_then(|valid| {
-            check_connection_jwt(conn, valid.jwt, state.settings.token_update_window)
+            check_connection_jwt(&conn.jwt, valid.jwt, state.settings.token_update_window)
                 .map(|()| valid.token)
         })
         .and_then(
@@ -661,14 +664,14 @@ async fn handle_stream(
 /// APNs binds a connection to the team and key of its first JWT and lets the JWT change
 /// at most once per window.
 fn check_connection_jwt(
-    conn: &Conn,
+    connection: &Mutex<JwtState>,
     jwt: Option<(String, crate::apns::jwt::Claims)>,
     window: Duration,
 ) -> Result<(), (u16, Reason)> {
     let Some((token, claims)) = jwt else {
         return Ok(());
     };
-    let mut state = conn.jwt.lock().unwrap();
+    let mut state = connection.lock().unwrap();
     if state.key_id.as_ref().is_some_and(|k| *k != claims.key_id) {
         return Err((403, Reason::UnrelatedKeyIdInToken));
     }
@@ -737,4 +740,55 @@ pub async fn run(
     let stats = mock.stats();
     info!(accepted = stats.accepted, rejected = ?stats.rejected, "mock APNs stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apns::jwt::Claims;
+
+    fn jwt(token: &str, key: &str, team: &str) -> Option<(String, Claims)> {
+        let claims = Claims {
+            key_id: key.into(),
+            team_id: team.into(),
+            issued_at: 0,
+        };
+        Some((token.into(), claims))
+    }
+
+    #[test]
+    fn a_connection_is_locked_to_its_first_key_and_team_and_its_token_changes_slowly() {
+        let window = Duration::from_millis(100);
+        let conn = Mutex::default();
+        assert_eq!(
+            check_connection_jwt(&conn, jwt("t1", "K1", "T1"), window),
+            Ok(())
+        );
+        assert_eq!(
+            check_connection_jwt(&conn, jwt("t1", "K1", "T1"), window),
+            Ok(())
+        );
+        assert_eq!(
+            check_connection_jwt(&conn, jwt("t2", "K2", "T1"), window),
+            Err((403, Reason::UnrelatedKeyIdInToken))
+        );
+        assert_eq!(
+            check_connection_jwt(&conn, jwt("t2", "K1", "T2"), window),
+            Err((403, Reason::InvalidProviderToken))
+        );
+        assert_eq!(
+            check_connection_jwt(&conn, jwt("t2", "K1", "T1"), window),
+            Err((429, Reason::TooManyProviderTokenUpdates))
+        );
+        std::thread::sleep(window);
+        assert_eq!(
+            check_connection_jwt(&conn, jwt("t2", "K1", "T1"), window),
+            Ok(())
+        );
+        assert_eq!(
+            check_connection_jwt(&conn, None, window),
+            Ok(()),
+            "certificate connections carry no JWT"
+        );
+    }
 }

@@ -288,6 +288,11 @@ mod tests {
         };
         assert_eq!(with(Some(signer.sign(NOW - 10))), None);
         assert_eq!(with(None), Some(Reason::MissingProviderToken));
+        // On a certificate connection APNs ignores `authorization`.
+        assert!(validate(&request(|b| b), b"{}", &auth, true, NOW)
+            .unwrap()
+            .jwt
+            .is_none());
         assert_eq!(
             with(Some(signer.sign(NOW - 3601))),
             Some(Reason::ExpiredProviderToken)
