@@ -1,19 +1,20 @@
 //! RabbitMQ: the topology DESIGN.md names (declared idempotently by every process at
 //! start), connecting, and publishing with a publisher confirm.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::future::Future;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -28,9 +29,15 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deliveries of one ring before RabbitMQ dead-letters it: a backstop against a message
 /// that kills the worker every time.
 pub const DELIVERY_LIMIT: i64 = 20;
-/// How long a ring waits in the retry queue (a classic queue without consumers) before
-/// it is dead-lettered back to the rings exchange.
-pub const RETRY_DELAY: Duration = Duration::from_secs(2);
+/// The retry tiers: a ring's n-th retry waits in tier min(n, last) (a classic queue without
+/// consumers, one TTL each) before it is dead-lettered back to the rings exchange.
+pub const RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+    Duration::from_secs(16),
+];
 
 /// The broker failed or refused.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +48,8 @@ pub enum BrokerError {
     NotConfirmed(String),
     #[error("RabbitMQ did not confirm the publish to {0} within {CONFIRM_TIMEOUT:?}")]
     ConfirmTimeout(String),
+    #[error("the broker ended the consumer of {0}")]
+    ConsumerEnded(String),
 }
 
 /// The names of every exchange and queue, under one prefix.
@@ -49,7 +58,8 @@ pub struct Names {
     pub prefix: String,
     /// Topic exchange gateways publish to, and the quorum work queue bound to it.
     pub rings: String,
-    pub retry: String,
+    /// The retry tiers, one per delay of [`RETRY_DELAYS`]: `<prefix>.rings.retry.<n>s`.
+    pub retry: Vec<String>,
     pub dead: String,
     pub feedback: String,
     pub purge: String,
@@ -63,7 +73,10 @@ impl Names {
         Self {
             prefix: prefix.to_owned(),
             rings: format!("{prefix}.rings"),
-            retry: format!("{prefix}.rings.retry"),
+            retry: RETRY_DELAYS
+                .iter()
+                .map(|d| format!("{prefix}.rings.retry.{}s", d.as_secs()))
+                .collect(),
             dead: format!("{prefix}.rings.dead"),
             feedback: format!("{prefix}.feedback"),
             purge: format!("{prefix}.purge"),
@@ -73,16 +86,23 @@ impl Names {
     }
 
     /// Every queue, in the order operators read them.
-    pub fn queues(&self) -> [&str; 7] {
-        [
-            &self.rings,
-            &self.retry,
-            &self.dead,
-            &self.feedback,
-            &self.feedback_dead,
-            &self.purge,
-            &self.purge_dead,
-        ]
+    pub fn queues(&self) -> Vec<&str> {
+        let mut all = vec![self.rings.as_str()];
+        all.extend(self.retry.iter().map(String::as_str));
+        all.extend([
+            self.dead.as_str(),
+            self.feedback.as_str(),
+            self.feedback_dead.as_str(),
+            self.purge.as_str(),
+            self.purge_dead.as_str(),
+        ]);
+        all
+    }
+
+    /// The retry tier for a ring's `retry`-th retry (1-based).
+    pub fn retry_tier(&self, retry: u32) -> &str {
+        let i = (retry.max(1) as usize - 1).min(self.retry.len() - 1);
+        &self.retry[i]
     }
 
     /// The routing key of a ring from a gateway.
@@ -145,12 +165,12 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError
                 ("x-dead-letter-exchange", string("")),
                 ("x-dead-letter-routing-key", string(&names.dead)),
             ])
-        } else if queue == names.retry {
+        } else if let Some(tier) = names.retry.iter().position(|r| r == queue) {
             // A classic queue without consumers: messages wait out the TTL, then return.
             table(&[
                 (
                     "x-message-ttl",
-                    AMQPValue::LongLongInt(RETRY_DELAY.as_millis() as i64),
+                    AMQPValue::LongLongInt(RETRY_DELAYS[tier].as_millis() as i64),
                 ),
                 ("x-dead-letter-exchange", string(&names.rings)),
                 ("x-dead-letter-routing-key", string("ring.retry")),
@@ -267,12 +287,30 @@ pub async fn dead_letter(
     delivery: &Delivery,
     reason: &str,
 ) -> Result<(), BrokerError> {
-    let properties = with_header(
+    dead_letter_with(
+        publisher,
+        dead_queue,
+        &delivery.data,
         &delivery.properties,
+        reason,
+    )
+    .await
+}
+
+/// [`dead_letter`] for a body and properties of the caller's choosing.
+pub async fn dead_letter_with(
+    publisher: &Channel,
+    dead_queue: &str,
+    body: &[u8],
+    properties: &BasicProperties,
+    reason: &str,
+) -> Result<(), BrokerError> {
+    let properties = with_header(
+        properties,
         ERROR_HEADER,
         AMQPValue::LongString(LongString::from(reason)),
     );
-    publish_confirmed(publisher, "", dead_queue, &delivery.data, properties).await
+    publish_confirmed(publisher, "", dead_queue, body, properties).await
 }
 
 /// The `x-ringpush-error` of a dead-lettered message, if any.
@@ -283,63 +321,181 @@ pub fn error_header(properties: &BasicProperties) -> Option<String> {
     }
 }
 
+/// How a consume loop stops and pauses.
+#[derive(Clone)]
+pub struct Control {
+    /// Stop taking deliveries, finish what is in flight, then close.
+    pub cancel: CancellationToken,
+    /// How long the batches in flight may take after `cancel` before they are handed back.
+    pub grace: Duration,
+    /// While this holds `false` the consumer is cancelled (deliveries wait in the queue) and
+    /// re-created when it turns `true` again.
+    pub open: Option<watch::Receiver<bool>>,
+}
+
+impl Control {
+    pub fn new(cancel: CancellationToken, grace: Duration) -> Self {
+        Self {
+            cancel,
+            grace,
+            open: None,
+        }
+    }
+}
+
 /// The consume loop every consumer shares: a channel with a bounded prefetch and manual
 /// acks; each batch of the deliveries that are ready (at most `batch_size`) is handed to
-/// `handle` on a tracked task. On `cancel` it stops taking deliveries, waits for the
-/// batches in flight, and closes the channel.
+/// `handle` on a tracked task, with a token that fires when the batch must be handed back
+/// at once. On `cancel` it cancels the consumer, gives the batches in flight the grace
+/// period, then aborts them (their handlers nack), and closes the channel. It returns an
+/// error when the channel or connection fails (the caller reconnects).
 pub async fn consume_batches<F, Fut>(
     connection: &Connection,
     queue: &str,
     prefetch: u16,
     batch_size: usize,
-    cancel: CancellationToken,
+    control: Control,
     handle: F,
 ) -> Result<(), BrokerError>
 where
-    F: Fn(Vec<Delivery>) -> Fut,
+    F: Fn(Vec<Delivery>, CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!(queue, prefetch, "consuming");
     let tracker = TaskTracker::new();
-    let result = loop {
-        let first = tokio::select! {
-            _ = cancel.cancelled() => break Ok(()),
-            next = consumer.next() => next,
-        };
-        let first = match first {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(e)) => break Err(e.into()),
-            None => {
-                tracing::warn!(queue, "the broker ended the consumer");
-                break Ok(());
-            }
-        };
-        let mut batch = vec![first];
-        while batch.len() < batch_size.max(1) {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(delivery))) => batch.push(delivery),
-                _ => break,
+    let abort = CancellationToken::new();
+    let mut open = control.open.clone();
+    let result = 'session: loop {
+        // Paused: no consumer, so rings wait in the queue where operators see them.
+        if let Some(open) = open.as_mut() {
+            tokio::select! {
+                _ = control.cancel.cancelled() => break 'session Ok(()),
+                ready = open.wait_for(|o| *o) => if ready.is_err() { break 'session Ok(()) },
             }
         }
-        tracker.spawn(handle(batch));
+        let mut consumer = match channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => break 'session Err(e.into()),
+        };
+        tracing::info!(queue, prefetch, "consuming");
+        let stop = loop {
+            let paused = async {
+                match open.as_mut() {
+                    Some(open) => {
+                        let _ = open.wait_for(|o| !*o).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let first = tokio::select! {
+                _ = control.cancel.cancelled() => break Ok(true),
+                _ = paused => break Ok(false),
+                next = consumer.next() => next,
+            };
+            let first = match first {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => break Err(BrokerError::from(e)),
+                None => break Err(BrokerError::ConsumerEnded(queue.to_owned())),
+            };
+            let mut batch = vec![first];
+            while batch.len() < batch_size.max(1) {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    _ => break,
+                }
+            }
+            tracker.spawn(handle(batch, abort.clone()));
+        };
+        match stop {
+            Err(e) => break 'session Err(e),
+            Ok(stopping) => {
+                // Cancel the consumer; what it still hands over goes back to the queue.
+                let _ = channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await;
+                while let Ok(Some(Ok(delivery))) =
+                    tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+                {
+                    let _ = delivery.acker.nack(requeue()).await;
+                }
+                if stopping {
+                    tracing::info!(
+                        queue,
+                        "consumer cancelled; finishing the deliveries in flight"
+                    );
+                    break 'session Ok(());
+                }
+                tracing::warn!(queue, "consumption paused");
+            }
+        }
     };
-    let _ = channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await;
+    // An error means the channel is gone: acks cannot be sent, and the broker redelivers
+    // what was in flight. Leave the handlers to finish on their own.
+    result?;
     tracker.close();
-    tracker.wait().await;
+    if tokio::time::timeout(control.grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(queue, grace = ?control.grace, "grace period over; handing the rest back");
+        abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
     let _ = channel.close(200, "stopping".into()).await;
-    result
+    Ok(())
+}
+
+/// Nack options that put a delivery back in its queue.
+pub fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    }
+}
+
+/// Runs `session` (connect, declare, consume) until it ends because `cancel` fired;
+/// when the broker connection is lost it reconnects with jittered exponential backoff.
+pub async fn serve<S, Fut>(
+    what: &str,
+    cancel: &CancellationToken,
+    mut session: S,
+) -> anyhow::Result<()>
+where
+    S: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), BrokerError>>,
+{
+    let mut failures: u32 = 0;
+    loop {
+        let started = Instant::now();
+        match session().await {
+            Ok(()) => return Ok(()),
+            Err(_) if cancel.is_cancelled() => return Ok(()),
+            Err(e) => {
+                // A session that ran a while was healthy: start the backoff again.
+                if started.elapsed() > Duration::from_secs(30) {
+                    failures = 0;
+                }
+                failures += 1;
+                let wait = Duration::from_millis(250)
+                    .saturating_mul(1 << failures.min(7))
+                    .min(Duration::from_secs(30));
+                tracing::error!(process = what, error = %e, retry_in = ?wait, "broker connection lost; reconnecting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
 }

@@ -342,6 +342,9 @@ pub struct WorkerArgs {
     /// Attempts before a ring that keeps failing goes to the dead queue.
     #[arg(long, env = "RINGPUSH_MAX_ATTEMPTS", default_value = "5", value_parser = positive::<u32>("RINGPUSH_MAX_ATTEMPTS"))]
     pub max_attempts: u32,
+    /// On SIGTERM, how long rings in flight may take before they are handed back.
+    #[arg(long, env = "RINGPUSH_SHUTDOWN_GRACE", default_value = "25s", value_parser = duration("RINGPUSH_SHUTDOWN_GRACE"))]
+    pub shutdown_grace: Duration,
     /// Alert title; `{gateway}` becomes the gateway's name.
     #[arg(long, env = "RINGPUSH_ALERT_TITLE", default_value = "{gateway}")]
     pub alert_title: String,
@@ -385,7 +388,8 @@ impl WorkerArgs {
                 sound: self.alert_sound.clone(),
             },
             max_attempts: self.max_attempts,
-            db_retry_delay: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(500),
+            grace: self.shutdown_grace,
         })
     }
 }

@@ -128,6 +128,13 @@ pub async fn lookup(
     Ok(found)
 }
 
+/// Checks the database answers (a pooled connection and `SELECT 1`).
+pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}
+
 /// The URL of the same database with `schema` first on the search path: how the demo and
 /// the tests keep their tables apart from everyone else's.
 pub fn url_with_schema(url: &str, schema: &str) -> String {

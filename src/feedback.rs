@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use lapin::{BasicProperties, Channel};
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
@@ -154,7 +154,6 @@ impl Counters {
 
 struct Context {
     settings: Settings,
-    publisher: Channel,
     counters: Arc<Counters>,
     /// Tokens sent to the purger, and when: the de-duplication window.
     seen: Mutex<HashMap<DeviceToken, Instant>>,
@@ -167,24 +166,46 @@ pub async fn run(
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let connection = broker::connect(amqp_url, "ringpush feedback").await?;
-    let publisher = broker::confirm_channel(&connection).await?;
-    broker::declare(&publisher, &settings.names).await?;
-    let (queue, prefetch) = (settings.names.feedback.clone(), settings.prefetch);
     let ctx = Arc::new(Context {
         settings,
-        publisher,
         counters,
         seen: Mutex::new(HashMap::new()),
     });
-    let result = broker::consume_batches(&connection, &queue, prefetch, 100, cancel, |batch| {
-        let ctx = ctx.clone();
-        async move { handle_batch(&ctx, batch).await }
+    let name = format!("ringpush feedback {}", ctx.settings.names.prefix);
+    broker::serve("feedback", &cancel, || {
+        session(ctx.clone(), amqp_url, &name, cancel.clone())
     })
+    .await?;
+    info!("feedback consumer stopped");
+    Ok(())
+}
+
+/// One broker connection's worth of consuming.
+async fn session(
+    ctx: Arc<Context>,
+    amqp_url: &str,
+    name: &str,
+    cancel: CancellationToken,
+) -> Result<(), broker::BrokerError> {
+    let connection = broker::connect(amqp_url, name).await?;
+    let publisher = broker::confirm_channel(&connection).await?;
+    broker::declare(&publisher, &ctx.settings.names).await?;
+    let queue = ctx.settings.names.feedback.clone();
+    let control = broker::Control::new(cancel, Duration::from_secs(10));
+    let result = broker::consume_batches(
+        &connection,
+        &queue,
+        ctx.settings.prefetch,
+        100,
+        control,
+        |batch, _abort| {
+            let (ctx, publisher) = (ctx.clone(), publisher.clone());
+            async move { handle_batch(&ctx, &publisher, batch).await }
+        },
+    )
     .await;
     let _ = connection.close(200, "feedback stopping".into()).await;
-    info!("feedback consumer stopped");
-    Ok(result?)
+    result
 }
 
 /// What to do with one feedback event.
@@ -194,7 +215,7 @@ enum Step {
     Dead(String),
 }
 
-async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
+async fn handle_batch(ctx: &Context, publisher: &Channel, batch: Vec<Delivery>) {
     let c = &ctx.counters;
     c.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
     let steps: Vec<Step> = {
@@ -226,7 +247,7 @@ async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
             Step::Dead(reason) => {
                 warn!(reason, "malformed feedback event goes to the dead queue");
                 let r = broker::dead_letter(
-                    &ctx.publisher,
+                    publisher,
                     &ctx.settings.names.feedback_dead,
                     delivery,
                     reason,
@@ -238,9 +259,7 @@ async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
                 r
             }
             Step::Purge(event) => {
-                let r = event
-                    .publish(&ctx.publisher, &ctx.settings.names.purge)
-                    .await;
+                let r = event.publish(publisher, &ctx.settings.names.purge).await;
                 match &r {
                     Ok(()) => {
                         c.purge_requests.fetch_add(1, Ordering::Relaxed);
@@ -263,11 +282,7 @@ async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
             },
             Err(e) => {
                 error!(error = %e, "cannot publish; handing the feedback event back");
-                let nack = BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                };
-                let _ = delivery.acker.nack(nack).await;
+                let _ = delivery.acker.nack(broker::requeue()).await;
             }
         }
     }))

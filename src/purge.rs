@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use lapin::Channel;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -87,7 +87,6 @@ pub async fn delete_batch(pool: &Pool, requests: &[PurgeRequest]) -> Result<Purg
 struct Context {
     settings: Settings,
     pool: Pool,
-    publisher: Channel,
     counters: Arc<Counters>,
 }
 
@@ -99,31 +98,50 @@ pub async fn run(
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let connection = broker::connect(amqp_url, "ringpush purge").await?;
-    let publisher = broker::confirm_channel(&connection).await?;
-    broker::declare(&publisher, &settings.names).await?;
-    let (queue, prefetch, batch) = (
-        settings.names.purge.clone(),
-        settings.prefetch,
-        settings.batch_size,
-    );
     let ctx = Arc::new(Context {
         settings,
         pool,
-        publisher,
         counters,
     });
-    let result = broker::consume_batches(&connection, &queue, prefetch, batch, cancel, |batch| {
-        let ctx = ctx.clone();
-        async move { handle_batch(&ctx, batch).await }
+    let name = format!("ringpush purge {}", ctx.settings.names.prefix);
+    broker::serve("purge", &cancel, || {
+        session(ctx.clone(), amqp_url, &name, cancel.clone())
     })
-    .await;
-    let _ = connection.close(200, "purge stopping".into()).await;
+    .await?;
     info!("purger stopped");
-    Ok(result?)
+    Ok(())
 }
 
-async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
+/// One broker connection's worth of consuming.
+async fn session(
+    ctx: Arc<Context>,
+    amqp_url: &str,
+    name: &str,
+    cancel: CancellationToken,
+) -> Result<(), broker::BrokerError> {
+    let connection = broker::connect(amqp_url, name).await?;
+    let publisher = broker::confirm_channel(&connection).await?;
+    broker::declare(&publisher, &ctx.settings.names).await?;
+    let s = &ctx.settings;
+    let (queue, prefetch, batch) = (s.names.purge.clone(), s.prefetch, s.batch_size);
+    let control = broker::Control::new(cancel, Duration::from_secs(10));
+    let result = broker::consume_batches(
+        &connection,
+        &queue,
+        prefetch,
+        batch,
+        control,
+        |batch, _abort| {
+            let (ctx, publisher) = (ctx.clone(), publisher.clone());
+            async move { handle_batch(&ctx, &publisher, batch).await }
+        },
+    )
+    .await;
+    let _ = connection.close(200, "purge stopping".into()).await;
+    result
+}
+
+async fn handle_batch(ctx: &Context, publisher: &Channel, batch: Vec<Delivery>) {
     let c = &ctx.counters;
     c.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
     let mut requests = Vec::with_capacity(batch.len());
@@ -138,7 +156,7 @@ async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
                 let reason = e.to_string();
                 warn!(reason, "malformed purge request goes to the dead queue");
                 match broker::dead_letter(
-                    &ctx.publisher,
+                    publisher,
                     &ctx.settings.names.purge_dead,
                     delivery,
                     &reason,
@@ -194,11 +212,7 @@ async fn ack(c: &Counters, delivery: &Delivery) {
 }
 
 async fn requeue(delivery: &Delivery) {
-    let nack = BasicNackOptions {
-        requeue: true,
-        ..Default::default()
-    };
-    if let Err(e) = delivery.acker.nack(nack).await {
+    if let Err(e) = delivery.acker.nack(broker::requeue()).await {
         error!(error = %e, "nack failed; the broker will redeliver");
     }
 }

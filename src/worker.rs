@@ -3,35 +3,51 @@
 //!
 //! The unit of work is [`handle_ring`], which returns a [`RingOutcome`]; [`run`] is the
 //! loop around it: consume with a bounded prefetch and manual acks, batch what is ready,
-//! and stop between deliveries when `cancel` fires.
+//! and stop between deliveries when `cancel` fires. What the loop guarantees:
+//! - a ring is acked only once its outcome is durable: pushed, or confirmed into the retry
+//!   tiers, the dead queue or the feedback queue;
+//! - a retry carries only the tokens APNs has not yet taken (`x-ringpush-pending`), through
+//!   retry tiers of growing delay, until `max_attempts` or the ring's TTL sends it to the
+//!   dead queue with the reason;
+//! - when APNs is unreachable or the database fails, rings are handed back (nack, requeue)
+//!   without spending an attempt, and consumption pauses — rings wait in the queue, visible
+//!   as depth — until a probe with backoff finds the way clear;
+//! - a lost broker connection is re-established with backoff (acks only ever go to the
+//!   channel a delivery came on; the broker redelivers the rest, and the collapse id makes a
+//!   duplicate one banner);
+//! - on `cancel` the consumer is cancelled, rings in flight get the grace period, and what
+//!   is left is handed back.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
-
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, ShortString};
+use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, FieldArray, LongString, ShortString};
 use lapin::Channel;
 use time::OffsetDateTime;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::apns::http2::Client;
 use crate::apns::request::{build_payload, AlertTemplate, Notification};
-use crate::apns::{Answer, Reason};
+use crate::apns::{Answer, Environment, Reason};
 use crate::broker::{self, BrokerError, Names};
 use crate::db::{self, Gateway};
 use crate::feedback::Invalidation;
 use crate::ring::RingEvent;
+use crate::token::DeviceToken;
 
 pub use broker::ERROR_HEADER;
-/// Header counting how many times a ring has been sent to the retry queue.
+/// Header counting how many times a ring has been sent to the retry tiers.
 pub const ATTEMPT_HEADER: &str = "x-ringpush-attempt";
+/// Header listing the tokens (hex) a retried ring still has to reach.
+pub const PENDING_HEADER: &str = "x-ringpush-pending";
 
 /// How a worker behaves.
 #[derive(Debug, Clone)]
@@ -49,8 +65,10 @@ pub struct Settings {
     /// Attempts (first delivery included) before a ring with transient failures is
     /// dead-lettered instead of retried.
     pub max_attempts: u32,
-    /// Wait before handing rings back when the database lookup fails.
-    pub db_retry_delay: Duration,
+    /// First wait between probes of a failed database or APNs (doubling up to 30 s).
+    pub probe_interval: Duration,
+    /// How long rings in flight may take to finish after `cancel`.
+    pub grace: Duration,
 }
 
 impl Settings {
@@ -64,7 +82,8 @@ impl Settings {
             default_topic: None,
             alert: AlertTemplate::default(),
             max_attempts: 5,
-            db_retry_delay: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(500),
+            grace: Duration::from_secs(25),
         }
     }
 }
@@ -79,19 +98,26 @@ pub enum RingOutcome {
         /// Tokens APNs says are dead: feedback events to publish before the ack.
         invalid: Vec<Invalidation>,
     },
-    /// Older than the ring TTL: not pushed.
+    /// Older than the ring TTL before any attempt: not pushed.
     Expired,
     /// No gateway with this id.
     UnknownGateway,
     /// The gateway exists but nobody has a phone registered.
     NoTokens,
-    /// Some tokens failed for a transient reason; the ring goes to the retry queue.
+    /// Some tokens failed for a transient reason; the ring goes to a retry tier with them.
     Retry {
         accepted: usize,
         rejected: usize,
-        failed: usize,
+        /// The tokens still to reach.
+        pending: Vec<DeviceToken>,
         error: String,
         invalid: Vec<Invalidation>,
+    },
+    /// No token got any answer because APNs could not be reached: hand the ring back
+    /// without spending an attempt, and pause.
+    Unreachable {
+        environments: Vec<Environment>,
+        error: String,
     },
     /// The ring cannot be delivered; it goes to the dead queue with this reason.
     Dead(String),
@@ -103,11 +129,15 @@ enum TokenResult {
     /// Rejected for good: APNs will not take this notification, however often it is sent;
     /// with the invalidation to report when the reason says the token is dead.
     Rejected(Reason, Option<Invalidation>),
-    /// Transient: no answer, or an answer that says "try again".
-    Failed(String),
+    /// Transient: no answer, or an answer that says "try again". `unreachable`: no
+    /// connection to APNs could be had at all.
+    Failed {
+        error: String,
+        unreachable: bool,
+    },
 }
 
-/// Running counts, readable by tests, the demo and (later) metrics.
+/// Running counts, readable by tests, the demo and metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub rings_consumed: AtomicU64,
@@ -119,13 +149,18 @@ pub struct Counters {
     pub rings_without_tokens: AtomicU64,
     pub rings_retried: AtomicU64,
     pub rings_dead_lettered: AtomicU64,
-    /// Rings handed back to the queue (nack with requeue) because the database failed.
+    /// Rings handed back to the queue (nack with requeue): APNs unreachable, database down,
+    /// shutdown, or an outcome that could not be made durable.
     pub rings_requeued: AtomicU64,
     pub notifications_accepted: AtomicU64,
     pub notifications_rejected: AtomicU64,
     pub notifications_failed: AtomicU64,
     /// Feedback events published for tokens APNs says are dead.
     pub feedback_events: AtomicU64,
+    /// Times consumption paused because APNs or the database was unreachable.
+    pub pauses: AtomicU64,
+    /// Broker sessions started (1 + reconnects).
+    pub broker_sessions: AtomicU64,
     /// Rejections by APNs reason.
     pub rejected_by_reason: Mutex<BTreeMap<String, u64>>,
 }
@@ -139,17 +174,54 @@ impl Counters {
     }
 }
 
-/// Everything a ring's handling needs, shared by the worker's tasks.
-struct Context {
+/// Why consumption is paused, and the probes that reopen it.
+struct Pause {
+    apns: AtomicBool,
+    database: AtomicBool,
+    open: watch::Sender<bool>,
+}
+
+impl Pause {
+    fn new() -> Self {
+        Self {
+            apns: AtomicBool::new(false),
+            database: AtomicBool::new(false),
+            open: watch::Sender::new(true),
+        }
+    }
+
+    fn update(&self) {
+        let open = !self.apns.load(Ordering::SeqCst) && !self.database.load(Ordering::SeqCst);
+        self.open
+            .send_if_modified(|o| std::mem::replace(o, open) != open);
+    }
+}
+
+/// What lives as long as the worker: everything but the broker session.
+struct Shared {
     settings: Settings,
     pool: Pool,
     apns: Client,
-    /// Confirm-mode channel for dead-letter and retry publishes.
-    publisher: Channel,
     counters: Arc<Counters>,
+    pause: Pause,
 }
 
-/// Consumes rings until `cancel`, then finishes the rings in flight and closes the channel.
+/// One broker session's view: the shared parts and the confirm-mode publishing channel.
+struct Context {
+    shared: Arc<Shared>,
+    /// Confirm-mode channel for dead-letter, retry and feedback publishes.
+    publisher: Channel,
+}
+
+impl std::ops::Deref for Context {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// Consumes rings until `cancel`, then finishes the rings in flight (within the grace
+/// period) and closes the channel; reconnects when the broker connection is lost.
 pub async fn run(
     settings: Settings,
     amqp_url: &str,
@@ -158,34 +230,63 @@ pub async fn run(
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let connection = broker::connect(amqp_url, "ringpush worker").await?;
-    let publisher = broker::confirm_channel(&connection).await?;
-    broker::declare(&publisher, &settings.names).await?;
-    let (queue, prefetch, batch_size) = (
-        settings.names.rings.clone(),
-        settings.prefetch,
-        settings.batch_size,
-    );
-    let ctx = Arc::new(Context {
+    let shared = Arc::new(Shared {
         settings,
         pool,
         apns,
-        publisher,
         counters,
+        pause: Pause::new(),
     });
-    let result =
-        broker::consume_batches(&connection, &queue, prefetch, batch_size, cancel, |batch| {
-            let ctx = ctx.clone();
-            async move { handle_batch(&ctx, batch).await }
-        })
-        .await;
-    let _ = connection.close(200, "worker stopping".into()).await;
+    let name = format!("ringpush worker {}", shared.settings.names.prefix);
+    broker::serve("worker", &cancel, || {
+        session(shared.clone(), amqp_url, &name, cancel.clone())
+    })
+    .await?;
     info!("worker stopped");
-    Ok(result?)
+    Ok(())
 }
 
-/// Parses a batch, looks up all its gateways in one query, and handles each ring.
-async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
+/// One broker connection's worth of consuming.
+async fn session(
+    shared: Arc<Shared>,
+    amqp_url: &str,
+    name: &str,
+    cancel: CancellationToken,
+) -> Result<(), BrokerError> {
+    Counters::add(&shared.counters.broker_sessions, 1);
+    let connection = broker::connect(amqp_url, name).await?;
+    let publisher = broker::confirm_channel(&connection).await?;
+    broker::declare(&publisher, &shared.settings.names).await?;
+    let s = &shared.settings;
+    let (queue, prefetch, batch_size) = (s.names.rings.clone(), s.prefetch, s.batch_size);
+    let control = broker::Control {
+        cancel,
+        grace: s.grace,
+        open: Some(shared.pause.open.subscribe()),
+    };
+    let ctx = Arc::new(Context {
+        shared: shared.clone(),
+        publisher,
+    });
+    let result = broker::consume_batches(
+        &connection,
+        &queue,
+        prefetch,
+        batch_size,
+        control,
+        |batch, abort| {
+            let ctx = ctx.clone();
+            async move { handle_batch(&ctx, batch, abort).await }
+        },
+    )
+    .await;
+    let _ = connection.close(200, "worker stopping".into()).await;
+    result
+}
+
+/// Parses a batch, looks up all its gateways in one query, and handles each ring; when
+/// `abort` fires, rings still in flight are handed back.
+async fn handle_batch(ctx: &Arc<Context>, batch: Vec<Delivery>, abort: CancellationToken) {
     Counters::add(&ctx.counters.rings_consumed, batch.len());
     let now = OffsetDateTime::now_utc();
     let mut rings = Vec::with_capacity(batch.len());
@@ -195,22 +296,27 @@ async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
             .timestamp()
             .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
             .unwrap_or(now);
-        match RingEvent::parse(&delivery.data, fallback) {
+        let outcome = match RingEvent::parse(&delivery.data, fallback) {
             Ok(ring) if ring.age(now) > ctx.settings.ring_ttl => {
-                settle(ctx, &delivery, None, RingOutcome::Expired, Instant::now()).await;
+                let attempt = attempt_of(&delivery);
+                if attempt == 0 && !delivery.redelivered {
+                    RingOutcome::Expired
+                } else {
+                    let pending =
+                        pending_of(&delivery).map_or("all".into(), |p| p.len().to_string());
+                    RingOutcome::Dead(format!(
+                        "expired ({:?} old) after {attempt} retries; {pending} token(s) pending",
+                        ctx.settings.ring_ttl
+                    ))
+                }
             }
-            Ok(ring) => rings.push((delivery, ring)),
-            Err(e) => {
-                settle(
-                    ctx,
-                    &delivery,
-                    None,
-                    RingOutcome::Dead(e.to_string()),
-                    Instant::now(),
-                )
-                .await
+            Ok(ring) => {
+                rings.push((delivery, ring));
+                continue;
             }
-        }
+            Err(e) => RingOutcome::Dead(e.to_string()),
+        };
+        settle(ctx, &delivery, None, outcome, Instant::now()).await;
     }
     if rings.is_empty() {
         return;
@@ -224,8 +330,8 @@ async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
     let gateways = match db::lookup(&ctx.pool, &ids).await {
         Ok(found) => found,
         Err(e) => {
-            error!(error = %e, rings = rings.len(), "token lookup failed; handing the rings back");
-            tokio::time::sleep(ctx.settings.db_retry_delay).await;
+            error!(error = %e, rings = rings.len(), "token lookup failed; handing the rings back and pausing");
+            pause(ctx, Paused::Database);
             for (delivery, _) in &rings {
                 requeue(ctx, delivery).await;
             }
@@ -234,18 +340,47 @@ async fn handle_batch(ctx: &Context, batch: Vec<Delivery>) {
     };
     join_all(rings.iter().map(|(delivery, ring)| async {
         let started = Instant::now();
-        let outcome = handle_ring(ctx, ring, gateways.get(&ring.gateway_id)).await;
-        settle(ctx, delivery, Some(ring), outcome, started).await;
+        let work = async {
+            let pending = pending_of(delivery);
+            let outcome = handle_ring(ctx, ring, gateways.get(&ring.gateway_id), pending.as_ref()).await;
+            settle(ctx, delivery, Some(ring), outcome, started).await;
+        };
+        tokio::select! {
+            _ = work => {}
+            _ = abort.cancelled() => {
+                warn!(gateway = %ring.gateway_id, event = %ring.event_id, "shutting down: handing the ring back");
+                requeue(ctx, delivery).await;
+            }
+        }
     }))
     .await;
 }
 
-/// Pushes one ring to every token of its gateway and says what became of it.
-async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>) -> RingOutcome {
+/// Pushes one ring to every token of its gateway (or, on a retry, to the tokens still
+/// pending) and says what became of it.
+async fn handle_ring(
+    ctx: &Context,
+    ring: &RingEvent,
+    gateway: Option<&Gateway>,
+    pending: Option<&HashSet<String>>,
+) -> RingOutcome {
     let Some(gateway) = gateway else {
         return RingOutcome::UnknownGateway;
     };
-    if gateway.recipients.is_empty() {
+    let recipients: Vec<_> = gateway
+        .recipients
+        .iter()
+        .filter(|r| pending.is_none_or(|p| p.contains(r.token.as_hex())))
+        .collect();
+    if recipients.is_empty() {
+        if pending.is_some() {
+            // The tokens still pending have been deleted since: nothing is left to do.
+            return RingOutcome::Delivered {
+                accepted: 0,
+                rejected: 0,
+                invalid: Vec::new(),
+            };
+        }
         return RingOutcome::NoTokens;
     }
     let payload = match build_payload(ring, &gateway.name, &ctx.settings.alert) {
@@ -253,7 +388,7 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
         Err(e) => return RingOutcome::Dead(e.to_string()),
     };
     let expiration = ring.expires_at(ctx.settings.ring_ttl);
-    let sends = gateway.recipients.iter().map(|r| {
+    let sends = recipients.iter().map(|r| {
         let payload = payload.clone();
         async move {
             let topic = r.topic.clone().or_else(|| ctx.settings.default_topic.clone());
@@ -279,7 +414,10 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
                         warn!(token = %r.token, status = rej.status, reason = %rej.reason, "APNs rejected the notification");
                     }
                     if rej.reason.is_retryable() {
-                        return TokenResult::Failed(format!("APNs {} {}", rej.status, rej.reason));
+                        return TokenResult::Failed {
+                            error: format!("APNs {} {}", rej.status, rej.reason),
+                            unreachable: false,
+                        };
                     }
                     let invalid = rej.reason.is_token_invalid().then(|| {
                         let now = OffsetDateTime::now_utc();
@@ -298,18 +436,29 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
                     });
                     TokenResult::Rejected(rej.reason, invalid)
                 }
-                Err(e) => TokenResult::Failed(e.to_string()),
+                Err(e) => TokenResult::Failed {
+                    unreachable: e.is_unreachable(),
+                    error: e.to_string(),
+                },
             }
         }
     });
-    let (mut accepted, mut rejected, mut failed, mut last_error) = (0, 0, 0, String::new());
+    let (mut accepted, mut rejected, mut last_error) = (0, 0, String::new());
     let mut invalid = Vec::new();
-    for result in join_all(sends).await {
+    let mut pending = Vec::new();
+    let mut unreachable = Vec::new();
+    for (r, result) in recipients.iter().zip(join_all(sends).await) {
         match result {
             TokenResult::Accepted => accepted += 1,
-            TokenResult::Failed(transient) => {
-                failed += 1;
-                last_error = transient;
+            TokenResult::Failed {
+                error,
+                unreachable: u,
+            } => {
+                pending.push(r.token.clone());
+                if u && !unreachable.contains(&r.environment) {
+                    unreachable.push(r.environment);
+                }
+                last_error = error;
             }
             TokenResult::Rejected(reason, invalidation) => {
                 rejected += 1;
@@ -325,27 +474,84 @@ async fn handle_ring(ctx: &Context, ring: &RingEvent, gateway: Option<&Gateway>)
     }
     Counters::add(&ctx.counters.notifications_accepted, accepted);
     Counters::add(&ctx.counters.notifications_rejected, rejected);
-    Counters::add(&ctx.counters.notifications_failed, failed);
-    if failed > 0 {
-        return RingOutcome::Retry {
+    Counters::add(&ctx.counters.notifications_failed, pending.len());
+    if pending.is_empty() {
+        return RingOutcome::Delivered {
             accepted,
             rejected,
-            failed,
-            error: last_error,
             invalid,
         };
     }
-    RingOutcome::Delivered {
+    if accepted == 0
+        && rejected == 0
+        && unreachable.len()
+            == recipients
+                .iter()
+                .map(|r| r.environment)
+                .collect::<HashSet<_>>()
+                .len()
+    {
+        return RingOutcome::Unreachable {
+            environments: unreachable,
+            error: last_error,
+        };
+    }
+    RingOutcome::Retry {
         accepted,
         rejected,
+        pending,
+        error: last_error,
         invalid,
     }
 }
 
-/// Makes a ring's outcome durable, then acks it: nothing is acked before its retry or
-/// dead-letter copy is confirmed by the broker.
+/// What consumption waits for.
+#[derive(Debug, Clone, Copy)]
+enum Paused {
+    Apns(Environment),
+    Database,
+}
+
+/// Pauses consumption and, unless one runs already, starts a probe that lifts the pause
+/// when the database or APNs answers again (backing off between tries).
+fn pause(ctx: &Arc<Context>, why: Paused) {
+    let flag = match why {
+        Paused::Apns(_) => &ctx.pause.apns,
+        Paused::Database => &ctx.pause.database,
+    };
+    if flag.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    Counters::add(&ctx.counters.pauses, 1);
+    ctx.pause.update();
+    warn!(?why, "pausing consumption until it answers again");
+    let shared = ctx.shared.clone();
+    tokio::spawn(async move {
+        let mut wait = shared.settings.probe_interval;
+        loop {
+            tokio::time::sleep(wait).await;
+            let ok = match why {
+                Paused::Apns(env) => shared.apns.probe(env).await.is_ok(),
+                Paused::Database => db::ping(&shared.pool).await.is_ok(),
+            };
+            if ok {
+                break;
+            }
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
+        info!(?why, "answering again; resuming consumption");
+        match why {
+            Paused::Apns(_) => shared.pause.apns.store(false, Ordering::SeqCst),
+            Paused::Database => shared.pause.database.store(false, Ordering::SeqCst),
+        }
+        shared.pause.update();
+    });
+}
+
+/// Makes a ring's outcome durable, then acks it: nothing is acked before its retry,
+/// dead-letter or feedback copy is confirmed by the broker.
 async fn settle(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     delivery: &Delivery,
     ring: Option<&RingEvent>,
     outcome: RingOutcome,
@@ -387,27 +593,45 @@ async fn settle(
             info!(gateway, event, "ring for a gateway without phones");
             Ok(())
         }
+        RingOutcome::Unreachable {
+            environments,
+            error,
+        } => {
+            warn!(gateway, event, error = %error, "APNs unreachable; handing the ring back");
+            for env in environments {
+                pause(ctx, Paused::Apns(*env));
+            }
+            requeue(ctx, delivery).await;
+            return;
+        }
         RingOutcome::Retry {
             accepted,
             rejected,
-            failed,
+            pending,
             error,
             ..
         } => {
-            let attempt = attempt_of(delivery) + 1;
-            if attempt >= ctx.settings.max_attempts {
-                let reason = format!("gave up after {attempt} attempts: {error}");
-                dead_letter(ctx, delivery, &reason, gateway, event).await
+            let attempts = attempt_of(delivery) + 1;
+            if attempts >= ctx.settings.max_attempts {
+                let reason = format!("gave up after {attempts} attempts: {error}");
+                dead_letter(ctx, delivery, &reason, Some(pending), gateway, event).await
             } else {
-                warn!(gateway, event, accepted, rejected, failed, attempt, error = %error, "ring goes to the retry queue");
-                let r = retry(ctx, delivery, attempt).await;
+                warn!(gateway, event, accepted, rejected, pending = pending.len(), attempts, error = %error, "ring goes to a retry tier");
+                let r = retry(ctx, delivery, attempts, pending).await;
                 if r.is_ok() {
                     Counters::add(&c.rings_retried, 1);
                 }
                 r
             }
         }
-        RingOutcome::Dead(reason) => dead_letter(ctx, delivery, reason, gateway, event).await,
+        RingOutcome::Dead(reason) => {
+            let pending = pending_of(delivery).map(|p| {
+                p.into_iter()
+                    .filter_map(|t| DeviceToken::parse(&t).ok())
+                    .collect::<Vec<_>>()
+            });
+            dead_letter(ctx, delivery, reason, pending.as_deref(), gateway, event).await
+        }
     };
     match durable {
         Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
@@ -425,11 +649,19 @@ async fn dead_letter(
     ctx: &Context,
     delivery: &Delivery,
     reason: &str,
+    pending: Option<&[DeviceToken]>,
     gateway: &str,
     event: &str,
 ) -> Result<(), BrokerError> {
     warn!(gateway, event, reason, "ring goes to the dead queue");
-    broker::dead_letter(&ctx.publisher, &ctx.settings.names.dead, delivery, reason).await?;
+    let properties = match pending {
+        Some(pending) => {
+            broker::with_header(&delivery.properties, PENDING_HEADER, pending_value(pending))
+        }
+        None => delivery.properties.clone(),
+    };
+    let dead = &ctx.settings.names.dead;
+    broker::dead_letter_with(&ctx.publisher, dead, &delivery.data, &properties, reason).await?;
     Counters::add(&ctx.counters.rings_dead_lettered, 1);
     Ok(())
 }
@@ -444,40 +676,70 @@ async fn report_invalid(ctx: &Context, invalid: &[Invalidation]) -> Result<(), B
     Ok(())
 }
 
-async fn retry(ctx: &Context, delivery: &Delivery, attempt: u32) -> Result<(), BrokerError> {
+/// Publishes the ring to the retry tier of its attempt, with the tokens still pending.
+async fn retry(
+    ctx: &Context,
+    delivery: &Delivery,
+    attempts: u32,
+    pending: &[DeviceToken],
+) -> Result<(), BrokerError> {
     let properties = broker::with_header(
         &delivery.properties,
         ATTEMPT_HEADER,
-        AMQPValue::LongUInt(attempt),
+        AMQPValue::LongUInt(attempts),
     );
-    broker::publish_confirmed(
-        &ctx.publisher,
-        "",
-        &ctx.settings.names.retry,
-        &delivery.data,
-        properties,
-    )
-    .await
+    let properties = broker::with_header(&properties, PENDING_HEADER, pending_value(pending));
+    let tier = ctx.settings.names.retry_tier(attempts);
+    broker::publish_confirmed(&ctx.publisher, "", tier, &delivery.data, properties).await
 }
 
 async fn requeue(ctx: &Context, delivery: &Delivery) {
-    let nack = BasicNackOptions {
-        requeue: true,
-        ..Default::default()
-    };
-    match delivery.acker.nack(nack).await {
+    match delivery.acker.nack(broker::requeue()).await {
         Ok(_) => Counters::add(&ctx.counters.rings_requeued, 1),
         Err(e) => error!(error = %e, "nack failed; the broker will redeliver the ring"),
     }
 }
 
-/// How many times this ring has been through the retry queue.
+fn header<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a AMQPValue> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(&ShortString::from(name))
+}
+
+/// How many attempts this ring has had before this delivery.
 fn attempt_of(delivery: &Delivery) -> u32 {
-    let headers = delivery.properties.headers().as_ref();
-    match headers.and_then(|h| h.inner().get(&ShortString::from(ATTEMPT_HEADER))) {
+    match header(delivery, ATTEMPT_HEADER) {
         Some(AMQPValue::LongUInt(n)) => *n,
         Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
         Some(AMQPValue::LongLongInt(n)) => (*n).clamp(0, u32::MAX as i64) as u32,
         _ => 0,
     }
+}
+
+/// The tokens a retried ring still has to reach (`None`: a first delivery, all of them).
+fn pending_of(delivery: &Delivery) -> Option<HashSet<String>> {
+    match header(delivery, PENDING_HEADER)? {
+        AMQPValue::FieldArray(tokens) => Some(
+            tokens
+                .as_slice()
+                .iter()
+                .filter_map(|v| match v {
+                    AMQPValue::LongString(s) => Some(s.to_string()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn pending_value(pending: &[DeviceToken]) -> AMQPValue {
+    let tokens: Vec<AMQPValue> = pending
+        .iter()
+        .map(|t| AMQPValue::LongString(LongString::from(t.as_hex())))
+        .collect();
+    AMQPValue::FieldArray(FieldArray::from(tokens))
 }

@@ -57,6 +57,13 @@ pub enum SendError {
     Timeout(Duration),
 }
 
+impl SendError {
+    /// APNs could not be reached at all (no connection): the request never left.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, SendError::Connect { .. } | SendError::Backoff { .. })
+    }
+}
+
 /// Settings of the client.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -211,6 +218,23 @@ impl Client {
             Ok(result) => result,
             Err(_) => Err(SendError::Timeout(timeout)),
         }
+    }
+
+    /// Makes sure a connection to `env`'s endpoint is up (opening one if the backoff allows):
+    /// how a worker that found APNs unreachable learns it is back.
+    pub async fn probe(&self, env: Environment) -> Result<(), SendError> {
+        let pool = match env {
+            Environment::Production => &self.inner.production,
+            Environment::Sandbox => &self.inner.sandbox,
+        };
+        let mut last = None;
+        for slot in &pool.slots {
+            match slot.live().await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("a pool has at least one connection"))
     }
 
     async fn send_on(&self, pool: &Pool, n: &Notification) -> Result<Answer, SendError> {

@@ -177,7 +177,9 @@ async fn malformed_rings_go_to_the_dead_queue_with_their_reason_and_the_next_rin
         "nothing is handed back to loop"
     );
     assert_eq!(app.depth(&app.names.rings).await, 0);
-    assert_eq!(app.depth(&app.names.retry).await, 0);
+    for tier in &app.names.retry {
+        assert_eq!(app.depth(tier).await, 0);
+    }
     app.stop().await;
 }
 

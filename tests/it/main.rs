@@ -4,6 +4,8 @@
 
 mod apns;
 mod delivery;
+mod faults;
 mod migrate;
+mod proxy;
 mod purge;
 mod support;

@@ -1,6 +1,7 @@
 //! `App::spawn`: a fresh schema, queue prefix, mock APNs and worker for one test, removed
 //! again when the test ends (also when it panics).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,8 @@ use ringpush::{feedback, purge};
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Proxy;
 
 pub const TOPIC: &str = "com.example.doorbell";
 pub const KEY_ID: &str = "TESTKEY123";
@@ -103,6 +106,12 @@ pub struct Options {
     pub apns: http2::Settings,
     /// Start the purger with the others (a test may start it later with `start_purger`).
     pub run_purger: bool,
+    /// Start the in-process worker (a test may start it later with `start_worker`).
+    pub run_worker: bool,
+    /// Put a fault proxy between the worker and the mock APNs.
+    pub apns_proxy: bool,
+    /// Put a fault proxy between the worker and PostgreSQL.
+    pub db_proxy: bool,
 }
 
 pub struct App {
@@ -113,6 +122,15 @@ pub struct App {
     pub feedback_counters: Arc<feedback::Counters>,
     pub purge_counters: Arc<purge::Counters>,
     purge_settings: purge::Settings,
+    worker_settings: worker::Settings,
+    /// The worker's APNs client and database pool (through the proxies when asked for).
+    worker_apns: http2::Client,
+    worker_pool: Pool,
+    pub apns_proxy: Option<Proxy>,
+    pub db_proxy: Option<Proxy>,
+    /// The .p8 key the worker signs with, and the test's schema URL (for a worker process).
+    pub key_pem: String,
+    pub db_url: String,
     /// The public half of the key the worker signs JWTs with.
     pub jwt_public_key: Vec<u8>,
     /// A confirm-mode channel for publishing rings and reading queues.
@@ -124,7 +142,7 @@ pub struct App {
     // Dropped last, in this order: queues, then the schema, then the files.
     _queues: TestQueues,
     _db: TestDb,
-    dir: std::path::PathBuf,
+    pub dir: std::path::PathBuf,
 }
 
 impl App {
@@ -162,7 +180,8 @@ impl App {
                 prefetch: 64,
                 batch_size: 16,
                 default_topic: Some(TOPIC.into()),
-                db_retry_delay: Duration::from_millis(200),
+                probe_interval: Duration::from_millis(100),
+                grace: Duration::from_secs(5),
                 ..worker::Settings::new(names.clone())
             },
             mock: mock::Settings::local(dir.join("certs"), auth),
@@ -182,6 +201,9 @@ impl App {
                 http2::Settings::new(placeholder.clone(), placeholder)
             },
             run_purger: true,
+            run_worker: true,
+            apns_proxy: false,
+            db_proxy: false,
         };
         edit(&mut options);
 
@@ -189,15 +211,39 @@ impl App {
         let mock = Mock::start(options.mock, cancel.clone())
             .await
             .expect("mock starts");
-        let apns = {
-            let endpoints = mock.client_settings();
+        let apns_proxy = match options.apns_proxy {
+            true => Some(Proxy::start(mock.addr()).await),
+            false => None,
+        };
+        let worker_apns = {
+            let endpoint = match &apns_proxy {
+                Some(p) => {
+                    Endpoint::parse(&format!("https://localhost:{}", p.addr.port())).unwrap()
+                }
+                None => Endpoint::parse(&mock.url()).unwrap(),
+            };
             let settings = http2::Settings {
-                production: endpoints.production,
-                sandbox: endpoints.sandbox,
+                production: endpoint.clone(),
+                sandbox: endpoint,
                 ..options.apns
             };
             let tls = tls::client_config(Some(mock.ca_file()), None).unwrap();
             http2::Client::new(settings, tls, Some(Arc::new(signer)))
+        };
+        let db_proxy = match options.db_proxy {
+            true => Some(Proxy::start("127.0.0.1:5432".parse().unwrap()).await),
+            false => None,
+        };
+        let worker_pool = match &db_proxy {
+            Some(p) => {
+                let url = db.url.replace("127.0.0.1:5432", &p.addr.to_string());
+                assert_ne!(
+                    url, db.url,
+                    "RINGPUSH_DATABASE_URL must name 127.0.0.1:5432 for the proxy tests"
+                );
+                ringpush::db::pool(&url, 4, Duration::from_secs(1)).unwrap()
+            }
+            None => pool.clone(),
         };
         let connection = broker::connect(&amqp_url(), "ringpush test")
             .await
@@ -205,11 +251,6 @@ impl App {
         let channel = broker::confirm_channel(&connection).await.unwrap();
         broker::declare(&channel, &names).await.unwrap();
         let counters = Arc::new(Counters::default());
-        let worker = tokio::spawn({
-            let (pool, counters, cancel) = (pool.clone(), counters.clone(), cancel.clone());
-            let settings = options.worker;
-            async move { worker::run(settings, &amqp_url(), pool, apns, counters, cancel).await }
-        });
         let feedback_counters = Arc::new(feedback::Counters::default());
         let feedback = tokio::spawn({
             let (counters, cancel) = (feedback_counters.clone(), cancel.clone());
@@ -224,19 +265,111 @@ impl App {
             feedback_counters,
             purge_counters: Arc::new(purge::Counters::default()),
             purge_settings: options.purge,
+            worker_settings: options.worker,
+            worker_apns,
+            worker_pool,
+            apns_proxy,
+            db_proxy,
+            key_pem: key.serialize_pem(),
+            db_url: db.url.clone(),
             jwt_public_key,
             channel,
             connection,
             cancel,
-            processes: vec![("worker", worker), ("feedback", feedback)],
+            processes: vec![("feedback", feedback)],
             _queues: queues,
             _db: db,
             dir,
         };
+        if options.run_worker {
+            app.start_worker();
+        }
         if options.run_purger {
             app.start_purger();
         }
         app
+    }
+
+    /// Starts `ringpush worker` in this test.
+    pub fn start_worker(&mut self) {
+        let (pool, counters, cancel) = (
+            self.worker_pool.clone(),
+            self.counters.clone(),
+            self.cancel.clone(),
+        );
+        let (settings, apns) = (self.worker_settings.clone(), self.worker_apns.clone());
+        let worker = tokio::spawn(async move {
+            worker::run(settings, &amqp_url(), pool, apns, counters, cancel).await
+        });
+        self.processes.push(("worker", worker));
+    }
+
+    /// How many (ring, token) pairs the mock has not accepted yet.
+    pub fn unaccepted(&self, rings: &[RingEvent], tokens: &[DeviceToken]) -> usize {
+        let accepted: std::collections::HashSet<(String, String)> = self
+            .mock
+            .received()
+            .into_iter()
+            .filter(|r| r.status == 200)
+            .map(|r| {
+                let event = r
+                    .headers
+                    .get("apns-collapse-id")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                (event, r.token.unwrap())
+            })
+            .collect();
+        rings
+            .iter()
+            .flat_map(|r| {
+                tokens
+                    .iter()
+                    .map(move |t| (r.event_id.clone(), t.as_hex().to_owned()))
+            })
+            .filter(|pair| !accepted.contains(pair))
+            .count()
+    }
+
+    /// Checks every (ring, token) pair was accepted by the mock at least once; returns how
+    /// many duplicates it accepted (reported, and bounded by the retry policy).
+    pub fn ledger(&self, rings: &[RingEvent], tokens: &[DeviceToken]) -> usize {
+        let mut accepted: HashMap<(String, String), usize> = HashMap::new();
+        for r in self.mock.received() {
+            if r.status == 200 {
+                let event = r
+                    .headers
+                    .get("apns-collapse-id")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                *accepted.entry((event, r.token.unwrap())).or_default() += 1;
+            }
+        }
+        let mut missing = Vec::new();
+        let mut duplicates = 0;
+        for ring in rings {
+            for token in tokens {
+                match accepted.get(&(ring.event_id.clone(), token.as_hex().to_owned())) {
+                    None => missing.push((ring.event_id.clone(), token.short())),
+                    Some(n) => duplicates += n - 1,
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "{} (ring, token) pairs never accepted: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        eprintln!(
+            "ledger: {} pairs accepted, {duplicates} duplicates",
+            rings.len() * tokens.len()
+        );
+        duplicates
     }
 
     /// Starts `ringpush purge` in this test.

@@ -1,0 +1,439 @@
+//! No ring is lost: faults injected for real (connections cut, APNs failing, the broker
+//! closing the worker's connection, PostgreSQL unreachable, SIGTERM mid-burst), each test
+//! ending with a ledger check of every (ring, token) pair at the mock.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use lapin::options::{BasicGetOptions, BasicNackOptions};
+use ringpush::apns::Reason;
+use ringpush::mock::{ErrorRate, Faults, Script};
+use ringpush::ring::RingEvent;
+use ringpush::token::DeviceToken;
+use ringpush::worker::{Counters, PENDING_HEADER};
+
+use crate::proxy::Mode;
+use crate::support::{amqp_url, App, KEY_ID, TEAM_ID, TOPIC};
+
+/// A gateway whose owner has `phones` phones.
+async fn gateway(app: &App, id: &str, phones: usize) -> Vec<DeviceToken> {
+    let owner = app.add_user().await;
+    app.add_gateway(id, owner, "Door").await;
+    let mut tokens = Vec::new();
+    for _ in 0..phones {
+        tokens.push(app.add_token(owner, "production", Some(TOPIC)).await);
+    }
+    tokens
+}
+
+async fn publish_all(app: &App, gateway: &str, n: usize) -> Vec<RingEvent> {
+    let rings: Vec<RingEvent> = (0..n).map(|_| App::ring(gateway, Duration::ZERO)).collect();
+    for chunk in rings.chunks(100) {
+        join_all(chunk.iter().map(|r| app.publish(r))).await;
+    }
+    rings
+}
+
+/// The end of every fault test: nothing waiting, nothing dead, every pair accepted.
+async fn settled(app: &App, rings: &[RingEvent], tokens: &[DeviceToken]) -> usize {
+    app.wait_for("every (ring, token) accepted", || {
+        app.unaccepted(rings, tokens) == 0
+    })
+    .await;
+    // The last acks follow the last answers.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let duplicates = app.ledger(rings, tokens);
+    assert_eq!(
+        app.depth(&app.names.rings).await,
+        0,
+        "nothing left in the rings queue"
+    );
+    for tier in &app.names.retry {
+        assert_eq!(app.depth(tier).await, 0, "nothing left in {tier}");
+    }
+    assert!(app.drain_dead().await.is_empty(), "nothing dead-lettered");
+    duplicates
+}
+
+#[tokio::test]
+async fn apns_connections_cut_mid_batch_again_and_again_lose_no_ring() {
+    let app = App::spawn_with(|o| {
+        o.apns_proxy = true;
+        o.worker.prefetch = 200;
+        o.worker.batch_size = 50;
+    })
+    .await;
+    let tokens = gateway(&app, "gw-cut", 4).await;
+    let proxy = app.apns_proxy.as_ref().unwrap();
+    let rings = publish_all(&app, "gw-cut", 2000).await;
+    // Cut every connection to APNs every 150 ms until the rings are through.
+    let started = Instant::now();
+    let mut cuts = 0;
+    while Counters::get(&app.counters.rings_delivered) < 2000
+        && started.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        proxy.cut();
+        cuts += 1;
+    }
+    assert!(
+        cuts >= 3,
+        "the connections were cut while rings flowed ({cuts} cuts)"
+    );
+    let duplicates = settled(&app, &rings, &tokens).await;
+    eprintln!(
+        "{cuts} cuts, {duplicates} duplicates, {} retries",
+        Counters::get(&app.counters.rings_retried)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn apns_answering_503_for_5_s_then_recovering_delivers_every_ring() {
+    let app = App::spawn_with(|o| o.worker.max_attempts = 5).await;
+    let tokens = gateway(&app, "gw-503", 2).await;
+    let failing = Faults {
+        error_rate: Some(ErrorRate {
+            per_mille: 1000,
+            status: 503,
+            reason: Reason::ServiceUnavailable,
+        }),
+        ..Faults::default()
+    };
+    app.mock.set_faults(failing);
+    let rings = publish_all(&app, "gw-503", 20).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        Counters::get(&app.counters.rings_delivered),
+        0,
+        "nothing got through while APNs failed"
+    );
+    app.mock.set_faults(Faults::default());
+    settled(&app, &rings, &tokens).await;
+    // No ring used more attempts than allowed: at most 5 requests per (ring, token).
+    let mut per_pair = std::collections::HashMap::new();
+    for r in app.mock.received() {
+        let event = r
+            .headers
+            .get("apns-collapse-id")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        *per_pair.entry((event, r.token.unwrap())).or_insert(0) += 1;
+    }
+    assert!(
+        per_pair.values().all(|n| *n <= 5),
+        "{:?}",
+        per_pair.values().max()
+    );
+    assert_eq!(Counters::get(&app.counters.rings_dead_lettered), 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
+    let app = App::spawn().await;
+    let tokens = gateway(&app, "gw-broker", 2).await;
+    let mut rings = publish_all(&app, "gw-broker", 100).await;
+    app.wait_for("the first rings", || {
+        Counters::get(&app.counters.rings_delivered) >= 100
+    })
+    .await;
+
+    let name = format!("ringpush worker {}", app.names.prefix);
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.contains(&name))
+        .unwrap_or_else(|| panic!("{name} not in {listing}"));
+    let pid = line.split_whitespace().next().unwrap();
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", pid, "the test closes it"])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+
+    rings.extend(publish_all(&app, "gw-broker", 100).await);
+    settled(&app, &rings, &tokens).await;
+    assert!(
+        Counters::get(&app.counters.broker_sessions) >= 2,
+        "the worker reconnected"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn postgresql_unreachable_for_5_s_loses_nothing_and_dead_letters_nothing() {
+    let app = App::spawn_with(|o| o.db_proxy = true).await;
+    let tokens = gateway(&app, "gw-db", 2).await;
+    let proxy = app.db_proxy.as_ref().unwrap();
+    proxy.set(Mode::Refuse);
+    proxy.cut();
+    let rings = publish_all(&app, "gw-db", 30).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(Counters::get(&app.counters.rings_delivered), 0);
+    assert!(
+        Counters::get(&app.counters.pauses) >= 1,
+        "consumption paused"
+    );
+    assert!(
+        app.depth(&app.names.rings).await > 0,
+        "rings wait in the queue, visible as depth"
+    );
+    proxy.set(Mode::Pass);
+    settled(&app, &rings, &tokens).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_apns_pauses_consumption_instead_of_burning_retries() {
+    let app = App::spawn_with(|o| {
+        o.apns_proxy = true;
+        o.apns.backoff_min = Duration::from_millis(100);
+    })
+    .await;
+    let tokens = gateway(&app, "gw-down", 2).await;
+    let proxy = app.apns_proxy.as_ref().unwrap();
+    proxy.set(Mode::Refuse);
+    let rings = publish_all(&app, "gw-down", 30).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(Counters::get(&app.counters.pauses) >= 1);
+    assert_eq!(
+        Counters::get(&app.counters.rings_retried),
+        0,
+        "no retries spent while APNs is unreachable"
+    );
+    assert!(
+        app.depth(&app.names.rings).await > 0,
+        "rings wait in the queue"
+    );
+    proxy.set(Mode::Pass);
+    settled(&app, &rings, &tokens).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_during_a_burst_exits_0_in_the_grace_period_and_a_second_worker_delivers_the_rest()
+{
+    let mut app = App::spawn_with(|o| {
+        o.run_worker = false;
+        o.mock.response_delay = Duration::from_millis(200);
+    })
+    .await;
+    let tokens = gateway(&app, "gw-term", 2).await;
+    let rings = publish_all(&app, "gw-term", 500).await;
+    std::fs::create_dir_all(&app.dir).unwrap();
+    let key_file = app.dir.join("key.p8");
+    std::fs::write(&key_file, &app.key_pem).unwrap();
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringpush"))
+        .arg("worker")
+        .env("RINGPUSH_AMQP_URL", amqp_url())
+        .env("RINGPUSH_QUEUE_PREFIX", &app.names.prefix)
+        .env("RINGPUSH_DATABASE_URL", &app.db_url)
+        .env("RINGPUSH_APNS_PRODUCTION_URL", app.mock.url())
+        .env("RINGPUSH_APNS_SANDBOX_URL", app.mock.url())
+        .env("RINGPUSH_APNS_CA_FILE", app.mock.ca_file())
+        .env("RINGPUSH_APNS_KEY_FILE", &key_file)
+        .env("RINGPUSH_APNS_KEY_ID", KEY_ID)
+        .env("RINGPUSH_APNS_TEAM_ID", TEAM_ID)
+        .env("RINGPUSH_APNS_TOPIC", TOPIC)
+        .env("RINGPUSH_PREFETCH", "64")
+        .env("RINGPUSH_SHUTDOWN_GRACE", "3s")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the worker binary starts");
+    app.wait_for("the burst to start", || app.mock.stats().accepted >= 100)
+        .await;
+    let signalled = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(8), worker.wait())
+        .await
+        .expect("the worker exits within the grace period")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        signalled.elapsed()
+    );
+    let delivered_by_first = app.mock.stats().accepted;
+    assert!(
+        delivered_by_first < 1000,
+        "the burst was interrupted ({delivered_by_first} accepted)"
+    );
+
+    app.start_worker();
+    settled(&app, &rings, &tokens).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_ring_whose_tokens_are_all_rejected_for_good_is_acked_and_not_retried() {
+    let app = App::spawn().await;
+    let tokens = gateway(&app, "gw-topic", 3).await;
+    for t in &tokens {
+        app.mock.script(
+            t,
+            Script {
+                status: 400,
+                reason: Reason::TopicDisallowed,
+                timestamp_ms: None,
+            },
+        );
+    }
+    app.publish(&App::ring("gw-topic", Duration::ZERO)).await;
+    app.wait_acked(1).await;
+    assert_eq!(Counters::get(&app.counters.rings_delivered), 1);
+    assert_eq!(Counters::get(&app.counters.notifications_rejected), 3);
+    assert_eq!(Counters::get(&app.counters.rings_retried), 0);
+    assert_eq!(app.mock.received().len(), 3, "each token asked once");
+    assert!(app.drain_dead().await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_undeliverable_ring_goes_dead_after_max_attempts_and_only_pending_tokens_were_retried() {
+    let app = App::spawn_with(|o| o.worker.max_attempts = 3).await;
+    let tokens = gateway(&app, "gw-stuck", 3).await;
+    let stuck = &tokens[2];
+    app.mock.script(
+        stuck,
+        Script {
+            status: 500,
+            reason: Reason::InternalServerError,
+            timestamp_ms: None,
+        },
+    );
+    let ring = App::ring("gw-stuck", Duration::ZERO);
+    app.publish(&ring).await;
+    app.wait_for("the dead letter", || {
+        Counters::get(&app.counters.rings_dead_lettered) == 1
+    })
+    .await;
+    let per_token = |t: &DeviceToken| {
+        app.mock
+            .received()
+            .iter()
+            .filter(|r| r.token.as_deref() == Some(t.as_hex()))
+            .count()
+    };
+    assert_eq!(
+        (
+            per_token(&tokens[0]),
+            per_token(&tokens[1]),
+            per_token(stuck)
+        ),
+        (1, 1, 3)
+    );
+    assert_eq!(Counters::get(&app.counters.rings_retried), 2);
+    let dead = app
+        .channel
+        .basic_get(
+            app.names.dead.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ringpush::broker::error_header(&dead.properties).as_deref(),
+        Some("gave up after 3 attempts: APNs 500 InternalServerError")
+    );
+    let pending = match dead
+        .properties
+        .headers()
+        .as_ref()
+        .unwrap()
+        .inner()
+        .get(PENDING_HEADER)
+    {
+        Some(lapin::types::AMQPValue::FieldArray(a)) => a
+            .as_slice()
+            .iter()
+            .map(|v| match v {
+                lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect::<Vec<_>>(),
+        other => panic!("no pending tokens: {other:?}"),
+    };
+    assert_eq!(
+        pending,
+        [stuck.as_hex()],
+        "the dead ring names the token it never reached"
+    );
+    assert_eq!(dead.data, ring.to_json(), "the original ring is kept");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_ring_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit() {
+    let app = App::spawn_with(|o| o.run_worker = false).await;
+    app.publish(&App::ring("gw-poison", Duration::ZERO)).await;
+    // A worker that dies on this ring every time: take it, hand it back, again and again.
+    let mut deliveries = 0;
+    while let Some(msg) = app
+        .channel
+        .basic_get(
+            app.names.rings.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+    {
+        deliveries += 1;
+        assert!(deliveries <= 25, "the delivery limit never stopped it");
+        msg.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut dead = Vec::new();
+    for _ in 0..50 {
+        dead = app.drain_dead().await;
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead.len(), 1, "after {deliveries} deliveries");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_apns_times_out_and_the_rings_wait_until_it_answers_again() {
+    let app = App::spawn_with(|o| {
+        o.apns_proxy = true;
+        o.apns.connect_timeout = Duration::from_millis(300);
+        o.apns.request_timeout = Duration::from_millis(500);
+        o.apns.backoff_min = Duration::from_millis(100);
+    })
+    .await;
+    let tokens = gateway(&app, "gw-stall", 2).await;
+    let proxy = app.apns_proxy.as_ref().unwrap();
+    proxy.set(Mode::Stall);
+    let rings = publish_all(&app, "gw-stall", 10).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.mock.stats().accepted, 0);
+    assert!(
+        Counters::get(&app.counters.pauses) >= 1,
+        "a stall counts as unreachable"
+    );
+    proxy.set(Mode::Pass);
+    proxy.cut();
+    settled(&app, &rings, &tokens).await;
+    app.stop().await;
+}
