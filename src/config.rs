@@ -81,6 +81,9 @@ fn prefix(s: &str) -> Result<String, String> {
     about = "Gets a doorbell ring onto every phone that should hear it (APNs)"
 )]
 pub struct Cli {
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, env = "RINGPUSH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -101,6 +104,56 @@ pub enum Command {
     Demo(DemoArgs),
     /// Publish rings as a gateway does: one, or N at a steady rate.
     Ring(RingArgs),
+    /// Show every ringpush queue: ready messages, consumers, rate.
+    Queues(QueuesArgs),
+    /// Show whom a ring from a gateway would reach right now.
+    Who(WhoArgs),
+    /// Register a gateway with an owner and phones (for trying a deployment against the mock).
+    Seed(SeedArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Where /metrics, /healthz and /readyz listen.
+    #[arg(long, env = "RINGPUSH_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+    /// How often queue depths are refreshed for /metrics.
+    #[arg(long, env = "RINGPUSH_QUEUE_POLL_INTERVAL", default_value = "5s", value_parser = duration("RINGPUSH_QUEUE_POLL_INTERVAL"))]
+    pub queue_poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct QueuesArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Refresh in place until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(long, default_value = "2s", value_parser = duration("--interval"))]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WhoArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// The gateway whose ring you want to trace.
+    pub gateway_id: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SeedArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// The gateway to create (nothing changes if it exists).
+    pub gateway_id: String,
+    /// How many phones its owner has.
+    #[arg(long, default_value = "3", value_parser = positive::<u32>("--phones"))]
+    pub phones: u32,
+    /// The phones' topic.
+    #[arg(long, default_value = "com.example.doorbell")]
+    pub topic: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -327,6 +380,8 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
     #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub apns: ApnsArgs,
@@ -398,6 +453,8 @@ impl WorkerArgs {
 pub struct FeedbackArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// A token reported again within this window produces no second purge request.
     #[arg(long, env = "RINGPUSH_FEEDBACK_DEDUP_WINDOW", default_value = "10m", value_parser = duration("RINGPUSH_FEEDBACK_DEDUP_WINDOW"))]
     pub dedup_window: Duration,
@@ -420,6 +477,8 @@ impl FeedbackArgs {
 pub struct PurgeArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Most purge requests per DELETE statement.

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use lapin::options::BasicGetOptions;
 use lapin::BasicProperties;
-use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -465,11 +464,4 @@ async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Resu
     Ok(())
 }
 
-/// `n` random bytes as lower-case hex.
-pub fn random_hex(n: usize) -> String {
-    let mut bytes = vec![0u8; n];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the system RNG works");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::token::random_hex;

@@ -144,6 +144,8 @@ pub struct Counters {
     pub dead_lettered: AtomicU64,
     /// Events acked (after their outcome was durable).
     pub acked: AtomicU64,
+    /// Consuming from the broker right now.
+    pub broker_connected: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -192,6 +194,7 @@ async fn session(
     broker::declare(&publisher, &ctx.settings.names).await?;
     let queue = ctx.settings.names.feedback.clone();
     let control = broker::Control::new(cancel, Duration::from_secs(10));
+    ctx.counters.broker_connected.store(true, Ordering::Relaxed);
     let result = broker::consume_batches(
         &connection,
         &queue,
@@ -204,6 +207,9 @@ async fn session(
         },
     )
     .await;
+    ctx.counters
+        .broker_connected
+        .store(false, Ordering::Relaxed);
     let _ = connection.close(200, "feedback stopping".into()).await;
     result
 }

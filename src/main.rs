@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use ringpush::config::{Cli, Command};
-use ringpush::{db, demo, mock, worker};
+use ringpush::config::{Cli, Command, MetricsArgs};
+use ringpush::metrics::{self, ReadyCheck};
+use ringpush::{db, demo, feedback, mock, ops, purge, worker};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -14,17 +15,20 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints a report for a person: keep the logs to errors unless asked.
-    let default_level = if matches!(cli.command, Command::Demo(_)) {
-        "error"
-    } else {
-        "info"
+    let default_level = match cli.command {
+        Command::Demo(_) | Command::Queues(_) | Command::Who(_) => "error",
+        _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter =
+        EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let cancel = shutdown_on_signals();
     match run(cli.command, cancel).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,6 +55,10 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             let apns = args.apns.client()?;
             let pool = args.database.pool()?;
             let counters = Arc::new(worker::Counters::default());
+            let mut registry = metrics::registry();
+            metrics::register_worker(&mut registry, &counters, &apns);
+            let ready = metrics::worker_ready(counters.clone(), pool.clone());
+            observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
             worker::run(
                 settings,
                 &args.broker.amqp_url,
@@ -62,13 +70,21 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             .await
         }
         Command::Feedback(args) => {
-            let counters = Arc::new(ringpush::feedback::Counters::default());
-            ringpush::feedback::run(args.settings(), &args.broker.amqp_url, counters, cancel).await
+            let counters = Arc::new(feedback::Counters::default());
+            let mut registry = metrics::registry();
+            registry.register_collector(Box::new(metrics::FeedbackCollector(counters.clone())));
+            let ready = metrics::feedback_ready(counters.clone());
+            observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
+            feedback::run(args.settings(), &args.broker.amqp_url, counters, cancel).await
         }
         Command::Purge(args) => {
             let pool = args.database.pool()?;
-            let counters = Arc::new(ringpush::purge::Counters::default());
-            ringpush::purge::run(
+            let counters = Arc::new(purge::Counters::default());
+            let mut registry = metrics::registry();
+            registry.register_collector(Box::new(metrics::PurgeCollector(counters.clone())));
+            let ready = metrics::purge_ready(counters.clone(), pool.clone());
+            observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
+            purge::run(
                 args.settings(),
                 &args.broker.amqp_url,
                 pool,
@@ -83,52 +99,60 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             let scripts = unregistered
                 .into_iter()
                 .map(|t| {
-                    (
-                        t,
-                        mock::Script {
-                            status: 410,
-                            reason: ringpush::apns::Reason::Unregistered,
-                            timestamp_ms: Some(now_ms),
-                        },
-                    )
+                    let script = mock::Script {
+                        status: 410,
+                        reason: ringpush::apns::Reason::Unregistered,
+                        timestamp_ms: Some(now_ms),
+                    };
+                    (t, script)
                 })
                 .collect();
             mock::run(settings, scripts, cancel).await
         }
-        Command::Ring(args) => ring(args, cancel).await,
         Command::Demo(args) => {
             let report = demo::run(&args, cancel).await?;
             print!("{report}");
             Ok(())
         }
+        Command::Ring(args) => ops::ring(args, cancel).await,
+        Command::Queues(args) => ops::queues(args, cancel).await,
+        Command::Who(args) => {
+            print!("{}", ops::who(args).await?);
+            Ok(())
+        }
+        Command::Seed(args) => {
+            print!("{}", ops::seed(args).await?);
+            Ok(())
+        }
     }
 }
 
-/// `ringpush ring`: publishes rings as a gateway would, confirmed, at a steady rate.
-async fn ring(args: ringpush::config::RingArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    use ringpush::ring::RingEvent;
-    ringpush::ring::check_gateway_id(&args.gateway_id)?;
-    let names = args.broker.names();
-    let connection = ringpush::broker::connect(&args.broker.amqp_url, "ringpush ring").await?;
-    let channel = ringpush::broker::confirm_channel(&connection).await?;
-    ringpush::broker::declare(&channel, &names).await?;
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1) / args.per_second);
-    for _ in 0..args.count {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let ring = RingEvent {
-            event_id: ringpush::demo::random_hex(16),
-            gateway_id: args.gateway_id.clone(),
-            pressed_at: time::OffsetDateTime::now_utc(),
-            switch_id: None,
-        };
-        ringpush::broker::publish_ring(&channel, &names, &ring).await?;
-        println!("rang {} (event {})", ring.gateway_id, ring.event_id);
-    }
-    connection.close(200, "done".into()).await?;
-    Ok(())
+/// Serves /metrics, /healthz and /readyz, with the queue-depth gauges kept fresh.
+async fn observe(
+    args: &MetricsArgs,
+    registry: prometheus_client::registry::Registry,
+    broker: &ringpush::config::BrokerArgs,
+    ready: ReadyCheck,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let names = broker.names();
+    metrics::observe(
+        args.metrics_addr,
+        registry,
+        &broker.amqp_url,
+        names,
+        args.queue_poll_interval,
+        ready,
+        cancel,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "RINGPUSH_METRICS_ADDR: cannot listen on {}: {e}",
+            args.metrics_addr
+        )
+    })
 }
 
 /// The first SIGINT or SIGTERM cancels the token (finish what is in flight, then exit); a

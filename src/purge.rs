@@ -44,6 +44,8 @@ pub struct Counters {
     pub dead_lettered: AtomicU64,
     /// Requests acked after their batch committed (or was dead-lettered).
     pub acked: AtomicU64,
+    /// Consuming from the broker right now.
+    pub broker_connected: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -125,6 +127,7 @@ async fn session(
     let s = &ctx.settings;
     let (queue, prefetch, batch) = (s.names.purge.clone(), s.prefetch, s.batch_size);
     let control = broker::Control::new(cancel, Duration::from_secs(10));
+    ctx.counters.broker_connected.store(true, Ordering::Relaxed);
     let result = broker::consume_batches(
         &connection,
         &queue,
@@ -137,6 +140,9 @@ async fn session(
         },
     )
     .await;
+    ctx.counters
+        .broker_connected
+        .store(false, Ordering::Relaxed);
     let _ = connection.close(200, "purge stopping".into()).await;
     result
 }

@@ -68,6 +68,16 @@ impl fmt::Display for DeviceToken {
     }
 }
 
+/// `n` random bytes as lower-case hex (ids, and tokens for seeds and tests).
+pub fn random_hex(n: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = vec![0u8; n];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system RNG works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,7 @@ use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldArray, LongString, ShortString};
 use lapin::Channel;
+use prometheus_client::metrics::histogram::Histogram;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -137,8 +138,8 @@ enum TokenResult {
     },
 }
 
-/// Running counts, readable by tests, the demo and metrics.
-#[derive(Debug, Default)]
+/// Running counts and state, readable by tests, the demo and metrics.
+#[derive(Debug)]
 pub struct Counters {
     pub rings_consumed: AtomicU64,
     /// Rings settled: acked after a push, expiry, unknown gateway, retry or dead-letter.
@@ -163,9 +164,60 @@ pub struct Counters {
     pub broker_sessions: AtomicU64,
     /// Rejections by APNs reason.
     pub rejected_by_reason: Mutex<BTreeMap<String, u64>>,
+    /// APNs request latency, seconds.
+    pub apns_request_seconds: Histogram,
+    /// From `pressed_at` to APNs's 200, seconds: the number the business cares about.
+    pub ring_to_accepted_seconds: Histogram,
+    /// Consuming from the broker right now.
+    pub broker_connected: AtomicBool,
+    /// Consumption paused because APNs, or the database, is unreachable.
+    pub paused_apns: AtomicBool,
+    pub paused_database: AtomicBool,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            rings_consumed: AtomicU64::default(),
+            rings_acked: AtomicU64::default(),
+            rings_delivered: AtomicU64::default(),
+            rings_expired: AtomicU64::default(),
+            rings_unknown_gateway: AtomicU64::default(),
+            rings_without_tokens: AtomicU64::default(),
+            rings_retried: AtomicU64::default(),
+            rings_dead_lettered: AtomicU64::default(),
+            rings_requeued: AtomicU64::default(),
+            notifications_accepted: AtomicU64::default(),
+            notifications_rejected: AtomicU64::default(),
+            notifications_failed: AtomicU64::default(),
+            feedback_events: AtomicU64::default(),
+            pauses: AtomicU64::default(),
+            broker_sessions: AtomicU64::default(),
+            rejected_by_reason: Mutex::default(),
+            apns_request_seconds: crate::metrics::latency_histogram(),
+            ring_to_accepted_seconds: crate::metrics::latency_histogram(),
+            broker_connected: AtomicBool::default(),
+            paused_apns: AtomicBool::default(),
+            paused_database: AtomicBool::default(),
+        }
+    }
 }
 
 impl Counters {
+    /// Ready to work: consuming, and neither APNs nor the database known unreachable.
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.broker_connected.load(Ordering::Relaxed) {
+            return Err("not connected to the broker".into());
+        }
+        if self.paused_apns.load(Ordering::Relaxed) {
+            return Err("APNs unreachable; consumption paused".into());
+        }
+        if self.paused_database.load(Ordering::Relaxed) {
+            return Err("database unreachable; consumption paused".into());
+        }
+        Ok(())
+    }
+
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
@@ -174,24 +226,21 @@ impl Counters {
     }
 }
 
-/// Why consumption is paused, and the probes that reopen it.
+/// Whether consumption may run (the reasons it may not are flags in [`Counters`]).
 struct Pause {
-    apns: AtomicBool,
-    database: AtomicBool,
     open: watch::Sender<bool>,
 }
 
 impl Pause {
     fn new() -> Self {
         Self {
-            apns: AtomicBool::new(false),
-            database: AtomicBool::new(false),
             open: watch::Sender::new(true),
         }
     }
 
-    fn update(&self) {
-        let open = !self.apns.load(Ordering::SeqCst) && !self.database.load(Ordering::SeqCst);
+    fn update(&self, counters: &Counters) {
+        let open = !counters.paused_apns.load(Ordering::SeqCst)
+            && !counters.paused_database.load(Ordering::SeqCst);
         self.open
             .send_if_modified(|o| std::mem::replace(o, open) != open);
     }
@@ -268,6 +317,10 @@ async fn session(
         shared: shared.clone(),
         publisher,
     });
+    shared
+        .counters
+        .broker_connected
+        .store(true, Ordering::Relaxed);
     let result = broker::consume_batches(
         &connection,
         &queue,
@@ -280,6 +333,10 @@ async fn session(
         },
     )
     .await;
+    shared
+        .counters
+        .broker_connected
+        .store(false, Ordering::Relaxed);
     let _ = connection.close(200, "worker stopping".into()).await;
     result
 }
@@ -403,8 +460,17 @@ async fn handle_ring(
                 expiration,
                 payload,
             };
-            match ctx.apns.send(r.environment, &n).await {
-                Ok(Answer::Accepted) => TokenResult::Accepted,
+            let sent = Instant::now();
+            let answer = ctx.apns.send(r.environment, &n).await;
+            if answer.is_ok() {
+                ctx.counters.apns_request_seconds.observe(sent.elapsed().as_secs_f64());
+            }
+            match answer {
+                Ok(Answer::Accepted) => {
+                    let since_press = OffsetDateTime::now_utc() - ring.pressed_at;
+                    ctx.counters.ring_to_accepted_seconds.observe(since_press.as_seconds_f64().max(0.0));
+                    TokenResult::Accepted
+                }
                 Ok(Answer::Rejected(rej)) => {
                     if rej.reason.is_token_invalid() {
                         info!(token = %r.token, reason = %rej.reason, "APNs reports the token invalid");
@@ -516,14 +582,14 @@ enum Paused {
 /// when the database or APNs answers again (backing off between tries).
 fn pause(ctx: &Arc<Context>, why: Paused) {
     let flag = match why {
-        Paused::Apns(_) => &ctx.pause.apns,
-        Paused::Database => &ctx.pause.database,
+        Paused::Apns(_) => &ctx.counters.paused_apns,
+        Paused::Database => &ctx.counters.paused_database,
     };
     if flag.swap(true, Ordering::SeqCst) {
         return;
     }
     Counters::add(&ctx.counters.pauses, 1);
-    ctx.pause.update();
+    ctx.pause.update(&ctx.counters);
     warn!(?why, "pausing consumption until it answers again");
     let shared = ctx.shared.clone();
     tokio::spawn(async move {
@@ -541,10 +607,13 @@ fn pause(ctx: &Arc<Context>, why: Paused) {
         }
         info!(?why, "answering again; resuming consumption");
         match why {
-            Paused::Apns(_) => shared.pause.apns.store(false, Ordering::SeqCst),
-            Paused::Database => shared.pause.database.store(false, Ordering::SeqCst),
+            Paused::Apns(_) => shared.counters.paused_apns.store(false, Ordering::SeqCst),
+            Paused::Database => shared
+                .counters
+                .paused_database
+                .store(false, Ordering::SeqCst),
         }
-        shared.pause.update();
+        shared.pause.update(&shared.counters);
     });
 }
 

@@ -15,7 +15,7 @@
 //!   hammered; requests meanwhile fail fast with [`SendError::Backoff`];
 //! - an idle connection is PINGed, and dropped if the PING goes unanswered.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -108,12 +108,29 @@ pub struct Client {
 }
 
 struct Inner {
+    gauges: Arc<Gauges>,
     production: Pool,
     sandbox: Pool,
     /// Token auth: the shared JWT signer (one token for every connection). `None` with
     /// certificate auth, where the TLS configuration carries the client certificate.
     signer: Option<Arc<Signer>>,
     request_timeout: Duration,
+}
+
+/// What the client has open right now, for metrics.
+#[derive(Debug, Default)]
+struct Gauges {
+    connections: AtomicI64,
+    streams: AtomicI64,
+}
+
+/// Counts one stream in flight while alive.
+struct InFlight(Arc<Gauges>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The connections to one endpoint.
@@ -125,6 +142,7 @@ struct Pool {
 
 /// One persistent connection, opened on first use and replaced when it fails.
 struct Slot {
+    gauges: Arc<Gauges>,
     endpoint: Endpoint,
     tls: TlsConnector,
     settings: Arc<Settings>,
@@ -180,14 +198,25 @@ fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("connections_open", &self.connections_open())
+            .field("streams_in_flight", &self.streams_in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Client {
     /// A client that connects lazily, on the first notification for each endpoint.
     pub fn new(settings: Settings, tls: Arc<ClientConfig>, signer: Option<Arc<Signer>>) -> Self {
         let settings = Arc::new(settings);
+        let gauges = Arc::new(Gauges::default());
         let pool = |endpoint: &Endpoint| Pool {
             slots: (0..settings.connections.max(1))
                 .map(|_| {
                     Arc::new(Slot {
+                        gauges: gauges.clone(),
                         endpoint: endpoint.clone(),
                         tls: TlsConnector::from(tls.clone()),
                         settings: settings.clone(),
@@ -199,6 +228,7 @@ impl Client {
         };
         Self {
             inner: Arc::new(Inner {
+                gauges: gauges.clone(),
                 production: pool(&settings.production),
                 sandbox: pool(&settings.sandbox),
                 signer,
@@ -207,8 +237,20 @@ impl Client {
         }
     }
 
+    /// HTTP/2 connections open now (both endpoints).
+    pub fn connections_open(&self) -> i64 {
+        self.inner.gauges.connections.load(Ordering::Relaxed)
+    }
+
+    /// Requests awaiting their answer now.
+    pub fn streams_in_flight(&self) -> i64 {
+        self.inner.gauges.streams.load(Ordering::Relaxed)
+    }
+
     /// Sends one notification and returns APNs's answer.
     pub async fn send(&self, env: Environment, n: &Notification) -> Result<Answer, SendError> {
+        self.inner.gauges.streams.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(self.inner.gauges.clone());
         let pool = match env {
             Environment::Production => &self.inner.production,
             Environment::Sandbox => &self.inner.sandbox,
@@ -383,12 +425,14 @@ impl Slot {
                 endpoint.base.clone(),
             ));
         }
-        let (base, done) = (endpoint.base.clone(), retired.clone());
+        let (base, done, gauges) = (endpoint.base.clone(), retired.clone(), self.gauges.clone());
+        gauges.connections.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             match connection.await {
                 Ok(()) => debug!(endpoint = %base, "APNs connection closed"),
                 Err(e) => warn!(endpoint = %base, error = %e, "APNs connection ended"),
             }
+            gauges.connections.fetch_sub(1, Ordering::Relaxed);
             done.cancel();
         });
         info!(endpoint = %endpoint.base, "APNs connection open");

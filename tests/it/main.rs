@@ -5,6 +5,7 @@
 mod apns;
 mod delivery;
 mod faults;
+mod metrics;
 mod migrate;
 mod proxy;
 mod purge;

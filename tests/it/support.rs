@@ -112,6 +112,8 @@ pub struct Options {
     pub apns_proxy: bool,
     /// Put a fault proxy between the worker and PostgreSQL.
     pub db_proxy: bool,
+    /// Serve the worker's /metrics, /healthz and /readyz on a loopback port.
+    pub metrics: bool,
 }
 
 pub struct App {
@@ -131,6 +133,8 @@ pub struct App {
     /// The .p8 key the worker signs with, and the test's schema URL (for a worker process).
     pub key_pem: String,
     pub db_url: String,
+    /// Where the worker's metrics are served, when asked for.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The public half of the key the worker signs JWTs with.
     pub jwt_public_key: Vec<u8>,
     /// A confirm-mode channel for publishing rings and reading queues.
@@ -204,6 +208,7 @@ impl App {
             run_worker: true,
             apns_proxy: false,
             db_proxy: false,
+            metrics: false,
         };
         edit(&mut options);
 
@@ -257,7 +262,28 @@ impl App {
             let settings = options.feedback;
             async move { feedback::run(settings, &amqp_url(), counters, cancel).await }
         });
+        let metrics_addr = match options.metrics {
+            false => None,
+            true => {
+                let mut registry = ringpush::metrics::registry();
+                ringpush::metrics::register_worker(&mut registry, &counters, &worker_apns);
+                let ready = ringpush::metrics::worker_ready(counters.clone(), worker_pool.clone());
+                let addr = ringpush::metrics::observe(
+                    "127.0.0.1:0".parse().unwrap(),
+                    registry,
+                    &amqp_url(),
+                    names.clone(),
+                    Duration::from_millis(200),
+                    ready,
+                    &cancel,
+                )
+                .await
+                .unwrap();
+                Some(addr)
+            }
+        };
         let mut app = Self {
+            metrics_addr,
             names,
             pool,
             mock,
@@ -288,6 +314,26 @@ impl App {
             app.start_purger();
         }
         app
+    }
+
+    /// GETs a path of the worker's metrics server: (status, body).
+    pub async fn scrape(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr.expect("metrics are on"))
+            .await
+            .unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
     }
 
     /// Starts `ringpush worker` in this test.

@@ -1,0 +1,131 @@
+//! What operators see: /metrics matches what the mock received, queue-depth gauges follow
+//! the queue, /healthz and /readyz answer.
+
+use std::time::Duration;
+
+use ringpush::apns::Reason;
+use ringpush::mock::Script;
+use ringpush::worker::Counters;
+
+use crate::support::{App, TOPIC};
+
+/// The value of one sample line (`name{labels} value`) in a Prometheus text body.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_match_what_the_mock_received() {
+    let app = App::spawn_with(|o| o.metrics = true).await;
+    let owner = app.add_user().await;
+    app.add_gateway("gw-m", owner, "Door").await;
+    for _ in 0..3 {
+        app.add_token(owner, "production", Some(TOPIC)).await;
+    }
+    let gone = app.add_token(owner, "production", Some(TOPIC)).await;
+    app.mock.script(
+        &gone,
+        Script {
+            status: 410,
+            reason: Reason::Unregistered,
+            timestamp_ms: Some(1),
+        },
+    );
+    for _ in 0..10 {
+        app.publish(&App::ring("gw-m", Duration::ZERO)).await;
+    }
+    app.publish(&App::ring("gw-unknown", Duration::ZERO)).await;
+    app.wait_acked(11).await;
+
+    let (status, body) = app.scrape("/metrics").await;
+    assert_eq!(status, 200);
+    let stats = app.mock.stats();
+    let accepted = sample(&body, r#"ringpush_notifications_total{outcome="accepted"}"#);
+    assert_eq!(accepted, Some(stats.accepted as f64), "{body}");
+    assert_eq!(
+        sample(
+            &body,
+            r#"ringpush_notifications_rejected_total{reason="Unregistered"}"#
+        ),
+        Some(10.0)
+    );
+    assert_eq!(
+        sample(&body, r#"ringpush_rings_total{outcome="delivered"}"#),
+        Some(10.0)
+    );
+    assert_eq!(
+        sample(&body, r#"ringpush_rings_total{outcome="unknown_gateway"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&body, "ringpush_apns_request_seconds_count"),
+        Some(stats.processed() as f64)
+    );
+    assert_eq!(
+        sample(&body, "ringpush_ring_to_accepted_seconds_count"),
+        Some(stats.accepted as f64)
+    );
+    assert_eq!(
+        sample(&body, "ringpush_feedback_events_published_total"),
+        Some(10.0)
+    );
+    assert_eq!(
+        sample(&body, "ringpush_apns_connections"),
+        Some(2.0),
+        "two connections per endpoint, one endpoint used"
+    );
+    assert_eq!(sample(&body, "ringpush_broker_connected"), Some(1.0));
+
+    assert_eq!(app.scrape("/healthz").await.0, 200);
+    let (ready, why) = app.scrape("/readyz").await;
+    assert_eq!(ready, 200, "{why}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn queue_depth_gauges_follow_a_queue_filled_while_no_worker_consumes() {
+    let mut app = App::spawn_with(|o| {
+        o.metrics = true;
+        o.run_worker = false;
+    })
+    .await;
+    let series = format!(r#"ringpush_queue_messages{{queue="{}"}}"#, app.names.rings);
+    for _ in 0..25 {
+        app.publish(&App::ring("gw-nobody", Duration::ZERO)).await;
+    }
+    let mut seen = None;
+    for _ in 0..50 {
+        seen = sample(&app.scrape("/metrics").await.1, &series);
+        if seen == Some(25.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, Some(25.0));
+    let (ready, _) = app.scrape("/readyz").await;
+    assert_eq!(ready, 503, "not ready without a consumer");
+
+    app.start_worker();
+    app.wait_acked(25).await;
+    let mut seen = None;
+    for _ in 0..50 {
+        let body = app.scrape("/metrics").await.1;
+        seen = sample(&body, &series);
+        let consumers = sample(
+            &body,
+            &format!(r#"ringpush_queue_consumers{{queue="{}"}}"#, app.names.rings),
+        );
+        if seen == Some(0.0) && consumers == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, Some(0.0));
+    assert_eq!(Counters::get(&app.counters.rings_unknown_gateway), 25);
+    app.stop().await;
+}
