@@ -11,7 +11,8 @@ FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin ringpush \
  && mkdir -p /certs && chown ringpush /certs
 COPY --from=build /src/target/release/ringpush /usr/local/bin/ringpush
-USER ringpush
+# Numeric, so Kubernetes can check runAsNonRoot.
+USER 10001
 # Exec form: SIGTERM reaches ringpush itself, which drains and exits 0.
 ENTRYPOINT ["/usr/local/bin/ringpush"]
 CMD ["worker"]

@@ -412,6 +412,17 @@ impl QueueDepth {
         );
     }
 
+    /// Records one queue's depth and consumer count.
+    pub fn set(&self, queue: &str, messages: u32, consumers: u32) {
+        let labels = vec![("queue".to_owned(), queue.to_owned())];
+        self.messages
+            .get_or_create(&labels)
+            .set(i64::from(messages));
+        self.consumers
+            .get_or_create(&labels)
+            .set(i64::from(consumers));
+    }
+
     /// Polls until `cancel`; a failed poll drops the connection and tries again next time.
     pub fn spawn(self, amqp_url: String, names: Names, every: Duration, cancel: CancellationToken) {
         tokio::spawn(async move {

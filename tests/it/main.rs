@@ -4,6 +4,7 @@
 
 mod apns;
 mod delivery;
+mod deploy;
 mod faults;
 mod metrics;
 mod migrate;

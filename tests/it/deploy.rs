@@ -1,0 +1,331 @@
+//! The compose file, the Kubernetes manifests and the Grafana dashboard agree with the
+//! binary: they parse, every command is a real subcommand with real flags, every
+//! environment variable they set is one that subcommand reads, and every metric the
+//! dashboard plots is one ringpush exports.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use clap::CommandFactory;
+use ringpush::config::Cli;
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn load(path: &str) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap();
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{path} does not parse: {e}"))
+}
+
+fn get<'a>(y: &'a Yaml, key: &str) -> &'a Yaml {
+    &y[key]
+}
+
+fn strings(y: &Yaml) -> Vec<String> {
+    y.as_vec()
+        .map(|v| {
+            v.iter()
+                .map(|s| s.as_str().expect("a string").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A mapping's keys, with YAML merge keys (`<<`) resolved.
+fn keys(y: &Yaml) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Some(h) = y.as_hash() {
+        for (k, v) in h {
+            match k.as_str() {
+                Some("<<") => {
+                    for merged in v.as_vec().cloned().unwrap_or_else(|| vec![v.clone()]) {
+                        out.extend(keys(&merged));
+                    }
+                }
+                Some(k) => {
+                    out.insert(k.to_owned());
+                }
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+/// A mapping with merge keys resolved (only what the checks need: nested lookups).
+fn merged(y: &Yaml) -> HashMap<String, Yaml> {
+    let mut out = HashMap::new();
+    if let Some(h) = y.as_hash() {
+        for (k, v) in h {
+            if k.as_str() == Some("<<") {
+                for m in v.as_vec().cloned().unwrap_or_else(|| vec![v.clone()]) {
+                    for (mk, mv) in merged(&m) {
+                        out.entry(mk).or_insert(mv);
+                    }
+                }
+            } else if let Some(k) = k.as_str() {
+                out.insert(k.to_owned(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Checks `args` against the CLI and returns the environment variables the subcommand reads.
+fn check_command(args: &[String], what: &str) -> BTreeSet<String> {
+    let mut cli = Cli::command();
+    cli.build();
+    let name = args.first().unwrap_or_else(|| panic!("{what}: no command"));
+    let sub = cli
+        .find_subcommand(name)
+        .unwrap_or_else(|| panic!("{what}: {name:?} is not a ringpush subcommand"));
+    let arguments: Vec<_> = sub.get_arguments().collect();
+    for flag in args.iter().filter_map(|a| a.strip_prefix("--")) {
+        let flag = flag.split('=').next().unwrap();
+        assert!(
+            arguments.iter().any(|a| a.get_long() == Some(flag)),
+            "{what}: `ringpush {name}` has no flag --{flag}"
+        );
+    }
+    // The command line itself must parse (positional arguments, values).
+    let mut argv = vec!["ringpush".to_owned()];
+    argv.extend(args.iter().cloned());
+    <Cli as clap::Parser>::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{what}: {argv:?} does not parse: {e}"));
+    arguments
+        .iter()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect()
+}
+
+fn check_env(vars: impl IntoIterator<Item = String>, reads: &BTreeSet<String>, what: &str) {
+    for var in vars {
+        if var == "RUST_LOG" {
+            continue;
+        }
+        assert!(
+            reads.contains(&var),
+            "{what} sets {var}, which this subcommand does not read"
+        );
+    }
+}
+
+#[test]
+fn the_compose_file_runs_real_commands_with_variables_they_read() {
+    let compose = &load("docker-compose.yml")[0];
+    let services = merged(get(compose, "services"));
+    let mut commands = BTreeSet::new();
+    for (name, service) in &services {
+        let service = merged(service);
+        let image = service
+            .get("image")
+            .and_then(|i| i.as_str())
+            .unwrap_or_default();
+        if image != "ringpush:local" {
+            continue;
+        }
+        let args = strings(
+            service
+                .get("command")
+                .unwrap_or_else(|| panic!("{name} has no command")),
+        );
+        commands.insert(args[0].clone());
+        let reads = check_command(&args, &format!("compose service {name}"));
+        let env = service.get("environment").map(keys).unwrap_or_default();
+        check_env(env, &reads, &format!("compose service {name}"));
+    }
+    for needed in [
+        "migrate",
+        "worker",
+        "feedback",
+        "purge",
+        "mock-apns",
+        "ring",
+        "seed",
+    ] {
+        assert!(commands.contains(needed), "compose runs no `{needed}`");
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_run_real_commands_with_variables_they_read() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut docs = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let rel = format!(
+                "deploy/kubernetes/{}",
+                path.file_name().unwrap().to_string_lossy()
+            );
+            docs.extend(load(&rel).into_iter().map(|d| (rel.clone(), d)));
+        }
+    }
+    let config_maps: HashMap<String, BTreeSet<String>> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"].as_str() == Some("ConfigMap"))
+        .map(|(_, d)| {
+            (
+                d["metadata"]["name"].as_str().unwrap().to_owned(),
+                keys(&d["data"]),
+            )
+        })
+        .collect();
+    let mut workloads = HashMap::new();
+    for (file, doc) in &docs {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        if !matches!(kind, "Deployment" | "Job") {
+            continue;
+        }
+        let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+        let pod = &doc["spec"]["template"]["spec"];
+        for container in pod["containers"].as_vec().unwrap() {
+            let args = strings(&container["args"]);
+            let what = format!("{file} {name}");
+            let reads = check_command(&args, &what);
+            let mut env: Vec<String> = container["env"]
+                .as_vec()
+                .map(|v| {
+                    v.iter()
+                        .map(|e| e["name"].as_str().unwrap().to_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for from in container["envFrom"].as_vec().cloned().unwrap_or_default() {
+                let map = from["configMapRef"]["name"].as_str().unwrap();
+                env.extend(
+                    config_maps
+                        .get(map)
+                        .unwrap_or_else(|| panic!("{what}: no ConfigMap {map}"))
+                        .iter()
+                        .cloned(),
+                );
+            }
+            check_env(env.clone(), &reads, &what);
+            if kind == "Deployment" {
+                assert!(
+                    container["livenessProbe"]["httpGet"]["path"].as_str() == Some("/healthz"),
+                    "{what}: liveness"
+                );
+                assert!(
+                    container["readinessProbe"]["httpGet"]["path"].as_str() == Some("/readyz"),
+                    "{what}: readiness"
+                );
+                assert!(
+                    !container["resources"]["requests"].is_badvalue(),
+                    "{what}: resources"
+                );
+            }
+            workloads.insert(
+                name.clone(),
+                (
+                    args[0].clone(),
+                    pod["terminationGracePeriodSeconds"].as_i64(),
+                    env,
+                ),
+            );
+        }
+    }
+    for needed in ["migrate", "worker", "feedback", "purge"] {
+        assert!(
+            workloads.values().any(|(cmd, _, _)| cmd == needed),
+            "no workload runs `{needed}`"
+        );
+    }
+    // The worker's grace period in Kubernetes outlasts its own drain time.
+    let (_, grace, _) = &workloads["ringpush-worker"];
+    let drain = docs
+        .iter()
+        .find_map(|(_, d)| {
+            d["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_vec()
+                .and_then(|env| {
+                    env.iter()
+                        .find(|e| e["name"].as_str() == Some("RINGPUSH_SHUTDOWN_GRACE"))
+                        .and_then(|e| {
+                            e["value"]
+                                .as_str()
+                                .map(|v| humantime::parse_duration(v).unwrap())
+                        })
+                })
+        })
+        .unwrap_or(std::time::Duration::from_secs(25));
+    assert!(
+        grace.unwrap() as u64 > drain.as_secs(),
+        "terminationGracePeriodSeconds must exceed the drain"
+    );
+    // KEDA scales the worker Deployment on the rings queue.
+    let scaled = docs
+        .iter()
+        .find(|(_, d)| d["kind"].as_str() == Some("ScaledObject"))
+        .expect("a ScaledObject")
+        .1
+        .clone();
+    assert_eq!(
+        scaled["spec"]["scaleTargetRef"]["name"].as_str(),
+        Some("ringpush-worker")
+    );
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"].as_str(), Some("rabbitmq"));
+    assert_eq!(
+        trigger["metadata"]["queueName"].as_str(),
+        Some(ringpush::broker::Names::new("ringpush").rings.as_str())
+    );
+    assert_eq!(trigger["metadata"]["mode"].as_str(), Some("QueueLength"));
+}
+
+#[test]
+fn the_dashboard_plots_only_metrics_ringpush_exports() {
+    // Every family the worker, feedback consumer and purger export.
+    let mut registry = ringpush::metrics::registry();
+    let counters = Arc::new(ringpush::worker::Counters::default());
+    let endpoint = ringpush::apns::request::Endpoint::parse("https://localhost").unwrap();
+    let tls = ringpush::apns::tls::client_config(None, None).unwrap();
+    let client = ringpush::apns::http2::Client::new(
+        ringpush::apns::http2::Settings::new(endpoint.clone(), endpoint),
+        tls,
+        None,
+    );
+    ringpush::metrics::register_worker(&mut registry, &counters, &client);
+    let depth = ringpush::metrics::QueueDepth::default();
+    depth.register(&mut registry);
+    depth.set("ringpush.rings", 0, 0);
+    registry.register_collector(Box::new(ringpush::metrics::FeedbackCollector(
+        Default::default(),
+    )));
+    registry.register_collector(Box::new(ringpush::metrics::PurgeCollector(
+        Default::default(),
+    )));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let families: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect();
+
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/grafana-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut plotted = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("ringpush_"))
+            {
+                let family = ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(name);
+                assert!(
+                    families.contains(family),
+                    "the dashboard plots {name}, which ringpush does not export ({families:?})"
+                );
+                plotted += 1;
+            }
+        }
+    }
+    assert!(plotted >= 10);
+}
