@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::apns::http2::{self, Client};
 use crate::apns::jwt::{self, Signer};
 use crate::apns::request::{AlertTemplate, Endpoint};
-use crate::apns::{self, tls, Reason};
+use crate::apns::{self, binary, tls, Apns, Reason};
 use crate::broker::Names;
 use crate::token::DeviceToken;
 use crate::worker;
@@ -206,18 +206,14 @@ impl DatabaseArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ApnsArgs {
-    /// `http2` (today's APNs) or `binary` (the legacy protocol).
-    #[arg(long, env = "RINGPUSH_APNS_PROTOCOL", default_value = "http2")]
-    pub apns_protocol: String,
+    #[command(flatten)]
+    pub tls: ApnsTlsArgs,
     /// HTTP/2 API base for tokens whose environment is production.
     #[arg(long, env = "RINGPUSH_APNS_PRODUCTION_URL", default_value = apns::PRODUCTION_URL, value_parser = endpoint("RINGPUSH_APNS_PRODUCTION_URL"))]
     pub apns_production_url: Endpoint,
     /// HTTP/2 API base for tokens whose environment is sandbox.
     #[arg(long, env = "RINGPUSH_APNS_SANDBOX_URL", default_value = apns::SANDBOX_URL, value_parser = endpoint("RINGPUSH_APNS_SANDBOX_URL"))]
     pub apns_sandbox_url: Endpoint,
-    /// Extra CA (PEM) to trust besides the public roots, e.g. the mock's.
-    #[arg(long, env = "RINGPUSH_APNS_CA_FILE")]
-    pub apns_ca_file: Option<PathBuf>,
     /// Token auth: the team's .p8 key file.
     #[arg(long, env = "RINGPUSH_APNS_KEY_FILE")]
     pub apns_key_file: Option<PathBuf>,
@@ -233,12 +229,6 @@ pub struct ApnsArgs {
     /// How long one APNs request may take.
     #[arg(long, env = "RINGPUSH_APNS_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration("RINGPUSH_APNS_REQUEST_TIMEOUT"))]
     pub apns_request_timeout: Duration,
-    /// Certificate auth: a .p12 file, or PEM with the certificate chain and its key.
-    #[arg(long, env = "RINGPUSH_APNS_CERT_FILE")]
-    pub apns_cert_file: Option<PathBuf>,
-    /// Certificate auth: the .p12 file's password.
-    #[arg(long, env = "RINGPUSH_APNS_CERT_PASSWORD", hide_env_values = true)]
-    pub apns_cert_password: Option<Secret>,
     /// Token auth: re-sign the shared JWT this often (20m to 60m).
     #[arg(long, env = "RINGPUSH_APNS_JWT_REFRESH", default_value = "50m", value_parser = duration("RINGPUSH_APNS_JWT_REFRESH"))]
     pub apns_jwt_refresh: Duration,
@@ -251,28 +241,102 @@ pub struct ApnsArgs {
     /// How long connecting to APNs (TCP, TLS, HTTP/2) may take.
     #[arg(long, env = "RINGPUSH_APNS_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration("RINGPUSH_APNS_CONNECT_TIMEOUT"))]
     pub apns_connect_timeout: Duration,
+    /// Binary protocol: the legacy gateway, host:port.
+    #[arg(long, env = "RINGPUSH_APNS_BINARY_ADDR", default_value = binary::GATEWAY, value_parser = address("RINGPUSH_APNS_BINARY_ADDR"))]
+    pub apns_binary_addr: binary::Address,
+    /// Binary protocol: a notification with no error packet this long after its write is
+    /// accepted.
+    #[arg(long, env = "RINGPUSH_APNS_BINARY_QUIET", default_value = "300ms", value_parser = duration("RINGPUSH_APNS_BINARY_QUIET"))]
+    pub apns_binary_quiet: Duration,
+}
+
+/// What both protocols' TLS needs: the protocol, an extra CA, and certificate auth.
+#[derive(Debug, Clone, Args)]
+pub struct ApnsTlsArgs {
+    /// `http2` (today's APNs) or `binary` (the legacy protocol).
+    #[arg(long, env = "RINGPUSH_APNS_PROTOCOL", default_value = "http2", value_parser = protocol)]
+    pub apns_protocol: String,
+    /// Extra CA (PEM) to trust besides the public roots, e.g. the mock's.
+    #[arg(long, env = "RINGPUSH_APNS_CA_FILE")]
+    pub apns_ca_file: Option<PathBuf>,
+    /// Certificate auth: a .p12 file, or PEM with the certificate chain and its key.
+    #[arg(long, env = "RINGPUSH_APNS_CERT_FILE")]
+    pub apns_cert_file: Option<PathBuf>,
+    /// Certificate auth: the .p12 file's password.
+    #[arg(long, env = "RINGPUSH_APNS_CERT_PASSWORD", hide_env_values = true)]
+    pub apns_cert_password: Option<Secret>,
+}
+
+impl ApnsTlsArgs {
+    pub fn binary(&self) -> bool {
+        self.apns_protocol == "binary"
+    }
+
+    /// The client certificate, when one is configured.
+    pub fn identity(&self) -> Result<Option<tls::Identity>, ConfigError> {
+        let Some(file) = &self.apns_cert_file else {
+            return Ok(None);
+        };
+        let password = self.apns_cert_password.as_ref().map_or("", |p| p.expose());
+        tls::Identity::from_file(file, password)
+            .map(Some)
+            .map_err(|e| config_error("RINGPUSH_APNS_CERT_FILE", e))
+    }
+
+    /// TLS for the binary interface: the certificate is required there.
+    pub fn binary_tls(&self) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, ConfigError> {
+        let identity = self.identity()?.ok_or_else(|| {
+            config_error(
+                "RINGPUSH_APNS_CERT_FILE",
+                "the binary protocol needs certificate auth (.p12 or PEM)",
+            )
+        })?;
+        let mut config = (*tls::client_config(self.apns_ca_file.as_deref(), Some(identity))
+            .map_err(|e| config_error("RINGPUSH_APNS_CA_FILE", e))?)
+        .clone();
+        config.alpn_protocols.clear();
+        Ok(Arc::new(config))
+    }
+}
+
+/// A value parser for `RINGPUSH_APNS_PROTOCOL`.
+fn protocol(s: &str) -> Result<String, String> {
+    match s {
+        "http2" | "binary" => Ok(s.to_owned()),
+        other => Err(format!(
+            "RINGPUSH_APNS_PROTOCOL: {other:?} is not http2 or binary"
+        )),
+    }
+}
+
+/// A value parser for `host:port` addresses whose error names the variable.
+fn address(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<binary::Address, String> + Clone + Send + Sync + 'static {
+    move |s| binary::Address::parse(s).map_err(|e| format!("{var}: {e}"))
 }
 
 impl ApnsArgs {
     /// Checks the credentials and builds the client (connections open on first use).
-    pub fn client(&self) -> Result<Client, ConfigError> {
-        match self.apns_protocol.as_str() {
-            "http2" => {}
-            "binary" => {
+    pub fn client(&self) -> Result<Apns, ConfigError> {
+        if self.tls.binary() {
+            if self.apns_key_file.is_some()
+                || self.apns_key_id.is_some()
+                || self.apns_team_id.is_some()
+            {
                 return Err(config_error(
-                    "RINGPUSH_APNS_PROTOCOL",
-                    "the legacy binary protocol is not available in this version; use http2",
-                ))
+                    "RINGPUSH_APNS_KEY_FILE",
+                    "the binary protocol has no token auth: use RINGPUSH_APNS_CERT_FILE only",
+                ));
             }
-            other => {
-                return Err(config_error(
-                    "RINGPUSH_APNS_PROTOCOL",
-                    format!("{other:?} is not http2 or binary"),
-                ))
-            }
+            let mut settings = binary::Settings::new(self.apns_binary_addr.clone());
+            settings.connect_timeout = self.apns_connect_timeout;
+            settings.request_timeout = self.apns_request_timeout;
+            settings.quiet = self.apns_binary_quiet;
+            return Ok(binary::Client::new(settings, self.tls.binary_tls()?).into());
         }
         let (signer, identity) = self.credentials()?;
-        let tls = tls::client_config(self.apns_ca_file.as_deref(), identity)
+        let tls = tls::client_config(self.tls.apns_ca_file.as_deref(), identity)
             .map_err(|e| config_error("RINGPUSH_APNS_CA_FILE", e))?;
         let mut settings = http2::Settings::new(
             self.apns_production_url.clone(),
@@ -282,7 +346,7 @@ impl ApnsArgs {
         settings.connect_timeout = self.apns_connect_timeout;
         settings.connections = self.apns_connections;
         settings.ping_interval = Some(self.apns_ping_interval).filter(|d| !d.is_zero());
-        Ok(Client::new(settings, tls, signer.map(Arc::new)))
+        Ok(Client::new(settings, tls, signer.map(Arc::new)).into())
     }
 
     /// Exactly one of token auth (key file, key id, team id) and certificate auth.
@@ -293,17 +357,12 @@ impl ApnsArgs {
             ("RINGPUSH_APNS_TEAM_ID", self.apns_team_id.is_some()),
         ];
         let any_token = token_vars.iter().any(|(_, set)| *set);
-        match (&self.apns_cert_file, any_token) {
+        match (&self.tls.apns_cert_file, any_token) {
             (Some(_), true) => Err(config_error(
                 "RINGPUSH_APNS_CERT_FILE",
                 "set either certificate auth (RINGPUSH_APNS_CERT_FILE) or token auth (RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID, RINGPUSH_APNS_TEAM_ID), not both",
             )),
-            (Some(file), false) => {
-                let password = self.apns_cert_password.as_ref().map_or("", |p| p.expose());
-                let identity = tls::Identity::from_file(file, password)
-                    .map_err(|e| config_error("RINGPUSH_APNS_CERT_FILE", e))?;
-                Ok((None, Some(identity)))
-            }
+            (Some(_), false) => Ok((None, self.tls.identity()?)),
             (None, _) => {
                 let missing: Vec<&str> = token_vars
                     .iter()
@@ -461,15 +520,33 @@ pub struct FeedbackArgs {
     /// Unacked feedback events held at once.
     #[arg(long, env = "RINGPUSH_FEEDBACK_PREFETCH", default_value = "100", value_parser = positive::<u16>("RINGPUSH_FEEDBACK_PREFETCH"))]
     pub prefetch: u16,
+    /// With the binary protocol: also poll the legacy feedback service.
+    #[command(flatten)]
+    pub tls: ApnsTlsArgs,
+    /// Binary protocol: the legacy feedback service, host:port.
+    #[arg(long, env = "RINGPUSH_APNS_FEEDBACK_ADDR", default_value = binary::FEEDBACK, value_parser = address("RINGPUSH_APNS_FEEDBACK_ADDR"))]
+    pub apns_feedback_addr: binary::Address,
+    /// Binary protocol: how often the feedback service is polled (Apple advised daily).
+    #[arg(long, env = "RINGPUSH_APNS_FEEDBACK_INTERVAL", default_value = "1h", value_parser = duration("RINGPUSH_APNS_FEEDBACK_INTERVAL"))]
+    pub apns_feedback_interval: Duration,
 }
 
 impl FeedbackArgs {
-    pub fn settings(&self) -> crate::feedback::Settings {
-        crate::feedback::Settings {
+    pub fn settings(&self) -> Result<crate::feedback::Settings, ConfigError> {
+        let service = match self.tls.binary() {
+            false => None,
+            true => Some(crate::feedback::Service {
+                address: self.apns_feedback_addr.clone(),
+                tls: self.tls.binary_tls()?,
+                every: self.apns_feedback_interval,
+            }),
+        };
+        Ok(crate::feedback::Settings {
             names: self.broker.names(),
             prefetch: self.prefetch,
             dedup_window: self.dedup_window,
-        }
+            service,
+        })
     }
 }
 
@@ -552,6 +629,20 @@ pub struct MockArgs {
     /// Fault: drop the TCP connection once this many streams have arrived on it.
     #[arg(long, env = "RINGPUSH_MOCK_CLOSE_AFTER")]
     pub close_after: Option<u64>,
+    /// Also serve the legacy binary gateway here (certificate auth), e.g. 127.0.0.1:2195.
+    #[arg(
+        long,
+        env = "RINGPUSH_MOCK_BINARY_LISTEN",
+        requires = "feedback_listen"
+    )]
+    pub binary_listen: Option<SocketAddr>,
+    /// And the legacy feedback service here, e.g. 127.0.0.1:2196.
+    #[arg(
+        long,
+        env = "RINGPUSH_MOCK_FEEDBACK_LISTEN",
+        requires = "binary_listen"
+    )]
+    pub feedback_listen: Option<SocketAddr>,
     /// Fault: answer this share of requests (per mille) with RINGPUSH_MOCK_ERROR_REASON.
     #[arg(long, env = "RINGPUSH_MOCK_ERROR_PER_MILLE", default_value = "0")]
     pub error_per_mille: u32,
@@ -644,6 +735,7 @@ impl MockArgs {
                 error_rate,
             },
             listen: self.listen,
+            binary: self.binary_listen.zip(self.feedback_listen),
             ..crate::mock::Settings::local(self.cert_dir.clone(), auth)
         };
         Ok((settings, unregistered))
@@ -701,6 +793,9 @@ pub struct DemoArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     pub database_url: String,
+    /// `http2`, or `binary` to run the demo over the legacy binary interface.
+    #[arg(long, env = "RINGPUSH_APNS_PROTOCOL", default_value = "http2", value_parser = protocol)]
+    pub apns_protocol: String,
 }
 
 #[cfg(test)]
@@ -805,18 +900,7 @@ mod tests {
             !err.contains("missing: RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID"),
             "{err}"
         );
-        let Command::Worker(w) = parse(&["ringpush", "worker", "--apns-protocol", "smoke"])
-            .unwrap()
-            .command
-        else {
-            panic!("not a worker")
-        };
-        assert!(w
-            .apns
-            .client()
-            .err()
-            .unwrap()
-            .to_string()
-            .starts_with("RINGPUSH_APNS_PROTOCOL"));
+        let err = parse(&["ringpush", "worker", "--apns-protocol", "smoke"]).unwrap_err();
+        assert!(err.contains("RINGPUSH_APNS_PROTOCOL"), "{err}");
     }
 }

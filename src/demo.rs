@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::apns::jwt::{self, Signer};
+use crate::apns::{binary, tls, Apns};
 use crate::broker::{self, Names};
 use crate::config::DemoArgs;
 use crate::mock::{self, Mock};
@@ -55,14 +56,16 @@ pub struct Report {
     pub tokens_purged: u64,
     /// Tokens of deleted apps still in the database at the end (should be 0).
     pub stale_tokens_left: u64,
+    /// `HTTP/2` or `binary`.
+    pub protocol: &'static str,
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "ringpush demo: {} rings published, all settled in {:.2?}",
-            self.rings_published, self.elapsed
+            "ringpush demo ({}): {} rings published, all settled in {:.2?}",
+            self.protocol, self.rings_published, self.elapsed
         )?;
         writeln!(f)?;
         writeln!(f, "rings")?;
@@ -161,19 +164,21 @@ async fn run_inner(
         "DEMOTEAM12",
         jwt::DEFAULT_REFRESH,
     )?;
-    let mock = Mock::start(
-        mock::Settings::local(
-            dir.join("mock-certs"),
-            mock::AuthCheck {
-                public_key: Some(signer.public_key()),
-                key_id: Some("DEMOKEY123".into()),
-                team_id: Some("DEMOTEAM12".into()),
-                ..mock::AuthCheck::default()
-            },
-        ),
-        cancel.clone(),
-    )
-    .await?;
+    let binary = args.apns_protocol == "binary";
+    let mut mock_settings = mock::Settings::local(
+        dir.join("mock-certs"),
+        mock::AuthCheck {
+            public_key: Some(signer.public_key()),
+            key_id: Some("DEMOKEY123".into()),
+            team_id: Some("DEMOTEAM12".into()),
+            ..mock::AuthCheck::default()
+        },
+    );
+    if binary {
+        let any = "127.0.0.1:0".parse()?;
+        mock_settings.binary = Some((any, any));
+    }
+    let mock = Mock::start(mock_settings, cancel.clone()).await?;
     let now_ms = jwt::unix_now() * 1000;
     for person in &people {
         for (token, _, unregistered) in &person.phones {
@@ -182,7 +187,34 @@ async fn run_inner(
             }
         }
     }
-    let apns = mock.client(Arc::new(signer))?;
+    // The binary interface knows only certificate auth: a client certificate from the
+    // mock's CA; its feedback service is polled too.
+    let (apns, service): (Apns, Option<feedback::Service>) = if binary {
+        let (cert, key) = mock.issue_client_certificate("com.example.doorbell")?;
+        let pem = dir.join("client.pem");
+        std::fs::write(&pem, format!("{cert}{key}"))?;
+        let tls = tls::client_config(
+            Some(mock.ca_file()),
+            Some(tls::Identity::from_file(&pem, "")?),
+        )?;
+        let at = |addr: Option<std::net::SocketAddr>| {
+            binary::Address::parse(&format!(
+                "localhost:{}",
+                addr.expect("binary ports are on").port()
+            ))
+            .map_err(anyhow::Error::msg)
+        };
+        let client =
+            binary::Client::new(binary::Settings::new(at(mock.gateway_addr())?), tls.clone());
+        let service = feedback::Service {
+            address: at(mock.feedback_addr())?,
+            tls,
+            every: Duration::from_millis(500),
+        };
+        (client.into(), Some(service))
+    } else {
+        (mock.client(Arc::new(signer))?.into(), None)
+    };
 
     // A worker in this process.
     let counters = Arc::new(Counters::default());
@@ -211,6 +243,7 @@ async fn run_inner(
             names: names.clone(),
             prefetch: 100,
             dedup_window: Duration::from_secs(600),
+            service,
         };
         processes.spawn(async move { feedback::run(settings, &url, counters, cancel).await });
     }
@@ -266,8 +299,10 @@ async fn run_inner(
     let deadline = Instant::now() + Duration::from_secs(60);
     let settled = || {
         Counters::get(&counters.rings_acked) == published
+            // (the binary feedback service may add events of its own)
             && feedback::Counters::get(&feedback_counters.acked)
-                == Counters::get(&counters.feedback_events)
+                >= Counters::get(&counters.feedback_events)
+                    + feedback::Counters::get(&feedback_counters.service_tokens)
             && purge::Counters::get(&purge_counters.acked)
                 == feedback::Counters::get(&feedback_counters.purge_requests)
     };
@@ -327,6 +362,11 @@ async fn run_inner(
     report.purge_requests = feedback::Counters::get(&feedback_counters.purge_requests);
     report.tokens_purged = purge::Counters::get(&purge_counters.purged);
     report.stale_tokens_left = stale_left as u64;
+    report.protocol = if binary {
+        "legacy binary interface"
+    } else {
+        "HTTP/2"
+    };
     Ok(report)
 }
 

@@ -130,6 +130,17 @@ pub struct Settings {
     pub prefetch: u16,
     /// A token seen again within this window produces no second purge request.
     pub dedup_window: Duration,
+    /// With the binary protocol: the legacy feedback service to poll.
+    pub service: Option<Service>,
+}
+
+/// The legacy feedback service and how often to read it.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub address: crate::apns::binary::Address,
+    /// TLS with the client certificate.
+    pub tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    pub every: Duration,
 }
 
 /// Running counts of the feedback consumer.
@@ -146,6 +157,9 @@ pub struct Counters {
     pub acked: AtomicU64,
     /// Consuming from the broker right now.
     pub broker_connected: std::sync::atomic::AtomicBool,
+    /// Reads of the legacy feedback service, and the tokens it listed.
+    pub service_polls: AtomicU64,
+    pub service_tokens: AtomicU64,
 }
 
 impl Counters {
@@ -174,6 +188,10 @@ pub async fn run(
         seen: Mutex::new(HashMap::new()),
     });
     let name = format!("ringpush feedback {}", ctx.settings.names.prefix);
+    if let Some(service) = ctx.settings.service.clone() {
+        let (ctx, url, cancel) = (ctx.clone(), amqp_url.to_owned(), cancel.clone());
+        tokio::spawn(async move { poll_service(&ctx, &service, &url, cancel).await });
+    }
     broker::serve("feedback", &cancel, || {
         session(ctx.clone(), amqp_url, &name, cancel.clone())
     })
@@ -211,6 +229,94 @@ async fn session(
         .broker_connected
         .store(false, Ordering::Relaxed);
     let _ = connection.close(200, "feedback stopping".into()).await;
+    result
+}
+
+/// Reads the legacy feedback service on an interval and publishes a feedback event per
+/// tuple (reason `FeedbackService`, `invalid_since` the tuple's time — its whole second, so
+/// a token registered later within that second counts as older, as Apple's seconds-based
+/// rule has it) into the same path.
+/// The service forgets what it listed once read, so tuples are published with confirms and
+/// retried until the broker takes them.
+async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: CancellationToken) {
+    let tls = tokio_rustls::TlsConnector::from(service.tls.clone());
+    loop {
+        match crate::apns::binary::feedback::read(&service.address, &tls, Duration::from_secs(30))
+            .await
+        {
+            Ok(tuples) => {
+                ctx.counters.service_polls.fetch_add(1, Ordering::Relaxed);
+                let observed_at = OffsetDateTime::now_utc();
+                let events: Vec<Invalidation> = tuples
+                    .iter()
+                    .filter_map(|t| {
+                        let hex: String = t.token.iter().map(|b| format!("{b:02x}")).collect();
+                        Some(Invalidation {
+                            token: DeviceToken::parse(&hex).ok()?,
+                            environment: Environment::Production,
+                            topic: None,
+                            reason: "FeedbackService".into(),
+                            // Tuple times are whole seconds and Apple compares registration
+                            // times at that precision: the end of the tuple's second.
+                            invalid_since: OffsetDateTime::from_unix_timestamp(i64::from(t.time))
+                                .ok()?
+                                + Duration::from_micros(999_999),
+                            observed_at,
+                        })
+                    })
+                    .collect();
+                if !events.is_empty() {
+                    info!(
+                        tokens = events.len(),
+                        "the feedback service lists tokens of removed apps"
+                    );
+                }
+                let mut wait = Duration::from_millis(500);
+                while !events.is_empty() {
+                    match publish_all(amqp_url, &ctx.settings.names.feedback, &events).await {
+                        Ok(()) => {
+                            ctx.counters
+                                .service_tokens
+                                .fetch_add(events.len() as u64, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(e) => {
+                            error!(error = %e, retry_in = ?wait, "cannot publish feedback-service tokens; retrying");
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                            wait = (wait * 2).min(Duration::from_secs(30));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(service = %service.address, error = %e, "cannot read the feedback service")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(service.every) => {}
+        }
+    }
+}
+
+async fn publish_all(
+    amqp_url: &str,
+    queue: &str,
+    events: &[Invalidation],
+) -> Result<(), broker::BrokerError> {
+    let connection = broker::connect(amqp_url, "ringpush feedback service").await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    let result = async {
+        for r in join_all(events.iter().map(|e| e.publish(&channel, queue))).await {
+            r?;
+        }
+        Ok(())
+    }
+    .await;
+    let _ = connection.close(200, "done".into()).await;
     result
 }
 

@@ -75,7 +75,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             registry.register_collector(Box::new(metrics::FeedbackCollector(counters.clone())));
             let ready = metrics::feedback_ready(counters.clone());
             observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
-            feedback::run(args.settings(), &args.broker.amqp_url, counters, cancel).await
+            feedback::run(args.settings()?, &args.broker.amqp_url, counters, cancel).await
         }
         Command::Purge(args) => {
             let pool = args.database.pool()?;

@@ -210,7 +210,7 @@ fn counters(
 #[derive(Debug)]
 pub struct WorkerCollector {
     pub counters: Arc<worker::Counters>,
-    pub apns: crate::apns::http2::Client,
+    pub apns: crate::apns::Apns,
 }
 
 impl Collector for WorkerCollector {
@@ -302,7 +302,7 @@ impl Collector for WorkerCollector {
             &mut e,
             "apns_streams_in_flight",
             "APNs requests awaiting their answer.",
-            self.apns.streams_in_flight(),
+            self.apns.in_flight(),
         )?;
         Ok(())
     }
@@ -312,7 +312,7 @@ impl Collector for WorkerCollector {
 pub fn register_worker(
     registry: &mut Registry,
     counters: &Arc<worker::Counters>,
-    apns: &crate::apns::http2::Client,
+    apns: &crate::apns::Apns,
 ) {
     registry.register(
         "apns_request_seconds",

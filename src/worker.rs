@@ -35,9 +35,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::apns::http2::Client;
 use crate::apns::request::{build_payload, AlertTemplate, Notification};
-use crate::apns::{Answer, Environment, Reason};
+use crate::apns::{Answer, Apns, Environment, Reason};
 use crate::broker::{self, BrokerError, Names};
 use crate::db::{self, Gateway};
 use crate::feedback::Invalidation;
@@ -250,7 +249,7 @@ impl Pause {
 struct Shared {
     settings: Settings,
     pool: Pool,
-    apns: Client,
+    apns: Apns,
     counters: Arc<Counters>,
     pause: Pause,
 }
@@ -275,10 +274,11 @@ pub async fn run(
     settings: Settings,
     amqp_url: &str,
     pool: Pool,
-    apns: Client,
+    apns: impl Into<Apns>,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let apns = apns.into();
     let shared = Arc::new(Shared {
         settings,
         pool,

@@ -55,6 +55,8 @@ pub enum SendError {
     H2(#[from] h2::Error),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("connection lost before confirmation: {0}")]
+    Lost(String),
 }
 
 impl SendError {

@@ -7,6 +7,7 @@
 //! - [`tls`]: the client's TLS configuration (ALPN h2, ring, verification always on);
 //! - [`http2`]: the persistent HTTP/2 client.
 
+pub mod binary;
 pub mod http2;
 pub mod jwt;
 pub mod reason;
@@ -75,4 +76,60 @@ pub struct Rejection {
     /// With 410 only: when APNs last confirmed the token invalid, in Unix milliseconds.
     pub timestamp_ms: Option<i64>,
     pub apns_id: Option<String>,
+}
+
+/// The APNs a worker pushes through: today's HTTP/2 API, or the legacy binary interface.
+#[derive(Clone, Debug)]
+pub enum Apns {
+    Http2(http2::Client),
+    Binary(binary::Client),
+}
+
+impl Apns {
+    /// Sends one notification (the binary interface has one gateway for both environments).
+    pub async fn send(
+        &self,
+        env: Environment,
+        n: &request::Notification,
+    ) -> Result<Answer, http2::SendError> {
+        match self {
+            Apns::Http2(c) => c.send(env, n).await,
+            Apns::Binary(c) => c.send(n).await,
+        }
+    }
+
+    /// Whether a connection can be had now (respecting the reconnect backoff).
+    pub async fn probe(&self, env: Environment) -> Result<(), http2::SendError> {
+        match self {
+            Apns::Http2(c) => c.probe(env).await,
+            Apns::Binary(c) => c.probe().await,
+        }
+    }
+
+    pub fn connections_open(&self) -> i64 {
+        match self {
+            Apns::Http2(c) => c.connections_open(),
+            Apns::Binary(c) => c.connections_open(),
+        }
+    }
+
+    /// Notifications awaiting their answer (binary: written or queued, not yet confirmed).
+    pub fn in_flight(&self) -> i64 {
+        match self {
+            Apns::Http2(c) => c.streams_in_flight(),
+            Apns::Binary(c) => c.in_flight(),
+        }
+    }
+}
+
+impl From<http2::Client> for Apns {
+    fn from(c: http2::Client) -> Self {
+        Apns::Http2(c)
+    }
+}
+
+impl From<binary::Client> for Apns {
+    fn from(c: binary::Client) -> Self {
+        Apns::Binary(c)
+    }
 }

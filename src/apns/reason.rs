@@ -15,6 +15,11 @@ macro_rules! reasons {
             /// `BadEnvironmentKeyInToken`: the spelling APNs has been seen to send for
             /// `BadEnvironmentKeyIdInToken` (sheet X1); both mean the same thing.
             BadEnvironmentKeyInToken,
+            /// Binary interface, status 8: the token is invalid (sheet B5). HTTP/2 says
+            /// `BadDeviceToken` or `Unregistered` instead.
+            InvalidToken,
+            /// Binary interface, status 5: the token is not 32 bytes (reported, not sent).
+            InvalidTokenSize,
             /// A reason this version does not know yet (Apple keeps adding them).
             Unknown(String),
         }
@@ -28,6 +33,8 @@ macro_rules! reasons {
                 match s {
                     $( $text => Reason::$variant, )*
                     "BadEnvironmentKeyInToken" => Reason::BadEnvironmentKeyInToken,
+                    "InvalidToken" => Reason::InvalidToken,
+                    "InvalidTokenSize" => Reason::InvalidTokenSize,
                     other => Reason::Unknown(other.to_owned()),
                 }
             }
@@ -37,16 +44,19 @@ macro_rules! reasons {
                 match self {
                     $( Reason::$variant => $text, )*
                     Reason::BadEnvironmentKeyInToken => "BadEnvironmentKeyInToken",
+                    Reason::InvalidToken => "InvalidToken",
+                    Reason::InvalidTokenSize => "InvalidTokenSize",
                     Reason::Unknown(s) => s,
                 }
             }
 
-            /// The HTTP status APNs pairs with this reason (0 when unknown).
+            /// The HTTP status APNs pairs with this reason (0 when unknown or binary-only).
             pub fn status(&self) -> u16 {
                 match self {
                     $( Reason::$variant => $status, )*
                     Reason::BadEnvironmentKeyInToken => 403,
-                    Reason::Unknown(_) => 0,
+                    // The binary interface has statuses of its own, not HTTP ones.
+                    Reason::InvalidToken | Reason::InvalidTokenSize | Reason::Unknown(_) => 0,
                 }
             }
         }
@@ -129,6 +139,7 @@ impl Reason {
                 | Reason::ExpiredToken
                 | Reason::BadDeviceToken
                 | Reason::DeviceTokenNotForTopic
+                | Reason::InvalidToken
         )
     }
 
@@ -247,6 +258,20 @@ mod tests {
             );
             assert_eq!(Reason::parse(r.as_str()), r);
         }
+    }
+
+    #[test]
+    fn the_binary_reasons_parse_and_decide() {
+        assert_eq!(Reason::parse("InvalidToken"), Reason::InvalidToken);
+        assert!(Reason::InvalidToken.is_token_invalid());
+        assert_eq!(
+            Reason::parse(Reason::InvalidTokenSize.as_str()),
+            Reason::InvalidTokenSize
+        );
+        assert!(
+            !Reason::InvalidTokenSize.is_token_invalid()
+                && !Reason::InvalidTokenSize.is_retryable()
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! a rate of errors; a frame-level [`shim`] lets it change SETTINGS and write GOAWAY frames
 //! the `h2` server cannot.
 
+pub mod binary;
 pub mod certs;
 pub mod shim;
 pub mod validate;
@@ -60,6 +61,8 @@ pub struct Settings {
     /// Wait this long before answering each request (a slow APNs).
     pub response_delay: Duration,
     pub faults: Faults,
+    /// Also serve the legacy binary gateway and feedback service on these addresses.
+    pub binary: Option<(SocketAddr, SocketAddr)>,
 }
 
 impl Settings {
@@ -76,6 +79,7 @@ impl Settings {
             keep_requests: 100_000,
             response_delay: Duration::ZERO,
             faults: Faults::default(),
+            binary: None,
         }
     }
 }
@@ -203,6 +207,8 @@ struct State {
     scripts: Mutex<HashMap<String, Script>>,
     stats: Mutex<Stats>,
     received: Mutex<VecDeque<Received>>,
+    /// Tokens the binary gateway rejected, offered once by the feedback service.
+    binary_feedback: Mutex<Vec<crate::apns::binary::codec::FeedbackTuple>>,
 }
 
 /// One client connection, as the stream handlers see it.
@@ -249,6 +255,8 @@ pub struct Mock {
     ca_file: PathBuf,
     cert_dir: PathBuf,
     state: Arc<State>,
+    /// The binary gateway's and feedback service's addresses, when served.
+    binary: Option<(SocketAddr, SocketAddr)>,
 }
 
 impl Mock {
@@ -259,12 +267,20 @@ impl Mock {
         for ca in tls::read_certs(&certs.ca_file)? {
             roots.add(ca)?;
         }
+        let roots = Arc::new(roots);
+        // The binary interface knows only certificate auth: a certificate is required.
+        let binary_tls = ServerConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), tls::provider())
+                    .build()?,
+            )
+            .with_single_cert(certs.chain.clone(), certs.key.clone_key())?;
         // Client certificates are optional (token auth sends none) but, when presented, must
         // chain to the mock's CA.
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), tls::provider())
-                .allow_unauthenticated()
-                .build()?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, tls::provider())
+            .allow_unauthenticated()
+            .build()?;
         let mut config = ServerConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
@@ -283,8 +299,10 @@ impl Mock {
             scripts: Mutex::default(),
             stats: Mutex::default(),
             received: Mutex::default(),
+            binary_feedback: Mutex::default(),
         });
         let accept_state = state.clone();
+        let binary_cancel = cancel.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
@@ -304,17 +322,39 @@ impl Mock {
                 });
             }
         });
+        let binary = match settings.binary {
+            None => None,
+            Some((gateway, feedback)) => {
+                let acceptor = TlsAcceptor::from(Arc::new(binary_tls));
+                let addrs =
+                    binary::start(acceptor, gateway, feedback, state.clone(), binary_cancel)
+                        .await?;
+                info!(gateway = %addrs.0, feedback = %addrs.1, "mock binary gateway and feedback service listening");
+                Some(addrs)
+            }
+        };
         info!(%addr, ca_file = %certs.ca_file.display(), "mock APNs listening");
         Ok(Self {
             addr,
             ca_file: certs.ca_file,
             cert_dir: settings.cert_dir,
             state,
+            binary,
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The binary gateway's address, when served.
+    pub fn gateway_addr(&self) -> Option<SocketAddr> {
+        self.binary.map(|b| b.0)
+    }
+
+    /// The binary feedback service's address, when served.
+    pub fn feedback_addr(&self) -> Option<SocketAddr> {
+        self.binary.map(|b| b.1)
     }
 
     /// The base URL clients use (`https://localhost:<port>`; the certificate names localhost).
@@ -366,6 +406,18 @@ impl Mock {
             .lock()
             .unwrap()
             .insert(token.as_hex().to_owned(), script);
+    }
+
+    /// Lists `token` on the binary feedback service (once), as removed at `time` (Unix s).
+    pub fn offer_feedback(&self, token: &DeviceToken, time: u32) {
+        let bytes = (0..token.as_hex().len() / 2)
+            .map(|i| u8::from_str_radix(&token.as_hex()[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect();
+        self.state
+            .binary_feedback
+            .lock()
+            .unwrap()
+            .push(crate::apns::binary::codec::FeedbackTuple { time, token: bytes });
     }
 
     /// Answers `token` normally again.

@@ -285,7 +285,7 @@ fn the_dashboard_plots_only_metrics_ringpush_exports() {
         tls,
         None,
     );
-    ringpush::metrics::register_worker(&mut registry, &counters, &client);
+    ringpush::metrics::register_worker(&mut registry, &counters, &client.into());
     let depth = ringpush::metrics::QueueDepth::default();
     depth.register(&mut registry);
     depth.set("ringpush.rings", 0, 0);

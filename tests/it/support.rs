@@ -13,6 +13,7 @@ use ringpush::apns::http2;
 use ringpush::apns::jwt::{self, Signer};
 use ringpush::apns::request::Endpoint;
 use ringpush::apns::tls;
+use ringpush::apns::Apns;
 use ringpush::broker::{self, Names};
 use ringpush::demo::random_hex;
 use ringpush::mock::{self, Mock};
@@ -114,6 +115,9 @@ pub struct Options {
     pub db_proxy: bool,
     /// Serve the worker's /metrics, /healthz and /readyz on a loopback port.
     pub metrics: bool,
+    /// Speak the legacy binary protocol (certificate auth) to the mock's gateway, and poll
+    /// its feedback service.
+    pub binary: bool,
 }
 
 pub struct App {
@@ -126,7 +130,7 @@ pub struct App {
     purge_settings: purge::Settings,
     worker_settings: worker::Settings,
     /// The worker's APNs client and database pool (through the proxies when asked for).
-    worker_apns: http2::Client,
+    worker_apns: Apns,
     worker_pool: Pool,
     pub apns_proxy: Option<Proxy>,
     pub db_proxy: Option<Proxy>,
@@ -193,6 +197,7 @@ impl App {
                 names: names.clone(),
                 prefetch: 100,
                 dedup_window: Duration::from_secs(600),
+                service: None,
             },
             purge: purge::Settings {
                 names: names.clone(),
@@ -209,8 +214,13 @@ impl App {
             apns_proxy: false,
             db_proxy: false,
             metrics: false,
+            binary: false,
         };
         edit(&mut options);
+        if options.binary {
+            let any = "127.0.0.1:0".parse().unwrap();
+            options.mock.binary = Some((any, any));
+        }
 
         let cancel = CancellationToken::new();
         let mock = Mock::start(options.mock, cancel.clone())
@@ -220,7 +230,39 @@ impl App {
             true => Some(Proxy::start(mock.addr()).await),
             false => None,
         };
-        let worker_apns = {
+        let binary_tls = match options.binary {
+            false => None,
+            true => {
+                let (cert, key) = mock
+                    .issue_client_certificate("com.example.doorbell")
+                    .unwrap();
+                std::fs::create_dir_all(&dir).unwrap();
+                let pem = dir.join("client.pem");
+                std::fs::write(&pem, format!("{cert}{key}")).unwrap();
+                let identity = tls::Identity::from_file(&pem, "").unwrap();
+                Some(tls::client_config(Some(mock.ca_file()), Some(identity)).unwrap())
+            }
+        };
+        if let (Some(tls), Some(addr)) = (&binary_tls, mock.feedback_addr()) {
+            options.feedback.service = Some(feedback::Service {
+                address: ringpush::apns::binary::Address::parse(&format!(
+                    "localhost:{}",
+                    addr.port()
+                ))
+                .unwrap(),
+                tls: tls.clone(),
+                every: Duration::from_millis(200),
+            });
+        }
+        let worker_apns: Apns = if let (Some(tls), Some(addr)) = (&binary_tls, mock.gateway_addr())
+        {
+            let address =
+                ringpush::apns::binary::Address::parse(&format!("localhost:{}", addr.port()))
+                    .unwrap();
+            let mut settings = ringpush::apns::binary::Settings::new(address);
+            settings.quiet = Duration::from_millis(100);
+            ringpush::apns::binary::Client::new(settings, tls.clone()).into()
+        } else {
             let endpoint = match &apns_proxy {
                 Some(p) => {
                     Endpoint::parse(&format!("https://localhost:{}", p.addr.port())).unwrap()
@@ -233,7 +275,7 @@ impl App {
                 ..options.apns
             };
             let tls = tls::client_config(Some(mock.ca_file()), None).unwrap();
-            http2::Client::new(settings, tls, Some(Arc::new(signer)))
+            http2::Client::new(settings, tls, Some(Arc::new(signer))).into()
         };
         let db_proxy = match options.db_proxy {
             true => Some(Proxy::start("127.0.0.1:5432".parse().unwrap()).await),

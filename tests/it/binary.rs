@@ -1,0 +1,155 @@
+//! The seed protocol, done right: the legacy binary gateway and feedback service, end to end
+//! with the real broker and database and the mock's binary ports (TLS, client certificates).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ringpush::apns::Reason;
+use ringpush::feedback;
+use ringpush::mock::{Faults, Script};
+use ringpush::purge;
+use ringpush::token::DeviceToken;
+use ringpush::worker::Counters;
+
+use crate::support::{App, TOPIC};
+
+/// The owner of `gateway` with `n` phones (sorted as the lookup returns them).
+async fn phones(app: &App, gateway: &str, n: usize) -> Vec<DeviceToken> {
+    let owner = app.add_user().await;
+    app.add_gateway(gateway, owner, "Door").await;
+    let mut tokens = Vec::new();
+    for _ in 0..n {
+        tokens.push(app.add_token(owner, "production", Some(TOPIC)).await);
+    }
+    tokens.sort();
+    tokens
+}
+
+fn received_per_token(app: &App) -> HashMap<String, Vec<u16>> {
+    let mut per = HashMap::new();
+    for r in app.mock.received() {
+        per.entry(r.token.unwrap())
+            .or_insert_with(Vec::new)
+            .push(r.status);
+    }
+    per
+}
+
+#[tokio::test]
+async fn two_invalid_tokens_among_200_lose_no_other_phone_and_are_purged() {
+    let app = App::spawn_with(|o| o.binary = true).await;
+    let tokens = phones(&app, "gw-bin", 200).await;
+    let invalid = [&tokens[37], &tokens[151]];
+    for t in invalid {
+        app.mock.script(
+            t,
+            Script {
+                status: 8,
+                reason: Reason::InvalidToken,
+                timestamp_ms: None,
+            },
+        );
+    }
+    app.publish(&App::ring("gw-bin", Duration::ZERO)).await;
+    app.wait_acked(1).await;
+
+    let per = received_per_token(&app);
+    for (i, t) in tokens.iter().enumerate() {
+        let statuses = per
+            .get(t.as_hex())
+            .unwrap_or_else(|| panic!("token #{i} never reached the gateway"));
+        if invalid.contains(&t) {
+            assert_eq!(statuses, &[8], "token #{i}");
+        } else {
+            assert_eq!(statuses, &[200], "token #{i} must be received exactly once");
+        }
+    }
+    assert_eq!(Counters::get(&app.counters.notifications_accepted), 198);
+    assert_eq!(Counters::get(&app.counters.notifications_rejected), 2);
+    assert!(
+        app.mock.stats().connections >= 3,
+        "a new connection after each error packet"
+    );
+
+    app.wait_for("both purged", || {
+        purge::Counters::get(&app.purge_counters.purged) == 2
+    })
+    .await;
+    for t in invalid {
+        assert!(!app.token_exists(t).await);
+    }
+    assert!(app.token_exists(&tokens[0]).await);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_scripted_shutdown_mid_batch_delivers_every_notification_exactly_once() {
+    let app = App::spawn_with(|o| {
+        o.binary = true;
+        o.mock.faults = Faults {
+            shutdown_after: Some(50),
+            ..Faults::default()
+        };
+    })
+    .await;
+    let tokens = phones(&app, "gw-shut", 200).await;
+    app.publish(&App::ring("gw-shut", Duration::ZERO)).await;
+    app.wait_acked(1).await;
+    let per = received_per_token(&app);
+    for t in &tokens {
+        assert_eq!(
+            per.get(t.as_hex()).map(Vec::as_slice),
+            Some(&[200][..]),
+            "{t}"
+        );
+    }
+    assert_eq!(per.len(), 200);
+    assert!(
+        app.mock.stats().goaways >= 3,
+        "the gateway shut down every 50 frames"
+    );
+    assert_eq!(
+        Counters::get(&app.counters.rings_retried),
+        0,
+        "resent invisibly, not retried"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_listed_by_the_feedback_service_are_purged_once() {
+    let app = App::spawn_with(|o| o.binary = true).await;
+    let tokens = phones(&app, "gw-fb", 3).await;
+    let now = ringpush::apns::jwt::unix_now();
+    app.registered_at(
+        &tokens[0],
+        time::OffsetDateTime::from_unix_timestamp(now - 86_400).unwrap(),
+    )
+    .await;
+    app.mock.offer_feedback(&tokens[0], (now - 3600) as u32);
+    // Registered again after the service saw the app gone: kept.
+    app.mock.offer_feedback(&tokens[1], (now - 3600) as u32);
+
+    app.wait_for("the purge", || {
+        purge::Counters::get(&app.purge_counters.acked) == 2
+    })
+    .await;
+    assert_eq!(
+        feedback::Counters::get(&app.feedback_counters.service_tokens),
+        2
+    );
+    assert!(!app.token_exists(&tokens[0]).await);
+    assert!(app.token_exists(&tokens[1]).await);
+    assert!(app.token_exists(&tokens[2]).await);
+    // The service forgets what it listed: later polls publish nothing more.
+    let polls = feedback::Counters::get(&app.feedback_counters.service_polls);
+    app.wait_for("more polls", || {
+        feedback::Counters::get(&app.feedback_counters.service_polls) >= polls + 2
+    })
+    .await;
+    assert_eq!(
+        feedback::Counters::get(&app.feedback_counters.service_tokens),
+        2
+    );
+    app.stop().await;
+}
