@@ -110,6 +110,47 @@ pub enum Command {
     Who(WhoArgs),
     /// Register a gateway with an owner and phones (for trying a deployment against the mock).
     Seed(SeedArgs),
+    /// Measure throughput, latency, CPU and memory against the local broker, database and mock.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// RabbitMQ URL (the bench uses its own queue prefix and removes it at the end).
+    #[arg(
+        long,
+        env = "RINGPUSH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// PostgreSQL URL (the bench uses its own schema and drops it at the end).
+    #[arg(
+        long,
+        env = "RINGPUSH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    pub database_url: String,
+    /// Rings pre-published for the end-to-end run (and through the bare broker loop).
+    #[arg(long, default_value = "20000", value_parser = positive::<usize>("--rings"))]
+    pub rings: usize,
+    /// Tokens per ring.
+    #[arg(long, default_value = "4", value_parser = positive::<usize>("--fanout"))]
+    pub fanout: usize,
+    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
+    #[arg(long, default_value = "50000", value_parser = positive::<usize>("--apns-requests"))]
+    pub apns_requests: usize,
+    /// Run the peer clients (node-apn, aioapns) too; they install on first use.
+    #[arg(long, default_value = "true", action = clap::ArgAction::Set)]
+    pub peers: bool,
+    /// Requests per peer client run.
+    #[arg(long, default_value = "5000", value_parser = positive::<usize>("--peer-requests"))]
+    pub peer_requests: usize,
+    /// Frames sent over the legacy binary interface.
+    #[arg(long, default_value = "200000", value_parser = positive::<usize>("--binary-frames"))]
+    pub binary_frames: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -82,16 +82,22 @@ pub struct Gateway {
     pub recipients: Vec<Recipient>,
 }
 
-/// The owner's and sharees' tokens of every gateway in one query, with a left join so a
-/// gateway without tokens is told apart from an unknown one. The tokens are distinct because
-/// `token` is the primary key and each row is matched once, however many ways its user
-/// reaches the gateway (an owner listed as a sharee too).
+/// The owner's and sharees' tokens of every gateway in one query. For each gateway the
+/// lateral subquery yields its distinct users (the owner, and every sharee — `UNION` drops an
+/// owner listed as a sharee too), and each user's tokens come through the `user_id` index;
+/// a token belongs to one user, so no token appears twice. The left join keeps a gateway
+/// whose users have no phones (one row with a NULL token), told apart from an unknown
+/// gateway (no row). (An `OR` join here made PostgreSQL scan every token for every gateway:
+/// 43 ms for 64 gateways over 2,000 tokens, against 1 ms this way.)
 const LOOKUP: &str = "
 SELECT g.id, coalesce(g.name, g.id), t.token, t.environment, t.topic
 FROM gateways g
-LEFT JOIN push_tokens t
-  ON t.user_id = g.owner_id
-  OR t.user_id IN (SELECT s.user_id FROM gateway_shares s WHERE s.gateway_id = g.id)
+CROSS JOIN LATERAL (
+    SELECT g.owner_id AS user_id
+    UNION
+    SELECT s.user_id FROM gateway_shares s WHERE s.gateway_id = g.id
+) u
+LEFT JOIN push_tokens t ON t.user_id = u.user_id
 WHERE g.id = ANY($1::text[])
 ORDER BY g.id, t.token";
 

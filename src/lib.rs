@@ -12,9 +12,13 @@
 //! - [`apns`]: request building, reasons, JWT, TLS and the HTTP/2 client;
 //! - [`worker`]: `ringpush worker`, the consume → lookup → push → settle loop;
 //! - [`mock`]: `ringpush mock-apns`, a local APNs used by tests, the demo and benchmarks;
-//! - [`demo`]: `ringpush demo`, the whole pipeline on one machine.
+//! - [`demo`]: `ringpush demo`, the whole pipeline on one machine;
+//! - [`feedback`], [`purge`]: the stale-token flow;
+//! - [`metrics`], [`ops`]: what operators see and type;
+//! - [`bench`]: `ringpush bench`.
 
 pub mod apns;
+pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod db;

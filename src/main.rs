@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints a report for a person: keep the logs to errors unless asked.
     let default_level = match cli.command {
-        Command::Demo(_) | Command::Queues(_) | Command::Who(_) => "error",
+        Command::Demo(_) | Command::Queues(_) | Command::Who(_) | Command::Bench(_) => "error",
         _ => "info",
     };
     let filter =
@@ -118,6 +118,15 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         Command::Queues(args) => ops::queues(args, cancel).await,
         Command::Who(args) => {
             print!("{}", ops::who(args).await?);
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let report = ringpush::bench::run(&args).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+            } else {
+                print!("{report}");
+            }
             Ok(())
         }
         Command::Seed(args) => {

@@ -39,9 +39,36 @@ use crate::{feedback, purge, worker};
 pub type ReadyCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
-/// A latency histogram in seconds, 1 ms to about 33 s.
+/// A latency histogram in seconds: 0.5 ms to about 20 s in steps of 1.5×, fine enough to
+/// tell a 10 ms p99 from a 15 ms one.
 pub fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+    Histogram::new(exponential_buckets(0.0005, 1.5, 27))
+}
+
+/// Estimates a quantile from cumulative Prometheus buckets `(upper bound, count)` by
+/// linear interpolation inside the bucket (as `histogram_quantile` does).
+pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return Some(lower.0);
+            }
+            let share = if count > lower.1 {
+                (rank - lower.1) / (count - lower.1)
+            } else {
+                1.0
+            };
+            return Some(lower.0 + (bound - lower.0) * share);
+        }
+        lower = (bound, count);
+    }
+    None
 }
 
 /// A registry with the `ringpush` prefix.

@@ -641,9 +641,10 @@ async fn settle(
             accepted, rejected, ..
         } => {
             Counters::add(&c.rings_delivered, 1);
+            let tokens = accepted + rejected;
             info!(
                 gateway,
-                event, accepted, rejected, latency_ms, "ring delivered"
+                event, tokens, accepted, rejected, latency_ms, "ring delivered"
             );
             Ok(())
         }

@@ -583,9 +583,10 @@ impl App {
         .await;
     }
 
-    /// Waits up to 30 s for a condition; the test fails with `what` if it never holds.
+    /// Waits up to 60 s for a condition (CI machines are small and busy); the test fails
+    /// with `what` if it never holds.
     pub async fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !done() {
             assert!(
                 Instant::now() < deadline,

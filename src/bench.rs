@@ -1,0 +1,795 @@
+//! `ringpush bench`: how fast, measured against the limits of the parts it is made of, in
+//! one run on this machine (see BENCHMARKS.md). Against the local RabbitMQ and PostgreSQL
+//! and the in-crate mock on loopback:
+//!
+//! 1. end to end: N rings pre-published (fan-out F), one `ringpush worker` process, time to
+//!    drain; worker CPU and peak RSS from /proc; ring-to-accepted latency at a fixed half rate;
+//! 2. the broker's ceiling: a bare lapin consume-and-ack loop over the same messages;
+//! 3. the APNs leg: ringpush's client against a bare `h2` loop and the peers
+//!    (`@parse/node-apn`, `aioapns`, driven by `bench/peers/`), each against a mock process;
+//! 4. the legacy binary interface: frames/s to the mock's gateway port.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::apns::request::{build_payload, build_request, AlertTemplate, Endpoint, Notification};
+use crate::apns::{binary, http2, jwt, tls, Answer, Environment};
+use crate::broker::{self, Names};
+use crate::config::BenchArgs;
+use crate::ring::RingEvent;
+use crate::token::{random_hex, DeviceToken};
+
+/// Everything one run measured; `None` where a part was skipped or failed (with the reason).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub rings: usize,
+    pub fanout: usize,
+    pub e2e_rings_per_s: f64,
+    pub e2e_notifications_per_s: f64,
+    pub e2e_worker_cpu_s_per_10k: f64,
+    pub e2e_worker_cores: f64,
+    pub e2e_worker_peak_rss_mb: f64,
+    pub e2e_backlog_p50_ms: Option<f64>,
+    pub e2e_backlog_p99_ms: Option<f64>,
+    pub half_rate_rings_per_s: f64,
+    pub half_rate_p50_ms: Option<f64>,
+    pub half_rate_p99_ms: Option<f64>,
+    pub broker_rings_per_s: f64,
+    pub apns_requests: usize,
+    pub ringpush_client_per_s: f64,
+    pub ringpush_client_cpu_us: f64,
+    pub bare_h2_per_s: f64,
+    pub bare_h2_cpu_us: f64,
+    pub peers: Vec<Peer>,
+    pub binary_frames: usize,
+    pub binary_frames_per_s: f64,
+    pub notes: Vec<String>,
+}
+
+/// One peer client's run.
+#[derive(Debug, serde::Serialize)]
+pub struct Peer {
+    pub name: String,
+    pub per_s: Option<f64>,
+    pub cpu_us: Option<f64>,
+    pub note: Option<String>,
+}
+
+/// CPU seconds (user + system) of a process, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces, inside parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident set size of a process, MB.
+fn peak_rss_mb(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Scrapes a Prometheus text page over HTTP/1.0.
+async fn scrape(port: u16) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The cumulative buckets of a histogram in a scrape.
+fn buckets(body: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    body.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| {
+            let (le, count) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn quantiles_ms(before: &[(f64, f64)], after: &[(f64, f64)]) -> (Option<f64>, Option<f64>) {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            (
+                le,
+                n - before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1),
+            )
+        })
+        .collect();
+    let q = |p| crate::metrics::quantile(&delta, p).map(|s| s * 1000.0);
+    (q(0.5), q(0.99))
+}
+
+/// Runs the benchmark and cleans up after it.
+pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    let id = random_hex(4);
+    let names = Names::new(&format!("ringpush-bench-{id}"));
+    let schema = format!("ringpush_bench_{id}");
+    let dir = std::env::temp_dir().join(format!("ringpush-bench-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    let mut report = Report {
+        machine: format!(
+            "{} cores, {}",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            std::env::consts::ARCH
+        ),
+        rings: args.rings,
+        fanout: args.fanout,
+        apns_requests: args.apns_requests,
+        binary_frames: args.binary_frames,
+        ..Report::default()
+    };
+    let result = async {
+        end_to_end(args, &names, &schema, &dir, &mut report).await?;
+        broker_ceiling(args, &names, &mut report).await?;
+        apns_leg(args, &dir, &mut report).await?;
+        binary_leg(args, &dir, &mut report).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    // Clean up whatever happened.
+    if let Ok(connection) = broker::connect(&args.amqp_url, "ringpush bench cleanup").await {
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = broker::delete(&channel, &names).await;
+            let _ = channel
+                .queue_delete(
+                    format!("{}.bench", names.prefix).as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = connection.close(200, "done".into()).await;
+    }
+    let _ = crate::db::drop_schema(&args.database_url, &schema).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    Ok(report)
+}
+
+/// A mock APNs in a child process (so its CPU is not counted with the client's).
+struct MockProcess {
+    /// Killed when dropped.
+    _child: tokio::process::Child,
+    port: u16,
+    binary_port: u16,
+    cert_dir: PathBuf,
+}
+
+impl MockProcess {
+    async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let (port, binary_port, feedback_port) = (free_port(), free_port(), free_port());
+        let cert_dir = dir.join("mock-certs");
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("mock-apns")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--binary-listen", &format!("127.0.0.1:{binary_port}")])
+            .args(["--feedback-listen", &format!("127.0.0.1:{feedback_port}")])
+            .arg("--cert-dir")
+            .arg(&cert_dir)
+            .env("RUST_LOG", "error")
+            .kill_on_drop(true)
+            .stdout(Stdio::null())
+            .spawn()?;
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "the mock did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            _child: child,
+            port,
+            binary_port,
+            cert_dir,
+        })
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::parse(&format!("https://localhost:{}", self.port)).expect("a valid URL")
+    }
+}
+
+fn signer(dir: &Path) -> anyhow::Result<(Arc<jwt::Signer>, PathBuf)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let file = dir.join("bench-key.p8");
+    crate::mock::certs::write_private(&file, &key.serialize_pem())?;
+    let signer = jwt::Signer::from_pem(
+        key.serialize_pem().as_bytes(),
+        "BENCHKEY01",
+        "BENCHTEAM1",
+        jwt::DEFAULT_REFRESH,
+    )?;
+    Ok((Arc::new(signer), file))
+}
+
+async fn end_to_end(
+    args: &BenchArgs,
+    names: &Names,
+    schema: &str,
+    dir: &Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    // The database: gateways of F phones each.
+    crate::db::create_schema(&args.database_url, schema).await?;
+    let db_url = crate::db::url_with_schema(&args.database_url, schema);
+    crate::db::migrate(&db_url).await?;
+    let pool = crate::db::pool(&db_url, 2, Duration::from_secs(5))?;
+    let gateways = 500;
+    {
+        let client = pool.get().await?;
+        client
+            .execute(
+                "WITH u AS (INSERT INTO users SELECT FROM generate_series(1, $1::int) RETURNING id)
+                 INSERT INTO gateways (id, owner_id, name) SELECT 'bench-' || id, id, 'Door ' || id FROM u",
+                &[&gateways],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO push_tokens (token, user_id, topic)
+                 SELECT md5(random()::text) || md5(random()::text), u.id, 'com.example.doorbell'
+                 FROM users u, generate_series(1, $1::int)",
+                &[&(args.fanout as i32)],
+            )
+            .await?;
+    }
+    let mock = MockProcess::start(dir).await?;
+    let (_, key_file) = signer(dir)?;
+    // The rings, pre-published as gateways would.
+    let connection = broker::connect(&args.amqp_url, "ringpush bench gateway").await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    broker::declare(&channel, names).await?;
+    let ring = |i: usize| RingEvent {
+        event_id: random_hex(16),
+        gateway_id: format!("bench-{}", 1 + i % gateways as usize),
+        pressed_at: OffsetDateTime::now_utc(),
+        switch_id: None,
+    };
+    stream::iter(0..args.rings)
+        .map(|i| {
+            let (channel, r) = (&channel, ring(i));
+            async move { broker::publish_ring(channel, names, &r).await }
+        })
+        .buffer_unordered(500)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+
+    // One worker process.
+    let metrics_port = free_port();
+    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("worker")
+        .env("RINGPUSH_AMQP_URL", &args.amqp_url)
+        .env("RINGPUSH_QUEUE_PREFIX", &names.prefix)
+        .env("RINGPUSH_DATABASE_URL", &db_url)
+        .env(
+            "RINGPUSH_APNS_PRODUCTION_URL",
+            format!("https://localhost:{}", mock.port),
+        )
+        .env(
+            "RINGPUSH_APNS_SANDBOX_URL",
+            format!("https://localhost:{}", mock.port),
+        )
+        .env("RINGPUSH_APNS_CA_FILE", mock.cert_dir.join("ca.pem"))
+        .env("RINGPUSH_APNS_KEY_FILE", &key_file)
+        .env("RINGPUSH_APNS_KEY_ID", "BENCHKEY01")
+        .env("RINGPUSH_APNS_TEAM_ID", "BENCHTEAM1")
+        .env("RINGPUSH_RING_TTL", "600s")
+        .env("RINGPUSH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = worker.id().expect("a running worker").to_string();
+    let started = Instant::now();
+    let want = (args.rings * args.fanout) as f64;
+    let accepted = r#"ringpush_notifications_total{outcome="accepted"}"#;
+    let body = loop {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        if let Ok(body) = scrape(metrics_port).await {
+            if sample(&body, accepted) >= want {
+                break body;
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the worker did not drain the rings in 10 minutes"
+        );
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&pid);
+    report.e2e_rings_per_s = args.rings as f64 / elapsed;
+    report.e2e_notifications_per_s = want / elapsed;
+    report.e2e_worker_cpu_s_per_10k = cpu / want * 10_000.0;
+    report.e2e_worker_cores = cpu / elapsed;
+    let full = buckets(&body, "ringpush_ring_to_accepted_seconds");
+    (report.e2e_backlog_p50_ms, report.e2e_backlog_p99_ms) = quantiles_ms(&[], &full);
+
+    // Half the rate, steady, for a few seconds: the latency a person at the door sees.
+    let rate = (report.e2e_rings_per_s / 2.0).max(1.0);
+    report.half_rate_rings_per_s = rate;
+    let n = (rate * 5.0) as usize;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let before = buckets(
+        &scrape(metrics_port).await?,
+        "ringpush_ring_to_accepted_seconds",
+    );
+    let count_before = sample(&scrape(metrics_port).await?, accepted);
+    let mut inflight = Vec::new();
+    for i in 0..n {
+        tick.tick().await;
+        let (channel, r) = (channel.clone(), ring(i));
+        let names = names.clone();
+        inflight.push(tokio::spawn(async move {
+            broker::publish_ring(&channel, &names, &r).await
+        }));
+    }
+    for p in inflight {
+        p.await??;
+    }
+    let target = count_before + (n * args.fanout) as f64;
+    let waited = Instant::now();
+    let mut after = String::new();
+    while waited.elapsed() < Duration::from_secs(60) {
+        after = scrape(metrics_port).await?;
+        if sample(&after, accepted) >= target {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    (report.half_rate_p50_ms, report.half_rate_p99_ms) = quantiles_ms(
+        &before,
+        &buckets(&after, "ringpush_ring_to_accepted_seconds"),
+    );
+    report.e2e_worker_peak_rss_mb = peak_rss_mb(&pid);
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}
+
+async fn broker_ceiling(
+    args: &BenchArgs,
+    names: &Names,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let connection = broker::connect(&args.amqp_url, "ringpush bench broker").await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    let queue = format!("{}.bench", names.prefix);
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await?;
+    let body = RingEvent {
+        event_id: random_hex(16),
+        gateway_id: "bench-1".into(),
+        pressed_at: OffsetDateTime::now_utc(),
+        switch_id: None,
+    }
+    .to_json();
+    stream::iter(0..args.rings)
+        .map(|_| broker::publish_confirmed(&channel, "", &queue, &body, BasicProperties::default()))
+        .buffer_unordered(500)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let consumer_channel = connection.create_channel().await?;
+    consumer_channel
+        .basic_qos(256, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let mut got = 0;
+    while got < args.rings {
+        let delivery = consumer
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        got += 1;
+    }
+    report.broker_rings_per_s = args.rings as f64 / started.elapsed().as_secs_f64();
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}
+
+fn self_cpu() -> f64 {
+    cpu_seconds("self")
+}
+
+async fn apns_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let mock = MockProcess::start(&dir.join("leg")).await?;
+    let (signer, key_file) = signer(dir)?;
+    let ca = mock.cert_dir.join("ca.pem");
+    let ring = RingEvent {
+        event_id: random_hex(16),
+        gateway_id: "bench-1".into(),
+        pressed_at: OffsetDateTime::now_utc(),
+        switch_id: None,
+    };
+    let payload = build_payload(&ring, "Front door", &AlertTemplate::default())?;
+    let tokens: Vec<DeviceToken> = (0..1000)
+        .map(|_| DeviceToken::parse(&random_hex(32)).unwrap())
+        .collect();
+    let notification = |i: usize| Notification {
+        token: tokens[i % tokens.len()].clone(),
+        topic: "com.example.doorbell".into(),
+        collapse_id: ring.event_id.clone(),
+        expiration: ring.expires_at(Duration::from_secs(60)),
+        payload: payload.clone(),
+    };
+    let n = args.apns_requests;
+
+    // ringpush's client, one connection.
+    let mut settings = http2::Settings::new(mock.endpoint(), mock.endpoint());
+    settings.connections = 1;
+    let client = http2::Client::new(
+        settings,
+        tls::client_config(Some(&ca), None)?,
+        Some(signer.clone()),
+    );
+    client
+        .send(Environment::Production, &notification(0))
+        .await?; // connect, raise the stream limit
+    let (cpu0, t0) = (self_cpu(), Instant::now());
+    let ok = stream::iter(0..n)
+        .map(|i| {
+            let (client, n) = (&client, notification(i));
+            async move {
+                matches!(
+                    client.send(Environment::Production, &n).await,
+                    Ok(Answer::Accepted)
+                )
+            }
+        })
+        .buffer_unordered(1000)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await;
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
+    anyhow::ensure!(ok == n, "ringpush client: {ok} of {n} accepted");
+    report.ringpush_client_per_s = n as f64 / secs;
+    report.ringpush_client_cpu_us = cpu / n as f64 * 1e6;
+
+    // A bare h2 loop: the wire's ceiling in this stack (one connection, the same request).
+    let (per_s, cpu_us) = bare_h2(&mock.endpoint(), &ca, &signer, &notification(0), n).await?;
+    report.bare_h2_per_s = per_s;
+    report.bare_h2_cpu_us = cpu_us;
+
+    if args.peers {
+        for (name, script) in [
+            ("@parse/node-apn", "node-apn.sh"),
+            ("aioapns", "aioapns.sh"),
+        ] {
+            report
+                .peers
+                .push(peer(name, script, &mock, &key_file, args.peer_requests).await);
+        }
+    }
+    Ok(())
+}
+
+async fn bare_h2(
+    endpoint: &Endpoint,
+    ca: &Path,
+    signer: &jwt::Signer,
+    n0: &Notification,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let tls = tokio_rustls::TlsConnector::from(tls::client_config(Some(ca), None)?);
+    let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+    tcp.set_nodelay(true)?;
+    let tls = tls
+        .connect(
+            rustls_pki_types::ServerName::try_from(endpoint.host.clone())?,
+            tcp,
+        )
+        .await?;
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_max_send_streams(1)
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    tokio::spawn(connection);
+    let request = build_request(endpoint, n0, Some(&signer.token()));
+    let send = |sender: h2::client::SendRequest<Bytes>| {
+        let (request, payload) = (request.clone(), n0.payload.clone());
+        async move {
+            let mut sender = sender.ready().await?;
+            let (response, mut stream) = sender.send_request(request, false)?;
+            stream.send_data(payload, true)?;
+            let status = response.await?.status();
+            anyhow::Ok(status.as_u16() == 200)
+        }
+    };
+    send(sender.clone()).await?;
+    let (cpu0, t0) = (self_cpu(), Instant::now());
+    let ok = stream::iter(0..n)
+        .map(|_| send(sender.clone()))
+        .buffer_unordered(1000)
+        .filter(|r| std::future::ready(matches!(r, Ok(true))))
+        .count()
+        .await;
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
+    anyhow::ensure!(ok == n, "bare h2: {ok} of {n} accepted");
+    Ok((n as f64 / secs, cpu / n as f64 * 1e6))
+}
+
+/// Runs a peer's script (which installs its package on first use) against the mock.
+async fn peer(name: &str, script: &str, mock: &MockProcess, key_file: &Path, n: usize) -> Peer {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peers");
+    let output = tokio::process::Command::new("bash")
+        .arg(dir.join(script))
+        .env("MOCK_HOST", "localhost")
+        .env("MOCK_PORT", mock.port.to_string())
+        .env("MOCK_CA", mock.cert_dir.join("ca.pem"))
+        .env("KEY_FILE", key_file)
+        .env("KEY_ID", "BENCHKEY01")
+        .env("TEAM_ID", "BENCHTEAM1")
+        .env("REQUESTS", n.to_string())
+        .stderr(Stdio::piped())
+        .output()
+        .await;
+    let failed = |note: String| Peer {
+        name: name.into(),
+        per_s: None,
+        cpu_us: None,
+        note: Some(note),
+    };
+    let output = match output {
+        Ok(o) => o,
+        Err(e) => return failed(format!("could not run {script}: {e}")),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
+    let parsed: Result<HashMap<String, f64>, _> = serde_json::from_str(line);
+    match parsed {
+        Ok(m) if m.get("accepted").copied() == Some(n as f64) => {
+            let secs = m["seconds"];
+            Peer {
+                name: name.into(),
+                per_s: Some(n as f64 / secs),
+                cpu_us: Some(m["cpu_seconds"] / n as f64 * 1e6),
+                note: None,
+            }
+        }
+        _ => {
+            let err = String::from_utf8_lossy(&output.stderr);
+            failed(format!(
+                "{script} gave no result: {}",
+                err.lines().last().unwrap_or("no output")
+            ))
+        }
+    }
+}
+
+async fn binary_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let mock = MockProcess::start(&dir.join("binary")).await?;
+    let (cert, key) = crate::mock::certs::issue_client_certificate(&mock.cert_dir, "bench")?;
+    let pem = dir.join("bench-client.pem");
+    std::fs::write(&pem, format!("{cert}{key}"))?;
+    let mut config = (*tls::client_config(
+        Some(&mock.cert_dir.join("ca.pem")),
+        Some(tls::Identity::from_file(&pem, "")?),
+    )?)
+    .clone();
+    config.alpn_protocols.clear();
+    let mut settings = binary::Settings::new(
+        binary::Address::parse(&format!("localhost:{}", mock.binary_port))
+            .map_err(anyhow::Error::msg)?,
+    );
+    settings.quiet = Duration::from_millis(100);
+    settings.request_timeout = Duration::from_secs(120);
+    let client = binary::Client::new(settings, Arc::new(config));
+    let payload = build_payload(
+        &RingEvent {
+            event_id: random_hex(16),
+            gateway_id: "bench-1".into(),
+            pressed_at: OffsetDateTime::now_utc(),
+            switch_id: None,
+        },
+        "Front door",
+        &AlertTemplate::default(),
+    )?;
+    let tokens: Vec<DeviceToken> = (0..1000)
+        .map(|_| DeviceToken::parse(&random_hex(32)).unwrap())
+        .collect();
+    let n = args.binary_frames;
+    let t0 = Instant::now();
+    let ok = stream::iter(0..n)
+        .map(|i| {
+            let n = Notification {
+                token: tokens[i % tokens.len()].clone(),
+                topic: "com.example.doorbell".into(),
+                collapse_id: String::new(),
+                expiration: 0,
+                payload: payload.clone(),
+            };
+            let client = &client;
+            async move { matches!(client.send(&n).await, Ok(Answer::Accepted)) }
+        })
+        .buffer_unordered(50_000)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await;
+    anyhow::ensure!(ok == n, "binary: {ok} of {n} accepted");
+    // Confirmation waits for the quiet period after the last write: count it out.
+    let secs = (t0.elapsed() - Duration::from_millis(100)).as_secs_f64();
+    report.binary_frames_per_s = n as f64 / secs;
+    Ok(())
+}
+
+impl Report {
+    pub fn to_json(&self) -> serde_json::Value {
+        json!(self)
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
+        writeln!(
+            f,
+            "ringpush bench — {}, {} rings × {} tokens",
+            self.machine, self.rings, self.fanout
+        )?;
+        writeln!(f)?;
+        writeln!(f, "end to end (one worker process)")?;
+        writeln!(
+            f,
+            "  rings/s                      {:>10.0}",
+            self.e2e_rings_per_s
+        )?;
+        writeln!(
+            f,
+            "  notifications/s              {:>10.0}",
+            self.e2e_notifications_per_s
+        )?;
+        writeln!(
+            f,
+            "  worker CPU s / 10k notif.    {:>10.3}",
+            self.e2e_worker_cpu_s_per_10k
+        )?;
+        writeln!(
+            f,
+            "  worker cores used            {:>10.2}",
+            self.e2e_worker_cores
+        )?;
+        writeln!(
+            f,
+            "  worker peak RSS              {:>7.1} MB",
+            self.e2e_worker_peak_rss_mb
+        )?;
+        writeln!(
+            f,
+            "  ring→accepted, backlog       p50 {} p99 {}",
+            ms(self.e2e_backlog_p50_ms),
+            ms(self.e2e_backlog_p99_ms)
+        )?;
+        writeln!(
+            f,
+            "  ring→accepted at {:.0} rings/s p50 {} p99 {}",
+            self.half_rate_rings_per_s,
+            ms(self.half_rate_p50_ms),
+            ms(self.half_rate_p99_ms)
+        )?;
+        writeln!(f, "broker ceiling (bare consume + ack)")?;
+        writeln!(
+            f,
+            "  rings/s                      {:>10.0}",
+            self.broker_rings_per_s
+        )?;
+        writeln!(
+            f,
+            "APNs leg ({} requests, one connection)",
+            self.apns_requests
+        )?;
+        writeln!(
+            f,
+            "  ringpush client              {:>10.0}/s {:>7.1} µs CPU each",
+            self.ringpush_client_per_s, self.ringpush_client_cpu_us
+        )?;
+        writeln!(
+            f,
+            "  bare h2 loop                 {:>10.0}/s {:>7.1} µs CPU each",
+            self.bare_h2_per_s, self.bare_h2_cpu_us
+        )?;
+        for p in &self.peers {
+            match (p.per_s, p.cpu_us) {
+                (Some(r), Some(c)) => {
+                    writeln!(f, "  {:<28} {:>10.0}/s {:>7.1} µs CPU each", p.name, r, c)?
+                }
+                _ => writeln!(
+                    f,
+                    "  {:<28} not measured: {}",
+                    p.name,
+                    p.note.as_deref().unwrap_or("?")
+                )?,
+            }
+        }
+        writeln!(f, "legacy binary interface ({} frames)", self.binary_frames)?;
+        writeln!(
+            f,
+            "  frames/s                     {:>10.0}",
+            self.binary_frames_per_s
+        )?;
+        Ok(())
+    }
+}
