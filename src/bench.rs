@@ -463,6 +463,13 @@ async fn broker_ceiling(
         got += 1;
     }
     report.broker_rings_per_s = args.rings as f64 / started.elapsed().as_secs_f64();
+    let _ = consumer_channel
+        .basic_cancel(
+            consumer.tag(),
+            lapin::options::BasicCancelOptions::default(),
+        )
+        .await;
+    let _ = consumer_channel.close(200, "done".into()).await;
     let _ = connection.close(200, "done".into()).await;
     Ok(())
 }

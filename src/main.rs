@@ -14,9 +14,11 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints a report for a person: keep the logs to errors unless asked.
+    // Reports for a person: keep the logs to errors unless asked (lapin reports a channel
+    // it is closing at the end as an error, which is noise there).
     let default_level = match cli.command {
-        Command::Demo(_) | Command::Queues(_) | Command::Who(_) | Command::Bench(_) => "error",
+        Command::Demo(_) | Command::Bench(_) => "error,lapin=off",
+        Command::Queues(_) | Command::Who(_) => "error",
         _ => "info",
     };
     let filter =
