@@ -175,7 +175,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     }
     .await;
     // Clean up whatever happened.
-    if let Ok(connection) = broker::connect(&args.amqp_url, "ringpush bench cleanup").await {
+    if let Ok(connection) = broker::connect(&args.local.amqp_url, "ringpush bench cleanup").await {
         if let Ok(channel) = connection.create_channel().await {
             let _ = broker::delete(&channel, &names).await;
             let _ = channel
@@ -187,7 +187,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         }
         let _ = connection.close(200, "done".into()).await;
     }
-    let _ = crate::db::drop_schema(&args.database_url, &schema).await;
+    let _ = crate::db::drop_schema(&args.local.database_url, &schema).await;
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     Ok(report)
@@ -262,8 +262,8 @@ async fn end_to_end(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     // The database: gateways of F phones each.
-    crate::db::create_schema(&args.database_url, schema).await?;
-    let db_url = crate::db::url_with_schema(&args.database_url, schema);
+    crate::db::create_schema(&args.local.database_url, schema).await?;
+    let db_url = crate::db::url_with_schema(&args.local.database_url, schema);
     crate::db::migrate(&db_url).await?;
     let pool = crate::db::pool(&db_url, 2, Duration::from_secs(5))?;
     let gateways = 500;
@@ -288,7 +288,7 @@ async fn end_to_end(
     let mock = MockProcess::start(dir).await?;
     let (_, key_file) = signer(dir)?;
     // The rings, pre-published as gateways would.
-    let connection = broker::connect(&args.amqp_url, "ringpush bench gateway").await?;
+    let connection = broker::connect(&args.local.amqp_url, "ringpush bench gateway").await?;
     let channel = broker::confirm_channel(&connection).await?;
     broker::declare(&channel, names).await?;
     let ring = |i: usize| RingEvent {
@@ -312,7 +312,7 @@ async fn end_to_end(
     let metrics_port = free_port();
     let mut worker = tokio::process::Command::new(std::env::current_exe()?)
         .arg("worker")
-        .env("RINGPUSH_AMQP_URL", &args.amqp_url)
+        .env("RINGPUSH_AMQP_URL", &args.local.amqp_url)
         .env("RINGPUSH_QUEUE_PREFIX", &names.prefix)
         .env("RINGPUSH_DATABASE_URL", &db_url)
         .env(
@@ -408,7 +408,7 @@ async fn broker_ceiling(
     names: &Names,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let connection = broker::connect(&args.amqp_url, "ringpush bench broker").await?;
+    let connection = broker::connect(&args.local.amqp_url, "ringpush bench broker").await?;
     let channel = broker::confirm_channel(&connection).await?;
     let queue = format!("{}.bench", names.prefix);
     let mut arguments = FieldTable::default();

@@ -116,20 +116,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// RabbitMQ URL (the bench uses its own queue prefix and removes it at the end).
-    #[arg(
-        long,
-        env = "RINGPUSH_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-    /// PostgreSQL URL (the bench uses its own schema and drops it at the end).
-    #[arg(
-        long,
-        env = "RINGPUSH_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/test"
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub local: LocalArgs,
     /// Rings pre-published for the end-to-end run (and through the bare broker loop).
     #[arg(long, default_value = "20000", value_parser = positive::<usize>("--rings"))]
     pub rings: usize,
@@ -818,22 +806,30 @@ pub struct RingArgs {
     pub per_second: u32,
 }
 
+/// The local broker and database the demo and the bench borrow: they use a queue prefix
+/// and a schema of their own and remove both at the end.
 #[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// RabbitMQ URL (the demo uses its own queue prefix and removes it at the end).
+pub struct LocalArgs {
+    /// RabbitMQ URL.
     #[arg(
         long,
         env = "RINGPUSH_AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
-    /// PostgreSQL URL (the demo uses its own schema and drops it at the end).
+    /// PostgreSQL URL.
     #[arg(
         long,
         env = "RINGPUSH_DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     pub database_url: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub local: LocalArgs,
     /// `http2`, or `binary` to run the demo over the legacy binary interface.
     #[arg(long, env = "RINGPUSH_APNS_PROTOCOL", default_value = "http2", value_parser = protocol)]
     pub apns_protocol: String,

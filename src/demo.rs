@@ -125,11 +125,11 @@ pub async fn run(args: &DemoArgs, cancel: CancellationToken) -> anyhow::Result<R
     workers.cancel();
     // Clean up: the broker, the schema, the files.
     let cleanup = async {
-        let connection = broker::connect(&args.amqp_url, "ringpush demo cleanup").await?;
+        let connection = broker::connect(&args.local.amqp_url, "ringpush demo cleanup").await?;
         let channel = connection.create_channel().await?;
         broker::delete(&channel, &names).await?;
         let _ = connection.close(200, "done".into()).await;
-        crate::db::drop_schema(&args.database_url, &schema).await?;
+        crate::db::drop_schema(&args.local.database_url, &schema).await?;
         anyhow::Ok(())
     };
     let cleaned = cleanup.await;
@@ -148,8 +148,8 @@ async fn run_inner(
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     // Database: a schema of our own, migrated and seeded.
-    crate::db::create_schema(&args.database_url, schema).await?;
-    let db_url = crate::db::url_with_schema(&args.database_url, schema);
+    crate::db::create_schema(&args.local.database_url, schema).await?;
+    let db_url = crate::db::url_with_schema(&args.local.database_url, schema);
     crate::db::migrate(&db_url).await?;
     let pool = crate::db::pool(&db_url, 4, Duration::from_secs(5))?;
     let people = seed_people();
@@ -228,14 +228,18 @@ async fn run_inner(
     let purge_counters = Arc::new(purge::Counters::default());
     let mut processes = tokio::task::JoinSet::new();
     {
-        let (url, counters, cancel) = (args.amqp_url.clone(), counters.clone(), cancel.clone());
+        let (url, counters, cancel) = (
+            args.local.amqp_url.clone(),
+            counters.clone(),
+            cancel.clone(),
+        );
         let pool = pool.clone();
         processes
             .spawn(async move { worker::run(settings, &url, pool, apns, counters, cancel).await });
     }
     {
         let (url, counters, cancel) = (
-            args.amqp_url.clone(),
+            args.local.amqp_url.clone(),
             feedback_counters.clone(),
             cancel.clone(),
         );
@@ -249,7 +253,7 @@ async fn run_inner(
     }
     {
         let (url, counters, cancel) = (
-            args.amqp_url.clone(),
+            args.local.amqp_url.clone(),
             purge_counters.clone(),
             cancel.clone(),
         );
@@ -264,7 +268,7 @@ async fn run_inner(
     }
 
     // A gateway: rings as they are published in a home.
-    let connection = broker::connect(&args.amqp_url, "ringpush demo gateway").await?;
+    let connection = broker::connect(&args.local.amqp_url, "ringpush demo gateway").await?;
     let channel = broker::confirm_channel(&connection).await?;
     broker::declare(&channel, names).await?;
     let now = OffsetDateTime::now_utc();

@@ -159,6 +159,14 @@ pub struct Received {
     pub certificate: bool,
 }
 
+impl Received {
+    /// The `apns-collapse-id` it carried (the ring's `event_id`), if any.
+    pub fn collapse_id(&self) -> Option<String> {
+        let value = self.headers.get("apns-collapse-id")?;
+        value.to_str().ok().map(str::to_owned)
+    }
+}
+
 /// Counts of what the mock did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {

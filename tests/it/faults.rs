@@ -120,13 +120,7 @@ async fn apns_answering_503_for_5_s_then_recovering_delivers_every_ring() {
     // No ring used more attempts than allowed: at most 5 requests per (ring, token).
     let mut per_pair = std::collections::HashMap::new();
     for r in app.mock.received() {
-        let event = r
-            .headers
-            .get("apns-collapse-id")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_owned();
+        let event = r.collapse_id().unwrap();
         *per_pair.entry((event, r.token.unwrap())).or_insert(0) += 1;
     }
     assert!(

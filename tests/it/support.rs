@@ -400,13 +400,7 @@ impl App {
             .into_iter()
             .filter(|r| r.status == 200)
             .map(|r| {
-                let event = r
-                    .headers
-                    .get("apns-collapse-id")
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
+                let event = r.collapse_id().unwrap();
                 (event, r.token.unwrap())
             })
             .collect();
@@ -427,13 +421,7 @@ impl App {
         let mut accepted: HashMap<(String, String), usize> = HashMap::new();
         for r in self.mock.received() {
             if r.status == 200 {
-                let event = r
-                    .headers
-                    .get("apns-collapse-id")
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
+                let event = r.collapse_id().unwrap();
                 *accepted.entry((event, r.token.unwrap())).or_default() += 1;
             }
         }
