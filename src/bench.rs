@@ -57,6 +57,10 @@ pub struct Report {
     pub peers: Vec<Peer>,
     pub binary_frames: usize,
     pub binary_frames_per_s: f64,
+    /// With `--soak`: the soak's length, rate, and the worker's RSS samples (MB, every 10 s).
+    pub soak_seconds: Option<f64>,
+    pub soak_rings_per_s: Option<f64>,
+    pub soak_rss_mb: Vec<f64>,
     pub notes: Vec<String>,
 }
 
@@ -85,6 +89,16 @@ fn peak_rss_mb(pid: &str) -> f64 {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resident set size of a process now, MB.
+fn current_rss_mb(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -394,6 +408,37 @@ async fn end_to_end(
         &buckets(&after, "ringpush_ring_to_accepted_seconds"),
     );
     report.e2e_worker_peak_rss_mb = peak_rss_mb(&pid);
+
+    if let Some(length) = args.soak {
+        // Steady load at 80% of the drain rate, publishing in 100 ms slices.
+        let rate = report.e2e_rings_per_s * 0.8;
+        let per_slice = ((rate / 10.0) as usize).max(1);
+        let started = Instant::now();
+        let mut next_sample = Instant::now();
+        let mut slice = tokio::time::interval(Duration::from_millis(100));
+        let mut i = 0;
+        while started.elapsed() < length {
+            slice.tick().await;
+            stream::iter(0..per_slice)
+                .map(|_| {
+                    i += 1;
+                    let (channel, r) = (&channel, ring(i));
+                    async move { broker::publish_ring(channel, names, &r).await }
+                })
+                .buffer_unordered(200)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+            if Instant::now() >= next_sample {
+                report.soak_rss_mb.push(current_rss_mb(&pid));
+                next_sample += Duration::from_secs(10);
+            }
+        }
+        report.soak_seconds = Some(started.elapsed().as_secs_f64());
+        report.soak_rings_per_s = Some(rate);
+        report.e2e_worker_peak_rss_mb = peak_rss_mb(&pid);
+    }
 
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -790,6 +835,14 @@ impl std::fmt::Display for Report {
                     p.note.as_deref().unwrap_or("?")
                 )?,
             }
+        }
+        if let (Some(secs), Some(rate)) = (self.soak_seconds, self.soak_rings_per_s) {
+            let rss: Vec<String> = self.soak_rss_mb.iter().map(|m| format!("{m:.0}")).collect();
+            writeln!(
+                f,
+                "  soak {secs:.0} s at {rate:.0} rings/s: worker RSS every 10 s (MB) {}",
+                rss.join(" ")
+            )?;
         }
         writeln!(f, "legacy binary interface ({} frames)", self.binary_frames)?;
         writeln!(

@@ -139,6 +139,10 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// After the end-to-end drain, keep rings flowing at 80% of the measured rate this long
+    /// (e.g. `10m`), sampling the worker's RSS every 10 s.
+    #[arg(long, value_parser = duration("--soak"))]
+    pub soak: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Args)]
