@@ -162,6 +162,9 @@ pub struct QueuesArgs {
     /// Refresh in place until interrupted.
     #[arg(long)]
     pub watch: bool,
+    /// RabbitMQ's management API (`http://user:pass@host:15672`), for unacked counts.
+    #[arg(long, env = "RINGPUSH_MANAGEMENT_URL")]
+    pub management_url: Option<String>,
     /// Seconds between refreshes with --watch.
     #[arg(long, default_value = "2s", value_parser = duration("--interval"))]
     pub interval: Duration,

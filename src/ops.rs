@@ -17,6 +17,8 @@ use crate::ring::RingEvent;
 pub struct QueueLine {
     pub queue: String,
     pub ready: u32,
+    /// Delivered and not yet acked (from the management API; `None` without it).
+    pub unacked: Option<u64>,
     pub consumers: u32,
 }
 
@@ -41,6 +43,7 @@ pub async fn queue_lines(
                 lines.push(QueueLine {
                     queue: queue.to_owned(),
                     ready: q.message_count(),
+                    unacked: None,
                     consumers: q.consumer_count(),
                 });
                 let _ = channel.close(200, "done".into()).await;
@@ -48,6 +51,7 @@ pub async fn queue_lines(
             Err(_) => lines.push(QueueLine {
                 queue: format!("{queue} (missing)"),
                 ready: 0,
+                unacked: None,
                 consumers: 0,
             }),
         }
@@ -55,25 +59,99 @@ pub async fn queue_lines(
     Ok(lines)
 }
 
+/// Unacked counts per queue from RabbitMQ's management API (`http://user:pass@host:port`),
+/// which AMQP itself does not report. One GET for the whole vhost.
+pub async fn unacked(
+    management_url: &str,
+    vhost: &str,
+) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = management_url.strip_prefix("http://").ok_or_else(|| {
+        anyhow::anyhow!("RINGPUSH_MANAGEMENT_URL: {management_url:?} must start with http://")
+    })?;
+    let (userinfo, hostport) = rest
+        .trim_end_matches('/')
+        .rsplit_once('@')
+        .unwrap_or(("guest:guest", rest));
+    let auth = base64::engine::general_purpose::STANDARD.encode(percent_decode(userinfo));
+    let mut stream = tokio::net::TcpStream::connect(hostport).await?;
+    let request = format!(
+        "GET /api/queues/{vhost}?columns=name,messages_unacknowledged HTTP/1.0\r\nHost: {hostport}\r\nAuthorization: Basic {auth}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "management API: {}",
+        head.lines().next().unwrap_or("")
+    );
+    let queues: Vec<serde_json::Value> = serde_json::from_str(body)?;
+    Ok(queues
+        .iter()
+        .filter_map(|q| {
+            Some((
+                q["name"].as_str()?.to_owned(),
+                q["messages_unacknowledged"].as_u64().unwrap_or(0),
+            ))
+        })
+        .collect())
+}
+
+/// `%2f` → `/` and the like, for URL user info and vhosts.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The vhost of an AMQP URL, percent-encoded as the management API wants it.
+pub fn vhost_of(amqp_url: &str) -> String {
+    let path = amqp_url.split('?').next().unwrap_or_default();
+    let after_scheme = path.split_once("://").map_or(path, |(_, r)| r);
+    match after_scheme.split_once('/') {
+        Some((_, v)) if !v.is_empty() => v.to_owned(),
+        _ => "%2f".into(),
+    }
+}
+
 /// The table `ringpush queues` prints; `rates` are messages per second since the last look.
 pub fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<36} {:>9} {:>9} {:>12}",
-        "queue", "ready", "consumers", "rate/s"
+        "{:<36} {:>9} {:>9} {:>9} {:>12}",
+        "queue", "ready", "unacked", "consumers", "rate/s"
     );
     for (i, l) in lines.iter().enumerate() {
         let rate = rates
             .and_then(|r| r.get(i))
             .map_or("-".to_owned(), |r| format!("{r:+.1}"));
+        let unacked = l.unacked.map_or("-".to_owned(), |u| u.to_string());
         let _ = writeln!(
             out,
-            "{:<36} {:>9} {:>9} {:>12}",
-            l.queue, l.ready, l.consumers, rate
+            "{:<36} {:>9} {:>9} {:>9} {:>12}",
+            l.queue, l.ready, unacked, l.consumers, rate
         );
     }
-    out.push_str("(unacked messages are not visible over AMQP: see the management UI or\n `rabbitmqctl list_queues name messages_unacknowledged`)\n");
+    if lines.iter().any(|l| l.unacked.is_none()) {
+        out.push_str("(unacked: AMQP does not report it; set RINGPUSH_MANAGEMENT_URL to read it from the management API)\n");
+    }
     out
 }
 
@@ -82,8 +160,15 @@ pub async fn queues(args: QueuesArgs, cancel: CancellationToken) -> anyhow::Resu
     let names = args.broker.names();
     let connection = broker::connect(&args.broker.amqp_url, "ringpush queues").await?;
     let mut last: Option<(Instant, Vec<QueueLine>)> = None;
+    let vhost = vhost_of(&args.broker.amqp_url);
     loop {
-        let lines = queue_lines(&connection, &names).await?;
+        let mut lines = queue_lines(&connection, &names).await?;
+        if let Some(url) = &args.management_url {
+            let unacked = unacked(url, &vhost).await?;
+            for l in &mut lines {
+                l.unacked = unacked.get(&l.queue).copied();
+            }
+        }
         let rates: Option<Vec<f64>> = last.as_ref().map(|(at, before)| {
             let secs = at.elapsed().as_secs_f64().max(0.001);
             lines
@@ -202,11 +287,13 @@ mod tests {
             QueueLine {
                 queue: "ringpush.rings".into(),
                 ready: 1200,
+                unacked: Some(256),
                 consumers: 3,
             },
             QueueLine {
                 queue: "ringpush.rings.dead".into(),
                 ready: 2,
+                unacked: None,
                 consumers: 0,
             },
         ];
@@ -215,6 +302,7 @@ mod tests {
         assert!(
             rows[1].starts_with("ringpush.rings ")
                 && rows[1].contains(" 1200 ")
+                && rows[1].contains(" 256 ")
                 && rows[1].ends_with("-150.0"),
             "{table}"
         );
@@ -224,5 +312,18 @@ mod tests {
             .nth(1)
             .unwrap()
             .ends_with('-'));
+        assert!(
+            table.contains("RINGPUSH_MANAGEMENT_URL"),
+            "says how to see unacked"
+        );
+    }
+
+    #[test]
+    fn vhosts_and_user_info_decode() {
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
+        assert_eq!(vhost_of("amqp://h:5672/doorbell?heartbeat=10"), "doorbell");
+        assert_eq!(vhost_of("amqp://h:5672"), "%2f");
+        assert_eq!(percent_decode("gu%40est:p%2Fw"), "gu@est:p/w");
+        assert_eq!(percent_decode("50%"), "50%");
     }
 }

@@ -129,3 +129,43 @@ async fn queue_depth_gauges_follow_a_queue_filled_while_no_worker_consumes() {
     assert_eq!(Counters::get(&app.counters.rings_unknown_gateway), 25);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn queues_reads_unacked_counts_from_the_management_api() {
+    let app = App::spawn_with(|o| o.run_worker = false).await;
+    for _ in 0..5 {
+        app.publish(&App::ring("gw-held", Duration::ZERO)).await;
+    }
+    // A consumer that holds two deliveries without acking them.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let msg = app
+            .channel
+            .basic_get(
+                app.names.rings.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await
+            .unwrap()
+            .expect("a ring is there");
+        held.push(msg);
+    }
+    let url = std::env::var("RINGPUSH_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into());
+    let vhost = ringpush::ops::vhost_of(&crate::support::amqp_url());
+    // The management API refreshes its statistics every few seconds.
+    let mut seen = None;
+    for _ in 0..40 {
+        let unacked = ringpush::ops::unacked(&url, &vhost)
+            .await
+            .expect("the management API answers");
+        seen = unacked.get(&app.names.rings).copied();
+        if seen == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(seen, Some(2), "two deliveries held, not acked");
+    drop(held);
+    app.stop().await;
+}
