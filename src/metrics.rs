@@ -20,8 +20,6 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -482,30 +480,11 @@ impl QueueDepth {
         connection: &lapin::Connection,
         names: &Names,
     ) -> Result<(), lapin::Error> {
-        let channel = connection.create_channel().await?;
-        for queue in names.queues() {
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            // A queue that does not exist closes the channel: open another for the rest.
-            match channel
-                .queue_declare(queue.into(), passive, FieldTable::default())
-                .await
-            {
-                Ok(q) => {
-                    let labels = vec![("queue".to_owned(), queue.to_owned())];
-                    self.messages
-                        .get_or_create(&labels)
-                        .set(i64::from(q.message_count()));
-                    self.consumers
-                        .get_or_create(&labels)
-                        .set(i64::from(q.consumer_count()));
-                }
-                Err(e) => return Err(e),
+        for line in crate::ops::queue_lines(connection, names).await? {
+            if !line.missing {
+                self.set(&line.queue, line.ready, line.consumers);
             }
         }
-        let _ = channel.close(200, "done".into()).await;
         Ok(())
     }
 }

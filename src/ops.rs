@@ -20,6 +20,8 @@ pub struct QueueLine {
     /// Delivered and not yet acked (from the management API; `None` without it).
     pub unacked: Option<u64>,
     pub consumers: u32,
+    /// The queue does not exist (no ringpush process has declared it yet).
+    pub missing: bool,
 }
 
 /// Reads every ringpush queue's depth and consumer count (passive declares).
@@ -45,14 +47,16 @@ pub async fn queue_lines(
                     ready: q.message_count(),
                     unacked: None,
                     consumers: q.consumer_count(),
+                    missing: false,
                 });
                 let _ = channel.close(200, "done".into()).await;
             }
             Err(_) => lines.push(QueueLine {
-                queue: format!("{queue} (missing)"),
+                queue: queue.to_owned(),
                 ready: 0,
                 unacked: None,
                 consumers: 0,
+                missing: true,
             }),
         }
     }
@@ -143,10 +147,14 @@ pub fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String {
             .and_then(|r| r.get(i))
             .map_or("-".to_owned(), |r| format!("{r:+.1}"));
         let unacked = l.unacked.map_or("-".to_owned(), |u| u.to_string());
+        let name = match l.missing {
+            true => format!("{} (missing)", l.queue),
+            false => l.queue.clone(),
+        };
         let _ = writeln!(
             out,
             "{:<36} {:>9} {:>9} {:>9} {:>12}",
-            l.queue, l.ready, unacked, l.consumers, rate
+            name, l.ready, unacked, l.consumers, rate
         );
     }
     if lines.iter().any(|l| l.unacked.is_none()) {
@@ -289,12 +297,14 @@ mod tests {
                 ready: 1200,
                 unacked: Some(256),
                 consumers: 3,
+                missing: false,
             },
             QueueLine {
                 queue: "ringpush.rings.dead".into(),
                 ready: 2,
                 unacked: None,
                 consumers: 0,
+                missing: true,
             },
         ];
         let table = queue_table(&lines, Some(&[-150.0, 0.5]));
@@ -306,7 +316,10 @@ mod tests {
                 && rows[1].ends_with("-150.0"),
             "{table}"
         );
-        assert!(rows[2].ends_with("+0.5"), "{table}");
+        assert!(
+            rows[2].ends_with("+0.5") && rows[2].contains("(missing)"),
+            "{table}"
+        );
         assert!(queue_table(&lines, None)
             .lines()
             .nth(1)
