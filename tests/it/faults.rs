@@ -88,7 +88,7 @@ async fn apns_connections_cut_mid_batch_again_and_again_lose_no_ring() {
         "{cuts} cuts, {duplicates} duplicates, {} retries",
         Counters::get(&app.counters.rings_retried)
     );
-    app.stop().await;
+    app.stop_with_nothing_unacked().await;
 }
 
 #[tokio::test]
@@ -129,7 +129,7 @@ async fn apns_answering_503_for_5_s_then_recovering_delivers_every_ring() {
         per_pair.values().max()
     );
     assert_eq!(Counters::get(&app.counters.rings_dead_lettered), 0);
-    app.stop().await;
+    app.stop_with_nothing_unacked().await;
 }
 
 #[tokio::test]
@@ -165,7 +165,7 @@ async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
         Counters::get(&app.counters.broker_sessions) >= 2,
         "the worker reconnected"
     );
-    app.stop().await;
+    app.stop_with_nothing_unacked().await;
 }
 
 #[tokio::test]
@@ -188,7 +188,7 @@ async fn postgresql_unreachable_for_5_s_loses_nothing_and_dead_letters_nothing()
     );
     proxy.set(Mode::Pass);
     settled(&app, &rings, &tokens).await;
-    app.stop().await;
+    app.stop_with_nothing_unacked().await;
 }
 
 #[tokio::test]
@@ -215,7 +215,7 @@ async fn an_unreachable_apns_pauses_consumption_instead_of_burning_retries() {
     );
     proxy.set(Mode::Pass);
     settled(&app, &rings, &tokens).await;
-    app.stop().await;
+    app.stop_with_nothing_unacked().await;
 }
 
 #[tokio::test]
@@ -275,7 +275,7 @@ async fn sigterm_during_a_burst_exits_0_in_the_grace_period_and_a_second_worker_
 
     app.start_worker();
     settled(&app, &rings, &tokens).await;
-    app.stop().await;
+    app.stop_with_nothing_unacked().await;
 }
 
 #[tokio::test]
@@ -436,5 +436,5 @@ async fn a_stalled_apns_times_out_and_the_rings_wait_until_it_answers_again() {
     proxy.set(Mode::Pass);
     proxy.cut();
     settled(&app, &rings, &tokens).await;
-    app.stop().await;
+    app.stop_with_nothing_unacked().await;
 }

@@ -638,6 +638,23 @@ impl App {
 
     /// Stops the worker the way SIGTERM does and checks it exits cleanly.
     pub async fn stop(mut self) {
+        self.stop_processes().await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+
+    /// Stops the processes, then checks no ring was left unacked: a delivery still held when
+    /// the worker's channel closes goes back to the queue, so the queue must be empty.
+    pub async fn stop_with_nothing_unacked(mut self) {
+        self.stop_processes().await;
+        assert_eq!(
+            self.depth(&self.names.rings).await,
+            0,
+            "a ring was left unacked"
+        );
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+
+    async fn stop_processes(&mut self) {
         self.cancel.cancel();
         for (name, process) in std::mem::take(&mut self.processes) {
             tokio::time::timeout(Duration::from_secs(30), process)
@@ -646,7 +663,6 @@ impl App {
                 .unwrap()
                 .unwrap_or_else(|e| panic!("{name} exits without error: {e:#}"));
         }
-        let _ = self.connection.close(200, "done".into()).await;
     }
 }
 
