@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -461,6 +462,68 @@ pub fn requeue() -> BasicNackOptions {
     BasicNackOptions {
         requeue: true,
         ..Default::default()
+    }
+}
+
+/// A consuming process as the broker sees it: which queue, how many deliveries at once, how
+/// it stops and pauses, and where it reports that it is connected.
+pub struct Consumer<'a> {
+    /// `worker`, `feedback`, `purge`: in the connection name and the logs.
+    pub process: &'a str,
+    pub amqp_url: &'a str,
+    pub names: &'a Names,
+    pub queue: &'a str,
+    pub prefetch: u16,
+    pub batch_size: usize,
+    pub control: Control,
+    /// True while a session consumes.
+    pub connected: &'a AtomicBool,
+    /// Counts sessions (1 + reconnects), when the process keeps that count.
+    pub sessions: Option<&'a AtomicU64>,
+}
+
+impl Consumer<'_> {
+    /// Consumes until `control.cancel`, reconnecting when the connection is lost. Each session
+    /// connects, opens a confirm-mode channel for the handlers' publishes, declares the
+    /// topology and consumes; `handle` gets that channel with each batch.
+    pub async fn run<F, Fut>(&self, handle: F) -> anyhow::Result<()>
+    where
+        F: Fn(Channel, Vec<Delivery>, CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let name = format!("ringpush {} {}", self.process, self.names.prefix);
+        serve(self.process, &self.control.cancel, || {
+            self.session(&name, &handle)
+        })
+        .await
+    }
+
+    async fn session<F, Fut>(&self, name: &str, handle: &F) -> Result<(), BrokerError>
+    where
+        F: Fn(Channel, Vec<Delivery>, CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Some(sessions) = self.sessions {
+            sessions.fetch_add(1, Ordering::Relaxed);
+        }
+        let connection = connect(self.amqp_url, name).await?;
+        let publisher = confirm_channel(&connection).await?;
+        declare(&publisher, self.names).await?;
+        self.connected.store(true, Ordering::Relaxed);
+        let result = consume_batches(
+            &connection,
+            self.queue,
+            self.prefetch,
+            self.batch_size,
+            self.control.clone(),
+            |batch, abort| handle(publisher.clone(), batch, abort),
+        )
+        .await;
+        self.connected.store(false, Ordering::Relaxed);
+        let _ = connection
+            .close(200, format!("{} stopping", self.process).as_str().into())
+            .await;
+        result
     }
 }
 

@@ -187,49 +187,29 @@ pub async fn run(
         counters,
         seen: Mutex::new(HashMap::new()),
     });
-    let name = format!("ringpush feedback {}", ctx.settings.names.prefix);
     if let Some(service) = ctx.settings.service.clone() {
         let (ctx, url, cancel) = (ctx.clone(), amqp_url.to_owned(), cancel.clone());
         tokio::spawn(async move { poll_service(&ctx, &service, &url, cancel).await });
     }
-    broker::serve("feedback", &cancel, || {
-        session(ctx.clone(), amqp_url, &name, cancel.clone())
-    })
-    .await?;
+    let consumer = broker::Consumer {
+        process: "feedback",
+        amqp_url,
+        names: &ctx.settings.names,
+        queue: &ctx.settings.names.feedback,
+        prefetch: ctx.settings.prefetch,
+        batch_size: 100,
+        control: broker::Control::new(cancel, Duration::from_secs(10)),
+        connected: &ctx.counters.broker_connected,
+        sessions: None,
+    };
+    consumer
+        .run(|publisher, batch, _abort| {
+            let ctx = ctx.clone();
+            async move { handle_batch(&ctx, &publisher, batch).await }
+        })
+        .await?;
     info!("feedback consumer stopped");
     Ok(())
-}
-
-/// One broker connection's worth of consuming.
-async fn session(
-    ctx: Arc<Context>,
-    amqp_url: &str,
-    name: &str,
-    cancel: CancellationToken,
-) -> Result<(), broker::BrokerError> {
-    let connection = broker::connect(amqp_url, name).await?;
-    let publisher = broker::confirm_channel(&connection).await?;
-    broker::declare(&publisher, &ctx.settings.names).await?;
-    let queue = ctx.settings.names.feedback.clone();
-    let control = broker::Control::new(cancel, Duration::from_secs(10));
-    ctx.counters.broker_connected.store(true, Ordering::Relaxed);
-    let result = broker::consume_batches(
-        &connection,
-        &queue,
-        ctx.settings.prefetch,
-        100,
-        control,
-        |batch, _abort| {
-            let (ctx, publisher) = (ctx.clone(), publisher.clone());
-            async move { handle_batch(&ctx, &publisher, batch).await }
-        },
-    )
-    .await;
-    ctx.counters
-        .broker_connected
-        .store(false, Ordering::Relaxed);
-    let _ = connection.close(200, "feedback stopping".into()).await;
-    result
 }
 
 /// Reads the legacy feedback service on an interval and publishes a feedback event per

@@ -105,46 +105,26 @@ pub async fn run(
         pool,
         counters,
     });
-    let name = format!("ringpush purge {}", ctx.settings.names.prefix);
-    broker::serve("purge", &cancel, || {
-        session(ctx.clone(), amqp_url, &name, cancel.clone())
-    })
-    .await?;
+    let s = &ctx.settings;
+    let consumer = broker::Consumer {
+        process: "purge",
+        amqp_url,
+        names: &s.names,
+        queue: &s.names.purge,
+        prefetch: s.prefetch,
+        batch_size: s.batch_size,
+        control: broker::Control::new(cancel, Duration::from_secs(10)),
+        connected: &ctx.counters.broker_connected,
+        sessions: None,
+    };
+    consumer
+        .run(|publisher, batch, _abort| {
+            let ctx = ctx.clone();
+            async move { handle_batch(&ctx, &publisher, batch).await }
+        })
+        .await?;
     info!("purger stopped");
     Ok(())
-}
-
-/// One broker connection's worth of consuming.
-async fn session(
-    ctx: Arc<Context>,
-    amqp_url: &str,
-    name: &str,
-    cancel: CancellationToken,
-) -> Result<(), broker::BrokerError> {
-    let connection = broker::connect(amqp_url, name).await?;
-    let publisher = broker::confirm_channel(&connection).await?;
-    broker::declare(&publisher, &ctx.settings.names).await?;
-    let s = &ctx.settings;
-    let (queue, prefetch, batch) = (s.names.purge.clone(), s.prefetch, s.batch_size);
-    let control = broker::Control::new(cancel, Duration::from_secs(10));
-    ctx.counters.broker_connected.store(true, Ordering::Relaxed);
-    let result = broker::consume_batches(
-        &connection,
-        &queue,
-        prefetch,
-        batch,
-        control,
-        |batch, _abort| {
-            let (ctx, publisher) = (ctx.clone(), publisher.clone());
-            async move { handle_batch(&ctx, &publisher, batch).await }
-        },
-    )
-    .await;
-    ctx.counters
-        .broker_connected
-        .store(false, Ordering::Relaxed);
-    let _ = connection.close(200, "purge stopping".into()).await;
-    result
 }
 
 async fn handle_batch(ctx: &Context, publisher: &Channel, batch: Vec<Delivery>) {

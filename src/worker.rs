@@ -286,59 +286,33 @@ pub async fn run(
         counters,
         pause: Pause::new(),
     });
-    let name = format!("ringpush worker {}", shared.settings.names.prefix);
-    broker::serve("worker", &cancel, || {
-        session(shared.clone(), amqp_url, &name, cancel.clone())
-    })
-    .await?;
+    let s = &shared.settings;
+    let consumer = broker::Consumer {
+        process: "worker",
+        amqp_url,
+        names: &s.names,
+        queue: &s.names.rings,
+        prefetch: s.prefetch,
+        batch_size: s.batch_size,
+        control: broker::Control {
+            cancel,
+            grace: s.grace,
+            open: Some(shared.pause.open.subscribe()),
+        },
+        connected: &shared.counters.broker_connected,
+        sessions: Some(&shared.counters.broker_sessions),
+    };
+    consumer
+        .run(|publisher, batch, abort| {
+            let ctx = Arc::new(Context {
+                shared: shared.clone(),
+                publisher,
+            });
+            async move { handle_batch(&ctx, batch, abort).await }
+        })
+        .await?;
     info!("worker stopped");
     Ok(())
-}
-
-/// One broker connection's worth of consuming.
-async fn session(
-    shared: Arc<Shared>,
-    amqp_url: &str,
-    name: &str,
-    cancel: CancellationToken,
-) -> Result<(), BrokerError> {
-    Counters::add(&shared.counters.broker_sessions, 1);
-    let connection = broker::connect(amqp_url, name).await?;
-    let publisher = broker::confirm_channel(&connection).await?;
-    broker::declare(&publisher, &shared.settings.names).await?;
-    let s = &shared.settings;
-    let (queue, prefetch, batch_size) = (s.names.rings.clone(), s.prefetch, s.batch_size);
-    let control = broker::Control {
-        cancel,
-        grace: s.grace,
-        open: Some(shared.pause.open.subscribe()),
-    };
-    let ctx = Arc::new(Context {
-        shared: shared.clone(),
-        publisher,
-    });
-    shared
-        .counters
-        .broker_connected
-        .store(true, Ordering::Relaxed);
-    let result = broker::consume_batches(
-        &connection,
-        &queue,
-        prefetch,
-        batch_size,
-        control,
-        |batch, abort| {
-            let ctx = ctx.clone();
-            async move { handle_batch(&ctx, batch, abort).await }
-        },
-    )
-    .await;
-    shared
-        .counters
-        .broker_connected
-        .store(false, Ordering::Relaxed);
-    let _ = connection.close(200, "worker stopping".into()).await;
-    result
 }
 
 /// Parses a batch, looks up all its gateways in one query, and handles each ring; when
