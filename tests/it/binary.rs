@@ -153,3 +153,48 @@ async fn tokens_listed_by_the_feedback_service_are_purged_once() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_probe_tells_an_unreachable_gateway_from_a_reachable_one() {
+    use ringpush::apns::binary;
+    use ringpush::apns::tls;
+    let app = App::spawn_with(|o| {
+        o.binary = true;
+        o.run_worker = false;
+    })
+    .await;
+    let (cert, key) = app.mock.issue_client_certificate("probe").unwrap();
+    std::fs::create_dir_all(&app.dir).unwrap();
+    let pem = app.dir.join("probe.pem");
+    std::fs::write(&pem, format!("{cert}{key}")).unwrap();
+    let tls = tls::client_config(
+        Some(app.mock.ca_file()),
+        Some(tls::Identity::from_file(&pem, "").unwrap()),
+    )
+    .unwrap();
+    let client = |port: u16| {
+        let address = binary::Address::parse(&format!("localhost:{port}")).unwrap();
+        binary::Client::new(binary::Settings::new(address), tls.clone())
+    };
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = client(closed);
+    assert!(down.probe().await.is_err(), "nothing listens there");
+    let token = DeviceToken::parse(&ringpush::token::random_hex(32)).unwrap();
+    let notification = ringpush::apns::request::Notification {
+        token,
+        topic: TOPIC.into(),
+        collapse_id: String::new(),
+        expiration: 0,
+        payload: bytes::Bytes::from_static(b"{}"),
+    };
+    let failed = down.send(&notification).await.unwrap_err();
+    assert!(failed.is_unreachable(), "{failed}");
+    let up = client(app.mock.gateway_addr().unwrap().port());
+    up.probe().await.expect("the gateway is up");
+    assert_eq!(up.connections_open(), 1);
+    app.stop().await;
+}

@@ -138,7 +138,7 @@ impl Settings {
 /// The binary client of one worker. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct Client {
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Request>,
     gauges: Arc<Gauges>,
     request_timeout: Duration,
 }
@@ -162,6 +162,13 @@ struct Job {
     frame: Frame,
     reply: Reply,
     writes: u32,
+}
+
+/// What the client asks of its connection task.
+enum Request {
+    Send(Job),
+    /// Answer once a connection is up (or the connect failed).
+    Probe(Reply),
 }
 
 /// A notification written on the current connection and not yet confirmed.
@@ -194,6 +201,7 @@ impl Client {
             gauges: gauges.clone(),
             next_id: 1,
             queue: VecDeque::new(),
+            probes: Vec::new(),
             sent: VecDeque::new(),
             connection: None,
             failures: 0,
@@ -244,11 +252,11 @@ impl Client {
         };
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job {
+            .send(Request::Send(Job {
                 frame,
                 reply,
                 writes: 0,
-            })
+            }))
             .map_err(|_| SendError::Lost("the binary client has stopped".into()))?;
         match tokio::time::timeout(self.request_timeout, answer).await {
             Ok(Ok(result)) => result,
@@ -259,17 +267,12 @@ impl Client {
         }
     }
 
-    /// Makes sure the gateway can be reached: sends nothing, so it only tells whether the
-    /// last connect failed and its backoff is still running.
+    /// Makes sure the gateway can be reached: sends nothing, so it only tells whether a
+    /// connection is up or can be opened now (the reconnect backoff still applies).
     pub async fn probe(&self) -> Result<(), SendError> {
         let (reply, answer) = oneshot::channel();
-        // A probe is an empty job the driver answers after trying to connect.
         self.jobs
-            .send(Job {
-                frame: probe_frame(),
-                reply,
-                writes: u32::MAX,
-            })
+            .send(Request::Probe(reply))
             .map_err(|_| SendError::Lost("the binary client has stopped".into()))?;
         match answer.await {
             Ok(Ok(_)) => Ok(()),
@@ -279,21 +282,6 @@ impl Client {
             )),
         }
     }
-}
-
-/// A probe travels as a job with an all-zero token that is never written.
-fn probe_frame() -> Frame {
-    Frame {
-        token: [0; 32],
-        payload: bytes::Bytes::new(),
-        identifier: 0,
-        expiration: 0,
-        priority: 0,
-    }
-}
-
-fn is_probe(job: &Job) -> bool {
-    job.writes == u32::MAX
 }
 
 /// A 64-hex-digit token as 32 bytes.
@@ -317,6 +305,8 @@ struct Driver {
     next_id: u32,
     /// To write, in order: new notifications and the ones to resend (resends first).
     queue: VecDeque<Job>,
+    /// Probes waiting for a connection.
+    probes: Vec<Reply>,
     /// Written on the current connection, oldest first, awaiting confirmation.
     sent: VecDeque<Sent>,
     connection: Option<Connection>,
@@ -326,7 +316,7 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Request>) {
         let mut tick = tokio::time::interval(self.settings.quiet / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -337,11 +327,11 @@ impl Driver {
                 }
             };
             tokio::select! {
-                job = jobs.recv() => match job {
-                    Some(job) => {
-                        self.queue.push_back(job);
-                        while let Ok(job) = jobs.try_recv() {
-                            self.queue.push_back(job);
+                request = jobs.recv() => match request {
+                    Some(request) => {
+                        self.take(request);
+                        while let Ok(request) = jobs.try_recv() {
+                            self.take(request);
                         }
                     }
                     None => break,
@@ -354,6 +344,13 @@ impl Driver {
                 (self.queue.len() + self.sent.len()) as i64,
                 Ordering::Relaxed,
             );
+        }
+    }
+
+    fn take(&mut self, request: Request) {
+        match request {
+            Request::Send(job) => self.queue.push_back(job),
+            Request::Probe(reply) => self.probes.push(reply),
         }
     }
 
@@ -429,28 +426,27 @@ impl Driver {
 
     /// Writes everything queued (up to the batch and buffer limits) in one write.
     async fn write(&mut self) {
-        if self.queue.is_empty() {
+        if self.queue.is_empty() && self.probes.is_empty() {
             return;
         }
         if self.connection.is_none() {
             if let Err(e) = self.connect().await {
                 // Unreachable: fail what waits, so the caller can pause and hand rings back.
-                for job in self.queue.drain(..) {
-                    let _ = job.reply.send(Err(e.clone_error()));
+                let waiting = self
+                    .queue
+                    .drain(..)
+                    .map(|job| job.reply)
+                    .chain(self.probes.drain(..));
+                for reply in waiting {
+                    let _ = reply.send(Err(e.clone_error()));
                 }
                 return;
             }
         }
         // Probes only needed the connection.
-        let mut kept = VecDeque::with_capacity(self.queue.len());
-        for job in self.queue.drain(..) {
-            if is_probe(&job) {
-                let _ = job.reply.send(Ok(Answer::Accepted));
-            } else {
-                kept.push_back(job);
-            }
+        for probe in self.probes.drain(..) {
+            let _ = probe.send(Ok(Answer::Accepted));
         }
-        self.queue = kept;
         let room = self
             .settings
             .max_unconfirmed
