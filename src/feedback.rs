@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use lapin::{BasicProperties, Channel};
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
@@ -21,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::apns::Environment;
-use crate::broker::{self, Names};
+use crate::broker::{self, Acks, Names};
 use crate::ring::format_rfc3339;
 use crate::token::DeviceToken;
 
@@ -201,11 +200,12 @@ pub async fn run(
         control: broker::Control::new(cancel, Duration::from_secs(10)),
         connected: &ctx.counters.broker_connected,
         sessions: None,
+        acked: Some(&ctx.counters.acked),
     };
     consumer
-        .run(|publisher, batch, _abort| {
+        .run(|publisher, acks, batch, _abort| {
             let ctx = ctx.clone();
-            async move { handle_batch(&ctx, &publisher, batch).await }
+            async move { handle_batch(&ctx, &publisher, &acks, batch).await }
         })
         .await?;
     info!("feedback consumer stopped");
@@ -230,9 +230,8 @@ async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: 
                 let events: Vec<Invalidation> = tuples
                     .iter()
                     .filter_map(|t| {
-                        let hex: String = t.token.iter().map(|b| format!("{b:02x}")).collect();
                         Some(Invalidation {
-                            token: DeviceToken::parse(&hex).ok()?,
+                            token: DeviceToken::parse(&crate::token::hex(&t.token)).ok()?,
                             environment: Environment::Production,
                             topic: None,
                             reason: "FeedbackService".into(),
@@ -307,7 +306,7 @@ enum Step {
     Dead(String),
 }
 
-async fn handle_batch(ctx: &Context, publisher: &Channel, batch: Vec<Delivery>) {
+async fn handle_batch(ctx: &Context, publisher: &Channel, acks: &Acks, batch: Vec<Delivery>) {
     let c = &ctx.counters;
     c.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
     let steps: Vec<Step> = {
@@ -366,15 +365,10 @@ async fn handle_batch(ctx: &Context, publisher: &Channel, batch: Vec<Delivery>) 
             }
         };
         match durable {
-            Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(_) => {
-                    c.acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => error!(error = %e, "ack failed; the event will be redelivered"),
-            },
+            Ok(()) => acks.ack(delivery),
             Err(e) => {
                 error!(error = %e, "cannot publish; handing the feedback event back");
-                let _ = delivery.acker.nack(broker::requeue()).await;
+                let _ = acks.nack(delivery, broker::requeue()).await;
             }
         }
     }))

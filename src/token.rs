@@ -75,7 +75,19 @@ pub fn random_hex(n: usize) -> String {
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .expect("the system RNG works");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&bytes)
+}
+
+/// Bytes as lower-case hex, without an allocation per byte (the mock's binary gateway
+/// encodes every token it receives).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -101,6 +113,13 @@ mod tests {
                 Err(e) => assert_eq!(got.unwrap_err(), *e, "input {input:?}"),
             }
         }
+    }
+
+    #[test]
+    fn hex_is_lower_case_and_two_digits_per_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(hex(&[]), "");
+        assert_eq!(random_hex(16).len(), 32);
     }
 
     #[test]

@@ -97,7 +97,7 @@ async fn serve_gateway(
             let answer = match &decoded.frame {
                 Err(e) => Some(e.status()),
                 Ok(frame) => {
-                    let hex: String = frame.token.iter().map(|b| format!("{b:02x}")).collect();
+                    let hex = crate::token::hex(&frame.token);
                     let invalid = state
                         .scripts
                         .lock()

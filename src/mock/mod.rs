@@ -758,7 +758,7 @@ fn new_apns_id() -> String {
         .expect("the system RNG works");
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let hex = crate::token::hex(&b);
     format!(
         "{}-{}-{}-{}-{}",
         &hex[..8],
