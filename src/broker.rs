@@ -1,5 +1,8 @@
 //! RabbitMQ: the topology DESIGN.md names (declared idempotently by every process at
-//! start), connecting, and publishing with a publisher confirm.
+//! start), connecting, publishing with a publisher confirm, and consuming with coalesced
+//! acks ([`acks`]).
+
+pub mod acks;
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +15,8 @@ use tokio_util::task::TaskTracker;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
+
+pub use acks::Acks;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
@@ -345,7 +350,7 @@ impl Control {
 }
 
 /// The consume loop every consumer shares: a channel with a bounded prefetch and manual
-/// acks; each batch of the deliveries that are ready (at most `batch_size`) is handed to
+/// acks, coalesced by [`Acks`] (`acked` counts them as they are sent); each batch of the deliveries that are ready (at most `batch_size`) is handed to
 /// `handle` on a tracked task, with a token that fires when the batch must be handed back
 /// at once. On `cancel` it cancels the consumer, gives the batches in flight the grace
 /// period, then aborts them (their handlers nack), and closes the channel. It returns an
@@ -356,16 +361,38 @@ pub async fn consume_batches<F, Fut>(
     prefetch: u16,
     batch_size: usize,
     control: Control,
+    acked: Option<&AtomicU64>,
     handle: F,
 ) -> Result<(), BrokerError>
 where
-    F: Fn(Vec<Delivery>, CancellationToken) -> Fut,
+    F: Fn(Acks, Vec<Delivery>, CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
+    tracing::info!(queue, prefetch, "consuming with coalesced acks");
+    let acks = Acks::new();
+    let consume = consume(&channel, queue, batch_size, &control, &acks, handle);
+    let (result, ()) = tokio::join!(consume, acks.flush(acked));
+    let _ = channel.close(200, "stopping".into()).await;
+    result
+}
+
+/// The consuming half of [`consume_batches`]: closes `acks` when it is done.
+async fn consume<F, Fut>(
+    channel: &Channel,
+    queue: &str,
+    batch_size: usize,
+    control: &Control,
+    acks: &Acks,
+    handle: F,
+) -> Result<(), BrokerError>
+where
+    F: Fn(Acks, Vec<Delivery>, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
     let mut open = control.open.clone();
@@ -389,7 +416,6 @@ where
             Ok(c) => c,
             Err(e) => break 'session Err(e.into()),
         };
-        tracing::info!(queue, prefetch, "consuming");
         let stop = loop {
             let paused = async {
                 match open.as_mut() {
@@ -409,14 +435,18 @@ where
                 Some(Err(e)) => break Err(BrokerError::from(e)),
                 None => break Err(BrokerError::ConsumerEnded(queue.to_owned())),
             };
+            acks.received(&first);
             let mut batch = vec![first];
             while batch.len() < batch_size.max(1) {
                 match consumer.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    Some(Some(Ok(delivery))) => {
+                        acks.received(&delivery);
+                        batch.push(delivery);
+                    }
                     _ => break,
                 }
             }
-            tracker.spawn(handle(batch, abort.clone()));
+            tracker.spawn(handle(acks.clone(), batch, abort.clone()));
         };
         match stop {
             Err(e) => break 'session Err(e),
@@ -428,7 +458,8 @@ where
                 while let Ok(Some(Ok(delivery))) =
                     tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
                 {
-                    let _ = delivery.acker.nack(requeue()).await;
+                    acks.received(&delivery);
+                    let _ = acks.nack(&delivery, requeue()).await;
                 }
                 if stopping {
                     tracing::info!(
@@ -443,7 +474,10 @@ where
     };
     // An error means the channel is gone: acks cannot be sent, and the broker redelivers
     // what was in flight. Leave the handlers to finish on their own.
-    result?;
+    if result.is_err() {
+        acks.close();
+        return result;
+    }
     tracker.close();
     if tokio::time::timeout(control.grace, tracker.wait())
         .await
@@ -453,7 +487,7 @@ where
         abort.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     }
-    let _ = channel.close(200, "stopping".into()).await;
+    acks.close();
     Ok(())
 }
 
@@ -480,15 +514,18 @@ pub struct Consumer<'a> {
     pub connected: &'a AtomicBool,
     /// Counts sessions (1 + reconnects), when the process keeps that count.
     pub sessions: Option<&'a AtomicU64>,
+    /// Counts deliveries acked (sent to the broker, not just settled).
+    pub acked: Option<&'a AtomicU64>,
 }
 
 impl Consumer<'_> {
     /// Consumes until `control.cancel`, reconnecting when the connection is lost. Each session
     /// connects, opens a confirm-mode channel for the handlers' publishes, declares the
-    /// topology and consumes; `handle` gets that channel with each batch.
+    /// topology and consumes; `handle` gets that channel and the session's [`Acks`] with each
+    /// batch.
     pub async fn run<F, Fut>(&self, handle: F) -> anyhow::Result<()>
     where
-        F: Fn(Channel, Vec<Delivery>, CancellationToken) -> Fut,
+        F: Fn(Channel, Acks, Vec<Delivery>, CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let name = format!("ringpush {} {}", self.process, self.names.prefix);
@@ -500,7 +537,7 @@ impl Consumer<'_> {
 
     async fn session<F, Fut>(&self, name: &str, handle: &F) -> Result<(), BrokerError>
     where
-        F: Fn(Channel, Vec<Delivery>, CancellationToken) -> Fut,
+        F: Fn(Channel, Acks, Vec<Delivery>, CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         if let Some(sessions) = self.sessions {
@@ -516,7 +553,8 @@ impl Consumer<'_> {
             self.prefetch,
             self.batch_size,
             self.control.clone(),
-            |batch, abort| handle(publisher.clone(), batch, abort),
+            self.acked,
+            |acks, batch, abort| handle(publisher.clone(), acks, batch, abort),
         )
         .await;
         self.connected.store(false, Ordering::Relaxed);

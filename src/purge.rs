@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use lapin::Channel;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::broker::{self, Names};
+use crate::broker::{self, Acks, Names};
 use crate::db::DbError;
 use crate::feedback::PurgeRequest;
 use crate::ring::format_rfc3339;
@@ -116,18 +115,19 @@ pub async fn run(
         control: broker::Control::new(cancel, Duration::from_secs(10)),
         connected: &ctx.counters.broker_connected,
         sessions: None,
+        acked: Some(&ctx.counters.acked),
     };
     consumer
-        .run(|publisher, batch, _abort| {
+        .run(|publisher, acks, batch, _abort| {
             let ctx = ctx.clone();
-            async move { handle_batch(&ctx, &publisher, batch).await }
+            async move { handle_batch(&ctx, &publisher, &acks, batch).await }
         })
         .await?;
     info!("purger stopped");
     Ok(())
 }
 
-async fn handle_batch(ctx: &Context, publisher: &Channel, batch: Vec<Delivery>) {
+async fn handle_batch(ctx: &Context, publisher: &Channel, acks: &Acks, batch: Vec<Delivery>) {
     let c = &ctx.counters;
     c.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
     let mut requests = Vec::with_capacity(batch.len());
@@ -151,11 +151,11 @@ async fn handle_batch(ctx: &Context, publisher: &Channel, batch: Vec<Delivery>) 
                 {
                     Ok(()) => {
                         c.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                        ack(c, delivery).await;
+                        acks.ack(delivery);
                     }
                     Err(e) => {
                         error!(error = %e, "cannot dead-letter; handing the request back");
-                        requeue(delivery).await;
+                        requeue(acks, delivery).await;
                     }
                 }
             }
@@ -175,30 +175,21 @@ async fn handle_batch(ctx: &Context, publisher: &Channel, batch: Vec<Delivery>) 
                 "purge batch committed"
             );
             for delivery in valid {
-                ack(c, delivery).await;
+                acks.ack(delivery);
             }
         }
         Err(e) => {
             error!(error = %e, requests = requests.len(), "purge failed; handing the batch back");
             tokio::time::sleep(ctx.settings.db_retry_delay).await;
             for delivery in valid {
-                requeue(delivery).await;
+                requeue(acks, delivery).await;
             }
         }
     }
 }
 
-async fn ack(c: &Counters, delivery: &Delivery) {
-    match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(_) => {
-            c.acked.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => error!(error = %e, "ack failed; the request will be redelivered (harmless)"),
-    }
-}
-
-async fn requeue(delivery: &Delivery) {
-    if let Err(e) = delivery.acker.nack(broker::requeue()).await {
+async fn requeue(acks: &Acks, delivery: &Delivery) {
+    if let Err(e) = acks.nack(delivery, broker::requeue()).await {
         error!(error = %e, "nack failed; the broker will redeliver");
     }
 }

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldArray, LongString, ShortString};
 use lapin::Channel;
 use prometheus_client::metrics::histogram::Histogram;
@@ -37,7 +36,7 @@ use tracing::{error, info, warn};
 
 use crate::apns::request::{build_payload, AlertTemplate, Notification};
 use crate::apns::{Answer, Apns, Environment, Reason};
-use crate::broker::{self, BrokerError, Names};
+use crate::broker::{self, Acks, BrokerError, Names};
 use crate::db::{self, Gateway};
 use crate::feedback::Invalidation;
 use crate::ring::RingEvent;
@@ -259,6 +258,8 @@ struct Context {
     shared: Arc<Shared>,
     /// Confirm-mode channel for dead-letter, retry and feedback publishes.
     publisher: Channel,
+    /// The consuming channel's acks.
+    acks: Acks,
 }
 
 impl std::ops::Deref for Context {
@@ -301,12 +302,14 @@ pub async fn run(
         },
         connected: &shared.counters.broker_connected,
         sessions: Some(&shared.counters.broker_sessions),
+        acked: Some(&shared.counters.rings_acked),
     };
     consumer
-        .run(|publisher, batch, abort| {
+        .run(|publisher, acks, batch, abort| {
             let ctx = Arc::new(Context {
                 shared: shared.clone(),
                 publisher,
+                acks,
             });
             async move { handle_batch(&ctx, batch, abort).await }
         })
@@ -678,10 +681,8 @@ async fn settle(
         }
     };
     match durable {
-        Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-            Ok(_) => Counters::add(&c.rings_acked, 1),
-            Err(e) => error!(error = %e, "ack failed; the broker will redeliver the ring"),
-        },
+        // Acked with the rings settled around it (counted in `rings_acked` once sent).
+        Ok(()) => ctx.acks.ack(delivery),
         Err(e) => {
             error!(error = %e, gateway, event, "cannot make the outcome durable; handing the ring back");
             requeue(ctx, delivery).await;
@@ -738,7 +739,7 @@ async fn retry(
 }
 
 async fn requeue(ctx: &Context, delivery: &Delivery) {
-    match delivery.acker.nack(broker::requeue()).await {
+    match ctx.acks.nack(delivery, broker::requeue()).await {
         Ok(_) => Counters::add(&ctx.counters.rings_requeued, 1),
         Err(e) => error!(error = %e, "nack failed; the broker will redeliver the ring"),
     }

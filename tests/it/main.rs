@@ -2,6 +2,7 @@
 //! APNs over real TLS and HTTP/2. Each test gets its own queue prefix, schema and mock
 //! (see `support`), so they run in parallel and leave nothing behind.
 
+mod acks;
 mod apns;
 mod binary;
 mod delivery;
