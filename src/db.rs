@@ -1,7 +1,8 @@
 //! PostgreSQL: the connection pool, `ringpush migrate`, and the one query a worker runs per
 //! batch of rings.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -100,6 +101,96 @@ CROSS JOIN LATERAL (
 LEFT JOIN push_tokens t ON t.user_id = u.user_id
 WHERE g.id = ANY($1::text[])
 ORDER BY g.id, t.token";
+
+/// The answer to one grouped lookup, shared by every batch it served.
+pub type Found = Arc<Result<HashMap<String, Gateway>, String>>;
+
+/// Lookups of concurrent batches, grouped like a group commit: at most `max` queries run at
+/// once; batches that ask while they run wait, and the next query looks them all up
+/// together. Under light load nothing waits (a batch finds a free slot); under a burst the
+/// database sees a few large queries instead of many small ones.
+pub struct Lookups {
+    pool: Pool,
+    max: usize,
+    state: Mutex<Waiting>,
+    queries: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Waiting {
+    running: usize,
+    batches: Vec<(Vec<String>, tokio::sync::oneshot::Sender<Found>)>,
+}
+
+impl Lookups {
+    /// Up to half the pool's connections run lookups at once (at least one).
+    pub fn new(pool: Pool) -> Arc<Self> {
+        let max = (pool.status().max_size / 2).max(1);
+        Arc::new(Self {
+            pool,
+            max,
+            state: Mutex::default(),
+            queries: Default::default(),
+        })
+    }
+
+    /// Queries run so far.
+    pub fn queries(&self) -> u64 {
+        self.queries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The gateways of `ids` (and possibly others looked up in the same query).
+    pub async fn lookup(self: &Arc<Self>, ids: Vec<String>) -> Found {
+        let wait = {
+            let mut state = self.state.lock().unwrap();
+            if state.running >= self.max {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                state.batches.push((ids.clone(), tx));
+                Some(rx)
+            } else {
+                state.running += 1;
+                None
+            }
+        };
+        if let Some(rx) = wait {
+            return rx
+                .await
+                .unwrap_or_else(|_| Arc::new(Err("the grouped lookup was abandoned".into())));
+        }
+        let mine = self.query(&ids).await;
+        // Whoever waited meanwhile is looked up together, without holding up this batch.
+        let this = self.clone();
+        tokio::spawn(async move { this.drain().await });
+        mine
+    }
+
+    /// Runs grouped queries for the waiting batches until none wait, then frees the slot.
+    async fn drain(&self) {
+        loop {
+            let batches = {
+                let mut state = self.state.lock().unwrap();
+                if state.batches.is_empty() {
+                    state.running -= 1;
+                    return;
+                }
+                std::mem::take(&mut state.batches)
+            };
+            let ids: HashSet<&String> = batches.iter().flat_map(|(ids, _)| ids).collect();
+            let ids: Vec<String> = ids.into_iter().cloned().collect();
+            let found = self.query(&ids).await;
+            for (_, tx) in batches {
+                let _ = tx.send(found.clone());
+            }
+        }
+    }
+
+    async fn query(&self, ids: &[String]) -> Found {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.queries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Arc::new(lookup(&self.pool, &ids).await.map_err(|e| e.to_string()))
+    }
+}
 
 /// Looks up every gateway of a batch of rings at once. Gateways missing from the result are
 /// unknown. Rows whose token or environment is malformed are skipped with a warning.

@@ -248,6 +248,8 @@ impl Pause {
 struct Shared {
     settings: Settings,
     pool: Pool,
+    /// The token lookups of concurrent batches, grouped.
+    lookups: Arc<db::Lookups>,
     apns: Apns,
     counters: Arc<Counters>,
     pause: Pause,
@@ -282,6 +284,7 @@ pub async fn run(
     let apns = apns.into();
     let shared = Arc::new(Shared {
         settings,
+        lookups: db::Lookups::new(pool.clone()),
         pool,
         apns,
         counters,
@@ -355,13 +358,15 @@ async fn handle_batch(ctx: &Arc<Context>, batch: Vec<Delivery>, abort: Cancellat
     if rings.is_empty() {
         return;
     }
-    let ids: Vec<&str> = rings
+    let ids: Vec<String> = rings
         .iter()
         .map(|(_, r)| r.gateway_id.as_str())
         .collect::<HashSet<_>>()
         .into_iter()
+        .map(str::to_owned)
         .collect();
-    let gateways = match db::lookup(&ctx.pool, &ids).await {
+    let found = ctx.lookups.lookup(ids).await;
+    let gateways = match &*found {
         Ok(found) => found,
         Err(e) => {
             error!(error = %e, rings = rings.len(), "token lookup failed; handing the rings back and pausing");

@@ -83,3 +83,44 @@ async fn a_bad_database_url_is_refused_with_the_variable_name() {
     let err = ringpush::db::pool("mysql://nope", 1, Duration::from_secs(1)).unwrap_err();
     assert!(err.to_string().contains("RINGPUSH_DATABASE_URL"), "{err}");
 }
+
+#[tokio::test]
+async fn concurrent_batches_share_grouped_lookups_and_each_gets_its_gateways() {
+    let db = TestDb::new().await;
+    ringpush::db::migrate(&db.url).await.unwrap();
+    // Pool of 2: one lookup runs at a time, the rest wait and are grouped.
+    let pool = ringpush::db::pool(&db.url, 2, Duration::from_secs(5)).unwrap();
+    const N: i32 = 12;
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "INSERT INTO users (id) OVERRIDING SYSTEM VALUE SELECT generate_series(1, {N});
+             INSERT INTO gateways (id, owner_id, name) SELECT 'g' || id, id, 'Door ' || id FROM users;
+             INSERT INTO push_tokens (token, user_id) SELECT lpad(to_hex(id), 64, '0'), id FROM users;"
+        ))
+        .await
+        .unwrap();
+    let lookups = ringpush::db::Lookups::new(pool);
+    let found = futures_util::future::join_all((1..=N).map(|i| {
+        let lookups = lookups.clone();
+        async move { (i, lookups.lookup(vec![format!("g{i}")]).await) }
+    }))
+    .await;
+    for (i, found) in found {
+        let gateways = found.as_ref().as_ref().expect("the lookup succeeds");
+        let g = &gateways[&format!("g{i}")];
+        assert_eq!(g.name, format!("Door {i}"));
+        let tokens: Vec<&str> = g.recipients.iter().map(|r| r.token.as_hex()).collect();
+        assert_eq!(
+            tokens,
+            [format!("{i:064x}")],
+            "gateway g{i} gets its own phone"
+        );
+    }
+    let queries = lookups.queries();
+    assert!(
+        queries < N as u64,
+        "{N} concurrent batches took {queries} queries: lookups were not grouped"
+    );
+}
