@@ -44,6 +44,8 @@ pub enum RingError {
     },
     #[error("`pressed_at` is not an RFC 3339 time: {0}")]
     PressedAt(String),
+    #[error("`{0}` must be printable ASCII (it becomes an HTTP/2 header)")]
+    NotAscii(&'static str),
 }
 
 #[derive(Deserialize)]
@@ -68,6 +70,9 @@ impl RingEvent {
         }
         let event_id = wire.event_id.ok_or(RingError::Missing("event_id"))?;
         check_len("event_id", &event_id, MAX_EVENT_ID_BYTES)?;
+        if !event_id.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+            return Err(RingError::NotAscii("event_id"));
+        }
         let gateway_id = wire.gateway_id.ok_or(RingError::Missing("gateway_id"))?;
         check_len("gateway_id", &gateway_id, MAX_GATEWAY_ID_BYTES)?;
         let pressed_at = match wire.pressed_at {
@@ -177,6 +182,8 @@ mod tests {
             (format!(r#"{{"v":1,"event_id":"e","gateway_id":"{long_gw}"}}"#), Err(RingError::Length { field: "gateway_id", max: 128, len: 129 })),
             (r#"{"v":1,"event_id":"e","gateway_id":"g","pressed_at":"yesterday"}"#.into(), Err(RingError::PressedAt(String::new()))),
             (r#"{"v":1,"event_id":5,"gateway_id":"g"}"#.into(), Err(RingError::Json(String::new()))),
+            (r#"{"v":1,"event_id":"a\nb","gateway_id":"g"}"#.into(), Err(RingError::NotAscii("event_id"))),
+            (r#"{"v":1,"event_id":"café","gateway_id":"g"}"#.into(), Err(RingError::NotAscii("event_id"))),
         ];
         for (body, want) in cases {
             let got = RingEvent::parse(body.as_bytes(), NOW);
