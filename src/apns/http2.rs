@@ -295,8 +295,8 @@ impl Client {
                 }
                 Err(e) => return Err(e),
             };
-            let jwt = self.inner.signer.as_ref().map(|s| s.token());
-            let request = build_request(&slot.endpoint, n, jwt.as_deref());
+            let bearer = self.inner.signer.as_ref().map(|s| s.bearer());
+            let request = build_request(&slot.endpoint, n, bearer.as_ref());
             match live.send(request, n.payload.clone()).await {
                 Ok(Answer::Rejected(rejection)) => {
                     if retires_connection(&rejection.reason) {

@@ -54,6 +54,8 @@ pub struct Signer {
     min_interval: Duration,
     /// The token every connection sends, and when it was signed.
     cached: Mutex<Option<(Arc<str>, Instant)>>,
+    /// The `authorization` header value of the cached token, built once per token.
+    bearer: Mutex<Option<(Arc<str>, http::HeaderValue)>>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -98,6 +100,7 @@ impl Signer {
             refresh,
             min_interval: MIN_REFRESH,
             cached: Mutex::new(None),
+            bearer: Mutex::new(None),
         })
     }
 
@@ -133,6 +136,21 @@ impl Signer {
         let token: Arc<str> = self.sign(unix_now()).into();
         *cached = Some((token.clone(), Instant::now()));
         token
+    }
+
+    /// The current token as an `authorization` header value, shared by every request until
+    /// the token changes.
+    pub fn bearer(&self) -> http::HeaderValue {
+        let token = self.token();
+        let mut bearer = self.bearer.lock().expect("bearer cache poisoned");
+        match bearer.as_ref() {
+            Some((of, value)) if Arc::ptr_eq(of, &token) => value.clone(),
+            _ => {
+                let value = super::request::bearer(&token);
+                *bearer = Some((token, value.clone()));
+                value
+            }
+        }
     }
 
     /// Signs a token with the given `iat`.
@@ -275,6 +293,24 @@ mod tests {
         let eager = Signer::from_pem(key_pem().as_bytes(), "K", "T", Duration::ZERO).unwrap();
         let a = eager.token();
         assert!(!Arc::ptr_eq(&a, &eager.token()));
+    }
+
+    #[test]
+    fn the_bearer_value_is_built_once_per_token_and_follows_a_renewal() {
+        let signer = Signer::from_pem(key_pem().as_bytes(), "K", "T", DEFAULT_REFRESH)
+            .unwrap()
+            .with_min_interval(Duration::ZERO);
+        let first = signer.bearer();
+        assert_eq!(first, format!("bearer {}", signer.token()).as_str());
+        assert_eq!(
+            first.as_bytes().as_ptr(),
+            signer.bearer().as_bytes().as_ptr(),
+            "the same bytes, shared, not rebuilt"
+        );
+        assert!(signer.renew());
+        let second = signer.bearer();
+        assert_ne!(first, second, "a renewed token gets a new header value");
+        assert_eq!(second, format!("bearer {}", signer.token()).as_str());
     }
 
     #[test]

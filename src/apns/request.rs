@@ -4,6 +4,8 @@
 //! for one token is then a handful of headers around that shared body.
 
 use bytes::Bytes;
+use http::header::{HeaderName, CONTENT_TYPE};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Uri};
 
 use crate::ring::RingEvent;
@@ -86,6 +88,8 @@ pub struct Endpoint {
     pub base: String,
     pub host: String,
     pub port: u16,
+    /// `host:port`, parsed once: every request's URI is built from it.
+    pub authority: Authority,
 }
 
 impl Endpoint {
@@ -110,30 +114,69 @@ impl Endpoint {
             .trim_start_matches('[')
             .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(443);
+        let with_port = format!("{}:{port}", authority.host());
         Ok(Self {
-            base: format!("https://{}:{port}", authority.host()),
+            base: format!("https://{with_port}"),
             host: host.to_owned(),
             port,
+            authority: with_port
+                .parse()
+                .map_err(|e| format!("{url:?} has no valid authority: {e}"))?,
         })
     }
 }
 
-/// Builds the HTTP/2 request (headers only; the body is `n.payload`).
-pub fn build_request(endpoint: &Endpoint, n: &Notification, bearer: Option<&str>) -> Request<()> {
-    let uri = format!("{}/3/device/{}", endpoint.base, n.token.as_hex());
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(uri)
-        .header("apns-push-type", HeaderValue::from_static("alert"))
-        .header("apns-priority", HeaderValue::from_static("10"))
-        .header("apns-topic", &n.topic)
-        .header("apns-collapse-id", &n.collapse_id)
-        .header("apns-expiration", n.expiration)
-        .header("content-type", HeaderValue::from_static("application/json"));
-    if let Some(jwt) = bearer {
-        req = req.header("authorization", format!("bearer {jwt}"));
+const PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
+const PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
+const TOPIC: HeaderName = HeaderName::from_static("apns-topic");
+const COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
+const EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
+
+/// The `authorization` value for a provider token: built once per token, shared by every
+/// request (a clone is a reference count).
+pub fn bearer(jwt: &str) -> HeaderValue {
+    HeaderValue::from_maybe_shared(Bytes::from(format!("bearer {jwt}")))
+        .expect("a JWT is base64url and dots")
+}
+
+/// Builds the HTTP/2 request (headers only; the body is `n.payload`). It runs once per
+/// notification, so it parses nothing it can avoid: the header names are constants, the
+/// authority is the endpoint's, the bearer value is shared.
+pub fn build_request(
+    endpoint: &Endpoint,
+    n: &Notification,
+    bearer: Option<&HeaderValue>,
+) -> Request<()> {
+    let mut path = String::with_capacity(10 + n.token.as_hex().len());
+    path.push_str("/3/device/");
+    path.push_str(n.token.as_hex());
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTPS);
+    uri.authority = Some(endpoint.authority.clone());
+    uri.path_and_query =
+        Some(PathAndQuery::from_maybe_shared(Bytes::from(path)).expect("hex is a valid path"));
+    let mut req = Request::new(());
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path");
+    let h = req.headers_mut();
+    h.reserve(7);
+    h.insert(PUSH_TYPE, HeaderValue::from_static("alert"));
+    h.insert(PRIORITY, HeaderValue::from_static("10"));
+    h.insert(TOPIC, header_value(&n.topic));
+    h.insert(COLLAPSE_ID, header_value(&n.collapse_id));
+    h.insert(EXPIRATION, HeaderValue::from(n.expiration));
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(bearer) = bearer {
+        h.insert(http::header::AUTHORIZATION, bearer.clone());
     }
-    req.body(()).expect("request parts are valid")
+    req
+}
+
+/// A topic or collapse id as a header value (they come from the database and from ring
+/// events, which are checked for printable ASCII; anything else is sent empty, and APNs
+/// answers with the reason).
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 #[cfg(test)]
@@ -193,7 +236,7 @@ mod tests {
             expiration: 1_795_857_362,
             payload: Bytes::from_static(b"{}"),
         };
-        let req = build_request(&endpoint, &n, Some("eyJ.a.b"));
+        let req = build_request(&endpoint, &n, Some(&bearer("eyJ.a.b")));
         assert_eq!(req.method(), Method::POST);
         assert_eq!(
             req.uri().to_string(),
