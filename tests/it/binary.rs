@@ -198,3 +198,61 @@ async fn the_probe_tells_an_unreachable_gateway_from_a_reachable_one() {
     assert_eq!(up.connections_open(), 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_burst_larger_than_one_write_goes_out_without_waiting_for_a_tick() {
+    use ringpush::apns::binary;
+    use ringpush::apns::tls;
+    let app = App::spawn_with(|o| {
+        o.binary = true;
+        o.run_worker = false;
+    })
+    .await;
+    let (cert, key) = app.mock.issue_client_certificate("burst").unwrap();
+    std::fs::create_dir_all(&app.dir).unwrap();
+    let pem = app.dir.join("burst.pem");
+    std::fs::write(&pem, format!("{cert}{key}")).unwrap();
+    let tls = tls::client_config(
+        Some(app.mock.ca_file()),
+        Some(tls::Identity::from_file(&pem, "").unwrap()),
+    )
+    .unwrap();
+    let address = binary::Address::parse(&format!(
+        "localhost:{}",
+        app.mock.gateway_addr().unwrap().port()
+    ))
+    .unwrap();
+    // 10 frames per write, and a quiet period (so a confirmation tick) of a minute: if the
+    // 200 frames went out one write per tick, the gateway would see 10 of them for minutes.
+    let mut settings = binary::Settings::new(address);
+    settings.max_batch = 10;
+    settings.quiet = Duration::from_secs(60);
+    settings.request_timeout = Duration::from_secs(120);
+    let client = binary::Client::new(settings, tls);
+    let sends: Vec<_> = (0..200)
+        .map(|_| {
+            let client = client.clone();
+            let n = ringpush::apns::request::Notification {
+                token: DeviceToken::parse(&ringpush::token::random_hex(32)).unwrap(),
+                topic: TOPIC.into(),
+                collapse_id: String::new(),
+                expiration: 0,
+                payload: bytes::Bytes::from_static(b"{\"aps\":{}}"),
+            };
+            tokio::spawn(async move { client.send(&n).await })
+        })
+        .collect();
+    app.wait_for("all 200 frames at the gateway", || {
+        app.mock.stats().accepted == 200
+    })
+    .await;
+    assert_eq!(
+        client.in_flight(),
+        200,
+        "written, waiting for the quiet period"
+    );
+    for s in sends {
+        s.abort();
+    }
+    app.stop().await;
+}

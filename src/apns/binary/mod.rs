@@ -326,7 +326,11 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
+            // More queued than one write takes: write again at once, not at the next event
+            // (a burst of thousands would otherwise go out one batch per tick).
+            let more = !self.queue.is_empty() && self.sent.len() < self.settings.max_unconfirmed;
             tokio::select! {
+                _ = std::future::ready(()), if more => {}
                 request = jobs.recv() => match request {
                     Some(request) => {
                         self.take(request);
