@@ -9,7 +9,7 @@
 //!    (`@parse/node-apn`, `aioapns`, driven by `bench/peers/`), each against a mock process;
 //! 4. the legacy binary interface: frames/s to the mock's gateway port.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -43,15 +43,31 @@ pub struct Report {
     pub e2e_worker_cpu_s_per_10k: f64,
     pub e2e_worker_cores: f64,
     pub e2e_worker_peak_rss_mb: f64,
+    /// Cores used while draining, by process: worker, mock, rabbitmq, postgresql, and
+    /// `machine` (all processes; 2.0 is every core of a 2-core machine busy).
+    pub e2e_cores: BTreeMap<String, f64>,
     pub e2e_backlog_p50_ms: Option<f64>,
     pub e2e_backlog_p99_ms: Option<f64>,
     pub half_rate_rings_per_s: f64,
     pub half_rate_p50_ms: Option<f64>,
     pub half_rate_p99_ms: Option<f64>,
+    /// The worker's APNs request latency (send → answer) over the same window.
+    pub half_rate_apns_p50_ms: Option<f64>,
+    pub half_rate_apns_p99_ms: Option<f64>,
+    /// Cores busy over the half-rate window, by process (as `e2e_cores`; `bench` publishes).
+    pub half_rate_cores: BTreeMap<String, f64>,
     pub broker_rings_per_s: f64,
+    /// Publish → bare consumer through the same queue type at the half rate: the part of
+    /// ring-to-accepted that is the broker's.
+    pub broker_half_rate_p50_ms: Option<f64>,
+    pub broker_half_rate_p99_ms: Option<f64>,
     pub apns_requests: usize,
     pub ringpush_client_per_s: f64,
     pub ringpush_client_cpu_us: f64,
+    /// The client alone at the end-to-end half rate (× fan-out notifications/s): send →
+    /// answer latency without the broker, database and worker around it.
+    pub ringpush_client_half_rate_p50_ms: Option<f64>,
+    pub ringpush_client_half_rate_p99_ms: Option<f64>,
     pub bare_h2_per_s: f64,
     pub bare_h2_cpu_us: f64,
     pub peers: Vec<Peer>,
@@ -81,6 +97,55 @@ fn cpu_seconds(pid: &str) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of every process named `beam.smp` (RabbitMQ) or `postgres`, by pid.
+fn service_cpu() -> HashMap<u32, (&'static str, f64)> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let service = match comm.trim() {
+            "beam.smp" => "rabbitmq",
+            "postgres" => "postgresql",
+            _ => continue,
+        };
+        out.insert(pid, (service, cpu_seconds(&pid.to_string())));
+    }
+    out
+}
+
+/// Busy CPU seconds of the whole machine (all cores), from /proc/stat.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+    let total: f64 = f.iter().take(8).sum();
+    let idle = f.get(3).unwrap_or(&0.0) + f.get(4).unwrap_or(&0.0);
+    (total - idle) / 100.0
+}
+
+/// Cores each service used between two [`service_cpu`] snapshots `secs` apart.
+fn service_cores(
+    before: &HashMap<u32, (&'static str, f64)>,
+    after: &HashMap<u32, (&'static str, f64)>,
+    secs: f64,
+) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (pid, (service, cpu)) in after {
+        let start = before.get(pid).map_or(0.0, |b| b.1);
+        *out.entry((*service).to_owned()).or_default() += (cpu - start) / secs;
+    }
+    out
 }
 
 /// Peak resident set size of a process, MB.
@@ -162,7 +227,15 @@ fn quantiles_ms(before: &[(f64, f64)], after: &[(f64, f64)]) -> (Option<f64>, Op
 }
 
 /// Runs the benchmark and cleans up after it.
+///
+/// It runs on a runtime worker thread, as the worker's batches do: on the main thread (the
+/// runtime's `block_on`) every request of the APNs-leg loops would cross threads twice.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    let args = args.clone();
+    tokio::spawn(async move { run_here(&args).await }).await?
+}
+
+async fn run_here(args: &BenchArgs) -> anyhow::Result<Report> {
     let id = random_hex(4);
     let names = Names::new(&format!("ringpush-bench-{id}"));
     let schema = format!("ringpush_bench_{id}");
@@ -248,6 +321,13 @@ impl MockProcess {
             binary_port,
             cert_dir,
         })
+    }
+
+    /// CPU seconds the mock has used.
+    fn cpu(&self) -> f64 {
+        self._child
+            .id()
+            .map_or(0.0, |pid| cpu_seconds(&pid.to_string()))
     }
 
     fn endpoint(&self) -> Endpoint {
@@ -347,6 +427,7 @@ async fn end_to_end(
         .kill_on_drop(true)
         .spawn()?;
     let pid = worker.id().expect("a running worker").to_string();
+    let (services0, machine0, mock0) = (service_cpu(), machine_busy_seconds(), mock.cpu());
     let started = Instant::now();
     let want = (args.rings * args.fanout) as f64;
     let accepted = r#"ringpush_notifications_total{outcome="accepted"}"#;
@@ -364,6 +445,15 @@ async fn end_to_end(
     };
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(&pid);
+    report.e2e_cores = service_cores(&services0, &service_cpu(), elapsed);
+    report.e2e_cores.insert("worker".into(), cpu / elapsed);
+    report
+        .e2e_cores
+        .insert("mock".into(), (mock.cpu() - mock0) / elapsed);
+    report.e2e_cores.insert(
+        "machine".into(),
+        (machine_busy_seconds() - machine0) / elapsed,
+    );
     report.e2e_rings_per_s = args.rings as f64 / elapsed;
     report.e2e_notifications_per_s = want / elapsed;
     report.e2e_worker_cpu_s_per_10k = cpu / want * 10_000.0;
@@ -376,12 +466,13 @@ async fn end_to_end(
     report.half_rate_rings_per_s = rate;
     let n = (rate * 5.0) as usize;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    let before = buckets(
-        &scrape(metrics_port).await?,
-        "ringpush_ring_to_accepted_seconds",
-    );
-    let count_before = sample(&scrape(metrics_port).await?, accepted);
+    let body_before = scrape(metrics_port).await?;
+    let before = buckets(&body_before, "ringpush_ring_to_accepted_seconds");
+    let apns_before = buckets(&body_before, "ringpush_apns_request_seconds");
+    let count_before = sample(&body_before, accepted);
     let mut inflight = Vec::new();
+    let (services0, machine0, mock0) = (service_cpu(), machine_busy_seconds(), mock.cpu());
+    let (worker0, bench0, window) = (cpu_seconds(&pid), self_cpu(), Instant::now());
     for i in 0..n {
         tick.tick().await;
         let (channel, r) = (channel.clone(), ring(i));
@@ -406,6 +497,20 @@ async fn end_to_end(
     (report.half_rate_p50_ms, report.half_rate_p99_ms) = quantiles_ms(
         &before,
         &buckets(&after, "ringpush_ring_to_accepted_seconds"),
+    );
+    let secs = window.elapsed().as_secs_f64();
+    report.half_rate_cores = service_cores(&services0, &service_cpu(), secs);
+    for (name, cores) in [
+        ("worker", (cpu_seconds(&pid) - worker0) / secs),
+        ("mock", (mock.cpu() - mock0) / secs),
+        ("bench", (self_cpu() - bench0) / secs),
+        ("machine", (machine_busy_seconds() - machine0) / secs),
+    ] {
+        report.half_rate_cores.insert(name.into(), cores);
+    }
+    (report.half_rate_apns_p50_ms, report.half_rate_apns_p99_ms) = quantiles_ms(
+        &apns_before,
+        &buckets(&after, "ringpush_apns_request_seconds"),
     );
     report.e2e_worker_peak_rss_mb = peak_rss_mb(&pid);
 
@@ -508,6 +613,58 @@ async fn broker_ceiling(
         got += 1;
     }
     report.broker_rings_per_s = args.rings as f64 / started.elapsed().as_secs_f64();
+
+    // The broker's own latency at the end-to-end run's half rate: publish (with confirm, as
+    // gateways do) → this bare consumer, measured from the ring's `pressed_at`.
+    let rate = report.half_rate_rings_per_s.max(1.0);
+    let n = (rate * 5.0) as usize;
+    let publisher = {
+        let (channel, queue) = (channel.clone(), queue.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut sent = Vec::with_capacity(n);
+            for _ in 0..n {
+                tick.tick().await;
+                let body = RingEvent {
+                    event_id: random_hex(16),
+                    gateway_id: "bench-1".into(),
+                    pressed_at: OffsetDateTime::now_utc(),
+                    switch_id: None,
+                }
+                .to_json();
+                let (channel, queue) = (channel.clone(), queue.clone());
+                sent.push(tokio::spawn(async move {
+                    broker::publish_confirmed(
+                        &channel,
+                        "",
+                        &queue,
+                        &body,
+                        BasicProperties::default(),
+                    )
+                    .await
+                }));
+            }
+            for p in sent {
+                p.await??;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut latencies = Vec::with_capacity(n);
+    while latencies.len() < n {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
+        let now = OffsetDateTime::now_utc();
+        let ring = RingEvent::parse(&delivery.data, now)?;
+        latencies.push((now - ring.pressed_at).as_seconds_f64() * 1000.0);
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    publisher.await??;
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    report.broker_half_rate_p50_ms = Some(at(0.5));
+    report.broker_half_rate_p99_ms = Some(at(0.99));
     let _ = consumer_channel
         .basic_cancel(
             consumer.tag(),
@@ -558,24 +715,58 @@ async fn apns_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow::
         .send(Environment::Production, &notification(0))
         .await?; // connect, raise the stream limit
     let (cpu0, t0) = (self_cpu(), Instant::now());
-    let ok = stream::iter(0..n)
-        .map(|i| {
-            let (client, n) = (&client, notification(i));
-            async move {
-                matches!(
-                    client.send(Environment::Production, &n).await,
-                    Ok(Answer::Accepted)
-                )
-            }
-        })
-        .buffer_unordered(1000)
-        .filter(|ok| std::future::ready(*ok))
-        .count()
-        .await;
+    // Unconstrained: with a thousand futures in one `buffer_unordered`, tokio's cooperative
+    // budget would make the driving task re-poll them all over and over (a harness cost,
+    // not the client's).
+    let ok = tokio::task::unconstrained(
+        stream::iter(0..n)
+            .map(|i| {
+                let (client, n) = (&client, notification(i));
+                async move {
+                    matches!(
+                        client.send(Environment::Production, &n).await,
+                        Ok(Answer::Accepted)
+                    )
+                }
+            })
+            .buffer_unordered(1000)
+            .filter(|ok| std::future::ready(*ok))
+            .count(),
+    )
+    .await;
     let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
     anyhow::ensure!(ok == n, "ringpush client: {ok} of {n} accepted");
     report.ringpush_client_per_s = n as f64 / secs;
     report.ringpush_client_cpu_us = cpu / n as f64 * 1e6;
+
+    // The same client at the end-to-end half rate, for 3 s.
+    let rate = report.half_rate_rings_per_s * args.fanout as f64;
+    if rate >= 1.0 {
+        let client = Arc::new(client.clone());
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        let mut sent = Vec::new();
+        for i in 0..(rate * 3.0) as usize {
+            tick.tick().await;
+            let (client, n) = (client.clone(), notification(i));
+            sent.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let answer = client.send(Environment::Production, &n).await;
+                matches!(answer, Ok(Answer::Accepted)).then(|| t.elapsed().as_secs_f64() * 1e3)
+            }));
+        }
+        let mut latencies = Vec::with_capacity(sent.len());
+        for s in sent {
+            latencies.push(
+                s.await?
+                    .ok_or_else(|| anyhow::anyhow!("a request failed"))?,
+            );
+        }
+        latencies.sort_by(f64::total_cmp);
+        let at =
+            |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+        report.ringpush_client_half_rate_p50_ms = Some(at(0.5));
+        report.ringpush_client_half_rate_p99_ms = Some(at(0.99));
+    }
 
     // A bare h2 loop: the wire's ceiling in this stack (one connection, the same request).
     let (per_s, cpu_us) = bare_h2(&mock.endpoint(), &ca, &signer, &notification(0), n).await?;
@@ -616,7 +807,7 @@ async fn bare_h2(
         .handshake::<_, Bytes>(tls)
         .await?;
     tokio::spawn(connection);
-    let request = build_request(endpoint, n0, Some(&signer.token()));
+    let request = build_request(endpoint, n0, Some(&signer.bearer()));
     let send = |sender: h2::client::SendRequest<Bytes>| {
         let (request, payload) = (request.clone(), n0.payload.clone());
         async move {
@@ -629,12 +820,14 @@ async fn bare_h2(
     };
     send(sender.clone()).await?;
     let (cpu0, t0) = (self_cpu(), Instant::now());
-    let ok = stream::iter(0..n)
-        .map(|_| send(sender.clone()))
-        .buffer_unordered(1000)
-        .filter(|r| std::future::ready(matches!(r, Ok(true))))
-        .count()
-        .await;
+    let ok = tokio::task::unconstrained(
+        stream::iter(0..n)
+            .map(|_| send(sender.clone()))
+            .buffer_unordered(1000)
+            .filter(|r| std::future::ready(matches!(r, Ok(true))))
+            .count(),
+    )
+    .await;
     let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
     anyhow::ensure!(ok == n, "bare h2: {ok} of {n} accepted");
     Ok((n as f64 / secs, cpu / n as f64 * 1e6))
@@ -725,22 +918,24 @@ async fn binary_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow
         .collect();
     let n = args.binary_frames;
     let t0 = Instant::now();
-    let ok = stream::iter(0..n)
-        .map(|i| {
-            let n = Notification {
-                token: tokens[i % tokens.len()].clone(),
-                topic: "com.example.doorbell".into(),
-                collapse_id: String::new(),
-                expiration: 0,
-                payload: payload.clone(),
-            };
-            let client = &client;
-            async move { matches!(client.send(&n).await, Ok(Answer::Accepted)) }
-        })
-        .buffer_unordered(50_000)
-        .filter(|ok| std::future::ready(*ok))
-        .count()
-        .await;
+    let ok = tokio::task::unconstrained(
+        stream::iter(0..n)
+            .map(|i| {
+                let n = Notification {
+                    token: tokens[i % tokens.len()].clone(),
+                    topic: "com.example.doorbell".into(),
+                    collapse_id: String::new(),
+                    expiration: 0,
+                    payload: payload.clone(),
+                };
+                let client = &client;
+                async move { matches!(client.send(&n).await, Ok(Answer::Accepted)) }
+            })
+            .buffer_unordered(50_000)
+            .filter(|ok| std::future::ready(*ok))
+            .count(),
+    )
+    .await;
     anyhow::ensure!(ok == n, "binary: {ok} of {n} accepted");
     // Confirmation waits for the quiet period after the last write: count it out.
     let secs = (t0.elapsed() - Duration::from_millis(100)).as_secs_f64();
@@ -802,11 +997,36 @@ impl std::fmt::Display for Report {
             ms(self.half_rate_p50_ms),
             ms(self.half_rate_p99_ms)
         )?;
+        writeln!(
+            f,
+            "    of which APNs request      p50 {} p99 {}",
+            ms(self.half_rate_apns_p50_ms),
+            ms(self.half_rate_apns_p99_ms)
+        )?;
+        let cores: Vec<String> = self
+            .e2e_cores
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect();
+        writeln!(f, "  cores while draining         {}", cores.join(", "))?;
+        let cores: Vec<String> = self
+            .half_rate_cores
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect();
+        writeln!(f, "  cores at half rate           {}", cores.join(", "))?;
         writeln!(f, "broker ceiling (bare consume + ack)")?;
         writeln!(
             f,
             "  rings/s                      {:>10.0}",
             self.broker_rings_per_s
+        )?;
+        writeln!(
+            f,
+            "  publish→consume at {:.0}/s   p50 {} p99 {}",
+            self.half_rate_rings_per_s,
+            ms(self.broker_half_rate_p50_ms),
+            ms(self.broker_half_rate_p99_ms)
         )?;
         writeln!(
             f,
@@ -817,6 +1037,13 @@ impl std::fmt::Display for Report {
             f,
             "  ringpush client              {:>10.0}/s {:>7.1} µs CPU each",
             self.ringpush_client_per_s, self.ringpush_client_cpu_us
+        )?;
+        writeln!(
+            f,
+            "  ringpush client at {:.0}/s    p50 {} p99 {}",
+            self.half_rate_rings_per_s * self.fanout as f64,
+            ms(self.ringpush_client_half_rate_p50_ms),
+            ms(self.ringpush_client_half_rate_p99_ms)
         )?;
         writeln!(
             f,
