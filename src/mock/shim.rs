@@ -185,7 +185,25 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut first_settings = true;
+    // Bytes from the server, kept across iterations: `read_buf` is cancel safe where a
+    // half-read frame dropped by the `select!` would desynchronise the stream.
+    let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
+        let mut forwarded = false;
+        while let Some(mut f) = take_frame(&mut buf) {
+            if f[3] == SETTINGS && f[4] & ACK == 0 {
+                if first_settings {
+                    first_settings = false;
+                    f = with_max_streams(&f, initial_max_streams);
+                }
+                pending.lock().unwrap().push_back(Origin::Server);
+            }
+            to.write_all(&f).await?;
+            forwarded = true;
+        }
+        if forwarded {
+            to.flush().await?;
+        }
         tokio::select! {
             biased;
             frame_to_inject = inject.recv() => {
@@ -210,21 +228,23 @@ where
                 to.write_all(&bytes).await?;
                 to.flush().await?;
             }
-            f = read_frame(&mut from) => {
-                let Some(mut f) = f? else { break };
-                if f[3] == SETTINGS && f[4] & ACK == 0 {
-                    if first_settings {
-                        first_settings = false;
-                        f = with_max_streams(&f, initial_max_streams);
-                    }
-                    pending.lock().unwrap().push_back(Origin::Server);
+            read = from.read_buf(&mut buf) => {
+                if read? == 0 {
+                    break;
                 }
-                to.write_all(&f).await?;
-                to.flush().await?;
             }
         }
     }
     to.shutdown().await
+}
+
+/// Splits the first whole frame off `buf`, if it holds one.
+fn take_frame(buf: &mut BytesMut) -> Option<BytesMut> {
+    if buf.len() < HEADER_LEN {
+        return None;
+    }
+    let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+    (buf.len() >= HEADER_LEN + len).then(|| buf.split_to(HEADER_LEN + len))
 }
 
 /// The same SETTINGS frame with MAX_CONCURRENT_STREAMS set to `n`.
@@ -263,6 +283,20 @@ mod tests {
             &with_max_streams(&bare, 7)[..],
             &[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 7]
         );
+    }
+
+    #[test]
+    fn whole_frames_are_taken_and_a_partial_one_waits() {
+        let a = frame(PING, 0, 0, &[1; 8]);
+        let b = frame(GOAWAY, 0, 0, &[0; 8]);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&a);
+        buf.extend_from_slice(&b[..12]);
+        assert_eq!(take_frame(&mut buf).as_deref(), Some(&a[..]));
+        assert_eq!(take_frame(&mut buf), None, "half a frame stays buffered");
+        buf.extend_from_slice(&b[12..]);
+        assert_eq!(take_frame(&mut buf).as_deref(), Some(&b[..]));
+        assert!(buf.is_empty());
     }
 
     #[test]
