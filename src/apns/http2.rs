@@ -410,7 +410,7 @@ impl Slot {
             // APNs allows one stream until the first authenticated request; its SETTINGS
             // frame then raises the limit.
             .initial_max_send_streams(1)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(super::cork::Cork::new(tls))
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
         let retired = CancellationToken::new();

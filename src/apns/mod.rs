@@ -5,9 +5,10 @@
 //! - [`reason`]: every reason string APNs answers with, and the decisions on it;
 //! - [`jwt`]: ES256 provider tokens;
 //! - [`tls`]: the client's TLS configuration (ALPN h2, ring, verification always on);
-//! - [`http2`]: the persistent HTTP/2 client.
+//! - [`http2`]: the persistent HTTP/2 client, over [`cork`] (coalesced writes).
 
 pub mod binary;
+pub mod cork;
 pub mod http2;
 pub mod jwt;
 pub mod reason;
