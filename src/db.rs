@@ -102,6 +102,9 @@ LEFT JOIN push_tokens t ON t.user_id = u.user_id
 WHERE g.id = ANY($1::text[])
 ORDER BY g.id, t.token";
 
+/// Longest a grouped lookup may take.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The answer to one grouped lookup, shared by every batch it served.
 pub type Found = Arc<Result<HashMap<String, Gateway>, String>>;
 
@@ -139,29 +142,25 @@ impl Lookups {
         self.queries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The gateways of `ids` (and possibly others looked up in the same query).
+    /// The gateways of `ids` (and possibly others looked up in the same query). The queries
+    /// run on tasks of their own, so a caller that goes away never holds a slot.
     pub async fn lookup(self: &Arc<Self>, ids: Vec<String>) -> Found {
-        let wait = {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
             let mut state = self.state.lock().unwrap();
-            if state.running >= self.max {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                state.batches.push((ids.clone(), tx));
-                Some(rx)
-            } else {
+            state.batches.push((ids, tx));
+            let start = state.running < self.max;
+            if start {
                 state.running += 1;
-                None
             }
+            start
         };
-        if let Some(rx) = wait {
-            return rx
-                .await
-                .unwrap_or_else(|_| Arc::new(Err("the grouped lookup was abandoned".into())));
+        if start {
+            let this = self.clone();
+            tokio::spawn(async move { this.drain().await });
         }
-        let mine = self.query(&ids).await;
-        // Whoever waited meanwhile is looked up together, without holding up this batch.
-        let this = self.clone();
-        tokio::spawn(async move { this.drain().await });
-        mine
+        rx.await
+            .unwrap_or_else(|_| Arc::new(Err("the grouped lookup was abandoned".into())))
     }
 
     /// Runs grouped queries for the waiting batches until none wait, then frees the slot.
@@ -188,7 +187,13 @@ impl Lookups {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         self.queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Arc::new(lookup(&self.pool, &ids).await.map_err(|e| e.to_string()))
+        // Bounded, so a query the database never answers frees its slot and the batches
+        // waiting behind it are handed back (the worker pauses) instead of waiting forever.
+        let found = match tokio::time::timeout(QUERY_TIMEOUT, lookup(&self.pool, &ids)).await {
+            Ok(found) => found.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("the lookup took longer than {QUERY_TIMEOUT:?}")),
+        };
+        Arc::new(found)
     }
 }
 

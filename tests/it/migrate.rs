@@ -124,3 +124,45 @@ async fn concurrent_batches_share_grouped_lookups_and_each_gets_its_gateways() {
         "{N} concurrent batches took {queries} queries: lookups were not grouped"
     );
 }
+
+#[tokio::test]
+async fn a_lookup_the_database_never_answers_fails_in_time_and_frees_its_slot() {
+    let db = TestDb::new().await;
+    ringpush::db::migrate(&db.url).await.unwrap();
+    let proxy = crate::proxy::Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db.url.replace("127.0.0.1:5432", &proxy.addr.to_string());
+    assert_ne!(
+        url, db.url,
+        "RINGPUSH_DATABASE_URL must name 127.0.0.1:5432"
+    );
+    // Pool of 2: one lookup slot, so a stuck query would hold every batch behind it. The
+    // pool's own timeouts are long, so only the lookup's bound can end the wait.
+    let pool = ringpush::db::pool(&url, 2, Duration::from_secs(120)).unwrap();
+    let lookups = ringpush::db::Lookups::new(pool);
+    assert!(lookups.lookup(vec!["g".into()]).await.is_ok());
+    proxy.freeze();
+    let stuck = tokio::time::timeout(
+        ringpush::db::QUERY_TIMEOUT + Duration::from_secs(10),
+        lookups.lookup(vec!["g".into()]),
+    )
+    .await
+    .expect("the lookup gives up on its own");
+    let error = stuck.as_ref().as_ref().unwrap_err();
+    assert!(error.contains("took longer"), "{error}");
+    // The slot is free again: with the database reachable, the next lookup answers.
+    proxy.thaw();
+    proxy.cut();
+    let again = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if lookups.lookup(vec!["g".into()]).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        again.is_ok(),
+        "lookups work again once the database answers"
+    );
+}

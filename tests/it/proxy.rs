@@ -22,6 +22,8 @@ pub struct Proxy {
     mode: Arc<Mutex<Mode>>,
     /// One token per live connection: cancelling it drops both sockets.
     live: Arc<Mutex<Vec<CancellationToken>>>,
+    /// While true, open connections forward nothing (and stay open).
+    frozen: tokio::sync::watch::Sender<bool>,
     stop: CancellationToken,
 }
 
@@ -38,7 +40,8 @@ impl Proxy {
         let mode = Arc::new(Mutex::new(Mode::Pass));
         let live: Arc<Mutex<Vec<CancellationToken>>> = Arc::default();
         let stop = CancellationToken::new();
-        let (m, l, s) = (mode.clone(), live.clone(), stop.clone());
+        let (frozen, _) = tokio::sync::watch::channel(false);
+        let (m, l, s, f) = (mode.clone(), live.clone(), stop.clone(), frozen.clone());
         tokio::spawn(async move {
             loop {
                 let (mut client, _) = tokio::select! {
@@ -48,6 +51,7 @@ impl Proxy {
                 let mode = *m.lock().unwrap();
                 let token = s.child_token();
                 l.lock().unwrap().push(token.clone());
+                let mut frozen = f.subscribe();
                 tokio::spawn(async move {
                     match mode {
                         Mode::Refuse => drop(client),
@@ -59,6 +63,9 @@ impl Proxy {
                             tokio::select! {
                                 _ = token.cancelled() => {}
                                 _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                                _ = async { frozen.wait_for(|f| *f).await.map(|_| ()) } => {
+                                    token.cancelled().await
+                                }
                             }
                         }
                     }
@@ -69,12 +76,23 @@ impl Proxy {
             addr,
             mode,
             live,
+            frozen,
             stop,
         }
     }
 
     pub fn set(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Open connections stop forwarding, without closing: a peer that no longer answers.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// New connections forward again (the frozen ones stay frozen until [`Proxy::cut`]).
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
     }
 
     /// Drops every connection open through the proxy.
