@@ -212,6 +212,16 @@ fn buckets(body: &str, name: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The exact median and 99th percentile of measured latencies (`None` if there are none).
+fn p50_p99(mut latencies: Vec<f64>) -> (Option<f64>, Option<f64>) {
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let i = ((latencies.len() as f64 * q) as usize).min(latencies.len().checked_sub(1)?);
+        latencies.get(i).copied()
+    };
+    (at(0.5), at(0.99))
+}
+
 fn quantiles_ms(before: &[(f64, f64)], after: &[(f64, f64)]) -> (Option<f64>, Option<f64>) {
     let delta: Vec<(f64, f64)> = after
         .iter()
@@ -661,10 +671,10 @@ async fn broker_ceiling(
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
     publisher.await??;
-    latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    report.broker_half_rate_p50_ms = Some(at(0.5));
-    report.broker_half_rate_p99_ms = Some(at(0.99));
+    (
+        report.broker_half_rate_p50_ms,
+        report.broker_half_rate_p99_ms,
+    ) = p50_p99(latencies);
     let _ = consumer_channel
         .basic_cancel(
             consumer.tag(),
@@ -761,11 +771,10 @@ async fn apns_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow::
                     .ok_or_else(|| anyhow::anyhow!("a request failed"))?,
             );
         }
-        latencies.sort_by(f64::total_cmp);
-        let at =
-            |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-        report.ringpush_client_half_rate_p50_ms = Some(at(0.5));
-        report.ringpush_client_half_rate_p99_ms = Some(at(0.99));
+        (
+            report.ringpush_client_half_rate_p50_ms,
+            report.ringpush_client_half_rate_p99_ms,
+        ) = p50_p99(latencies);
     }
 
     // A bare h2 loop: the wire's ceiling in this stack (one connection, the same request).
@@ -1003,18 +1012,20 @@ impl std::fmt::Display for Report {
             ms(self.half_rate_apns_p50_ms),
             ms(self.half_rate_apns_p99_ms)
         )?;
-        let cores: Vec<String> = self
-            .e2e_cores
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.2}"))
-            .collect();
-        writeln!(f, "  cores while draining         {}", cores.join(", "))?;
-        let cores: Vec<String> = self
-            .half_rate_cores
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.2}"))
-            .collect();
-        writeln!(f, "  cores at half rate           {}", cores.join(", "))?;
+        let cores = |by: &BTreeMap<String, f64>| {
+            let each: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+            each.join(", ")
+        };
+        writeln!(
+            f,
+            "  cores while draining         {}",
+            cores(&self.e2e_cores)
+        )?;
+        writeln!(
+            f,
+            "  cores at half rate           {}",
+            cores(&self.half_rate_cores)
+        )?;
         writeln!(f, "broker ceiling (bare consume + ack)")?;
         writeln!(
             f,
@@ -1078,5 +1089,18 @@ impl std::fmt::Display for Report {
             self.binary_frames_per_s
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_percentiles_of_measured_latencies() {
+        let latencies: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(p50_p99(latencies), (Some(51.0), Some(100.0)));
+        assert_eq!(p50_p99(vec![7.0]), (Some(7.0), Some(7.0)));
+        assert_eq!(p50_p99(Vec::new()), (None, None));
     }
 }
