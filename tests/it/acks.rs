@@ -5,15 +5,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use ringpush::broker::{self, Acks, Control, Names};
 use ringpush::token::random_hex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{amqp_url, TestQueues};
+use crate::support::{amqp_url, depth, TestQueues};
 
 /// A fresh topology with `n` messages (bodies "0".."n-1") on its rings queue.
 async fn queue_with(n: usize) -> (TestQueues, lapin::Connection) {
@@ -37,22 +35,12 @@ async fn queue_with(n: usize) -> (TestQueues, lapin::Connection) {
     (TestQueues(names), connection)
 }
 
-/// Messages ready plus unacked: what the queue still holds once its consumers are gone.
+/// Messages the queue still holds once its consumers are gone (unacked ones are back).
 async fn held(connection: &lapin::Connection, queue: &str) -> u32 {
     let channel = connection.create_channel().await.unwrap();
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let n = depth(&channel, queue).await;
     let _ = channel.close(200, "done".into()).await;
-    q.message_count()
+    n
 }
 
 #[tokio::test]

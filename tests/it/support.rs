@@ -84,6 +84,22 @@ impl Drop for TestQueues {
     }
 }
 
+/// Messages ready in a queue right now (a passive declare on `channel`).
+pub async fn depth(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
+
 /// Runs clean-up from a `Drop`, which may be inside a runtime that must not block.
 fn on_fresh_runtime(f: impl std::future::Future<Output = ()> + Send + 'static) {
     std::thread::spawn(move || {
@@ -593,19 +609,7 @@ impl App {
 
     /// Messages ready in a queue right now.
     pub async fn depth(&self, queue: &str) -> u32 {
-        let q = self
-            .channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        q.message_count()
+        depth(&self.channel, queue).await
     }
 
     /// Takes every message off the rings' dead queue: (body, `x-ringpush-error`).
