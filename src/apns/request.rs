@@ -40,27 +40,59 @@ pub enum PayloadError {
     TooLarge(usize),
 }
 
+/// The payload's shape, borrowed from the ring: serialised straight to bytes, without an
+/// intermediate `serde_json::Value` (a map and a string per field, per ring).
+#[derive(serde::Serialize)]
+struct Payload<'a> {
+    aps: Aps<'a>,
+    event_id: &'a str,
+    gateway_id: &'a str,
+    pressed_at: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct Aps<'a> {
+    alert: Alert<'a>,
+    sound: &'a str,
+    #[serde(rename = "interruption-level")]
+    interruption_level: &'a str,
+    #[serde(rename = "thread-id")]
+    thread_id: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct Alert<'a> {
+    title: &'a str,
+    body: &'a str,
+}
+
 /// Builds the JSON payload of a ring (the same bytes for every token).
 pub fn build_payload(
     ring: &RingEvent,
     gateway_name: &str,
     alert: &AlertTemplate,
 ) -> Result<Bytes, PayloadError> {
-    let payload = serde_json::json!({
-        "aps": {
-            "alert": {
-                "title": alert.title.replace("{gateway}", gateway_name),
-                "body": alert.body.replace("{gateway}", gateway_name),
+    let (title, body) = (
+        alert.title.replace("{gateway}", gateway_name),
+        alert.body.replace("{gateway}", gateway_name),
+    );
+    let pressed_at = ring.pressed_at_rfc3339();
+    let payload = Payload {
+        aps: Aps {
+            alert: Alert {
+                title: &title,
+                body: &body,
             },
-            "sound": alert.sound,
-            "interruption-level": "time-sensitive",
-            "thread-id": ring.gateway_id,
+            sound: &alert.sound,
+            interruption_level: "time-sensitive",
+            thread_id: &ring.gateway_id,
         },
-        "event_id": ring.event_id,
-        "gateway_id": ring.gateway_id,
-        "pressed_at": ring.pressed_at_rfc3339(),
-    });
-    let bytes = serde_json::to_vec(&payload).expect("a JSON value serialises");
+        event_id: &ring.event_id,
+        gateway_id: &ring.gateway_id,
+        pressed_at: &pressed_at,
+    };
+    let mut bytes = Vec::with_capacity(256);
+    serde_json::to_writer(&mut bytes, &payload).expect("strings serialise");
     if bytes.len() > MAX_PAYLOAD_BYTES {
         return Err(PayloadError::TooLarge(bytes.len()));
     }
