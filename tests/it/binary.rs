@@ -157,21 +157,15 @@ async fn tokens_listed_by_the_feedback_service_are_purged_once() {
 #[tokio::test]
 async fn the_probe_tells_an_unreachable_gateway_from_a_reachable_one() {
     use ringpush::apns::binary;
-    use ringpush::apns::tls;
     let app = App::spawn_with(|o| {
         o.binary = true;
         o.run_worker = false;
     })
     .await;
-    let (cert, key) = app.mock.issue_client_certificate("probe").unwrap();
-    std::fs::create_dir_all(&app.dir).unwrap();
-    let pem = app.dir.join("probe.pem");
-    std::fs::write(&pem, format!("{cert}{key}")).unwrap();
-    let tls = tls::client_config(
-        Some(app.mock.ca_file()),
-        Some(tls::Identity::from_file(&pem, "").unwrap()),
-    )
-    .unwrap();
+    let tls = app
+        .binary_tls
+        .clone()
+        .expect("a binary app has gateway TLS");
     let client = |port: u16| {
         let address = binary::Address::parse(&format!("localhost:{port}")).unwrap();
         binary::Client::new(binary::Settings::new(address), tls.clone())
@@ -202,21 +196,15 @@ async fn the_probe_tells_an_unreachable_gateway_from_a_reachable_one() {
 #[tokio::test]
 async fn a_burst_larger_than_one_write_goes_out_without_waiting_for_a_tick() {
     use ringpush::apns::binary;
-    use ringpush::apns::tls;
     let app = App::spawn_with(|o| {
         o.binary = true;
         o.run_worker = false;
     })
     .await;
-    let (cert, key) = app.mock.issue_client_certificate("burst").unwrap();
-    std::fs::create_dir_all(&app.dir).unwrap();
-    let pem = app.dir.join("burst.pem");
-    std::fs::write(&pem, format!("{cert}{key}")).unwrap();
-    let tls = tls::client_config(
-        Some(app.mock.ca_file()),
-        Some(tls::Identity::from_file(&pem, "").unwrap()),
-    )
-    .unwrap();
+    let tls = app
+        .binary_tls
+        .clone()
+        .expect("a binary app has gateway TLS");
     let address = binary::Address::parse(&format!(
         "localhost:{}",
         app.mock.gateway_addr().unwrap().port()

@@ -150,6 +150,8 @@ pub struct App {
     worker_pool: Pool,
     pub apns_proxy: Option<Proxy>,
     pub db_proxy: Option<Proxy>,
+    /// With `binary`: TLS with a client certificate from the mock's CA, for its gateway.
+    pub binary_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// The .p8 key the worker signs with, and the test's schema URL (for a worker process).
     pub key_pem: String,
     pub db_url: String,
@@ -354,6 +356,7 @@ impl App {
             worker_pool,
             apns_proxy,
             db_proxy,
+            binary_tls,
             key_pem: key.serialize_pem(),
             db_url: db.url.clone(),
             jwt_public_key,
