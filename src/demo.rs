@@ -19,7 +19,7 @@ use crate::broker::{self, Names};
 use crate::config::DemoArgs;
 use crate::mock::{self, Mock};
 use crate::ring::RingEvent;
-use crate::token::DeviceToken;
+use crate::token::{random_hex, DeviceToken};
 use crate::worker::{self, Counters, ERROR_HEADER};
 use crate::{feedback, purge};
 
@@ -507,5 +507,3 @@ async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Resu
     }
     Ok(())
 }
-
-pub use crate::token::random_hex;
