@@ -71,13 +71,14 @@ impl Acks {
         if known {
             self.inner.wake.notify_one();
         } else {
-            // Not recorded (a caller outside `consume_batches`): ack it alone, now.
-            let acker = delivery.acker.clone();
-            tokio::spawn(async move {
-                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
-                    tracing::error!(error = %e, "ack failed; the broker will redeliver");
-                }
-            });
+            // Acked already (a second call after a `multiple` ack covered it) or never
+            // recorded: acking again would name a tag the broker no longer knows, which closes
+            // the channel. Every delivery comes through `consume_batches`, which records it.
+            debug_assert!(false, "ack of an unrecorded delivery");
+            tracing::warn!(
+                tag = delivery.delivery_tag,
+                "ack of a delivery already acked or never recorded; ignored"
+            );
         }
     }
 
@@ -112,9 +113,18 @@ impl Acks {
                 ledger.closed
             };
             if !closing {
+                // The straggler timer only runs while something settled waits behind a
+                // delivery in flight; otherwise only a settle, a nack or `close` wakes us.
+                let waiting = self.inner.ledger.lock().unwrap().settled_waiting();
+                let straggler = async {
+                    match waiting {
+                        true => tokio::time::sleep(STRAGGLER).await,
+                        false => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = self.inner.wake.notified() => {}
-                    _ = tokio::time::sleep(STRAGGLER) => {}
+                    _ = straggler => {}
                 }
             }
             let (run, stragglers) = {
@@ -216,6 +226,13 @@ impl<A> Ledger<A> {
         if let Some(mark) = self.find(tag) {
             *mark = Mark::Done;
         }
+    }
+
+    /// Whether a settled delivery waits (behind one in flight) to be acked.
+    fn settled_waiting(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|(_, mark)| matches!(mark, Mark::Settled(..)))
     }
 
     /// Takes the run of settled (or done) deliveries at the front: the acker of the last
