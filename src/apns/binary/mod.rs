@@ -317,7 +317,9 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Request>) {
-        let mut tick = tokio::time::interval(self.settings.quiet / 4);
+        // (A zero quiet period would make a zero interval, which tokio refuses.)
+        let mut tick =
+            tokio::time::interval((self.settings.quiet / 4).max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = async {
@@ -329,7 +331,11 @@ impl Driver {
             // More queued than one write takes: write again at once, not at the next event
             // (a burst of thousands would otherwise go out one batch per tick).
             let more = !self.queue.is_empty() && self.sent.len() < self.settings.max_unconfirmed;
+            // Biased, the gateway's error packet first: confirming by the quiet period while
+            // an error packet waits would accept frames the gateway discarded.
             tokio::select! {
+                biased;
+                Some(event) = event => self.on_event(event),
                 _ = std::future::ready(()), if more => {}
                 request = jobs.recv() => match request {
                     Some(request) => {
@@ -340,7 +346,6 @@ impl Driver {
                     }
                     None => break,
                 },
-                Some(event) = event => self.on_event(event),
                 _ = tick.tick() => self.confirm(),
             }
             self.write().await;
