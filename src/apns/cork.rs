@@ -37,10 +37,6 @@ impl<S> Cork<S> {
             yielded: false,
         }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncWrite + Unpin> Cork<S> {

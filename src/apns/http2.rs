@@ -514,9 +514,10 @@ impl Live {
         stream.send_data(payload, true).map_err(sent)?;
         let response = response.await.map_err(sent)?;
         let status = response.status().as_u16();
-        let apns_id = response
-            .headers()
-            .get("apns-id")
+        // Kept only for a rejection: an accepted notification allocates nothing for it.
+        let apns_id = (status != 200)
+            .then(|| response.headers().get("apns-id"))
+            .flatten()
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let mut body = response.into_body();
