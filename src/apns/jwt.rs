@@ -53,9 +53,25 @@ pub struct Signer {
     /// How young a token may be and still be replaced on demand ([`Signer::renew`]).
     min_interval: Duration,
     /// The token every connection sends, and when it was signed.
-    cached: Mutex<Option<(Arc<str>, Instant)>>,
-    /// The `authorization` header value of the cached token, built once per token.
-    bearer: Mutex<Option<(Arc<str>, http::HeaderValue)>>,
+    cached: Mutex<Option<Cached>>,
+}
+
+/// A signed token, its `authorization` header value (built once per token), and when it
+/// was signed.
+struct Cached {
+    token: Arc<str>,
+    bearer: http::HeaderValue,
+    at: Instant,
+}
+
+impl Cached {
+    fn new(token: String) -> Self {
+        Self {
+            bearer: super::request::bearer(&token),
+            token: token.into(),
+            at: Instant::now(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Signer {
@@ -100,7 +116,6 @@ impl Signer {
             refresh,
             min_interval: MIN_REFRESH,
             cached: Mutex::new(None),
-            bearer: Mutex::new(None),
         })
     }
 
@@ -115,42 +130,35 @@ impl Signer {
     /// would refuse a change that soon). Returns whether a new token was signed.
     pub fn renew(&self) -> bool {
         let mut cached = self.cached.lock().expect("jwt cache poisoned");
-        if let Some((_, at)) = cached.as_ref() {
-            if at.elapsed() < self.min_interval {
-                return false;
-            }
+        if cached
+            .as_ref()
+            .is_some_and(|c| c.at.elapsed() < self.min_interval)
+        {
+            return false;
         }
-        *cached = Some((self.sign(unix_now()).into(), Instant::now()));
+        *cached = Some(Cached::new(self.sign(unix_now())));
         true
     }
 
-    /// The current token: the cached one, or a fresh one when the cache is older than the
-    /// refresh interval.
-    pub fn token(&self) -> Arc<str> {
+    /// Runs `f` on the current token: the cached one, or a fresh one when the cache is
+    /// older than the refresh interval.
+    fn current<T>(&self, f: impl FnOnce(&Cached) -> T) -> T {
         let mut cached = self.cached.lock().expect("jwt cache poisoned");
-        if let Some((token, at)) = cached.as_ref() {
-            if at.elapsed() < self.refresh {
-                return token.clone();
-            }
+        match cached.as_ref() {
+            Some(c) if c.at.elapsed() < self.refresh => f(c),
+            _ => f(cached.insert(Cached::new(self.sign(unix_now())))),
         }
-        let token: Arc<str> = self.sign(unix_now()).into();
-        *cached = Some((token.clone(), Instant::now()));
-        token
+    }
+
+    /// The current token.
+    pub fn token(&self) -> Arc<str> {
+        self.current(|c| c.token.clone())
     }
 
     /// The current token as an `authorization` header value, shared by every request until
     /// the token changes.
     pub fn bearer(&self) -> http::HeaderValue {
-        let token = self.token();
-        let mut bearer = self.bearer.lock().expect("bearer cache poisoned");
-        match bearer.as_ref() {
-            Some((of, value)) if Arc::ptr_eq(of, &token) => value.clone(),
-            _ => {
-                let value = super::request::bearer(&token);
-                *bearer = Some((token, value.clone()));
-                value
-            }
-        }
+        self.current(|c| c.bearer.clone())
     }
 
     /// Signs a token with the given `iat`.
