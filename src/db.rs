@@ -163,19 +163,30 @@ impl Lookups {
             .unwrap_or_else(|_| Arc::new(Err("the grouped lookup was abandoned".into())))
     }
 
-    /// Runs grouped queries for the waiting batches until none wait, then frees the slot.
+    /// Runs grouped queries for the waiting batches until none wait, then frees the slot
+    /// (also if a query panics: the slot is freed when `Slot` drops).
     async fn drain(&self) {
+        struct Slot<'a>(&'a Mutex<Waiting>);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                state.running -= 1;
+            }
+        }
+        let _slot = Slot(&self.state);
         loop {
             let batches = {
                 let mut state = self.state.lock().unwrap();
                 if state.batches.is_empty() {
-                    state.running -= 1;
                     return;
                 }
                 std::mem::take(&mut state.batches)
             };
-            let ids: HashSet<&String> = batches.iter().flat_map(|(ids, _)| ids).collect();
-            let ids: Vec<String> = ids.into_iter().cloned().collect();
+            let ids: HashSet<&str> = batches
+                .iter()
+                .flat_map(|(ids, _)| ids.iter().map(String::as_str))
+                .collect();
+            let ids: Vec<&str> = ids.into_iter().collect();
             let found = self.query(&ids).await;
             for (_, tx) in batches {
                 let _ = tx.send(found.clone());
@@ -183,13 +194,12 @@ impl Lookups {
         }
     }
 
-    async fn query(&self, ids: &[String]) -> Found {
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    async fn query(&self, ids: &[&str]) -> Found {
         self.queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Bounded, so a query the database never answers frees its slot and the batches
         // waiting behind it are handed back (the worker pauses) instead of waiting forever.
-        let found = match tokio::time::timeout(QUERY_TIMEOUT, lookup(&self.pool, &ids)).await {
+        let found = match tokio::time::timeout(QUERY_TIMEOUT, lookup(&self.pool, ids)).await {
             Ok(found) => found.map_err(|e| e.to_string()),
             Err(_) => Err(format!("the lookup took longer than {QUERY_TIMEOUT:?}")),
         };
