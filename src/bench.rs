@@ -10,6 +10,7 @@
 //! 4. the legacy binary interface: frames/s to the mock's gateway port.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use time::OffsetDateTime;
 
 use crate::apns::request::{build_payload, build_request, AlertTemplate, Endpoint, Notification};
 use crate::apns::{binary, http2, jwt, tls, Answer, Environment};
-use crate::broker::{self, Names};
+use crate::broker::{self, BrokerError, Names};
 use crate::config::BenchArgs;
 use crate::ring::RingEvent;
 use crate::token::{random_hex, DeviceToken};
@@ -210,6 +211,42 @@ fn buckets(body: &str, name: &str) -> Vec<(f64, f64)> {
             Some((le, count.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// Awaits every publish, `at_once` in flight; the first failure is the answer.
+async fn publish_all<Fut>(
+    publishes: impl Iterator<Item = Fut>,
+    at_once: usize,
+) -> Result<(), BrokerError>
+where
+    Fut: Future<Output = Result<(), BrokerError>>,
+{
+    let results: Vec<_> = stream::iter(publishes)
+        .buffer_unordered(at_once)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Starts `task(i)` for each `i` in `0..n` at `rate` per second, each on a task of its own
+/// (so a slow one does not hold back the pace), and returns their outputs in order.
+async fn paced<T, F, Fut>(rate: f64, n: usize, mut task: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut started = Vec::with_capacity(n);
+    for i in 0..n {
+        tick.tick().await;
+        started.push(tokio::spawn(task(i)));
+    }
+    let mut out = Vec::with_capacity(n);
+    for t in started {
+        out.push(t.await?);
+    }
+    Ok(out)
 }
 
 /// The exact median and 99th percentile of measured latencies (`None` if there are none).
@@ -401,16 +438,14 @@ async fn end_to_end(
         pressed_at: OffsetDateTime::now_utc(),
         switch_id: None,
     };
-    stream::iter(0..args.rings)
-        .map(|i| {
+    publish_all(
+        (0..args.rings).map(|i| {
             let (channel, r) = (&channel, ring(i));
             async move { broker::publish_ring(channel, names, &r).await }
-        })
-        .buffer_unordered(500)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+        }),
+        500,
+    )
+    .await?;
 
     // One worker process.
     let metrics_port = free_port();
@@ -432,6 +467,7 @@ async fn end_to_end(
         .env("RINGPUSH_APNS_KEY_ID", "BENCHKEY01")
         .env("RINGPUSH_APNS_TEAM_ID", "BENCHTEAM1")
         .env("RINGPUSH_RING_TTL", "600s")
+        .env("RINGPUSH_PREFETCH", args.prefetch.to_string())
         .env("RINGPUSH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
@@ -475,25 +511,18 @@ async fn end_to_end(
     let rate = (report.e2e_rings_per_s / 2.0).max(1.0);
     report.half_rate_rings_per_s = rate;
     let n = (rate * 5.0) as usize;
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     let body_before = scrape(metrics_port).await?;
     let before = buckets(&body_before, "ringpush_ring_to_accepted_seconds");
     let apns_before = buckets(&body_before, "ringpush_apns_request_seconds");
     let count_before = sample(&body_before, accepted);
-    let mut inflight = Vec::new();
     let (services0, machine0, mock0) = (service_cpu(), machine_busy_seconds(), mock.cpu());
     let (worker0, bench0, window) = (cpu_seconds(&pid), self_cpu(), Instant::now());
-    for i in 0..n {
-        tick.tick().await;
-        let (channel, r) = (channel.clone(), ring(i));
-        let names = names.clone();
-        inflight.push(tokio::spawn(async move {
-            broker::publish_ring(&channel, &names, &r).await
-        }));
-    }
-    for p in inflight {
-        p.await??;
-    }
+    let published = paced(rate, n, |i| {
+        let (channel, r, names) = (channel.clone(), ring(i), names.clone());
+        async move { broker::publish_ring(&channel, &names, &r).await }
+    })
+    .await?;
+    published.into_iter().collect::<Result<(), _>>()?;
     let target = count_before + (n * args.fanout) as f64;
     let waited = Instant::now();
     let mut after = String::new();
@@ -534,17 +563,15 @@ async fn end_to_end(
         let mut i = 0;
         while started.elapsed() < length {
             slice.tick().await;
-            stream::iter(0..per_slice)
-                .map(|_| {
+            publish_all(
+                (0..per_slice).map(|_| {
                     i += 1;
                     let (channel, r) = (&channel, ring(i));
                     async move { broker::publish_ring(channel, names, &r).await }
-                })
-                .buffer_unordered(200)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
+                }),
+                200,
+            )
+            .await?;
             if Instant::now() >= next_sample {
                 report.soak_rss_mb.push(current_rss_mb(&pid));
                 next_sample += Duration::from_secs(10);
@@ -593,16 +620,16 @@ async fn broker_ceiling(
         switch_id: None,
     }
     .to_json();
-    stream::iter(0..args.rings)
-        .map(|_| broker::publish_confirmed(&channel, "", &queue, &body, BasicProperties::default()))
-        .buffer_unordered(500)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+    publish_all(
+        (0..args.rings).map(|_| {
+            broker::publish_confirmed(&channel, "", &queue, &body, BasicProperties::default())
+        }),
+        500,
+    )
+    .await?;
     let consumer_channel = connection.create_channel().await?;
     consumer_channel
-        .basic_qos(256, BasicQosOptions::default())
+        .basic_qos(args.prefetch, BasicQosOptions::default())
         .await?;
     let mut consumer = consumer_channel
         .basic_consume(
@@ -631,10 +658,7 @@ async fn broker_ceiling(
     let publisher = {
         let (channel, queue) = (channel.clone(), queue.clone());
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            let mut sent = Vec::with_capacity(n);
-            for _ in 0..n {
-                tick.tick().await;
+            let published = paced(rate, n, move |_| {
                 let body = RingEvent {
                     event_id: random_hex(16),
                     gateway_id: "bench-1".into(),
@@ -643,21 +667,13 @@ async fn broker_ceiling(
                 }
                 .to_json();
                 let (channel, queue) = (channel.clone(), queue.clone());
-                sent.push(tokio::spawn(async move {
-                    broker::publish_confirmed(
-                        &channel,
-                        "",
-                        &queue,
-                        &body,
-                        BasicProperties::default(),
-                    )
-                    .await
-                }));
-            }
-            for p in sent {
-                p.await??;
-            }
-            anyhow::Ok(())
+                async move {
+                    let properties = BasicProperties::default();
+                    broker::publish_confirmed(&channel, "", &queue, &body, properties).await
+                }
+            })
+            .await?;
+            anyhow::Ok(published.into_iter().collect::<Result<(), _>>()?)
         })
     };
     let mut latencies = Vec::with_capacity(n);
@@ -752,25 +768,19 @@ async fn apns_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow::
     // The same client at the end-to-end half rate, for 3 s.
     let rate = report.half_rate_rings_per_s * args.fanout as f64;
     if rate >= 1.0 {
-        let client = Arc::new(client.clone());
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-        let mut sent = Vec::new();
-        for i in 0..(rate * 3.0) as usize {
-            tick.tick().await;
+        let answered = paced(rate, (rate * 3.0) as usize, |i| {
             let (client, n) = (client.clone(), notification(i));
-            sent.push(tokio::spawn(async move {
+            async move {
                 let t = Instant::now();
                 let answer = client.send(Environment::Production, &n).await;
                 matches!(answer, Ok(Answer::Accepted)).then(|| t.elapsed().as_secs_f64() * 1e3)
-            }));
-        }
-        let mut latencies = Vec::with_capacity(sent.len());
-        for s in sent {
-            latencies.push(
-                s.await?
-                    .ok_or_else(|| anyhow::anyhow!("a request failed"))?,
-            );
-        }
+            }
+        })
+        .await?;
+        let latencies = answered
+            .into_iter()
+            .collect::<Option<Vec<f64>>>()
+            .ok_or_else(|| anyhow::anyhow!("a request failed"))?;
         (
             report.ringpush_client_half_rate_p50_ms,
             report.ringpush_client_half_rate_p99_ms,
@@ -789,7 +799,7 @@ async fn apns_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow::
         ] {
             report
                 .peers
-                .push(peer(name, script, &mock, &key_file, args.peer_requests).await);
+                .push(peer(name, script, &mock, &key_file, &payload, args.peer_requests).await);
         }
     }
     Ok(())
@@ -843,7 +853,14 @@ async fn bare_h2(
 }
 
 /// Runs a peer's script (which installs its package on first use) against the mock.
-async fn peer(name: &str, script: &str, mock: &MockProcess, key_file: &Path, n: usize) -> Peer {
+async fn peer(
+    name: &str,
+    script: &str,
+    mock: &MockProcess,
+    key_file: &Path,
+    payload: &[u8],
+    n: usize,
+) -> Peer {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peers");
     let output = tokio::process::Command::new("bash")
         .arg(dir.join(script))
@@ -854,6 +871,8 @@ async fn peer(name: &str, script: &str, mock: &MockProcess, key_file: &Path, n: 
         .env("KEY_ID", "BENCHKEY01")
         .env("TEAM_ID", "BENCHTEAM1")
         .env("REQUESTS", n.to_string())
+        // The doorbell payload ringpush sends, byte for byte.
+        .env("PAYLOAD", String::from_utf8_lossy(payload).as_ref())
         .stderr(Stdio::piped())
         .output()
         .await;
@@ -910,6 +929,7 @@ async fn binary_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow
             .map_err(anyhow::Error::msg)?,
     );
     settings.quiet = Duration::from_millis(100);
+    let quiet = settings.quiet;
     settings.request_timeout = Duration::from_secs(120);
     let client = binary::Client::new(settings, Arc::new(config));
     let payload = build_payload(
@@ -947,7 +967,7 @@ async fn binary_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow
     .await;
     anyhow::ensure!(ok == n, "binary: {ok} of {n} accepted");
     // Confirmation waits for the quiet period after the last write: count it out.
-    let secs = (t0.elapsed() - Duration::from_millis(100)).as_secs_f64();
+    let secs = (t0.elapsed() - quiet).as_secs_f64();
     report.binary_frames_per_s = n as f64 / secs;
     Ok(())
 }

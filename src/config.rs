@@ -136,6 +136,10 @@ pub struct BenchArgs {
     /// Frames sent over the legacy binary interface.
     #[arg(long, default_value = "200000", value_parser = positive::<usize>("--binary-frames"))]
     pub binary_frames: usize,
+    /// The worker's prefetch, which the bare broker loop uses too (the ceiling is measured
+    /// at the same one).
+    #[arg(long, env = "RINGPUSH_PREFETCH", default_value = "256", value_parser = positive::<u16>("RINGPUSH_PREFETCH"))]
+    pub prefetch: u16,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

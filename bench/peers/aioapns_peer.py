@@ -25,14 +25,13 @@ async def main():
     client = APNs(key=key, key_id=env["KEY_ID"], team_id=env["TEAM_ID"], topic="com.example.doorbell",
                   ssl_context=context)  # the library default: up to 10 connections
     collapse = secrets.token_hex(8)
+    payload = json.loads(env["PAYLOAD"])
     tokens = [secrets.token_hex(32) for _ in range(1000)]
 
     def request(token):
         return NotificationRequest(
             device_token=token,
-            message={"aps": {"alert": {"title": "Front door", "body": "Someone is at the door"},
-                             "sound": "default", "interruption-level": "time-sensitive"},
-                     "event_id": collapse, "gateway_id": "bench-1"},
+            message=payload,  # the doorbell payload ringpush sends (from the bench)
             collapse_key=collapse, time_to_live=60, priority=10, push_type=PushType.ALERT)
 
     await client.send_notification(request(tokens[0]))

@@ -14,14 +14,13 @@ const provider = new apn.Provider({
   production: true,
 });
 const note = new apn.Notification();
-note.alert = { title: 'Front door', body: 'Someone is at the door' };
-note.sound = 'default';
+// The doorbell payload ringpush sends, byte for byte (from the bench).
+note.rawPayload = JSON.parse(env.PAYLOAD);
 note.topic = 'com.example.doorbell';
 note.pushType = 'alert';
 note.priority = 10;
 note.collapseId = crypto.randomBytes(8).toString('hex');
 note.expiry = Math.floor(Date.now() / 1000) + 60;
-note.payload = { event_id: note.collapseId, gateway_id: 'bench-1' };
 const tokens = Array.from({ length: 1000 }, () => crypto.randomBytes(32).toString('hex'));
 
 (async () => {
