@@ -588,9 +588,11 @@ where
                     failures = 0;
                 }
                 failures += 1;
-                let wait = Duration::from_millis(250)
-                    .saturating_mul(1 << failures.min(7))
-                    .min(Duration::from_secs(30));
+                let wait = crate::backoff::jittered(
+                    Duration::from_millis(250),
+                    Duration::from_secs(30),
+                    failures,
+                );
                 tracing::error!(process = what, error = %e, retry_in = ?wait, "broker connection lost; reconnecting");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),

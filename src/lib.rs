@@ -4,6 +4,7 @@
 //! device tokens in PostgreSQL and push one APNs notification per token over persistent
 //! HTTP/2 connections. The tree is the architecture:
 //!
+//! - [`backoff`]: the jittered reconnect backoff every connection uses;
 //! - [`config`]: command-line flags and `RINGPUSH_*` variables, parsed once;
 //! - [`ring`]: ring event v1, parsed (never merely validated);
 //! - [`token`]: device tokens;
@@ -18,6 +19,7 @@
 //! - [`bench`]: `ringpush bench`.
 
 pub mod apns;
+pub mod backoff;
 pub mod bench;
 pub mod broker;
 pub mod config;

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
-use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -446,17 +445,9 @@ impl Slot {
     }
 }
 
-/// Jittered exponential backoff: `min · 2^(failures-1)`, capped, times 0.5–1.5.
+/// The reconnect backoff after `failures` consecutive failures (see [`crate::backoff`]).
 fn backoff(settings: &Settings, failures: u32) -> Duration {
-    let exp = settings
-        .backoff_min
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
-        .min(settings.backoff_max);
-    let mut b = [0u8; 1];
-    SystemRandom::new()
-        .fill(&mut b)
-        .expect("the system RNG works");
-    exp.mul_f64(0.5 + f64::from(b[0]) / 255.0)
+    crate::backoff::jittered(settings.backoff_min, settings.backoff_max, failures)
 }
 
 /// PINGs the connection when it has been idle for `interval`; retires it when a PING goes
