@@ -11,6 +11,7 @@ use ringpush::purge;
 use ringpush::token::DeviceToken;
 use ringpush::worker::Counters;
 
+use crate::proxy::{Mode, Proxy};
 use crate::support::{App, TOPIC};
 
 /// The owner of `gateway` with `n` phones (sorted as the lookup returns them).
@@ -242,5 +243,148 @@ async fn a_burst_larger_than_one_write_goes_out_without_waiting_for_a_tick() {
     for s in sends {
         s.abort();
     }
+    app.stop().await;
+}
+
+fn padded_notification(pad: usize) -> ringpush::apns::request::Notification {
+    let payload = format!("{{\"aps\":{{}},\"pad\":\"{}\"}}", "x".repeat(pad));
+    ringpush::apns::request::Notification {
+        token: DeviceToken::parse(&ringpush::token::random_hex(32)).unwrap(),
+        topic: TOPIC.into(),
+        collapse_id: String::new(),
+        expiration: 0,
+        payload: bytes::Bytes::from(payload),
+    }
+}
+
+/// A gateway that accepts connections and drops each before anything on it is confirmed
+/// (50 ms after it opens; the quiet period is 300 ms): the client backs off instead of
+/// reconnecting at once for every resend, and comes back when the gateway does.
+#[tokio::test]
+async fn a_gateway_that_drops_new_connections_is_not_hammered() {
+    use ringpush::apns::binary;
+    use ringpush::apns::http2::SendError;
+    let app = App::spawn_with(|o| {
+        o.binary = true;
+        o.run_worker = false;
+    })
+    .await;
+    let tls = app
+        .binary_tls
+        .clone()
+        .expect("a binary app has gateway TLS");
+    let proxy = Proxy::start(app.mock.gateway_addr().unwrap()).await;
+    proxy.set(Mode::PassFor(Duration::from_millis(50)));
+    let address = binary::Address::parse(&format!("localhost:{}", proxy.addr.port())).unwrap();
+    let mut settings = binary::Settings::new(address);
+    settings.backoff_min = Duration::from_millis(200);
+    settings.backoff_max = Duration::from_secs(1);
+    let client = binary::Client::new(settings, tls);
+    let before = app.mock.stats().connections;
+    let started = std::time::Instant::now();
+    let (mut backed_off, mut accepted) = (0, 0);
+    while started.elapsed() < Duration::from_secs(2) {
+        match client.send(&padded_notification(0)).await {
+            Err(SendError::Backoff { .. }) => backed_off += 1,
+            Ok(ringpush::apns::Answer::Accepted) => accepted += 1,
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let handshakes = app.mock.stats().connections - before;
+    assert_eq!(accepted, 0, "no connection lived through a quiet period");
+    assert!(backed_off > 0, "the client never backed off");
+    // Reconnecting at once for every resend (5 writes per notification, a new connection
+    // each 50 ms) makes ~40 handshakes in 2 s; backing off 200 ms, 400 ms, 800 ms… after the
+    // second death makes at most 6.
+    assert!(handshakes <= 8, "{handshakes} handshakes in 2 s");
+
+    proxy.set(Mode::Pass);
+    let recovered = async {
+        loop {
+            if let Ok(ringpush::apns::Answer::Accepted) = client.send(&padded_notification(0)).await
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), recovered)
+        .await
+        .expect("the client connects again once the gateway keeps its connections");
+    app.stop().await;
+}
+
+/// A gateway that stops reading (TCP open, nothing taken): the write that fills the socket
+/// buffers times out, the connection is dropped, and the client is not stuck — every
+/// notification gets an answer and, once the way is clear, new ones are accepted.
+#[tokio::test]
+async fn a_gateway_that_stops_reading_does_not_wedge_the_client() {
+    use ringpush::apns::binary;
+    let app = App::spawn_with(|o| {
+        o.binary = true;
+        o.run_worker = false;
+    })
+    .await;
+    let tls = app
+        .binary_tls
+        .clone()
+        .expect("a binary app has gateway TLS");
+    let proxy = Proxy::start(app.mock.gateway_addr().unwrap()).await;
+    let address = binary::Address::parse(&format!("localhost:{}", proxy.addr.port())).unwrap();
+    let mut settings = binary::Settings::new(address);
+    settings.write_timeout = Duration::from_millis(500);
+    settings.connect_timeout = Duration::from_millis(500);
+    settings.request_timeout = Duration::from_secs(60);
+    settings.backoff_min = Duration::from_millis(50);
+    settings.backoff_max = Duration::from_millis(200);
+    let client = binary::Client::new(settings, tls);
+    assert!(matches!(
+        client.send(&padded_notification(0)).await,
+        Ok(ringpush::apns::Answer::Accepted)
+    ));
+
+    proxy.freeze();
+    // ~30 MB of frames: far more than the loopback socket buffers hold.
+    let sends: Vec<_> = (0..15_000)
+        .map(|_| {
+            let client = client.clone();
+            let n = padded_notification(1_900);
+            tokio::spawn(async move { client.send(&n).await })
+        })
+        .collect();
+    let all = futures_util::future::join_all(sends);
+    let answers = tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .expect("every notification answered, long before its 60 s request timeout");
+    let failed = answers
+        .into_iter()
+        .map(|a| a.expect("the send task"))
+        .filter(Result::is_err)
+        .count();
+    assert!(
+        failed > 0,
+        "the stalled frames were reported, not confirmed"
+    );
+
+    proxy.thaw();
+    let recovered = async {
+        loop {
+            if let Ok(ringpush::apns::Answer::Accepted) = client.send(&padded_notification(0)).await
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), recovered)
+        .await
+        .expect("a new connection once the gateway reads again");
+    assert_eq!(
+        client.connections_open(),
+        1,
+        "the stalled connection is gone"
+    );
+    proxy.cut();
     app.stop().await;
 }

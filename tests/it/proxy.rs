@@ -1,6 +1,7 @@
 //! A small TCP fault proxy for the tests: between the worker and the mock APNs, or between
 //! the worker and PostgreSQL. It passes bytes through, and on command cuts every live
-//! connection, refuses new ones, or stalls them (accepts, then never answers).
+//! connection, refuses new ones, stalls them (accepts, then never answers), or drops each
+//! a while after it opened.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,9 @@ pub enum Mode {
     Refuse,
     /// Accept and hold the connection without forwarding anything.
     Stall,
+    /// Forward, then drop the connection after this long: a peer that accepts and then
+    /// falls over.
+    PassFor(std::time::Duration),
 }
 
 pub struct Proxy {
@@ -56,12 +60,19 @@ impl Proxy {
                     match mode {
                         Mode::Refuse => drop(client),
                         Mode::Stall => token.cancelled().await,
-                        Mode::Pass => {
+                        Mode::Pass | Mode::PassFor(_) => {
                             let Ok(mut upstream) = TcpStream::connect(target).await else {
                                 return;
                             };
+                            let lifetime = async {
+                                match mode {
+                                    Mode::PassFor(t) => tokio::time::sleep(t).await,
+                                    _ => std::future::pending().await,
+                                }
+                            };
                             tokio::select! {
                                 _ = token.cancelled() => {}
+                                _ = lifetime => {}
                                 _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
                                 _ = async { frozen.wait_for(|f| *f).await.map(|_| ()) } => {
                                     token.cancelled().await

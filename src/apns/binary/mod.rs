@@ -19,6 +19,13 @@
 //! last frame processed: it and those before it are accepted, the rest resent. A connection
 //! that drops without an error packet sends its unconfirmed notifications again (at least
 //! once; the collapse-free legacy interface may show such a duplicate).
+//!
+//! A write the gateway does not take within `write_timeout` (a peer that stopped reading)
+//! drops the connection and resends, like a close. Reconnecting after an error packet is
+//! immediate — that is the protocol. A connection that dies before it has proved itself (no
+//! notification confirmed on it, no error packet) counts as a failure: one such death is
+//! retried at once, the next ones wait the jittered reconnect backoff, so a gateway that
+//! accepts and then drops connections is not hammered with handshakes.
 
 pub mod codec;
 pub mod feedback;
@@ -109,6 +116,8 @@ pub struct Settings {
     pub quiet: Duration,
     /// How long one notification may take, queue to confirmation.
     pub request_timeout: Duration,
+    /// Longest one write may wait for the gateway to take it.
+    pub write_timeout: Duration,
     /// Most notifications per write.
     pub max_batch: usize,
     /// Most sent-but-unconfirmed notifications kept for resending; writing waits beyond it.
@@ -126,6 +135,7 @@ impl Settings {
             connect_timeout: Duration::from_secs(10),
             quiet: Duration::from_millis(300),
             request_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
             max_batch: 1000,
             max_unconfirmed: 100_000,
             max_writes: 5,
@@ -187,6 +197,17 @@ enum Event {
 struct Connection {
     write: WriteHalf<TlsStream<TcpStream>>,
     events: mpsc::UnboundedReceiver<Event>,
+    /// The task reading the error packet: it holds the other half of the socket, so it is
+    /// stopped with the connection (or a dropped connection would stay open).
+    reader: tokio::task::AbortHandle,
+    /// A notification was confirmed on it, or the gateway answered with an error packet.
+    proved: bool,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Client {
@@ -373,13 +394,19 @@ impl Driver {
         {
             let s = self.sent.pop_front().expect("checked above");
             let _ = s.job.reply.send(Ok(Answer::Accepted));
+            if let Some(c) = self.connection.as_mut() {
+                c.proved = true;
+            }
         }
     }
 
     fn on_event(&mut self, event: Event) {
-        self.drop_connection();
         match event {
             Event::Error(packet) => {
+                // The gateway processed frames and said why it stopped: it works, and
+                // reconnecting at once to resend the rest is the protocol.
+                self.drop_connection();
+                self.failures = 0;
                 let position = self
                     .sent
                     .iter()
@@ -415,6 +442,7 @@ impl Driver {
             }
             Event::Closed(why) => {
                 warn!(error = %why, unconfirmed = self.sent.len(), "gateway connection closed; resending what was unconfirmed");
+                self.lost(why);
                 self.resend_all();
             }
         }
@@ -431,6 +459,33 @@ impl Driver {
         if self.connection.take().is_some() {
             self.gauges.connections.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// The connection failed (closed, or a write failed or stalled). If it never proved
+    /// itself, that is a failure like a failed connect: the second in a row and later ones
+    /// hold reconnecting off by the backoff.
+    fn lost(&mut self, why: String) {
+        let proved = self.connection.as_ref().is_some_and(|c| c.proved);
+        self.drop_connection();
+        if proved {
+            self.failures = 0;
+            return;
+        }
+        self.failures += 1;
+        if self.failures > 1 {
+            let wait = self.backoff(self.failures - 1);
+            self.retry_at = Some(Instant::now() + wait);
+            warn!(gateway = %self.settings.gateway, failures = self.failures, retry_in = ?wait, "the gateway keeps dropping new connections; backing off");
+        }
+        self.last_error = why;
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        crate::backoff::jittered(
+            self.settings.backoff_min,
+            self.settings.backoff_max,
+            failures,
+        )
     }
 
     /// Writes everything queued (up to the batch and buffer limits) in one write.
@@ -485,7 +540,12 @@ impl Driver {
             connection.write.write_all(&buf).await?;
             connection.write.flush().await
         };
-        match written.await {
+        let timeout = self.settings.write_timeout;
+        let written = match tokio::time::timeout(timeout, written).await {
+            Ok(written) => written.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("the gateway took no data for {timeout:?}")),
+        };
+        match written {
             Ok(()) => {
                 let flushed_at = Instant::now();
                 self.sent
@@ -493,7 +553,7 @@ impl Driver {
             }
             Err(e) => {
                 warn!(error = %e, "writing to the gateway failed; resending");
-                self.drop_connection();
+                self.lost(e);
                 for job in batch.into_iter().rev() {
                     self.queue.push_front(job);
                 }
@@ -523,7 +583,7 @@ impl Driver {
             Ok(tls) => {
                 let (mut read, write) = tokio::io::split(tls);
                 let (tx, events) = mpsc::unbounded_channel();
-                tokio::spawn(async move {
+                let reader = tokio::spawn(async move {
                     let mut packet = [0u8; codec::ERROR_LEN];
                     let event = match read.read_exact(&mut packet).await {
                         Ok(_) => match ErrorResponse::decode(&packet) {
@@ -536,20 +596,21 @@ impl Driver {
                     };
                     let _ = tx.send(event);
                 });
-                self.connection = Some(Connection { write, events });
+                self.connection = Some(Connection {
+                    write,
+                    events,
+                    reader: reader.abort_handle(),
+                    proved: false,
+                });
                 self.gauges.connections.fetch_add(1, Ordering::Relaxed);
-                self.failures = 0;
+                // `failures` stays until the connection proves itself (see `lost`).
                 self.retry_at = None;
                 info!(gateway = %gateway, "gateway connection open");
                 Ok(())
             }
             Err(reason) => {
                 self.failures += 1;
-                let exp = self
-                    .settings
-                    .backoff_min
-                    .saturating_mul(1 << self.failures.saturating_sub(1).min(16))
-                    .min(self.settings.backoff_max);
+                let exp = self.backoff(self.failures);
                 self.retry_at = Some(Instant::now() + exp);
                 self.last_error = reason.clone();
                 warn!(gateway = %gateway, error = %reason, retry_in = ?exp, "cannot connect to the gateway");
