@@ -12,10 +12,13 @@
 //!   dropped and replaced on next use; after `ExpiredProviderToken` the JWT is re-signed and
 //!   the request sent once more;
 //! - reconnecting backs off exponentially with jitter, so an unreachable APNs is probed, not
-//!   hammered; requests meanwhile fail fast with [`SendError::Backoff`];
+//!   hammered; requests meanwhile fail fast with [`SendError::Backoff`]. A connection that
+//!   ends before answering anything counts as a failed connect (the first such is replaced at
+//!   once, later ones wait the backoff): a peer that accepts and then drops every connection
+//!   is not met with a handshake per request;
 //! - an idle connection is PINGed, and dropped if the PING goes unanswered.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -153,7 +156,8 @@ struct Slot {
 #[derive(Default)]
 struct SlotState {
     live: Option<Live>,
-    /// Failed connects in a row, and when the next may be tried.
+    /// Failed connects (and connections that ended unanswered) in a row, and when the next
+    /// may be tried.
     failures: u32,
     retry_at: Option<Instant>,
     last_error: String,
@@ -163,6 +167,8 @@ struct SlotState {
 #[derive(Clone)]
 struct Live {
     sender: SendRequest<Bytes>,
+    /// Set on the first answer: the connection worked (see [`Slot::live`]).
+    proved: Arc<AtomicBool>,
     /// Cancelled when the connection ends or must not take new requests.
     retired: CancellationToken,
     /// When a request last went out, in ms since the client's epoch (for idle PINGs).
@@ -351,11 +357,23 @@ impl Slot {
     /// The live connection, opening one if there is none (and the backoff allows).
     async fn live(self: &Arc<Self>) -> Result<Live, SendError> {
         let mut state = self.state.lock().await;
-        if let Some(live) = &state.live {
+        if let Some(live) = state.live.take() {
             if !live.retired.is_cancelled() {
-                return Ok(live.clone());
+                state.live = Some(live.clone());
+                return Ok(live);
             }
-            state.live = None;
+            if live.proved.load(Ordering::Relaxed) {
+                state.failures = 0;
+            } else {
+                // It ended before answering anything: as good as a failed connect.
+                state.failures += 1;
+                state.last_error = "the connection ended before answering anything".into();
+                if state.failures > 1 {
+                    let wait = backoff(&self.settings, state.failures - 1);
+                    state.retry_at = Some(Instant::now() + wait);
+                    warn!(endpoint = %self.endpoint.base, failures = state.failures, retry_in = ?wait, "APNs connections keep ending before answering; backing off");
+                }
+            }
         }
         if let Some(at) = state.retry_at {
             let now = Instant::now();
@@ -374,7 +392,7 @@ impl Slot {
         };
         match connected {
             Ok(live) => {
-                state.failures = 0;
+                // `failures` stays until the connection answers (see above).
                 state.retry_at = None;
                 state.live = Some(live.clone());
                 Ok(live)
@@ -439,6 +457,7 @@ impl Slot {
         info!(endpoint = %endpoint.base, "APNs connection open");
         Ok(Live {
             sender,
+            proved: Arc::default(),
             retired,
             last_used,
         })
@@ -504,6 +523,9 @@ impl Live {
         let (response, mut stream) = sender.send_request(request, false).map_err(unsent)?;
         stream.send_data(payload, true).map_err(sent)?;
         let response = response.await.map_err(sent)?;
+        if !self.proved.load(Ordering::Relaxed) {
+            self.proved.store(true, Ordering::Relaxed);
+        }
         let status = response.status().as_u16();
         // Kept only for a rejection: an accepted notification allocates nothing for it.
         let apns_id = (status != 200)

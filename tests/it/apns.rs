@@ -489,3 +489,57 @@ async fn an_unreachable_apns_is_probed_with_backoff_not_hammered() {
     );
     accepting.abort();
 }
+
+#[tokio::test]
+async fn connections_that_end_before_answering_are_backed_off_not_hammered() {
+    // The mock drops each connection as its first request arrives, before answering it.
+    let apns = Apns::start(|s| {
+        s.faults = Faults {
+            close_after: Some(0),
+            ..Faults::default()
+        };
+    })
+    .await;
+    let client = apns.client(|s| {
+        s.connections = 1;
+        s.backoff_min = Duration::from_millis(200);
+        s.backoff_max = Duration::from_secs(1);
+    });
+    let started = Instant::now();
+    let (mut sends, mut backed_off) = (0, 0);
+    while started.elapsed() < Duration::from_secs(1) {
+        let result = client
+            .send(Environment::Production, &notification(&tokens(1)[0]))
+            .await;
+        assert!(result.is_err(), "nothing is answered: {result:?}");
+        if matches!(result, Err(SendError::Backoff { .. })) {
+            backed_off += 1;
+        }
+        sends += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let handshakes = apns.mock.stats().connections;
+    assert!(
+        sends > 20 && backed_off > 0,
+        "{sends} sends, {backed_off} backed off"
+    );
+    // A new connection per send would be one handshake per send; backing off 200 ms,
+    // 400 ms… (jittered) after the second unanswered connection allows at most 5 in 1 s.
+    assert!(handshakes <= 6, "{handshakes} handshakes for {sends} sends");
+
+    apns.mock.set_faults(Faults::default());
+    let recovered = async {
+        loop {
+            let result = client
+                .send(Environment::Production, &notification(&tokens(1)[0]))
+                .await;
+            if matches!(result, Ok(Answer::Accepted)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), recovered)
+        .await
+        .expect("accepted again once connections are answered");
+}
