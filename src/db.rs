@@ -198,10 +198,30 @@ impl Lookups {
         self.queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Bounded, so a query the database never answers frees its slot and the batches
-        // waiting behind it are handed back (the worker pauses) instead of waiting forever.
-        let found = match tokio::time::timeout(QUERY_TIMEOUT, lookup(&self.pool, ids)).await {
+        // waiting behind it are handed back (the worker pauses) instead of waiting forever;
+        // the statement is then cancelled on the server too, or it would go on holding a
+        // backend (and whatever it waits for) after everyone stopped waiting for it.
+        let mut cancel = None;
+        let found = tokio::time::timeout(
+            QUERY_TIMEOUT,
+            lookup_cancellable(&self.pool, ids, &mut cancel),
+        )
+        .await;
+        let found = match found {
             Ok(found) => found.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("the lookup took longer than {QUERY_TIMEOUT:?}")),
+            Err(_) => {
+                if let Some(token) = cancel {
+                    tokio::spawn(async move {
+                        // Through a new connection, which may not open either: bounded too.
+                        let cancelled =
+                            tokio::time::timeout(Duration::from_secs(5), token.cancel_query(NoTls));
+                        if !matches!(cancelled.await, Ok(Ok(()))) {
+                            tracing::warn!("could not cancel a timed-out lookup on the server");
+                        }
+                    });
+                }
+                Err(format!("the lookup took longer than {QUERY_TIMEOUT:?}"))
+            }
         };
         Arc::new(found)
     }
@@ -213,7 +233,17 @@ pub async fn lookup(
     pool: &Pool,
     gateway_ids: &[&str],
 ) -> Result<HashMap<String, Gateway>, DbError> {
+    lookup_cancellable(pool, gateway_ids, &mut None).await
+}
+
+/// [`lookup`], leaving in `cancel` how to cancel the statement once it is on its way.
+async fn lookup_cancellable(
+    pool: &Pool,
+    gateway_ids: &[&str],
+    cancel: &mut Option<tokio_postgres::CancelToken>,
+) -> Result<HashMap<String, Gateway>, DbError> {
     let client = pool.get().await?;
+    *cancel = Some(client.cancel_token());
     let statement = client.prepare_cached(LOOKUP).await?;
     let rows = client.query(&statement, &[&gateway_ids]).await?;
     let mut found: HashMap<String, Gateway> = HashMap::new();

@@ -166,3 +166,65 @@ async fn a_lookup_the_database_never_answers_fails_in_time_and_frees_its_slot() 
         "lookups work again once the database answers"
     );
 }
+
+#[tokio::test]
+async fn a_lookup_that_times_out_is_cancelled_on_the_server() {
+    let db = TestDb::new().await;
+    ringpush::db::migrate(&db.url).await.unwrap();
+    // Another session holds a lock the lookup needs: it waits on the server, not the wire.
+    let locker = ringpush::db::pool(&db.url, 1, Duration::from_secs(60)).unwrap();
+    let mut holder = locker.get().await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE push_tokens IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let holder_pid: i32 = tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Pool of 2: one lookup slot. Watched from a connection of its own.
+    let pool = ringpush::db::pool(&db.url, 2, Duration::from_secs(60)).unwrap();
+    let watcher = ringpush::db::pool(&db.url, 1, Duration::from_secs(60)).unwrap();
+    let blocked = || async {
+        let client = watcher.get().await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                &[&holder_pid],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    let lookups = ringpush::db::Lookups::new(pool);
+    let waiting = tokio::spawn({
+        let lookups = lookups.clone();
+        async move { lookups.lookup(vec!["g".into()]).await }
+    });
+    // Polls `blocked` for up to 5 s until it is what `done` wants; the verdict is only
+    // asserted after the lock is released (a panic while it is held would hang the test's
+    // clean-up, which drops the schema).
+    let settles = |done: fn(i64) -> bool| {
+        let blocked = &blocked;
+        async move {
+            let started = std::time::Instant::now();
+            loop {
+                let n = blocked().await;
+                if done(n) || started.elapsed() > Duration::from_secs(5) {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let waited = settles(|n| n > 0).await;
+    let found = waiting.await.unwrap();
+    // Given up on by the worker, and then no longer running on the server either.
+    let left = settles(|n| n == 0).await;
+    tx.rollback().await.unwrap();
+    assert_eq!(waited, 1, "the lookup waited for the lock");
+    let error = found.as_ref().as_ref().unwrap_err();
+    assert!(error.contains("took longer"), "{error}");
+    assert_eq!(left, 0, "the timed-out lookup still runs on the server");
+}
