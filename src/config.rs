@@ -372,7 +372,8 @@ impl ApnsArgs {
             let mut settings = binary::Settings::new(self.apns_binary_addr.clone());
             settings.connect_timeout = self.apns_connect_timeout;
             settings.request_timeout = self.apns_request_timeout;
-            settings.write_timeout = self.apns_request_timeout;
+            // Callers give up after the request timeout: a stalled write must be noticed first.
+            settings.write_timeout = self.apns_request_timeout / 2;
             settings.quiet = self.apns_binary_quiet;
             return Ok(binary::Client::new(settings, self.tls.binary_tls()?).into());
         }

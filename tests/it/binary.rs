@@ -388,3 +388,64 @@ async fn a_gateway_that_stops_reading_does_not_wedge_the_client() {
     proxy.cut();
     app.stop().await;
 }
+
+/// The gateway answers a bad token with an error packet and closes while the client is still
+/// writing the frames after it: the write fails, but the packet — not the failed write —
+/// says what became of each frame. Nothing before the bad token is sent twice, nothing after
+/// it is lost, and the token is reported invalid (once), not retried as a lost connection.
+#[tokio::test]
+async fn an_error_packet_behind_a_failed_write_still_decides_every_frame() {
+    use ringpush::apns::binary;
+    let app = App::spawn_with(|o| {
+        o.binary = true;
+        o.run_worker = false;
+    })
+    .await;
+    let tls = app
+        .binary_tls
+        .clone()
+        .expect("a binary app has gateway TLS");
+    let address = binary::Address::parse(&format!(
+        "localhost:{}",
+        app.mock.gateway_addr().unwrap().port()
+    ))
+    .unwrap();
+    let mut settings = binary::Settings::new(address);
+    settings.max_batch = 100;
+    settings.request_timeout = Duration::from_secs(60);
+    let client = binary::Client::new(settings, tls);
+    let notifications: Vec<_> = (0..6_000).map(|_| padded_notification(1_500)).collect();
+    let bad = notifications[40].token.clone();
+    app.mock.script(
+        &bad,
+        Script {
+            status: 8,
+            reason: Reason::InvalidToken,
+            timestamp_ms: None,
+        },
+    );
+    let answers = futures_util::future::join_all(notifications.iter().map(|n| {
+        let client = client.clone();
+        async move { client.send(n).await }
+    }))
+    .await;
+    for (i, answer) in answers.iter().enumerate() {
+        match answer {
+            Ok(ringpush::apns::Answer::Rejected(r)) if i == 40 => {
+                assert_eq!(r.reason, Reason::InvalidToken)
+            }
+            Ok(ringpush::apns::Answer::Accepted) if i != 40 => {}
+            other => panic!("notification #{i}: {other:?}"),
+        }
+    }
+    let per = received_per_token(&app);
+    for (i, n) in notifications.iter().enumerate().take(40) {
+        assert_eq!(
+            per.get(n.token.as_hex()).map(Vec::len),
+            Some(1),
+            "#{i}, before the bad token, reached the gateway once"
+        );
+    }
+    assert_eq!(per.get(bad.as_hex()).map(Vec::as_slice), Some(&[8][..]));
+    app.stop().await;
+}

@@ -20,8 +20,9 @@
 //! that drops without an error packet sends its unconfirmed notifications again (at least
 //! once; the collapse-free legacy interface may show such a duplicate).
 //!
-//! A write the gateway does not take within `write_timeout` (a peer that stopped reading)
-//! drops the connection and resends, like a close. Reconnecting after an error packet is
+//! A write that does not finish within `write_timeout` (a peer that stopped reading) drops
+//! the connection and resends, like a close; a notification whose caller has given up is not
+//! written again. Reconnecting after an error packet is
 //! immediate — that is the protocol. A connection that dies before it has proved itself (no
 //! notification confirmed on it, no error packet) counts as a failure: one such death is
 //! retried at once, the next ones wait the jittered reconnect backoff, so a gateway that
@@ -202,6 +203,8 @@ struct Connection {
     reader: tokio::task::AbortHandle,
     /// A notification was confirmed on it, or the gateway answered with an error packet.
     proved: bool,
+    /// Frames were written on it (a connection only probed proves nothing either way).
+    used: bool,
 }
 
 impl Drop for Connection {
@@ -403,10 +406,7 @@ impl Driver {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Error(packet) => {
-                // The gateway processed frames and said why it stopped: it works, and
-                // reconnecting at once to resend the rest is the protocol.
                 self.drop_connection();
-                self.failures = 0;
                 let position = self
                     .sent
                     .iter()
@@ -416,6 +416,9 @@ impl Driver {
                     self.resend_all();
                     return;
                 };
+                // The gateway processed frames and said why it stopped: it works, and
+                // reconnecting at once to resend the rest is the protocol.
+                self.failures = 0;
                 // Those before the named one were processed; with Shutdown, the named one too.
                 let accepted = if packet.status == Status::Shutdown {
                     p + 1
@@ -441,6 +444,9 @@ impl Driver {
                 self.resend_all();
             }
             Event::Closed(why) => {
+                // No error packet: what was flushed a quiet period ago stands (the tick
+                // that would have confirmed it may not have run yet).
+                self.confirm();
                 warn!(error = %why, unconfirmed = self.sent.len(), "gateway connection closed; resending what was unconfirmed");
                 self.lost(why);
                 self.resend_all();
@@ -465,10 +471,17 @@ impl Driver {
     /// itself, that is a failure like a failed connect: the second in a row and later ones
     /// hold reconnecting off by the backoff.
     fn lost(&mut self, why: String) {
-        let proved = self.connection.as_ref().is_some_and(|c| c.proved);
+        let (proved, used) = self
+            .connection
+            .as_ref()
+            .map_or((false, false), |c| (c.proved, c.used));
         self.drop_connection();
         if proved {
             self.failures = 0;
+            return;
+        }
+        if !used {
+            // Only probed, then closed (an idle timeout, say): that says nothing.
             return;
         }
         self.failures += 1;
@@ -522,6 +535,11 @@ impl Driver {
         let mut buf = BytesMut::new();
         let mut batch = Vec::with_capacity(n);
         for mut job in self.queue.drain(..n) {
+            if job.reply.is_closed() {
+                // Its caller gave up (request timeout) and has decided what to do with the
+                // ring: writing it now would only make a duplicate.
+                continue;
+            }
             job.writes += 1;
             if job.writes > self.settings.max_writes {
                 let _ = job.reply.send(Err(SendError::Lost(format!(
@@ -535,28 +553,46 @@ impl Driver {
             codec::encode_frame(&job.frame, &mut buf);
             batch.push(job);
         }
+        if batch.is_empty() {
+            return;
+        }
         let connection = self.connection.as_mut().expect("connected above");
+        connection.used = true;
         let written = async {
             connection.write.write_all(&buf).await?;
             connection.write.flush().await
         };
         let timeout = self.settings.write_timeout;
         let written = match tokio::time::timeout(timeout, written).await {
-            Ok(written) => written.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("the gateway took no data for {timeout:?}")),
+            Ok(written) => written.map_err(|e| (e.to_string(), true)),
+            Err(_) => Err((format!("a write did not finish within {timeout:?}"), false)),
         };
-        match written {
-            Ok(()) => {
-                let flushed_at = Instant::now();
-                self.sent
-                    .extend(batch.into_iter().map(|job| Sent { job, flushed_at }));
-            }
-            Err(e) => {
+        // Written, or perhaps partly: either way these frames are on this connection now,
+        // after the ones before them, and an error packet may name one of them.
+        let flushed_at = Instant::now();
+        self.sent
+            .extend(batch.into_iter().map(|job| Sent { job, flushed_at }));
+        let Err((e, io_error)) = written else {
+            return;
+        };
+        // A write fails when the gateway has closed the connection — most often right after
+        // an error packet, which the reader then has or is about to have: that packet, not
+        // the failed write, says what became of each frame.
+        let connection = self.connection.as_mut().expect("connected above");
+        let event = if io_error {
+            tokio::time::timeout(Duration::from_secs(1), connection.events.recv())
+                .await
+                .ok()
+                .flatten()
+        } else {
+            connection.events.try_recv().ok()
+        };
+        match event {
+            Some(event @ Event::Error(_)) => self.on_event(event),
+            _ => {
                 warn!(error = %e, "writing to the gateway failed; resending");
+                self.confirm();
                 self.lost(e);
-                for job in batch.into_iter().rev() {
-                    self.queue.push_front(job);
-                }
                 self.resend_all();
             }
         }
@@ -601,6 +637,7 @@ impl Driver {
                     events,
                     reader: reader.abort_handle(),
                     proved: false,
+                    used: false,
                 });
                 self.gauges.connections.fetch_add(1, Ordering::Relaxed);
                 // `failures` stays until the connection proves itself (see `lost`).
