@@ -418,8 +418,9 @@ async fn end_to_end(
     let db_url = crate::db::url_with_schema(&args.local.database_url, schema);
     crate::db::migrate(&db_url).await?;
     let pool = crate::db::pool(&db_url, 2, Duration::from_secs(5))?;
-    // A fleet, not a handful: with a few hundred gateways PostgreSQL rightly prefers a
-    // sequential scan to the index, and a bench of that would measure a toy database.
+    // A fleet, not a handful: with a few hundred gateways (and no statistics) the generic
+    // plan of the prepared lookup scans whole tables instead of using the indexes, and the
+    // bench would measure a toy database (see BENCHMARKS.md).
     let gateways = 10_000;
     {
         let client = pool.get().await?;
