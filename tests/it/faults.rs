@@ -40,8 +40,21 @@ async fn settled(app: &App, rings: &[RingEvent], tokens: &[DeviceToken]) -> usiz
         app.unaccepted(rings, tokens) == 0
     })
     .await;
-    // The last acks follow the last answers.
+    // The last acks follow the last answers. A ring whose 200s were lost to a cut may still
+    // wait in a retry tier although APNs has every pair (it comes back as duplicates only):
+    // give the tiers up to their longest delay, twice over, to drain before judging.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut waiting = app.depth(&app.names.rings).await;
+        for tier in &app.names.retry {
+            waiting += app.depth(tier).await;
+        }
+        if waiting == 0 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let duplicates = app.ledger(rings, tokens);
     assert_eq!(
         app.depth(&app.names.rings).await,
