@@ -158,19 +158,8 @@ async fn tokens_listed_by_the_feedback_service_are_purged_once() {
 #[tokio::test]
 async fn the_probe_tells_an_unreachable_gateway_from_a_reachable_one() {
     use ringpush::apns::binary;
-    let app = App::spawn_with(|o| {
-        o.binary = true;
-        o.run_worker = false;
-    })
-    .await;
-    let tls = app
-        .binary_tls
-        .clone()
-        .expect("a binary app has gateway TLS");
-    let client = |port: u16| {
-        let address = binary::Address::parse(&format!("localhost:{port}")).unwrap();
-        binary::Client::new(binary::Settings::new(address), tls.clone())
-    };
+    let (app, tls) = client_app().await;
+    let client = |port: u16| binary::Client::new(binary::Settings::new(address(port)), tls.clone());
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -197,20 +186,8 @@ async fn the_probe_tells_an_unreachable_gateway_from_a_reachable_one() {
 #[tokio::test]
 async fn a_burst_larger_than_one_write_goes_out_without_waiting_for_a_tick() {
     use ringpush::apns::binary;
-    let app = App::spawn_with(|o| {
-        o.binary = true;
-        o.run_worker = false;
-    })
-    .await;
-    let tls = app
-        .binary_tls
-        .clone()
-        .expect("a binary app has gateway TLS");
-    let address = binary::Address::parse(&format!(
-        "localhost:{}",
-        app.mock.gateway_addr().unwrap().port()
-    ))
-    .unwrap();
+    let (app, tls) = client_app().await;
+    let address = address(app.mock.gateway_addr().unwrap().port());
     // 10 frames per write, and a quiet period (so a confirmation tick) of a minute: if the
     // 200 frames went out one write per tick, the gateway would see 10 of them for minutes.
     let mut settings = binary::Settings::new(address);
@@ -221,13 +198,7 @@ async fn a_burst_larger_than_one_write_goes_out_without_waiting_for_a_tick() {
     let sends: Vec<_> = (0..200)
         .map(|_| {
             let client = client.clone();
-            let n = ringpush::apns::request::Notification {
-                token: DeviceToken::parse(&ringpush::token::random_hex(32)).unwrap(),
-                topic: TOPIC.into(),
-                collapse_id: String::new(),
-                expiration: 0,
-                payload: bytes::Bytes::from_static(b"{\"aps\":{}}"),
-            };
+            let n = padded_notification(0);
             tokio::spawn(async move { client.send(&n).await })
         })
         .collect();
@@ -244,6 +215,25 @@ async fn a_burst_larger_than_one_write_goes_out_without_waiting_for_a_tick() {
         s.abort();
     }
     app.stop().await;
+}
+
+/// An app without a worker, to drive a binary client by hand: the app, and the TLS (client
+/// certificate) its mock gateway wants.
+async fn client_app() -> (App, std::sync::Arc<tokio_rustls::rustls::ClientConfig>) {
+    let app = App::spawn_with(|o| {
+        o.binary = true;
+        o.run_worker = false;
+    })
+    .await;
+    let tls = app
+        .binary_tls
+        .clone()
+        .expect("a binary app has gateway TLS");
+    (app, tls)
+}
+
+fn address(port: u16) -> ringpush::apns::binary::Address {
+    ringpush::apns::binary::Address::parse(&format!("localhost:{port}")).unwrap()
 }
 
 fn padded_notification(pad: usize) -> ringpush::apns::request::Notification {
@@ -264,18 +254,10 @@ fn padded_notification(pad: usize) -> ringpush::apns::request::Notification {
 async fn a_gateway_that_drops_new_connections_is_not_hammered() {
     use ringpush::apns::binary;
     use ringpush::apns::http2::SendError;
-    let app = App::spawn_with(|o| {
-        o.binary = true;
-        o.run_worker = false;
-    })
-    .await;
-    let tls = app
-        .binary_tls
-        .clone()
-        .expect("a binary app has gateway TLS");
+    let (app, tls) = client_app().await;
     let proxy = Proxy::start(app.mock.gateway_addr().unwrap()).await;
     proxy.set(Mode::PassFor(Duration::from_millis(50)));
-    let address = binary::Address::parse(&format!("localhost:{}", proxy.addr.port())).unwrap();
+    let address = address(proxy.addr.port());
     let mut settings = binary::Settings::new(address);
     settings.backoff_min = Duration::from_millis(200);
     settings.backoff_max = Duration::from_secs(1);
@@ -321,17 +303,9 @@ async fn a_gateway_that_drops_new_connections_is_not_hammered() {
 #[tokio::test]
 async fn a_gateway_that_stops_reading_does_not_wedge_the_client() {
     use ringpush::apns::binary;
-    let app = App::spawn_with(|o| {
-        o.binary = true;
-        o.run_worker = false;
-    })
-    .await;
-    let tls = app
-        .binary_tls
-        .clone()
-        .expect("a binary app has gateway TLS");
+    let (app, tls) = client_app().await;
     let proxy = Proxy::start(app.mock.gateway_addr().unwrap()).await;
-    let address = binary::Address::parse(&format!("localhost:{}", proxy.addr.port())).unwrap();
+    let address = address(proxy.addr.port());
     let mut settings = binary::Settings::new(address);
     settings.write_timeout = Duration::from_millis(500);
     settings.connect_timeout = Duration::from_millis(500);
@@ -396,20 +370,8 @@ async fn a_gateway_that_stops_reading_does_not_wedge_the_client() {
 #[tokio::test]
 async fn an_error_packet_behind_a_failed_write_still_decides_every_frame() {
     use ringpush::apns::binary;
-    let app = App::spawn_with(|o| {
-        o.binary = true;
-        o.run_worker = false;
-    })
-    .await;
-    let tls = app
-        .binary_tls
-        .clone()
-        .expect("a binary app has gateway TLS");
-    let address = binary::Address::parse(&format!(
-        "localhost:{}",
-        app.mock.gateway_addr().unwrap().port()
-    ))
-    .unwrap();
+    let (app, tls) = client_app().await;
+    let address = address(app.mock.gateway_addr().unwrap().port());
     let mut settings = binary::Settings::new(address);
     settings.max_batch = 100;
     settings.request_timeout = Duration::from_secs(60);
