@@ -22,11 +22,12 @@
 //!
 //! A write that does not finish within `write_timeout` (a peer that stopped reading) drops
 //! the connection and resends, like a close; a notification whose caller has given up is not
-//! written again. Reconnecting after an error packet is
-//! immediate — that is the protocol. A connection that dies before it has proved itself (no
-//! notification confirmed on it, no error packet) counts as a failure: one such death is
-//! retried at once, the next ones wait the jittered reconnect backoff, so a gateway that
-//! accepts and then drops connections is not hammered with handshakes.
+//! written again. A write that fails because the gateway closed after an error packet is
+//! decided by that packet. Reconnecting after an error packet is immediate — that is the
+//! protocol. A used connection that dies before it has proved itself (no notification
+//! confirmed on it, no error packet) counts as a failure: one such death is retried at once,
+//! the next ones wait the jittered reconnect backoff, so a gateway that accepts and then
+//! drops connections is not hammered with handshakes.
 
 pub mod codec;
 pub mod feedback;
