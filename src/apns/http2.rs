@@ -26,6 +26,8 @@ use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+
+use crate::backoff::Reconnect;
 use tokio::sync::Mutex;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
@@ -153,14 +155,10 @@ struct Slot {
     state: Mutex<SlotState>,
 }
 
-#[derive(Default)]
 struct SlotState {
     live: Option<Live>,
-    /// Failed connects (and connections that ended unanswered) in a row, and when the next
-    /// may be tried.
-    failures: u32,
-    retry_at: Option<Instant>,
-    last_error: String,
+    /// When the next connection may be opened.
+    reconnect: Reconnect,
 }
 
 /// A live HTTP/2 connection.
@@ -229,7 +227,10 @@ impl Client {
                         endpoint: endpoint.clone(),
                         tls: TlsConnector::from(tls.clone()),
                         settings: settings.clone(),
-                        state: Mutex::default(),
+                        state: Mutex::new(SlotState {
+                            live: None,
+                            reconnect: Reconnect::new(settings.backoff_min, settings.backoff_max),
+                        }),
                     })
                 })
                 .collect(),
@@ -364,28 +365,21 @@ impl Slot {
                 state.live = Some(live.clone());
                 return Ok(live);
             }
-            if live.proved.load(Ordering::Relaxed) {
-                state.failures = 0;
-            } else if live.used.load(Ordering::Relaxed) {
-                // It ended before answering anything: as good as a failed connect.
-                state.failures += 1;
-                state.last_error = "the connection ended before answering anything".into();
-                if state.failures > 1 {
-                    let wait = backoff(&self.settings, state.failures - 1);
-                    state.retry_at = Some(Instant::now() + wait);
-                    warn!(endpoint = %self.endpoint.base, failures = state.failures, retry_in = ?wait, "APNs connections keep ending before answering; backing off");
-                }
+            let (proved, used) = (
+                live.proved.load(Ordering::Relaxed),
+                live.used.load(Ordering::Relaxed),
+            );
+            let why = "the connection ended before answering anything";
+            if let Some(wait) = state.reconnect.ended(proved, used, why) {
+                warn!(endpoint = %self.endpoint.base, failures = state.reconnect.failures(), retry_in = ?wait, "APNs connections keep ending before answering; backing off");
             }
         }
-        if let Some(at) = state.retry_at {
-            let now = Instant::now();
-            if now < at {
-                return Err(SendError::Backoff {
-                    endpoint: self.endpoint.base.clone(),
-                    wait: at - now,
-                    reason: state.last_error.clone(),
-                });
-            }
+        if let Err((wait, reason)) = state.reconnect.check() {
+            return Err(SendError::Backoff {
+                endpoint: self.endpoint.base.clone(),
+                wait,
+                reason,
+            });
         }
         let timeout = self.settings.connect_timeout;
         let connected = match tokio::time::timeout(timeout, self.connect()).await {
@@ -394,17 +388,13 @@ impl Slot {
         };
         match connected {
             Ok(live) => {
-                // `failures` stays until the connection answers (see above).
-                state.retry_at = None;
+                state.reconnect.connected();
                 state.live = Some(live.clone());
                 Ok(live)
             }
             Err(reason) => {
-                state.failures += 1;
-                let wait = backoff(&self.settings, state.failures);
-                state.retry_at = Some(Instant::now() + wait);
-                state.last_error = reason.clone();
-                warn!(endpoint = %self.endpoint.base, error = %reason, failures = state.failures, retry_in = ?wait, "cannot connect to APNs");
+                let wait = state.reconnect.connect_failed(&reason);
+                warn!(endpoint = %self.endpoint.base, error = %reason, failures = state.reconnect.failures(), retry_in = ?wait, "cannot connect to APNs");
                 Err(SendError::Connect {
                     endpoint: self.endpoint.base.clone(),
                     reason,
@@ -465,11 +455,6 @@ impl Slot {
             last_used,
         })
     }
-}
-
-/// The reconnect backoff after `failures` consecutive failures (see [`crate::backoff`]).
-fn backoff(settings: &Settings, failures: u32) -> Duration {
-    crate::backoff::jittered(settings.backoff_min, settings.backoff_max, failures)
 }
 
 /// PINGs the connection when it has been idle for `interval`; retires it when a PING goes

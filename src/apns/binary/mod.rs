@@ -45,11 +45,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::http2::SendError;
 use super::request::Notification;
 use super::{Answer, Reason, Rejection};
+use crate::backoff::Reconnect;
 use codec::{ErrorResponse, Frame, Status};
 
 /// Apple's legacy gateway (retired in 2021; for the systems and rigs that still speak it).
@@ -220,6 +221,7 @@ impl Client {
         let (jobs, rx) = mpsc::unbounded_channel();
         let gauges = Arc::new(Gauges::default());
         let request_timeout = settings.request_timeout;
+        let reconnect = Reconnect::new(settings.backoff_min, settings.backoff_max);
         let driver = Driver {
             settings,
             tls: TlsConnector::from(tls),
@@ -229,9 +231,7 @@ impl Client {
             probes: Vec::new(),
             sent: VecDeque::new(),
             connection: None,
-            failures: 0,
-            retry_at: None,
-            last_error: String::new(),
+            reconnect,
         };
         tokio::spawn(driver.run(rx));
         Self {
@@ -335,9 +335,8 @@ struct Driver {
     /// Written on the current connection, oldest first, awaiting confirmation.
     sent: VecDeque<Sent>,
     connection: Option<Connection>,
-    failures: u32,
-    retry_at: Option<Instant>,
-    last_error: String,
+    /// When the next connection may be opened.
+    reconnect: Reconnect,
 }
 
 impl Driver {
@@ -419,7 +418,7 @@ impl Driver {
                 };
                 // The gateway processed frames and said why it stopped: it works, and
                 // reconnecting at once to resend the rest is the protocol.
-                self.failures = 0;
+                self.reconnect.proved();
                 // Those before the named one were processed; with Shutdown, the named one too.
                 let accepted = if packet.status == Status::Shutdown {
                     p + 1
@@ -468,38 +467,17 @@ impl Driver {
         }
     }
 
-    /// The connection failed (closed, or a write failed or stalled). If it never proved
-    /// itself, that is a failure like a failed connect: the second in a row and later ones
-    /// hold reconnecting off by the backoff.
+    /// The connection failed (closed, or a write failed or stalled); [`Reconnect::ended`]
+    /// decides whether reconnecting waits.
     fn lost(&mut self, why: String) {
         let (proved, used) = self
             .connection
             .as_ref()
             .map_or((false, false), |c| (c.proved, c.used));
         self.drop_connection();
-        if proved {
-            self.failures = 0;
-            return;
+        if let Some(wait) = self.reconnect.ended(proved, used, &why) {
+            warn!(gateway = %self.settings.gateway, failures = self.reconnect.failures(), retry_in = ?wait, "the gateway keeps dropping new connections; backing off");
         }
-        if !used {
-            // Only probed, then closed (an idle timeout, say): that says nothing.
-            return;
-        }
-        self.failures += 1;
-        if self.failures > 1 {
-            let wait = self.backoff(self.failures - 1);
-            self.retry_at = Some(Instant::now() + wait);
-            warn!(gateway = %self.settings.gateway, failures = self.failures, retry_in = ?wait, "the gateway keeps dropping new connections; backing off");
-        }
-        self.last_error = why;
-    }
-
-    fn backoff(&self, failures: u32) -> Duration {
-        crate::backoff::jittered(
-            self.settings.backoff_min,
-            self.settings.backoff_max,
-            failures,
-        )
     }
 
     /// Writes everything queued (up to the batch and buffer limits) in one write.
@@ -601,15 +579,12 @@ impl Driver {
 
     async fn connect(&mut self) -> Result<(), SendError> {
         let gateway = self.settings.gateway.to_string();
-        if let Some(at) = self.retry_at {
-            let now = Instant::now();
-            if now < at {
-                return Err(SendError::Backoff {
-                    endpoint: gateway,
-                    wait: at - now,
-                    reason: self.last_error.clone(),
-                });
-            }
+        if let Err((wait, reason)) = self.reconnect.check() {
+            return Err(SendError::Backoff {
+                endpoint: gateway,
+                wait,
+                reason,
+            });
         }
         match self
             .settings
@@ -641,18 +616,13 @@ impl Driver {
                     used: false,
                 });
                 self.gauges.connections.fetch_add(1, Ordering::Relaxed);
-                // `failures` stays until the connection proves itself (see `lost`).
-                self.retry_at = None;
+                self.reconnect.connected();
                 info!(gateway = %gateway, "gateway connection open");
                 Ok(())
             }
             Err(reason) => {
-                self.failures += 1;
-                let exp = self.backoff(self.failures);
-                self.retry_at = Some(Instant::now() + exp);
-                self.last_error = reason.clone();
-                warn!(gateway = %gateway, error = %reason, retry_in = ?exp, "cannot connect to the gateway");
-                debug!(failures = self.failures, "gateway backoff");
+                let wait = self.reconnect.connect_failed(&reason);
+                warn!(gateway = %gateway, error = %reason, failures = self.reconnect.failures(), retry_in = ?wait, "cannot connect to the gateway");
                 Err(SendError::Connect {
                     endpoint: gateway,
                     reason,
