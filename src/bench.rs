@@ -641,6 +641,16 @@ impl Live<'_> {
     }
 }
 
+/// A ring of gateway `bench-1` pressed now (the broker and APNs legs' message).
+fn ring_now() -> RingEvent {
+    RingEvent {
+        event_id: random_hex(16),
+        gateway_id: "bench-1".into(),
+        pressed_at: OffsetDateTime::now_utc(),
+        switch_id: None,
+    }
+}
+
 async fn broker_ceiling(
     args: &BenchArgs,
     names: &Names,
@@ -664,13 +674,7 @@ async fn broker_ceiling(
             arguments,
         )
         .await?;
-    let body = RingEvent {
-        event_id: random_hex(16),
-        gateway_id: "bench-1".into(),
-        pressed_at: OffsetDateTime::now_utc(),
-        switch_id: None,
-    }
-    .to_json();
+    let body = ring_now().to_json();
     publish_all(
         (0..args.rings).map(|_| {
             broker::publish_confirmed(&channel, "", &queue, &body, BasicProperties::default())
@@ -710,13 +714,7 @@ async fn broker_ceiling(
         let (channel, queue) = (channel.clone(), queue.clone());
         tokio::spawn(async move {
             let published = paced(rate, n, move |_| {
-                let body = RingEvent {
-                    event_id: random_hex(16),
-                    gateway_id: "bench-1".into(),
-                    pressed_at: OffsetDateTime::now_utc(),
-                    switch_id: None,
-                }
-                .to_json();
+                let body = ring_now().to_json();
                 let (channel, queue) = (channel.clone(), queue.clone());
                 async move {
                     let properties = BasicProperties::default();
@@ -761,12 +759,7 @@ async fn apns_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow::
     let mock = MockProcess::start(&dir.join("leg")).await?;
     let (signer, key_file) = signer(dir)?;
     let ca = mock.cert_dir.join("ca.pem");
-    let ring = RingEvent {
-        event_id: random_hex(16),
-        gateway_id: "bench-1".into(),
-        pressed_at: OffsetDateTime::now_utc(),
-        switch_id: None,
-    };
+    let ring = ring_now();
     let payload = build_payload(&ring, "Front door", &AlertTemplate::default())?;
     let tokens: Vec<DeviceToken> = (0..1000)
         .map(|_| DeviceToken::parse(&random_hex(32)).unwrap())
@@ -983,16 +976,7 @@ async fn binary_leg(args: &BenchArgs, dir: &Path, report: &mut Report) -> anyhow
     let quiet = settings.quiet;
     settings.request_timeout = Duration::from_secs(120);
     let client = binary::Client::new(settings, Arc::new(config));
-    let payload = build_payload(
-        &RingEvent {
-            event_id: random_hex(16),
-            gateway_id: "bench-1".into(),
-            pressed_at: OffsetDateTime::now_utc(),
-            switch_id: None,
-        },
-        "Front door",
-        &AlertTemplate::default(),
-    )?;
+    let payload = build_payload(&ring_now(), "Front door", &AlertTemplate::default())?;
     let tokens: Vec<DeviceToken> = (0..1000)
         .map(|_| DeviceToken::parse(&random_hex(32)).unwrap())
         .collect();
