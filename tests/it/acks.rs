@@ -98,10 +98,17 @@ async fn settled_runs_are_acked_with_one_frame_each() {
         batches.load(Ordering::SeqCst),
         acks_of_session.lock().unwrap().as_ref().unwrap().frames(),
     );
-    assert!(batches < N, "deliveries came in batches ({batches})");
+    // How the broker's deliveries fall into batches depends on timing (on a loaded machine
+    // each can arrive alone); what must hold either way: at most one frame per settled run
+    // (each batch settles all at once), and, since every delivery settles in one burst after
+    // the last has arrived, far fewer frames than deliveries.
     assert!(
         frames as usize <= batches,
-        "{frames} ack frames for {N} deliveries in {batches} batches: acks were not coalesced"
+        "{frames} ack frames for {N} deliveries in {batches} batches: more than one per run"
+    );
+    assert!(
+        (frames as usize) < N / 10,
+        "{frames} ack frames for {N} deliveries settled together: acks were not coalesced"
     );
     assert_eq!(held(&connection, &queue).await, 0, "nothing left unacked");
     let _ = connection.close(200, "done".into()).await;
