@@ -321,15 +321,25 @@ mod tests {
         assert_eq!(second, format!("bearer {}", signer.token()).as_str());
     }
 
+    /// Makes the cached token look `by` older than it is (no sleeping, so a slow machine
+    /// cannot move a check across a threshold).
+    fn age(signer: &Signer, by: Duration) {
+        let mut cached = signer.cached.lock().unwrap();
+        let c = cached.as_mut().expect("a token is cached");
+        c.at =
+            c.at.checked_sub(by)
+                .expect("the clock reaches back that far");
+    }
+
     #[test]
     fn the_token_is_re_signed_after_its_age_and_never_sooner_than_the_minimum() {
-        let signer = Signer::from_pem(key_pem().as_bytes(), "K", "T", Duration::from_millis(300))
+        let signer = Signer::from_pem(key_pem().as_bytes(), "K", "T", Duration::from_secs(60))
             .unwrap()
-            .with_min_interval(Duration::from_millis(150));
+            .with_min_interval(Duration::from_secs(30));
         let first = signer.token();
         assert!(!signer.renew(), "a token younger than the minimum is kept");
         assert!(Arc::ptr_eq(&first, &signer.token()));
-        std::thread::sleep(Duration::from_millis(160));
+        age(&signer, Duration::from_secs(31));
         assert!(
             Arc::ptr_eq(&first, &signer.token()),
             "not re-signed before its age"
@@ -337,7 +347,7 @@ mod tests {
         assert!(signer.renew(), "renewed on demand once old enough");
         let second = signer.token();
         assert!(!Arc::ptr_eq(&first, &second));
-        std::thread::sleep(Duration::from_millis(320));
+        age(&signer, Duration::from_secs(61));
         assert!(
             !Arc::ptr_eq(&second, &signer.token()),
             "re-signed after its age"
