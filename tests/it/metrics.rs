@@ -99,7 +99,7 @@ async fn queue_depth_gauges_follow_a_queue_filled_while_no_worker_consumes() {
         app.publish(&App::ring("gw-nobody", Duration::ZERO)).await;
     }
     let mut seen = None;
-    for _ in 0..50 {
+    for _ in 0..300 {
         seen = sample(&app.scrape("/metrics").await.1, &series);
         if seen == Some(25.0) {
             break;
@@ -113,7 +113,7 @@ async fn queue_depth_gauges_follow_a_queue_filled_while_no_worker_consumes() {
     app.start_worker();
     app.wait_acked(25).await;
     let mut seen = None;
-    for _ in 0..50 {
+    for _ in 0..300 {
         let body = app.scrape("/metrics").await.1;
         seen = sample(&body, &series);
         let consumers = sample(
@@ -155,7 +155,7 @@ async fn queues_reads_unacked_counts_from_the_management_api() {
     let vhost = ringpush::ops::vhost_of(&crate::support::amqp_url());
     // The management API refreshes its statistics every few seconds.
     let mut seen = None;
-    for _ in 0..40 {
+    for _ in 0..120 {
         let unacked = ringpush::ops::unacked(&url, &vhost)
             .await
             .expect("the management API answers");
