@@ -46,6 +46,8 @@ pub enum RingError {
     PressedAt(String),
     #[error("`{0}` must be printable ASCII (it becomes an HTTP/2 header)")]
     NotAscii(&'static str),
+    #[error("`{0}` must not contain a NUL character")]
+    Nul(&'static str),
 }
 
 #[derive(Deserialize)]
@@ -74,7 +76,7 @@ impl RingEvent {
             return Err(RingError::NotAscii("event_id"));
         }
         let gateway_id = wire.gateway_id.ok_or(RingError::Missing("gateway_id"))?;
-        check_len("gateway_id", &gateway_id, MAX_GATEWAY_ID_BYTES)?;
+        check_gateway_id(&gateway_id)?;
         let pressed_at = match wire.pressed_at {
             Some(s) => OffsetDateTime::parse(&s, &Rfc3339)
                 .map_err(|e| RingError::PressedAt(format!("{s:?}: {e}")))?,
@@ -129,9 +131,15 @@ pub fn format_rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).expect("a UTC time formats as RFC 3339")
 }
 
-/// Checks a gateway id as a ring event would.
+/// Checks a gateway id as a ring event would. PostgreSQL's `text` cannot hold a NUL: such an
+/// id names no gateway, and the lookup of a batch holding it would fail every time (the
+/// worker would pause and hand the batch back in a loop), so it is refused here.
 pub fn check_gateway_id(id: &str) -> Result<(), RingError> {
-    check_len("gateway_id", id, MAX_GATEWAY_ID_BYTES)
+    check_len("gateway_id", id, MAX_GATEWAY_ID_BYTES)?;
+    if id.contains('\0') {
+        return Err(RingError::Nul("gateway_id"));
+    }
+    Ok(())
 }
 
 fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), RingError> {
@@ -180,6 +188,7 @@ mod tests {
             (r#"{"v":1,"event_id":"","gateway_id":"g"}"#.into(), Err(RingError::Length { field: "event_id", max: 64, len: 0 })),
             (format!(r#"{{"v":1,"event_id":"{long_event}","gateway_id":"g"}}"#), Err(RingError::Length { field: "event_id", max: 64, len: 65 })),
             (format!(r#"{{"v":1,"event_id":"e","gateway_id":"{long_gw}"}}"#), Err(RingError::Length { field: "gateway_id", max: 128, len: 129 })),
+            (r#"{"v":1,"event_id":"e","gateway_id":"g\u0000"}"#.into(), Err(RingError::Nul("gateway_id"))),
             (r#"{"v":1,"event_id":"e","gateway_id":"g","pressed_at":"yesterday"}"#.into(), Err(RingError::PressedAt(String::new()))),
             (r#"{"v":1,"event_id":5,"gateway_id":"g"}"#.into(), Err(RingError::Json(String::new()))),
             (r#"{"v":1,"event_id":"a\nb","gateway_id":"g"}"#.into(), Err(RingError::NotAscii("event_id"))),

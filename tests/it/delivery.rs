@@ -142,13 +142,16 @@ async fn malformed_rings_go_to_the_dead_queue_with_their_reason_and_the_next_rin
     app.publish_raw(br#"{"v":1,"event_id":"e-1"}"#).await;
     app.publish_raw(br#"{"v":2,"event_id":"e-2","gateway_id":"gw-1"}"#)
         .await;
+    // A gateway id PostgreSQL cannot take as text: the lookup would fail on it every time.
+    let nul = br#"{"v":1,"event_id":"e-3","gateway_id":"gw\u0000-1"}"#;
+    app.publish_raw(nul).await;
     app.publish(&App::ring("gw-1", Duration::ZERO)).await;
-    app.wait_acked(4).await;
+    app.wait_acked(5).await;
 
     // Dead-lettering runs concurrently: match reasons to bodies, not to positions.
     let dead: std::collections::HashMap<Vec<u8>, String> =
         app.drain_dead().await.into_iter().collect();
-    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert_eq!(dead.len(), 4, "{dead:?}");
     let reason = |body: &[u8]| {
         dead.get(body)
             .unwrap_or_else(|| panic!("{body:?} not dead-lettered"))
@@ -167,6 +170,7 @@ async fn malformed_rings_go_to_the_dead_queue_with_their_reason_and_the_next_rin
             .starts_with("unknown ring event version 2"),
         "{dead:?}"
     );
+    assert_eq!(reason(nul), "`gateway_id` must not contain a NUL character");
 
     let received = app.mock.received();
     assert_eq!(received.len(), 1);
