@@ -61,6 +61,8 @@ pub enum InvalidationError {
     Reason,
     #[error("`{field}` is not an RFC 3339 time: {value:?}")]
     Time { field: &'static str, value: String },
+    #[error("`{field}` is before the year 1, which PostgreSQL cannot hold: {value:?}")]
+    BeforeYearOne { field: &'static str, value: String },
 }
 
 #[derive(Deserialize)]
@@ -81,10 +83,17 @@ impl Invalidation {
         if w.v.as_u64() != Some(1) {
             return Err(InvalidationError::Version(w.v.to_string()));
         }
-        let time = |field: &'static str, value: String| {
-            OffsetDateTime::parse(&value, &Rfc3339)
-                .map_err(|_| InvalidationError::Time { field, value })
-        };
+        // RFC 3339 allows the year 0000 (and an offset can reach back into it); PostgreSQL's
+        // timestamptz starts at the year 1. Refused here, such a time would fail the purge
+        // of every request batched with it, each time the batch came back.
+        let time =
+            |field: &'static str, value: String| match OffsetDateTime::parse(&value, &Rfc3339) {
+                Err(_) => Err(InvalidationError::Time { field, value }),
+                Ok(t) if t.to_offset(time::UtcOffset::UTC).year() < 1 => {
+                    Err(InvalidationError::BeforeYearOne { field, value })
+                }
+                Ok(t) => Ok(t),
+            };
         if w.reason.is_empty() {
             return Err(InvalidationError::Reason);
         }
@@ -415,6 +424,27 @@ mod tests {
                     ok.replacen("2026-11-28T09:00:00Z", "monday", 1)
                 ),
                 Some("`invalid_since`"),
+            ),
+            (
+                format!(
+                    r#"{{"v":1,{}}}"#,
+                    ok.replacen("2026-11-28T09:00:00Z", "0000-12-31T23:00:00Z", 1)
+                ),
+                Some("`invalid_since` is before the year 1"),
+            ),
+            (
+                format!(
+                    r#"{{"v":1,{}}}"#,
+                    ok.replacen("2026-11-28T09:00:00Z", "0001-01-01T00:30:00+01:00", 1)
+                ),
+                Some("`invalid_since` is before the year 1"),
+            ),
+            (
+                format!(
+                    r#"{{"v":1,{}}}"#,
+                    ok.replacen("2026-11-28T09:00:00Z", "0001-01-01T00:00:00Z", 1)
+                ),
+                None,
             ),
         ];
         for (body, want) in cases {

@@ -236,3 +236,48 @@ async fn malformed_feedback_events_and_purge_requests_go_to_their_dead_queues() 
     assert_eq!(app.depth(&app.names.purge).await, 0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_purge_request_postgresql_cannot_take_is_dead_lettered_and_the_rest_are_purged() {
+    let mut app = App::spawn_with(|o| o.run_purger = false).await;
+    let owner = app.add_user().await;
+    let gone = app.add_token(owner, "production", Some(TOPIC)).await;
+    let now = OffsetDateTime::now_utc();
+    app.registered_at(&gone, now - 30 * DAY).await;
+    let request = |token: &str, since: &str| {
+        format!(
+            r#"{{"v":1,"token":"{token}","environment":"production","topic":null,"reason":"Unregistered","invalid_since":"{since}","observed_at":"2026-11-28T09:00:00Z"}}"#
+        )
+    };
+    // RFC 3339 allows the year 0000; PostgreSQL's timestamptz does not: a batch holding this
+    // request would fail as a whole, every time it came back.
+    let year_zero = request(&"ab".repeat(32), "0000-06-01T00:00:00Z");
+    let valid = request(gone.as_hex(), &ringpush::ring::format_rfc3339(now - DAY));
+    for body in [&year_zero, &valid] {
+        broker::publish_confirmed(
+            &app.channel,
+            "",
+            &app.names.purge,
+            body.as_bytes(),
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    app.start_purger();
+    app.wait_for("the valid request purged, the other dead", || {
+        purge::Counters::get(&app.purge_counters.purged) == 1
+            && purge::Counters::get(&app.purge_counters.dead_lettered) == 1
+    })
+    .await;
+    assert!(
+        !app.token_exists(&gone).await,
+        "the valid request's token is deleted"
+    );
+    let dead = app.drain(&app.names.purge_dead).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, year_zero.as_bytes());
+    assert!(dead[0].1.contains("`invalid_since`"), "{dead:?}");
+    assert_eq!(app.depth(&app.names.purge).await, 0);
+    app.stop().await;
+}
