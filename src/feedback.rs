@@ -61,8 +61,8 @@ pub enum InvalidationError {
     Reason,
     #[error("`{field}` is not an RFC 3339 time: {value:?}")]
     Time { field: &'static str, value: String },
-    #[error("`{field}` is before the year 1, which PostgreSQL cannot hold: {value:?}")]
-    BeforeYearOne { field: &'static str, value: String },
+    #[error("`{field}` is outside the years 1 to 9999 in UTC (PostgreSQL and RFC 3339 hold no other): {value:?}")]
+    OutOfRange { field: &'static str, value: String },
 }
 
 #[derive(Deserialize)]
@@ -83,17 +83,19 @@ impl Invalidation {
         if w.v.as_u64() != Some(1) {
             return Err(InvalidationError::Version(w.v.to_string()));
         }
-        // RFC 3339 allows the year 0000 (and an offset can reach back into it); PostgreSQL's
-        // timestamptz starts at the year 1. Refused here, such a time would fail the purge
-        // of every request batched with it, each time the batch came back.
-        let time =
-            |field: &'static str, value: String| match OffsetDateTime::parse(&value, &Rfc3339) {
-                Err(_) => Err(InvalidationError::Time { field, value }),
-                Ok(t) if t.to_offset(time::UtcOffset::UTC).year() < 1 => {
-                    Err(InvalidationError::BeforeYearOne { field, value })
-                }
-                Ok(t) => Ok(t),
-            };
+        // RFC 3339 reads the year 0000 (and an offset can carry a time past either end);
+        // PostgreSQL's timestamptz starts at the year 1. Refused here, such a time would fail
+        // the purge of every request batched with it, each time the batch came back.
+        let time = |field: &'static str, value: String| {
+            OffsetDateTime::parse(&value, &Rfc3339)
+                .map_err(|_| InvalidationError::Time {
+                    field,
+                    value: value.clone(),
+                })
+                .and_then(|t| {
+                    crate::ring::in_range(t).ok_or(InvalidationError::OutOfRange { field, value })
+                })
+        };
         if w.reason.is_empty() {
             return Err(InvalidationError::Reason);
         }
@@ -430,14 +432,14 @@ mod tests {
                     r#"{{"v":1,{}}}"#,
                     ok.replacen("2026-11-28T09:00:00Z", "0000-12-31T23:00:00Z", 1)
                 ),
-                Some("`invalid_since` is before the year 1"),
+                Some("`invalid_since` is outside the years 1 to 9999"),
             ),
             (
                 format!(
                     r#"{{"v":1,{}}}"#,
                     ok.replacen("2026-11-28T09:00:00Z", "0001-01-01T00:30:00+01:00", 1)
                 ),
-                Some("`invalid_since` is before the year 1"),
+                Some("`invalid_since` is outside the years 1 to 9999"),
             ),
             (
                 format!(
@@ -445,6 +447,29 @@ mod tests {
                     ok.replacen("2026-11-28T09:00:00Z", "0001-01-01T00:00:00Z", 1)
                 ),
                 None,
+            ),
+            (
+                format!(
+                    r#"{{"v":1,{}}}"#,
+                    ok.replacen("2026-11-28T09:00:00Z", "9999-12-31T23:59:59-00:01", 1)
+                ),
+                Some("`invalid_since` is outside the years 1 to 9999"),
+            ),
+            (
+                format!(
+                    r#"{{"v":1,{}}}"#,
+                    ok.replacen("2026-11-28T09:00:00Z", "9999-12-31T23:59:59.999Z", 1)
+                ),
+                None,
+            ),
+            (
+                format!(
+                    r#"{{"v":1,{}}}"#,
+                    ok.rsplit_once("2026-11-28T09:00:00Z")
+                        .map(|(a, b)| format!("{a}9999-12-31T23:59:59-01:00{b}"))
+                        .unwrap()
+                ),
+                Some("`observed_at` is outside the years 1 to 9999"),
             ),
         ];
         for (body, want) in cases {

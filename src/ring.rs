@@ -42,7 +42,7 @@ pub enum RingError {
         max: usize,
         len: usize,
     },
-    #[error("`pressed_at` is not an RFC 3339 time: {0}")]
+    #[error("`pressed_at` is not an RFC 3339 time in the years 1 to 9999 (UTC): {0}")]
     PressedAt(String),
     #[error("`{0}` must be printable ASCII (it becomes an HTTP/2 header)")]
     NotAscii(&'static str),
@@ -78,8 +78,9 @@ impl RingEvent {
         let gateway_id = wire.gateway_id.ok_or(RingError::Missing("gateway_id"))?;
         check_gateway_id(&gateway_id)?;
         let pressed_at = match wire.pressed_at {
-            Some(s) => OffsetDateTime::parse(&s, &Rfc3339)
-                .map_err(|e| RingError::PressedAt(format!("{s:?}: {e}")))?,
+            Some(s) => {
+                parse_rfc3339(&s).map_err(|e| RingError::PressedAt(format!("{s:?}: {e}")))?
+            }
             None => fallback_pressed_at,
         };
         Ok(Self {
@@ -99,7 +100,10 @@ impl RingEvent {
     /// The moment after which the ring is worth nothing: `pressed_at + ttl`, in Unix seconds
     /// (this is `apns-expiration`).
     pub fn expires_at(&self, ttl: Duration) -> i64 {
-        (self.pressed_at + ttl).unix_timestamp()
+        // In nanoseconds, so that a ring pressed at the very end of the year 9999 cannot
+        // overflow the calendar.
+        let nanos = self.pressed_at.unix_timestamp_nanos() + ttl.as_nanos() as i128;
+        nanos.div_euclid(1_000_000_000) as i64
     }
 
     /// `pressed_at` in RFC 3339 with milliseconds, as it goes into the payload.
@@ -120,6 +124,21 @@ impl RingEvent {
         }
         serde_json::to_vec(&v).expect("a JSON value serialises")
     }
+}
+
+/// `t` in UTC, if that falls in the years 1 to 9999: what RFC 3339 can write and PostgreSQL's
+/// `timestamptz` can hold. RFC 3339 also reads the year 0000, and an offset can carry a time
+/// past either end; such a time from outside (a message, a header, an APNs answer) is refused
+/// or replaced where it comes in, so nothing downstream fails on it every time it comes back.
+pub fn in_range(t: OffsetDateTime) -> Option<OffsetDateTime> {
+    let utc = t.checked_to_offset(time::UtcOffset::UTC)?;
+    (1..=9999).contains(&utc.year()).then_some(utc)
+}
+
+/// Parses an RFC 3339 time into UTC, refusing one outside [`in_range`].
+pub fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, String> {
+    let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| e.to_string())?;
+    in_range(t).ok_or_else(|| "outside the years 1 to 9999 in UTC".to_owned())
 }
 
 /// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-28T09:15:02.120Z`.
@@ -190,6 +209,13 @@ mod tests {
             (format!(r#"{{"v":1,"event_id":"e","gateway_id":"{long_gw}"}}"#), Err(RingError::Length { field: "gateway_id", max: 128, len: 129 })),
             (r#"{"v":1,"event_id":"e","gateway_id":"g\u0000"}"#.into(), Err(RingError::Nul("gateway_id"))),
             (r#"{"v":1,"event_id":"e","gateway_id":"g","pressed_at":"yesterday"}"#.into(), Err(RingError::PressedAt(String::new()))),
+            // Past the calendar's end in UTC, and before the year 1.
+            (r#"{"v":1,"event_id":"e","gateway_id":"g","pressed_at":"9999-12-31T23:59:59-01:00"}"#.into(), Err(RingError::PressedAt(String::new()))),
+            (r#"{"v":1,"event_id":"e","gateway_id":"g","pressed_at":"0000-06-01T00:00:00Z"}"#.into(), Err(RingError::PressedAt(String::new()))),
+            (
+                r#"{"v":1,"event_id":"e","gateway_id":"g","pressed_at":"9999-12-31T23:59:30Z"}"#.into(),
+                Ok(("e", "g", datetime!(9999-12-31 23:59:30 UTC))),
+            ),
             (r#"{"v":1,"event_id":5,"gateway_id":"g"}"#.into(), Err(RingError::Json(String::new()))),
             (r#"{"v":1,"event_id":"a\nb","gateway_id":"g"}"#.into(), Err(RingError::NotAscii("event_id"))),
             (r#"{"v":1,"event_id":"café","gateway_id":"g"}"#.into(), Err(RingError::NotAscii("event_id"))),
@@ -235,5 +261,31 @@ mod tests {
         );
         assert_eq!(ring.pressed_at_rfc3339(), "2026-11-28T09:15:02.12Z");
         assert_eq!(RingEvent::parse(&ring.to_json(), NOW).unwrap(), ring);
+
+        // A ring pressed at the calendar's end still has an expiration (no overflow).
+        let late = RingEvent {
+            pressed_at: datetime!(9999-12-31 23:59:30 UTC),
+            ..ring
+        };
+        assert_eq!(
+            late.expires_at(Duration::from_secs(60)),
+            late.pressed_at.unix_timestamp() + 60
+        );
+        assert_eq!(late.pressed_at_rfc3339(), "9999-12-31T23:59:30Z");
+    }
+
+    #[test]
+    fn times_from_outside_are_kept_to_the_years_1_to_9999_in_utc() {
+        assert_eq!(
+            in_range(datetime!(2026-11-28 10:15:02 +01:00)),
+            Some(datetime!(2026-11-28 09:15:02 UTC))
+        );
+        assert_eq!(in_range(datetime!(9999-12-31 23:59:59 -00:01)), None);
+        assert_eq!(in_range(datetime!(0000-12-31 23:59:59 UTC)), None);
+        assert_eq!(in_range(datetime!(-0001-01-01 00:00:00 UTC)), None);
+        assert!(in_range(datetime!(0001-01-01 00:00:00 UTC)).is_some());
+        assert!(parse_rfc3339("0000-01-01T00:00:00Z").is_err());
+        assert!(parse_rfc3339("0001-01-01T00:30:00+01:00").is_err());
+        assert!(parse_rfc3339("someday").is_err());
     }
 }

@@ -331,7 +331,9 @@ async fn handle_batch(ctx: &Arc<Context>, batch: Vec<Delivery>, abort: Cancellat
         let fallback = delivery
             .properties
             .timestamp()
-            .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
+            .and_then(|t| i64::try_from(t).ok())
+            .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+            .and_then(crate::ring::in_range)
             .unwrap_or(now);
         let outcome = match RingEvent::parse(&delivery.data, fallback) {
             Ok(ring) if ring.age(now) > ctx.settings.ring_ttl => {
@@ -472,6 +474,7 @@ async fn handle_ring(
                         let since = rej
                             .timestamp_ms
                             .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).ok())
+                            .and_then(crate::ring::in_range)
                             .unwrap_or(now);
                         Invalidation {
                             token: r.token.clone(),
@@ -663,7 +666,7 @@ async fn settle(
             error,
             ..
         } => {
-            let attempts = attempt_of(delivery) + 1;
+            let attempts = attempt_of(delivery).saturating_add(1);
             if attempts >= ctx.settings.max_attempts {
                 let reason = format!("gave up after {attempts} attempts: {error}");
                 dead_letter(ctx, delivery, &reason, Some(pending), gateway, event).await

@@ -145,13 +145,17 @@ async fn malformed_rings_go_to_the_dead_queue_with_their_reason_and_the_next_rin
     // A gateway id PostgreSQL cannot take as text: the lookup would fail on it every time.
     let nul = br#"{"v":1,"event_id":"e-3","gateway_id":"gw\u0000-1"}"#;
     app.publish_raw(nul).await;
+    // A time RFC 3339 can write, but not in UTC: past the end of the year 9999.
+    let late =
+        br#"{"v":1,"event_id":"e-4","gateway_id":"gw-1","pressed_at":"9999-12-31T23:59:59-01:00"}"#;
+    app.publish_raw(late).await;
     app.publish(&App::ring("gw-1", Duration::ZERO)).await;
-    app.wait_acked(5).await;
+    app.wait_acked(6).await;
 
     // Dead-lettering runs concurrently: match reasons to bodies, not to positions.
     let dead: std::collections::HashMap<Vec<u8>, String> =
         app.drain_dead().await.into_iter().collect();
-    assert_eq!(dead.len(), 4, "{dead:?}");
+    assert_eq!(dead.len(), 5, "{dead:?}");
     let reason = |body: &[u8]| {
         dead.get(body)
             .unwrap_or_else(|| panic!("{body:?} not dead-lettered"))
@@ -171,6 +175,10 @@ async fn malformed_rings_go_to_the_dead_queue_with_their_reason_and_the_next_rin
         "{dead:?}"
     );
     assert_eq!(reason(nul), "`gateway_id` must not contain a NUL character");
+    assert!(
+        reason(late).starts_with("`pressed_at` is not an RFC 3339 time in the years 1 to 9999"),
+        "{dead:?}"
+    );
 
     let received = app.mock.received();
     assert_eq!(received.len(), 1);
