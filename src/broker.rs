@@ -24,7 +24,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 
 /// Header carrying why a message was dead-lettered.
@@ -446,7 +446,22 @@ where
                     _ => break,
                 }
             }
-            tracker.spawn(handle(acks.clone(), batch, abort.clone()));
+            // A handler that panics must not strand its deliveries in flight.
+            let ackers: Vec<(u64, Acker)> = batch
+                .iter()
+                .map(|d| (d.delivery_tag, d.acker.clone()))
+                .collect();
+            let work = std::panic::AssertUnwindSafe(handle(acks.clone(), batch, abort.clone()));
+            let acks = acks.clone();
+            tracker.spawn(async move {
+                if work.catch_unwind().await.is_err() {
+                    let handed = acks.hand_back_in_flight(&ackers).await;
+                    tracing::error!(
+                        deliveries = handed,
+                        "a batch handler panicked; its unsettled deliveries are handed back"
+                    );
+                }
+            });
         };
         match stop {
             Err(e) => break 'session Err(e),

@@ -99,6 +99,35 @@ impl Acks {
         sent
     }
 
+    /// Hands back (nack with requeue), now, each of `deliveries` still in flight: what a
+    /// handler that panicked left unsettled. Left alone, those deliveries would hold their
+    /// prefetch slots and block every `multiple` ack behind them until the channel closed;
+    /// handed back, they come again, and a message that panics every time meets the queue's
+    /// delivery limit. Returns how many were handed back.
+    pub async fn hand_back_in_flight(&self, deliveries: &[(u64, Acker)]) -> usize {
+        let mut handed = 0;
+        for (tag, acker) in deliveries {
+            let in_flight = matches!(
+                self.inner.ledger.lock().unwrap().find(*tag),
+                Some(Mark::InFlight)
+            );
+            if !in_flight {
+                continue;
+            }
+            let options = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            if let Err(e) = acker.nack(options).await {
+                tracing::error!(error = %e, "nack failed; the broker will redeliver");
+            }
+            self.inner.ledger.lock().unwrap().done(*tag);
+            self.inner.wake.notify_one();
+            handed += 1;
+        }
+        handed
+    }
+
     /// Ack frames sent so far.
     pub fn frames(&self) -> u64 {
         self.inner.frames.load(Ordering::Relaxed)

@@ -177,3 +177,63 @@ async fn a_slow_delivery_does_not_hold_back_the_acks_behind_it() {
     assert_eq!(held(&connection, &queue).await, 0, "nothing left unacked");
     let _ = connection.close(200, "done".into()).await;
 }
+
+#[tokio::test]
+async fn a_handler_that_panics_hands_its_unsettled_deliveries_back_at_once() {
+    // The handler settles "1" and "3" of the fresh deliveries it gets, then panics (however
+    // the five fall into batches). The other three must come back in the same session (not
+    // when the channel closes) and be acked then.
+    const N: usize = 5;
+    let (queues, connection) = queue_with(N).await;
+    let queue = queues.0.rings.clone();
+    let cancel = CancellationToken::new();
+    let acked = AtomicU64::new(0);
+    let redelivered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let consume = broker::consume_batches(
+        &connection,
+        &queue,
+        10,
+        N,
+        Control::new(cancel.clone(), Duration::from_secs(10)),
+        Some(&acked),
+        |acks, batch, _abort| {
+            let redelivered = redelivered.clone();
+            async move {
+                let fresh = batch.iter().any(|d| !d.redelivered);
+                for delivery in &batch {
+                    let body = String::from_utf8_lossy(&delivery.data).into_owned();
+                    if delivery.redelivered {
+                        redelivered.lock().unwrap().push(body);
+                        acks.ack(delivery);
+                    } else if body == "1" || body == "3" {
+                        acks.ack(delivery);
+                    }
+                }
+                if fresh {
+                    panic!("the handler fails on this batch (as the test wants)");
+                }
+            }
+        },
+    );
+    let watch = async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while acked.load(Ordering::SeqCst) < N as u64 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("every delivery acked in the session the handler panicked in");
+        cancel.cancel();
+    };
+    let (result, ()) = tokio::join!(consume, watch);
+    result.unwrap();
+    let mut again = redelivered.lock().unwrap().clone();
+    again.sort();
+    assert_eq!(
+        again,
+        ["0", "2", "4"],
+        "exactly the unsettled ones came back"
+    );
+    assert_eq!(held(&connection, &queue).await, 0, "nothing left unacked");
+    let _ = connection.close(200, "done".into()).await;
+}
