@@ -455,6 +455,8 @@ where
             let acks = acks.clone();
             tracker.spawn(async move {
                 if work.catch_unwind().await.is_err() {
+                    // Not at once: a message that fails every time would come straight back.
+                    tokio::time::sleep(PANIC_HAND_BACK_DELAY).await;
                     let handed = acks.hand_back_in_flight(&ackers).await;
                     tracing::error!(
                         deliveries = handed,
@@ -505,6 +507,10 @@ where
     acks.close();
     Ok(())
 }
+
+/// How long the deliveries a panicking handler left unsettled wait before they are handed
+/// back, so that one that fails every time loops slowly, with an error each time.
+const PANIC_HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 /// Nack options that put a delivery back in its queue.
 pub fn requeue() -> BasicNackOptions {

@@ -61,7 +61,7 @@ pub enum InvalidationError {
     Reason,
     #[error("`{field}` is not an RFC 3339 time: {value:?}")]
     Time { field: &'static str, value: String },
-    #[error("`{field}` is outside the years 1 to 9999 in UTC (PostgreSQL and RFC 3339 hold no other): {value:?}")]
+    #[error("`{field}` is outside the years 1 to 9999 in UTC (the range both RFC 3339 and PostgreSQL hold): {value:?}")]
     OutOfRange { field: &'static str, value: String },
 }
 

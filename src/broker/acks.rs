@@ -101,9 +101,11 @@ impl Acks {
 
     /// Hands back (nack with requeue), now, each of `deliveries` still in flight: what a
     /// handler that panicked left unsettled. Left alone, those deliveries would hold their
-    /// prefetch slots and block every `multiple` ack behind them until the channel closed;
-    /// handed back, they come again, and a message that panics every time meets the queue's
-    /// delivery limit. Returns how many were handed back.
+    /// prefetch slots and every `multiple` ack behind them until the channel closed; handed
+    /// back, they come again (on the rings queue a message that panics every time meets the
+    /// delivery limit; the feedback and purge queues have none). A delivery whose acker was
+    /// already used is skipped by lapin (clones of an `Acker` share its single use), so no
+    /// second frame goes out. Returns how many were handed back.
     pub async fn hand_back_in_flight(&self, deliveries: &[(u64, Acker)]) -> usize {
         let mut handed = 0;
         for (tag, acker) in deliveries {
@@ -118,12 +120,13 @@ impl Acks {
                 requeue: true,
                 ..Default::default()
             };
-            if let Err(e) = acker.nack(options).await {
-                tracing::error!(error = %e, "nack failed; the broker will redeliver");
+            match acker.nack(options).await {
+                Ok(true) => handed += 1,
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "nack failed; the broker will redeliver"),
             }
             self.inner.ledger.lock().unwrap().done(*tag);
             self.inner.wake.notify_one();
-            handed += 1;
         }
         handed
     }

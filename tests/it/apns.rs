@@ -508,7 +508,7 @@ async fn an_unreachable_apns_is_probed_with_backoff_not_hammered() {
     let elapsed = started.elapsed();
     let attempts = accepted.load(Ordering::SeqCst);
     // Two connections, each tried once and then once per backoff period (200 ms, 400 ms…,
-    // jittered): 6 in the usual 250 ms of this loop; without backoff, one per send.
+    // jittered): 4 in the usual 250 ms of this loop; without backoff, one per send.
     let most = 2 * tries_within(elapsed, first, cap);
     assert!(
         attempts <= most,
