@@ -320,15 +320,18 @@ enum Step {
 async fn handle_batch(ctx: &Context, publisher: &Channel, acks: &Acks, batch: Vec<Delivery>) {
     let c = &ctx.counters;
     c.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    // Parsed before the dedup map is locked: nothing that reads a message runs under the
+    // lock (a panic there would poison it for every later batch).
+    let parsed: Vec<_> = batch.iter().map(|d| Invalidation::parse(&d.data)).collect();
     let steps: Vec<Step> = {
         let mut seen = ctx.seen.lock().unwrap();
         let window = ctx.settings.dedup_window;
         if seen.len() > 10_000 {
             seen.retain(|_, at| at.elapsed() < window);
         }
-        batch
-            .iter()
-            .map(|d| match Invalidation::parse(&d.data) {
+        parsed
+            .into_iter()
+            .map(|parsed| match parsed {
                 Err(e) => Step::Dead(e.to_string()),
                 Ok(event) => match seen.get(&event.token) {
                     Some(at) if at.elapsed() < window => Step::Duplicate,
