@@ -407,6 +407,7 @@ mod tests {
         assert_eq!(Invalidation::parse(&event.to_json()).unwrap(), event);
 
         let ok = r#""token":"abcd","environment":"production","topic":null,"reason":"BadDeviceToken","invalid_since":"2026-11-28T09:00:00Z","observed_at":"2026-11-28T09:00:00Z""#;
+        let since = |t: &str| format!(r#"{{"v":1,{}}}"#, ok.replacen("2026-11-28T09:00:00Z", t, 1));
         let cases: &[(String, Option<&str>)] = &[
             (format!(r#"{{"v":1,{ok}}}"#), None),
             ("nope".into(), Some("not a JSON")),
@@ -423,48 +424,21 @@ mod tests {
                 format!(r#"{{"v":1,{}}}"#, ok.replace("BadDeviceToken", "")),
                 Some("`reason`"),
             ),
+            (since("monday"), Some("`invalid_since`")),
             (
-                format!(
-                    r#"{{"v":1,{}}}"#,
-                    ok.replacen("2026-11-28T09:00:00Z", "monday", 1)
-                ),
-                Some("`invalid_since`"),
-            ),
-            (
-                format!(
-                    r#"{{"v":1,{}}}"#,
-                    ok.replacen("2026-11-28T09:00:00Z", "0000-12-31T23:00:00Z", 1)
-                ),
+                since("0000-12-31T23:00:00Z"),
                 Some("`invalid_since` is outside the years 1 to 9999"),
             ),
             (
-                format!(
-                    r#"{{"v":1,{}}}"#,
-                    ok.replacen("2026-11-28T09:00:00Z", "0001-01-01T00:30:00+01:00", 1)
-                ),
+                since("0001-01-01T00:30:00+01:00"),
                 Some("`invalid_since` is outside the years 1 to 9999"),
             ),
+            (since("0001-01-01T00:00:00Z"), None),
             (
-                format!(
-                    r#"{{"v":1,{}}}"#,
-                    ok.replacen("2026-11-28T09:00:00Z", "0001-01-01T00:00:00Z", 1)
-                ),
-                None,
-            ),
-            (
-                format!(
-                    r#"{{"v":1,{}}}"#,
-                    ok.replacen("2026-11-28T09:00:00Z", "9999-12-31T23:59:59-00:01", 1)
-                ),
+                since("9999-12-31T23:59:59-00:01"),
                 Some("`invalid_since` is outside the years 1 to 9999"),
             ),
-            (
-                format!(
-                    r#"{{"v":1,{}}}"#,
-                    ok.replacen("2026-11-28T09:00:00Z", "9999-12-31T23:59:59.999Z", 1)
-                ),
-                None,
-            ),
+            (since("9999-12-31T23:59:59.999Z"), None),
             (
                 format!(
                     r#"{{"v":1,{}}}"#,

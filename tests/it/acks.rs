@@ -35,6 +35,17 @@ async fn queue_with(n: usize) -> (TestQueues, lapin::Connection) {
     (TestQueues(names), connection)
 }
 
+/// Polls `done` until it holds, for at most 30 s.
+async fn until(done: impl Fn() -> bool, what: &str) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out: {what}"));
+}
+
 /// Messages the queue still holds once its consumers are gone (unacked ones are back).
 async fn held(connection: &lapin::Connection, queue: &str) -> u32 {
     let channel = connection.create_channel().await.unwrap();
@@ -83,13 +94,11 @@ async fn settled_runs_are_acked_with_one_frame_each() {
         },
     );
     let watch = async {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while acked.load(Ordering::SeqCst) < N as u64 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("every delivery acked");
+        until(
+            || acked.load(Ordering::SeqCst) >= N as u64,
+            "every delivery acked",
+        )
+        .await;
         cancel.cancel();
     };
     let (result, ()) = tokio::join!(consume, watch);
@@ -146,28 +155,25 @@ async fn a_slow_delivery_does_not_hold_back_the_acks_behind_it() {
         },
     );
     let drive = async {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while quick.load(Ordering::SeqCst) < N - 1
-                || acked.load(Ordering::SeqCst) < N as u64 - 1
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the quick deliveries flowed and were acked past the slow one");
+        until(
+            || {
+                quick.load(Ordering::SeqCst) >= N - 1
+                    && acked.load(Ordering::SeqCst) >= N as u64 - 1
+            },
+            "the quick deliveries flowed and were acked past the slow one",
+        )
+        .await;
         assert_eq!(
             acked.load(Ordering::SeqCst),
             N as u64 - 1,
             "the slow delivery is not acked while in flight"
         );
         release.notify_one();
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while acked.load(Ordering::SeqCst) < N as u64 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the slow delivery acked once settled");
+        until(
+            || acked.load(Ordering::SeqCst) >= N as u64,
+            "the slow delivery acked once settled",
+        )
+        .await;
         cancel.cancel();
     };
     let (result, ()) = tokio::join!(consume, drive);
@@ -216,13 +222,11 @@ async fn a_handler_that_panics_hands_its_unsettled_deliveries_back_at_once() {
         },
     );
     let watch = async {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while acked.load(Ordering::SeqCst) < N as u64 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("every delivery acked in the session the handler panicked in");
+        until(
+            || acked.load(Ordering::SeqCst) >= N as u64,
+            "every delivery acked in the session the handler panicked in",
+        )
+        .await;
         cancel.cancel();
     };
     let (result, ()) = tokio::join!(consume, watch);
