@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ringpush::apns::Reason;
+use ringpush::apns::{binary, Reason};
 use ringpush::feedback;
 use ringpush::mock::{Faults, Script};
 use ringpush::purge;
@@ -157,9 +157,8 @@ async fn tokens_listed_by_the_feedback_service_are_purged_once() {
 
 #[tokio::test]
 async fn the_probe_tells_an_unreachable_gateway_from_a_reachable_one() {
-    use ringpush::apns::binary;
     let (app, tls) = client_app().await;
-    let client = |port: u16| binary::Client::new(binary::Settings::new(address(port)), tls.clone());
+    let client = |port: u16| client_to(port, &tls, |_| {});
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -185,16 +184,14 @@ async fn the_probe_tells_an_unreachable_gateway_from_a_reachable_one() {
 
 #[tokio::test]
 async fn a_burst_larger_than_one_write_goes_out_without_waiting_for_a_tick() {
-    use ringpush::apns::binary;
     let (app, tls) = client_app().await;
-    let address = address(app.mock.gateway_addr().unwrap().port());
     // 10 frames per write, and a quiet period (so a confirmation tick) of a minute: if the
     // 200 frames went out one write per tick, the gateway would see 10 of them for minutes.
-    let mut settings = binary::Settings::new(address);
-    settings.max_batch = 10;
-    settings.quiet = Duration::from_secs(60);
-    settings.request_timeout = Duration::from_secs(120);
-    let client = binary::Client::new(settings, tls);
+    let client = client_to(app.mock.gateway_addr().unwrap().port(), &tls, |s| {
+        s.max_batch = 10;
+        s.quiet = Duration::from_secs(60);
+        s.request_timeout = Duration::from_secs(120);
+    });
     let sends: Vec<_> = (0..200)
         .map(|_| {
             let client = client.clone();
@@ -232,8 +229,17 @@ async fn client_app() -> (App, std::sync::Arc<tokio_rustls::rustls::ClientConfig
     (app, tls)
 }
 
-fn address(port: u16) -> ringpush::apns::binary::Address {
-    ringpush::apns::binary::Address::parse(&format!("localhost:{port}")).unwrap()
+/// A binary client of the gateway at `localhost:port`, with the app's gateway TLS and the
+/// settings `edit` makes.
+fn client_to(
+    port: u16,
+    tls: &std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    edit: impl FnOnce(&mut binary::Settings),
+) -> binary::Client {
+    let address = binary::Address::parse(&format!("localhost:{port}")).unwrap();
+    let mut settings = binary::Settings::new(address);
+    edit(&mut settings);
+    binary::Client::new(settings, tls.clone())
 }
 
 fn padded_notification(pad: usize) -> ringpush::apns::request::Notification {
@@ -270,17 +276,15 @@ async fn accepted_within(
 /// reconnecting at once for every resend, and comes back when the gateway does.
 #[tokio::test]
 async fn a_gateway_that_drops_new_connections_is_not_hammered() {
-    use ringpush::apns::binary;
     use ringpush::apns::http2::SendError;
     let (app, tls) = client_app().await;
     let proxy = Proxy::start(app.mock.gateway_addr().unwrap()).await;
     proxy.set(Mode::PassFor(Duration::from_millis(50)));
-    let address = address(proxy.addr.port());
-    let mut settings = binary::Settings::new(address);
-    settings.backoff_min = Duration::from_millis(200);
-    settings.backoff_max = Duration::from_secs(1);
-    settings.quiet = Duration::from_secs(3);
-    let client = binary::Client::new(settings, tls);
+    let client = client_to(proxy.addr.port(), &tls, |s| {
+        s.backoff_min = Duration::from_millis(200);
+        s.backoff_max = Duration::from_secs(1);
+        s.quiet = Duration::from_secs(3);
+    });
     let before = app.mock.stats().connections;
     let started = std::time::Instant::now();
     let (mut backed_off, mut accepted) = (0, 0);
@@ -312,17 +316,15 @@ async fn a_gateway_that_drops_new_connections_is_not_hammered() {
 /// notification gets an answer and, once the way is clear, new ones are accepted.
 #[tokio::test]
 async fn a_gateway_that_stops_reading_does_not_wedge_the_client() {
-    use ringpush::apns::binary;
     let (app, tls) = client_app().await;
     let proxy = Proxy::start(app.mock.gateway_addr().unwrap()).await;
-    let address = address(proxy.addr.port());
-    let mut settings = binary::Settings::new(address);
-    settings.write_timeout = Duration::from_millis(500);
-    settings.connect_timeout = Duration::from_millis(500);
-    settings.request_timeout = Duration::from_secs(60);
-    settings.backoff_min = Duration::from_millis(50);
-    settings.backoff_max = Duration::from_millis(200);
-    let client = binary::Client::new(settings, tls);
+    let client = client_to(proxy.addr.port(), &tls, |s| {
+        s.write_timeout = Duration::from_millis(500);
+        s.connect_timeout = Duration::from_millis(500);
+        s.request_timeout = Duration::from_secs(60);
+        s.backoff_min = Duration::from_millis(50);
+        s.backoff_max = Duration::from_millis(200);
+    });
     accepted_within(&client, Duration::from_secs(30))
         .await
         .expect("the gateway takes notifications before it stalls");
@@ -369,13 +371,11 @@ async fn a_gateway_that_stops_reading_does_not_wedge_the_client() {
 /// it is lost, and the token is reported invalid (once), not retried as a lost connection.
 #[tokio::test]
 async fn an_error_packet_behind_a_failed_write_still_decides_every_frame() {
-    use ringpush::apns::binary;
     let (app, tls) = client_app().await;
-    let address = address(app.mock.gateway_addr().unwrap().port());
-    let mut settings = binary::Settings::new(address);
-    settings.max_batch = 100;
-    settings.request_timeout = Duration::from_secs(60);
-    let client = binary::Client::new(settings, tls);
+    let client = client_to(app.mock.gateway_addr().unwrap().port(), &tls, |s| {
+        s.max_batch = 100;
+        s.request_timeout = Duration::from_secs(60);
+    });
     let notifications: Vec<_> = (0..6_000).map(|_| padded_notification(1_500)).collect();
     let bad = notifications[40].token.clone();
     app.mock.script(
