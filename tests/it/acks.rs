@@ -46,6 +46,23 @@ async fn until(done: impl Fn() -> bool, what: &str) {
     .unwrap_or_else(|_| panic!("timed out: {what}"));
 }
 
+/// Runs a consuming session until `n` deliveries are acked (at most 30 s), then ends it
+/// and checks it ended cleanly.
+async fn until_acked(
+    consume: impl std::future::Future<Output = Result<(), broker::BrokerError>>,
+    acked: &AtomicU64,
+    n: usize,
+    cancel: &CancellationToken,
+    what: &str,
+) {
+    let watch = async {
+        until(|| acked.load(Ordering::SeqCst) >= n as u64, what).await;
+        cancel.cancel();
+    };
+    let (result, ()) = tokio::join!(consume, watch);
+    result.unwrap();
+}
+
 /// Messages the queue still holds once its consumers are gone (unacked ones are back).
 async fn held(connection: &lapin::Connection, queue: &str) -> u32 {
     let channel = connection.create_channel().await.unwrap();
@@ -93,16 +110,7 @@ async fn settled_runs_are_acked_with_one_frame_each() {
             }
         },
     );
-    let watch = async {
-        until(
-            || acked.load(Ordering::SeqCst) >= N as u64,
-            "every delivery acked",
-        )
-        .await;
-        cancel.cancel();
-    };
-    let (result, ()) = tokio::join!(consume, watch);
-    result.unwrap();
+    until_acked(consume, &acked, N, &cancel, "every delivery acked").await;
     let (batches, frames) = (
         batches.load(Ordering::SeqCst),
         acks_of_session.lock().unwrap().as_ref().unwrap().frames(),
@@ -221,16 +229,14 @@ async fn a_handler_that_panics_hands_its_unsettled_deliveries_back_at_once() {
             }
         },
     );
-    let watch = async {
-        until(
-            || acked.load(Ordering::SeqCst) >= N as u64,
-            "every delivery acked in the session the handler panicked in",
-        )
-        .await;
-        cancel.cancel();
-    };
-    let (result, ()) = tokio::join!(consume, watch);
-    result.unwrap();
+    until_acked(
+        consume,
+        &acked,
+        N,
+        &cancel,
+        "every delivery acked in the session the handler panicked in",
+    )
+    .await;
     let mut again = redelivered.lock().unwrap().clone();
     again.sort();
     assert_eq!(
