@@ -26,8 +26,6 @@ use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
-
-use crate::backoff::Reconnect;
 use tokio::sync::Mutex;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
@@ -37,6 +35,7 @@ use tracing::{debug, info, warn};
 use super::jwt::Signer;
 use super::request::{build_request, Endpoint, Notification};
 use super::{Answer, Environment, Reason, Rejection};
+use crate::backoff::Reconnect;
 
 /// How many times a never-processed request is resent before giving up (the request
 /// timeout bounds it too). A busy connection that goes away can send dozens of waiting
