@@ -103,6 +103,31 @@ pub struct Faults {
     pub error_rate: Option<ErrorRate>,
 }
 
+/// Answer the first `count` requests with one status and reason (e.g. 503
+/// ServiceUnavailable), then every later one normally: an APNs that fails for a while and
+/// recovers, with an exact number of failures. Set with [`Mock::fail_first`]; the count is
+/// over all connections of the HTTP/2 interface, from that call, in the order streams are
+/// decided: one is spent for each stream given the error (a stream refused, dropped by
+/// `close_after` or above a GOAWAY's last-stream-id spends none). It lives apart from
+/// [`Faults`], whose every field `ringpush mock-apns` sets by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailFirst {
+    pub count: u64,
+    pub status: u16,
+    pub reason: Reason,
+}
+
+impl FailFirst {
+    /// Spends one failure, if any are left: the status and reason to answer with.
+    fn take(&mut self) -> Option<(u16, Reason)> {
+        if self.count == 0 {
+            return None;
+        }
+        self.count -= 1;
+        Some((self.status, self.reason.clone()))
+    }
+}
+
 /// A share of requests answered with one status and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorRate {
@@ -207,6 +232,8 @@ impl Stats {
 struct State {
     settings: Settings,
     faults: Mutex<Faults>,
+    /// The failures [`FailFirst`] has left to answer.
+    fail_first: Mutex<Option<FailFirst>>,
     /// Requests being answered right now.
     in_flight: AtomicU64,
     pings: Arc<AtomicU64>,
@@ -300,6 +327,7 @@ impl Mock {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             faults: Mutex::new(settings.faults.clone()),
+            fail_first: Mutex::default(),
             settings: settings.clone(),
             in_flight: AtomicU64::new(0),
             pings: Arc::new(AtomicU64::new(0)),
@@ -438,6 +466,19 @@ impl Mock {
         *self.state.faults.lock().unwrap() = faults;
     }
 
+    /// Answers the next `fail.count` requests (all connections) with `fail`'s status and
+    /// reason, then every later one normally; `None` stops it. Replaces what was left of an
+    /// earlier call.
+    pub fn fail_first(&self, fail: Option<FailFirst>) {
+        *self.state.fail_first.lock().unwrap() = fail;
+    }
+
+    /// How many failures [`Mock::fail_first`] still has to answer.
+    pub fn fail_first_left(&self) -> u64 {
+        let left = self.state.fail_first.lock().unwrap();
+        left.as_ref().map_or(0, |f| f.count)
+    }
+
     pub fn stats(&self) -> Stats {
         let mut stats = self.state.stats.lock().unwrap().clone();
         stats.pings = self.state.pings.load(Ordering::Relaxed);
@@ -556,6 +597,15 @@ fn decide(state: &State, conn: &Conn, n: u64, id: u32, gone_away: &mut Option<u3
             debug: faults.goaway_debug.bytes(),
         });
         state.stats.lock().unwrap().goaways += 1;
+    }
+    if let Some((status, reason)) = state
+        .fail_first
+        .lock()
+        .unwrap()
+        .as_mut()
+        .and_then(FailFirst::take)
+    {
+        return Plan::Error(status, reason);
     }
     if let Some(rate) = &faults.error_rate {
         let mut b = [0u8; 2];
@@ -814,6 +864,19 @@ mod tests {
             issued_at: 0,
         };
         Some((token.into(), claims))
+    }
+
+    #[test]
+    fn fail_first_answers_exactly_its_count_with_its_error_then_nothing() {
+        let mut fail = FailFirst {
+            count: 3,
+            status: 503,
+            reason: Reason::ServiceUnavailable,
+        };
+        let taken: Vec<_> = std::iter::from_fn(|| fail.take()).take(10).collect();
+        assert_eq!(taken, vec![(503, Reason::ServiceUnavailable); 3]);
+        assert_eq!(fail.count, 0);
+        assert_eq!(fail.take(), None, "spent: every later request is processed");
     }
 
     #[test]
