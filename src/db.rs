@@ -15,19 +15,84 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
-/// The database cannot be reached or used.
+/// The database cannot be reached or used. Its text says what an operator can act on: the
+/// SQLSTATE, the server's message and, where the server names them, the table, column or
+/// constraint — never a bare `db error`.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("RINGPUSH_DATABASE_URL is not a PostgreSQL URL: {0}")]
+    #[error("RINGPUSH_DATABASE_URL is not a PostgreSQL URL: {}", describe(.0))]
     Url(tokio_postgres::Error),
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("PostgreSQL pool: {0}")]
+    #[error("PostgreSQL pool: {}", describe_pool(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("migration: {0}")]
     Migrate(#[from] refinery::Error),
     #[error("building the pool: {0}")]
     Build(#[from] deadpool_postgres::BuildError),
+}
+
+impl DbError {
+    /// The server's SQLSTATE, when the server answered with an error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        let e = match self {
+            DbError::Postgres(e) | DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => e,
+            _ => return None,
+        };
+        e.code().map(tokio_postgres::error::SqlState::code)
+    }
+
+    /// The statement failed because of the data it was given (SQLSTATE class 22, data
+    /// exception, or 23, integrity constraint violation): the same input fails every time,
+    /// so it is the input's fault, not the database's.
+    pub fn is_data_error(&self) -> bool {
+        self.sqlstate()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+    }
+
+    /// A relation, column or function the statement needs is missing, or the role may not
+    /// use it (SQLSTATE class 42): the schema is not migrated, or a grant is missing.
+    pub fn is_schema_error(&self) -> bool {
+        self.sqlstate().is_some_and(|c| c.starts_with("42"))
+    }
+}
+
+/// One line for a driver error: for a server error its SQLSTATE, message and what it names
+/// (`42P01 relation "push_tokens" does not exist`); otherwise the driver's text with its
+/// cause once (`error connecting to server: Connection refused (os error 111)`).
+fn describe(e: &tokio_postgres::Error) -> String {
+    use std::fmt::Write;
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}", db.code().code(), db.message());
+        for (what, value) in [
+            ("table", db.table()),
+            ("column", db.column()),
+            ("constraint", db.constraint()),
+        ] {
+            if let Some(value) = value {
+                let _ = write!(s, " ({what} {value})");
+            }
+        }
+        if let Some(detail) = db.detail() {
+            let _ = write!(s, "; {detail}");
+        }
+        if let Some(hint) = db.hint() {
+            let _ = write!(s, "; hint: {hint}");
+        }
+        return s;
+    }
+    let text = e.to_string();
+    match std::error::Error::source(e).map(ToString::to_string) {
+        Some(cause) if !text.contains(&cause) => format!("{text}: {cause}"),
+        _ => text,
+    }
+}
+
+fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => describe(e),
+        other => other.to_string(),
+    }
 }
 
 /// Opens a pool with every timeout set (deadpool's defaults wait forever).
@@ -106,7 +171,33 @@ ORDER BY g.id, t.token";
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The answer to one grouped lookup, shared by every batch it served.
-pub type Found = Arc<Result<HashMap<String, Gateway>, String>>;
+pub type Found = Arc<Result<HashMap<String, Gateway>, LookupError>>;
+
+/// Why a lookup found nothing, sorted by whose fault it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// The statement failed because of its input (SQLSTATE class 22/23): looking up the
+    /// same gateways fails every time. The ring's fault, found gateway by gateway.
+    #[error("{0}")]
+    Data(String),
+    /// No answer within the bound; the statement was cancelled on the server.
+    #[error("the lookup took longer than {0:?}")]
+    Timeout(Duration),
+    /// The database cannot be used: unreachable, a table or a grant missing, the schema not
+    /// migrated yet. The worker's trouble: rings wait.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<DbError> for LookupError {
+    fn from(e: DbError) -> Self {
+        if e.is_data_error() {
+            LookupError::Data(e.to_string())
+        } else {
+            LookupError::Unavailable(e.to_string())
+        }
+    }
+}
 
 /// Lookups of concurrent batches, grouped like a group commit: at most `max` queries run at
 /// once; batches that ask while they run wait, and the next query looks them all up
@@ -137,6 +228,11 @@ impl Lookups {
         })
     }
 
+    /// How many lookups run at once.
+    pub fn concurrency(&self) -> usize {
+        self.max
+    }
+
     /// Queries run so far.
     pub fn queries(&self) -> u64 {
         self.queries.load(std::sync::atomic::Ordering::Relaxed)
@@ -159,8 +255,11 @@ impl Lookups {
             let this = self.clone();
             tokio::spawn(async move { this.drain().await });
         }
-        rx.await
-            .unwrap_or_else(|_| Arc::new(Err("the grouped lookup was abandoned".into())))
+        rx.await.unwrap_or_else(|_| {
+            Arc::new(Err(LookupError::Unavailable(
+                "the grouped lookup was abandoned".into(),
+            )))
+        })
     }
 
     /// Runs grouped queries for the waiting batches until none wait, then frees the slot
@@ -194,6 +293,13 @@ impl Lookups {
         }
     }
 
+    /// One gateway's lookup on its own, not grouped with anyone else's (bounded and cancelled
+    /// like the grouped ones): how a grouped lookup that failed for its input finds the
+    /// gateway to blame.
+    pub async fn lookup_alone(&self, id: &str) -> Found {
+        self.query(&[id]).await
+    }
+
     async fn query(&self, ids: &[&str]) -> Found {
         self.queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -208,7 +314,7 @@ impl Lookups {
         )
         .await;
         let found = match found {
-            Ok(found) => found.map_err(|e| e.to_string()),
+            Ok(found) => found.map_err(LookupError::from),
             Err(_) => {
                 if let Some(token) = cancel {
                     tokio::spawn(async move {
@@ -220,7 +326,7 @@ impl Lookups {
                         }
                     });
                 }
-                Err(format!("the lookup took longer than {QUERY_TIMEOUT:?}"))
+                Err(LookupError::Timeout(QUERY_TIMEOUT))
             }
         };
         Arc::new(found)
@@ -360,6 +466,17 @@ pub async fn seed(
     }
     tx.commit().await?;
     Ok(true)
+}
+
+/// Checks that the token lookup can run: the lookup itself, for no gateway — it needs the
+/// same tables and privileges as a real one (a missing relation or grant fails it), and finds
+/// nothing. What a worker probes with before it consumes and while the database is failing.
+pub async fn probe_lookup(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    let statement = client.prepare_cached(LOOKUP).await?;
+    let none: &[&str] = &[];
+    client.query(&statement, &[&none]).await?;
+    Ok(())
 }
 
 /// Checks the database answers (a pooled connection and `SELECT 1`).
