@@ -56,6 +56,125 @@ pub enum BrokerError {
     ConfirmTimeout(String),
     #[error("the broker ended the consumer of {0}")]
     ConsumerEnded(String),
+    /// Publishing this would break an AMQP limit, and the broker would close the whole
+    /// connection (and every delivery in flight on it) instead of refusing one message.
+    #[error("not published to {target}: {what}")]
+    TooLarge { target: String, what: String },
+}
+
+/// A confirm-mode channel for publishes that stand in for an ack, with the connection's
+/// negotiated `frame_max`: what [`publish_checked`] measures a message against before it
+/// goes out.
+#[derive(Clone)]
+pub struct Publisher {
+    pub channel: Channel,
+    pub frame_max: u32,
+}
+
+impl std::ops::Deref for Publisher {
+    type Target = Channel;
+    fn deref(&self) -> &Channel {
+        &self.channel
+    }
+}
+
+/// Largest message body ringpush publishes. RabbitMQ refuses bodies over its
+/// `max_message_size` (128 MiB in 3.x, 16 MiB from 4.0) by closing the channel; staying far
+/// below it keeps any broker version's default out of reach.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// Bytes a content header frame adds around the properties: frame header (7), class id,
+/// weight and body size (12) and the frame end (1).
+const CONTENT_HEADER_OVERHEAD: usize = 20;
+
+/// Encoded size of `properties` in a content header frame (AMQP 0-9-1 §4.2.6.1): the flags
+/// word and each property present.
+pub fn properties_size(properties: &BasicProperties) -> usize {
+    let short = |s: &Option<ShortString>| s.as_ref().map_or(0, |s| 1 + s.as_str().len());
+    let mut size = 2;
+    size += short(properties.content_type());
+    size += short(properties.content_encoding());
+    size += properties.headers().as_ref().map_or(0, table_size);
+    size += properties.delivery_mode().map_or(0, |_| 1);
+    size += properties.priority().map_or(0, |_| 1);
+    size += short(properties.correlation_id());
+    size += short(properties.reply_to());
+    size += short(properties.expiration());
+    size += short(properties.message_id());
+    size += properties.timestamp().map_or(0, |_| 8);
+    size += short(properties.kind());
+    size += short(properties.user_id());
+    size += short(properties.app_id());
+    size += short(properties.cluster_id());
+    size
+}
+
+fn table_size(table: &FieldTable) -> usize {
+    4 + table
+        .inner()
+        .iter()
+        .map(|(k, v)| 1 + k.as_str().len() + value_size(v))
+        .sum::<usize>()
+}
+
+fn value_size(value: &AMQPValue) -> usize {
+    1 + match value {
+        AMQPValue::Void => 0,
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.len(),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_size).sum::<usize>(),
+        AMQPValue::FieldTable(t) => table_size(t),
+    }
+}
+
+/// Whether a message fits the limits the broker enforces by closing the connection or the
+/// channel: its content header in one frame of `frame_max`, its body under
+/// [`MAX_BODY_BYTES`]. Says which limit it breaks.
+pub fn check_fits(frame_max: u32, body: &[u8], properties: &BasicProperties) -> Result<(), String> {
+    let header = properties_size(properties) + CONTENT_HEADER_OVERHEAD;
+    if header > frame_max as usize {
+        return Err(format!(
+            "its properties need a {header}-byte content header, over the connection's frame_max of {frame_max} bytes"
+        ));
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(format!(
+            "its body of {} bytes is over the {MAX_BODY_BYTES}-byte limit",
+            body.len()
+        ));
+    }
+    Ok(())
+}
+
+/// [`publish_confirmed`] after [`check_fits`]: a message that would break a limit is not
+/// sent (the broker would close the connection, taking every delivery in flight with it);
+/// the caller gets [`BrokerError::TooLarge`] and decides (split it, or dead-letter it).
+pub async fn publish_checked(
+    publisher: &Publisher,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), BrokerError> {
+    let properties = properties.with_delivery_mode(2);
+    if let Err(what) = check_fits(publisher.frame_max, body, &properties) {
+        let target = if exchange.is_empty() {
+            routing_key
+        } else {
+            exchange
+        };
+        return Err(BrokerError::TooLarge {
+            target: target.to_owned(),
+            what,
+        });
+    }
+    publish_confirmed(&publisher.channel, exchange, routing_key, body, properties).await
 }
 
 /// The names of every exchange and queue, under one prefix.
@@ -288,7 +407,7 @@ pub fn with_header(properties: &BasicProperties, name: &str, value: AMQPValue) -
 /// Publishes a copy of `delivery` to `dead_queue` with the reason in `x-ringpush-error`,
 /// confirmed. The caller acks the original only after this returns `Ok`.
 pub async fn dead_letter(
-    publisher: &Channel,
+    publisher: &Publisher,
     dead_queue: &str,
     delivery: &Delivery,
     reason: &str,
@@ -303,20 +422,53 @@ pub async fn dead_letter(
     .await
 }
 
-/// [`dead_letter`] for a body and properties of the caller's choosing.
+/// Longest `x-ringpush-error`, in bytes: a reason is for a person to read, and it must never
+/// be what makes a dead letter too large to publish.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// [`dead_letter`] for a body and properties of the caller's choosing. The reason is cut to
+/// [`MAX_REASON_BYTES`]; if the message's own headers leave no room for it in a frame, they
+/// are dropped (the reason says so) rather than the dead letter being lost.
 pub async fn dead_letter_with(
-    publisher: &Channel,
+    publisher: &Publisher,
     dead_queue: &str,
     body: &[u8],
     properties: &BasicProperties,
     reason: &str,
 ) -> Result<(), BrokerError> {
-    let properties = with_header(
-        properties,
-        ERROR_HEADER,
-        AMQPValue::LongString(LongString::from(reason)),
-    );
-    publish_confirmed(publisher, "", dead_queue, body, properties).await
+    let reason = truncate(reason, MAX_REASON_BYTES);
+    let with_reason = |properties: &BasicProperties, reason: &str| {
+        with_header(
+            properties,
+            ERROR_HEADER,
+            AMQPValue::LongString(LongString::from(reason)),
+        )
+    };
+    let mut dead = with_reason(properties, reason);
+    if check_fits(
+        publisher.frame_max,
+        body,
+        &dead.clone().with_delivery_mode(2),
+    )
+    .is_err()
+    {
+        let stripped = properties.clone().with_headers(FieldTable::default());
+        let reason = format!("{reason} (the message's own headers were too large to keep)");
+        dead = with_reason(&stripped, &reason);
+    }
+    publish_checked(publisher, "", dead_queue, body, dead).await
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// The `x-ringpush-error` of a dead-lettered message, if any.
@@ -396,6 +548,26 @@ where
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
     let mut open = control.open.clone();
+    let dispatch = |batch: Vec<Delivery>| {
+        // A handler that panics must not strand its deliveries in flight.
+        let ackers: Vec<(u64, Acker)> = batch
+            .iter()
+            .map(|d| (d.delivery_tag, d.acker.clone()))
+            .collect();
+        let work = std::panic::AssertUnwindSafe(handle(acks.clone(), batch, abort.clone()));
+        let acks = acks.clone();
+        tracker.spawn(async move {
+            if work.catch_unwind().await.is_err() {
+                // Not at once: a message that fails every time would come straight back.
+                tokio::time::sleep(PANIC_HAND_BACK_DELAY).await;
+                let handed = acks.hand_back_in_flight(&ackers).await;
+                tracing::error!(
+                    deliveries = handed,
+                    "a batch handler panicked; its unsettled deliveries are handed back"
+                );
+            }
+        });
+    };
     let result = 'session: loop {
         // Paused: no consumer, so rings wait in the queue where operators see them.
         if let Some(open) = open.as_mut() {
@@ -446,37 +618,26 @@ where
                     _ => break,
                 }
             }
-            // A handler that panics must not strand its deliveries in flight.
-            let ackers: Vec<(u64, Acker)> = batch
-                .iter()
-                .map(|d| (d.delivery_tag, d.acker.clone()))
-                .collect();
-            let work = std::panic::AssertUnwindSafe(handle(acks.clone(), batch, abort.clone()));
-            let acks = acks.clone();
-            tracker.spawn(async move {
-                if work.catch_unwind().await.is_err() {
-                    // Not at once: a message that fails every time would come straight back.
-                    tokio::time::sleep(PANIC_HAND_BACK_DELAY).await;
-                    let handed = acks.hand_back_in_flight(&ackers).await;
-                    tracing::error!(
-                        deliveries = handed,
-                        "a batch handler panicked; its unsettled deliveries are handed back"
-                    );
-                }
-            });
+            dispatch(batch);
         };
         match stop {
             Err(e) => break 'session Err(e),
             Ok(stopping) => {
-                // Cancel the consumer; what it still hands over goes back to the queue.
+                // Cancel the consumer. What it still hands over is handled like any batch
+                // (not nacked: a requeue would count towards the delivery limit, and a
+                // worker that pauses often must not spend the rings' budget).
                 let _ = channel
                     .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                     .await;
+                let mut late = Vec::new();
                 while let Ok(Some(Ok(delivery))) =
                     tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
                 {
                     acks.received(&delivery);
-                    let _ = acks.nack(&delivery, requeue()).await;
+                    late.push(delivery);
+                }
+                if !late.is_empty() {
+                    dispatch(late);
                 }
                 if stopping {
                     tracing::info!(
@@ -546,7 +707,7 @@ impl Consumer<'_> {
     /// batch.
     pub async fn run<F, Fut>(&self, handle: F) -> anyhow::Result<()>
     where
-        F: Fn(Channel, Acks, Vec<Delivery>, CancellationToken) -> Fut,
+        F: Fn(Publisher, Acks, Vec<Delivery>, CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let name = format!("ringpush {} {}", self.process, self.names.prefix);
@@ -558,14 +719,17 @@ impl Consumer<'_> {
 
     async fn session<F, Fut>(&self, name: &str, handle: &F) -> Result<(), BrokerError>
     where
-        F: Fn(Channel, Acks, Vec<Delivery>, CancellationToken) -> Fut,
+        F: Fn(Publisher, Acks, Vec<Delivery>, CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         if let Some(sessions) = self.sessions {
             sessions.fetch_add(1, Ordering::Relaxed);
         }
         let connection = connect(self.amqp_url, name).await?;
-        let publisher = confirm_channel(&connection).await?;
+        let publisher = Publisher {
+            channel: confirm_channel(&connection).await?,
+            frame_max: connection.configuration().frame_max(),
+        };
         declare(&publisher, self.names).await?;
         self.connected.store(true, Ordering::Relaxed);
         let result = consume_batches(
@@ -621,5 +785,62 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_are_measured_as_amqp_encodes_them() {
+        assert_eq!(properties_size(&BasicProperties::default()), 2);
+        let p = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(1);
+        assert_eq!(properties_size(&p), 2 + (1 + 16) + 1 + 8);
+        let mut headers = FieldTable::default();
+        headers.insert("x".into(), string("abc"));
+        headers.insert("n".into(), AMQPValue::LongUInt(7));
+        headers.insert(
+            "a".into(),
+            AMQPValue::FieldArray(vec![string("ab"), AMQPValue::Boolean(true)].into()),
+        );
+        // table length + ("x": 1+1, LongString 1+4+3) + ("n": 1+1, 1+4)
+        //   + ("a": 1+1, array 1+4 + (1+4+2) + (1+1))
+        let table = 4 + (2 + 8) + (2 + 5) + (2 + 5 + 7 + 2);
+        assert_eq!(
+            properties_size(&BasicProperties::default().with_headers(headers)),
+            2 + table
+        );
+    }
+
+    #[test]
+    fn a_header_of_a_buildings_tokens_does_not_fit_a_default_frame() {
+        let tokens: Vec<AMQPValue> = (0..2_499).map(|i| string(&format!("{i:064x}"))).collect();
+        let p = with_header(
+            &BasicProperties::default(),
+            "x-ringpush-pending",
+            AMQPValue::FieldArray(tokens.into()),
+        );
+        let e = check_fits(131_072, b"{}", &p).unwrap_err();
+        assert!(
+            e.contains("over the connection's frame_max of 131072"),
+            "{e}"
+        );
+        assert!(check_fits(131_072, b"{}", &BasicProperties::default()).is_ok());
+        let body = vec![b' '; MAX_BODY_BYTES + 1];
+        assert!(check_fits(131_072, &body, &BasicProperties::default()).is_err());
+    }
+
+    #[test]
+    fn reasons_are_cut_on_a_character_boundary() {
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate("aé", 2), "a");
+        assert_eq!(
+            truncate(&"x".repeat(2000), MAX_REASON_BYTES).len(),
+            MAX_REASON_BYTES
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! - [`backoff`]: the jittered reconnect backoff every connection uses;
 //! - [`config`]: command-line flags and `RINGPUSH_*` variables, parsed once;
 //! - [`ring`]: ring event v1, parsed (never merely validated);
+//! - [`retry`]: the retry envelope a ring with pending tokens travels in;
 //! - [`token`]: device tokens;
 //! - [`broker`]: RabbitMQ topology, connections, confirmed publishes;
 //! - [`db`]: PostgreSQL pool, migrations, the batched token lookup;
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod mock;
 pub mod ops;
 pub mod purge;
+pub mod retry;
 pub mod ring;
 pub mod token;
 pub mod worker;
