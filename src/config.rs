@@ -498,6 +498,12 @@ pub struct WorkerArgs {
     /// Attempts before a ring that keeps failing goes to the dead queue.
     #[arg(long, env = "RINGPUSH_MAX_ATTEMPTS", default_value = "5", value_parser = positive::<u32>("RINGPUSH_MAX_ATTEMPTS"))]
     pub max_attempts: u32,
+    /// Most requests one ring has in flight at once (a building's ring shares the streams).
+    #[arg(long, env = "RINGPUSH_RING_CONCURRENCY", default_value = "256", value_parser = positive::<usize>("RINGPUSH_RING_CONCURRENCY"))]
+    pub ring_concurrency: usize,
+    /// Largest body of one retry envelope; a ring with more pending tokens is split.
+    #[arg(long, env = "RINGPUSH_RETRY_MAX_BYTES", default_value = "1048576", value_parser = positive::<usize>("RINGPUSH_RETRY_MAX_BYTES"))]
+    pub retry_max_bytes: usize,
     /// On SIGTERM, how long rings in flight may take before they are handed back.
     #[arg(long, env = "RINGPUSH_SHUTDOWN_GRACE", default_value = "25s", value_parser = duration("RINGPUSH_SHUTDOWN_GRACE"))]
     pub shutdown_grace: Duration,
@@ -532,6 +538,12 @@ impl WorkerArgs {
         if self.ring_ttl.is_zero() {
             return Err(config_error("RINGPUSH_RING_TTL", "must be more than zero"));
         }
+        if self.retry_max_bytes > crate::broker::MAX_BODY_BYTES {
+            return Err(config_error(
+                "RINGPUSH_RETRY_MAX_BYTES",
+                format!("must be at most {} bytes", crate::broker::MAX_BODY_BYTES),
+            ));
+        }
         Ok(worker::Settings {
             names: self.broker.names(),
             prefetch: self.prefetch,
@@ -544,8 +556,10 @@ impl WorkerArgs {
                 sound: self.alert_sound.clone(),
             },
             max_attempts: self.max_attempts,
-            probe_interval: Duration::from_millis(500),
+            ring_concurrency: self.ring_concurrency,
+            retry_max_bytes: self.retry_max_bytes,
             grace: self.shutdown_grace,
+            ..worker::Settings::new(self.broker.names())
         })
     }
 }

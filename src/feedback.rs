@@ -317,7 +317,12 @@ enum Step {
     Dead(String),
 }
 
-async fn handle_batch(ctx: &Context, publisher: &Channel, acks: &Acks, batch: Vec<Delivery>) {
+async fn handle_batch(
+    ctx: &Context,
+    publisher: &broker::Publisher,
+    acks: &Acks,
+    batch: Vec<Delivery>,
+) {
     let c = &ctx.counters;
     c.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
     // Parsed before the dedup map is locked: nothing that reads a message runs under the

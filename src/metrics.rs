@@ -258,6 +258,7 @@ impl Collector for WorkerCollector {
                 ("unknown_gateway", get(&c.rings_unknown_gateway)),
                 ("no_tokens", get(&c.rings_without_tokens)),
                 ("requeued", get(&c.rings_requeued)),
+                ("handed_back", get(&c.rings_handed_back)),
             ],
         )?;
         counters(
@@ -297,6 +298,12 @@ impl Collector for WorkerCollector {
             "consumption_pauses",
             "Times consumption paused (APNs or database unreachable).",
             get(&c.pauses),
+        )?;
+        counter(
+            &mut e,
+            "probes_failed",
+            "Probes of a paused dependency (the token lookup, an APNs connection) that failed.",
+            get(&c.probes_failed),
         )?;
         counter(
             &mut e,

@@ -10,7 +10,7 @@ use ringpush::apns::Reason;
 use ringpush::mock::{ErrorRate, Faults, Script};
 use ringpush::ring::RingEvent;
 use ringpush::token::DeviceToken;
-use ringpush::worker::{Counters, PENDING_HEADER};
+use ringpush::worker::Counters;
 
 use crate::proxy::Mode;
 use crate::support::{amqp_url, App, KEY_ID, TEAM_ID, TOPIC};
@@ -70,28 +70,24 @@ async fn settled(app: &App, rings: &[RingEvent], tokens: &[DeviceToken]) -> usiz
     duplicates
 }
 
-/// While a fault lasts: the worker pauses consumption and the rings wait in the queue, seen
-/// as depth. Waits (bounded) for both and at least until `until`, so that what the caller
-/// asserts next (nothing delivered, no retry spent) has had that long to go wrong; a slow
-/// machine only makes the wait longer.
+/// While a fault lasts: the worker pauses consumption; the rings it holds stay unacked in its
+/// hands (no hand-back spends their delivery budget) and the others wait in the queue. Waits
+/// (bounded) for the pause and at least until `until`, so that what the caller asserts next
+/// (nothing delivered, no retry spent) has had that long to go wrong; a slow machine only
+/// makes the wait longer.
 async fn paused_with_rings_waiting(app: &App, until: Instant) {
     app.wait_for("consumption to pause", || {
         Counters::get(&app.counters.pauses) >= 1
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while app.depth(&app.names.rings).await == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "rings wait in the queue, visible as depth"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
-    assert!(
-        app.depth(&app.names.rings).await > 0,
-        "rings still wait in the queue"
+    assert!(app.counters.ready().is_err(), "still paused");
+    assert_eq!(
+        Counters::get(&app.counters.rings_requeued),
+        0,
+        "nothing handed back while paused"
     );
+    assert!(app.drain_dead().await.is_empty(), "nothing dead-lettered");
 }
 
 #[tokio::test]
@@ -378,30 +374,22 @@ async fn an_undeliverable_ring_goes_dead_after_max_attempts_and_only_pending_tok
         ringpush::broker::error_header(&dead.properties).as_deref(),
         Some("gave up after 3 attempts: APNs 500 InternalServerError")
     );
-    let pending = match dead
-        .properties
-        .headers()
-        .as_ref()
+    let envelope = ringpush::retry::read(&dead.data)
         .unwrap()
-        .inner()
-        .get(PENDING_HEADER)
-    {
-        Some(lapin::types::AMQPValue::FieldArray(a)) => a
-            .as_slice()
-            .iter()
-            .map(|v| match v {
-                lapin::types::AMQPValue::LongString(s) => s.to_string(),
-                other => format!("{other:?}"),
-            })
-            .collect::<Vec<_>>(),
-        other => panic!("no pending tokens: {other:?}"),
-    };
+        .expect("the dead ring is a retry envelope");
     assert_eq!(
-        pending,
+        envelope.pending,
         [stuck.as_hex()],
         "the dead ring names the token it never reached"
     );
-    assert_eq!(dead.data, ring.to_json(), "the original ring is kept");
+    let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    assert_eq!(
+        json(&envelope.ring),
+        json(&ring.to_json()),
+        "the original ring is kept"
+    );
+    assert_eq!(envelope.attempt, 3);
+    assert_eq!(envelope.routing_key, format!("ring.{}", ring.gateway_id));
     app.stop().await;
 }
 
