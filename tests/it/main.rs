@@ -5,6 +5,7 @@
 mod acks;
 mod apns;
 mod binary;
+mod building;
 mod delivery;
 mod deploy;
 mod faults;
