@@ -9,6 +9,7 @@ mod building;
 mod delivery;
 mod deploy;
 mod faults;
+mod holding;
 mod metrics;
 mod migrate;
 mod proxy;

@@ -134,6 +134,9 @@ pub struct Options {
     /// Speak the legacy binary protocol (certificate auth) to the mock's gateway, and poll
     /// its feedback service.
     pub binary: bool,
+    /// Apply `migrations/` to the test's schema (false: the schema starts empty, as before
+    /// the deploy's `ringpush migrate` has run).
+    pub migrate: bool,
 }
 
 pub struct App {
@@ -181,7 +184,6 @@ impl App {
         let names = Names::new(&format!("t-{id}"));
         let queues = TestQueues(names.clone());
         let db = TestDb::new().await;
-        ringpush::db::migrate(&db.url).await.expect("migrate");
         let pool = ringpush::db::pool(&db.url, 4, Duration::from_secs(5)).unwrap();
         let dir = std::env::temp_dir().join(format!("ringpush-test-{id}"));
 
@@ -233,8 +235,12 @@ impl App {
             db_proxy: false,
             metrics: false,
             binary: false,
+            migrate: true,
         };
         edit(&mut options);
+        if options.migrate {
+            ringpush::db::migrate(&db.url).await.expect("migrate");
+        }
         if options.binary {
             let any = "127.0.0.1:0".parse().unwrap();
             options.mock.binary = Some((any, any));
