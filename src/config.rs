@@ -169,8 +169,8 @@ pub struct QueuesArgs {
     /// RabbitMQ's management API (`http://user:pass@host:15672`), for unacked counts.
     #[arg(long, env = "RINGPUSH_MANAGEMENT_URL")]
     pub management_url: Option<String>,
-    /// Seconds between refreshes with --watch.
-    #[arg(long, default_value = "2s", value_parser = duration("--interval"))]
+    /// Seconds between refreshes with --watch (`1`, `0.5`; a duration like `500ms` too).
+    #[arg(long, default_value = "2", value_parser = crate::ops::interval)]
     pub interval: Duration,
 }
 

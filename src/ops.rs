@@ -163,6 +163,22 @@ pub fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String {
     out
 }
 
+/// The value parser of `ringpush queues --interval`: seconds, as `--help` says (`1`, `0.5`),
+/// or a duration with its unit (`2s`, `500ms`); more than zero.
+pub fn interval(s: &str) -> Result<Duration, String> {
+    let parsed = match s.trim().parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs).map_err(|e| e.to_string()),
+        Err(_) => humantime::parse_duration(s.trim()).map_err(|e| e.to_string()),
+    };
+    match parsed {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("--interval: {s:?} must be more than zero")),
+        Err(e) => Err(format!(
+            "--interval: {s:?} is not seconds like 1 or 0.5, nor a duration like 2s or 500ms ({e})"
+        )),
+    }
+}
+
 /// `ringpush queues [--watch]`.
 pub async fn queues(args: QueuesArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let names = args.broker.names();
@@ -329,6 +345,38 @@ mod tests {
             table.contains("RINGPUSH_MANAGEMENT_URL"),
             "says how to see unacked"
         );
+    }
+
+    #[test]
+    fn the_interval_is_seconds_or_a_duration() {
+        assert_eq!(interval("1"), Ok(Duration::from_secs(1)));
+        assert_eq!(interval("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(interval("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(interval("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["0", "0s", "-1", "soon", "", "NaN", "inf"] {
+            let err = interval(bad).unwrap_err();
+            assert!(err.starts_with("--interval: "), "{bad:?}: {err}");
+        }
+        // As the command line takes it, and its default.
+        use clap::Parser as _;
+        let parse = |args: &[&str]| match crate::config::Cli::try_parse_from(args)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            crate::config::Command::Queues(q) => Ok(q.interval),
+            _ => Err("not queues".to_owned()),
+        };
+        let watch = ["ringpush", "queues", "--watch", "--interval"];
+        assert_eq!(
+            parse(&[&watch[..], &["1"]].concat()),
+            Ok(Duration::from_secs(1))
+        );
+        assert_eq!(
+            parse(&[&watch[..], &["2s"]].concat()),
+            Ok(Duration::from_secs(2))
+        );
+        assert_eq!(parse(&["ringpush", "queues"]), Ok(Duration::from_secs(2)));
+        assert!(parse(&[&watch[..], &["0"]].concat()).is_err());
     }
 
     #[test]

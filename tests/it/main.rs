@@ -14,4 +14,5 @@ mod metrics;
 mod migrate;
 mod proxy;
 mod purge;
+mod readme;
 mod support;

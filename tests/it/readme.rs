@@ -1,0 +1,476 @@
+//! README.md's operator instructions, run as written, so they cannot rot.
+//!
+//! Which blocks: a fenced block is tested when the line right before its opening fence is
+//! `<!-- tested: KIND -->` (an HTML comment, invisible on GitHub). The kinds:
+//!
+//! - `operator` (```sh): "Against the mock, as separate processes". Every such block, in the
+//!   order of the file, goes into one bash script (`set -eu` first, so a failing command
+//!   fails it) run in an empty temporary directory, in a process group of its own, with the
+//!   `ringpush` under test first on `PATH`. The variables the README says a reader may set
+//!   beforehand are set to a scratch world: `RINGPUSH_QUEUE_PREFIX=t-<hex>`,
+//!   `RINGPUSH_DATABASE_URL` naming a schema `t_<hex>`, and free ports in `MOCK_PORT`,
+//!   `WORKER_METRICS`, `FEEDBACK_METRICS`, `PURGE_METRICS`. The script starts the mock,
+//!   migrates, registers phones through `psql`, starts worker, feedback and purge in the
+//!   background and rings; the test then checks each process answers `/healthz`, the owner's
+//!   phone was pushed (the worker's `/metrics`) and the token the mock calls Unregistered is
+//!   gone from `push_tokens`.
+//! - `check` (```sh): run once the ring is through; its output must show what the README
+//!   says it shows.
+//! - `sql` (```sql): each statement is prepared in the migrated schema (tables, columns and
+//!   types must exist as written).
+//! - `dead-letters` (```sh): run after a malformed ring was dead-lettered, with the queue
+//!   names' `ringpush.` turned into the scratch prefix; it must show `x-ringpush-error`.
+//!
+//! At the end (also when the test fails) the process group is stopped (SIGTERM, then
+//! SIGKILL), the queues and the schema are removed and the directory deleted; on failure
+//! the script's output and every process's log are printed first.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::BasicProperties;
+use ringpush::broker::{self, Names};
+use ringpush::token::random_hex;
+
+use crate::support::{self, TestDb, TestQueues};
+
+const README: &str = include_str!("../../README.md");
+
+/// One tested block of README.md.
+#[derive(Debug, Clone)]
+struct Block {
+    kind: String,
+    lang: String,
+    body: String,
+    /// 1-based line of the opening fence.
+    line: usize,
+}
+
+/// The blocks marked `<!-- tested: KIND -->`, in the order of the file.
+fn tested_blocks(readme: &str) -> Vec<Block> {
+    let lines: Vec<&str> = readme.lines().collect();
+    let mut blocks = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let marker = lines[i]
+            .trim()
+            .strip_prefix("<!-- tested:")
+            .and_then(|m| m.strip_suffix("-->"));
+        let Some(kind) = marker else {
+            i += 1;
+            continue;
+        };
+        let fence = lines.get(i + 1).copied().unwrap_or_default();
+        let lang = fence.strip_prefix("```").unwrap_or_else(|| {
+            panic!(
+                "README.md:{}: the line after `<!-- tested:{kind}-->` must open a code block",
+                i + 1
+            )
+        });
+        let start = i + 2;
+        let end = (start..lines.len())
+            .find(|&j| lines[j].trim_end() == "```")
+            .unwrap_or_else(|| panic!("README.md:{}: the block never closes", i + 2));
+        blocks.push(Block {
+            kind: kind.trim().to_owned(),
+            lang: lang.trim().to_owned(),
+            body: lines[start..end].join("\n") + "\n",
+            line: i + 2,
+        });
+        i = end + 1;
+    }
+    blocks
+}
+
+fn of_kind<'a>(blocks: &'a [Block], kind: &str, lang: &str) -> Vec<&'a Block> {
+    let found: Vec<&Block> = blocks.iter().filter(|b| b.kind == kind).collect();
+    assert!(!found.is_empty(), "README.md has no `tested: {kind}` block");
+    for b in &found {
+        assert_eq!(
+            b.lang, lang,
+            "README.md:{}: a `{kind}` block is ```{lang}",
+            b.line
+        );
+    }
+    found
+}
+
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// The scratch world the snippets run in; stops their processes and removes everything when
+/// dropped.
+struct World {
+    dir: PathBuf,
+    prefix: String,
+    ports: [u16; 4],
+    /// The process group of the bash running the operator blocks.
+    group: Option<u32>,
+    names: Names,
+    // Dropped after the processes are stopped: queues, then the schema.
+    _queues: TestQueues,
+    db: TestDb,
+}
+
+impl World {
+    async fn new() -> Self {
+        let id = random_hex(6);
+        let prefix = format!("t-{id}");
+        let names = Names::new(&prefix);
+        let queues = TestQueues(names.clone());
+        let db = TestDb::new().await;
+        let dir = std::env::temp_dir().join(format!("ringpush-readme-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        eprintln!(
+            "README's world: queue prefix {prefix}, schema {}, directory {}",
+            db.schema,
+            dir.display()
+        );
+        Self {
+            dir,
+            prefix,
+            ports: free_ports::<4>(),
+            group: None,
+            names,
+            _queues: queues,
+            db,
+        }
+    }
+
+    fn metrics(&self, process: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[1 + process])
+    }
+
+    /// bash in the scratch directory with the scratch world in its environment.
+    fn bash(&self, script: &str) -> Command {
+        let path = self.dir.join(script);
+        let bin = Path::new(env!("CARGO_BIN_EXE_ringpush")).parent().unwrap();
+        let mut cmd = Command::new("bash");
+        cmd.arg(&path).current_dir(&self.dir).stdin(Stdio::null());
+        // Nothing of the caller's ringpush setup leaks in but where the broker is.
+        for (var, _) in std::env::vars() {
+            if var.starts_with("RINGPUSH_") && var != "RINGPUSH_AMQP_URL" {
+                cmd.env_remove(var);
+            }
+        }
+        cmd.env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("RINGPUSH_QUEUE_PREFIX", &self.prefix)
+        .env("RINGPUSH_DATABASE_URL", &self.db.url)
+        .env("MOCK_PORT", self.ports[0].to_string())
+        .env("WORKER_METRICS", self.metrics(0))
+        .env("FEEDBACK_METRICS", self.metrics(1))
+        .env("PURGE_METRICS", self.metrics(2));
+        cmd
+    }
+
+    fn write_script(&self, name: &str, blocks: &[&Block]) {
+        let mut script = String::from("set -eu\n");
+        for b in blocks {
+            script.push_str(&format!("# README.md:{}\n{}", b.line, b.body));
+        }
+        std::fs::write(self.dir.join(name), script).unwrap();
+    }
+
+    /// Runs a script to its end and returns its output; fails the test if it fails.
+    fn run(&self, name: &str, blocks: &[&Block]) -> String {
+        self.write_script(name, blocks);
+        let out = self.bash(name).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "README.md's block at line {} fails ({}):\n{stdout}\n{}",
+            blocks[0].line,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// Sends SIGTERM to the operator script's process group, waits for it to go (30 s), then
+    /// SIGKILL.
+    fn stop_group(&mut self) {
+        let Some(group) = self.group.take() else {
+            return;
+        };
+        let signal = |sig: &str| {
+            Command::new("kill")
+                .args([sig, "--", &format!("-{group}")])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !signal("-TERM") {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while signal("-0") {
+            if Instant::now() > deadline {
+                eprintln!("README processes still running 30 s after SIGTERM: SIGKILL");
+                signal("-KILL");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn dump_logs(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        files.sort();
+        for f in files {
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with(".log") || name.ends_with(".out") {
+                let text = std::fs::read_to_string(&f).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!("---- {name} (last {} lines)", tail.len());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop_group();
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// GET `path` on `addr`: (status, body); `None` while nothing answers.
+async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: readme\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let status = response.get(9..12)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// Waits up to 60 s for `check` to hold; fails the test with `what` otherwise.
+async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn tested_blocks_are_found_and_kept_apart() {
+    let readme = "x\n<!-- tested: operator -->\n```sh\na\nb\n```\n```sh\nnot tested\n```\n\
+                  <!-- tested: sql -->\n```sql\nSELECT 1;\n```\n";
+    let blocks = tested_blocks(readme);
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    assert_eq!(
+        (blocks[0].kind.as_str(), blocks[0].lang.as_str()),
+        ("operator", "sh")
+    );
+    assert_eq!((blocks[0].body.as_str(), blocks[0].line), ("a\nb\n", 3));
+    assert_eq!(
+        (blocks[1].kind.as_str(), blocks[1].body.as_str()),
+        ("sql", "SELECT 1;\n")
+    );
+}
+
+#[tokio::test]
+async fn the_operator_instructions_work_as_written() {
+    let blocks = tested_blocks(README);
+    let operator = of_kind(&blocks, "operator", "sh");
+    let check = of_kind(&blocks, "check", "sh");
+    let sql = of_kind(&blocks, "sql", "sql");
+    let dead_letters = of_kind(&blocks, "dead-letters", "sh");
+    let script: String = operator.iter().map(|b| b.body.as_str()).collect();
+    for needed in [
+        "ringpush mock-apns",
+        "ringpush migrate",
+        "psql",
+        "ringpush worker",
+        "ringpush feedback",
+        "ringpush purge",
+        "ringpush ring",
+    ] {
+        assert!(
+            script.contains(needed),
+            "the operator blocks no longer run `{needed}`"
+        );
+    }
+    let stale = script
+        .split_whitespace()
+        .skip_while(|w| *w != "--unregistered")
+        .nth(1)
+        .expect("the mock is started with --unregistered <token>")
+        .to_owned();
+
+    let mut world = World::new().await;
+
+    // The operator blocks, in a process group of their own (its background processes stay
+    // in it after bash exits).
+    world.write_script("operator.sh", &operator);
+    let out = std::fs::File::create(world.dir.join("operator.out")).unwrap();
+    let child = {
+        use std::os::unix::process::CommandExt;
+        world
+            .bash("operator.sh")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    world.group = Some(child.id());
+    let mut child = child;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "README's operator blocks did not finish within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "README's operator blocks fail: {status}");
+
+    // Every process it left running answers on its own metrics port.
+    for (i, process) in ["worker", "feedback", "purge"].iter().enumerate() {
+        let addr = world.metrics(i);
+        wait_for(&format!("{process} answering /healthz on {addr}"), || {
+            let addr = addr.clone();
+            async move { matches!(get(&addr, "/healthz").await, Some((200, _))) }
+        })
+        .await;
+    }
+
+    // The ring reached the owner's phone through the mock; the sharee's phone was rejected.
+    let worker = world.metrics(0);
+    wait_for(
+        "the worker's ringpush_notifications_total: 1 accepted, 1 rejected",
+        || {
+            let worker = worker.clone();
+            async move {
+                let Some((_, body)) = get(&worker, "/metrics").await else {
+                    return false;
+                };
+                body.lines()
+                    .any(|l| l == r#"ringpush_notifications_total{outcome="accepted"} 1"#)
+                    && body
+                        .lines()
+                        .any(|l| l == r#"ringpush_notifications_total{outcome="rejected"} 1"#)
+            }
+        },
+    )
+    .await;
+
+    // The stale token was purged from the scratch schema; the other one is kept.
+    let pool = ringpush::db::pool(&world.db.url, 2, Duration::from_secs(5)).unwrap();
+    let tokens = || async {
+        let client = pool.get().await.unwrap();
+        client
+            .query("SELECT token FROM push_tokens ORDER BY token", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        &format!("token {stale} purged from push_tokens"),
+        || async { !tokens().await.contains(&stale) },
+    )
+    .await;
+    assert_eq!(tokens().await.len(), 1, "the owner's token is kept");
+
+    // What README says its check shows.
+    let shown = world.run("check.sh", &check);
+    for expected in [
+        r#"ringpush_notifications_total{outcome="accepted"} 1"#,
+        r#"ringpush_tokens_total{outcome="purged"} 1"#,
+        "(1 row)",
+    ] {
+        assert!(
+            shown.contains(expected),
+            "README's check does not show {expected}:\n{shown}"
+        );
+    }
+
+    // The registration statements fit the migrated schema.
+    let client = pool.get().await.unwrap();
+    for block in &sql {
+        for statement in block.body.split(';').filter(|s| !s.trim().is_empty()) {
+            client.prepare(statement).await.unwrap_or_else(|e| {
+                panic!(
+                    "README.md:{}: {statement:?} does not fit the schema: {e}",
+                    block.line
+                )
+            });
+        }
+    }
+
+    // A malformed ring is dead-lettered; README's command shows why.
+    let connection = broker::connect(&support::amqp_url(), "ringpush readme test")
+        .await
+        .unwrap();
+    let channel = broker::confirm_channel(&connection).await.unwrap();
+    let props = BasicProperties::default().with_content_type("application/json".into());
+    broker::publish_confirmed(
+        &channel,
+        &world.names.rings,
+        "ring.gw-1",
+        br#"{"v":1,"event_id":"readme","pressed_at":"2026-11-28T09:15:02.120Z"}"#,
+        props,
+    )
+    .await
+    .unwrap();
+    let dead = world.names.dead.clone();
+    wait_for("the malformed ring in the dead queue", || {
+        let (channel, dead) = (&channel, &dead);
+        async move { support::depth(channel, dead).await == 1 }
+    })
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+    let renamed: Vec<Block> = dead_letters
+        .iter()
+        .map(|b| Block {
+            body: b.body.replace("ringpush.", &format!("{}.", world.prefix)),
+            ..(*b).clone()
+        })
+        .collect();
+    let shown = world.run("dead-letters.sh", &renamed.iter().collect::<Vec<_>>());
+    assert!(
+        shown.contains("x-ringpush-error") && shown.contains("gateway_id"),
+        "README's dead-letter command does not show x-ringpush-error:\n{shown}"
+    );
+
+    // The processes stop cleanly on SIGTERM (the Drop does the same on failure).
+    world.stop_group();
+}
