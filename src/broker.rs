@@ -45,11 +45,12 @@ pub const RETRY_DELAYS: [Duration; 5] = [
     Duration::from_secs(16),
 ];
 
-/// The broker failed or refused.
+/// The broker failed or refused. Its text holds the cause once (no `source` chain to
+/// repeat it when printed with `{:#}`).
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
+    Amqp(lapin::Error),
     #[error("RabbitMQ did not confirm the publish to {0}")]
     NotConfirmed(String),
     #[error("RabbitMQ did not confirm the publish to {0} within {CONFIRM_TIMEOUT:?}")]
@@ -60,6 +61,32 @@ pub enum BrokerError {
     /// connection (and every delivery in flight on it) instead of refusing one message.
     #[error("not published to {target}: {what}")]
     TooLarge { target: String, what: String },
+}
+
+impl From<lapin::Error> for BrokerError {
+    fn from(e: lapin::Error) -> Self {
+        BrokerError::Amqp(e)
+    }
+}
+
+/// An AMQP URL (or a comma-separated list of them) fit for logs: the password replaced by
+/// `***`.
+pub fn redact(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &u[scheme + 3..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        format!("{}{}:***{}", &u[..scheme + 3], &userinfo[..colon], &u[at..])
+                    }
+                    None => u.to_owned(),
+                }
+            }
+            _ => u.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A confirm-mode channel for publishes that stand in for an ack, with the connection's
@@ -711,7 +738,7 @@ impl Consumer<'_> {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let name = format!("ringpush {} {}", self.process, self.names.prefix);
-        serve(self.process, &self.control.cancel, || {
+        serve(self.process, self.amqp_url, &self.control.cancel, || {
             self.session(&name, &handle)
         })
         .await
@@ -751,9 +778,11 @@ impl Consumer<'_> {
 }
 
 /// Runs `session` (connect, declare, consume) until it ends because `cancel` fired;
-/// when the broker connection is lost it reconnects with jittered exponential backoff.
+/// when the broker connection is lost it reconnects with jittered exponential backoff,
+/// logging where it tried (`amqp_url`, password hidden) and the real wait.
 pub async fn serve<S, Fut>(
     what: &str,
+    amqp_url: &str,
     cancel: &CancellationToken,
     mut session: S,
 ) -> anyhow::Result<()>
@@ -778,7 +807,13 @@ where
                     Duration::from_secs(30),
                     failures,
                 );
-                tracing::error!(process = what, error = %e, retry_in = ?wait, "broker connection lost; reconnecting");
+                let broker = redact(amqp_url);
+                let retry_in_ms = wait.as_millis() as u64;
+                if failures == 1 && started.elapsed() < Duration::from_secs(1) {
+                    tracing::error!(process = what, %broker, error = %e, retry_in_ms, hint = "is RabbitMQ running there? Locally: rabbitmq-server -detached", "cannot connect to the broker; retrying");
+                } else {
+                    tracing::error!(process = what, %broker, error = %e, retry_in_ms, "broker connection lost; reconnecting");
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(wait) => {}
@@ -832,6 +867,19 @@ mod tests {
         assert!(check_fits(131_072, b"{}", &BasicProperties::default()).is_ok());
         let body = vec![b' '; MAX_BODY_BYTES + 1];
         assert!(check_fits(131_072, &body, &BasicProperties::default()).is_err());
+    }
+
+    #[test]
+    fn urls_in_logs_hide_the_password() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact("amqp://a:p@h1:5672,amqp://b:q@h2"),
+            "amqp://a:***@h1:5672,amqp://b:***@h2"
+        );
+        assert_eq!(redact("amqp://h/%2f"), "amqp://h/%2f");
     }
 
     #[test]

@@ -23,13 +23,55 @@ pub enum DbError {
     #[error("RINGPUSH_DATABASE_URL is not a PostgreSQL URL: {}", describe(.0))]
     Url(tokio_postgres::Error),
     #[error("PostgreSQL: {}", describe(.0))]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(tokio_postgres::Error),
     #[error("PostgreSQL pool: {}", describe_pool(.0))]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(deadpool_postgres::PoolError),
     #[error("migration: {0}")]
-    Migrate(#[from] refinery::Error),
+    Migrate(refinery::Error),
     #[error("building the pool: {0}")]
     Build(#[from] deadpool_postgres::BuildError),
+}
+
+// By hand, not `#[from]`: the text already holds the cause once, and a `source` chain would
+// print it again (`{:#}`).
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::Postgres(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        DbError::Pool(e)
+    }
+}
+
+impl From<refinery::Error> for DbError {
+    fn from(e: refinery::Error) -> Self {
+        DbError::Migrate(e)
+    }
+}
+
+/// Where a PostgreSQL URL points, fit for logs: hosts, ports and database, no credentials.
+pub fn target(url: &str) -> String {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "(not a PostgreSQL URL)".into();
+    };
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            };
+            let port = config.get_ports().get(i).or(config.get_ports().first());
+            format!("{host}:{}", port.copied().unwrap_or(5432))
+        })
+        .collect();
+    format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""))
 }
 
 impl DbError {

@@ -1,6 +1,7 @@
 //! The `ringpush` binary: parse configuration, start telemetry, run one command until it
 //! ends or a signal asks it to stop. Everything else lives in the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -18,13 +19,19 @@ async fn main() -> ExitCode {
     // it is closing at the end as an error, which is noise there).
     let default_level = match cli.command {
         Command::Demo(_) | Command::Bench(_) => "error,lapin=off",
-        Command::Queues(_) | Command::Who(_) => "error",
-        _ => "info",
+        // A queue not declared yet is a line in the table, not lapin's channel-close error.
+        Command::Queues(_) | Command::Who(_) => "error,lapin=off",
+        // rustls warns when a peer closes without close_notify (ordinary for servers that
+        // just drop idle connections), and tokio-postgres logs every server NOTICE (each
+        // `migrate` run's "already exists, skipping") at info: noise for an operator.
+        _ => "info,rustls=error,tokio_postgres=warn",
     };
     let filter =
         EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Colour only for a person at a terminal, never into a file or a pipe.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if cli.log_format == "json" {
         logs.json().init();
@@ -56,6 +63,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             let settings = args.settings()?;
             let apns = args.apns.client()?;
             let pool = args.database.pool()?;
+            preflight(&pool, &args.database.database_url).await;
             let counters = Arc::new(worker::Counters::default());
             let mut registry = metrics::registry();
             metrics::register_worker(&mut registry, &counters, &apns);
@@ -81,6 +89,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         Command::Purge(args) => {
             let pool = args.database.pool()?;
+            preflight(&pool, &args.database.database_url).await;
             let counters = Arc::new(purge::Counters::default());
             let mut registry = metrics::registry();
             registry.register_collector(Box::new(metrics::PurgeCollector(counters.clone())));
@@ -135,6 +144,25 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             print!("{}", ops::seed(args).await?);
             Ok(())
         }
+    }
+}
+
+/// Says at start where the database is, and — when it cannot be reached, or the schema is not
+/// there — what to do about it. The process goes on either way (it waits and retries).
+async fn preflight(pool: &deadpool_postgres::Pool, url: &str) {
+    let database = db::target(url);
+    match db::probe_lookup(pool).await {
+        Ok(()) => tracing::info!(%database, "PostgreSQL answers; the token lookup runs"),
+        Err(e) if e.is_schema_error() => tracing::warn!(
+            %database, error = %e,
+            hint = "run `ringpush migrate` against this database; waiting for the schema",
+            "the schema is not there (yet)"
+        ),
+        Err(e) => tracing::error!(
+            %database, error = %e,
+            hint = "is PostgreSQL running there? Locally: pg_ctlcluster --skip-systemctl-redirect <version> main start",
+            "cannot use PostgreSQL; waiting for it"
+        ),
     }
 }
 

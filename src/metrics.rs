@@ -464,6 +464,22 @@ impl QueueDepth {
                     connection = broker::connect(&amqp_url, "ringpush queue depth")
                         .await
                         .ok();
+                    // The process declares the topology too, but maybe not yet: a passive
+                    // declare of a queue not there yet closes its channel (and lapin logs
+                    // that as an error). Declaring is idempotent, with the same arguments.
+                    if let Some(conn) = &connection {
+                        let declared = match conn.create_channel().await {
+                            Ok(channel) => {
+                                let done = broker::declare(&channel, &names).await.is_ok();
+                                let _ = channel.close(200, "declared".into()).await;
+                                done
+                            }
+                            Err(_) => false,
+                        };
+                        if !declared {
+                            connection = None;
+                        }
+                    }
                 }
                 if let Some(conn) = &connection {
                     if let Err(e) = self.poll(conn, &names).await {

@@ -111,7 +111,7 @@ impl Settings {
             alert: AlertTemplate::default(),
             max_attempts: 5,
             probe_interval: Duration::from_millis(250),
-            probe_cap: Duration::from_secs(2),
+            probe_cap: Duration::from_secs(1),
             ring_concurrency: 256,
             retry_max_bytes: 1 << 20,
             grace: Duration::from_secs(25),

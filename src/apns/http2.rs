@@ -148,6 +148,9 @@ struct Pool {
 /// One persistent connection, opened on first use and replaced when it fails.
 struct Slot {
     gauges: Arc<Gauges>,
+    /// When a connection to this endpoint last logged that it cannot connect (ms since the
+    /// epoch), shared by the endpoint's connections: one line per endpoint per attempt.
+    warned: Arc<AtomicU64>,
     endpoint: Endpoint,
     tls: TlsConnector,
     settings: Arc<Settings>,
@@ -158,6 +161,9 @@ struct SlotState {
     live: Option<Live>,
     /// When the next connection may be opened.
     reconnect: Reconnect,
+    /// The last connect failed before a TCP connection was up (refused, unreachable, timed
+    /// out): the endpoint is down, and a TCP connect alone tells when it is back.
+    tcp_down: bool,
 }
 
 /// A live HTTP/2 connection.
@@ -218,22 +224,30 @@ impl Client {
     pub fn new(settings: Settings, tls: Arc<ClientConfig>, signer: Option<Arc<Signer>>) -> Self {
         let settings = Arc::new(settings);
         let gauges = Arc::new(Gauges::default());
-        let pool = |endpoint: &Endpoint| Pool {
-            slots: (0..settings.connections.max(1))
-                .map(|_| {
-                    Arc::new(Slot {
-                        gauges: gauges.clone(),
-                        endpoint: endpoint.clone(),
-                        tls: TlsConnector::from(tls.clone()),
-                        settings: settings.clone(),
-                        state: Mutex::new(SlotState {
-                            live: None,
-                            reconnect: Reconnect::new(settings.backoff_min, settings.backoff_max),
-                        }),
+        let pool = |endpoint: &Endpoint| {
+            let warned = Arc::new(AtomicU64::new(0));
+            Pool {
+                slots: (0..settings.connections.max(1))
+                    .map(|_| {
+                        Arc::new(Slot {
+                            gauges: gauges.clone(),
+                            warned: warned.clone(),
+                            endpoint: endpoint.clone(),
+                            tls: TlsConnector::from(tls.clone()),
+                            settings: settings.clone(),
+                            state: Mutex::new(SlotState {
+                                live: None,
+                                reconnect: Reconnect::new(
+                                    settings.backoff_min,
+                                    settings.backoff_max,
+                                ),
+                                tcp_down: false,
+                            }),
+                        })
                     })
-                })
-                .collect(),
-            next: AtomicUsize::new(0),
+                    .collect(),
+                next: AtomicUsize::new(0),
+            }
         };
         Self {
             inner: Arc::new(Inner {
@@ -271,8 +285,13 @@ impl Client {
         }
     }
 
-    /// Makes sure a connection to `env`'s endpoint is up (opening one if the backoff allows):
-    /// how a worker that found APNs unreachable learns it is back.
+    /// Makes sure a connection to `env`'s endpoint is up — TLS and the HTTP/2 handshake
+    /// done — opening one if the backoff allows: how a worker that found APNs unreachable
+    /// learns it is back. Cheap to call often: while every connection waits out its backoff
+    /// after the endpoint stopped accepting TCP connections, it only tries a TCP connect
+    /// (no TLS), and when that succeeds the endpoint is back: one connection skips the rest
+    /// of its backoff. Full reconnects to an endpoint that accepts TCP but fails later (TLS,
+    /// HTTP/2) keep their backoff.
     pub async fn probe(&self, env: Environment) -> Result<(), SendError> {
         let pool = match env {
             Environment::Production => &self.inner.production,
@@ -285,7 +304,23 @@ impl Client {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.expect("a pool has at least one connection"))
+        let last = last.expect("a pool has at least one connection");
+        let slot = &pool.slots[0];
+        if matches!(last, SendError::Backoff { .. }) && slot.state.lock().await.tcp_down {
+            let endpoint = &slot.endpoint;
+            let timeout = slot.settings.connect_timeout.min(Duration::from_secs(2));
+            let tcp = tokio::time::timeout(
+                timeout,
+                TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
+            )
+            .await;
+            if matches!(tcp, Ok(Ok(_))) {
+                info!(endpoint = %endpoint.base, "APNs accepts TCP connections again; reconnecting now");
+                slot.state.lock().await.reconnect.connected();
+                return slot.live().await.map(|_| ());
+            }
+        }
+        Err(last)
     }
 
     async fn send_on(&self, pool: &Pool, n: &Notification) -> Result<Answer, SendError> {
@@ -370,7 +405,7 @@ impl Slot {
             );
             let why = "the connection ended before answering anything";
             if let Some(wait) = state.reconnect.ended(proved, used, why) {
-                warn!(endpoint = %self.endpoint.base, failures = state.reconnect.failures(), retry_in = ?wait, "APNs connections keep ending before answering; backing off");
+                warn!(endpoint = %self.endpoint.base, failures = state.reconnect.failures(), backoff_ms = wait.as_millis() as u64, "APNs connections keep ending before answering; backing off");
             }
         }
         if let Err((wait, reason)) = state.reconnect.check() {
@@ -381,19 +416,27 @@ impl Slot {
             });
         }
         let timeout = self.settings.connect_timeout;
-        let connected = match tokio::time::timeout(timeout, self.connect()).await {
+        let tcp_up = AtomicBool::new(false);
+        let connected = match tokio::time::timeout(timeout, self.connect(&tcp_up)).await {
             Ok(result) => result,
             Err(_) => Err(format!("timed out after {timeout:?}")),
         };
         match connected {
             Ok(live) => {
                 state.reconnect.connected();
+                state.tcp_down = false;
                 state.live = Some(live.clone());
                 Ok(live)
             }
             Err(reason) => {
                 let wait = state.reconnect.connect_failed(&reason);
-                warn!(endpoint = %self.endpoint.base, error = %reason, failures = state.reconnect.failures(), retry_in = ?wait, "cannot connect to APNs");
+                state.tcp_down = !tcp_up.load(Ordering::Relaxed);
+                let now = now_ms();
+                if now.saturating_sub(self.warned.swap(now, Ordering::Relaxed)) >= 1000 {
+                    // The next full try waits the backoff, or — when the endpoint refused TCP —
+                    // until a probe finds it accepting again, whichever comes first.
+                    warn!(endpoint = %self.endpoint.base, error = %reason, failures = state.reconnect.failures(), backoff_ms = wait.as_millis() as u64, "cannot connect to APNs");
+                }
                 Err(SendError::Connect {
                     endpoint: self.endpoint.base.clone(),
                     reason,
@@ -402,11 +445,14 @@ impl Slot {
         }
     }
 
-    async fn connect(&self) -> Result<Live, String> {
+    /// Opens a connection; `tcp_up` is set once the TCP connection is there (what failed
+    /// after it was TLS or HTTP/2).
+    async fn connect(&self, tcp_up: &AtomicBool) -> Result<Live, String> {
         let endpoint = &self.endpoint;
         let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
             .await
             .map_err(|e| e.to_string())?;
+        tcp_up.store(true, Ordering::Relaxed);
         tcp.set_nodelay(true).map_err(|e| e.to_string())?;
         let name = ServerName::try_from(endpoint.host.clone()).map_err(|e| e.to_string())?;
         let tls = self

@@ -15,4 +15,5 @@ mod migrate;
 mod proxy;
 mod purge;
 mod readme;
+mod recovery;
 mod support;

@@ -19,11 +19,16 @@ pub enum Mode {
     /// Forward, then drop the connection after this long: a peer that accepts and then
     /// falls over.
     PassFor(std::time::Duration),
+    /// Not listening at all: connections are refused at the TCP level (an endpoint that is
+    /// down); setting another mode listens on the same port again. Open connections are cut.
+    Down,
 }
 
 pub struct Proxy {
     pub addr: SocketAddr,
     mode: Arc<Mutex<Mode>>,
+    /// Wakes the accept loop when the mode changes (to stop or start listening).
+    changed: Arc<tokio::sync::Notify>,
     /// One token per live connection: cancelling it drops both sockets.
     live: Arc<Mutex<Vec<CancellationToken>>>,
     /// While true, open connections forward nothing (and stay open).
@@ -39,18 +44,41 @@ impl Drop for Proxy {
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let mut listener = Some(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let addr = listener.as_ref().unwrap().local_addr().unwrap();
         let mode = Arc::new(Mutex::new(Mode::Pass));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let c = changed.clone();
         let live: Arc<Mutex<Vec<CancellationToken>>> = Arc::default();
         let stop = CancellationToken::new();
         let (frozen, _) = tokio::sync::watch::channel(false);
         let (m, l, s, f) = (mode.clone(), live.clone(), stop.clone(), frozen.clone());
         tokio::spawn(async move {
             loop {
+                let down = *m.lock().unwrap() == Mode::Down;
+                if down {
+                    listener = None;
+                } else if listener.is_none() {
+                    // The port was ours a moment ago; retry while the OS frees it.
+                    loop {
+                        match TcpListener::bind(addr).await {
+                            Ok(l) => break listener = Some(l),
+                            Err(_) => {
+                                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                            }
+                        }
+                    }
+                }
+                let accept = async {
+                    match &listener {
+                        Some(l) => l.accept().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let (mut client, _) = tokio::select! {
                     _ = s.cancelled() => return,
-                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                    _ = c.notified() => continue,
+                    accepted = accept => match accepted { Ok(a) => a, Err(_) => continue },
                 };
                 let mode = *m.lock().unwrap();
                 let token = s.child_token();
@@ -58,7 +86,7 @@ impl Proxy {
                 let mut frozen = f.subscribe();
                 tokio::spawn(async move {
                     match mode {
-                        Mode::Refuse => drop(client),
+                        Mode::Refuse | Mode::Down => drop(client),
                         Mode::Stall => token.cancelled().await,
                         Mode::Pass | Mode::PassFor(_) => {
                             let Ok(mut upstream) = TcpStream::connect(target).await else {
@@ -86,6 +114,7 @@ impl Proxy {
         Self {
             addr,
             mode,
+            changed,
             live,
             frozen,
             stop,
@@ -94,6 +123,10 @@ impl Proxy {
 
     pub fn set(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
+        self.changed.notify_one();
+        if mode == Mode::Down {
+            self.cut();
+        }
     }
 
     /// Open connections stop forwarding, without closing: a peer that no longer answers.
