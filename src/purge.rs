@@ -3,6 +3,13 @@
 //!
 //! Acks follow the commit; a purger that dies between the two gets the batch again and
 //! deletes nothing more (the statement is idempotent).
+//!
+//! A batch whose DELETE fails because of its data (SQLSTATE class 22 or 23) is tried again
+//! request by request: a request the database refuses on its own goes to the dead queue with
+//! the database's reason in `x-ringpush-error`, and the others are purged. (The purge queue
+//! has no delivery limit: handed back, such a request would fail its batch forever, and the
+//! valid requests beside it with it.) Any other failure hands the batch back after
+//! `db_retry_delay`.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,11 +18,10 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use lapin::message::Delivery;
-use lapin::Channel;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::broker::{self, Acks, Names};
+use crate::broker::{self, Acks, Names, Publisher};
 use crate::db::DbError;
 use crate::feedback::PurgeRequest;
 use crate::ring::format_rfc3339;
@@ -40,6 +46,7 @@ pub struct Counters {
     pub purged: AtomicU64,
     /// Tokens kept: registered again after they were reported, or already gone.
     pub kept: AtomicU64,
+    /// Requests sent to the dead queue: malformed, or refused by the database on their own.
     pub dead_lettered: AtomicU64,
     /// Requests acked after their batch committed (or was dead-lettered).
     pub acked: AtomicU64,
@@ -127,7 +134,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn handle_batch(ctx: &Context, publisher: &Channel, acks: &Acks, batch: Vec<Delivery>) {
+async fn handle_batch(ctx: &Context, publisher: &Publisher, acks: &Acks, batch: Vec<Delivery>) {
     let c = &ctx.counters;
     c.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
     let mut requests = Vec::with_capacity(batch.len());
@@ -141,33 +148,16 @@ async fn handle_batch(ctx: &Context, publisher: &Channel, acks: &Acks, batch: Ve
             Err(e) => {
                 let reason = e.to_string();
                 warn!(reason, "malformed purge request goes to the dead queue");
-                match broker::dead_letter(
-                    publisher,
-                    &ctx.settings.names.purge_dead,
-                    delivery,
-                    &reason,
-                )
-                .await
-                {
-                    Ok(()) => {
-                        c.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                        acks.ack(delivery);
-                    }
-                    Err(e) => {
-                        error!(error = %e, "cannot dead-letter; handing the request back");
-                        requeue(acks, delivery).await;
-                    }
-                }
+                dead_letter(ctx, publisher, acks, delivery, &reason).await;
             }
         }
     }
     if requests.is_empty() {
         return;
     }
-    match delete_batch(&ctx.pool, &requests).await {
+    let e = match delete_batch(&ctx.pool, &requests).await {
         Ok(done) => {
-            c.purged.fetch_add(done.purged, Ordering::Relaxed);
-            c.kept.fetch_add(done.kept, Ordering::Relaxed);
+            count(c, done);
             info!(
                 requests = requests.len(),
                 purged = done.purged,
@@ -177,14 +167,144 @@ async fn handle_batch(ctx: &Context, publisher: &Channel, acks: &Acks, batch: Ve
             for delivery in valid {
                 acks.ack(delivery);
             }
+            return;
         }
-        Err(e) => {
-            error!(error = %e, requests = requests.len(), "purge failed; handing the batch back");
-            tokio::time::sleep(ctx.settings.db_retry_delay).await;
-            for delivery in valid {
-                requeue(acks, delivery).await;
+        Err(e) => e,
+    };
+    if !e.is_data_error() {
+        error!(
+            error = %e,
+            sqlstate = e.sqlstate(),
+            requests = requests.len(),
+            "purge failed; handing the batch back"
+        );
+        hand_back(ctx, acks, &valid).await;
+        return;
+    }
+    if let ([request], [delivery]) = (&requests[..], &valid[..]) {
+        refused(ctx, publisher, acks, request, delivery, &e).await;
+        return;
+    }
+    warn!(
+        error = %e,
+        sqlstate = e.sqlstate(),
+        requests = requests.len(),
+        "the database refused the purge batch for its data; purging its requests one by one"
+    );
+    one_by_one(ctx, publisher, acks, &requests, &valid).await;
+}
+
+/// After a batch's DELETE failed for the data it was given: each request alone, so the one
+/// the database refuses goes to the dead queue (it would fail the same way every time it
+/// came back) and the others are purged. A request that fails alone for another reason is
+/// handed back; if the database could not be reached at all (no SQLSTATE), the requests not
+/// tried yet are handed back with it.
+async fn one_by_one(
+    ctx: &Context,
+    publisher: &Publisher,
+    acks: &Acks,
+    requests: &[PurgeRequest],
+    deliveries: &[&Delivery],
+) {
+    let c = &ctx.counters;
+    let mut total = Purged::default();
+    let mut dead = 0;
+    let mut back: Vec<&Delivery> = Vec::new();
+    for (i, (request, delivery)) in requests.iter().zip(deliveries).enumerate() {
+        match delete_batch(&ctx.pool, std::slice::from_ref(request)).await {
+            Ok(done) => {
+                count(c, done);
+                total.purged += done.purged;
+                total.kept += done.kept;
+                acks.ack(delivery);
+            }
+            Err(e) if e.is_data_error() => {
+                refused(ctx, publisher, acks, request, delivery, &e).await;
+                dead += 1;
+            }
+            Err(e) => {
+                let unreachable = e.sqlstate().is_none();
+                error!(
+                    error = %e,
+                    sqlstate = e.sqlstate(),
+                    token = %request.token.short(),
+                    untried = if unreachable { deliveries.len() - i - 1 } else { 0 },
+                    "purge of one request failed; handing it back"
+                );
+                back.push(delivery);
+                if unreachable {
+                    back.extend(&deliveries[i + 1..]);
+                    break;
+                }
             }
         }
+    }
+    info!(
+        requests = requests.len(),
+        purged = total.purged,
+        kept = total.kept,
+        refused = dead,
+        handed_back = back.len(),
+        "purge batch done one by one"
+    );
+    hand_back(ctx, acks, &back).await;
+}
+
+/// A request the database refuses on its own, for its data: to the dead queue, with the
+/// database's reason.
+async fn refused(
+    ctx: &Context,
+    publisher: &Publisher,
+    acks: &Acks,
+    request: &PurgeRequest,
+    delivery: &Delivery,
+    e: &DbError,
+) {
+    let reason = format!("purge failed: {e}");
+    warn!(
+        reason,
+        sqlstate = e.sqlstate(),
+        token = %request.token.short(),
+        "the database refuses this purge request; it goes to the dead queue"
+    );
+    dead_letter(ctx, publisher, acks, delivery, &reason).await;
+}
+
+/// To the purge dead queue with `reason` (confirmed), then ack; handed back if the broker
+/// does not take it.
+async fn dead_letter(
+    ctx: &Context,
+    publisher: &Publisher,
+    acks: &Acks,
+    delivery: &Delivery,
+    reason: &str,
+) {
+    match broker::dead_letter(publisher, &ctx.settings.names.purge_dead, delivery, reason).await {
+        Ok(()) => {
+            ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            acks.ack(delivery);
+        }
+        Err(e) => {
+            error!(error = %e, "cannot dead-letter; handing the request back");
+            requeue(acks, delivery).await;
+        }
+    }
+}
+
+fn count(c: &Counters, done: Purged) {
+    c.purged.fetch_add(done.purged, Ordering::Relaxed);
+    c.kept.fetch_add(done.kept, Ordering::Relaxed);
+}
+
+/// Waits `db_retry_delay` (so a failing database is not asked again at once), then hands
+/// `deliveries` back to the queue.
+async fn hand_back(ctx: &Context, acks: &Acks, deliveries: &[&Delivery]) {
+    if deliveries.is_empty() {
+        return;
+    }
+    tokio::time::sleep(ctx.settings.db_retry_delay).await;
+    for delivery in deliveries {
+        requeue(acks, delivery).await;
     }
 }
 

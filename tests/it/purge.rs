@@ -8,6 +8,7 @@ use ringpush::broker;
 use ringpush::feedback::{self, Invalidation};
 use ringpush::mock::Script;
 use ringpush::purge;
+use ringpush::token::DeviceToken;
 use ringpush::worker::Counters;
 use time::OffsetDateTime;
 
@@ -279,5 +280,144 @@ async fn a_purge_request_postgresql_cannot_take_is_dead_lettered_and_the_rest_ar
     assert_eq!(dead[0].0, year_zero.as_bytes());
     assert!(dead[0].1.contains("`invalid_since`"), "{dead:?}");
     assert_eq!(app.depth(&app.names.purge).await, 0);
+    app.stop().await;
+}
+
+/// Makes the database refuse to delete `token` with `sqlstate`: a trigger in the test's own
+/// schema (the pool's search path), as a row PostgreSQL cannot take would.
+async fn refuse_to_purge(app: &App, token: &DeviceToken, sqlstate: &str) {
+    let client = app.pool.get().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE FUNCTION refuse_purge() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF OLD.token = '{}' THEN
+                     RAISE EXCEPTION 'test: this token refuses to go' USING ERRCODE = '{sqlstate}';
+                 END IF;
+                 RETURN OLD;
+             END $$;
+             CREATE TRIGGER refuse_purge BEFORE DELETE ON push_tokens
+                 FOR EACH ROW EXECUTE FUNCTION refuse_purge();",
+            token.as_hex()
+        ))
+        .await
+        .unwrap();
+}
+
+/// Publishes a purge request for each token, invalid since a day ago.
+async fn publish_purge_requests(app: &App, tokens: &[&DeviceToken]) {
+    let now = OffsetDateTime::now_utc();
+    for token in tokens {
+        Invalidation {
+            token: (*token).clone(),
+            environment: Environment::Production,
+            topic: Some(TOPIC.into()),
+            reason: "Unregistered".into(),
+            invalid_since: now - DAY,
+            observed_at: now,
+        }
+        .publish(&app.channel, &app.names.purge)
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_request_the_database_refuses_for_its_data_is_dead_lettered_with_the_reason_and_its_batch_purged(
+) {
+    let mut app = App::spawn_with(|o| o.run_purger = false).await;
+    let owner = app.add_user().await;
+    let now = OffsetDateTime::now_utc();
+    let mut stale = Vec::new();
+    for _ in 0..5 {
+        let token = app.add_token(owner, "production", Some(TOPIC)).await;
+        app.registered_at(&token, now - 30 * DAY).await;
+        stale.push(token);
+    }
+    // Registered again since APNs's rejection: kept, also when its batch goes one by one.
+    let registered_again = app.add_token(owner, "production", Some(TOPIC)).await;
+    let refusing = stale[2].clone();
+    refuse_to_purge(&app, &refusing, "22023").await;
+
+    // All ready before the purger starts, so they share a batch (of up to 50).
+    let mut tokens: Vec<&DeviceToken> = stale.iter().collect();
+    tokens.push(&registered_again);
+    publish_purge_requests(&app, &tokens).await;
+    app.start_purger();
+    app.wait_for("every request settled", || {
+        purge::Counters::get(&app.purge_counters.acked) == 6
+    })
+    .await;
+
+    assert_eq!(
+        purge::Counters::get(&app.purge_counters.requests),
+        6,
+        "nothing was handed back: the batch went one by one, not back to the queue"
+    );
+    assert_eq!(purge::Counters::get(&app.purge_counters.purged), 4);
+    assert_eq!(purge::Counters::get(&app.purge_counters.kept), 1);
+    assert_eq!(purge::Counters::get(&app.purge_counters.dead_lettered), 1);
+    for token in &stale {
+        assert_eq!(
+            app.token_exists(token).await,
+            *token == refusing,
+            "only the refusing token is left of the stale ones"
+        );
+    }
+    assert!(app.token_exists(&registered_again).await);
+    let dead = app.drain(&app.names.purge_dead).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(Invalidation::parse(&dead[0].0).unwrap().token, refusing);
+    let reason = &dead[0].1;
+    assert!(reason.starts_with("purge failed: "), "{reason}");
+    assert!(reason.contains("22023"), "the SQLSTATE: {reason}");
+    assert!(
+        reason.contains("test: this token refuses to go"),
+        "the database's message: {reason}"
+    );
+    assert_eq!(app.depth(&app.names.purge).await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_that_fails_for_a_reason_other_than_its_data_is_handed_back_until_it_can_be_purged()
+{
+    let mut app = App::spawn_with(|o| o.run_purger = false).await;
+    let owner = app.add_user().await;
+    let now = OffsetDateTime::now_utc();
+    let mut stale = Vec::new();
+    for _ in 0..3 {
+        let token = app.add_token(owner, "production", Some(TOPIC)).await;
+        app.registered_at(&token, now - 30 * DAY).await;
+        stale.push(token);
+    }
+    // 40001 (serialization failure) says nothing about the request: it is tried again.
+    refuse_to_purge(&app, &stale[1], "40001").await;
+    publish_purge_requests(&app, &stale.iter().collect::<Vec<_>>()).await;
+    app.start_purger();
+    app.wait_for("the requests handed back and read again", || {
+        purge::Counters::get(&app.purge_counters.requests) >= 9
+            || purge::Counters::get(&app.purge_counters.dead_lettered) > 0
+    })
+    .await;
+    assert_eq!(purge::Counters::get(&app.purge_counters.dead_lettered), 0);
+    assert!(app.token_exists(&stale[1]).await);
+
+    // Once the database takes the delete, the handed-back requests are purged.
+    let client = app.pool.get().await.unwrap();
+    client
+        .batch_execute("DROP TRIGGER refuse_purge ON push_tokens")
+        .await
+        .unwrap();
+    app.wait_for("every request purged", || {
+        purge::Counters::get(&app.purge_counters.acked) == 3
+    })
+    .await;
+    for token in &stale {
+        assert!(!app.token_exists(token).await);
+    }
+    assert_eq!(purge::Counters::get(&app.purge_counters.dead_lettered), 0);
+    assert_eq!(app.depth(&app.names.purge).await, 0);
+    assert_eq!(app.depth(&app.names.purge_dead).await, 0);
     app.stop().await;
 }
