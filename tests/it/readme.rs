@@ -361,12 +361,20 @@ async fn the_operator_instructions_work_as_written() {
     };
     assert!(status.success(), "README's operator blocks fail: {status}");
 
-    // Every process it left running answers on its own metrics port.
+    // Every process it left running answers on its own metrics port (one that stopped at
+    // start, e.g. on a wrong flag, says `error: …` in its log: no need to wait).
     for (i, process) in ["worker", "feedback", "purge"].iter().enumerate() {
         let addr = world.metrics(i);
+        let log = world.dir.join(format!("{process}.log"));
         wait_for(&format!("{process} answering /healthz on {addr}"), || {
-            let addr = addr.clone();
-            async move { matches!(get(&addr, "/healthz").await, Some((200, _))) }
+            let (addr, log) = (addr.clone(), log.clone());
+            async move {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if let Some(error) = text.lines().find(|l| l.starts_with("error:")) {
+                    panic!("{process} stopped at start: {error}");
+                }
+                matches!(get(&addr, "/healthz").await, Some((200, _)))
+            }
         })
         .await;
     }
@@ -409,6 +417,17 @@ async fn the_operator_instructions_work_as_written() {
     )
     .await;
     assert_eq!(tokens().await.len(), 1, "the owner's token is kept");
+    let purge = world.metrics(2);
+    wait_for("the purger's ringpush_tokens_total: 1 purged", || {
+        let purge = purge.clone();
+        async move {
+            get(&purge, "/metrics").await.is_some_and(|(_, body)| {
+                body.lines()
+                    .any(|l| l == r#"ringpush_tokens_total{outcome="purged"} 1"#)
+            })
+        }
+    })
+    .await;
 
     // What README says its check shows.
     let shown = world.run("check.sh", &check);
