@@ -106,14 +106,15 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         Command::MockApns(args) => {
             let (settings, unregistered) = args.settings()?;
-            let now_ms = ringpush::apns::jwt::unix_now() * 1000;
             let scripts = unregistered
                 .into_iter()
                 .map(|t| {
                     let script = mock::Script {
                         status: 410,
                         reason: ringpush::apns::Reason::Unregistered,
-                        timestamp_ms: Some(now_ms),
+                        // Dated when answered (a phone registered after the mock started
+                        // is still stale when the mock rejects it).
+                        timestamp_ms: None,
                     };
                     (t, script)
                 })

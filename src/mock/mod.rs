@@ -713,7 +713,12 @@ async fn handle_stream(
                         .get(t)
                         .and_then(|s| s.timestamp_ms)
                 });
-                body["timestamp"] = scripted.unwrap_or(now * 1000).into();
+                // Milliseconds, as APNs sends them (whole seconds would date the answer
+                // before a registration earlier in the same second).
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(now * 1000, |d| d.as_millis() as i64);
+                body["timestamp"] = scripted.unwrap_or(now_ms).into();
             }
             let response = response
                 .header("content-type", "application/json")
