@@ -1,0 +1,289 @@
+//! Consuming: the loop every consumer shares ([`consume_batches`]: bounded prefetch, batches
+//! of ready deliveries on tracked tasks, coalesced [`Acks`], pause and graceful stop), and a
+//! consuming process's sessions ([`Consumer`]), reconnected by [`serve`](super::serve).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Acker, Channel, Connection};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{confirm_channel, connect, declare, serve, Acks, BrokerError, Names, Publisher};
+
+/// How a consume loop stops and pauses.
+#[derive(Clone)]
+pub struct Control {
+    /// Stop taking deliveries, finish what is in flight, then close.
+    pub cancel: CancellationToken,
+    /// How long the batches in flight may take after `cancel` before they are handed back.
+    pub grace: Duration,
+    /// While this holds `false` the consumer is cancelled (deliveries wait in the queue) and
+    /// re-created when it turns `true` again.
+    pub open: Option<watch::Receiver<bool>>,
+}
+
+impl Control {
+    pub fn new(cancel: CancellationToken, grace: Duration) -> Self {
+        Self {
+            cancel,
+            grace,
+            open: None,
+        }
+    }
+}
+
+/// The consume loop every consumer shares: a channel with a bounded prefetch and manual
+/// acks, coalesced by [`Acks`] (`acked` counts them as they are sent); each batch of the deliveries that are ready (at most `batch_size`) is handed to
+/// `handle` on a tracked task, with a token that fires when the batch must be handed back
+/// at once. On `cancel` it cancels the consumer, gives the batches in flight the grace
+/// period, then aborts them (their handlers nack), and closes the channel. It returns an
+/// error when the channel or connection fails (the caller reconnects).
+pub async fn consume_batches<F, Fut>(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    batch_size: usize,
+    control: Control,
+    acked: Option<&AtomicU64>,
+    handle: F,
+) -> Result<(), BrokerError>
+where
+    F: Fn(Acks, Vec<Delivery>, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    tracing::info!(queue, prefetch, "consuming with coalesced acks");
+    let acks = Acks::new();
+    let consume = consume(&channel, queue, batch_size, &control, &acks, handle);
+    let (result, ()) = tokio::join!(consume, acks.flush(acked));
+    let _ = channel.close(200, "stopping".into()).await;
+    result
+}
+
+/// The consuming half of [`consume_batches`]: closes `acks` when it is done.
+async fn consume<F, Fut>(
+    channel: &Channel,
+    queue: &str,
+    batch_size: usize,
+    control: &Control,
+    acks: &Acks,
+    handle: F,
+) -> Result<(), BrokerError>
+where
+    F: Fn(Acks, Vec<Delivery>, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tracker = TaskTracker::new();
+    let abort = CancellationToken::new();
+    let mut open = control.open.clone();
+    let dispatch = |batch: Vec<Delivery>| {
+        // A handler that panics must not strand its deliveries in flight.
+        let ackers: Vec<(u64, Acker)> = batch
+            .iter()
+            .map(|d| (d.delivery_tag, d.acker.clone()))
+            .collect();
+        let work = std::panic::AssertUnwindSafe(handle(acks.clone(), batch, abort.clone()));
+        let acks = acks.clone();
+        tracker.spawn(async move {
+            if work.catch_unwind().await.is_err() {
+                // Not at once: a message that fails every time would come straight back.
+                tokio::time::sleep(PANIC_HAND_BACK_DELAY).await;
+                let handed = acks.hand_back_in_flight(&ackers).await;
+                tracing::error!(
+                    deliveries = handed,
+                    "a batch handler panicked; its unsettled deliveries are handed back"
+                );
+            }
+        });
+    };
+    let result = 'session: loop {
+        // Paused: no consumer, so rings wait in the queue where operators see them.
+        if let Some(open) = open.as_mut() {
+            tokio::select! {
+                _ = control.cancel.cancelled() => break 'session Ok(()),
+                ready = open.wait_for(|o| *o) => if ready.is_err() { break 'session Ok(()) },
+            }
+        }
+        let mut consumer = match channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => break 'session Err(e.into()),
+        };
+        let stop = loop {
+            let paused = async {
+                match open.as_mut() {
+                    Some(open) => {
+                        let _ = open.wait_for(|o| !*o).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let first = tokio::select! {
+                _ = control.cancel.cancelled() => break Ok(true),
+                _ = paused => break Ok(false),
+                next = consumer.next() => next,
+            };
+            let first = match first {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => break Err(BrokerError::from(e)),
+                None => break Err(BrokerError::ConsumerEnded(queue.to_owned())),
+            };
+            acks.received(&first);
+            let mut batch = vec![first];
+            while batch.len() < batch_size.max(1) {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => {
+                        acks.received(&delivery);
+                        batch.push(delivery);
+                    }
+                    _ => break,
+                }
+            }
+            dispatch(batch);
+        };
+        match stop {
+            Err(e) => break 'session Err(e),
+            Ok(stopping) => {
+                // Cancel the consumer. What it still hands over is handled like any batch
+                // (not nacked: a requeue would count towards the delivery limit, and a
+                // worker that pauses often must not spend the rings' budget).
+                let _ = channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await;
+                let mut late = Vec::new();
+                while let Ok(Some(Ok(delivery))) =
+                    tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+                {
+                    acks.received(&delivery);
+                    late.push(delivery);
+                }
+                if !late.is_empty() {
+                    dispatch(late);
+                }
+                if stopping {
+                    tracing::info!(
+                        queue,
+                        "consumer cancelled; finishing the deliveries in flight"
+                    );
+                    break 'session Ok(());
+                }
+                tracing::warn!(queue, "consumption paused");
+            }
+        }
+    };
+    // An error means the channel is gone: acks cannot be sent, and the broker redelivers
+    // what was in flight. Leave the handlers to finish on their own.
+    if result.is_err() {
+        acks.close();
+        return result;
+    }
+    tracker.close();
+    if tokio::time::timeout(control.grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(queue, grace = ?control.grace, "grace period over; handing the rest back");
+        abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+    acks.close();
+    Ok(())
+}
+
+/// How long the deliveries a panicking handler left unsettled wait before they are handed
+/// back, so that one that fails every time loops slowly, with an error each time.
+const PANIC_HAND_BACK_DELAY: Duration = Duration::from_secs(1);
+
+/// Nack options that put a delivery back in its queue.
+pub fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    }
+}
+
+/// A consuming process as the broker sees it: which queue, how many deliveries at once, how
+/// it stops and pauses, and where it reports that it is connected.
+pub struct Consumer<'a> {
+    /// `worker`, `feedback`, `purge`: in the connection name and the logs.
+    pub process: &'a str,
+    pub amqp_url: &'a str,
+    pub names: &'a Names,
+    pub queue: &'a str,
+    pub prefetch: u16,
+    pub batch_size: usize,
+    pub control: Control,
+    /// True while a session consumes.
+    pub connected: &'a AtomicBool,
+    /// Counts sessions (1 + reconnects), when the process keeps that count.
+    pub sessions: Option<&'a AtomicU64>,
+    /// Counts deliveries acked (sent to the broker, not just settled).
+    pub acked: Option<&'a AtomicU64>,
+}
+
+impl Consumer<'_> {
+    /// Consumes until `control.cancel`, reconnecting when the connection is lost. Each session
+    /// connects, opens a confirm-mode channel for the handlers' publishes, declares the
+    /// topology and consumes; `handle` gets that channel and the session's [`Acks`] with each
+    /// batch.
+    pub async fn run<F, Fut>(&self, handle: F) -> anyhow::Result<()>
+    where
+        F: Fn(Publisher, Acks, Vec<Delivery>, CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let name = format!("ringpush {} {}", self.process, self.names.prefix);
+        serve(self.process, self.amqp_url, &self.control.cancel, || {
+            self.session(&name, &handle)
+        })
+        .await
+    }
+
+    async fn session<F, Fut>(&self, name: &str, handle: &F) -> Result<(), BrokerError>
+    where
+        F: Fn(Publisher, Acks, Vec<Delivery>, CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Some(sessions) = self.sessions {
+            sessions.fetch_add(1, Ordering::Relaxed);
+        }
+        let connection = connect(self.amqp_url, name).await?;
+        let publisher = Publisher {
+            channel: confirm_channel(&connection).await?,
+            frame_max: connection.configuration().frame_max(),
+        };
+        declare(&publisher, self.names).await?;
+        self.connected.store(true, Ordering::Relaxed);
+        let result = consume_batches(
+            &connection,
+            self.queue,
+            self.prefetch,
+            self.batch_size,
+            self.control.clone(),
+            self.acked,
+            |acks, batch, abort| handle(publisher.clone(), acks, batch, abort),
+        )
+        .await;
+        self.connected.store(false, Ordering::Relaxed);
+        let _ = connection
+            .close(200, format!("{} stopping", self.process).as_str().into())
+            .await;
+        result
+    }
+}

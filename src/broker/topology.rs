@@ -1,0 +1,171 @@
+//! The topology DESIGN.md names, under one prefix ([`Names`]): the rings exchange and its
+//! quorum work queue, the retry tiers, the dead-letter, feedback and purge queues. Every
+//! process declares it idempotently at start ([`declare`]); the demo and tests delete it.
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use super::BrokerError;
+
+/// Deliveries of one ring before RabbitMQ dead-letters it: a backstop against a message
+/// that kills the worker every time.
+pub const DELIVERY_LIMIT: i64 = 20;
+/// The retry tiers: a ring's n-th retry waits in tier min(n, last) (a classic queue without
+/// consumers, one TTL each) before it is dead-lettered back to the rings exchange.
+pub const RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+    Duration::from_secs(16),
+];
+
+/// The names of every exchange and queue, under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub prefix: String,
+    /// Topic exchange gateways publish to, and the quorum work queue bound to it.
+    pub rings: String,
+    /// The retry tiers, one per delay of [`RETRY_DELAYS`]: `<prefix>.rings.retry.<n>s`.
+    pub retry: Vec<String>,
+    pub dead: String,
+    pub feedback: String,
+    pub purge: String,
+    /// Feedback events and purge requests that cannot be read, with the reason.
+    pub feedback_dead: String,
+    pub purge_dead: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            rings: format!("{prefix}.rings"),
+            retry: RETRY_DELAYS
+                .iter()
+                .map(|d| format!("{prefix}.rings.retry.{}s", d.as_secs()))
+                .collect(),
+            dead: format!("{prefix}.rings.dead"),
+            feedback: format!("{prefix}.feedback"),
+            purge: format!("{prefix}.purge"),
+            feedback_dead: format!("{prefix}.feedback.dead"),
+            purge_dead: format!("{prefix}.purge.dead"),
+        }
+    }
+
+    /// Every queue, in the order operators read them.
+    pub fn queues(&self) -> Vec<&str> {
+        let mut all = vec![self.rings.as_str()];
+        all.extend(self.retry.iter().map(String::as_str));
+        all.extend([
+            self.dead.as_str(),
+            self.feedback.as_str(),
+            self.feedback_dead.as_str(),
+            self.purge.as_str(),
+            self.purge_dead.as_str(),
+        ]);
+        all
+    }
+
+    /// The retry tier for a ring's `retry`-th retry (1-based).
+    pub fn retry_tier(&self, retry: u32) -> &str {
+        let i = (retry.max(1) as usize - 1).min(self.retry.len() - 1);
+        &self.retry[i]
+    }
+
+    /// The routing key of a ring from a gateway.
+    pub fn ring_key(gateway_id: &str) -> String {
+        format!("ring.{gateway_id}")
+    }
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+pub(super) fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// Declares the whole topology; identical arguments in every process (a mismatch would be
+/// 406 PRECONDITION_FAILED).
+pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let quorum = || ("x-queue-type", string("quorum"));
+    channel
+        .exchange_declare(
+            names.rings.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    // Every queue of `names.queues()`, so `delete` removes exactly what this declares.
+    for queue in names.queues() {
+        let arguments = if queue == names.rings {
+            table(&[
+                quorum(),
+                ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+                ("x-dead-letter-exchange", string("")),
+                ("x-dead-letter-routing-key", string(&names.dead)),
+            ])
+        } else if let Some(tier) = names.retry.iter().position(|r| r == queue) {
+            // A classic queue without consumers: messages wait out the TTL, then return.
+            table(&[
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongLongInt(RETRY_DELAYS[tier].as_millis() as i64),
+                ),
+                ("x-dead-letter-exchange", string(&names.rings)),
+                ("x-dead-letter-routing-key", string("ring.retry")),
+            ])
+        } else {
+            table(&[quorum()])
+        };
+        channel
+            .queue_declare(queue.into(), durable, arguments)
+            .await?;
+    }
+    channel
+        .queue_bind(
+            names.rings.as_str().into(),
+            names.rings.as_str().into(),
+            "ring.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Deletes every queue and the exchange of a prefix (the demo's and tests' clean-up).
+pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
+    for queue in names.queues() {
+        channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    channel
+        .exchange_delete(
+            names.rings.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await?;
+    Ok(())
+}
