@@ -2,8 +2,8 @@
 //! start), connecting, publishing with a publisher confirm, and consuming with coalesced
 //! acks ([`acks`]).
 //!
-//! One concern a file: [`topology`] (the names and their declaration), [`publish`]
-//! (confirmed publishes, message limits, dead letters), [`consume`] (the shared consume
+//! One concern a file: `topology` (the names and their declaration), `publish`
+//! (confirmed publishes, message limits, dead letters), `consume` (the shared consume
 //! loop and a consuming process's sessions), [`acks`] (coalesced acks). This file holds
 //! the error, connecting, and the reconnect loop.
 

@@ -1,0 +1,130 @@
+//! The pool and the schema: opening the pool with every timeout set, `ringpush migrate`,
+//! the liveness ping, where a URL points (for logs), and the schemas that keep the demo's
+//! and tests' tables apart.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::DbError;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Where a PostgreSQL URL points, fit for logs: hosts, ports and database, no credentials.
+pub fn target(url: &str) -> String {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "(not a PostgreSQL URL)".into();
+    };
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            };
+            let port = config.get_ports().get(i).or(config.get_ports().first());
+            format!("{host}:{}", port.copied().unwrap_or(5432))
+        })
+        .collect();
+    format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""))
+}
+
+/// Opens a pool with every timeout set (deadpool's defaults wait forever).
+pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbError> {
+    let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .build()?)
+}
+
+/// Applies `migrations/` (refinery keeps its history table beside ours); a second run is
+/// a no-op. Returns the names of the migrations it applied.
+pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
+    let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    let (mut client, connection) = config.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let report = embedded::migrations::runner().run_async(&mut client).await;
+    drop(client);
+    let _ = driver.await;
+    Ok(report?
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect())
+}
+
+/// Checks the database answers (a pooled connection and `SELECT 1`).
+pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}
+
+/// The URL of the same database with `schema` first on the search path: how the demo and
+/// the tests keep their tables apart from everyone else's.
+pub fn url_with_schema(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-csearch_path%3D{schema}")
+}
+
+/// Creates a schema (its name is checked: identifiers cannot be bound as parameters).
+pub async fn create_schema(url: &str, schema: &str) -> Result<(), DbError> {
+    schema_statement(
+        url,
+        &format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            checked_identifier(schema)
+        ),
+    )
+    .await
+}
+
+/// Drops a schema and everything in it.
+pub async fn drop_schema(url: &str, schema: &str) -> Result<(), DbError> {
+    schema_statement(
+        url,
+        &format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            checked_identifier(schema)
+        ),
+    )
+    .await
+}
+
+fn checked_identifier(name: &str) -> &str {
+    assert!(
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "schema names are lower-case letters, digits and '_' only: {name:?}"
+    );
+    name
+}
+
+async fn schema_statement(url: &str, sql: &str) -> Result<(), DbError> {
+    let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    let (client, connection) = config.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let result = client.batch_execute(sql).await;
+    drop(client);
+    let _ = driver.await;
+    Ok(result?)
+}
