@@ -1,9 +1,11 @@
-//! Device tokens: the lower-case hex string a phone registered, parsed once.
+//! Device tokens: the lower-case hex string a phone registered, parsed once, and the APNs
+//! [`Environment`] that issued it (both stored in `push_tokens`, both on the wire).
 //!
 //! APNs says not to assume a token size (protocol sheet X3), so any even number of hex
 //! digits up to 200 (100 bytes) is accepted; the binary protocol narrows this to 32 bytes.
 
 use std::fmt;
+use std::str::FromStr;
 
 /// The longest token accepted, in bytes (Apple's 2018 documentation allows up to 100).
 pub const MAX_TOKEN_BYTES: usize = 100;
@@ -65,6 +67,41 @@ impl fmt::Debug for DeviceToken {
 impl fmt::Display for DeviceToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.short())
+    }
+}
+
+/// Which APNs environment a token was issued by (the `environment` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Environment {
+    Production,
+    Sandbox,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Production => "production",
+            Environment::Sandbox => "sandbox",
+        }
+    }
+}
+
+impl FromStr for Environment {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "production" => Ok(Environment::Production),
+            "sandbox" => Ok(Environment::Sandbox),
+            other => Err(format!(
+                "unknown APNs environment {other:?} (production|sandbox)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

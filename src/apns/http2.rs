@@ -34,40 +34,13 @@ use tracing::{debug, info, warn};
 
 use super::jwt::Signer;
 use super::request::{build_request, Endpoint, Notification};
-use super::{Answer, Environment, Reason, Rejection};
+use super::{Answer, Environment, Reason, Rejection, SendError};
 use crate::backoff::Reconnect;
 
 /// How many times a never-processed request is resent before giving up (the request
 /// timeout bounds it too). A busy connection that goes away can send dozens of waiting
 /// requests back at once, each to be placed on the next connection.
 const MAX_RESENDS: usize = 32;
-
-/// Why a notification got no answer from APNs. All of these are transient: the
-/// notification was not accepted and may be sent again.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    #[error("cannot connect to {endpoint}: {reason}")]
-    Connect { endpoint: String, reason: String },
-    #[error("{endpoint} is unreachable; next try in {wait:?} (last error: {reason})")]
-    Backoff {
-        endpoint: String,
-        wait: Duration,
-        reason: String,
-    },
-    #[error("HTTP/2: {0}")]
-    H2(#[from] h2::Error),
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("connection lost before confirmation: {0}")]
-    Lost(String),
-}
-
-impl SendError {
-    /// APNs could not be reached at all (no connection): the request never left.
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, SendError::Connect { .. } | SendError::Backoff { .. })
-    }
-}
 
 /// Settings of the client.
 #[derive(Debug, Clone)]

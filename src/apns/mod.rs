@@ -5,60 +5,27 @@
 //! - [`reason`]: every reason string APNs answers with, and the decisions on it;
 //! - [`jwt`]: ES256 provider tokens;
 //! - [`tls`]: the client's TLS configuration (ALPN h2, ring, verification always on);
-//! - [`http2`]: the persistent HTTP/2 client, over [`cork`] (coalesced writes).
+//! - [`http2`]: the persistent HTTP/2 client, over [`cork`] (coalesced writes);
+//! - [`binary`]: the legacy binary interface's client;
+//! - [`error`]: [`SendError`], what either client returns when APNs gave no answer.
 
 pub mod binary;
 pub mod cork;
+pub mod error;
 pub mod http2;
 pub mod jwt;
 pub mod reason;
 pub mod request;
 pub mod tls;
 
-use std::fmt;
-use std::str::FromStr;
-
+pub use crate::token::Environment;
+pub use error::SendError;
 pub use reason::Reason;
 
 /// Apple's production HTTP/2 endpoint.
 pub const PRODUCTION_URL: &str = "https://api.push.apple.com:443";
 /// Apple's sandbox (development) HTTP/2 endpoint.
 pub const SANDBOX_URL: &str = "https://api.sandbox.push.apple.com:443";
-
-/// Which APNs environment a token was issued by (the `environment` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Environment {
-    Production,
-    Sandbox,
-}
-
-impl Environment {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Environment::Production => "production",
-            Environment::Sandbox => "sandbox",
-        }
-    }
-}
-
-impl FromStr for Environment {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "production" => Ok(Environment::Production),
-            "sandbox" => Ok(Environment::Sandbox),
-            other => Err(format!(
-                "unknown APNs environment {other:?} (production|sandbox)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Environment {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What APNs answered to one notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +59,7 @@ impl Apns {
         &self,
         env: Environment,
         n: &request::Notification,
-    ) -> Result<Answer, http2::SendError> {
+    ) -> Result<Answer, SendError> {
         match self {
             Apns::Http2(c) => c.send(env, n).await,
             Apns::Binary(c) => c.send(n).await,
@@ -100,7 +67,7 @@ impl Apns {
     }
 
     /// Whether a connection can be had now (respecting the reconnect backoff).
-    pub async fn probe(&self, env: Environment) -> Result<(), http2::SendError> {
+    pub async fn probe(&self, env: Environment) -> Result<(), SendError> {
         match self {
             Apns::Http2(c) => c.probe(env).await,
             Apns::Binary(c) => c.probe().await,

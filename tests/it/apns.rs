@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use ringpush::apns::http2::{self, Client, SendError};
+use ringpush::apns::http2::{self, Client};
 use ringpush::apns::jwt::{self, Signer};
 use ringpush::apns::request::{Endpoint, Notification};
 use ringpush::apns::tls::{self, Identity};
-use ringpush::apns::{Answer, Environment, Reason};
+use ringpush::apns::{Answer, Environment, Reason, SendError};
 use ringpush::mock::{self, Faults, GoAwayDebug, Mock, Script};
 use ringpush::token::random_hex;
 use ringpush::token::DeviceToken;

@@ -276,7 +276,7 @@ async fn accepted_within(
 /// reconnecting at once for every resend, and comes back when the gateway does.
 #[tokio::test]
 async fn a_gateway_that_drops_new_connections_is_not_hammered() {
-    use ringpush::apns::http2::SendError;
+    use ringpush::apns::SendError;
     let (app, tls) = client_app().await;
     let proxy = Proxy::start(app.mock.gateway_addr().unwrap()).await;
     proxy.set(Mode::PassFor(Duration::from_millis(50)));

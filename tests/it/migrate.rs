@@ -74,7 +74,7 @@ async fn one_query_finds_every_gateway_of_a_batch_and_tells_empty_from_unknown()
     assert_eq!(found["a"].recipients[1].topic, None);
     assert_eq!(
         found["a"].recipients[1].environment,
-        ringpush::apns::Environment::Sandbox
+        ringpush::token::Environment::Sandbox
     );
 }
 

@@ -1,0 +1,31 @@
+//! [`SendError`]: why a notification got no answer from APNs — the one error both clients
+//! ([`super::http2`] and [`super::binary`]) return, so the worker decides on it alike.
+
+use std::time::Duration;
+
+/// Why a notification got no answer from APNs. All of these are transient: the
+/// notification was not accepted and may be sent again.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    #[error("{endpoint} is unreachable; next try in {wait:?} (last error: {reason})")]
+    Backoff {
+        endpoint: String,
+        wait: Duration,
+        reason: String,
+    },
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection lost before confirmation: {0}")]
+    Lost(String),
+}
+
+impl SendError {
+    /// APNs could not be reached at all (no connection): the request never left.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, SendError::Connect { .. } | SendError::Backoff { .. })
+    }
+}
