@@ -3,15 +3,16 @@
 //! (200 when the process can do its work, 503 with the reason when not), on
 //! `RINGPUSH_METRICS_ADDR`.
 //!
-//! Each process registers collectors that read its counters at scrape time, plus the
+//! Each process registers its own metrics where it counts them (`worker::Counters::register`,
+//! `feedback::Counters::register`, `purge::Counters::register`, encoded with [`encode`]); this
+//! module serves them, with the
 //! queue-depth gauges a [`QueueDepth`] poller refreshes by passive declares, so a dashboard
 //! needs no broker plugin.
 
-use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,18 +21,14 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::{self, Names};
-use crate::{feedback, purge, worker};
 
 /// A readiness check: `Ok` when the process can do its work.
 pub type ReadyCheck =
@@ -157,266 +154,44 @@ pub async fn observe(
     serve(addr, registry, ready, cancel.clone()).await
 }
 
-/// A worker is ready while consuming, with APNs and the database answering.
-pub fn worker_ready(counters: Arc<worker::Counters>, pool: deadpool_postgres::Pool) -> ReadyCheck {
-    Arc::new(move || {
-        let (counters, pool) = (counters.clone(), pool.clone());
-        Box::pin(async move {
-            counters.ready()?;
-            crate::db::ping(&pool)
-                .await
-                .map_err(|e| format!("database: {e}"))
-        })
-    })
-}
+/// Encoding counts read at scrape time into Prometheus text: what each process's collector
+/// (registered where it counts: `worker`, `feedback`, `purge`) writes with.
+pub mod encode {
+    use std::fmt;
 
-/// The feedback consumer is ready while consuming.
-pub fn feedback_ready(counters: Arc<feedback::Counters>) -> ReadyCheck {
-    Arc::new(move || {
-        let connected = counters.broker_connected.load(Ordering::Relaxed);
-        Box::pin(async move {
-            connected
-                .then_some(())
-                .ok_or_else(|| "not connected to the broker".to_owned())
-        })
-    })
-}
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
 
-/// The purger is ready while consuming, with the database answering.
-pub fn purge_ready(counters: Arc<purge::Counters>, pool: deadpool_postgres::Pool) -> ReadyCheck {
-    Arc::new(move || {
-        let (connected, pool) = (
-            counters.broker_connected.load(Ordering::Relaxed),
-            pool.clone(),
-        );
-        Box::pin(async move {
-            if !connected {
-                return Err("not connected to the broker".into());
-            }
-            crate::db::ping(&pool)
-                .await
-                .map_err(|e| format!("database: {e}"))
-        })
-    })
-}
-
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
-    let c = ConstCounter::new(value);
-    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
-}
-
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
-    let g = ConstGauge::new(value);
-    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
-}
-
-/// One counter family with a single label.
-fn counters(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: &[(&str, u64)],
-) -> fmt::Result {
-    let mut family = e.encode_descriptor(
-        name,
-        help,
-        None,
-        prometheus_client::metrics::MetricType::Counter,
-    )?;
-    for (value, n) in values {
-        let labels = [(label, *value)];
-        ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+    pub fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+        let c = ConstCounter::new(value);
+        c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
     }
-    Ok(())
-}
 
-/// The worker's counters, and its APNs client's connections, at scrape time.
-#[derive(Debug)]
-pub struct WorkerCollector {
-    pub counters: Arc<worker::Counters>,
-    pub apns: crate::apns::Apns,
-}
+    pub fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+        let g = ConstGauge::new(value);
+        g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+    }
 
-impl Collector for WorkerCollector {
-    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
-        use worker::Counters as C;
-        let c = &self.counters;
-        let get = C::get;
-        counters(
-            &mut e,
-            "rings",
-            "Rings by what became of them (consumed counts every delivery).",
-            "outcome",
-            &[
-                ("consumed", get(&c.rings_consumed)),
-                ("acked", get(&c.rings_acked)),
-                ("delivered", get(&c.rings_delivered)),
-                ("retried", get(&c.rings_retried)),
-                ("dead_lettered", get(&c.rings_dead_lettered)),
-                ("expired", get(&c.rings_expired)),
-                ("unknown_gateway", get(&c.rings_unknown_gateway)),
-                ("no_tokens", get(&c.rings_without_tokens)),
-                ("requeued", get(&c.rings_requeued)),
-                ("handed_back", get(&c.rings_handed_back)),
-            ],
+    /// One counter family with a single label.
+    pub fn counters(
+        e: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[(&str, u64)],
+    ) -> fmt::Result {
+        let mut family = e.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
         )?;
-        counters(
-            &mut e,
-            "notifications",
-            "Notifications by outcome: accepted by APNs, rejected for good, or failed for now.",
-            "outcome",
-            &[
-                ("accepted", get(&c.notifications_accepted)),
-                ("rejected", get(&c.notifications_rejected)),
-                ("failed", get(&c.notifications_failed)),
-            ],
-        )?;
-        let by_reason: Vec<(String, u64)> = c
-            .rejected_by_reason
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        let by_reason: Vec<(&str, u64)> = by_reason.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        counters(
-            &mut e,
-            "notifications_rejected",
-            "Rejections by APNs reason.",
-            "reason",
-            &by_reason,
-        )?;
-        counter(
-            &mut e,
-            "feedback_events_published",
-            "Feedback events published for dead tokens.",
-            get(&c.feedback_events),
-        )?;
-        counter(
-            &mut e,
-            "consumption_pauses",
-            "Times consumption paused (APNs or database unreachable).",
-            get(&c.pauses),
-        )?;
-        counter(
-            &mut e,
-            "probes_failed",
-            "Probes of a paused dependency (the token lookup, an APNs connection) that failed.",
-            get(&c.probes_failed),
-        )?;
-        counter(
-            &mut e,
-            "broker_sessions",
-            "Broker connections opened (1 + reconnects).",
-            get(&c.broker_sessions),
-        )?;
-        gauge(
-            &mut e,
-            "broker_connected",
-            "1 while consuming from the broker.",
-            c.broker_connected.load(Ordering::Relaxed) as i64,
-        )?;
-        gauge(
-            &mut e,
-            "paused",
-            "1 while consumption is paused.",
-            (c.paused_apns.load(Ordering::Relaxed) || c.paused_database.load(Ordering::Relaxed))
-                as i64,
-        )?;
-        gauge(
-            &mut e,
-            "apns_connections",
-            "Open HTTP/2 connections to APNs.",
-            self.apns.connections_open(),
-        )?;
-        gauge(
-            &mut e,
-            "apns_streams_in_flight",
-            "APNs requests awaiting their answer.",
-            self.apns.in_flight(),
-        )?;
+        for (value, n) in values {
+            let labels = [(label, *value)];
+            ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+        }
         Ok(())
-    }
-}
-
-/// Registers the worker's metrics: counters, the two latency histograms, queue depths.
-pub fn register_worker(
-    registry: &mut Registry,
-    counters: &Arc<worker::Counters>,
-    apns: &crate::apns::Apns,
-) {
-    registry.register(
-        "apns_request_seconds",
-        "APNs request latency, send to answer",
-        counters.apns_request_seconds.clone(),
-    );
-    registry.register(
-        "ring_to_accepted_seconds",
-        "From the button press (pressed_at) to APNs accepting the notification",
-        counters.ring_to_accepted_seconds.clone(),
-    );
-    registry.register_collector(Box::new(WorkerCollector {
-        counters: counters.clone(),
-        apns: apns.clone(),
-    }));
-}
-
-/// The feedback consumer's counters at scrape time.
-#[derive(Debug)]
-pub struct FeedbackCollector(pub Arc<feedback::Counters>);
-
-impl Collector for FeedbackCollector {
-    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
-        let c = &self.0;
-        let get = feedback::Counters::get;
-        counters(
-            &mut e,
-            "feedback_events",
-            "Feedback events by what became of them.",
-            "outcome",
-            &[
-                ("read", get(&c.events)),
-                ("duplicate", get(&c.duplicates)),
-                ("dead_lettered", get(&c.dead_lettered)),
-                ("acked", get(&c.acked)),
-            ],
-        )?;
-        counter(
-            &mut e,
-            "purge_requests_published",
-            "Purge requests published.",
-            get(&c.purge_requests),
-        )
-    }
-}
-
-/// The purger's counters at scrape time.
-#[derive(Debug)]
-pub struct PurgeCollector(pub Arc<purge::Counters>);
-
-impl Collector for PurgeCollector {
-    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
-        let c = &self.0;
-        let get = purge::Counters::get;
-        counters(
-            &mut e,
-            "purge_requests",
-            "Purge requests by what became of them.",
-            "outcome",
-            &[
-                ("read", get(&c.requests)),
-                ("dead_lettered", get(&c.dead_lettered)),
-                ("acked", get(&c.acked)),
-            ],
-        )?;
-        counters(
-            &mut e,
-            "tokens",
-            "Tokens the purger deleted, or kept (registered again since, or already gone).",
-            "outcome",
-            &[("purged", get(&c.purged)), ("kept", get(&c.kept))],
-        )
     }
 }
 

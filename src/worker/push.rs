@@ -1,0 +1,167 @@
+//! Pushing one ring: its tokens fanned out to the provider, at most `ring_concurrency`
+//! requests in flight (a building's ring shares the streams with the rings around it), the
+//! payload built once and shared; the answers counted and handed to `decide`. While no
+//! provider can be reached at all the ring is held (paused, probing) and pushed again when
+//! it can, or dead-lettered once its TTL has passed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::decide::{decide, Disposition, Step, Target};
+use super::pause::{pause, Paused};
+use super::read::Incoming;
+use super::settle::settle;
+use super::{Context, Counters};
+use crate::apns::request::{build_payload, Notification};
+use crate::db::Gateway;
+use crate::provider::Answer;
+
+/// Pushes one ring and settles it; holds it while its provider cannot be reached at all.
+pub(super) async fn push_holding(
+    ctx: &Arc<Context>,
+    incoming: &Incoming,
+    gateway: Option<&Gateway>,
+    abort: &CancellationToken,
+) {
+    loop {
+        let disposition = tokio::select! {
+            disposition = push(ctx, incoming, gateway) => disposition,
+            _ = abort.cancelled() => decide(Step::Stopping),
+        };
+        let Disposition::Hold {
+            environments,
+            error,
+        } = disposition
+        else {
+            settle(ctx, incoming, disposition).await;
+            return;
+        };
+        warn!(gateway = incoming.gateway(), event = incoming.event(), %error, "APNs unreachable; holding the ring");
+        for env in environments {
+            pause(&ctx.shared, Paused::Apns(env), &error);
+        }
+        let left = incoming.time_left(ctx.settings.ring_ttl);
+        tokio::select! {
+            _ = ctx.pause.opened() => {}
+            _ = tokio::time::sleep(left + Duration::from_millis(1)) => {
+                let step = Step::ExpiredWhileHeld {
+                    ttl: ctx.settings.ring_ttl,
+                    attempt: incoming.attempt,
+                    why: format!("APNs unreachable: {error}"),
+                };
+                settle(ctx, incoming, decide(step)).await;
+                return;
+            }
+            _ = abort.cancelled() => {
+                settle(ctx, incoming, decide(Step::Stopping)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Pushes one ring to every token of its gateway (or, on a retry, to the tokens still
+/// pending) and decides what becomes of it.
+async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> Disposition {
+    let (ring, pending) = (&incoming.ring, incoming.pending.as_ref());
+    let recipients: Vec<_> = gateway
+        .map(|g| {
+            g.recipients
+                .iter()
+                .filter(|r| pending.is_none_or(|p| p.contains(r.token.as_hex())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let looked_up = decide(Step::LookedUp {
+        known: gateway.is_some(),
+        recipients: recipients.len(),
+        retry: pending.is_some(),
+    });
+    let (Disposition::Continue, Some(gateway)) = (&looked_up, gateway) else {
+        return looked_up;
+    };
+    let payload = match build_payload(ring, &gateway.name, &ctx.settings.alert) {
+        Ok(p) => p,
+        Err(e) => {
+            return decide(Step::Unpushable {
+                error: e.to_string(),
+            })
+        }
+    };
+    let expiration = ring.expires_at(ctx.settings.ring_ttl);
+    // Collected first: a stream over a lazy `map` of borrowing closures trips the compiler's
+    // `Send` check for higher-ranked lifetimes.
+    let sends: Vec<_> = recipients
+        .iter()
+        .map(|r| {
+            let payload = payload.clone();
+            async move {
+                let topic = r.topic.clone().or_else(|| ctx.settings.default_topic.clone());
+                let target = Target {
+                    token: r.token.clone(),
+                    environment: r.environment,
+                    topic: topic.clone(),
+                };
+                let Some(topic) = topic else {
+                    warn!(token = %r.token, "token has no topic and RINGPUSH_APNS_TOPIC is not set");
+                    let reason = crate::apns::Reason::MissingTopic.to_string();
+                    return (target, Answer::Rejected { reason });
+                };
+                let n = Notification {
+                    token: r.token.clone(),
+                    topic,
+                    collapse_id: ring.event_id.clone(),
+                    expiration,
+                    payload,
+                };
+                let sent = Instant::now();
+                let answer = ctx.providers.send(r.environment, &n).await;
+                observe(ctx, incoming, &answer, sent);
+                (target, answer)
+            }
+        })
+        .collect();
+    // In order (`buffered`), at most `ring_concurrency` at once.
+    let answers: Vec<(Target, Answer)> = futures_util::stream::iter(sends)
+        .buffered(ctx.settings.ring_concurrency.max(1))
+        .collect()
+        .await;
+    decide(Step::Pushed {
+        answers,
+        attempt: incoming.attempt,
+        max_attempts: ctx.settings.max_attempts,
+    })
+}
+
+/// Counts one answer: notifications by outcome, rejections by reason, request latency (for
+/// every answer APNs gave), press-to-accepted.
+fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer, sent: Instant) {
+    let c = &ctx.counters;
+    match answer {
+        Answer::Accepted => {
+            Counters::add(&c.notifications_accepted, 1);
+            let since_press = OffsetDateTime::now_utc() - incoming.ring.pressed_at;
+            c.ring_to_accepted_seconds
+                .observe(since_press.as_seconds_f64().max(0.0));
+        }
+        Answer::Dead { reason, .. } | Answer::Rejected { reason } => {
+            Counters::add(&c.notifications_rejected, 1);
+            *c.rejected_by_reason
+                .lock()
+                .unwrap()
+                .entry(reason.clone())
+                .or_default() += 1;
+        }
+        Answer::Retry { .. } | Answer::Unreachable { .. } => {
+            Counters::add(&c.notifications_failed, 1)
+        }
+    }
+    if answer.answered() {
+        c.apns_request_seconds.observe(sent.elapsed().as_secs_f64());
+    }
+}

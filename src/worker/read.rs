@@ -1,0 +1,137 @@
+//! Reading a delivery once: unwrapping a retry envelope (or a retry of the previous release,
+//! its tokens in headers), parsing the ring event, and what needs no lookup decided at once.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, ShortString};
+use time::OffsetDateTime;
+
+use super::decide::{decide, Disposition, Step};
+use super::{ATTEMPT_HEADER, PENDING_HEADER};
+use crate::wire::ring::RingEvent;
+
+/// A ring as it came off the queue, read once.
+pub(super) struct Incoming {
+    pub(super) delivery: Delivery,
+    pub(super) ring: RingEvent,
+    /// The ring event's JSON as the gateway sent it (unwrapped from a retry envelope).
+    pub(super) body: Vec<u8>,
+    /// The key the gateway published with.
+    pub(super) routing_key: String,
+    /// Attempts before this delivery (0 on a first delivery).
+    pub(super) attempt: u32,
+    /// The tokens a retried ring still has to reach (`None`: a first delivery, all of them).
+    pub(super) pending: Option<HashSet<String>>,
+}
+
+impl Incoming {
+    pub(super) fn gateway(&self) -> &str {
+        &self.ring.gateway_id
+    }
+    pub(super) fn event(&self) -> &str {
+        &self.ring.event_id
+    }
+    /// How long until the ring is no longer worth delivering.
+    pub(super) fn time_left(&self, ttl: Duration) -> Duration {
+        ttl.saturating_sub(self.ring.age(OffsetDateTime::now_utc()))
+    }
+}
+
+/// A delivery read: a ring to push, or one whose fate is already decided (with its gateway
+/// and event when it could be read, for the logs).
+pub(super) enum Read {
+    Ring(Incoming),
+    Decided(Delivery, Option<(String, String)>, Disposition),
+}
+
+/// Reads one delivery: unwraps a retry envelope, parses the ring event, and decides at once
+/// what needs no lookup (malformed → dead, too old → expired or dead).
+pub(super) fn read(delivery: Delivery, now: OffsetDateTime, ttl: Duration) -> Read {
+    let fallback = delivery
+        .properties
+        .timestamp()
+        .and_then(|t| i64::try_from(t).ok())
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(crate::wire::time::in_range)
+        .unwrap_or(now);
+    let unreadable =
+        |delivery, error: String| Read::Decided(delivery, None, decide(Step::Unreadable { error }));
+    let (body, routing_key, attempt, pending) = match crate::wire::retry::read(&delivery.data) {
+        Ok(Some(envelope)) => (
+            envelope.ring,
+            envelope.routing_key,
+            envelope.attempt,
+            Some(envelope.pending.into_iter().collect()),
+        ),
+        Ok(None) => (
+            delivery.data.clone(),
+            delivery.routing_key.to_string(),
+            legacy_attempt(&delivery),
+            legacy_pending(&delivery),
+        ),
+        Err(e) => return unreadable(delivery, e.to_string()),
+    };
+    let ring = match RingEvent::parse(&body, fallback) {
+        Ok(ring) => ring,
+        Err(e) => return unreadable(delivery, e.to_string()),
+    };
+    let step = Step::Arrived {
+        age: ring.age(now),
+        ttl,
+        attempt,
+        retry: pending.is_some(),
+        redelivered: delivery.redelivered,
+    };
+    match decide(step) {
+        Disposition::Continue => Read::Ring(Incoming {
+            delivery,
+            ring,
+            body,
+            routing_key,
+            attempt,
+            pending,
+        }),
+        decided => {
+            let ids = Some((ring.gateway_id, ring.event_id));
+            Read::Decided(delivery, ids, decided)
+        }
+    }
+}
+
+pub(super) fn header<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a AMQPValue> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(&ShortString::from(name))
+}
+
+/// Attempts before this delivery, from a retry of the previous release.
+fn legacy_attempt(delivery: &Delivery) -> u32 {
+    match header(delivery, ATTEMPT_HEADER) {
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::LongLongInt(n)) => (*n).clamp(0, u32::MAX as i64) as u32,
+        _ => 0,
+    }
+}
+
+/// The tokens a retry of the previous release still had to reach.
+fn legacy_pending(delivery: &Delivery) -> Option<HashSet<String>> {
+    match header(delivery, PENDING_HEADER)? {
+        AMQPValue::FieldArray(tokens) => Some(
+            tokens
+                .as_slice()
+                .iter()
+                .filter_map(|v| match v {
+                    AMQPValue::LongString(s) => Some(s.to_string()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
+}

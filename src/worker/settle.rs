@@ -1,0 +1,284 @@
+//! Carrying out a [`Disposition`]: publish what stands in for the ack (feedback events, the
+//! retry envelopes, the dead letter, the ring again), confirmed, then ack. Nothing here
+//! decides; a publish that fails is handed back to `decide` (`NotDurable`, `TooLarge`).
+
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, ShortString};
+use lapin::BasicProperties;
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+use tracing::{error, info, warn};
+
+use futures_util::future::join_all;
+
+use super::decide::{decide, Disposition, Outcome, Step};
+use super::read::{header, Incoming};
+use super::{Context, Counters, ATTEMPT_HEADER, HANDBACK_HEADER, PENDING_HEADER};
+use crate::broker::{self, BrokerError, Names};
+use crate::token::DeviceToken;
+use crate::wire::feedback::Invalidation;
+
+/// Settles a ring that was read.
+pub(super) async fn settle(ctx: &Context, incoming: &Incoming, disposition: Disposition) {
+    let (gateway, event) = (incoming.gateway(), incoming.event());
+    settle_delivery(
+        ctx,
+        &incoming.delivery,
+        Some(incoming),
+        gateway,
+        event,
+        disposition,
+    )
+    .await;
+}
+
+/// Carries out `disposition` for a delivery (`incoming` is `None` when it could not be read
+/// as a ring).
+pub(super) async fn settle_delivery(
+    ctx: &Context,
+    delivery: &Delivery,
+    incoming: Option<&Incoming>,
+    gateway: &str,
+    event: &str,
+    disposition: Disposition,
+) {
+    let mut disposition = disposition;
+    // At most twice: a publish that fails turns into a hand-back (or, for its size, a dead
+    // letter without the part that did not fit).
+    for _ in 0..3 {
+        match carry_out(ctx, delivery, incoming, gateway, event, &disposition).await {
+            Ok(()) => return,
+            Err(e @ BrokerError::TooLarge { .. })
+                if !matches!(disposition, Disposition::Dead { pending: None, .. }) =>
+            {
+                disposition = decide(Step::TooLarge {
+                    error: e.to_string(),
+                });
+            }
+            Err(e) => {
+                error!(error = %e, gateway, event, "cannot make the outcome durable; handing the ring back");
+                if matches!(disposition, Disposition::HandBack) {
+                    break;
+                }
+                disposition = decide(Step::NotDurable {
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    // Even the hand-back could not be published: the nack is left (it spends a delivery).
+    requeue(ctx, delivery).await;
+}
+
+async fn carry_out(
+    ctx: &Context,
+    delivery: &Delivery,
+    incoming: Option<&Incoming>,
+    gateway: &str,
+    event: &str,
+    disposition: &Disposition,
+) -> Result<(), BrokerError> {
+    let c = &ctx.counters;
+    match disposition {
+        Disposition::Continue | Disposition::Hold { .. } => {
+            // `push_holding` and `read` act on these; settling one is a bug: hand it back.
+            error!(
+                gateway,
+                event,
+                ?disposition,
+                "nothing to settle; handing the ring back"
+            );
+            give_back(ctx, delivery, incoming).await?;
+            return Ok(());
+        }
+        Disposition::Ack { outcome, feedback } => {
+            report_invalid(ctx, feedback).await?;
+            match outcome {
+                Outcome::Delivered { accepted, rejected } => {
+                    Counters::add(&c.rings_delivered, 1);
+                    let pressed_to_settled_ms = incoming.map_or(0, |i| {
+                        (OffsetDateTime::now_utc() - i.ring.pressed_at)
+                            .whole_milliseconds()
+                            .max(0) as u64
+                    });
+                    info!(
+                        gateway,
+                        event,
+                        tokens = accepted + rejected,
+                        accepted,
+                        rejected,
+                        pressed_to_settled_ms,
+                        "ring delivered"
+                    );
+                }
+                Outcome::Expired => {
+                    Counters::add(&c.rings_expired, 1);
+                    info!(gateway, event, "ring expired before delivery; not pushed");
+                }
+                Outcome::UnknownGateway => {
+                    Counters::add(&c.rings_unknown_gateway, 1);
+                    info!(gateway, event, "ring for an unknown gateway");
+                }
+                Outcome::NoTokens => {
+                    Counters::add(&c.rings_without_tokens, 1);
+                    info!(gateway, event, "ring for a gateway without phones");
+                }
+            }
+        }
+        Disposition::Retry {
+            attempt,
+            pending,
+            feedback,
+            error,
+            accepted,
+            rejected,
+            spent,
+        } => {
+            report_invalid(ctx, feedback).await?;
+            let incoming = incoming.expect("only a read ring is retried");
+            warn!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, %error, "ring goes to a retry tier");
+            retry(ctx, incoming, *attempt, pending).await?;
+            Counters::add(&c.rings_retried, 1);
+        }
+        Disposition::Dead {
+            reason,
+            pending,
+            feedback,
+        } => {
+            report_invalid(ctx, feedback).await?;
+            let bodies = match (incoming, pending) {
+                (Some(incoming), Some((attempt, pending))) => {
+                    envelopes(ctx, incoming, *attempt, pending)
+                }
+                _ => vec![delivery.data.clone()],
+            };
+            warn!(gateway, event, reason, "ring goes to the dead queue");
+            let dead = &ctx.settings.names.dead;
+            let properties = plain_properties(&delivery.properties);
+            for body in &bodies {
+                broker::dead_letter_with(&ctx.publisher, dead, body, &properties, reason).await?;
+            }
+            Counters::add(&c.rings_dead_lettered, 1);
+        }
+        Disposition::HandBack => {
+            give_back(ctx, delivery, incoming).await?;
+            Counters::add(&c.rings_handed_back, 1);
+        }
+    }
+    // Acked with the rings settled around it (counted in `rings_acked` once sent).
+    ctx.acks.ack(delivery);
+    Ok(())
+}
+
+/// Publishes a feedback event per dead token, all confirmed: the publishes go out together
+/// and their confirms are awaited together (no round trip each).
+async fn report_invalid(ctx: &Context, invalid: &[Invalidation]) -> Result<(), BrokerError> {
+    if invalid.is_empty() {
+        return Ok(());
+    }
+    let queue = &ctx.settings.names.feedback;
+    for result in join_all(invalid.iter().map(|i| i.publish(&ctx.publisher, queue))).await {
+        result?;
+    }
+    Counters::add(&ctx.counters.feedback_events, invalid.len());
+    Ok(())
+}
+
+/// The retry envelopes of a ring with `pending` tokens at `attempt`.
+fn envelopes(
+    ctx: &Context,
+    incoming: &Incoming,
+    attempt: u32,
+    pending: &[DeviceToken],
+) -> Vec<Vec<u8>> {
+    let tokens: Vec<&str> = pending.iter().map(DeviceToken::as_hex).collect();
+    crate::wire::retry::write(
+        &incoming.body,
+        attempt,
+        &incoming.routing_key,
+        &tokens,
+        ctx.settings.retry_max_bytes,
+    )
+}
+
+/// A delivery's properties for a copy ringpush publishes: the previous release's retry
+/// headers dropped (the envelope carries what they held).
+fn plain_properties(properties: &BasicProperties) -> BasicProperties {
+    let Some(headers) = properties.headers() else {
+        return properties.clone();
+    };
+    let kept: BTreeMap<ShortString, AMQPValue> = headers
+        .inner()
+        .iter()
+        .filter(|(k, _)| k.as_str() != PENDING_HEADER && k.as_str() != ATTEMPT_HEADER)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    properties.clone().with_headers(kept.into())
+}
+
+/// Publishes the ring to the retry tier of its attempt, in as many envelopes as its pending
+/// tokens need, every one confirmed.
+async fn retry(
+    ctx: &Context,
+    incoming: &Incoming,
+    attempt: u32,
+    pending: &[DeviceToken],
+) -> Result<(), BrokerError> {
+    let tier = ctx.settings.names.retry_tier(attempt.max(1));
+    let properties = plain_properties(&incoming.delivery.properties)
+        .with_content_type("application/json".into());
+    let bodies = envelopes(ctx, incoming, attempt, pending);
+    for result in
+        join_all(bodies.iter().map(|body| {
+            broker::publish_checked(&ctx.publisher, "", tier, body, properties.clone())
+        }))
+        .await
+    {
+        result?;
+    }
+    Ok(())
+}
+
+/// Publishes the ring again to the rings exchange with its routing key (confirmed, the
+/// hand-back counted in a header); the caller acks. A nack would spend the ring's delivery
+/// budget.
+async fn give_back(
+    ctx: &Context,
+    delivery: &Delivery,
+    incoming: Option<&Incoming>,
+) -> Result<(), BrokerError> {
+    let handbacks = match header(delivery, HANDBACK_HEADER) {
+        Some(AMQPValue::LongUInt(n)) => n.saturating_add(1),
+        _ => 1,
+    };
+    let properties = broker::with_header(
+        &delivery.properties,
+        HANDBACK_HEADER,
+        AMQPValue::LongUInt(handbacks),
+    );
+    let key = incoming.map_or_else(
+        || delivery.routing_key.to_string(),
+        |i| i.routing_key.clone(),
+    );
+    let key = if key.starts_with("ring.") {
+        key
+    } else {
+        Names::ring_key("handed-back")
+    };
+    let names = &ctx.settings.names;
+    broker::publish_checked(
+        &ctx.publisher,
+        &names.rings,
+        &key,
+        &delivery.data,
+        properties,
+    )
+    .await
+}
+
+async fn requeue(ctx: &Context, delivery: &Delivery) {
+    match ctx.acks.nack(delivery, broker::requeue()).await {
+        Ok(_) => Counters::add(&ctx.counters.rings_requeued, 1),
+        Err(e) => error!(error = %e, "nack failed; the broker will redeliver the ring"),
+    }
+}
