@@ -27,11 +27,11 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::apns::request::{build_payload, build_request, AlertTemplate, Endpoint, Notification};
-use crate::apns::{binary, http2, jwt, tls, Answer, Environment};
+use crate::apns::{binary, http2, jwt, tls, Answer};
 use crate::broker::{self, BrokerError, Names};
 use crate::config::BenchArgs;
-use crate::ring::RingEvent;
-use crate::token::{random_hex, DeviceToken};
+use crate::token::{random_hex, DeviceToken, Environment};
+use crate::wire::ring::RingEvent;
 
 /// Everything one run measured; `None` where a part was skipped or failed (with the reason).
 #[derive(Debug, Default, serde::Serialize)]

@@ -18,9 +18,10 @@ use crate::apns::{binary, tls, Apns};
 use crate::broker::{self, Names};
 use crate::config::DemoArgs;
 use crate::mock::{self, Mock};
-use crate::ring::RingEvent;
 use crate::token::{random_hex, DeviceToken};
-use crate::worker::{self, Counters, ERROR_HEADER};
+use crate::wire::ring::RingEvent;
+use crate::wire::ERROR_HEADER;
+use crate::worker::{self, Counters};
 use crate::{feedback, purge};
 
 const TOPIC: &str = "com.example.doorbell";

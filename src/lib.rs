@@ -6,9 +6,9 @@
 //!
 //! - [`backoff`]: the jittered reconnect backoff every connection uses;
 //! - [`config`]: command-line flags and `RINGPUSH_*` variables, parsed once;
-//! - [`ring`]: ring event v1, parsed (never merely validated);
-//! - [`retry`]: the retry envelope a ring with pending tokens travels in;
-//! - [`token`]: device tokens;
+//! - [`wire`]: what crosses the broker — ring event v1 (parsed, never merely validated), the
+//!   retry envelope, feedback events and purge requests, their times and headers;
+//! - [`token`]: device tokens and the APNs environment that issued them;
 //! - [`broker`]: RabbitMQ topology, connections, confirmed publishes;
 //! - [`db`]: PostgreSQL pool, migrations, the batched token lookup;
 //! - [`apns`]: request building, reasons, JWT, TLS and the HTTP/2 client;
@@ -31,7 +31,9 @@ pub mod metrics;
 pub mod mock;
 pub mod ops;
 pub mod purge;
-pub mod retry;
-pub mod ring;
 pub mod token;
+pub mod wire;
 pub mod worker;
+
+// Temporary: the old paths, while files not yet updated still name them.
+pub use wire::{retry, ring};

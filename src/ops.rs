@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Names};
 use crate::config::{QueuesArgs, RingArgs, SeedArgs, WhoArgs};
-use crate::ring::RingEvent;
+use crate::wire::ring::RingEvent;
 
 /// One queue as `ringpush queues` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,7 +263,7 @@ pub async fn who(args: WhoArgs) -> anyhow::Result<String> {
 
 /// `ringpush ring`: publishes rings as a gateway would, confirmed, at a steady rate.
 pub async fn ring(args: RingArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    crate::ring::check_gateway_id(&args.gateway_id)?;
+    crate::wire::ring::check_gateway_id(&args.gateway_id)?;
     let names = args.broker.names();
     let connection = broker::connect(&args.broker.amqp_url, "ringpush ring").await?;
     let channel = broker::confirm_channel(&connection).await?;

@@ -23,8 +23,8 @@ use tracing::{error, info, warn};
 
 use crate::broker::{self, Acks, Names, Publisher};
 use crate::db::DbError;
-use crate::feedback::PurgeRequest;
-use crate::ring::format_rfc3339;
+use crate::wire::feedback::PurgeRequest;
+use crate::wire::time::format_rfc3339;
 
 /// How the purger behaves.
 #[derive(Debug, Clone)]

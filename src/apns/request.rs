@@ -8,8 +8,8 @@ use http::header::{HeaderName, CONTENT_TYPE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Uri};
 
-use crate::ring::RingEvent;
 use crate::token::DeviceToken;
+use crate::wire::ring::RingEvent;
 
 /// APNs's payload limit for alert notifications, in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 4096;

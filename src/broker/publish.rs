@@ -10,9 +10,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 use super::{BrokerError, Names};
-
-/// Header carrying why a message was dead-lettered.
-pub const ERROR_HEADER: &str = "x-ringpush-error";
+pub use crate::wire::ERROR_HEADER;
 
 /// How long a publish may wait for the broker's confirm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -179,7 +177,7 @@ pub async fn publish_confirmed(
 pub async fn publish_ring(
     channel: &Channel,
     names: &Names,
-    ring: &crate::ring::RingEvent,
+    ring: &crate::wire::ring::RingEvent,
 ) -> Result<(), BrokerError> {
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())

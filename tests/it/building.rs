@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ringpush::apns::Reason;
 use ringpush::mock::FailFirst;
-use ringpush::ring::RingEvent;
 use ringpush::token::DeviceToken;
+use ringpush::wire::ring::RingEvent;
 use ringpush::worker::Counters;
 
 use crate::support::{App, TOPIC};

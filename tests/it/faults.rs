@@ -8,8 +8,8 @@ use futures_util::future::join_all;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use ringpush::apns::Reason;
 use ringpush::mock::{ErrorRate, Faults, Script};
-use ringpush::ring::RingEvent;
 use ringpush::token::DeviceToken;
+use ringpush::wire::ring::RingEvent;
 use ringpush::worker::Counters;
 
 use crate::proxy::Mode;
@@ -374,7 +374,7 @@ async fn an_undeliverable_ring_goes_dead_after_max_attempts_and_only_pending_tok
         ringpush::broker::error_header(&dead.properties).as_deref(),
         Some("gave up after 3 attempts: APNs 500 InternalServerError")
     );
-    let envelope = ringpush::retry::read(&dead.data)
+    let envelope = ringpush::wire::retry::read(&dead.data)
         .unwrap()
         .expect("the dead ring is a retry envelope");
     assert_eq!(

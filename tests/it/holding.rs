@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
-use ringpush::ring::RingEvent;
 use ringpush::token::{random_hex, DeviceToken};
+use ringpush::wire::ring::RingEvent;
 use ringpush::worker::Counters;
 use time::OffsetDateTime;
 

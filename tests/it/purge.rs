@@ -3,12 +3,14 @@
 use std::time::Duration;
 
 use lapin::options::BasicGetOptions;
-use ringpush::apns::{Environment, Reason};
+use ringpush::apns::Reason;
 use ringpush::broker;
-use ringpush::feedback::{self, Invalidation};
+use ringpush::feedback;
 use ringpush::mock::Script;
 use ringpush::purge;
-use ringpush::token::DeviceToken;
+use ringpush::token::{DeviceToken, Environment};
+use ringpush::wire::feedback::Invalidation;
+use ringpush::wire::time::format_rfc3339;
 use ringpush::worker::Counters;
 use time::OffsetDateTime;
 
@@ -253,7 +255,7 @@ async fn a_purge_request_postgresql_cannot_take_is_dead_lettered_and_the_rest_ar
     // RFC 3339 allows the year 0000; PostgreSQL's timestamptz does not: a batch holding this
     // request would fail as a whole, every time it came back.
     let year_zero = request(&"ab".repeat(32), "0000-06-01T00:00:00Z");
-    let valid = request(gone.as_hex(), &ringpush::ring::format_rfc3339(now - DAY));
+    let valid = request(gone.as_hex(), &format_rfc3339(now - DAY));
     for body in [&year_zero, &valid] {
         broker::publish_confirmed(
             &app.channel,

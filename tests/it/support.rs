@@ -16,9 +16,9 @@ use ringpush::apns::tls;
 use ringpush::apns::Apns;
 use ringpush::broker::{self, Names};
 use ringpush::mock::{self, Mock};
-use ringpush::ring::RingEvent;
 use ringpush::token::random_hex;
 use ringpush::token::DeviceToken;
+use ringpush::wire::ring::RingEvent;
 use ringpush::worker::{self, Counters};
 use ringpush::{feedback, purge};
 use time::OffsetDateTime;
@@ -491,7 +491,7 @@ impl App {
     /// Sets when the phone last registered `token`.
     pub async fn registered_at(&self, token: &DeviceToken, at: OffsetDateTime) {
         let client = self.pool.get().await.unwrap();
-        let at = ringpush::ring::format_rfc3339(at);
+        let at = ringpush::wire::time::format_rfc3339(at);
         client
             .execute(
                 "UPDATE push_tokens SET updated_at = $2::text::timestamptz WHERE token = $1",

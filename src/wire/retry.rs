@@ -30,6 +30,13 @@ use serde::Deserialize;
 
 /// The envelope's `v`.
 pub const VERSION: &str = "ringpush-retry/1";
+/// Header of the previous release counting how many times a ring had been sent to the retry
+/// tiers; still read, so that retries published before an upgrade go on where they were.
+pub const ATTEMPT_HEADER: &str = "x-ringpush-attempt";
+/// Header of the previous release listing the tokens a retried ring still had to reach (an
+/// AMQP header must fit in one frame, so it could not hold a building's phones: retries now
+/// carry them in the body, in the envelope). Still read, never written.
+pub const PENDING_HEADER: &str = "x-ringpush-pending";
 /// Every envelope version starts with this.
 const FAMILY: &str = "ringpush-retry/";
 
@@ -232,7 +239,8 @@ mod tests {
     fn a_worker_of_the_previous_release_refuses_an_envelope_with_a_clear_reason() {
         // The previous release reads every body as a ring event v1.
         let body = write(RING, 1, "ring.gw-042", &["ab"], 1 << 20).remove(0);
-        let e = crate::ring::RingEvent::parse(&body, time::OffsetDateTime::now_utc()).unwrap_err();
+        let e = crate::wire::ring::RingEvent::parse(&body, time::OffsetDateTime::now_utc())
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "unknown ring event version \"ringpush-retry/1\" (this worker reads v 1)"

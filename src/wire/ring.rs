@@ -1,4 +1,5 @@
-//! Ring event v1: what a gateway publishes when the doorbell is pressed (DESIGN.md).
+//! Ring event v1: what a gateway publishes when the doorbell is pressed (DESIGN.md); the
+//! version rules are in [`crate::wire`].
 //!
 //! [`RingEvent::parse`] is the only way to get one; everything that is not a valid v1 ring
 //! comes back as a [`RingError`] whose text goes into the dead queue's `x-ringpush-error`.
@@ -6,8 +7,9 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+
+use super::time::{format_rfc3339, parse_rfc3339};
 
 /// Longest `event_id`, in bytes: it becomes `apns-collapse-id`, which APNs caps at 64 bytes.
 pub const MAX_EVENT_ID_BYTES: usize = 64;
@@ -124,30 +126,6 @@ impl RingEvent {
         }
         serde_json::to_vec(&v).expect("a JSON value serialises")
     }
-}
-
-/// `t` in UTC, if that falls in the years 1 to 9999: what RFC 3339 can write and PostgreSQL's
-/// `timestamptz` can hold. RFC 3339 also reads the year 0000, and an offset can carry a time
-/// past either end; such a time from outside (a message, a header, an APNs answer) is refused
-/// or replaced where it comes in, so nothing downstream fails on it every time it comes back.
-pub fn in_range(t: OffsetDateTime) -> Option<OffsetDateTime> {
-    let utc = t.checked_to_offset(time::UtcOffset::UTC)?;
-    (1..=9999).contains(&utc.year()).then_some(utc)
-}
-
-/// Parses an RFC 3339 time into UTC, refusing one outside [`in_range`].
-pub fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, String> {
-    let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| e.to_string())?;
-    in_range(t).ok_or_else(|| "outside the years 1 to 9999 in UTC".to_owned())
-}
-
-/// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-28T09:15:02.120Z`.
-pub fn format_rfc3339(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    let t = t
-        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
-        .unwrap_or(t);
-    t.format(&Rfc3339).expect("a UTC time formats as RFC 3339")
 }
 
 /// Checks a gateway id as a ring event would. PostgreSQL's `text` cannot hold a NUL: such an
@@ -272,20 +250,5 @@ mod tests {
             late.pressed_at.unix_timestamp() + 60
         );
         assert_eq!(late.pressed_at_rfc3339(), "9999-12-31T23:59:30Z");
-    }
-
-    #[test]
-    fn times_from_outside_are_kept_to_the_years_1_to_9999_in_utc() {
-        assert_eq!(
-            in_range(datetime!(2026-11-28 10:15:02 +01:00)),
-            Some(datetime!(2026-11-28 09:15:02 UTC))
-        );
-        assert_eq!(in_range(datetime!(9999-12-31 23:59:59 -00:01)), None);
-        assert_eq!(in_range(datetime!(0000-12-31 23:59:59 UTC)), None);
-        assert_eq!(in_range(datetime!(-0001-01-01 00:00:00 UTC)), None);
-        assert!(in_range(datetime!(0001-01-01 00:00:00 UTC)).is_some());
-        assert!(parse_rfc3339("0000-01-01T00:00:00Z").is_err());
-        assert!(parse_rfc3339("0001-01-01T00:30:00+01:00").is_err());
-        assert!(parse_rfc3339("someday").is_err());
     }
 }
