@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use crate::apns::jwt::{self, Signer};
 use crate::apns::{binary, tls, Apns};
 use crate::broker::{self, Names};
-use crate::config::DemoArgs;
 use crate::mock::{self, Mock};
 use crate::token::{random_hex, DeviceToken};
 use crate::wire::ring::RingEvent;
@@ -115,22 +114,33 @@ impl fmt::Display for Report {
     }
 }
 
+/// What the demo borrows and how it pushes.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The local RabbitMQ: the demo declares queues of its own there and deletes them.
+    pub amqp_url: String,
+    /// The local PostgreSQL: the demo migrates a schema of its own there and drops it.
+    pub database_url: String,
+    /// Push over the legacy binary interface instead of HTTP/2.
+    pub binary: bool,
+}
+
 /// Runs the demo and cleans up after it, whatever happened.
-pub async fn run(args: &DemoArgs, cancel: CancellationToken) -> anyhow::Result<Report> {
+pub async fn run(settings: &Settings, cancel: CancellationToken) -> anyhow::Result<Report> {
     let id = random_hex(4);
     let names = Names::new(&format!("ringpush-demo-{id}"));
     let schema = format!("ringpush_demo_{id}");
     let dir = std::env::temp_dir().join(format!("ringpush-demo-{id}"));
     let workers = cancel.child_token();
-    let result = run_inner(args, &names, &schema, &dir, workers.clone()).await;
+    let result = run_inner(settings, &names, &schema, &dir, workers.clone()).await;
     workers.cancel();
     // Clean up: the broker, the schema, the files.
     let cleanup = async {
-        let connection = broker::connect(&args.local.amqp_url, "ringpush demo cleanup").await?;
+        let connection = broker::connect(&settings.amqp_url, "ringpush demo cleanup").await?;
         let channel = connection.create_channel().await?;
         broker::delete(&channel, &names).await?;
         let _ = connection.close(200, "done".into()).await;
-        crate::db::drop_schema(&args.local.database_url, &schema).await?;
+        crate::db::drop_schema(&settings.database_url, &schema).await?;
         anyhow::Ok(())
     };
     let cleaned = cleanup.await;
@@ -141,7 +151,7 @@ pub async fn run(args: &DemoArgs, cancel: CancellationToken) -> anyhow::Result<R
 }
 
 async fn run_inner(
-    args: &DemoArgs,
+    demo: &Settings,
     names: &Names,
     schema: &str,
     dir: &std::path::Path,
@@ -149,8 +159,8 @@ async fn run_inner(
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     // Database: a schema of our own, migrated and seeded.
-    crate::db::create_schema(&args.local.database_url, schema).await?;
-    let db_url = crate::db::url_with_schema(&args.local.database_url, schema);
+    crate::db::create_schema(&demo.database_url, schema).await?;
+    let db_url = crate::db::url_with_schema(&demo.database_url, schema);
     crate::db::migrate(&db_url).await?;
     let pool = crate::db::pool(&db_url, 4, Duration::from_secs(5))?;
     let people = seed_people();
@@ -165,7 +175,7 @@ async fn run_inner(
         "DEMOTEAM12",
         jwt::DEFAULT_REFRESH,
     )?;
-    let binary = args.apns_protocol == "binary";
+    let binary = demo.binary;
     let mut mock_settings = mock::Settings::local(
         dir.join("mock-certs"),
         mock::AuthCheck {
@@ -229,18 +239,14 @@ async fn run_inner(
     let purge_counters = Arc::new(purge::Counters::default());
     let mut processes = tokio::task::JoinSet::new();
     {
-        let (url, counters, cancel) = (
-            args.local.amqp_url.clone(),
-            counters.clone(),
-            cancel.clone(),
-        );
+        let (url, counters, cancel) = (demo.amqp_url.clone(), counters.clone(), cancel.clone());
         let pool = pool.clone();
         processes
             .spawn(async move { worker::run(settings, &url, pool, apns, counters, cancel).await });
     }
     {
         let (url, counters, cancel) = (
-            args.local.amqp_url.clone(),
+            demo.amqp_url.clone(),
             feedback_counters.clone(),
             cancel.clone(),
         );
@@ -254,7 +260,7 @@ async fn run_inner(
     }
     {
         let (url, counters, cancel) = (
-            args.local.amqp_url.clone(),
+            demo.amqp_url.clone(),
             purge_counters.clone(),
             cancel.clone(),
         );
@@ -269,7 +275,7 @@ async fn run_inner(
     }
 
     // A gateway: rings as they are published in a home.
-    let connection = broker::connect(&args.local.amqp_url, "ringpush demo gateway").await?;
+    let connection = broker::connect(&demo.amqp_url, "ringpush demo gateway").await?;
     let channel = broker::confirm_channel(&connection).await?;
     broker::declare(&channel, names).await?;
     let now = OffsetDateTime::now_utc();

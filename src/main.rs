@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use ringpush::config::{Cli, Command, MetricsArgs};
+use ringpush::cli::{BrokerArgs, Cli, Command, LogFormat, MetricsArgs};
 use ringpush::metrics::{self, ReadyCheck};
 use ringpush::{db, demo, feedback, mock, ops, purge, worker};
 use tokio_util::sync::CancellationToken;
@@ -33,10 +33,9 @@ async fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
-        logs.json().init();
-    } else {
-        logs.init();
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
     }
     let cancel = shutdown_on_signals();
     match run(cli.command, cancel).await {
@@ -66,8 +65,8 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             preflight(&pool, &args.database.database_url).await;
             let counters = Arc::new(worker::Counters::default());
             let mut registry = metrics::registry();
-            metrics::register_worker(&mut registry, &counters, &apns);
-            let ready = metrics::worker_ready(counters.clone(), pool.clone());
+            counters.register(&mut registry, &apns);
+            let ready = counters.ready_check(pool.clone());
             observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
             worker::run(
                 settings,
@@ -82,8 +81,8 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         Command::Feedback(args) => {
             let counters = Arc::new(feedback::Counters::default());
             let mut registry = metrics::registry();
-            registry.register_collector(Box::new(metrics::FeedbackCollector(counters.clone())));
-            let ready = metrics::feedback_ready(counters.clone());
+            counters.register(&mut registry);
+            let ready = counters.ready_check();
             observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
             feedback::run(args.settings()?, &args.broker.amqp_url, counters, cancel).await
         }
@@ -92,8 +91,8 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             preflight(&pool, &args.database.database_url).await;
             let counters = Arc::new(purge::Counters::default());
             let mut registry = metrics::registry();
-            registry.register_collector(Box::new(metrics::PurgeCollector(counters.clone())));
-            let ready = metrics::purge_ready(counters.clone(), pool.clone());
+            counters.register(&mut registry);
+            let ready = counters.ready_check(pool.clone());
             observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
             purge::run(
                 args.settings(),
@@ -122,14 +121,38 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             mock::run(settings, scripts, cancel).await
         }
         Command::Demo(args) => {
-            let report = demo::run(&args, cancel).await?;
+            let report = demo::run(&args.settings(), cancel).await?;
             print!("{report}");
             Ok(())
         }
-        Command::Ring(args) => ops::ring(args, cancel).await,
-        Command::Queues(args) => ops::queues(args, cancel).await,
+        Command::Ring(args) => {
+            let broker = &args.broker;
+            let names = broker.names();
+            ops::ring(
+                &broker.amqp_url,
+                &names,
+                &args.gateway_id,
+                args.count,
+                args.per_second,
+                cancel,
+            )
+            .await
+        }
+        Command::Queues(args) => {
+            let names = args.broker.names();
+            let management = args.management_url.as_deref();
+            ops::queues(
+                &args.broker.amqp_url,
+                &names,
+                management,
+                args.every(),
+                cancel,
+            )
+            .await
+        }
         Command::Who(args) => {
-            print!("{}", ops::who(args).await?);
+            let pool = args.database.pool()?;
+            print!("{}", ops::who(&pool, &args.gateway_id).await?);
             Ok(())
         }
         Command::Bench(args) => {
@@ -142,7 +165,9 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             Ok(())
         }
         Command::Seed(args) => {
-            print!("{}", ops::seed(args).await?);
+            let pool = args.database.pool()?;
+            let report = ops::seed(&pool, &args.gateway_id, args.phones, &args.topic).await?;
+            print!("{report}");
             Ok(())
         }
     }
@@ -171,7 +196,7 @@ async fn preflight(pool: &deadpool_postgres::Pool, url: &str) {
 async fn observe(
     args: &MetricsArgs,
     registry: prometheus_client::registry::Registry,
-    broker: &ringpush::config::BrokerArgs,
+    broker: &BrokerArgs,
     ready: ReadyCheck,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {

@@ -4,12 +4,12 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use deadpool_postgres::Pool;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Names};
-use crate::config::{QueuesArgs, RingArgs, SeedArgs, WhoArgs};
 use crate::wire::ring::RingEvent;
 
 /// One queue as `ringpush queues` shows it.
@@ -163,31 +163,21 @@ pub fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String {
     out
 }
 
-/// The value parser of `ringpush queues --interval`: seconds, as `--help` says (`1`, `0.5`),
-/// or a duration with its unit (`2s`, `500ms`); more than zero.
-pub fn interval(s: &str) -> Result<Duration, String> {
-    let parsed = match s.trim().parse::<f64>() {
-        Ok(secs) => Duration::try_from_secs_f64(secs).map_err(|e| e.to_string()),
-        Err(_) => humantime::parse_duration(s.trim()).map_err(|e| e.to_string()),
-    };
-    match parsed {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(format!("--interval: {s:?} must be more than zero")),
-        Err(e) => Err(format!(
-            "--interval: {s:?} is not seconds like 1 or 0.5, nor a duration like 2s or 500ms ({e})"
-        )),
-    }
-}
-
-/// `ringpush queues [--watch]`.
-pub async fn queues(args: QueuesArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    let names = args.broker.names();
-    let connection = broker::connect(&args.broker.amqp_url, "ringpush queues").await?;
+/// `ringpush queues [--watch]`: the table once, or — `every` given — redrawn in place at
+/// that interval until `cancel`. Unacked counts come from `management_url`, when given.
+pub async fn queues(
+    amqp_url: &str,
+    names: &Names,
+    management_url: Option<&str>,
+    every: Option<Duration>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let connection = broker::connect(amqp_url, "ringpush queues").await?;
     let mut last: Option<(Instant, Vec<QueueLine>)> = None;
-    let vhost = vhost_of(&args.broker.amqp_url);
+    let vhost = vhost_of(amqp_url);
     loop {
-        let mut lines = queue_lines(&connection, &names).await?;
-        if let Some(url) = &args.management_url {
+        let mut lines = queue_lines(&connection, names).await?;
+        if let Some(url) = management_url {
             let unacked = unacked(url, &vhost).await?;
             for l in &mut lines {
                 l.unacked = unacked.get(&l.queue).copied();
@@ -202,17 +192,16 @@ pub async fn queues(args: QueuesArgs, cancel: CancellationToken) -> anyhow::Resu
                 .collect()
         });
         let table = queue_table(&lines, rates.as_deref());
-        if args.watch {
-            // Clear the screen and draw in place.
-            print!("\x1b[2J\x1b[H{table}");
-        } else {
+        let Some(every) = every else {
             print!("{table}");
             break;
-        }
+        };
+        // Clear the screen and draw in place.
+        print!("\x1b[2J\x1b[H{table}");
         last = Some((Instant::now(), lines));
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(args.interval) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
     let _ = connection.close(200, "done".into()).await;
@@ -220,22 +209,19 @@ pub async fn queues(args: QueuesArgs, cancel: CancellationToken) -> anyhow::Resu
 }
 
 /// `ringpush who <gateway_id>`: the answer to "why did my phone not ring?".
-pub async fn who(args: WhoArgs) -> anyhow::Result<String> {
-    let pool = args.database.pool()?;
+pub async fn who(pool: &Pool, gateway_id: &str) -> anyhow::Result<String> {
     let mut out = String::new();
-    match crate::db::who(&pool, &args.gateway_id).await? {
+    match crate::db::who(pool, gateway_id).await? {
         None => {
             let _ = writeln!(
                 out,
-                "no gateway {:?}: its rings are acked and counted as unknown_gateway",
-                args.gateway_id
+                "no gateway {gateway_id:?}: its rings are acked and counted as unknown_gateway"
             );
         }
         Some((name, reach)) => {
             let _ = writeln!(
                 out,
-                "gateway {:?} ({name}): a ring now reaches {} phone(s)",
-                args.gateway_id,
+                "gateway {gateway_id:?} ({name}): a ring now reaches {} phone(s)",
                 reach.len()
             );
             let _ = writeln!(
@@ -262,25 +248,31 @@ pub async fn who(args: WhoArgs) -> anyhow::Result<String> {
 }
 
 /// `ringpush ring`: publishes rings as a gateway would, confirmed, at a steady rate.
-pub async fn ring(args: RingArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    crate::wire::ring::check_gateway_id(&args.gateway_id)?;
-    let names = args.broker.names();
-    let connection = broker::connect(&args.broker.amqp_url, "ringpush ring").await?;
+pub async fn ring(
+    amqp_url: &str,
+    names: &Names,
+    gateway_id: &str,
+    count: u64,
+    per_second: u32,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    crate::wire::ring::check_gateway_id(gateway_id)?;
+    let connection = broker::connect(amqp_url, "ringpush ring").await?;
     let channel = broker::confirm_channel(&connection).await?;
-    broker::declare(&channel, &names).await?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / args.per_second);
-    for _ in 0..args.count {
+    broker::declare(&channel, names).await?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+    for _ in 0..count {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
         let ring = RingEvent {
             event_id: crate::token::random_hex(16),
-            gateway_id: args.gateway_id.clone(),
+            gateway_id: gateway_id.to_owned(),
             pressed_at: time::OffsetDateTime::now_utc(),
             switch_id: None,
         };
-        broker::publish_ring(&channel, &names, &ring).await?;
+        broker::publish_ring(&channel, names, &ring).await?;
         println!("rang {} (event {})", ring.gateway_id, ring.event_id);
     }
     connection.close(200, "done".into()).await?;
@@ -288,16 +280,17 @@ pub async fn ring(args: RingArgs, cancel: CancellationToken) -> anyhow::Result<(
 }
 
 /// `ringpush seed`: a gateway with an owner and phones, unless it exists.
-pub async fn seed(args: SeedArgs) -> anyhow::Result<String> {
-    let pool = args.database.pool()?;
-    let created = crate::db::seed(&pool, &args.gateway_id, args.phones, &args.topic).await?;
+pub async fn seed(
+    pool: &Pool,
+    gateway_id: &str,
+    phones: u32,
+    topic: &str,
+) -> anyhow::Result<String> {
+    let created = crate::db::seed(pool, gateway_id, phones, topic).await?;
     Ok(if created {
-        format!(
-            "created gateway {} with {} phone(s)\n",
-            args.gateway_id, args.phones
-        )
+        format!("created gateway {gateway_id} with {phones} phone(s)\n")
     } else {
-        format!("gateway {} exists; nothing changed\n", args.gateway_id)
+        format!("gateway {gateway_id} exists; nothing changed\n")
     })
 }
 
@@ -345,38 +338,6 @@ mod tests {
             table.contains("RINGPUSH_MANAGEMENT_URL"),
             "says how to see unacked"
         );
-    }
-
-    #[test]
-    fn the_interval_is_seconds_or_a_duration() {
-        assert_eq!(interval("1"), Ok(Duration::from_secs(1)));
-        assert_eq!(interval("0.5"), Ok(Duration::from_millis(500)));
-        assert_eq!(interval("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(interval("500ms"), Ok(Duration::from_millis(500)));
-        for bad in ["0", "0s", "-1", "soon", "", "NaN", "inf"] {
-            let err = interval(bad).unwrap_err();
-            assert!(err.starts_with("--interval: "), "{bad:?}: {err}");
-        }
-        // As the command line takes it, and its default.
-        use clap::Parser as _;
-        let parse = |args: &[&str]| match crate::config::Cli::try_parse_from(args)
-            .map_err(|e| e.to_string())?
-            .command
-        {
-            crate::config::Command::Queues(q) => Ok(q.interval),
-            _ => Err("not queues".to_owned()),
-        };
-        let watch = ["ringpush", "queues", "--watch", "--interval"];
-        assert_eq!(
-            parse(&[&watch[..], &["1"]].concat()),
-            Ok(Duration::from_secs(1))
-        );
-        assert_eq!(
-            parse(&[&watch[..], &["2s"]].concat()),
-            Ok(Duration::from_secs(2))
-        );
-        assert_eq!(parse(&["ringpush", "queues"]), Ok(Duration::from_secs(2)));
-        assert!(parse(&[&watch[..], &["0"]].concat()).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use clap::CommandFactory;
-use ringpush::config::Cli;
+use ringpush::cli::Cli;
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn load(path: &str) -> Vec<Yaml> {
@@ -285,16 +285,12 @@ fn the_dashboard_plots_only_metrics_ringpush_exports() {
         tls,
         None,
     );
-    ringpush::metrics::register_worker(&mut registry, &counters, &client.into());
+    counters.register(&mut registry, &client.into());
     let depth = ringpush::metrics::QueueDepth::default();
     depth.register(&mut registry);
     depth.set("ringpush.rings", 0, 0);
-    registry.register_collector(Box::new(ringpush::metrics::FeedbackCollector(
-        Default::default(),
-    )));
-    registry.register_collector(Box::new(ringpush::metrics::PurgeCollector(
-        Default::default(),
-    )));
+    Arc::new(ringpush::feedback::Counters::default()).register(&mut registry);
+    Arc::new(ringpush::purge::Counters::default()).register(&mut registry);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     let families: BTreeSet<String> = text

@@ -1,0 +1,162 @@
+//! The long-running services' own flags — `worker`, `feedback`, `purge` — and the settings
+//! they become.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::apns::{ApnsArgs, ApnsTlsArgs};
+use super::values::{address, defaults, duration, positive, shown};
+use super::{config_error, ApnsProtocol, BrokerArgs, ConfigError, DatabaseArgs, MetricsArgs};
+use crate::apns::binary;
+use crate::apns::request::AlertTemplate;
+use crate::{feedback, purge, worker};
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub apns: ApnsArgs,
+    /// How long a ring is worth delivering after it was pressed.
+    #[arg(long, env = "RINGPUSH_RING_TTL", default_value = shown!(defaults::worker().ring_ttl), value_parser = duration("RINGPUSH_RING_TTL"))]
+    pub ring_ttl: Duration,
+    /// Unacked rings the broker may hand this worker at once.
+    #[arg(long, env = "RINGPUSH_PREFETCH", default_value_t = defaults::worker().prefetch, value_parser = positive::<u16>("RINGPUSH_PREFETCH"))]
+    pub prefetch: u16,
+    /// Most rings looked up by one database query.
+    #[arg(long, env = "RINGPUSH_BATCH_SIZE", default_value_t = defaults::worker().batch_size, value_parser = positive::<usize>("RINGPUSH_BATCH_SIZE"))]
+    pub batch_size: usize,
+    /// Attempts before a ring that keeps failing goes to the dead queue.
+    #[arg(long, env = "RINGPUSH_MAX_ATTEMPTS", default_value_t = defaults::worker().max_attempts, value_parser = positive::<u32>("RINGPUSH_MAX_ATTEMPTS"))]
+    pub max_attempts: u32,
+    /// Most requests one ring has in flight at once (a building's ring shares the streams).
+    #[arg(long, env = "RINGPUSH_RING_CONCURRENCY", default_value_t = defaults::worker().ring_concurrency, value_parser = positive::<usize>("RINGPUSH_RING_CONCURRENCY"))]
+    pub ring_concurrency: usize,
+    /// Largest body of one retry envelope; a ring with more pending tokens is split.
+    #[arg(long, env = "RINGPUSH_RETRY_MAX_BYTES", default_value_t = defaults::worker().retry_max_bytes, value_parser = positive::<usize>("RINGPUSH_RETRY_MAX_BYTES"))]
+    pub retry_max_bytes: usize,
+    /// On SIGTERM, how long rings in flight may take before they are handed back.
+    #[arg(long, env = "RINGPUSH_SHUTDOWN_GRACE", default_value = shown!(defaults::worker().grace), value_parser = duration("RINGPUSH_SHUTDOWN_GRACE"))]
+    pub shutdown_grace: Duration,
+    /// Alert title; `{gateway}` becomes the gateway's name.
+    #[arg(long, env = "RINGPUSH_ALERT_TITLE", default_value_t = defaults::worker().alert.title)]
+    pub alert_title: String,
+    /// Alert body; `{gateway}` becomes the gateway's name.
+    #[arg(long, env = "RINGPUSH_ALERT_BODY", default_value_t = defaults::worker().alert.body)]
+    pub alert_body: String,
+    /// `aps.sound`: `default` or a sound file in the app bundle.
+    #[arg(long, env = "RINGPUSH_ALERT_SOUND", default_value_t = defaults::worker().alert.sound)]
+    pub alert_sound: String,
+}
+
+impl WorkerArgs {
+    pub fn settings(&self) -> Result<worker::Settings, ConfigError> {
+        for (var, text) in [
+            ("RINGPUSH_ALERT_TITLE", &self.alert_title),
+            ("RINGPUSH_ALERT_BODY", &self.alert_body),
+        ] {
+            if text.len() > 1024 {
+                return Err(config_error(
+                    var,
+                    "is over 1024 bytes; APNs payloads are limited to 4096",
+                ));
+            }
+        }
+        if self.ring_ttl.is_zero() {
+            return Err(config_error("RINGPUSH_RING_TTL", "must be more than zero"));
+        }
+        if self.retry_max_bytes > crate::broker::MAX_BODY_BYTES {
+            return Err(config_error(
+                "RINGPUSH_RETRY_MAX_BYTES",
+                format!("must be at most {} bytes", crate::broker::MAX_BODY_BYTES),
+            ));
+        }
+        Ok(worker::Settings {
+            prefetch: self.prefetch,
+            batch_size: self.batch_size,
+            ring_ttl: self.ring_ttl,
+            default_topic: self.apns.apns_topic.clone(),
+            alert: AlertTemplate {
+                title: self.alert_title.clone(),
+                body: self.alert_body.clone(),
+                sound: self.alert_sound.clone(),
+            },
+            max_attempts: self.max_attempts,
+            ring_concurrency: self.ring_concurrency,
+            retry_max_bytes: self.retry_max_bytes,
+            grace: self.shutdown_grace,
+            ..worker::Settings::new(self.broker.names())
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FeedbackArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    /// A token reported again within this window produces no second purge request.
+    #[arg(long, env = "RINGPUSH_FEEDBACK_DEDUP_WINDOW", default_value = "10m", value_parser = duration("RINGPUSH_FEEDBACK_DEDUP_WINDOW"))]
+    pub dedup_window: Duration,
+    /// Unacked feedback events held at once.
+    #[arg(long, env = "RINGPUSH_FEEDBACK_PREFETCH", default_value = "100", value_parser = positive::<u16>("RINGPUSH_FEEDBACK_PREFETCH"))]
+    pub prefetch: u16,
+    /// With the binary protocol: also poll the legacy feedback service.
+    #[command(flatten)]
+    pub tls: ApnsTlsArgs,
+    /// Binary protocol: the legacy feedback service, host:port.
+    #[arg(long, env = "RINGPUSH_APNS_FEEDBACK_ADDR", default_value = binary::FEEDBACK, value_parser = address("RINGPUSH_APNS_FEEDBACK_ADDR"))]
+    pub apns_feedback_addr: binary::Address,
+    /// Binary protocol: how often the feedback service is polled (Apple advised daily).
+    #[arg(long, env = "RINGPUSH_APNS_FEEDBACK_INTERVAL", default_value = "1h", value_parser = duration("RINGPUSH_APNS_FEEDBACK_INTERVAL"))]
+    pub apns_feedback_interval: Duration,
+}
+
+impl FeedbackArgs {
+    pub fn settings(&self) -> Result<feedback::Settings, ConfigError> {
+        let service = match self.tls.apns_protocol {
+            ApnsProtocol::Http2 => None,
+            ApnsProtocol::Binary => Some(feedback::Service {
+                address: self.apns_feedback_addr.clone(),
+                tls: self.tls.binary_tls()?,
+                every: self.apns_feedback_interval,
+            }),
+        };
+        Ok(feedback::Settings {
+            names: self.broker.names(),
+            prefetch: self.prefetch,
+            dedup_window: self.dedup_window,
+            service,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Most purge requests per DELETE statement.
+    #[arg(long, env = "RINGPUSH_PURGE_BATCH_SIZE", default_value = "100", value_parser = positive::<usize>("RINGPUSH_PURGE_BATCH_SIZE"))]
+    pub batch_size: usize,
+}
+
+impl PurgeArgs {
+    pub fn settings(&self) -> purge::Settings {
+        purge::Settings {
+            names: self.broker.names(),
+            prefetch: (self.batch_size * 2).min(u16::MAX as usize) as u16,
+            batch_size: self.batch_size,
+            db_retry_delay: Duration::from_secs(1),
+        }
+    }
+}
