@@ -37,9 +37,6 @@ pub mod token;
 pub mod wire;
 pub mod worker;
 
-// Temporary: the old paths, while files not yet updated still name them.
-pub use wire::{retry, ring};
-
 // Temporary: `bench` still names `config::BenchArgs` until its argument becomes plain.
 #[doc(hidden)]
 pub use cli as config;
