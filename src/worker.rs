@@ -64,16 +64,8 @@ use crate::wire::feedback::Invalidation;
 use pause::{pause, Pause, Paused};
 use read::{read, Read};
 
-pub use broker::ERROR_HEADER;
-/// Header of the previous release counting how many times a ring had been sent to the retry
-/// tiers; still read, so that retries published before an upgrade go on where they were.
-pub const ATTEMPT_HEADER: &str = "x-ringpush-attempt";
-/// Header of the previous release listing the tokens a retried ring still had to reach (an
-/// AMQP header must fit in one frame, so it could not hold a building's phones: retries now
-/// carry them in the body, [`crate::wire::retry`]). Still read, never written.
-pub const PENDING_HEADER: &str = "x-ringpush-pending";
-/// Header counting how often a ring was handed back at shutdown (published again).
-pub const HANDBACK_HEADER: &str = "x-ringpush-handbacks";
+pub use crate::wire::retry::{ATTEMPT_HEADER, PENDING_HEADER};
+pub use crate::wire::{ERROR_HEADER, HANDBACK_HEADER};
 
 /// How a worker behaves.
 #[derive(Debug, Clone)]
