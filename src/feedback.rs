@@ -148,7 +148,7 @@ async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: 
                         "the feedback service lists tokens of removed apps"
                     );
                 }
-                let mut wait = Duration::from_millis(500);
+                let mut failures = 0;
                 while !events.is_empty() {
                     match publish_all(amqp_url, &ctx.settings.names.feedback, &events).await {
                         Ok(()) => {
@@ -158,12 +158,19 @@ async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: 
                             break;
                         }
                         Err(e) => {
-                            error!(error = %e, retry_in = ?wait, "cannot publish feedback-service tokens; retrying");
+                            // The one jittered backoff every reconnect uses.
+                            failures += 1;
+                            let wait = crate::backoff::jittered(
+                                Duration::from_millis(500),
+                                Duration::from_secs(30),
+                                failures,
+                            );
+                            let retry_in_ms = wait.as_millis() as u64;
+                            error!(error = %e, retry_in_ms, "cannot publish feedback-service tokens; retrying");
                             tokio::select! {
                                 _ = cancel.cancelled() => return,
                                 _ = tokio::time::sleep(wait) => {}
                             }
-                            wait = (wait * 2).min(Duration::from_secs(30));
                         }
                     }
                 }
@@ -279,4 +286,56 @@ async fn handle_batch(
         }
     }))
     .await;
+}
+
+/// The feedback consumer's counters at scrape time (registered where they are counted).
+#[derive(Debug)]
+struct Scrape(Arc<Counters>);
+
+impl prometheus_client::collector::Collector for Scrape {
+    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use crate::metrics::encode;
+        let c = &self.0;
+        let get = Counters::get;
+        encode::counters(
+            &mut e,
+            "feedback_events",
+            "Feedback events by what became of them.",
+            "outcome",
+            &[
+                ("read", get(&c.events)),
+                ("duplicate", get(&c.duplicates)),
+                ("dead_lettered", get(&c.dead_lettered)),
+                ("acked", get(&c.acked)),
+            ],
+        )?;
+        encode::counter(
+            &mut e,
+            "purge_requests_published",
+            "Purge requests published.",
+            get(&c.purge_requests),
+        )
+    }
+}
+
+impl Counters {
+    /// Registers the feedback consumer's metrics.
+    pub fn register(self: &Arc<Self>, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(Scrape(self.clone())));
+    }
+
+    /// `/readyz`: consuming.
+    pub fn ready_check(self: &Arc<Self>) -> crate::metrics::ReadyCheck {
+        let counters = self.clone();
+        Arc::new(move || {
+            let connected = counters
+                .broker_connected
+                .load(std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async move {
+                connected
+                    .then_some(())
+                    .ok_or_else(|| "not connected to the broker".to_owned())
+            })
+        })
+    }
 }

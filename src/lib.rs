@@ -26,6 +26,7 @@ pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod db;
+pub mod http;
 pub mod demo;
 pub mod feedback;
 pub mod metrics;

@@ -313,3 +313,59 @@ async fn requeue(acks: &Acks, delivery: &Delivery) {
         error!(error = %e, "nack failed; the broker will redeliver");
     }
 }
+
+/// The purger's counters at scrape time (registered where they are counted).
+#[derive(Debug)]
+struct Scrape(Arc<Counters>);
+
+impl prometheus_client::collector::Collector for Scrape {
+    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use crate::metrics::encode;
+        let c = &self.0;
+        let get = Counters::get;
+        encode::counters(
+            &mut e,
+            "purge_requests",
+            "Purge requests by what became of them.",
+            "outcome",
+            &[
+                ("read", get(&c.requests)),
+                ("dead_lettered", get(&c.dead_lettered)),
+                ("acked", get(&c.acked)),
+            ],
+        )?;
+        encode::counters(
+            &mut e,
+            "tokens",
+            "Tokens the purger deleted, or kept (registered again since, or already gone).",
+            "outcome",
+            &[("purged", get(&c.purged)), ("kept", get(&c.kept))],
+        )
+    }
+}
+
+impl Counters {
+    /// Registers the purger's metrics.
+    pub fn register(self: &Arc<Self>, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(Scrape(self.clone())));
+    }
+
+    /// `/readyz`: consuming, with the database answering.
+    pub fn ready_check(self: &Arc<Self>, pool: Pool) -> crate::metrics::ReadyCheck {
+        let counters = self.clone();
+        Arc::new(move || {
+            let connected = counters
+                .broker_connected
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let pool = pool.clone();
+            Box::pin(async move {
+                if !connected {
+                    return Err("not connected to the broker".into());
+                }
+                crate::db::ping(&pool)
+                    .await
+                    .map_err(|e| format!("database: {e}"))
+            })
+        })
+    }
+}

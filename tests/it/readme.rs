@@ -257,18 +257,10 @@ impl Drop for World {
 
 /// GET `path` on `addr`: (status, body); `None` while nothing answers.
 async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: readme\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+    let r = ringpush::http::get(&format!("http://{addr}{path}"), Duration::from_secs(5))
         .await
-        .ok()?
         .ok()?;
-    let status = response.get(9..12)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
+    Some((r.status, r.body))
 }
 
 /// Waits up to 60 s for `check` to hold; fails the test with `what` otherwise.

@@ -332,8 +332,8 @@ impl App {
             false => None,
             true => {
                 let mut registry = ringpush::metrics::registry();
-                ringpush::metrics::register_worker(&mut registry, &counters, &worker_apns);
-                let ready = ringpush::metrics::worker_ready(counters.clone(), worker_pool.clone());
+                counters.register(&mut registry, &worker_apns);
+                let ready = counters.ready_check(worker_pool.clone());
                 let addr = ringpush::metrics::observe(
                     "127.0.0.1:0".parse().unwrap(),
                     registry,
@@ -385,22 +385,11 @@ impl App {
 
     /// GETs a path of the worker's metrics server: (status, body).
     pub async fn scrape(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr.expect("metrics are on"))
+        let addr = self.metrics_addr.expect("metrics are on");
+        let r = ringpush::http::get(&format!("http://{addr}{path}"), Duration::from_secs(30))
             .await
             .unwrap();
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        let status = response[9..12].parse().unwrap();
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        (r.status, r.body)
     }
 
     /// Starts `ringpush worker` in this test.
