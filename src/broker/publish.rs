@@ -192,6 +192,16 @@ pub async fn publish_ring(
     .await
 }
 
+/// Feedback events and purge requests go out here, beside rings, so that [`crate::wire`]
+/// stays free of the broker.
+impl crate::wire::feedback::Invalidation {
+    /// Publishes this invalidation to `queue`, persistent and confirmed.
+    pub async fn publish(&self, channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+        let properties = BasicProperties::default().with_content_type("application/json".into());
+        publish_confirmed(channel, "", queue, &self.to_json(), properties).await
+    }
+}
+
 /// Copies `properties` with one header added or replaced.
 pub fn with_header(properties: &BasicProperties, name: &str, value: AMQPValue) -> BasicProperties {
     let mut headers = properties.headers().clone().unwrap_or_default();

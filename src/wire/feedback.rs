@@ -1,6 +1,7 @@
 //! Feedback event v1 (worker → `ringpush.feedback`) and purge request v1 (feedback consumer
 //! → `ringpush.purge`): one JSON shape under two names (DESIGN.md), read only through
-//! [`Invalidation::parse`]; the version rules are in [`crate::wire`].
+//! [`Invalidation::parse`]; the version rules are in [`crate::wire`]. (Publishing one is the
+//! broker's: `Invalidation::publish` is in [`crate::broker`].)
 //!
 //! ```json
 //! {"v": 1, "token": "ab12…", "environment": "production", "topic": "com.example.doorbell",
@@ -8,12 +9,10 @@
 //!  "observed_at": "2026-11-28T09:15:02.300Z"}
 //! ```
 
-use lapin::{BasicProperties, Channel};
 use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::time::{format_rfc3339, parse_rfc3339, TimeError};
-use crate::broker;
 use crate::token::{DeviceToken, Environment};
 
 /// A token APNs (or the legacy feedback service) says is no longer valid.
@@ -112,12 +111,6 @@ impl Invalidation {
             "observed_at": format_rfc3339(self.observed_at),
         }))
         .expect("a JSON value serialises")
-    }
-
-    /// Publishes this invalidation to `queue`, persistent and confirmed.
-    pub async fn publish(&self, channel: &Channel, queue: &str) -> Result<(), broker::BrokerError> {
-        let properties = BasicProperties::default().with_content_type("application/json".into());
-        broker::publish_confirmed(channel, "", queue, &self.to_json(), properties).await
     }
 }
 
