@@ -7,7 +7,10 @@
 //! 2. the broker's ceiling: a bare lapin consume-and-ack loop over the same messages;
 //! 3. the APNs leg: ringpush's client against a bare `h2` loop and the peers
 //!    (`@parse/node-apn`, `aioapns`, driven by `bench/peers/`), each against a mock process;
-//! 4. the legacy binary interface: frames/s to the mock's gateway port.
+//! 4. the legacy binary interface: frames/s to the mock's gateway port;
+//! 5. building rings (after 1, with a worker of its own): ring-to-accepted of ordinary rings
+//!    at a quarter of the drain rate, alone and while a 3,000-token ring is published every
+//!    second, the building rings' own time to their last token, and the worker's peak RSS.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -75,8 +78,66 @@ pub struct Report {
     pub soak_seconds: Option<f64>,
     pub soak_rings_per_s: Option<f64>,
     pub soak_rss_mb: Vec<f64>,
+    /// Ordinary rings alone and beside building rings (see [`Building`]).
+    pub building: Option<Building>,
     pub notes: Vec<String>,
 }
+
+/// Is a ring of thousands of tokens shared fairly? Ordinary rings published live at a
+/// quarter of the drain rate, (A) alone and (B) while one building ring a second is
+/// published beside them: [`BUILDING_ROUNDS`] windows of each, [`BUILDING_WINDOW_SECS`]
+/// each, in turns (A, B, A, B, …), each kind's histograms pooled; a worker process of its
+/// own (whose per-ring log lines time the building rings).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Building {
+    /// Tokens of the building's ring (1,500 sharees × 2 phones; the owner has none).
+    pub tokens: usize,
+    pub building_rings_per_s: f64,
+    pub window_seconds: f64,
+    /// Windows of each kind.
+    pub rounds: usize,
+    /// (A) the ordinary rings alone, pooled over its windows.
+    pub alone: Window,
+    /// (B) the same beside the building rings: `p50_ms`/`p99_ms` are the ordinary rings'
+    /// ring-to-accepted alone; `apns_*` and `cores` are of everything.
+    pub beside_building: Window,
+    /// p99 (B) / p99 (A), pooled: the target is ≤ 2.
+    pub p99_ratio: Option<f64>,
+    pub target_met: Option<bool>,
+    /// Each round on its own: how much the host moved between windows, and whether the
+    /// worker's memory grows with the building rings.
+    pub each_round: Vec<Round>,
+    /// Each building ring of (B), in order: from its publishing (its `pressed_at` is set
+    /// [`BESIDE_PRESSED_BEFORE`] earlier) to the worker's `ring delivered` line, written
+    /// once its last token has its answer, ms.
+    pub building_last_accepted_ms: Vec<f64>,
+    /// The worker's peak RSS (`VmHWM`) over the first (A) window, before any building ring,
+    /// and over the (B) windows, MB.
+    pub worker_peak_rss_alone_mb: f64,
+    pub worker_peak_rss_beside_mb: f64,
+    /// Whether each peak is its window's own (`VmHWM` reset through `/proc/<pid>/clear_refs`
+    /// before each window) or the process's since it started.
+    pub rss_peak_per_window: bool,
+}
+
+/// One (A) window and the (B) window after it.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Round {
+    pub alone_p99_ms: Option<f64>,
+    pub beside_p99_ms: Option<f64>,
+    /// The worker's peak RSS over each of the two windows, MB.
+    pub alone_peak_rss_mb: f64,
+    pub beside_peak_rss_mb: f64,
+}
+
+/// The building gateway, its sharees and phones each.
+const BUILDING: &str = "bench-building";
+const BUILDING_SHAREES: i32 = 1_500;
+const BUILDING_PHONES: i32 = 2;
+/// Length of each window of the building part, and how many of each kind (A, B) it runs,
+/// in turns.
+const BUILDING_WINDOW_SECS: f64 = 5.0;
+const BUILDING_ROUNDS: usize = 3;
 
 /// Rings published live (with confirms, as gateways do) at a fixed rate for 5 s while the
 /// worker runs: its ring-to-accepted latency and who used the cores.
@@ -270,8 +331,9 @@ fn p50_p99(mut latencies: Vec<f64>) -> (Option<f64>, Option<f64>) {
     (at(0.5), at(0.99))
 }
 
-fn quantiles_ms(before: &[(f64, f64)], after: &[(f64, f64)]) -> (Option<f64>, Option<f64>) {
-    let delta: Vec<(f64, f64)> = after
+/// The cumulative buckets of what a histogram counted between two scrapes.
+fn delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
         .iter()
         .map(|&(le, n)| {
             (
@@ -279,9 +341,27 @@ fn quantiles_ms(before: &[(f64, f64)], after: &[(f64, f64)]) -> (Option<f64>, Op
                 n - before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1),
             )
         })
-        .collect();
-    let q = |p| crate::metrics::quantile(&delta, p).map(|s| s * 1000.0);
+        .collect()
+}
+
+/// Median and 99th percentile (ms) of cumulative buckets in seconds, interpolated.
+fn quantiles_of(buckets: &[(f64, f64)]) -> (Option<f64>, Option<f64>) {
+    let q = |p| crate::metrics::quantile(buckets, p).map(|s| s * 1000.0);
     (q(0.5), q(0.99))
+}
+
+fn quantiles_ms(before: &[(f64, f64)], after: &[(f64, f64)]) -> (Option<f64>, Option<f64>) {
+    quantiles_of(&delta(before, after))
+}
+
+/// Takes `n` observations out of the `+Inf` bucket (never below the last finite bucket's
+/// count): the notifications of rings pressed so far back that each of them is there.
+fn leave_out_above_last_bucket(buckets: &mut [(f64, f64)], n: f64) {
+    if let [.., (_, last_finite), (le, inf)] = buckets {
+        if le.is_infinite() {
+            *inf = (*inf - n).max(*last_finite);
+        }
+    }
 }
 
 /// Runs the benchmark and cleans up after it.
@@ -465,29 +545,14 @@ async fn end_to_end(
 
     // One worker process.
     let metrics_port = free_port();
-    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("worker")
-        .env("RINGPUSH_AMQP_URL", &args.local.amqp_url)
-        .env("RINGPUSH_QUEUE_PREFIX", &names.prefix)
-        .env("RINGPUSH_DATABASE_URL", &db_url)
-        .env(
-            "RINGPUSH_APNS_PRODUCTION_URL",
-            format!("https://localhost:{}", mock.port),
-        )
-        .env(
-            "RINGPUSH_APNS_SANDBOX_URL",
-            format!("https://localhost:{}", mock.port),
-        )
-        .env("RINGPUSH_APNS_CA_FILE", mock.cert_dir.join("ca.pem"))
-        .env("RINGPUSH_APNS_KEY_FILE", &key_file)
-        .env("RINGPUSH_APNS_KEY_ID", "BENCHKEY01")
-        .env("RINGPUSH_APNS_TEAM_ID", "BENCHTEAM1")
-        .env("RINGPUSH_RING_TTL", "600s")
-        .env("RINGPUSH_PREFETCH", args.prefetch.to_string())
-        .env("RINGPUSH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
+    let worker_of = WorkerOf {
+        args,
+        names,
+        db_url: &db_url,
+        mock: &mock,
+        key_file: &key_file,
+    };
+    let mut worker = worker_of.spawn(metrics_port, None)?;
     let pid = worker.id().expect("a running worker").to_string();
     let (services0, machine0, mock0) = (service_cpu(), machine_busy_seconds(), mock.cpu());
     let started = Instant::now();
@@ -566,12 +631,253 @@ async fn end_to_end(
         report.e2e_worker_peak_rss_mb = peak_rss_mb(&pid);
     }
 
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    let _ = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
+    stop(&mut worker).await;
+
+    // Building rings beside ordinary ones, with a worker of its own (see `building`).
+    let quarter = report.e2e_rings_per_s / 4.0;
+    report.building = Some(building(&worker_of, &pool, &channel, quarter, &ring, dir).await?);
     let _ = connection.close(200, "done".into()).await;
     Ok(())
+}
+
+/// The building part (see [`Building`]): seeds the building gateway beside the fleet,
+/// starts a worker of its own, warms it up with 2 s of ordinary rings, then runs (A) and
+/// (B) at `rate` ordinary rings a second.
+async fn building(
+    worker_of: &WorkerOf<'_>,
+    pool: &deadpool_postgres::Pool,
+    channel: &lapin::Channel,
+    rate: f64,
+    ring: &impl Fn(usize) -> RingEvent,
+    dir: &Path,
+) -> anyhow::Result<Building> {
+    let tokens = {
+        let client = pool.get().await?;
+        // Shares of a fleet first: each ordinary gateway lists its own owner as a sharee
+        // (`UNION` drops the repeat: its rings still reach the same 4 phones). With the
+        // building's 1,500 shares the only ones, the statistics say every gateway has 1,500
+        // sharees and PostgreSQL's generic plan for the lookup turns into a hash join over
+        // every token: 15 ms per lookup instead of 0.1 ms, for ordinary rings too (see
+        // BENCHMARKS.md).
+        client
+            .execute(
+                "INSERT INTO gateway_shares (gateway_id, user_id) SELECT id, owner_id FROM gateways",
+                &[],
+            )
+            .await?;
+        client
+            .execute(
+                "WITH owner AS (INSERT INTO users DEFAULT VALUES RETURNING id)
+                 INSERT INTO gateways (id, owner_id, name) SELECT $1::text, id, 'Building' FROM owner",
+                &[&BUILDING],
+            )
+            .await?;
+        client
+            .execute(
+                "WITH u AS (INSERT INTO users SELECT FROM generate_series(1, $2::int) RETURNING id),
+                      s AS (INSERT INTO gateway_shares (gateway_id, user_id)
+                            SELECT $1::text, id FROM u RETURNING user_id)
+                 INSERT INTO push_tokens (token, user_id, topic)
+                 SELECT md5(random()::text) || md5(random()::text), s.user_id, 'com.example.doorbell'
+                 FROM s, generate_series(1, $3::int)",
+                &[&BUILDING, &BUILDING_SHAREES, &BUILDING_PHONES],
+            )
+            .await?;
+        client.batch_execute("ANALYZE").await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM push_tokens t JOIN gateway_shares s USING (user_id)
+                 WHERE s.gateway_id = $1::text",
+                &[&BUILDING],
+            )
+            .await?;
+        row.get::<_, i64>(0) as usize
+    };
+
+    let metrics_port = free_port();
+    let log = dir.join("building-worker.log");
+    let mut worker = worker_of.spawn(metrics_port, Some(&log))?;
+    let pid = worker.id().expect("a running worker").to_string();
+    let started = Instant::now();
+    while scrape(metrics_port).await.is_err() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the building part's worker did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let live = Live {
+        channel,
+        names: worker_of.names,
+        metrics_port,
+        pid: &pid,
+        mock: worker_of.mock,
+        fanout: worker_of.args.fanout,
+    };
+    // Connections up, stream limits raised, pools filled: not measured.
+    live.window_with(rate, 2.0, ring, None).await?;
+
+    let mut report = Building {
+        tokens,
+        building_rings_per_s: 1.0,
+        window_seconds: BUILDING_WINDOW_SECS,
+        rounds: BUILDING_ROUNDS,
+        ..Building::default()
+    };
+    let presses = std::sync::Mutex::new(HashMap::new());
+    let building_ring = |_| {
+        let now = OffsetDateTime::now_utc();
+        let ring = RingEvent {
+            event_id: random_hex(16),
+            gateway_id: BUILDING.into(),
+            pressed_at: now - BESIDE_PRESSED_BEFORE,
+            switch_id: None,
+        };
+        presses.lock().unwrap().insert(ring.event_id.clone(), now);
+        ring
+    };
+    // (A) and (B) in turns, pooled: the host's slow spells fall on both.
+    let (mut alone, mut beside) = (Counted::default(), Counted::default());
+    report.rss_peak_per_window = true;
+    for _ in 0..BUILDING_ROUNDS {
+        report.rss_peak_per_window &= reset_peak_rss(&pid);
+        let a = live
+            .window_with(rate, BUILDING_WINDOW_SECS, ring, None)
+            .await?;
+        let alone_peak_rss_mb = peak_rss_mb(&pid);
+        report.rss_peak_per_window &= reset_peak_rss(&pid);
+        let building = Beside {
+            per_s: report.building_rings_per_s,
+            tokens,
+            ring: &building_ring,
+        };
+        let b = live
+            .window_with(rate, BUILDING_WINDOW_SECS, ring, Some(building))
+            .await?;
+        report.each_round.push(Round {
+            alone_p99_ms: a.window().p99_ms,
+            beside_p99_ms: b.window().p99_ms,
+            alone_peak_rss_mb,
+            beside_peak_rss_mb: peak_rss_mb(&pid),
+        });
+        alone.add(a);
+        beside.add(b);
+    }
+    stop(&mut worker).await;
+    report.alone = alone.window();
+    report.beside_building = beside.window();
+    // The first (A) window is before any building ring; later ones keep what the
+    // allocator kept.
+    report.worker_peak_rss_alone_mb = report.each_round[0].alone_peak_rss_mb;
+    report.worker_peak_rss_beside_mb = report
+        .each_round
+        .iter()
+        .map(|r| r.beside_peak_rss_mb)
+        .fold(0.0, f64::max);
+
+    if let (Some(a), Some(b)) = (report.alone.p99_ms, report.beside_building.p99_ms) {
+        report.p99_ratio = Some(b / a);
+        report.target_met = Some(b / a <= 2.0);
+    }
+    let presses = presses.into_inner().unwrap();
+    let mut done = delivered_at(&std::fs::read_to_string(&log)?, BUILDING)
+        .into_iter()
+        .filter_map(|(event, at)| {
+            let pressed = presses.get(&event)?;
+            Some((*pressed, (at - *pressed).as_seconds_f64() * 1000.0))
+        })
+        .collect::<Vec<_>>();
+    done.sort_by_key(|d| d.0);
+    report.building_last_accepted_ms = done.into_iter().map(|d| d.1).collect();
+    Ok(report)
+}
+
+/// Resets a process's peak RSS (`VmHWM`) to its current RSS; false if it cannot.
+fn reset_peak_rss(pid: &str) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// `(event_id, time)` of each `ring delivered` line of `gateway` in a worker's JSON log.
+fn delivered_at(log: &str, gateway: &str) -> Vec<(String, OffsetDateTime)> {
+    log.lines()
+        .filter_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let fields = v.get("fields")?;
+            if fields.get("message")?.as_str()? != "ring delivered"
+                || fields.get("gateway")?.as_str()? != gateway
+            {
+                return None;
+            }
+            let at = OffsetDateTime::parse(
+                v.get("timestamp")?.as_str()?,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .ok()?;
+            Some((fields.get("event")?.as_str()?.to_owned(), at))
+        })
+        .collect()
+}
+
+/// Stops a worker process as Kubernetes would (SIGTERM) and waits for it (at most 30 s).
+async fn stop(worker: &mut tokio::process::Child) {
+    if let Some(pid) = worker.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
+}
+
+/// What a `ringpush worker` process of the bench is started with.
+struct WorkerOf<'a> {
+    args: &'a BenchArgs,
+    names: &'a Names,
+    db_url: &'a str,
+    mock: &'a MockProcess,
+    key_file: &'a Path,
+}
+
+impl WorkerOf<'_> {
+    /// Starts one worker against the mock, serving `/metrics` on `metrics_port`. Its logs
+    /// are warnings only, or — with `info_log` — its per-ring lines too, as JSON, into that
+    /// file. The worker's other variables come from the bench's environment.
+    fn spawn(
+        &self,
+        metrics_port: u16,
+        info_log: Option<&Path>,
+    ) -> anyhow::Result<tokio::process::Child> {
+        let mock = self.mock;
+        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        command
+            .arg("worker")
+            .env("RINGPUSH_AMQP_URL", &self.args.local.amqp_url)
+            .env("RINGPUSH_QUEUE_PREFIX", &self.names.prefix)
+            .env("RINGPUSH_DATABASE_URL", self.db_url)
+            .env(
+                "RINGPUSH_APNS_PRODUCTION_URL",
+                format!("https://localhost:{}", mock.port),
+            )
+            .env(
+                "RINGPUSH_APNS_SANDBOX_URL",
+                format!("https://localhost:{}", mock.port),
+            )
+            .env("RINGPUSH_APNS_CA_FILE", mock.cert_dir.join("ca.pem"))
+            .env("RINGPUSH_APNS_KEY_FILE", self.key_file)
+            .env("RINGPUSH_APNS_KEY_ID", "BENCHKEY01")
+            .env("RINGPUSH_APNS_TEAM_ID", "BENCHTEAM1")
+            .env("RINGPUSH_RING_TTL", "600s")
+            .env("RINGPUSH_PREFETCH", self.args.prefetch.to_string())
+            .env("RINGPUSH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        if let Some(file) = info_log {
+            command
+                .env("RUST_LOG", "warn,ringpush::worker=info")
+                .env("RINGPUSH_LOG_FORMAT", "json")
+                .stderr(std::fs::File::create(file)?);
+        }
+        Ok(command.spawn()?)
+    }
 }
 
 /// What a live-publishing window needs from the end-to-end run.
@@ -584,12 +890,39 @@ struct Live<'a> {
     fanout: usize,
 }
 
+/// Rings published beside a window's measured ones (the building rings): `per_s` rings of
+/// `tokens` tokens each, made by `ring` with a `pressed_at` [`BESIDE_PRESSED_BEFORE`] back.
+/// Their notifications fall above the last bucket of the worker's ring-to-accepted
+/// histogram, so the window's latency leaves them out and is that of the measured rings.
+struct Beside<'a> {
+    per_s: f64,
+    tokens: usize,
+    ring: &'a (dyn Fn(usize) -> RingEvent + Sync),
+}
+
+/// How far back a ring beside the measured ones is pressed: beyond the histogram's last
+/// bucket (about 19 s), well within the bench worker's 600 s ring TTL.
+const BESIDE_PRESSED_BEFORE: time::Duration = time::Duration::seconds(60);
+
 impl Live<'_> {
     /// Publishes rings at `rate` for 5 s, waits until the worker has every notification
     /// accepted (at most 60 s), and reads the worker's histograms over the window.
     async fn window(&self, rate: f64, ring: impl Fn(usize) -> RingEvent) -> anyhow::Result<Window> {
+        Ok(self.window_with(rate, 5.0, ring, None).await?.window())
+    }
+
+    /// [`Live::window`] for `secs`, with `beside` rings published at their own pace over
+    /// the same time (their notifications are waited for too, but not in the latency; the
+    /// APNs request latency is of every request).
+    async fn window_with(
+        &self,
+        rate: f64,
+        secs: f64,
+        ring: impl Fn(usize) -> RingEvent,
+        beside: Option<Beside<'_>>,
+    ) -> anyhow::Result<Counted> {
         let rate = rate.max(1.0);
-        let n = (rate * 5.0) as usize;
+        let n = (rate * secs) as usize;
         let accepted = r#"ringpush_notifications_total{outcome="accepted"}"#;
         let body_before = scrape(self.metrics_port).await?;
         let before = buckets(&body_before, "ringpush_ring_to_accepted_seconds");
@@ -597,13 +930,24 @@ impl Live<'_> {
         let count_before = sample(&body_before, accepted);
         let (services0, machine0, mock0) = (service_cpu(), machine_busy_seconds(), self.mock.cpu());
         let (worker0, bench0, started) = (cpu_seconds(self.pid), self_cpu(), Instant::now());
-        let published = paced(rate, n, |i| {
-            let (channel, r, names) = (self.channel.clone(), ring(i), self.names.clone());
+        let publish = |r: RingEvent| {
+            let (channel, names) = (self.channel.clone(), self.names.clone());
             async move { broker::publish_ring(&channel, &names, &r).await }
-        })
-        .await?;
-        published.into_iter().collect::<Result<(), _>>()?;
-        let target = count_before + (n * self.fanout) as f64;
+        };
+        let n_beside = beside.as_ref().map_or(0, |b| (b.per_s * secs) as usize);
+        let (published, published_beside) =
+            tokio::join!(paced(rate, n, |i| publish(ring(i))), async {
+                match &beside {
+                    Some(b) if n_beside > 0 => {
+                        paced(b.per_s, n_beside, |i| publish((b.ring)(i))).await
+                    }
+                    _ => Ok(Vec::new()),
+                }
+            });
+        published?.into_iter().collect::<Result<(), _>>()?;
+        published_beside?.into_iter().collect::<Result<(), _>>()?;
+        let beside_notifications = (n_beside * beside.as_ref().map_or(0, |b| b.tokens)) as f64;
+        let target = count_before + (n * self.fanout) as f64 + beside_notifications;
         let mut after = String::new();
         while started.elapsed() < Duration::from_secs(65) {
             after = scrape(self.metrics_port).await?;
@@ -613,31 +957,82 @@ impl Live<'_> {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         let secs = started.elapsed().as_secs_f64();
-        let mut cores = service_cores(&services0, &service_cpu(), secs);
+        // CPU seconds by process (cores × seconds), so that windows can be pooled.
+        let mut cpu: BTreeMap<String, f64> = service_cores(&services0, &service_cpu(), 1.0);
         for (name, used) in [
-            ("worker", (cpu_seconds(self.pid) - worker0) / secs),
-            ("mock", (self.mock.cpu() - mock0) / secs),
-            ("bench", (self_cpu() - bench0) / secs),
-            ("machine", (machine_busy_seconds() - machine0) / secs),
+            ("worker", cpu_seconds(self.pid) - worker0),
+            ("mock", self.mock.cpu() - mock0),
+            ("bench", self_cpu() - bench0),
+            ("machine", machine_busy_seconds() - machine0),
         ] {
-            cores.insert(name.into(), used);
+            cpu.insert(name.into(), used);
         }
-        let (p50_ms, p99_ms) = quantiles_ms(
+        let mut ring_to_accepted = delta(
             &before,
             &buckets(&after, "ringpush_ring_to_accepted_seconds"),
         );
-        let (apns_p50_ms, apns_p99_ms) = quantiles_ms(
-            &apns_before,
-            &buckets(&after, "ringpush_apns_request_seconds"),
-        );
-        Ok(Window {
-            rings_per_s: rate,
+        leave_out_above_last_bucket(&mut ring_to_accepted, beside_notifications);
+        Ok(Counted {
+            rate,
+            secs,
+            ring_to_accepted,
+            apns: delta(
+                &apns_before,
+                &buckets(&after, "ringpush_apns_request_seconds"),
+            ),
+            cpu,
+        })
+    }
+}
+
+/// What one or more windows at the same rate counted: histogram buckets (deltas) and CPU
+/// seconds by process, over `secs`.
+#[derive(Debug, Default)]
+struct Counted {
+    rate: f64,
+    secs: f64,
+    ring_to_accepted: Vec<(f64, f64)>,
+    apns: Vec<(f64, f64)>,
+    cpu: BTreeMap<String, f64>,
+}
+
+impl Counted {
+    /// Pools another window's counts into these (the same histograms, the same buckets).
+    fn add(&mut self, other: Counted) {
+        let sum = |mine: &mut Vec<(f64, f64)>, theirs: Vec<(f64, f64)>| {
+            if mine.is_empty() {
+                *mine = theirs;
+            } else {
+                for (m, t) in mine.iter_mut().zip(theirs) {
+                    m.1 += t.1;
+                }
+            }
+        };
+        sum(&mut self.ring_to_accepted, other.ring_to_accepted);
+        sum(&mut self.apns, other.apns);
+        for (name, seconds) in other.cpu {
+            *self.cpu.entry(name).or_default() += seconds;
+        }
+        self.rate = other.rate;
+        self.secs += other.secs;
+    }
+
+    fn window(&self) -> Window {
+        let (p50_ms, p99_ms) = quantiles_of(&self.ring_to_accepted);
+        let (apns_p50_ms, apns_p99_ms) = quantiles_of(&self.apns);
+        let secs = self.secs.max(f64::MIN_POSITIVE);
+        Window {
+            rings_per_s: self.rate,
             p50_ms,
             p99_ms,
             apns_p50_ms,
             apns_p99_ms,
-            cores,
-        })
+            cores: self
+                .cpu
+                .iter()
+                .map(|(k, v)| (k.clone(), v / secs))
+                .collect(),
+        }
     }
 }
 
@@ -1141,6 +1536,81 @@ impl std::fmt::Display for Report {
             "  frames/s                     {:>10.0}",
             self.binary_frames_per_s
         )?;
+        if let Some(b) = &self.building {
+            writeln!(
+                f,
+                "building rings ({} tokens, {:.0}/s) beside ordinary rings at {:.0}/s, {} × {:.0} s each, own worker",
+                b.tokens, b.building_rings_per_s, b.alone.rings_per_s, b.rounds, b.window_seconds
+            )?;
+            for (name, w) in [("alone", &b.alone), ("beside building", &b.beside_building)] {
+                writeln!(
+                    f,
+                    "  ordinary ring→accepted, {name:<16} p50 {} p99 {}",
+                    ms(w.p50_ms),
+                    ms(w.p99_ms)
+                )?;
+                writeln!(
+                    f,
+                    "    every APNs request           p50 {} p99 {}",
+                    ms(w.apns_p50_ms),
+                    ms(w.apns_p99_ms)
+                )?;
+                writeln!(f, "    cores                        {}", cores(&w.cores))?;
+            }
+            let verdict = match b.target_met {
+                Some(true) => "met",
+                Some(false) => "missed",
+                None => "not measured",
+            };
+            writeln!(
+                f,
+                "  p99 beside / alone             {} (target ≤ 2: {verdict})",
+                b.p99_ratio.map_or("-".to_owned(), |r| format!("{r:.2}"))
+            )?;
+            let rounds: Vec<String> = b
+                .each_round
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} / {} ({:.0} / {:.0} MB)",
+                        ms(r.alone_p99_ms),
+                        ms(r.beside_p99_ms),
+                        r.alone_peak_rss_mb,
+                        r.beside_peak_rss_mb
+                    )
+                })
+                .collect();
+            writeln!(
+                f,
+                "  each round: p99 alone / beside (worker peak RSS) {}",
+                rounds.join(", ")
+            )?;
+            let last: Vec<String> = b
+                .building_last_accepted_ms
+                .iter()
+                .map(|m| format!("{m:.0}"))
+                .collect();
+            writeln!(
+                f,
+                "  building ring pressed → last token (ms) {}",
+                if last.is_empty() {
+                    "-".to_owned()
+                } else {
+                    last.join(" ")
+                }
+            )?;
+            writeln!(
+                f,
+                "  worker peak RSS alone / beside {:.1} / {:.1} MB{}",
+                b.worker_peak_rss_alone_mb,
+                b.worker_peak_rss_beside_mb,
+                if b.rss_peak_per_window {
+                    ""
+                } else {
+                    " (since start)"
+                }
+            )?;
+        }
         Ok(())
     }
 }
@@ -1148,6 +1618,40 @@ impl std::fmt::Display for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rings_pressed_long_ago_are_left_out_of_the_last_bucket() {
+        let mut b = vec![
+            (0.001, 90.0),
+            (0.01, 99.0),
+            (20.0, 100.0),
+            (f64::INFINITY, 3100.0),
+        ];
+        leave_out_above_last_bucket(&mut b, 3000.0);
+        assert_eq!(b[3], (f64::INFINITY, 100.0));
+        let p99 = quantiles_of(&b).1.unwrap();
+        assert!((p99 - 10.0).abs() < 1e-9, "{p99}");
+        // Never below the finite buckets: what is measured stays.
+        leave_out_above_last_bucket(&mut b, 3000.0);
+        assert_eq!(b[3], (f64::INFINITY, 100.0));
+    }
+
+    #[test]
+    fn building_rings_are_timed_by_their_delivered_lines() {
+        let log = concat!(
+            r#"{"timestamp":"2026-11-29T07:20:24.250000Z","level":"INFO","fields":{"message":"ring delivered","gateway":"bench-building","event":"e1","tokens":3000},"target":"ringpush::worker"}"#,
+            "\n",
+            r#"{"timestamp":"2026-11-29T07:20:24.260000Z","level":"INFO","fields":{"message":"ring delivered","gateway":"bench-7","event":"e2","tokens":4},"target":"ringpush::worker"}"#,
+            "\nnot json\n"
+        );
+        let got = delivered_at(log, BUILDING);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, "e1");
+        assert_eq!(
+            got[0].1,
+            time::macros::datetime!(2026-11-29 07:20:24.25 UTC)
+        );
+    }
 
     #[test]
     fn exact_percentiles_of_measured_latencies() {
