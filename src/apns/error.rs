@@ -28,4 +28,25 @@ impl SendError {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, SendError::Connect { .. } | SendError::Backoff { .. })
     }
+
+    /// A copy for each notification waiting on the same failure (the binary client answers
+    /// them all with it; the error is only text and numbers).
+    pub(super) fn clone_error(&self) -> SendError {
+        match self {
+            SendError::Connect { endpoint, reason } => SendError::Connect {
+                endpoint: endpoint.clone(),
+                reason: reason.clone(),
+            },
+            SendError::Backoff {
+                endpoint,
+                wait,
+                reason,
+            } => SendError::Backoff {
+                endpoint: endpoint.clone(),
+                wait: *wait,
+                reason: reason.clone(),
+            },
+            other => SendError::Lost(other.to_string()),
+        }
+    }
 }

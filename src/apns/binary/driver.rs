@@ -285,25 +285,3 @@ impl Driver {
         }
     }
 }
-
-impl SendError {
-    /// A copy for each waiting notification (the error is only text and numbers).
-    fn clone_error(&self) -> SendError {
-        match self {
-            SendError::Connect { endpoint, reason } => SendError::Connect {
-                endpoint: endpoint.clone(),
-                reason: reason.clone(),
-            },
-            SendError::Backoff {
-                endpoint,
-                wait,
-                reason,
-            } => SendError::Backoff {
-                endpoint: endpoint.clone(),
-                wait: *wait,
-                reason: reason.clone(),
-            },
-            other => SendError::Lost(other.to_string()),
-        }
-    }
-}
