@@ -3,8 +3,8 @@
 //! (see `support`), so they run in parallel and leave nothing behind.
 
 mod acks;
-mod architecture;
 mod apns;
+mod architecture;
 mod binary;
 mod building;
 mod delivery;
