@@ -64,36 +64,22 @@ pub async fn queue_lines(
 }
 
 /// Unacked counts per queue from RabbitMQ's management API (`http://user:pass@host:port`),
-/// which AMQP itself does not report. One GET for the whole vhost.
+/// which AMQP itself does not report. One GET for the whole vhost, bounded by 10 s.
 pub async fn unacked(
     management_url: &str,
     vhost: &str,
 ) -> anyhow::Result<std::collections::HashMap<String, u64>> {
-    use base64::Engine;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = management_url.strip_prefix("http://").ok_or_else(|| {
-        anyhow::anyhow!("RINGPUSH_MANAGEMENT_URL: {management_url:?} must start with http://")
-    })?;
-    let (userinfo, hostport) = rest
-        .trim_end_matches('/')
-        .rsplit_once('@')
-        .unwrap_or(("guest:guest", rest));
-    let auth = base64::engine::general_purpose::STANDARD.encode(percent_decode(userinfo));
-    let mut stream = tokio::net::TcpStream::connect(hostport).await?;
-    let request = format!(
-        "GET /api/queues/{vhost}?columns=name,messages_unacknowledged HTTP/1.0\r\nHost: {hostport}\r\nAuthorization: Basic {auth}\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8_lossy(&response);
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let base = management_url.trim_end_matches('/');
+    let url = format!("{base}/api/queues/{vhost}?columns=name,messages_unacknowledged");
+    let response = crate::http::get(&url, Duration::from_secs(10))
+        .await
+        .map_err(|e| anyhow::anyhow!("RINGPUSH_MANAGEMENT_URL: {e}"))?;
     anyhow::ensure!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "management API: {}",
-        head.lines().next().unwrap_or("")
+        response.status == 200,
+        "management API: status {}",
+        response.status
     );
-    let queues: Vec<serde_json::Value> = serde_json::from_str(body)?;
+    let queues: Vec<serde_json::Value> = serde_json::from_str(&response.body)?;
     Ok(queues
         .iter()
         .filter_map(|q| {
@@ -105,32 +91,33 @@ pub async fn unacked(
         .collect())
 }
 
-/// `%2f` → `/` and the like, for URL user info and vhosts.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
+/// The vhost of an AMQP URL (the first, for a list), percent-encoded as the management API
+/// wants it (`%2f` for the default vhost).
+pub fn vhost_of(amqp_url: &str) -> String {
+    let first = amqp_url.split(',').next().unwrap_or_default().trim();
+    let vhost = url::Url::parse(first)
+        .ok()
+        .map(|u| u.path().trim_start_matches('/').to_owned())
+        .unwrap_or_default();
+    if vhost.is_empty() {
+        "%2f".into()
+    } else {
+        vhost
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The vhost of an AMQP URL, percent-encoded as the management API wants it.
-pub fn vhost_of(amqp_url: &str) -> String {
-    let path = amqp_url.split('?').next().unwrap_or_default();
-    let after_scheme = path.split_once("://").map_or(path, |(_, r)| r);
-    match after_scheme.split_once('/') {
-        Some((_, v)) if !v.is_empty() => v.to_owned(),
-        _ => "%2f".into(),
+#[cfg(test)]
+mod vhost_tests {
+    use super::vhost_of;
+
+    #[test]
+    fn the_vhost_comes_from_the_url_path_still_percent_encoded() {
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
+        assert_eq!(vhost_of("amqp://h:5672"), "%2f");
+        assert_eq!(vhost_of("amqp://h/prod%20eu?heartbeat=5"), "prod%20eu");
+        assert_eq!(vhost_of("amqp://h/v1,amqp://h2/v1"), "v1");
+        // Not ASCII: encoded by the URL parser, never sliced through a character.
+        assert_eq!(vhost_of("amqp://h/é%zz"), "%C3%A9%zz");
     }
 }
 
@@ -341,11 +328,9 @@ mod tests {
     }
 
     #[test]
-    fn vhosts_and_user_info_decode() {
+    fn vhosts_come_from_the_url() {
         assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
         assert_eq!(vhost_of("amqp://h:5672/doorbell?heartbeat=10"), "doorbell");
         assert_eq!(vhost_of("amqp://h:5672"), "%2f");
-        assert_eq!(percent_decode("gu%40est:p%2Fw"), "gu@est:p/w");
-        assert_eq!(percent_decode("50%"), "50%");
     }
 }
