@@ -250,15 +250,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Scrapes a Prometheus text page over HTTP/1.0.
+/// Scrapes a process's Prometheus text page.
 async fn scrape(port: u16) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-        .await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(body)
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    Ok(crate::http::get(&url, Duration::from_secs(30)).await?.body)
 }
 
 fn sample(body: &str, series: &str) -> f64 {
