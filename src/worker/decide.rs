@@ -24,13 +24,16 @@ pub enum Step {
     /// The delivery is not a ring event (or an envelope that cannot be read).
     Unreadable { error: String },
     /// Read, before its lookup. `retry`: it came from a retry tier (it names its pending
-    /// tokens); `redelivered`: the broker delivered it before.
+    /// tokens); `redelivered`: the broker delivered it before; `returned`: how often it came
+    /// back unsettled (the quorum queue's `x-delivery-count`), against the queue's `limit`.
     Arrived {
         age: Duration,
         ttl: Duration,
         attempt: u32,
         retry: bool,
         redelivered: bool,
+        returned: u32,
+        limit: u32,
     },
     /// Its gateway's lookup failed alone, for the ring's own input (or kept timing out).
     LookupRefused { reason: String },
@@ -130,8 +133,22 @@ pub fn decide(step: Step) -> Disposition {
             attempt,
             retry,
             redelivered,
+            returned,
+            limit,
         } => {
-            if age <= ttl {
+            // Worker processes took it and never settled it, again and again (they died or
+            // panicked with it): dead-lettered here, with the reason, before the broker's
+            // delivery limit would drop it there without one.
+            if returned.saturating_add(1) >= limit {
+                D::Dead {
+                    reason: format!(
+                        "delivered {} times without being settled: the worker stopped or crashed with it each time (the queue's delivery limit is {limit})",
+                        returned.saturating_add(1)
+                    ),
+                    pending: None,
+                    feedback: Vec::new(),
+                }
+            } else if age <= ttl {
                 D::Continue
             } else if attempt == 0 && !retry && !redelivered {
                 ack(Outcome::Expired)
@@ -357,6 +374,8 @@ mod tests {
             attempt,
             retry,
             redelivered,
+            returned: u32::from(redelivered),
+            limit: 20,
         })
     }
 
@@ -387,6 +406,31 @@ mod tests {
                 }
                 other => panic!("{attempt} {retry} {redelivered}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_ring_returned_unsettled_until_the_delivery_limit_is_dead_with_the_reason() {
+        let returned = |returned| {
+            decide(Step::Arrived {
+                age: Duration::ZERO,
+                ttl: MIN,
+                attempt: 0,
+                retry: false,
+                redelivered: true,
+                returned,
+                limit: 20,
+            })
+        };
+        assert_eq!(returned(18), Disposition::Continue);
+        match returned(19) {
+            Disposition::Dead { reason, .. } => {
+                assert!(
+                    reason.starts_with("delivered 20 times without being settled"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -83,6 +83,8 @@ pub(super) fn read(delivery: Delivery, now: OffsetDateTime, ttl: Duration) -> Re
         attempt,
         retry: pending.is_some(),
         redelivered: delivery.redelivered,
+        returned: returned(&delivery),
+        limit: crate::broker::DELIVERY_LIMIT as u32,
     };
     match decide(step) {
         Disposition::Continue => Read::Ring(Incoming {
@@ -107,6 +109,20 @@ pub(super) fn header<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a AMQPV
         .as_ref()?
         .inner()
         .get(&ShortString::from(name))
+}
+
+/// How often the quorum queue got this delivery back unsettled (`x-delivery-count`).
+fn returned(delivery: &Delivery) -> u32 {
+    match header(delivery, "x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => (*n).clamp(0, u32::MAX as i64) as u32,
+        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::ShortInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::ShortShortInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::ShortShortUInt(n)) => u32::from(*n),
+        Some(AMQPValue::ShortUInt(n)) => u32::from(*n),
+        _ => 0,
+    }
 }
 
 /// Attempts before this delivery, from a retry of the previous release.

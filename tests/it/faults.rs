@@ -394,22 +394,21 @@ async fn an_undeliverable_ring_goes_dead_after_max_attempts_and_only_pending_tok
 }
 
 #[tokio::test]
-async fn a_ring_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit() {
-    let app = App::spawn_with(|o| o.run_worker = false).await;
+async fn a_ring_that_keeps_coming_back_is_dead_lettered_with_its_reason_before_the_delivery_limit()
+{
+    let mut app = App::spawn_with(|o| o.run_worker = false).await;
     app.publish(&App::ring("gw-poison", Duration::ZERO)).await;
-    // A worker that dies on this ring every time: take it, hand it back, again and again.
-    let mut deliveries = 0;
-    while let Some(msg) = app
-        .channel
-        .basic_get(
-            app.names.rings.as_str().into(),
-            BasicGetOptions { no_ack: false },
-        )
-        .await
-        .unwrap()
-    {
-        deliveries += 1;
-        assert!(deliveries <= 25, "the delivery limit never stopped it");
+    // Workers that die on this ring every time: take it, hand it back, 19 times.
+    for _ in 0..19 {
+        let msg = app
+            .channel
+            .basic_get(
+                app.names.rings.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .unwrap()
+            .expect("the ring is back in the queue");
         msg.acker
             .nack(BasicNackOptions {
                 requeue: true,
@@ -418,6 +417,9 @@ async fn a_ring_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit() 
             .await
             .unwrap();
     }
+    // The 20th delivery reaches a worker: it dead-letters the ring itself, saying why,
+    // instead of leaving the broker's limit to drop it there with only `x-death`.
+    app.start_worker();
     let mut dead = Vec::new();
     for _ in 0..300 {
         dead = app.drain_dead().await;
@@ -426,7 +428,18 @@ async fn a_ring_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit() 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(dead.len(), 1, "after {deliveries} deliveries");
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .1
+            .starts_with("delivered 20 times without being settled"),
+        "{:?}",
+        dead[0].1
+    );
+    assert!(
+        app.mock.received().is_empty(),
+        "a poison ring is not pushed"
+    );
     app.stop().await;
 }
 
