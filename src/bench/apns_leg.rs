@@ -1,0 +1,228 @@
+//! The APNs leg: ringpush's HTTP/2 client against a bare `h2` loop over one connection
+//! (the wire's ceiling in this stack), the client alone at the end-to-end half rate, and
+//! the peer clients (`@parse/node-apn`, `aioapns`, driven by `bench/peers/`), each against
+//! a mock process.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+
+use crate::apns::request::{build_payload, build_request, AlertTemplate, Endpoint, Notification};
+use crate::apns::{http2, jwt, tls, Answer};
+use crate::config::BenchArgs;
+use crate::token::{random_hex, DeviceToken, Environment};
+
+use super::measure::{p50_p99, paced, self_cpu};
+use super::processes::{signer, MockProcess};
+use super::report::{Peer, Report};
+use super::ring_now;
+
+pub(super) async fn apns_leg(
+    args: &BenchArgs,
+    dir: &Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let mock = MockProcess::start(&dir.join("leg")).await?;
+    let (signer, key_file) = signer(dir)?;
+    let ca = mock.cert_dir.join("ca.pem");
+    let ring = ring_now();
+    let payload = build_payload(&ring, "Front door", &AlertTemplate::default())?;
+    let tokens: Vec<DeviceToken> = (0..1000)
+        .map(|_| DeviceToken::parse(&random_hex(32)).unwrap())
+        .collect();
+    let notification = |i: usize| Notification {
+        token: tokens[i % tokens.len()].clone(),
+        topic: "com.example.doorbell".into(),
+        collapse_id: ring.event_id.clone(),
+        expiration: ring.expires_at(Duration::from_secs(60)),
+        payload: payload.clone(),
+    };
+    let n = args.apns_requests;
+
+    // ringpush's client, one connection.
+    let mut settings = http2::Settings::new(mock.endpoint(), mock.endpoint());
+    settings.connections = 1;
+    let client = http2::Client::new(
+        settings,
+        tls::client_config(Some(&ca), None)?,
+        Some(signer.clone()),
+    );
+    client
+        .send(Environment::Production, &notification(0))
+        .await?; // connect, raise the stream limit
+    let (cpu0, t0) = (self_cpu(), Instant::now());
+    // Unconstrained: with a thousand futures in one `buffer_unordered`, tokio's cooperative
+    // budget would make the driving task re-poll them all over and over (a harness cost,
+    // not the client's).
+    let ok = tokio::task::unconstrained(
+        stream::iter(0..n)
+            .map(|i| {
+                let (client, n) = (&client, notification(i));
+                async move {
+                    matches!(
+                        client.send(Environment::Production, &n).await,
+                        Ok(Answer::Accepted)
+                    )
+                }
+            })
+            .buffer_unordered(1000)
+            .filter(|ok| std::future::ready(*ok))
+            .count(),
+    )
+    .await;
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
+    anyhow::ensure!(ok == n, "ringpush client: {ok} of {n} accepted");
+    report.ringpush_client_per_s = n as f64 / secs;
+    report.ringpush_client_cpu_us = cpu / n as f64 * 1e6;
+
+    // The same client at the end-to-end half rate, for 3 s.
+    let rate = report.half_rate.rings_per_s * args.fanout as f64;
+    if rate >= 1.0 {
+        let answered = paced(rate, (rate * 3.0) as usize, |i| {
+            let (client, n) = (client.clone(), notification(i));
+            async move {
+                let t = Instant::now();
+                let answer = client.send(Environment::Production, &n).await;
+                matches!(answer, Ok(Answer::Accepted)).then(|| t.elapsed().as_secs_f64() * 1e3)
+            }
+        })
+        .await?;
+        let latencies = answered
+            .into_iter()
+            .collect::<Option<Vec<f64>>>()
+            .ok_or_else(|| anyhow::anyhow!("a request failed"))?;
+        (
+            report.ringpush_client_half_rate_p50_ms,
+            report.ringpush_client_half_rate_p99_ms,
+        ) = p50_p99(latencies);
+    }
+
+    // A bare h2 loop: the wire's ceiling in this stack (one connection, the same request).
+    let (per_s, cpu_us) = bare_h2(&mock.endpoint(), &ca, &signer, &notification(0), n).await?;
+    report.bare_h2_per_s = per_s;
+    report.bare_h2_cpu_us = cpu_us;
+
+    if args.peers {
+        for (name, script) in [
+            ("@parse/node-apn", "node-apn.sh"),
+            ("aioapns", "aioapns.sh"),
+        ] {
+            report
+                .peers
+                .push(peer(name, script, &mock, &key_file, &payload, args.peer_requests).await);
+        }
+    }
+    Ok(())
+}
+
+async fn bare_h2(
+    endpoint: &Endpoint,
+    ca: &Path,
+    signer: &jwt::Signer,
+    n0: &Notification,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let tls = tokio_rustls::TlsConnector::from(tls::client_config(Some(ca), None)?);
+    let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+    tcp.set_nodelay(true)?;
+    let tls = tls
+        .connect(
+            rustls_pki_types::ServerName::try_from(endpoint.host.clone())?,
+            tcp,
+        )
+        .await?;
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_max_send_streams(1)
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    tokio::spawn(connection);
+    let request = build_request(endpoint, n0, Some(&signer.bearer()));
+    let send = |sender: h2::client::SendRequest<Bytes>| {
+        let (request, payload) = (request.clone(), n0.payload.clone());
+        async move {
+            let mut sender = sender.ready().await?;
+            let (response, mut stream) = sender.send_request(request, false)?;
+            stream.send_data(payload, true)?;
+            let status = response.await?.status();
+            anyhow::Ok(status.as_u16() == 200)
+        }
+    };
+    send(sender.clone()).await?;
+    let (cpu0, t0) = (self_cpu(), Instant::now());
+    let ok = tokio::task::unconstrained(
+        stream::iter(0..n)
+            .map(|_| send(sender.clone()))
+            .buffer_unordered(1000)
+            .filter(|r| std::future::ready(matches!(r, Ok(true))))
+            .count(),
+    )
+    .await;
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
+    anyhow::ensure!(ok == n, "bare h2: {ok} of {n} accepted");
+    Ok((n as f64 / secs, cpu / n as f64 * 1e6))
+}
+
+/// Runs a peer's script (which installs its package on first use) against the mock.
+async fn peer(
+    name: &str,
+    script: &str,
+    mock: &MockProcess,
+    key_file: &Path,
+    payload: &[u8],
+    n: usize,
+) -> Peer {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peers");
+    let output = tokio::process::Command::new("bash")
+        .arg(dir.join(script))
+        .env("MOCK_HOST", "localhost")
+        .env("MOCK_PORT", mock.port.to_string())
+        .env("MOCK_CA", mock.cert_dir.join("ca.pem"))
+        .env("KEY_FILE", key_file)
+        .env("KEY_ID", "BENCHKEY01")
+        .env("TEAM_ID", "BENCHTEAM1")
+        .env("REQUESTS", n.to_string())
+        // The doorbell payload ringpush sends, byte for byte.
+        .env("PAYLOAD", String::from_utf8_lossy(payload).as_ref())
+        .stderr(Stdio::piped())
+        .output()
+        .await;
+    let failed = |note: String| Peer {
+        name: name.into(),
+        per_s: None,
+        cpu_us: None,
+        note: Some(note),
+    };
+    let output = match output {
+        Ok(o) => o,
+        Err(e) => return failed(format!("could not run {script}: {e}")),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
+    let parsed: Result<HashMap<String, f64>, _> = serde_json::from_str(line);
+    match parsed {
+        Ok(m) if m.get("accepted").copied() == Some(n as f64) => {
+            let secs = m["seconds"];
+            Peer {
+                name: name.into(),
+                per_s: Some(n as f64 / secs),
+                cpu_us: Some(m["cpu_seconds"] / n as f64 * 1e6),
+                note: None,
+            }
+        }
+        _ => {
+            let err = String::from_utf8_lossy(&output.stderr);
+            failed(format!(
+                "{script} gave no result: {}",
+                err.lines().last().unwrap_or("no output")
+            ))
+        }
+    }
+}

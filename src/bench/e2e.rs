@@ -1,0 +1,282 @@
+//! End to end: rings pre-published, one `ringpush worker` process drains them (rate, CPU,
+//! RSS, backlog latency), then live windows at half and a quarter of the drain rate and an
+//! optional soak; and the broker's ceiling, a bare consume-and-ack loop over the same
+//! messages.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+use time::OffsetDateTime;
+
+use crate::broker::{self, Names};
+use crate::config::BenchArgs;
+use crate::token::random_hex;
+use crate::wire::ring::RingEvent;
+
+use super::building::building;
+use super::live::Live;
+use super::measure::{
+    buckets, cpu_seconds, current_rss_mb, machine_busy_seconds, p50_p99, paced, peak_rss_mb,
+    publish_all, quantiles_ms, sample, scrape, service_cores, service_cpu,
+};
+use super::processes::{free_port, signer, stop, MockProcess, WorkerOf};
+use super::report::Report;
+use super::ring_now;
+
+pub(super) async fn end_to_end(
+    args: &BenchArgs,
+    names: &Names,
+    schema: &str,
+    dir: &Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    // The database: gateways of F phones each.
+    crate::db::create_schema(&args.local.database_url, schema).await?;
+    let db_url = crate::db::url_with_schema(&args.local.database_url, schema);
+    crate::db::migrate(&db_url).await?;
+    let pool = crate::db::pool(&db_url, 2, Duration::from_secs(5))?;
+    // A fleet, not a handful: with a few hundred gateways (and no statistics) the generic
+    // plan of the prepared lookup scans whole tables instead of using the indexes, and the
+    // bench would measure a toy database (see BENCHMARKS.md).
+    let gateways = 10_000;
+    {
+        let client = pool.get().await?;
+        client
+            .execute(
+                "WITH u AS (INSERT INTO users SELECT FROM generate_series(1, $1::int) RETURNING id)
+                 INSERT INTO gateways (id, owner_id, name) SELECT 'bench-' || id, id, 'Door ' || id FROM u",
+                &[&gateways],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO push_tokens (token, user_id, topic)
+                 SELECT md5(random()::text) || md5(random()::text), u.id, 'com.example.doorbell'
+                 FROM users u, generate_series(1, $1::int)",
+                &[&(args.fanout as i32)],
+            )
+            .await?;
+        // Statistics, as a database in service has them (autovacuum would, a minute later).
+        client.batch_execute("ANALYZE").await?;
+    }
+    let mock = MockProcess::start(dir).await?;
+    let (_, key_file) = signer(dir)?;
+    // The rings, pre-published as gateways would.
+    let connection = broker::connect(&args.local.amqp_url, "ringpush bench gateway").await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    broker::declare(&channel, names).await?;
+    let ring = |i: usize| RingEvent {
+        event_id: random_hex(16),
+        gateway_id: format!("bench-{}", 1 + i % gateways as usize),
+        pressed_at: OffsetDateTime::now_utc(),
+        switch_id: None,
+    };
+    publish_all(
+        (0..args.rings).map(|i| {
+            let (channel, r) = (&channel, ring(i));
+            async move { broker::publish_ring(channel, names, &r).await }
+        }),
+        500,
+    )
+    .await?;
+
+    // One worker process.
+    let metrics_port = free_port();
+    let worker_of = WorkerOf {
+        args,
+        names,
+        db_url: &db_url,
+        mock: &mock,
+        key_file: &key_file,
+    };
+    let mut worker = worker_of.spawn(metrics_port, None)?;
+    let pid = worker.id().expect("a running worker").to_string();
+    let (services0, machine0, mock0) = (service_cpu(), machine_busy_seconds(), mock.cpu());
+    let started = Instant::now();
+    let want = (args.rings * args.fanout) as f64;
+    let accepted = r#"ringpush_notifications_total{outcome="accepted"}"#;
+    let body = loop {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        if let Ok(body) = scrape(metrics_port).await {
+            if sample(&body, accepted) >= want {
+                break body;
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the worker did not drain the rings in 10 minutes"
+        );
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&pid);
+    report.e2e_cores = service_cores(&services0, &service_cpu(), elapsed);
+    report.e2e_cores.insert("worker".into(), cpu / elapsed);
+    report
+        .e2e_cores
+        .insert("mock".into(), (mock.cpu() - mock0) / elapsed);
+    report.e2e_cores.insert(
+        "machine".into(),
+        (machine_busy_seconds() - machine0) / elapsed,
+    );
+    report.e2e_rings_per_s = args.rings as f64 / elapsed;
+    report.e2e_notifications_per_s = want / elapsed;
+    report.e2e_worker_cpu_s_per_10k = cpu / want * 10_000.0;
+    report.e2e_worker_cores = cpu / elapsed;
+    let full = buckets(&body, "ringpush_ring_to_accepted_seconds");
+    (report.e2e_backlog_p50_ms, report.e2e_backlog_p99_ms) = quantiles_ms(&[], &full);
+
+    // Half the rate, steady, for a few seconds: the latency a person at the door sees; then a
+    // quarter, to show how much of it is the machine being busy.
+    let live = Live {
+        channel: &channel,
+        names,
+        metrics_port,
+        pid: &pid,
+        mock: &mock,
+        fanout: args.fanout,
+    };
+    report.half_rate = live.window(report.e2e_rings_per_s / 2.0, &ring).await?;
+    report.quarter_rate = live.window(report.e2e_rings_per_s / 4.0, &ring).await?;
+    report.e2e_worker_peak_rss_mb = peak_rss_mb(&pid);
+
+    if let Some(length) = args.soak {
+        // Steady load at 80% of the drain rate, publishing in 100 ms slices.
+        let rate = report.e2e_rings_per_s * 0.8;
+        let per_slice = ((rate / 10.0) as usize).max(1);
+        let started = Instant::now();
+        let mut next_sample = Instant::now();
+        let mut slice = tokio::time::interval(Duration::from_millis(100));
+        let mut i = 0;
+        while started.elapsed() < length {
+            slice.tick().await;
+            publish_all(
+                (0..per_slice).map(|_| {
+                    i += 1;
+                    let (channel, r) = (&channel, ring(i));
+                    async move { broker::publish_ring(channel, names, &r).await }
+                }),
+                200,
+            )
+            .await?;
+            if Instant::now() >= next_sample {
+                report.soak_rss_mb.push(current_rss_mb(&pid));
+                next_sample += Duration::from_secs(10);
+            }
+        }
+        report.soak_seconds = Some(started.elapsed().as_secs_f64());
+        report.soak_rings_per_s = Some(rate);
+        report.e2e_worker_peak_rss_mb = peak_rss_mb(&pid);
+    }
+
+    stop(&mut worker).await;
+
+    // Building rings beside ordinary ones, with a worker of its own (see `building`).
+    let quarter = report.e2e_rings_per_s / 4.0;
+    report.building = Some(building(&worker_of, &pool, &channel, quarter, &ring, dir).await?);
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}
+
+pub(super) async fn broker_ceiling(
+    args: &BenchArgs,
+    names: &Names,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let connection = broker::connect(&args.local.amqp_url, "ringpush bench broker").await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    let queue = format!("{}.bench", names.prefix);
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await?;
+    let body = ring_now().to_json();
+    publish_all(
+        (0..args.rings).map(|_| {
+            broker::publish_confirmed(&channel, "", &queue, &body, BasicProperties::default())
+        }),
+        500,
+    )
+    .await?;
+    let consumer_channel = connection.create_channel().await?;
+    consumer_channel
+        .basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let mut got = 0;
+    while got < args.rings {
+        let delivery = consumer
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        got += 1;
+    }
+    report.broker_rings_per_s = args.rings as f64 / started.elapsed().as_secs_f64();
+
+    // The broker's own latency at the end-to-end run's half rate: publish (with confirm, as
+    // gateways do) → this bare consumer, measured from the ring's `pressed_at`.
+    let rate = report.half_rate.rings_per_s.max(1.0);
+    let n = (rate * 5.0) as usize;
+    let publisher = {
+        let (channel, queue) = (channel.clone(), queue.clone());
+        tokio::spawn(async move {
+            let published = paced(rate, n, move |_| {
+                let body = ring_now().to_json();
+                let (channel, queue) = (channel.clone(), queue.clone());
+                async move {
+                    let properties = BasicProperties::default();
+                    broker::publish_confirmed(&channel, "", &queue, &body, properties).await
+                }
+            })
+            .await?;
+            anyhow::Ok(published.into_iter().collect::<Result<(), _>>()?)
+        })
+    };
+    let mut latencies = Vec::with_capacity(n);
+    while latencies.len() < n {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
+        let now = OffsetDateTime::now_utc();
+        let ring = RingEvent::parse(&delivery.data, now)?;
+        latencies.push((now - ring.pressed_at).as_seconds_f64() * 1000.0);
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    publisher.await??;
+    (
+        report.broker_half_rate_p50_ms,
+        report.broker_half_rate_p99_ms,
+    ) = p50_p99(latencies);
+    let _ = consumer_channel
+        .basic_cancel(
+            consumer.tag(),
+            lapin::options::BasicCancelOptions::default(),
+        )
+        .await;
+    let _ = consumer_channel.close(200, "done".into()).await;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! The processes the bench starts: the mock APNs in a child process (so its CPU is not
+//! counted with the client's), `ringpush worker` processes against it, and how they stop.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::apns::jwt;
+use crate::apns::request::Endpoint;
+use crate::broker::Names;
+use crate::config::BenchArgs;
+
+use super::measure::cpu_seconds;
+
+/// A free loopback port (bound, then released).
+pub(super) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A mock APNs in a child process (so its CPU is not counted with the client's).
+pub(super) struct MockProcess {
+    /// Killed when dropped.
+    _child: tokio::process::Child,
+    pub(super) port: u16,
+    pub(super) binary_port: u16,
+    pub(super) cert_dir: PathBuf,
+}
+
+impl MockProcess {
+    pub(super) async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let (port, binary_port, feedback_port) = (free_port(), free_port(), free_port());
+        let cert_dir = dir.join("mock-certs");
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("mock-apns")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--binary-listen", &format!("127.0.0.1:{binary_port}")])
+            .args(["--feedback-listen", &format!("127.0.0.1:{feedback_port}")])
+            .arg("--cert-dir")
+            .arg(&cert_dir)
+            .env("RUST_LOG", "error")
+            .kill_on_drop(true)
+            .stdout(Stdio::null())
+            .spawn()?;
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "the mock did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            _child: child,
+            port,
+            binary_port,
+            cert_dir,
+        })
+    }
+
+    /// CPU seconds the mock has used.
+    pub(super) fn cpu(&self) -> f64 {
+        self._child
+            .id()
+            .map_or(0.0, |pid| cpu_seconds(&pid.to_string()))
+    }
+
+    pub(super) fn endpoint(&self) -> Endpoint {
+        Endpoint::parse(&format!("https://localhost:{}", self.port)).expect("a valid URL")
+    }
+}
+
+pub(super) fn signer(dir: &Path) -> anyhow::Result<(Arc<jwt::Signer>, PathBuf)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let file = dir.join("bench-key.p8");
+    crate::mock::certs::write_private(&file, &key.serialize_pem())?;
+    let signer = jwt::Signer::from_pem(
+        key.serialize_pem().as_bytes(),
+        "BENCHKEY01",
+        "BENCHTEAM1",
+        jwt::DEFAULT_REFRESH,
+    )?;
+    Ok((Arc::new(signer), file))
+}
+
+/// Stops a worker process as Kubernetes would (SIGTERM) and waits for it (at most 30 s).
+pub(super) async fn stop(worker: &mut tokio::process::Child) {
+    if let Some(pid) = worker.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
+}
+
+/// What a `ringpush worker` process of the bench is started with.
+pub(super) struct WorkerOf<'a> {
+    pub(super) args: &'a BenchArgs,
+    pub(super) names: &'a Names,
+    pub(super) db_url: &'a str,
+    pub(super) mock: &'a MockProcess,
+    pub(super) key_file: &'a Path,
+}
+
+impl WorkerOf<'_> {
+    /// Starts one worker against the mock, serving `/metrics` on `metrics_port`. Its logs
+    /// are warnings only, or — with `info_log` — its per-ring lines too, as JSON, into that
+    /// file. The worker's other variables come from the bench's environment.
+    pub(super) fn spawn(
+        &self,
+        metrics_port: u16,
+        info_log: Option<&Path>,
+    ) -> anyhow::Result<tokio::process::Child> {
+        let mock = self.mock;
+        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        command
+            .arg("worker")
+            .env("RINGPUSH_AMQP_URL", &self.args.local.amqp_url)
+            .env("RINGPUSH_QUEUE_PREFIX", &self.names.prefix)
+            .env("RINGPUSH_DATABASE_URL", self.db_url)
+            .env(
+                "RINGPUSH_APNS_PRODUCTION_URL",
+                format!("https://localhost:{}", mock.port),
+            )
+            .env(
+                "RINGPUSH_APNS_SANDBOX_URL",
+                format!("https://localhost:{}", mock.port),
+            )
+            .env("RINGPUSH_APNS_CA_FILE", mock.cert_dir.join("ca.pem"))
+            .env("RINGPUSH_APNS_KEY_FILE", self.key_file)
+            .env("RINGPUSH_APNS_KEY_ID", "BENCHKEY01")
+            .env("RINGPUSH_APNS_TEAM_ID", "BENCHTEAM1")
+            .env("RINGPUSH_RING_TTL", "600s")
+            .env("RINGPUSH_PREFETCH", self.args.prefetch.to_string())
+            .env("RINGPUSH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        if let Some(file) = info_log {
+            command
+                .env("RUST_LOG", "warn,ringpush::worker=info")
+                .env("RINGPUSH_LOG_FORMAT", "json")
+                .stderr(std::fs::File::create(file)?);
+        }
+        Ok(command.spawn()?)
+    }
+}

@@ -1,0 +1,340 @@
+//! What one run of `ringpush bench` measured: [`Report`] and its parts, printed as the
+//! table `ringpush bench` shows and serialised as its `--json`.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+/// Everything one run measured; `None` where a part was skipped or failed (with the reason).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub rings: usize,
+    pub fanout: usize,
+    pub e2e_rings_per_s: f64,
+    pub e2e_notifications_per_s: f64,
+    pub e2e_worker_cpu_s_per_10k: f64,
+    pub e2e_worker_cores: f64,
+    pub e2e_worker_peak_rss_mb: f64,
+    /// Cores used while draining, by process: worker, mock, rabbitmq, postgresql, and
+    /// `machine` (all processes; 2.0 is every core of a 2-core machine busy).
+    pub e2e_cores: BTreeMap<String, f64>,
+    pub e2e_backlog_p50_ms: Option<f64>,
+    pub e2e_backlog_p99_ms: Option<f64>,
+    /// Rings published live at half the drain rate: the target's latency.
+    pub half_rate: Window,
+    /// The same at a quarter of the drain rate: how the latency falls when the machine is
+    /// less busy.
+    pub quarter_rate: Window,
+    pub broker_rings_per_s: f64,
+    /// Publish → bare consumer through the same queue type at the half rate: the part of
+    /// ring-to-accepted that is the broker's.
+    pub broker_half_rate_p50_ms: Option<f64>,
+    pub broker_half_rate_p99_ms: Option<f64>,
+    pub apns_requests: usize,
+    pub ringpush_client_per_s: f64,
+    pub ringpush_client_cpu_us: f64,
+    /// The client alone at the end-to-end half rate (× fan-out notifications/s): send →
+    /// answer latency without the broker, database and worker around it.
+    pub ringpush_client_half_rate_p50_ms: Option<f64>,
+    pub ringpush_client_half_rate_p99_ms: Option<f64>,
+    pub bare_h2_per_s: f64,
+    pub bare_h2_cpu_us: f64,
+    pub peers: Vec<Peer>,
+    pub binary_frames: usize,
+    pub binary_frames_per_s: f64,
+    /// With `--soak`: the soak's length, rate, and the worker's RSS samples (MB, every 10 s).
+    pub soak_seconds: Option<f64>,
+    pub soak_rings_per_s: Option<f64>,
+    pub soak_rss_mb: Vec<f64>,
+    /// Ordinary rings alone and beside building rings (see [`Building`]).
+    pub building: Option<Building>,
+    pub notes: Vec<String>,
+}
+
+/// Is a ring of thousands of tokens shared fairly? Ordinary rings published live at a
+/// quarter of the drain rate, (A) alone and (B) while one building ring a second is
+/// published beside them: [`BUILDING_ROUNDS`] windows of each, [`BUILDING_WINDOW_SECS`]
+/// each, in turns (A, B, A, B, …), each kind's histograms pooled; a worker process of its
+/// own (whose per-ring log lines time the building rings).
+///
+/// [`BUILDING_ROUNDS`]: super::building::BUILDING_ROUNDS
+/// [`BUILDING_WINDOW_SECS`]: super::building::BUILDING_WINDOW_SECS
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Building {
+    /// Tokens of the building's ring (1,500 sharees × 2 phones; the owner has none).
+    pub tokens: usize,
+    pub building_rings_per_s: f64,
+    pub window_seconds: f64,
+    /// Windows of each kind.
+    pub rounds: usize,
+    /// (A) the ordinary rings alone, pooled over its windows.
+    pub alone: Window,
+    /// (B) the same beside the building rings: `p50_ms`/`p99_ms` are the ordinary rings'
+    /// ring-to-accepted alone; `apns_*` and `cores` are of everything.
+    pub beside_building: Window,
+    /// p99 (B) / p99 (A), pooled: the target is ≤ 2.
+    pub p99_ratio: Option<f64>,
+    pub target_met: Option<bool>,
+    /// Each round on its own: how much the host moved between windows, and whether the
+    /// worker's memory grows with the building rings.
+    pub each_round: Vec<Round>,
+    /// Each building ring of (B), in order: from its publishing (its `pressed_at` is set
+    /// [`BESIDE_PRESSED_BEFORE`] earlier) to the worker's `ring delivered` line, written
+    /// once its last token has its answer, ms.
+    ///
+    /// [`BESIDE_PRESSED_BEFORE`]: super::live::BESIDE_PRESSED_BEFORE
+    pub building_last_accepted_ms: Vec<f64>,
+    /// The worker's peak RSS (`VmHWM`) over the first (A) window, before any building ring,
+    /// and over the (B) windows, MB.
+    pub worker_peak_rss_alone_mb: f64,
+    pub worker_peak_rss_beside_mb: f64,
+    /// Whether each peak is its window's own (`VmHWM` reset through `/proc/<pid>/clear_refs`
+    /// before each window) or the process's since it started.
+    pub rss_peak_per_window: bool,
+}
+
+/// One (A) window and the (B) window after it.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Round {
+    pub alone_p99_ms: Option<f64>,
+    pub beside_p99_ms: Option<f64>,
+    /// The worker's peak RSS over each of the two windows, MB.
+    pub alone_peak_rss_mb: f64,
+    pub beside_peak_rss_mb: f64,
+}
+
+/// Rings published live (with confirms, as gateways do) at a fixed rate for 5 s while the
+/// worker runs: its ring-to-accepted latency and who used the cores.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Window {
+    pub rings_per_s: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// The worker's APNs request latency (send → answer) over the same window.
+    pub apns_p50_ms: Option<f64>,
+    pub apns_p99_ms: Option<f64>,
+    /// Cores busy over the window, by process (as `e2e_cores`; `bench` publishes).
+    pub cores: BTreeMap<String, f64>,
+}
+
+/// One peer client's run.
+#[derive(Debug, serde::Serialize)]
+pub struct Peer {
+    pub name: String,
+    pub per_s: Option<f64>,
+    pub cpu_us: Option<f64>,
+    pub note: Option<String>,
+}
+impl Report {
+    pub fn to_json(&self) -> serde_json::Value {
+        json!(self)
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
+        writeln!(
+            f,
+            "ringpush bench — {}, {} rings × {} tokens",
+            self.machine, self.rings, self.fanout
+        )?;
+        writeln!(f)?;
+        writeln!(f, "end to end (one worker process)")?;
+        writeln!(
+            f,
+            "  rings/s                      {:>10.0}",
+            self.e2e_rings_per_s
+        )?;
+        writeln!(
+            f,
+            "  notifications/s              {:>10.0}",
+            self.e2e_notifications_per_s
+        )?;
+        writeln!(
+            f,
+            "  worker CPU s / 10k notif.    {:>10.3}",
+            self.e2e_worker_cpu_s_per_10k
+        )?;
+        writeln!(
+            f,
+            "  worker cores used            {:>10.2}",
+            self.e2e_worker_cores
+        )?;
+        writeln!(
+            f,
+            "  worker peak RSS              {:>7.1} MB",
+            self.e2e_worker_peak_rss_mb
+        )?;
+        writeln!(
+            f,
+            "  ring→accepted, backlog       p50 {} p99 {}",
+            ms(self.e2e_backlog_p50_ms),
+            ms(self.e2e_backlog_p99_ms)
+        )?;
+        let cores = |by: &BTreeMap<String, f64>| {
+            let each: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+            each.join(", ")
+        };
+        writeln!(
+            f,
+            "  cores while draining         {}",
+            cores(&self.e2e_cores)
+        )?;
+        for (name, w) in [("half", &self.half_rate), ("quarter", &self.quarter_rate)] {
+            writeln!(
+                f,
+                "  ring→accepted at {:.0} rings/s ({name} rate) p50 {} p99 {}",
+                w.rings_per_s,
+                ms(w.p50_ms),
+                ms(w.p99_ms)
+            )?;
+            writeln!(
+                f,
+                "    of which APNs request      p50 {} p99 {}",
+                ms(w.apns_p50_ms),
+                ms(w.apns_p99_ms)
+            )?;
+            writeln!(f, "    cores                      {}", cores(&w.cores))?;
+        }
+        writeln!(f, "broker ceiling (bare consume + ack)")?;
+        writeln!(
+            f,
+            "  rings/s                      {:>10.0}",
+            self.broker_rings_per_s
+        )?;
+        writeln!(
+            f,
+            "  publish→consume at {:.0}/s   p50 {} p99 {}",
+            self.half_rate.rings_per_s,
+            ms(self.broker_half_rate_p50_ms),
+            ms(self.broker_half_rate_p99_ms)
+        )?;
+        writeln!(
+            f,
+            "APNs leg ({} requests, one connection)",
+            self.apns_requests
+        )?;
+        writeln!(
+            f,
+            "  ringpush client              {:>10.0}/s {:>7.1} µs CPU each",
+            self.ringpush_client_per_s, self.ringpush_client_cpu_us
+        )?;
+        writeln!(
+            f,
+            "  ringpush client at {:.0}/s    p50 {} p99 {}",
+            self.half_rate.rings_per_s * self.fanout as f64,
+            ms(self.ringpush_client_half_rate_p50_ms),
+            ms(self.ringpush_client_half_rate_p99_ms)
+        )?;
+        writeln!(
+            f,
+            "  bare h2 loop                 {:>10.0}/s {:>7.1} µs CPU each",
+            self.bare_h2_per_s, self.bare_h2_cpu_us
+        )?;
+        for p in &self.peers {
+            match (p.per_s, p.cpu_us) {
+                (Some(r), Some(c)) => {
+                    writeln!(f, "  {:<28} {:>10.0}/s {:>7.1} µs CPU each", p.name, r, c)?
+                }
+                _ => writeln!(
+                    f,
+                    "  {:<28} not measured: {}",
+                    p.name,
+                    p.note.as_deref().unwrap_or("?")
+                )?,
+            }
+        }
+        if let (Some(secs), Some(rate)) = (self.soak_seconds, self.soak_rings_per_s) {
+            let rss: Vec<String> = self.soak_rss_mb.iter().map(|m| format!("{m:.0}")).collect();
+            writeln!(
+                f,
+                "  soak {secs:.0} s at {rate:.0} rings/s: worker RSS every 10 s (MB) {}",
+                rss.join(" ")
+            )?;
+        }
+        writeln!(f, "legacy binary interface ({} frames)", self.binary_frames)?;
+        writeln!(
+            f,
+            "  frames/s                     {:>10.0}",
+            self.binary_frames_per_s
+        )?;
+        if let Some(b) = &self.building {
+            writeln!(
+                f,
+                "building rings ({} tokens, {:.0}/s) beside ordinary rings at {:.0}/s, {} × {:.0} s each, own worker",
+                b.tokens, b.building_rings_per_s, b.alone.rings_per_s, b.rounds, b.window_seconds
+            )?;
+            for (name, w) in [("alone", &b.alone), ("beside building", &b.beside_building)] {
+                writeln!(
+                    f,
+                    "  ordinary ring→accepted, {name:<16} p50 {} p99 {}",
+                    ms(w.p50_ms),
+                    ms(w.p99_ms)
+                )?;
+                writeln!(
+                    f,
+                    "    every APNs request           p50 {} p99 {}",
+                    ms(w.apns_p50_ms),
+                    ms(w.apns_p99_ms)
+                )?;
+                writeln!(f, "    cores                        {}", cores(&w.cores))?;
+            }
+            let verdict = match b.target_met {
+                Some(true) => "met",
+                Some(false) => "missed",
+                None => "not measured",
+            };
+            writeln!(
+                f,
+                "  p99 beside / alone             {} (target ≤ 2: {verdict})",
+                b.p99_ratio.map_or("-".to_owned(), |r| format!("{r:.2}"))
+            )?;
+            let rounds: Vec<String> = b
+                .each_round
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} / {} ({:.0} / {:.0} MB)",
+                        ms(r.alone_p99_ms),
+                        ms(r.beside_p99_ms),
+                        r.alone_peak_rss_mb,
+                        r.beside_peak_rss_mb
+                    )
+                })
+                .collect();
+            writeln!(
+                f,
+                "  each round: p99 alone / beside (worker peak RSS) {}",
+                rounds.join(", ")
+            )?;
+            let last: Vec<String> = b
+                .building_last_accepted_ms
+                .iter()
+                .map(|m| format!("{m:.0}"))
+                .collect();
+            writeln!(
+                f,
+                "  building ring pressed → last token (ms) {}",
+                if last.is_empty() {
+                    "-".to_owned()
+                } else {
+                    last.join(" ")
+                }
+            )?;
+            writeln!(
+                f,
+                "  worker peak RSS alone / beside {:.1} / {:.1} MB{}",
+                b.worker_peak_rss_alone_mb,
+                b.worker_peak_rss_beside_mb,
+                if b.rss_peak_per_window {
+                    ""
+                } else {
+                    " (since start)"
+                }
+            )?;
+        }
+        Ok(())
+    }
+}
