@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{warn, Instrument};
 
 use super::decide::{decide, Disposition, Step, Target};
 use super::pause::{pause, Paused};
@@ -28,9 +28,15 @@ pub(super) async fn push_holding(
     gateway: Option<&Gateway>,
     abort: &CancellationToken,
 ) {
+    // Every line logged while pushing it (the provider's about one token too) names the ring.
+    let span = tracing::info_span!(
+        "ring",
+        gateway = incoming.gateway(),
+        event = incoming.event()
+    );
     loop {
         let disposition = tokio::select! {
-            disposition = push(ctx, incoming, gateway) => disposition,
+            disposition = push(ctx, incoming, gateway).instrument(span.clone()) => disposition,
             _ = abort.cancelled() => decide(Step::Stopping),
         };
         let Disposition::Hold {
