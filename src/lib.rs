@@ -15,6 +15,8 @@
 //! - [`apns`]: request building, reasons, JWT, TLS and the HTTP/2 client;
 //! - [`worker`]: `ringpush worker`, the consume → lookup → push → settle loop;
 //! - [`mock`]: `ringpush mock-apns`, a local APNs used by tests, the demo and benchmarks;
+//! - [`local`]: a private world on the local broker and database (queue prefix, schema,
+//!   key, mock settings, client), as the demo, the bench and the tests stand it up;
 //! - [`demo`]: `ringpush demo`, the whole pipeline on one machine;
 //! - [`feedback`], [`purge`]: the stale-token flow;
 //! - [`metrics`], [`ops`]: what operators see and type;
@@ -29,6 +31,7 @@ pub mod db;
 pub mod demo;
 pub mod feedback;
 pub mod http;
+pub mod local;
 pub mod metrics;
 pub mod mock;
 pub mod ops;
