@@ -13,10 +13,11 @@ use lapin::BasicProperties;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::apns::jwt::{self, Signer};
-use crate::apns::{binary, tls, Apns};
-use crate::broker::{self, Names};
-use crate::mock::{self, Mock};
+use crate::apns::jwt;
+use crate::apns::{binary, Apns};
+use crate::broker;
+use crate::local::{self, Key, Local};
+use crate::mock::Mock;
 use crate::token::{random_hex, DeviceToken};
 use crate::wire::ring::RingEvent;
 use crate::wire::ERROR_HEADER;
@@ -125,26 +126,14 @@ pub struct Settings {
     pub binary: bool,
 }
 
-/// Runs the demo and cleans up after it, whatever happened.
+/// Runs the demo and cleans up after it, whatever happened: its queues (prefix
+/// `ringpush-demo-<random>`), its schema and its files.
 pub async fn run(settings: &Settings, cancel: CancellationToken) -> anyhow::Result<Report> {
-    let id = random_hex(4);
-    let names = Names::new(&format!("ringpush-demo-{id}"));
-    let schema = format!("ringpush_demo_{id}");
-    let dir = std::env::temp_dir().join(format!("ringpush-demo-{id}"));
+    let local = Local::new("demo", &settings.amqp_url, &settings.database_url);
     let workers = cancel.child_token();
-    let result = run_inner(settings, &names, &schema, &dir, workers.clone()).await;
+    let result = run_inner(settings, &local, workers.clone()).await;
     workers.cancel();
-    // Clean up: the broker, the schema, the files.
-    let cleanup = async {
-        let connection = broker::connect(&settings.amqp_url, "ringpush demo cleanup").await?;
-        let channel = connection.create_channel().await?;
-        broker::delete(&channel, &names).await?;
-        let _ = connection.close(200, "done".into()).await;
-        crate::db::drop_schema(&settings.database_url, &schema).await?;
-        anyhow::Ok(())
-    };
-    let cleaned = cleanup.await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let cleaned = local.clean_up(&[]).await;
     let report = result?;
     cleaned?;
     Ok(report)
@@ -152,39 +141,23 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> anyhow::Resu
 
 async fn run_inner(
     demo: &Settings,
-    names: &Names,
-    schema: &str,
-    dir: &std::path::Path,
+    local: &Local,
     cancel: CancellationToken,
 ) -> anyhow::Result<Report> {
+    let (names, dir) = (&local.names, &local.dir);
     let started = Instant::now();
     // Database: a schema of our own, migrated and seeded.
-    crate::db::create_schema(&demo.database_url, schema).await?;
-    let db_url = crate::db::url_with_schema(&demo.database_url, schema);
-    crate::db::migrate(&db_url).await?;
-    let pool = crate::db::pool(&db_url, 4, Duration::from_secs(5))?;
+    local.create_migrated_schema().await?;
+    let pool = local.pool(4, Duration::from_secs(5))?;
     let people = seed_people();
     seed(&pool, &people).await?;
 
     // APNs: a key of our own, the mock checking JWTs with its public half.
     std::fs::create_dir_all(dir)?;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let signer = Signer::from_pem(
-        key.serialize_pem().as_bytes(),
-        "DEMOKEY123",
-        "DEMOTEAM12",
-        jwt::DEFAULT_REFRESH,
-    )?;
+    let key = Key::generate("DEMOKEY123", "DEMOTEAM12")?;
+    let signer = key.signer()?;
     let binary = demo.binary;
-    let mut mock_settings = mock::Settings::local(
-        dir.join("mock-certs"),
-        mock::AuthCheck {
-            public_key: Some(signer.public_key()),
-            key_id: Some("DEMOKEY123".into()),
-            team_id: Some("DEMOTEAM12".into()),
-            ..mock::AuthCheck::default()
-        },
-    );
+    let mut mock_settings = local.mock_settings(&key)?;
     if binary {
         let any = "127.0.0.1:0".parse()?;
         mock_settings.binary = Some((any, any));
@@ -201,13 +174,7 @@ async fn run_inner(
     // The binary interface knows only certificate auth: a client certificate from the
     // mock's CA; its feedback service is polled too.
     let (apns, service): (Apns, Option<feedback::Service>) = if binary {
-        let (cert, key) = mock.issue_client_certificate("com.example.doorbell")?;
-        let pem = dir.join("client.pem");
-        std::fs::write(&pem, format!("{cert}{key}"))?;
-        let tls = tls::client_config(
-            Some(mock.ca_file()),
-            Some(tls::Identity::from_file(&pem, "")?),
-        )?;
+        let tls = local.binary_tls(&mock)?;
         let at = |addr: Option<std::net::SocketAddr>| {
             binary::Address::parse(&format!(
                 "localhost:{}",
@@ -224,7 +191,8 @@ async fn run_inner(
         };
         (client.into(), Some(service))
     } else {
-        (mock.client(Arc::new(signer))?.into(), None)
+        let client = local::http2_client(&mock, None, mock.client_settings(), Arc::new(signer))?;
+        (client.into(), None)
     };
 
     // A worker in this process.
