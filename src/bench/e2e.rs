@@ -3,7 +3,6 @@
 //! optional soak; and the broker's ceiling, a bare consume-and-ack loop over the same
 //! messages.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::StreamExt;
@@ -14,6 +13,7 @@ use time::OffsetDateTime;
 
 use crate::broker::{self, Names};
 use crate::config::BenchArgs;
+use crate::local::Local;
 use crate::token::random_hex;
 use crate::wire::ring::RingEvent;
 
@@ -25,20 +25,18 @@ use super::measure::{
 };
 use super::processes::{free_port, signer, stop, MockProcess, WorkerOf};
 use super::report::Report;
-use super::ring_now;
+use super::{broker_queue, ring_now};
 
 pub(super) async fn end_to_end(
     args: &BenchArgs,
-    names: &Names,
-    schema: &str,
-    dir: &Path,
+    local: &Local,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    let (names, dir) = (&local.names, local.dir.as_path());
     // The database: gateways of F phones each.
-    crate::db::create_schema(&args.local.database_url, schema).await?;
-    let db_url = crate::db::url_with_schema(&args.local.database_url, schema);
-    crate::db::migrate(&db_url).await?;
-    let pool = crate::db::pool(&db_url, 2, Duration::from_secs(5))?;
+    local.create_migrated_schema().await?;
+    let db_url = local.db_url();
+    let pool = local.pool(2, Duration::from_secs(5))?;
     // A fleet, not a handful: with a few hundred gateways (and no statistics) the generic
     // plan of the prepared lookup scans whole tables instead of using the indexes, and the
     // bench would measure a toy database (see BENCHMARKS.md).
@@ -188,7 +186,7 @@ pub(super) async fn broker_ceiling(
 ) -> anyhow::Result<()> {
     let connection = broker::connect(&args.local.amqp_url, "ringpush bench broker").await?;
     let channel = broker::confirm_channel(&connection).await?;
-    let queue = format!("{}.bench", names.prefix);
+    let queue = broker_queue(names);
     let mut arguments = FieldTable::default();
     arguments.insert(
         ShortString::from("x-queue-type"),

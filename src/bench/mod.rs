@@ -26,11 +26,11 @@ mod measure;
 mod processes;
 mod report;
 
-use lapin::options::QueueDeleteOptions;
 use time::OffsetDateTime;
 
-use crate::broker::{self, Names};
+use crate::broker::Names;
 use crate::config::BenchArgs;
+use crate::local::Local;
 use crate::token::random_hex;
 use crate::wire::ring::RingEvent;
 
@@ -50,11 +50,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
 }
 
 async fn run_here(args: &BenchArgs) -> anyhow::Result<Report> {
-    let id = random_hex(4);
-    let names = Names::new(&format!("ringpush-bench-{id}"));
-    let schema = format!("ringpush_bench_{id}");
-    let dir = std::env::temp_dir().join(format!("ringpush-bench-{id}"));
-    std::fs::create_dir_all(&dir)?;
+    let local = Local::new("bench", &args.local.amqp_url, &args.local.database_url);
+    let (names, dir) = (&local.names, &local.dir);
+    std::fs::create_dir_all(dir)?;
     let mut report = Report {
         machine: format!(
             "{} cores, {}",
@@ -68,30 +66,22 @@ async fn run_here(args: &BenchArgs) -> anyhow::Result<Report> {
         ..Report::default()
     };
     let result = async {
-        end_to_end(args, &names, &schema, &dir, &mut report).await?;
-        broker_ceiling(args, &names, &mut report).await?;
-        apns_leg(args, &dir, &mut report).await?;
-        binary_leg(args, &dir, &mut report).await?;
+        end_to_end(args, &local, &mut report).await?;
+        broker_ceiling(args, names, &mut report).await?;
+        apns_leg(args, dir, &mut report).await?;
+        binary_leg(args, dir, &mut report).await?;
         anyhow::Ok(())
     }
     .await;
-    // Clean up whatever happened.
-    if let Ok(connection) = broker::connect(&args.local.amqp_url, "ringpush bench cleanup").await {
-        if let Ok(channel) = connection.create_channel().await {
-            let _ = broker::delete(&channel, &names).await;
-            let _ = channel
-                .queue_delete(
-                    format!("{}.bench", names.prefix).as_str().into(),
-                    QueueDeleteOptions::default(),
-                )
-                .await;
-        }
-        let _ = connection.close(200, "done".into()).await;
-    }
-    let _ = crate::db::drop_schema(&args.local.database_url, &schema).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    // Clean up whatever happened: the broker ceiling's queue too.
+    let _ = local.clean_up(&[broker_queue(names)]).await;
     result?;
     Ok(report)
+}
+
+/// The queue of the broker ceiling's bare loop (outside the topology).
+fn broker_queue(names: &Names) -> String {
+    format!("{}.bench", names.prefix)
 }
 
 /// A ring of gateway `bench-1` pressed now (the broker and APNs legs' message).

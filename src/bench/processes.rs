@@ -10,6 +10,7 @@ use crate::apns::jwt;
 use crate::apns::request::Endpoint;
 use crate::broker::Names;
 use crate::config::BenchArgs;
+use crate::local::Key;
 
 use super::measure::cpu_seconds;
 
@@ -78,16 +79,10 @@ impl MockProcess {
 }
 
 pub(super) fn signer(dir: &Path) -> anyhow::Result<(Arc<jwt::Signer>, PathBuf)> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let key = Key::generate("BENCHKEY01", "BENCHTEAM1")?;
     let file = dir.join("bench-key.p8");
-    crate::mock::certs::write_private(&file, &key.serialize_pem())?;
-    let signer = jwt::Signer::from_pem(
-        key.serialize_pem().as_bytes(),
-        "BENCHKEY01",
-        "BENCHTEAM1",
-        jwt::DEFAULT_REFRESH,
-    )?;
-    Ok((Arc::new(signer), file))
+    key.write_p8(&file)?;
+    Ok((Arc::new(key.signer()?), file))
 }
 
 /// Stops a worker process as Kubernetes would (SIGTERM) and waits for it (at most 30 s).
