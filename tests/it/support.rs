@@ -1,5 +1,7 @@
 //! `App::spawn`: a fresh schema, queue prefix, mock APNs and worker for one test, removed
-//! again when the test ends (also when it panics).
+//! again when the test ends (also when it panics). The world is assembled by
+//! `ringpush::local` (as the demo's and the bench's are); the proxies, the processes and
+//! the clean-up on drop are the tests' own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,11 +12,10 @@ use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use ringpush::apns::http2;
-use ringpush::apns::jwt::{self, Signer};
 use ringpush::apns::request::Endpoint;
-use ringpush::apns::tls;
 use ringpush::apns::Apns;
 use ringpush::broker::{self, Names};
+use ringpush::local::{self, Key, Local};
 use ringpush::mock::{self, Mock};
 use ringpush::token::random_hex;
 use ringpush::token::DeviceToken;
@@ -56,6 +57,15 @@ impl TestDb {
         let url = ringpush::db::url_with_schema(&database_url(), &schema);
         Self { schema, url }
     }
+
+    /// `local`'s schema, created empty, dropped when this is dropped.
+    pub async fn of(local: &Local) -> Self {
+        local.create_schema().await.expect("create schema");
+        Self {
+            schema: local.schema.clone(),
+            url: local.db_url(),
+        }
+    }
 }
 
 impl Drop for TestDb {
@@ -74,12 +84,7 @@ impl Drop for TestQueues {
     fn drop(&mut self) {
         let names = self.0.clone();
         on_fresh_runtime(async move {
-            if let Ok(conn) = broker::connect(&amqp_url(), "ringpush test cleanup").await {
-                if let Ok(channel) = conn.create_channel().await {
-                    let _ = broker::delete(&channel, &names).await;
-                }
-                let _ = conn.close(200, "done".into()).await;
-            }
+            let _ = local::delete_queues(&amqp_url(), &names, &[]).await;
         });
     }
 }
@@ -181,27 +186,20 @@ impl App {
 
     pub async fn spawn_with(edit: impl FnOnce(&mut Options)) -> Self {
         let id = random_hex(6);
-        let names = Names::new(&format!("t-{id}"));
+        let local = Local::named(
+            Names::new(&format!("t-{id}")),
+            format!("t_{}", random_hex(6)),
+            std::env::temp_dir().join(format!("ringpush-test-{id}")),
+            &amqp_url(),
+            &database_url(),
+        );
+        let (names, dir) = (local.names.clone(), local.dir.clone());
         let queues = TestQueues(names.clone());
-        let db = TestDb::new().await;
-        let pool = ringpush::db::pool(&db.url, 4, Duration::from_secs(5)).unwrap();
-        let dir = std::env::temp_dir().join(format!("ringpush-test-{id}"));
+        let db = TestDb::of(&local).await;
+        let pool = local.pool(4, Duration::from_secs(5)).unwrap();
 
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let signer = Signer::from_pem(
-            key.serialize_pem().as_bytes(),
-            KEY_ID,
-            TEAM_ID,
-            jwt::DEFAULT_REFRESH,
-        )
-        .unwrap();
-        let auth = mock::AuthCheck {
-            // The mock reads the public half from PEM, as `mock-apns` does.
-            public_key: Some(jwt::public_key_from_pem(key.public_key_pem().as_bytes()).unwrap()),
-            key_id: Some(KEY_ID.into()),
-            team_id: Some(TEAM_ID.into()),
-            ..mock::AuthCheck::default()
-        };
+        let key = Key::generate(KEY_ID, TEAM_ID).unwrap();
+        let signer = key.signer().unwrap();
         let jwt_public_key = signer.public_key();
         let mut options = Options {
             worker: worker::Settings {
@@ -212,7 +210,8 @@ impl App {
                 grace: Duration::from_secs(5),
                 ..worker::Settings::new(names.clone())
             },
-            mock: mock::Settings::local(dir.join("certs"), auth),
+            // The mock reads the key's public half from PEM, as `mock-apns` does.
+            mock: local.mock_settings(&key).unwrap(),
             feedback: feedback::Settings {
                 names: names.clone(),
                 prefetch: 100,
@@ -239,7 +238,7 @@ impl App {
         };
         edit(&mut options);
         if options.migrate {
-            ringpush::db::migrate(&db.url).await.expect("migrate");
+            local.migrate().await.expect("migrate");
         }
         if options.binary {
             let any = "127.0.0.1:0".parse().unwrap();
@@ -256,16 +255,7 @@ impl App {
         };
         let binary_tls = match options.binary {
             false => None,
-            true => {
-                let (cert, key) = mock
-                    .issue_client_certificate("com.example.doorbell")
-                    .unwrap();
-                std::fs::create_dir_all(&dir).unwrap();
-                let pem = dir.join("client.pem");
-                std::fs::write(&pem, format!("{cert}{key}")).unwrap();
-                let identity = tls::Identity::from_file(&pem, "").unwrap();
-                Some(tls::client_config(Some(mock.ca_file()), Some(identity)).unwrap())
-            }
+            true => Some(local.binary_tls(&mock).unwrap()),
         };
         if let (Some(tls), Some(addr)) = (&binary_tls, mock.feedback_addr()) {
             options.feedback.service = Some(feedback::Service {
@@ -287,19 +277,10 @@ impl App {
             settings.quiet = Duration::from_millis(100);
             ringpush::apns::binary::Client::new(settings, tls.clone()).into()
         } else {
-            let endpoint = match &apns_proxy {
-                Some(p) => {
-                    Endpoint::parse(&format!("https://localhost:{}", p.addr.port())).unwrap()
-                }
-                None => Endpoint::parse(&mock.url()).unwrap(),
-            };
-            let settings = http2::Settings {
-                production: endpoint.clone(),
-                sandbox: endpoint,
-                ..options.apns
-            };
-            let tls = tls::client_config(Some(mock.ca_file()), None).unwrap();
-            http2::Client::new(settings, tls, Some(Arc::new(signer))).into()
+            let via = apns_proxy.as_ref().map(|p| p.addr);
+            local::http2_client(&mock, via, options.apns, Arc::new(signer))
+                .unwrap()
+                .into()
         };
         let db_proxy = match options.db_proxy {
             true => Some(Proxy::start("127.0.0.1:5432".parse().unwrap()).await),
@@ -363,7 +344,7 @@ impl App {
             apns_proxy,
             db_proxy,
             binary_tls,
-            key_pem: key.serialize_pem(),
+            key_pem: key.pem.clone(),
             db_url: db.url.clone(),
             jwt_public_key,
             channel,
