@@ -5,8 +5,8 @@
 //! *purge requests* for the purger. Both messages are v1 of the same JSON shape
 //! ([`crate::wire::feedback`]).
 
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,27 +41,48 @@ pub struct Service {
 }
 
 /// Running counts of the feedback consumer.
-#[derive(Debug, Default)]
+/// What the feedback consumer counts: children of the families registered in
+/// [`Counters::register`], incremented directly.
+#[derive(Debug)]
 pub struct Counters {
+    events_by_outcome: crate::metrics::Family1,
     /// Feedback events read.
-    pub events: AtomicU64,
+    pub events: Counter,
     /// Events dropped as repeats of a token already sent to the purger within the window.
-    pub duplicates: AtomicU64,
+    pub duplicates: Counter,
     /// Purge requests published (confirmed).
-    pub purge_requests: AtomicU64,
-    pub dead_lettered: AtomicU64,
+    pub purge_requests: Counter,
+    pub dead_lettered: Counter,
     /// Events acked (after their outcome was durable).
-    pub acked: AtomicU64,
+    pub acked: Counter,
     /// Consuming from the broker right now.
     pub broker_connected: std::sync::atomic::AtomicBool,
     /// Reads of the legacy feedback service, and the tokens it listed.
-    pub service_polls: AtomicU64,
-    pub service_tokens: AtomicU64,
+    pub service_polls: Counter,
+    pub service_tokens: Counter,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        let family = crate::metrics::Family1::default();
+        let outcome = |o| crate::metrics::labelled(&family, "outcome", o);
+        Self {
+            events: outcome("read"),
+            duplicates: outcome("duplicate"),
+            dead_lettered: outcome("dead_lettered"),
+            acked: outcome("acked"),
+            events_by_outcome: family.clone(),
+            purge_requests: Counter::default(),
+            broker_connected: Default::default(),
+            service_polls: Counter::default(),
+            service_tokens: Counter::default(),
+        }
+    }
 }
 
 impl Counters {
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn get(counter: &Counter) -> u64 {
+        counter.get()
     }
 }
 
@@ -98,7 +119,7 @@ pub async fn run(
         control: broker::Control::new(cancel, Duration::from_secs(10)),
         connected: &ctx.counters.broker_connected,
         sessions: None,
-        acked: Some(&ctx.counters.acked),
+        acked: Some(ctx.counters.acked.inner()),
     };
     consumer
         .run(|publisher, acks, batch, _abort| {
@@ -123,7 +144,7 @@ async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: 
             .await
         {
             Ok(tuples) => {
-                ctx.counters.service_polls.fetch_add(1, Ordering::Relaxed);
+                ctx.counters.service_polls.inc();
                 let observed_at = OffsetDateTime::now_utc();
                 let events: Vec<Invalidation> = tuples
                     .iter()
@@ -152,9 +173,7 @@ async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: 
                 while !events.is_empty() {
                     match publish_all(amqp_url, &ctx.settings.names.feedback, &events).await {
                         Ok(()) => {
-                            ctx.counters
-                                .service_tokens
-                                .fetch_add(events.len() as u64, Ordering::Relaxed);
+                            ctx.counters.service_tokens.inc_by(events.len() as u64);
                             break;
                         }
                         Err(e) => {
@@ -218,7 +237,7 @@ async fn handle_batch(
     batch: Vec<Delivery>,
 ) {
     let c = &ctx.counters;
-    c.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    c.events.inc_by(batch.len() as u64);
     // Parsed before the dedup map is locked: nothing that reads a message runs under the
     // lock (a panic there would poison it for every later batch).
     let parsed: Vec<_> = batch.iter().map(|d| Invalidation::parse(&d.data)).collect();
@@ -245,7 +264,7 @@ async fn handle_batch(
     join_all(batch.iter().zip(steps).map(|(delivery, step)| async move {
         let durable = match &step {
             Step::Duplicate => {
-                c.duplicates.fetch_add(1, Ordering::Relaxed);
+                c.duplicates.inc();
                 Ok(())
             }
             Step::Dead(reason) => {
@@ -258,7 +277,7 @@ async fn handle_batch(
                 )
                 .await;
                 if r.is_ok() {
-                    c.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    c.dead_lettered.inc();
                 }
                 r
             }
@@ -266,7 +285,7 @@ async fn handle_batch(
                 let r = event.publish(publisher, &ctx.settings.names.purge).await;
                 match &r {
                     Ok(()) => {
-                        c.purge_requests.fetch_add(1, Ordering::Relaxed);
+                        c.purge_requests.inc();
                         info!(token = %event.token, reason = %event.reason, "purge requested");
                     }
                     // Not sent: forget it, so the redelivered event is not taken as a repeat.
@@ -288,40 +307,19 @@ async fn handle_batch(
     .await;
 }
 
-/// The feedback consumer's counters at scrape time (registered where they are counted).
-#[derive(Debug)]
-struct Scrape(Arc<Counters>);
-
-impl prometheus_client::collector::Collector for Scrape {
-    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
-        use crate::metrics::encode;
-        let c = &self.0;
-        let get = Counters::get;
-        encode::counters(
-            &mut e,
-            "feedback_events",
-            "Feedback events by what became of them.",
-            "outcome",
-            &[
-                ("read", get(&c.events)),
-                ("duplicate", get(&c.duplicates)),
-                ("dead_lettered", get(&c.dead_lettered)),
-                ("acked", get(&c.acked)),
-            ],
-        )?;
-        encode::counter(
-            &mut e,
-            "purge_requests_published",
-            "Purge requests published.",
-            get(&c.purge_requests),
-        )
-    }
-}
-
 impl Counters {
     /// Registers the feedback consumer's metrics.
     pub fn register(self: &Arc<Self>, registry: &mut prometheus_client::registry::Registry) {
-        registry.register_collector(Box::new(Scrape(self.clone())));
+        registry.register(
+            "feedback_events",
+            "Feedback events by what became of them",
+            self.events_by_outcome.clone(),
+        );
+        registry.register(
+            "purge_requests_published",
+            "Purge requests published",
+            self.purge_requests.clone(),
+        );
     }
 
     /// `/readyz`: consuming.

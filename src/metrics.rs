@@ -4,8 +4,8 @@
 //! `RINGPUSH_METRICS_ADDR`.
 //!
 //! Each process registers its own metrics where it counts them (`worker::Counters::register`,
-//! `feedback::Counters::register`, `purge::Counters::register`, encoded with [`encode`]); this
-//! module serves them, with the
+//! `feedback::Counters::register`, `purge::Counters::register`: counter families whose children
+//! the process increments, [`labelled`]); this module serves them, with the
 //! queue-depth gauges a [`QueueDepth`] poller refreshes by passive declares, so a dashboard
 //! needs no broker plugin.
 
@@ -64,6 +64,19 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
         lower = (bound, count);
     }
     None
+}
+
+/// A counter family with one label, e.g. `ringpush_rings_total{outcome}`.
+pub type Family1 = Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>;
+
+/// The child of `family` for `label=value`: a shared counter the caller keeps and increments
+/// without touching the family (no lock) again.
+pub fn labelled(
+    family: &Family1,
+    label: &str,
+    value: &str,
+) -> prometheus_client::metrics::counter::Counter {
+    family.get_or_create_owned(&vec![(label.to_owned(), value.to_owned())])
 }
 
 /// A registry with the `ringpush` prefix.
@@ -154,44 +167,17 @@ pub async fn observe(
     serve(addr, registry, ready, cancel.clone()).await
 }
 
-/// Encoding counts read at scrape time into Prometheus text: what each process's collector
-/// (registered where it counts: `worker`, `feedback`, `purge`) writes with.
+/// Encoding what is only known at scrape time (a worker's connection and pause gauges);
+/// counters are families registered where they are counted.
 pub mod encode {
     use std::fmt;
 
     use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-    use prometheus_client::metrics::counter::ConstCounter;
     use prometheus_client::metrics::gauge::ConstGauge;
-
-    pub fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
-        let c = ConstCounter::new(value);
-        c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
-    }
 
     pub fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
         let g = ConstGauge::new(value);
         g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
-    }
-
-    /// One counter family with a single label.
-    pub fn counters(
-        e: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        label: &str,
-        values: &[(&str, u64)],
-    ) -> fmt::Result {
-        let mut family = e.encode_descriptor(
-            name,
-            help,
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (value, n) in values {
-            let labels = [(label, *value)];
-            ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
     }
 }
 

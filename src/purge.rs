@@ -11,8 +11,8 @@
 //! valid requests beside it with it.) Any other failure hands the batch back after
 //! `db_retry_delay`.
 
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,25 +38,48 @@ pub struct Settings {
 }
 
 /// Running counts of the purger.
-#[derive(Debug, Default)]
+/// What the purger counts: children of the families registered in [`Counters::register`],
+/// incremented directly.
+#[derive(Debug)]
 pub struct Counters {
+    requests_by_outcome: crate::metrics::Family1,
+    tokens_by_outcome: crate::metrics::Family1,
     /// Purge requests read.
-    pub requests: AtomicU64,
+    pub requests: Counter,
     /// Tokens deleted.
-    pub purged: AtomicU64,
+    pub purged: Counter,
     /// Tokens kept: registered again after they were reported, or already gone.
-    pub kept: AtomicU64,
+    pub kept: Counter,
     /// Requests sent to the dead queue: malformed, or refused by the database on their own.
-    pub dead_lettered: AtomicU64,
+    pub dead_lettered: Counter,
     /// Requests acked after their batch committed (or was dead-lettered).
-    pub acked: AtomicU64,
+    pub acked: Counter,
     /// Consuming from the broker right now.
     pub broker_connected: std::sync::atomic::AtomicBool,
 }
 
+impl Default for Counters {
+    fn default() -> Self {
+        let requests = crate::metrics::Family1::default();
+        let tokens = crate::metrics::Family1::default();
+        let request = |o| crate::metrics::labelled(&requests, "outcome", o);
+        let token = |o| crate::metrics::labelled(&tokens, "outcome", o);
+        Self {
+            requests: request("read"),
+            dead_lettered: request("dead_lettered"),
+            acked: request("acked"),
+            purged: token("purged"),
+            kept: token("kept"),
+            requests_by_outcome: requests.clone(),
+            tokens_by_outcome: tokens.clone(),
+            broker_connected: Default::default(),
+        }
+    }
+}
+
 impl Counters {
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn get(counter: &Counter) -> u64 {
+        counter.get()
     }
 }
 
@@ -122,7 +145,7 @@ pub async fn run(
         control: broker::Control::new(cancel, Duration::from_secs(10)),
         connected: &ctx.counters.broker_connected,
         sessions: None,
-        acked: Some(&ctx.counters.acked),
+        acked: Some(ctx.counters.acked.inner()),
     };
     consumer
         .run(|publisher, acks, batch, _abort| {
@@ -136,7 +159,7 @@ pub async fn run(
 
 async fn handle_batch(ctx: &Context, publisher: &Publisher, acks: &Acks, batch: Vec<Delivery>) {
     let c = &ctx.counters;
-    c.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    c.requests.inc_by(batch.len() as u64);
     let mut requests = Vec::with_capacity(batch.len());
     let mut valid = Vec::with_capacity(batch.len());
     for delivery in &batch {
@@ -281,7 +304,7 @@ async fn dead_letter(
 ) {
     match broker::dead_letter(publisher, &ctx.settings.names.purge_dead, delivery, reason).await {
         Ok(()) => {
-            ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            ctx.counters.dead_lettered.inc();
             acks.ack(delivery);
         }
         Err(e) => {
@@ -292,8 +315,8 @@ async fn dead_letter(
 }
 
 fn count(c: &Counters, done: Purged) {
-    c.purged.fetch_add(done.purged, Ordering::Relaxed);
-    c.kept.fetch_add(done.kept, Ordering::Relaxed);
+    c.purged.inc_by(done.purged);
+    c.kept.inc_by(done.kept);
 }
 
 /// Waits `db_retry_delay` (so a failing database is not asked again at once), then hands
@@ -314,40 +337,19 @@ async fn requeue(acks: &Acks, delivery: &Delivery) {
     }
 }
 
-/// The purger's counters at scrape time (registered where they are counted).
-#[derive(Debug)]
-struct Scrape(Arc<Counters>);
-
-impl prometheus_client::collector::Collector for Scrape {
-    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
-        use crate::metrics::encode;
-        let c = &self.0;
-        let get = Counters::get;
-        encode::counters(
-            &mut e,
-            "purge_requests",
-            "Purge requests by what became of them.",
-            "outcome",
-            &[
-                ("read", get(&c.requests)),
-                ("dead_lettered", get(&c.dead_lettered)),
-                ("acked", get(&c.acked)),
-            ],
-        )?;
-        encode::counters(
-            &mut e,
-            "tokens",
-            "Tokens the purger deleted, or kept (registered again since, or already gone).",
-            "outcome",
-            &[("purged", get(&c.purged)), ("kept", get(&c.kept))],
-        )
-    }
-}
-
 impl Counters {
     /// Registers the purger's metrics.
     pub fn register(self: &Arc<Self>, registry: &mut prometheus_client::registry::Registry) {
-        registry.register_collector(Box::new(Scrape(self.clone())));
+        registry.register(
+            "purge_requests",
+            "Purge requests by what became of them",
+            self.requests_by_outcome.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens the purger deleted, or kept (registered again since, or already gone)",
+            self.tokens_by_outcome.clone(),
+        );
     }
 
     /// `/readyz`: consuming, with the database answering.

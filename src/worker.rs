@@ -183,8 +183,8 @@ pub async fn run(
             open: Some(shared.pause.open.subscribe()),
         },
         connected: &shared.counters.broker_connected,
-        sessions: Some(&shared.counters.broker_sessions),
-        acked: Some(&shared.counters.rings_acked),
+        sessions: Some(shared.counters.broker_sessions.inner()),
+        acked: Some(shared.counters.rings_acked.inner()),
     };
     consumer
         .run(|publisher, acks, batch, abort| {

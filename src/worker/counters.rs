@@ -1,51 +1,56 @@
-//! What a worker counts, and how it shows it: the counters tests, the demo and `/metrics`
-//! read, registered here where they are counted (the Prometheus text is encoded from them at
-//! scrape time), and the readiness check `/readyz` runs.
+//! What a worker counts, and how it shows it: counters registered here, where they are
+//! counted, as Prometheus families (`ringpush_rings_total{outcome}` and the rest) whose
+//! children the worker increments directly — no lock and no translation on the way to
+//! `/metrics` — plus the gauges read at scrape time and the readiness check `/readyz` runs.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::apns::Apns;
 use crate::metrics::{self, encode, ReadyCheck};
 
-/// Running counts and state, readable by tests, the demo and metrics.
+use metrics::{labelled as child, Family1};
+
+/// Running counts and state, readable by tests, the demo and metrics. Each counter is a
+/// child of a registered family (a shared atomic): incrementing it is all there is to do.
 #[derive(Debug)]
 pub struct Counters {
-    pub rings_consumed: AtomicU64,
+    rings: Family1,
+    notifications: Family1,
+    rejected: Family1,
+    pub rings_consumed: Counter,
     /// Rings settled: acked after a push, expiry, unknown gateway, retry or dead-letter.
-    pub rings_acked: AtomicU64,
-    pub rings_delivered: AtomicU64,
-    pub rings_expired: AtomicU64,
-    pub rings_unknown_gateway: AtomicU64,
-    pub rings_without_tokens: AtomicU64,
-    pub rings_retried: AtomicU64,
-    pub rings_dead_lettered: AtomicU64,
+    pub rings_acked: Counter,
+    pub rings_delivered: Counter,
+    pub rings_expired: Counter,
+    pub rings_unknown_gateway: Counter,
+    pub rings_without_tokens: Counter,
+    pub rings_retried: Counter,
+    pub rings_dead_lettered: Counter,
     /// Rings handed back to the queue with a nack (requeue): only when an outcome could not
     /// be made durable and the ring could not be published again either.
-    pub rings_requeued: AtomicU64,
-    pub notifications_accepted: AtomicU64,
-    pub notifications_rejected: AtomicU64,
-    pub notifications_failed: AtomicU64,
+    pub rings_requeued: Counter,
+    /// Rings handed back at shutdown (published again and acked).
+    pub rings_handed_back: Counter,
+    pub notifications_accepted: Counter,
+    pub notifications_rejected: Counter,
+    pub notifications_failed: Counter,
     /// Feedback events published for tokens APNs says are dead.
-    pub feedback_events: AtomicU64,
+    pub feedback_events: Counter,
     /// Times consumption paused because APNs or the database was unreachable.
-    pub pauses: AtomicU64,
+    pub pauses: Counter,
     /// Probes of a paused dependency that failed (each followed by a longer wait, up to the
     /// cap).
-    pub probes_failed: AtomicU64,
-    /// Rings handed back at shutdown (published again and acked).
-    pub rings_handed_back: AtomicU64,
+    pub probes_failed: Counter,
     /// Broker sessions started (1 + reconnects).
-    pub broker_sessions: AtomicU64,
-    /// Rejections by reason (only rejections take this lock, never an accepted push).
-    pub rejected_by_reason: Mutex<BTreeMap<String, u64>>,
+    pub broker_sessions: Counter,
     /// APNs request latency, seconds.
     pub apns_request_seconds: Histogram,
     /// From `pressed_at` to APNs's 200, seconds: the number the business cares about.
@@ -59,25 +64,40 @@ pub struct Counters {
 
 impl Default for Counters {
     fn default() -> Self {
+        let rings = Family1::default();
+        let notifications = Family1::default();
+        // Every rejection APNs can give for good, at zero from the start: an alert on
+        // `increase(…{reason="InvalidProviderToken"})` sees the first one.
+        let rejected = Family1::default();
+        for reason in crate::apns::Reason::ALL
+            .iter()
+            .filter(|r| !r.is_retryable())
+        {
+            child(&rejected, "reason", reason.as_str());
+        }
+        let ring = |outcome| child(&rings, "outcome", outcome);
+        let notification = |outcome| child(&notifications, "outcome", outcome);
         Self {
-            rings_consumed: AtomicU64::default(),
-            rings_acked: AtomicU64::default(),
-            rings_delivered: AtomicU64::default(),
-            rings_expired: AtomicU64::default(),
-            rings_unknown_gateway: AtomicU64::default(),
-            rings_without_tokens: AtomicU64::default(),
-            rings_retried: AtomicU64::default(),
-            rings_dead_lettered: AtomicU64::default(),
-            rings_requeued: AtomicU64::default(),
-            notifications_accepted: AtomicU64::default(),
-            notifications_rejected: AtomicU64::default(),
-            notifications_failed: AtomicU64::default(),
-            feedback_events: AtomicU64::default(),
-            pauses: AtomicU64::default(),
-            probes_failed: AtomicU64::default(),
-            rings_handed_back: AtomicU64::default(),
-            broker_sessions: AtomicU64::default(),
-            rejected_by_reason: Mutex::default(),
+            rings_consumed: ring("consumed"),
+            rings_acked: ring("acked"),
+            rings_delivered: ring("delivered"),
+            rings_expired: ring("expired"),
+            rings_unknown_gateway: ring("unknown_gateway"),
+            rings_without_tokens: ring("no_tokens"),
+            rings_retried: ring("retried"),
+            rings_dead_lettered: ring("dead_lettered"),
+            rings_requeued: ring("requeued"),
+            rings_handed_back: ring("handed_back"),
+            notifications_accepted: notification("accepted"),
+            notifications_rejected: notification("rejected"),
+            notifications_failed: notification("failed"),
+            rings,
+            notifications,
+            rejected,
+            feedback_events: Counter::default(),
+            pauses: Counter::default(),
+            probes_failed: Counter::default(),
+            broker_sessions: Counter::default(),
             apns_request_seconds: metrics::latency_histogram(),
             ring_to_accepted_seconds: metrics::latency_histogram(),
             broker_connected: AtomicBool::default(),
@@ -102,17 +122,63 @@ impl Counters {
         Ok(())
     }
 
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn get(counter: &Counter) -> u64 {
+        counter.get()
     }
 
-    pub(super) fn add(counter: &AtomicU64, n: usize) {
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+    pub(super) fn add(counter: &Counter, n: usize) {
+        counter.inc_by(n as u64);
     }
 
-    /// Registers the worker's metrics: counters and gauges read at scrape time, the two
-    /// latency histograms.
+    /// Rejections so far for `reason`.
+    pub fn rejected(&self, reason: &str) -> u64 {
+        child(&self.rejected, "reason", reason).get()
+    }
+
+    /// Counts a rejection under its reason (a read lock on the family, on the rejection path
+    /// only: an accepted notification takes none).
+    pub(super) fn count_rejected(&self, reason: &str) {
+        child(&self.rejected, "reason", reason).inc();
+    }
+
+    /// Registers the worker's metrics: the counter families, the two latency histograms,
+    /// and the gauges read at scrape time.
     pub fn register(self: &Arc<Self>, registry: &mut Registry, apns: &Apns) {
+        registry.register(
+            "rings",
+            "Rings by what became of them (consumed counts every delivery)",
+            self.rings.clone(),
+        );
+        registry.register(
+            "notifications",
+            "Notifications by outcome: accepted by APNs, rejected for good, or failed for now",
+            self.notifications.clone(),
+        );
+        registry.register(
+            "notifications_rejected",
+            "Rejections by APNs reason",
+            self.rejected.clone(),
+        );
+        registry.register(
+            "feedback_events_published",
+            "Feedback events published for dead tokens",
+            self.feedback_events.clone(),
+        );
+        registry.register(
+            "consumption_pauses",
+            "Times consumption paused (APNs or database unreachable)",
+            self.pauses.clone(),
+        );
+        registry.register(
+            "probes_failed",
+            "Probes of a paused dependency (the token lookup, an APNs connection) that failed",
+            self.probes_failed.clone(),
+        );
+        registry.register(
+            "broker_sessions",
+            "Broker connections opened (1 + reconnects)",
+            self.broker_sessions.clone(),
+        );
         registry.register(
             "apns_request_seconds",
             "APNs request latency, send to answer",
@@ -144,7 +210,8 @@ impl Counters {
     }
 }
 
-/// The worker's counters, and its APNs client's connections, at scrape time.
+/// What is only known at scrape time: whether the worker consumes or is paused, and its
+/// APNs client's connections.
 #[derive(Debug)]
 struct Scrape {
     counters: Arc<Counters>,
@@ -154,75 +221,6 @@ struct Scrape {
 impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let c = &self.counters;
-        let get = Counters::get;
-        encode::counters(
-            &mut e,
-            "rings",
-            "Rings by what became of them (consumed counts every delivery).",
-            "outcome",
-            &[
-                ("consumed", get(&c.rings_consumed)),
-                ("acked", get(&c.rings_acked)),
-                ("delivered", get(&c.rings_delivered)),
-                ("retried", get(&c.rings_retried)),
-                ("dead_lettered", get(&c.rings_dead_lettered)),
-                ("expired", get(&c.rings_expired)),
-                ("unknown_gateway", get(&c.rings_unknown_gateway)),
-                ("no_tokens", get(&c.rings_without_tokens)),
-                ("requeued", get(&c.rings_requeued)),
-                ("handed_back", get(&c.rings_handed_back)),
-            ],
-        )?;
-        encode::counters(
-            &mut e,
-            "notifications",
-            "Notifications by outcome: accepted by APNs, rejected for good, or failed for now.",
-            "outcome",
-            &[
-                ("accepted", get(&c.notifications_accepted)),
-                ("rejected", get(&c.notifications_rejected)),
-                ("failed", get(&c.notifications_failed)),
-            ],
-        )?;
-        let by_reason: Vec<(String, u64)> = c
-            .rejected_by_reason
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        let by_reason: Vec<(&str, u64)> = by_reason.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        encode::counters(
-            &mut e,
-            "notifications_rejected",
-            "Rejections by APNs reason.",
-            "reason",
-            &by_reason,
-        )?;
-        encode::counter(
-            &mut e,
-            "feedback_events_published",
-            "Feedback events published for dead tokens.",
-            get(&c.feedback_events),
-        )?;
-        encode::counter(
-            &mut e,
-            "consumption_pauses",
-            "Times consumption paused (APNs or database unreachable).",
-            get(&c.pauses),
-        )?;
-        encode::counter(
-            &mut e,
-            "probes_failed",
-            "Probes of a paused dependency (the token lookup, an APNs connection) that failed.",
-            get(&c.probes_failed),
-        )?;
-        encode::counter(
-            &mut e,
-            "broker_sessions",
-            "Broker connections opened (1 + reconnects).",
-            get(&c.broker_sessions),
-        )?;
         encode::gauge(
             &mut e,
             "broker_connected",
@@ -247,7 +245,6 @@ impl Collector for Scrape {
             "apns_streams_in_flight",
             "APNs requests awaiting their answer.",
             self.apns.in_flight(),
-        )?;
-        Ok(())
+        )
     }
 }

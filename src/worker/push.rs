@@ -157,11 +157,7 @@ fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer, sent: Instant) {
         }
         Answer::Dead { reason, .. } | Answer::Rejected { reason } => {
             Counters::add(&c.notifications_rejected, 1);
-            *c.rejected_by_reason
-                .lock()
-                .unwrap()
-                .entry(reason.clone())
-                .or_default() += 1;
+            c.count_rejected(reason);
         }
         Answer::Retry { .. } | Answer::Unreachable { .. } => {
             Counters::add(&c.notifications_failed, 1)

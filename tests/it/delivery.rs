@@ -254,9 +254,8 @@ async fn rejected_tokens_settle_the_ring_and_other_phones_still_ring() {
     assert_eq!(Counters::get(&app.counters.rings_delivered), 1);
     assert_eq!(Counters::get(&app.counters.notifications_accepted), 1);
     assert_eq!(Counters::get(&app.counters.notifications_rejected), 2);
-    let by_reason = app.counters.rejected_by_reason.lock().unwrap().clone();
-    assert_eq!(by_reason.get("Unregistered"), Some(&1));
-    assert_eq!(by_reason.get("BadDeviceToken"), Some(&1));
+    assert_eq!(app.counters.rejected("Unregistered"), 1);
+    assert_eq!(app.counters.rejected("BadDeviceToken"), 1);
     let accepted: Vec<_> = app
         .mock
         .received()
