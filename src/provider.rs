@@ -22,9 +22,10 @@ pub enum Answer {
         since: OffsetDateTime,
         observed_at: OffsetDateTime,
     },
-    /// Refused for good for another reason (our credentials or topic, a payload it will not
-    /// take): counted under `reason`, not retried.
-    Rejected { reason: String },
+    /// Refused for good for another reason (a payload it will not take; with `ours`, our
+    /// credentials or topic — no phone will ring until someone fixes them): counted under
+    /// `reason`, not retried.
+    Rejected { reason: String, ours: bool },
     /// No answer, or one that says "try again" (`answered`: the provider did answer).
     Retry { error: String, answered: bool },
     /// No connection to the provider could be had at all: the worker's trouble, not the
@@ -52,7 +53,7 @@ pub struct Providers {
 impl Providers {
     /// Sends one notification to an APNs token of `environment` and says what it means.
     pub async fn send(&self, environment: Environment, n: &Notification) -> Answer {
-        answer_of(self.apns.send(environment, n).await, n)
+        answer_of(self.apns.send(environment, n).await)
     }
 
     /// Whether `environment`'s endpoint can be reached now (a connection that completes its
@@ -65,10 +66,8 @@ impl Providers {
     }
 }
 
-/// What an APNs answer means, logged at the level an operator needs: a dead token at info, a
-/// rejection of our credentials or topic at error (no phone will ring), another rejection
-/// for good at warn.
-fn answer_of(result: Result<apns::Answer, apns::SendError>, n: &Notification) -> Answer {
+/// What an APNs answer means (the worker logs it, with the ring it belongs to).
+fn answer_of(result: Result<apns::Answer, apns::SendError>) -> Answer {
     let rejection = match result {
         Ok(apns::Answer::Accepted) => return Answer::Accepted,
         Ok(apns::Answer::Rejected(rejection)) => rejection,
@@ -84,7 +83,7 @@ fn answer_of(result: Result<apns::Answer, apns::SendError>, n: &Notification) ->
             }
         }
     };
-    let (token, reason, status) = (&n.token, &rejection.reason, rejection.status);
+    let (reason, status) = (&rejection.reason, rejection.status);
     if reason.is_retryable() {
         return Answer::Retry {
             error: format!("APNs {status} {reason}"),
@@ -92,7 +91,6 @@ fn answer_of(result: Result<apns::Answer, apns::SendError>, n: &Notification) ->
         };
     }
     if reason.is_token_invalid() {
-        tracing::info!(%token, %reason, "APNs reports the token invalid");
         let now = OffsetDateTime::now_utc();
         let since = rejection
             .timestamp_ms
@@ -105,12 +103,8 @@ fn answer_of(result: Result<apns::Answer, apns::SendError>, n: &Notification) ->
             observed_at: now,
         };
     }
-    if reason.is_provider_error() {
-        tracing::error!(%token, status, %reason, "APNs refused our credentials or topic");
-    } else {
-        tracing::warn!(%token, status, %reason, "APNs rejected the notification");
-    }
     Answer::Rejected {
-        reason: reason.to_string(),
+        reason: format!("{reason}"),
+        ours: reason.is_provider_error(),
     }
 }

@@ -475,7 +475,8 @@ mod tests {
                     Answer::Accepted,
                     dead_answer(),
                     Answer::Rejected {
-                        reason: "TopicDisallowed".into()
+                        reason: "TopicDisallowed".into(),
+                        ours: true
                     }
                 ],
                 0

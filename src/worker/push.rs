@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use tracing::{warn, Instrument};
+use tracing::{error, info, warn};
 
 use super::decide::{decide, Disposition, Step, Target};
 use super::pause::{pause, Paused};
@@ -28,15 +28,9 @@ pub(super) async fn push_holding(
     gateway: Option<&Gateway>,
     abort: &CancellationToken,
 ) {
-    // Every line logged while pushing it (the provider's about one token too) names the ring.
-    let span = tracing::info_span!(
-        "ring",
-        gateway = incoming.gateway(),
-        event = incoming.event()
-    );
     loop {
         let disposition = tokio::select! {
-            disposition = push(ctx, incoming, gateway).instrument(span.clone()) => disposition,
+            disposition = push(ctx, incoming, gateway) => disposition,
             _ = abort.cancelled() => decide(Step::Stopping),
         };
         let Disposition::Hold {
@@ -114,9 +108,9 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
                     topic: topic.clone(),
                 };
                 let Some(topic) = topic else {
-                    warn!(token = %r.token, "token has no topic and RINGPUSH_APNS_TOPIC is not set");
+                    warn!(gateway = incoming.gateway(), event = incoming.event(), token = %r.token, "token has no topic and RINGPUSH_APNS_TOPIC is not set");
                     let reason = crate::apns::Reason::MissingTopic.to_string();
-                    return (target, Answer::Rejected { reason });
+                    return (target, Answer::Rejected { reason, ours: true });
                 };
                 let n = Notification {
                     token: r.token.clone(),
@@ -128,6 +122,7 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
                 let sent = Instant::now();
                 let answer = ctx.providers.send(r.environment, &n).await;
                 observe(ctx, incoming, &answer, sent);
+                log_rejection(incoming, &r.token, &answer);
                 (target, answer)
             }
         })
@@ -144,6 +139,28 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
     })
 }
 
+/// Logs a token's rejection at the level an operator needs, with the ring it belongs to: a
+/// dead token at info, our credentials or topic refused at error (no phone will ring), another
+/// rejection for good at warn.
+fn log_rejection(incoming: &Incoming, token: &crate::token::DeviceToken, answer: &Answer) {
+    let (gateway, event) = (incoming.gateway(), incoming.event());
+    match answer {
+        Answer::Dead { reason, .. } => {
+            info!(gateway, event, %token, reason, "the provider reports the token invalid")
+        }
+        Answer::Rejected { reason, ours: true } => {
+            error!(gateway, event, %token, reason, "the provider refused our credentials or topic")
+        }
+        Answer::Rejected {
+            reason,
+            ours: false,
+        } => {
+            warn!(gateway, event, %token, reason, "the provider rejected the notification")
+        }
+        _ => {}
+    }
+}
+
 /// Counts one answer: notifications by outcome, rejections by reason, request latency (for
 /// every answer APNs gave), press-to-accepted.
 fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer, sent: Instant) {
@@ -155,7 +172,7 @@ fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer, sent: Instant) {
             c.ring_to_accepted_seconds
                 .observe(since_press.as_seconds_f64().max(0.0));
         }
-        Answer::Dead { reason, .. } | Answer::Rejected { reason } => {
+        Answer::Dead { reason, .. } | Answer::Rejected { reason, .. } => {
             Counters::add(&c.notifications_rejected, 1);
             c.count_rejected(reason);
         }
