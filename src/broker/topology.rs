@@ -26,6 +26,10 @@ pub const RETRY_DELAYS: [Duration; 5] = [
     Duration::from_secs(16),
 ];
 
+/// The routing key rings come back from a retry tier with. No gateway identity may publish it
+/// (`retry` is not a gateway id a broker identity is made for).
+pub const RETRY_KEY: &str = "ring.retry";
+
 /// The names of every exchange and queue, under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
@@ -133,7 +137,7 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError
                     AMQPValue::LongLongInt(RETRY_DELAYS[tier].as_millis() as i64),
                 ),
                 ("x-dead-letter-exchange", string(&names.rings)),
-                ("x-dead-letter-routing-key", string("ring.retry")),
+                ("x-dead-letter-routing-key", string(RETRY_KEY)),
             ])
         } else {
             table(&[quorum()])

@@ -27,6 +27,8 @@ pub struct Counters {
     pub rings_without_tokens: AtomicU64,
     pub rings_retried: AtomicU64,
     pub rings_dead_lettered: AtomicU64,
+    /// Rings whose body names another gateway than their routing key (dead-lettered too).
+    pub rings_wrong_gateway: AtomicU64,
     /// Rings handed back to the queue with a nack (requeue): only when an outcome could not
     /// be made durable and the ring could not be published again either.
     pub rings_requeued: AtomicU64,
@@ -68,6 +70,7 @@ impl Default for Counters {
             rings_without_tokens: AtomicU64::default(),
             rings_retried: AtomicU64::default(),
             rings_dead_lettered: AtomicU64::default(),
+            rings_wrong_gateway: AtomicU64::default(),
             rings_requeued: AtomicU64::default(),
             notifications_accepted: AtomicU64::default(),
             notifications_rejected: AtomicU64::default(),
@@ -166,6 +169,7 @@ impl Collector for Scrape {
                 ("delivered", get(&c.rings_delivered)),
                 ("retried", get(&c.rings_retried)),
                 ("dead_lettered", get(&c.rings_dead_lettered)),
+                ("wrong_gateway", get(&c.rings_wrong_gateway)),
                 ("expired", get(&c.rings_expired)),
                 ("unknown_gateway", get(&c.rings_unknown_gateway)),
                 ("no_tokens", get(&c.rings_without_tokens)),
