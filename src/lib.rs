@@ -17,6 +17,7 @@
 //! - [`mock`]: `ringpush mock-apns`, a local APNs used by tests, the demo and benchmarks;
 //! - [`demo`]: `ringpush demo`, the whole pipeline on one machine;
 //! - [`feedback`], [`purge`]: the stale-token flow;
+//! - [`gateway`]: `ringpush gateway`, one broker identity per gateway;
 //! - [`metrics`], [`ops`]: what operators see and type;
 //! - [`bench`]: `ringpush bench`.
 
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod db;
 pub mod demo;
 pub mod feedback;
+pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod mock;
