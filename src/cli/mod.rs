@@ -232,8 +232,13 @@ pub enum GatewayCommand {
 pub struct ManagementArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
-    /// RabbitMQ's management API, `http://user:pass@host:15672` (an administrator).
-    #[arg(long, env = "RINGPUSH_MANAGEMENT_URL")]
+    /// RabbitMQ's management API, `http://user:pass@host:15672` (an administrator's login).
+    #[arg(
+        long,
+        env = "RINGPUSH_MANAGEMENT_URL",
+        default_value = "http://guest:guest@127.0.0.1:15672",
+        hide_default_value = true
+    )]
     pub management_url: String,
 }
 
