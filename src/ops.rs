@@ -237,8 +237,9 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> anyhow::Result<String> {
 /// How `ringpush ring` reaches the broker.
 #[derive(Clone)]
 pub enum Via {
-    /// AMQP 0-9-1 to the rings exchange, confirmed.
-    Amqp,
+    /// AMQP 0-9-1 to the rings exchange, confirmed; `declare`: declare the topology first
+    /// (a gateway's own identity may not: it publishes to the exchange the workers declared).
+    Amqp { declare: bool },
     /// MQTT QoS 1 to topic `ring/<gateway_id>` (RabbitMQ's MQTT plugin; the workers bind
     /// `amq.topic` to the rings exchange with `RINGPUSH_MQTT_INGRESS`).
     Mqtt(MqttTarget),
@@ -351,12 +352,9 @@ pub async fn ring(
         return Ok(());
     }
     let connection = broker::connect(amqp_url, "ringpush ring").await?;
-    let mut channel = broker::confirm_channel(&connection).await?;
-    // A gateway's own identity may not configure anything (`ringpush gateway`): the topology
-    // is then the workers' to declare, and the ring goes to the exchange as it is.
-    if let Err(e) = broker::declare(&channel, names).await {
-        tracing::info!(error = %e, "cannot declare the topology with this identity (a gateway's?); publishing to the rings exchange as it is");
-        channel = broker::confirm_channel(&connection).await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    if matches!(via, Via::Amqp { declare: true }) {
+        broker::declare(&channel, names).await?;
     }
     for _ in 0..count {
         tokio::select! {
@@ -483,6 +481,36 @@ mod tests {
         assert!(
             table.contains("RINGPUSH_MANAGEMENT_URL"),
             "says how to see unacked"
+        );
+    }
+
+    #[test]
+    fn a_gateway_speaks_mqtt_as_the_broker_identity_of_its_urls() {
+        let amqp = "amqp://gw-a:amqp%40pw@h:5672/%2f";
+        let t = mqtt_target("mqtt://127.0.0.1:1884", amqp, None).unwrap();
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.user.as_str(),
+                t.password.as_str()
+            ),
+            ("127.0.0.1", 1884, "gw-a", "amqp@pw")
+        );
+        let t = mqtt_target("mqtt://gw-b:x@broker", amqp, Some("from-file")).unwrap();
+        assert_eq!(
+            (t.port, t.user.as_str(), t.password.as_str()),
+            (1883, "gw-b", "from-file")
+        );
+        let e = mqtt_target("mqtts://broker:8883", amqp, None).unwrap_err();
+        assert!(e.to_string().contains("RINGPUSH_MQTT_URL"), "{e}");
+        assert!(
+            !format!("{t:?}").contains("from-file"),
+            "no password in Debug"
+        );
+        assert_eq!(
+            with_password("amqp://gw-a@h:5672/%2f", "p@ss").unwrap(),
+            "amqp://gw-a:p%40ss@h:5672/%2f"
         );
     }
 

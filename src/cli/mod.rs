@@ -176,7 +176,8 @@ pub struct RingArgs {
     )]
     pub mqtt_url: String,
     /// The broker password, read from this file (its first line), instead of the URL's: a
-    /// gateway's own identity (`ringpush gateway add`).
+    /// gateway's own identity (`ringpush gateway add`), which publishes to the rings exchange
+    /// the workers declared without declaring anything itself.
     #[arg(long)]
     pub password_file: Option<std::path::PathBuf>,
 }
@@ -193,7 +194,10 @@ impl RingArgs {
             None => self.broker.amqp_url.clone(),
         };
         let via = match self.mqtt {
-            false => crate::ops::Via::Amqp,
+            // A gateway's own identity may not declare anything.
+            false => crate::ops::Via::Amqp {
+                declare: password.is_none(),
+            },
             true => crate::ops::Via::Mqtt(crate::ops::mqtt_target(
                 &self.mqtt_url,
                 &self.broker.amqp_url,
