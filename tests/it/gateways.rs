@@ -225,6 +225,50 @@ async fn a_ring_whose_body_names_another_gateway_is_dead_lettered_and_rings_nobo
     app.stop().await;
 }
 
+/// A retry envelope is trusted only from a retry tier (or handed back under the key it
+/// carries): one a gateway publishes under its own key, naming another gateway's, rings nobody.
+#[tokio::test]
+async fn a_retry_envelope_forged_by_a_gateway_is_dead_lettered_and_rings_nobody() {
+    let app = App::spawn().await;
+    let ((a, tokens_a), (b, tokens_b)) = two_gateways(&app).await;
+    let mut users = Users::new();
+    let password = users.add(&app.names, &a).await;
+    let connection = broker::connect(&gateway_url(&a, &password), "t gateway")
+        .await
+        .unwrap();
+    let channel = broker::confirm_channel(&connection).await.unwrap();
+    let ring = App::ring(&b, Duration::ZERO);
+    let pending: Vec<&str> = tokens_b.iter().map(DeviceToken::as_hex).collect();
+    let envelope =
+        ringpush::wire::retry::write(&ring.to_json(), 1, &Names::ring_key(&b), &pending, 1 << 20)
+            .remove(0);
+    let props = lapin::BasicProperties::default().with_content_type("application/json".into());
+    broker::publish_confirmed(
+        &channel,
+        &app.names.rings,
+        &Names::ring_key(&a),
+        &envelope,
+        props,
+    )
+    .await
+    .unwrap();
+    app.wait_acked(1).await;
+    let dead = app.drain_dead().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0]
+            .1
+            .starts_with("the routing key names no gateway: a retry envelope carrying"),
+        "{}",
+        dead[0].1
+    );
+    assert_eq!(Counters::get(&app.counters.rings_wrong_gateway), 1);
+    none_of(&app, &tokens_a);
+    none_of(&app, &tokens_b);
+    let _ = connection.close(200, "done".into()).await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn over_mqtt_a_gateway_rings_its_own_door_and_is_refused_anothers() {
     let app = App::spawn_with(|o| o.worker.names.mqtt_ingress = true).await;
@@ -305,9 +349,21 @@ async fn add_is_idempotent_rotate_replaces_the_password_and_remove_closes_the_do
         "only gateways are listed"
     );
 
-    // Rotate: the old password is refused, the new one works.
+    // Rotate: the old password is refused, the new one works, and a connection opened with
+    // the old one is closed.
+    let open = broker::connect(&gateway_url(&id, &first), "t gateway")
+        .await
+        .unwrap();
     let second = ringpush::gateway::generate_password();
     m.rotate(&id, &second).await.unwrap();
+    let closed = async {
+        while open.status().connected() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the connection with the old password is closed");
     assert!(!connects(first).await);
     assert!(connects(second.clone()).await);
 
