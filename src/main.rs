@@ -180,10 +180,10 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
 async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
     match command {
         GatewayCommand::Add(args) => {
-            args.prepare_password_file()?;
             let id_args = &args.password.id;
             let (id, names) = (&id_args.gateway_id, id_args.management.broker.names());
             ringpush::gateway::check_id(id)?;
+            args.prepare_password_file()?;
             let (password, generated) = args.password.password()?;
             let management = id_args.management.management();
             match management.add(&names, id, &password).await? {
