@@ -9,7 +9,7 @@ RUN cargo build --release --locked --bin ringpush
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin ringpush \
- && mkdir -p /certs && chown ringpush /certs
+ && mkdir -p /certs /gateway && chown ringpush /certs /gateway
 COPY --from=build /src/target/release/ringpush /usr/local/bin/ringpush
 # Numeric, so Kubernetes can check runAsNonRoot.
 USER 10001

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use base64::Engine;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -32,6 +32,32 @@ pub struct Response {
 /// `GET url` with the URL's user info as basic auth; the whole exchange bounded by
 /// `timeout`. The URL's password never appears in an error.
 pub async fn get(url: &str, timeout: Duration) -> Result<Response, HttpError> {
+    request(hyper::Method::GET, url, None, timeout).await
+}
+
+/// `PUT url` with a JSON body (the management API's way to create and change things).
+pub async fn put_json(
+    url: &str,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> Result<Response, HttpError> {
+    request(hyper::Method::PUT, url, Some(body), timeout).await
+}
+
+/// `DELETE url`.
+pub async fn delete(url: &str, timeout: Duration) -> Result<Response, HttpError> {
+    request(hyper::Method::DELETE, url, None, timeout).await
+}
+
+/// One request: `method url`, with a JSON body when given, the URL's user info as basic auth,
+/// the whole exchange bounded by `timeout`. The URL's password never appears in an error (nor
+/// does the body, which may hold one).
+pub async fn request(
+    method: hyper::Method,
+    url: &str,
+    json: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<Response, HttpError> {
     let parsed = url::Url::parse(url).map_err(|e| HttpError::Url(e.to_string()))?;
     if parsed.scheme() != "http" {
         return Err(HttpError::Url(format!("scheme {:?}", parsed.scheme())));
@@ -40,7 +66,9 @@ pub async fn get(url: &str, timeout: Duration) -> Result<Response, HttpError> {
     let _ = public.set_username("");
     let _ = public.set_password(None);
     let shown = public.to_string();
-    let mut request = hyper::Request::get(public.as_str());
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(public.as_str());
     if !parsed.username().is_empty() {
         let decode = |s: &str| {
             percent_encoding::percent_decode_str(s)
@@ -55,10 +83,17 @@ pub async fn get(url: &str, timeout: Duration) -> Result<Response, HttpError> {
         let auth = base64::engine::general_purpose::STANDARD.encode(userinfo);
         request = request.header("authorization", format!("Basic {auth}"));
     }
+    let body = match json {
+        Some(value) => {
+            request = request.header("content-type", "application/json");
+            Bytes::from(serde_json::to_vec(value).expect("a JSON value serialises"))
+        }
+        None => Bytes::new(),
+    };
     let request = request
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(body))
         .map_err(|e| HttpError::Url(e.to_string()))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let exchange = async {
         let response = client
             .request(request)

@@ -19,6 +19,7 @@
 //!   key, mock settings, client), as the demo, the bench and the tests stand it up;
 //! - [`demo`]: `ringpush demo`, the whole pipeline on one machine;
 //! - [`feedback`], [`purge`]: the stale-token flow;
+//! - [`gateway`]: `ringpush gateway`, one broker identity per gateway;
 //! - [`metrics`], [`ops`]: what operators see and type;
 //! - [`bench`]: `ringpush bench`.
 
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod db;
 pub mod demo;
 pub mod feedback;
+pub mod gateway;
 pub mod http;
 pub mod local;
 pub mod metrics;

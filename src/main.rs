@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use ringpush::cli::{BrokerArgs, Cli, Command, LogFormat, MetricsArgs};
+use ringpush::cli::{BrokerArgs, Cli, Command, GatewayCommand, LogFormat, MetricsArgs};
 use ringpush::metrics::{self, ReadyCheck};
 use ringpush::{db, demo, feedback, mock, ops, purge, worker};
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ async fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Demo(_) | Command::Bench(_) => "error,lapin=off",
         // A queue not declared yet is a line in the table, not lapin's channel-close error.
-        Command::Queues(_) | Command::Who(_) => "error,lapin=off",
+        Command::Queues(_) | Command::Who(_) | Command::Gateway(_) => "error,lapin=off",
         // rustls warns when a peer closes without close_notify (ordinary for servers that
         // just drop idle connections), and tokio-postgres logs every server NOTICE (each
         // `migrate` run's "already exists, skipping") at info: noise for an operator.
@@ -126,18 +126,20 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             Ok(())
         }
         Command::Ring(args) => {
-            let broker = &args.broker;
-            let names = broker.names();
+            let names = args.broker.names();
+            let (amqp_url, via) = args.target()?;
             ops::ring(
-                &broker.amqp_url,
+                &amqp_url,
                 &names,
                 &args.gateway_id,
                 args.count,
                 args.per_second,
+                &via,
                 cancel,
             )
             .await
         }
+        Command::Gateway(command) => gateway(command).await,
         Command::Queues(args) => {
             let names = args.broker.names();
             let management = args.management_url.as_deref();
@@ -168,6 +170,64 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             let pool = args.database.pool()?;
             let report = ops::seed(&pool, &args.gateway_id, args.phones, &args.topic).await?;
             print!("{report}");
+            Ok(())
+        }
+    }
+}
+
+/// `ringpush gateway add|rotate|remove|list`: what changed goes to stderr; stdout carries
+/// only a generated password (one line) or the list.
+async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
+    match command {
+        GatewayCommand::Add(args) => {
+            let id_args = &args.password.id;
+            let (id, names) = (&id_args.gateway_id, id_args.management.broker.names());
+            ringpush::gateway::check_id(id)?;
+            args.prepare_password_file()?;
+            let (password, generated) = args.password.password()?;
+            let management = id_args.management.management();
+            match management.add(&names, id, &password).await? {
+                ringpush::gateway::Added::Exists => {
+                    eprintln!("gateway {id} exists; nothing changed (`ringpush gateway rotate {id}` gives it a new password)");
+                }
+                ringpush::gateway::Added::Created => {
+                    eprintln!("created the broker identity of gateway {id}: it may publish ring.{id} only");
+                    if generated {
+                        println!("{password}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        GatewayCommand::Rotate(args) => {
+            let id = &args.id.gateway_id;
+            ringpush::gateway::check_id(id)?;
+            let (password, generated) = args.password()?;
+            args.id
+                .management
+                .management()
+                .rotate(id, &password)
+                .await?;
+            eprintln!("gateway {id} has a new password; its open connections were closed");
+            if generated {
+                println!("{password}");
+            }
+            Ok(())
+        }
+        GatewayCommand::Remove(args) => {
+            let id = &args.gateway_id;
+            if args.management.management().remove(id).await? {
+                eprintln!(
+                    "removed the broker identity of gateway {id}; its connections were closed"
+                );
+            } else {
+                eprintln!("no gateway identity {id}; nothing changed");
+            }
+            Ok(())
+        }
+        GatewayCommand::List(args) => {
+            let identities = args.management().list().await?;
+            print!("{}", ringpush::gateway::list_table(&identities));
             Ok(())
         }
     }

@@ -26,7 +26,9 @@ pub use publish::{
     publish_checked, publish_confirmed, publish_ring, truncate, with_header, Publisher,
     CONFIRM_TIMEOUT, ERROR_HEADER, MAX_BODY_BYTES, MAX_REASON_BYTES,
 };
-pub use topology::{declare, delete, Names, DELIVERY_LIMIT, RETRY_DELAYS};
+pub use topology::{
+    declare, delete, Names, DELIVERY_LIMIT, MQTT_EXCHANGE, RETRY_DELAYS, RETRY_KEY,
+};
 
 /// The broker failed or refused. Its text holds the cause once (no `source` chain to
 /// repeat it when printed with `{:#}`).

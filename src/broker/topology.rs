@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -26,6 +26,14 @@ pub const RETRY_DELAYS: [Duration; 5] = [
     Duration::from_secs(16),
 ];
 
+/// The routing key rings come back from a retry tier with. No gateway identity may publish it
+/// (`retry` is not a gateway id a broker identity is made for).
+pub const RETRY_KEY: &str = "ring.retry";
+
+/// Where RabbitMQ's MQTT plugin puts what MQTT clients publish: topic `ring/<gateway_id>`
+/// arrives here with routing key `ring.<gateway_id>`.
+pub const MQTT_EXCHANGE: &str = "amq.topic";
+
 /// The names of every exchange and queue, under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
@@ -40,6 +48,9 @@ pub struct Names {
     /// Feedback events and purge requests that cannot be read, with the reason.
     pub feedback_dead: String,
     pub purge_dead: String,
+    /// MQTT ingress (`RINGPUSH_MQTT_INGRESS`): [`declare`] also binds [`MQTT_EXCHANGE`] to
+    /// the rings exchange for `ring.#`, so a gateway's MQTT publish is a ring like any other.
+    pub mqtt_ingress: bool,
 }
 
 impl Names {
@@ -56,7 +67,14 @@ impl Names {
             purge: format!("{prefix}.purge"),
             feedback_dead: format!("{prefix}.feedback.dead"),
             purge_dead: format!("{prefix}.purge.dead"),
+            mqtt_ingress: false,
         }
+    }
+
+    /// The same names, with MQTT ingress on or off.
+    pub fn with_mqtt_ingress(mut self, on: bool) -> Self {
+        self.mqtt_ingress = on;
+        self
     }
 
     /// Every queue, in the order operators read them.
@@ -133,7 +151,7 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError
                     AMQPValue::LongLongInt(RETRY_DELAYS[tier].as_millis() as i64),
                 ),
                 ("x-dead-letter-exchange", string(&names.rings)),
-                ("x-dead-letter-routing-key", string("ring.retry")),
+                ("x-dead-letter-routing-key", string(RETRY_KEY)),
             ])
         } else {
             table(&[quorum()])
@@ -151,6 +169,18 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError
             FieldTable::default(),
         )
         .await?;
+    if names.mqtt_ingress {
+        // An exchange-to-exchange binding: deleting the rings exchange removes it.
+        channel
+            .exchange_bind(
+                names.rings.as_str().into(),
+                MQTT_EXCHANGE.into(),
+                "ring.#".into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     Ok(())
 }
 

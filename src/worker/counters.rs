@@ -34,6 +34,8 @@ pub struct Counters {
     pub rings_without_tokens: Counter,
     pub rings_retried: Counter,
     pub rings_dead_lettered: Counter,
+    /// Rings whose body names another gateway than their routing key (dead-lettered too).
+    pub rings_wrong_gateway: Counter,
     /// Rings handed back to the queue with a nack (requeue): only when an outcome could not
     /// be made durable and the ring could not be published again either.
     pub rings_requeued: Counter,
@@ -86,6 +88,7 @@ impl Default for Counters {
             rings_without_tokens: ring("no_tokens"),
             rings_retried: ring("retried"),
             rings_dead_lettered: ring("dead_lettered"),
+            rings_wrong_gateway: ring("wrong_gateway"),
             rings_requeued: ring("requeued"),
             rings_handed_back: ring("handed_back"),
             notifications_accepted: notification("accepted"),

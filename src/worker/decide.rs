@@ -23,10 +23,14 @@ pub struct Target {
 pub enum Step {
     /// The delivery is not a ring event (or an envelope that cannot be read).
     Unreadable { error: String },
-    /// Read, before its lookup. `retry`: it came from a retry tier (it names its pending
-    /// tokens); `redelivered`: the broker delivered it before; `returned`: how often it came
-    /// back unsettled (the quorum queue's `x-delivery-count`), against the queue's `limit`.
+    /// Read, before its lookup. `sender`: who the routing key says published it, and
+    /// `claimed`: the gateway its body names; `retry`: it came from a retry tier (it names
+    /// its pending tokens); `redelivered`: the broker delivered it before; `returned`: how
+    /// often it came back unsettled (the quorum queue's `x-delivery-count`), against the
+    /// queue's `limit`.
     Arrived {
+        sender: Sender,
+        claimed: String,
         age: Duration,
         ttl: Duration,
         attempt: u32,
@@ -66,6 +70,20 @@ pub enum Step {
     TooLarge { error: String },
 }
 
+/// Who published a ring, as its routing key says: the authority on which gateway rang (the
+/// broker lets a gateway's identity publish only its own key, `ring.<gateway_id>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sender {
+    /// `ring.<gateway_id>`: that gateway (or a worker handing its ring back, with its key).
+    Gateway(String),
+    /// A worker: a retry of the previous release back from a retry tier (`ring.retry`, a key
+    /// no gateway identity may publish); the body names the gateway.
+    Worker,
+    /// A key that names no gateway, or a retry envelope published under another gateway's
+    /// key than the one it carries: never trusted.
+    Unknown { why: String },
+}
+
 /// What was counted for a ring that is acked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -100,6 +118,10 @@ pub enum Disposition {
         rejected: usize,
         spent: bool,
     },
+    /// The ring's body names another gateway than its routing key (a gateway's credentials
+    /// used to ring someone else's door, or a confused firmware): publish it to the dead
+    /// queue with `reason` (confirmed), then ack; counted apart.
+    WrongGateway { reason: String },
     /// Publish `feedback`, then the ring to the dead queue with `reason` (and, when given,
     /// the tokens it never reached, at `attempt`), confirmed, then ack.
     Dead {
@@ -128,6 +150,8 @@ pub fn decide(step: Step) -> Disposition {
             feedback: Vec::new(),
         },
         Step::Arrived {
+            sender,
+            claimed,
             age,
             ttl,
             attempt,
@@ -136,6 +160,23 @@ pub fn decide(step: Step) -> Disposition {
             returned,
             limit,
         } => {
+            // The routing key is the authority: a body naming another gateway is refused
+            // before anything else (a forged ring is never counted as expired or pushed).
+            match sender {
+                Sender::Gateway(keyed) if keyed != claimed => {
+                    return D::WrongGateway {
+                        reason: format!(
+                            "routing key ring.{keyed} names gateway {keyed:?}, but the body names {claimed:?}: the routing key decides who rang"
+                        ),
+                    }
+                }
+                Sender::Unknown { why } => {
+                    return D::WrongGateway {
+                        reason: format!("the routing key names no gateway: {why}"),
+                    }
+                }
+                Sender::Gateway(_) | Sender::Worker => {}
+            }
             // Worker processes took it and never settled it, again and again (they died or
             // panicked with it): dead-lettered here, with the reason, before the broker's
             // delivery limit would drop it there without one.
@@ -369,6 +410,8 @@ mod tests {
 
     fn arrived(age: u64, attempt: u32, retry: bool, redelivered: bool) -> Disposition {
         decide(Step::Arrived {
+            sender: Sender::Gateway("gw".into()),
+            claimed: "gw".into(),
             age: Duration::from_secs(age),
             ttl: MIN,
             attempt,
@@ -410,9 +453,58 @@ mod tests {
     }
 
     #[test]
+    fn the_routing_key_decides_who_rang_and_a_body_naming_another_gateway_is_refused() {
+        let arrived = |sender, claimed: &str, age| {
+            decide(Step::Arrived {
+                sender,
+                claimed: claimed.into(),
+                age: Duration::from_secs(age),
+                ttl: MIN,
+                attempt: 0,
+                retry: false,
+                redelivered: false,
+                returned: 0,
+                limit: 20,
+            })
+        };
+        let gateway = |id: &str| Sender::Gateway(id.into());
+        assert_eq!(arrived(gateway("gw-a"), "gw-a", 1), Disposition::Continue);
+        assert_eq!(
+            arrived(Sender::Worker, "gw-a", 1),
+            Disposition::Continue,
+            "a retry of the previous release names its gateway in the body"
+        );
+        assert_eq!(
+            arrived(gateway("gw-b"), "gw-a", 1),
+            Disposition::WrongGateway {
+                reason: "routing key ring.gw-b names gateway \"gw-b\", but the body names \"gw-a\": the routing key decides who rang".into()
+            }
+        );
+        // Refused before its age is looked at: never counted as merely expired.
+        assert!(matches!(
+            arrived(gateway("gw-b"), "gw-a", 3600),
+            Disposition::WrongGateway { .. }
+        ));
+        match arrived(
+            Sender::Unknown {
+                why: "forged envelope".into(),
+            },
+            "gw-a",
+            1,
+        ) {
+            Disposition::WrongGateway { reason } => {
+                assert!(reason.contains("forged envelope"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_ring_returned_unsettled_until_the_delivery_limit_is_dead_with_the_reason() {
         let returned = |returned| {
             decide(Step::Arrived {
+                sender: Sender::Worker,
+                claimed: "gw".into(),
                 age: Duration::ZERO,
                 ttl: MIN,
                 attempt: 0,

@@ -8,8 +8,9 @@ use lapin::message::Delivery;
 use lapin::types::{AMQPValue, ShortString};
 use time::OffsetDateTime;
 
-use super::decide::{decide, Disposition, Step};
+use super::decide::{decide, Disposition, Sender, Step};
 use super::{ATTEMPT_HEADER, PENDING_HEADER};
+use crate::broker::RETRY_KEY;
 use crate::wire::ring::RingEvent;
 
 /// A ring as it came off the queue, read once.
@@ -18,7 +19,8 @@ pub(super) struct Incoming {
     pub(super) ring: RingEvent,
     /// The ring event's JSON as the gateway sent it (unwrapped from a retry envelope).
     pub(super) body: Vec<u8>,
-    /// The key the gateway published with.
+    /// The key the gateway published with (a retry's from its envelope: it comes back from
+    /// the tier with `ring.retry`).
     pub(super) routing_key: String,
     /// Attempts before this delivery (0 on a first delivery).
     pub(super) attempt: u32,
@@ -58,26 +60,32 @@ pub(super) fn read(delivery: Delivery, now: OffsetDateTime, ttl: Duration) -> Re
         .unwrap_or(now);
     let unreadable =
         |delivery, error: String| Read::Decided(delivery, None, decide(Step::Unreadable { error }));
-    let (body, routing_key, attempt, pending) = match crate::wire::retry::read(&delivery.data) {
-        Ok(Some(envelope)) => (
-            envelope.ring,
-            envelope.routing_key,
-            envelope.attempt,
-            Some(envelope.pending.into_iter().collect()),
-        ),
-        Ok(None) => (
-            delivery.data.clone(),
-            delivery.routing_key.to_string(),
-            legacy_attempt(&delivery),
-            legacy_pending(&delivery),
-        ),
-        Err(e) => return unreadable(delivery, e.to_string()),
-    };
+    let delivered_with = delivery.routing_key.as_str();
+    let (body, routing_key, sender, attempt, pending) =
+        match crate::wire::retry::read(&delivery.data) {
+            Ok(Some(envelope)) => (
+                envelope.ring,
+                envelope.routing_key.clone(),
+                sender(delivered_with, Some(&envelope.routing_key)),
+                envelope.attempt,
+                Some(envelope.pending.into_iter().collect()),
+            ),
+            Ok(None) => (
+                delivery.data.clone(),
+                delivered_with.to_owned(),
+                sender(delivered_with, None),
+                legacy_attempt(&delivery),
+                legacy_pending(&delivery),
+            ),
+            Err(e) => return unreadable(delivery, e.to_string()),
+        };
     let ring = match RingEvent::parse(&body, fallback) {
         Ok(ring) => ring,
         Err(e) => return unreadable(delivery, e.to_string()),
     };
     let step = Step::Arrived {
+        sender,
+        claimed: ring.gateway_id.clone(),
         age: ring.age(now),
         ttl,
         attempt,
@@ -99,6 +107,35 @@ pub(super) fn read(delivery: Delivery, now: OffsetDateTime, ttl: Duration) -> Re
             let ids = Some((ring.gateway_id, ring.event_id));
             Read::Decided(delivery, ids, decided)
         }
+    }
+}
+
+/// Who published a delivery, as its routing key says. A gateway's ring comes with
+/// `ring.<gateway_id>`; a worker's retry comes back from its tier with `ring.retry` and carries
+/// the gateway's key in its envelope; a ring handed back keeps its key (an envelope too). An
+/// envelope arriving under another key than the one it carries was published by a gateway
+/// (the only key it may use is its own), so it is not trusted.
+fn sender(delivered_with: &str, envelope_key: Option<&str>) -> Sender {
+    match envelope_key {
+        None => keyed(delivered_with),
+        Some(carried) if delivered_with == RETRY_KEY || delivered_with == carried => keyed(carried),
+        Some(carried) => Sender::Unknown {
+            why: format!(
+                "a retry envelope carrying {carried:?} arrived with routing key {delivered_with:?}"
+            ),
+        },
+    }
+}
+
+fn keyed(key: &str) -> Sender {
+    if key == RETRY_KEY {
+        return Sender::Worker;
+    }
+    match key.strip_prefix("ring.") {
+        Some(gateway) if !gateway.is_empty() => Sender::Gateway(gateway.to_owned()),
+        _ => Sender::Unknown {
+            why: format!("{key:?} is not ring.<gateway_id>"),
+        },
     }
 }
 
@@ -149,5 +186,30 @@ fn legacy_pending(delivery: &Delivery) -> Option<HashSet<String>> {
                 .collect(),
         ),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sender_comes_from_the_routing_key_and_an_envelope_only_from_a_retry_tier() {
+        let gw = |id: &str| Sender::Gateway(id.into());
+        assert_eq!(sender("ring.gw-a", None), gw("gw-a"));
+        assert_eq!(sender("ring.gw.1", None), gw("gw.1"));
+        assert_eq!(sender("ring.retry", None), Sender::Worker);
+        // A worker's retry, back from its tier; a retry handed back with its own key.
+        assert_eq!(sender("ring.retry", Some("ring.gw-a")), gw("gw-a"));
+        assert_eq!(sender("ring.gw-a", Some("ring.gw-a")), gw("gw-a"));
+        assert_eq!(sender("ring.retry", Some("ring.retry")), Sender::Worker);
+        // A gateway publishing an envelope that names another gateway's key.
+        assert!(matches!(
+            sender("ring.gw-b", Some("ring.gw-a")),
+            Sender::Unknown { .. }
+        ));
+        for key in ["ring", "ring.", "t-1.rings", ""] {
+            assert!(matches!(sender(key, None), Sender::Unknown { .. }), "{key}");
+        }
     }
 }

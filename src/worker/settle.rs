@@ -49,7 +49,10 @@ pub(super) async fn settle_delivery(
         match carry_out(ctx, delivery, incoming, gateway, event, &disposition).await {
             Ok(()) => return,
             Err(e @ BrokerError::TooLarge { .. })
-                if !matches!(disposition, Disposition::Dead { pending: None, .. }) =>
+                if !matches!(
+                    disposition,
+                    Disposition::Dead { pending: None, .. } | Disposition::WrongGateway { .. }
+                ) =>
             {
                 disposition = decide(Step::TooLarge {
                     error: e.to_string(),
@@ -158,6 +161,21 @@ async fn carry_out(
             for body in &bodies {
                 broker::dead_letter_with(&ctx.publisher, dead, body, &properties, reason).await?;
             }
+            Counters::add(&c.rings_dead_lettered, 1);
+        }
+        Disposition::WrongGateway { reason } => {
+            warn!(
+                gateway,
+                event,
+                routing_key = %delivery.routing_key,
+                reason,
+                "ring names another gateway than its routing key; to the dead queue"
+            );
+            let dead = &ctx.settings.names.dead;
+            let properties = plain_properties(&delivery.properties);
+            broker::dead_letter_with(&ctx.publisher, dead, &delivery.data, &properties, reason)
+                .await?;
+            Counters::add(&c.rings_wrong_gateway, 1);
             Counters::add(&c.rings_dead_lettered, 1);
         }
         Disposition::HandBack => {

@@ -70,14 +70,26 @@ fn merged(y: &Yaml) -> HashMap<String, Yaml> {
     out
 }
 
-/// Checks `args` against the CLI and returns the environment variables the subcommand reads.
+/// Checks `args` against the CLI and returns the environment variables the subcommand reads
+/// (for a command with subcommands, `gateway add`, those of the one named).
 fn check_command(args: &[String], what: &str) -> BTreeSet<String> {
     let mut cli = Cli::command();
     cli.build();
     let name = args.first().unwrap_or_else(|| panic!("{what}: no command"));
-    let sub = cli
+    let mut sub = cli
         .find_subcommand(name)
         .unwrap_or_else(|| panic!("{what}: {name:?} is not a ringpush subcommand"));
+    let mut depth = 1;
+    while sub.has_subcommands() {
+        let name = args
+            .get(depth)
+            .unwrap_or_else(|| panic!("{what}: `{}` needs a subcommand", sub.get_name()));
+        sub = sub
+            .find_subcommand(name)
+            .unwrap_or_else(|| panic!("{what}: {name:?} is not a subcommand of {}", args[0]));
+        depth += 1;
+    }
+    let name = sub.get_name();
     let arguments: Vec<_> = sub.get_arguments().collect();
     for flag in args.iter().filter_map(|a| a.strip_prefix("--")) {
         let flag = flag.split('=').next().unwrap();
@@ -141,6 +153,7 @@ fn the_compose_file_runs_real_commands_with_variables_they_read() {
         "mock-apns",
         "ring",
         "seed",
+        "gateway",
     ] {
         assert!(commands.contains(needed), "compose runs no `{needed}`");
     }

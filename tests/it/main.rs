@@ -10,6 +10,7 @@ mod building;
 mod delivery;
 mod deploy;
 mod faults;
+mod gateways;
 mod holding;
 mod metrics;
 mod migrate;
