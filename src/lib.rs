@@ -42,7 +42,3 @@ pub mod purge;
 pub mod token;
 pub mod wire;
 pub mod worker;
-
-// Temporary: `bench` still names `config::BenchArgs` until its argument becomes plain.
-#[doc(hidden)]
-pub use cli as config;

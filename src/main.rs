@@ -158,7 +158,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             Ok(())
         }
         Command::Bench(args) => {
-            let report = ringpush::bench::run(&args).await?;
+            let report = ringpush::bench::run(&args.settings()).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json())?);
             } else {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 
+use super::Settings;
 use crate::apns::request::{build_payload, build_request, AlertTemplate, Endpoint, Notification};
 use crate::apns::{http2, jwt, tls, Answer};
-use crate::config::BenchArgs;
 use crate::token::{random_hex, DeviceToken, Environment};
 
 use super::measure::{p50_p99, paced, self_cpu};
@@ -22,7 +22,7 @@ use super::report::{Peer, Report};
 use super::ring_now;
 
 pub(super) async fn apns_leg(
-    args: &BenchArgs,
+    args: &Settings,
     dir: &Path,
     report: &mut Report,
 ) -> anyhow::Result<()> {

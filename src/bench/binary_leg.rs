@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
 
+use super::Settings;
 use crate::apns::request::{build_payload, AlertTemplate, Notification};
 use crate::apns::{binary, tls, Answer};
-use crate::config::BenchArgs;
 use crate::token::{random_hex, DeviceToken};
 
 use super::processes::MockProcess;
@@ -17,7 +17,7 @@ use super::report::Report;
 use super::ring_now;
 
 pub(super) async fn binary_leg(
-    args: &BenchArgs,
+    args: &Settings,
     dir: &Path,
     report: &mut Report,
 ) -> anyhow::Result<()> {

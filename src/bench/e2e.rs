@@ -11,8 +11,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use time::OffsetDateTime;
 
+use super::Settings;
 use crate::broker::{self, Names};
-use crate::config::BenchArgs;
 use crate::local::Local;
 use crate::token::random_hex;
 use crate::wire::ring::RingEvent;
@@ -28,7 +28,7 @@ use super::report::Report;
 use super::{broker_queue, ring_now};
 
 pub(super) async fn end_to_end(
-    args: &BenchArgs,
+    args: &Settings,
     local: &Local,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -64,7 +64,7 @@ pub(super) async fn end_to_end(
     let mock = MockProcess::start(dir).await?;
     let (_, key_file) = signer(dir)?;
     // The rings, pre-published as gateways would.
-    let connection = broker::connect(&args.local.amqp_url, "ringpush bench gateway").await?;
+    let connection = broker::connect(&args.amqp_url, "ringpush bench gateway").await?;
     let channel = broker::confirm_channel(&connection).await?;
     broker::declare(&channel, names).await?;
     let ring = |i: usize| RingEvent {
@@ -180,11 +180,11 @@ pub(super) async fn end_to_end(
 }
 
 pub(super) async fn broker_ceiling(
-    args: &BenchArgs,
+    args: &Settings,
     names: &Names,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let connection = broker::connect(&args.local.amqp_url, "ringpush bench broker").await?;
+    let connection = broker::connect(&args.amqp_url, "ringpush bench broker").await?;
     let channel = broker::confirm_channel(&connection).await?;
     let queue = broker_queue(names);
     let mut arguments = FieldTable::default();

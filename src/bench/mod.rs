@@ -29,7 +29,6 @@ mod report;
 use time::OffsetDateTime;
 
 use crate::broker::Names;
-use crate::config::BenchArgs;
 use crate::local::Local;
 use crate::token::random_hex;
 use crate::wire::ring::RingEvent;
@@ -40,17 +39,42 @@ use e2e::{broker_ceiling, end_to_end};
 
 pub use report::{Building, Peer, Report, Round, Window};
 
+/// What `ringpush bench` runs, and against which broker and database.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The local RabbitMQ: the bench declares queues of its own there and deletes them.
+    pub amqp_url: String,
+    /// The local PostgreSQL: the bench migrates a schema of its own there and drops it.
+    pub database_url: String,
+    /// Rings pre-published for the end-to-end run (and through the bare broker loop).
+    pub rings: usize,
+    /// Tokens per ring.
+    pub fanout: usize,
+    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
+    pub apns_requests: usize,
+    /// Run the peer clients (node-apn, aioapns) too.
+    pub peers: bool,
+    /// Requests per peer client run.
+    pub peer_requests: usize,
+    /// Frames sent over the legacy binary interface.
+    pub binary_frames: usize,
+    /// The worker's prefetch, which the bare broker loop uses too.
+    pub prefetch: u16,
+    /// Keep rings flowing at 80% of the measured rate this long after the drain.
+    pub soak: Option<std::time::Duration>,
+}
+
 /// Runs the benchmark and cleans up after it.
 ///
 /// It runs on a runtime worker thread, as the worker's batches do: on the main thread (the
 /// runtime's `block_on`) every request of the APNs-leg loops would cross threads twice.
-pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+pub async fn run(args: &Settings) -> anyhow::Result<Report> {
     let args = args.clone();
     tokio::spawn(async move { run_here(&args).await }).await?
 }
 
-async fn run_here(args: &BenchArgs) -> anyhow::Result<Report> {
-    let local = Local::new("bench", &args.local.amqp_url, &args.local.database_url);
+async fn run_here(args: &Settings) -> anyhow::Result<Report> {
+    let local = Local::new("bench", &args.amqp_url, &args.database_url);
     let (names, dir) = (&local.names, &local.dir);
     std::fs::create_dir_all(dir)?;
     let mut report = Report {

@@ -6,10 +6,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::Settings;
 use crate::apns::jwt;
 use crate::apns::request::Endpoint;
 use crate::broker::Names;
-use crate::config::BenchArgs;
 use crate::local::Key;
 
 use super::measure::cpu_seconds;
@@ -97,7 +97,7 @@ pub(super) async fn stop(worker: &mut tokio::process::Child) {
 
 /// What a `ringpush worker` process of the bench is started with.
 pub(super) struct WorkerOf<'a> {
-    pub(super) args: &'a BenchArgs,
+    pub(super) args: &'a Settings,
     pub(super) names: &'a Names,
     pub(super) db_url: &'a str,
     pub(super) mock: &'a MockProcess,
@@ -117,7 +117,7 @@ impl WorkerOf<'_> {
         let mut command = tokio::process::Command::new(std::env::current_exe()?);
         command
             .arg("worker")
-            .env("RINGPUSH_AMQP_URL", &self.args.local.amqp_url)
+            .env("RINGPUSH_AMQP_URL", &self.args.amqp_url)
             .env("RINGPUSH_QUEUE_PREFIX", &self.names.prefix)
             .env("RINGPUSH_DATABASE_URL", self.db_url)
             .env(

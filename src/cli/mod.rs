@@ -421,6 +421,23 @@ pub struct BenchArgs {
     pub soak: Option<Duration>,
 }
 
+impl BenchArgs {
+    pub fn settings(&self) -> crate::bench::Settings {
+        crate::bench::Settings {
+            amqp_url: self.local.amqp_url.clone(),
+            database_url: self.local.database_url.clone(),
+            rings: self.rings,
+            fanout: self.fanout,
+            apns_requests: self.apns_requests,
+            peers: self.peers,
+            peer_requests: self.peer_requests,
+            binary_frames: self.binary_frames,
+            prefetch: self.prefetch,
+            soak: self.soak,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
