@@ -6,14 +6,16 @@
 //! No module of the library imports this one. Defaults are the library's own, shown by
 //! `--help` (`values`); one only the command line has is written beside its flag, once.
 //!
-//! - this file: the commands, the flag groups they share, the person-facing commands' flags;
+//! - this file: the commands, the flag groups they share, the demo's and the bench's flags;
 //! - `apns`: protocol, endpoints, credentials, timeouts → the APNs client;
 //! - `services`: `worker`, `feedback`, `purge`;
 //! - `mock`: `mock-apns`;
+//! - `ops`: the commands a person types — `ring`, `gateway …`, `queues`, `who`, `seed`;
 //! - `values`: value parsers whose errors name the variable, and the defaults.
 
 mod apns;
 mod mock;
+mod ops;
 mod services;
 mod values;
 
@@ -24,9 +26,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use self::apns::{ApnsArgs, ApnsTlsArgs, Secret};
 pub use self::mock::MockArgs;
+pub use self::ops::{
+    GatewayAddArgs, GatewayCommand, GatewayIdArgs, GatewayPasswordArgs, ManagementArgs, QueuesArgs,
+    RingArgs, SeedArgs, WhoArgs,
+};
 pub use self::services::{FeedbackArgs, PurgeArgs, WorkerArgs};
 pub use self::values::ApnsProtocol;
-use self::values::{defaults, duration, interval, positive, prefix, protocol};
+use self::values::{defaults, duration, positive, prefix, protocol};
 use crate::broker::Names;
 
 /// A configuration value that cannot be used; the message names the variable.
@@ -149,210 +155,6 @@ pub struct MetricsArgs {
     /// How often queue depths are refreshed for /metrics.
     #[arg(long, env = "RINGPUSH_QUEUE_POLL_INTERVAL", default_value = "5s", value_parser = duration("RINGPUSH_QUEUE_POLL_INTERVAL"))]
     pub queue_poll_interval: Duration,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct RingArgs {
-    #[command(flatten)]
-    pub broker: BrokerArgs,
-    /// The gateway that rings.
-    pub gateway_id: String,
-    /// How many rings to publish.
-    #[arg(long, default_value = "1", value_parser = positive::<u64>("--count"))]
-    pub count: u64,
-    /// Rings per second when publishing more than one.
-    #[arg(long, default_value = "1", value_parser = positive::<u32>("--per-second"))]
-    pub per_second: u32,
-    /// Publish over MQTT (QoS 1, topic `ring/<gateway_id>`, client id = gateway id), as a
-    /// gateway speaking MQTT does.
-    #[arg(long)]
-    pub mqtt: bool,
-    /// RabbitMQ's MQTT listener with --mqtt, `mqtt://[user[:password]@]host[:port]`; user and
-    /// password default to those of RINGPUSH_AMQP_URL.
-    #[arg(
-        long,
-        env = "RINGPUSH_MQTT_URL",
-        default_value = "mqtt://127.0.0.1:1883"
-    )]
-    pub mqtt_url: String,
-    /// The broker password, read from this file (its first line), instead of the URL's: a
-    /// gateway's own identity (`ringpush gateway add`), which publishes to the rings exchange
-    /// the workers declared without declaring anything itself.
-    #[arg(long)]
-    pub password_file: Option<std::path::PathBuf>,
-}
-
-impl RingArgs {
-    /// The AMQP URL to use, and how to reach the broker.
-    pub fn target(&self) -> anyhow::Result<(String, crate::ops::Via)> {
-        let password = match &self.password_file {
-            None => None,
-            Some(path) => Some(read_password(path)?),
-        };
-        let amqp_url = match &password {
-            Some(p) => crate::ops::with_password(&self.broker.amqp_url, p)?,
-            None => self.broker.amqp_url.clone(),
-        };
-        let via = match self.mqtt {
-            // A gateway's own identity may not declare anything.
-            false => crate::ops::Via::Amqp {
-                declare: password.is_none(),
-            },
-            true => crate::ops::Via::Mqtt(crate::ops::mqtt_target(
-                &self.mqtt_url,
-                &self.broker.amqp_url,
-                password.as_deref(),
-            )?),
-        };
-        Ok((amqp_url, via))
-    }
-}
-
-/// A password from a file: its first line (never shown in an error).
-fn read_password(path: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("--password-file {}: {e}", path.display()))?;
-    crate::gateway::password_from_file(&text)
-        .map_err(|e| anyhow::anyhow!("--password-file {}: {e}", path.display()))
-}
-
-/// `ringpush gateway …`: one broker identity per gateway.
-#[derive(Debug, Clone, Subcommand)]
-pub enum GatewayCommand {
-    /// Create the gateway's broker user and its permissions (nothing changes if it exists);
-    /// a generated password is printed on stdout, one line.
-    Add(GatewayAddArgs),
-    /// Give the gateway a new password (printed on stdout unless --password-file) and close
-    /// its open connections.
-    Rotate(GatewayPasswordArgs),
-    /// Delete the gateway's broker user and close its connections.
-    Remove(GatewayIdArgs),
-    /// Every gateway identity (users tagged ringpush-gateway) and what it may publish.
-    List(ManagementArgs),
-}
-
-/// The management API, and the broker whose vhost and rings exchange the permissions name.
-#[derive(Debug, Clone, Args)]
-pub struct ManagementArgs {
-    #[command(flatten)]
-    pub broker: BrokerArgs,
-    /// RabbitMQ's management API, `http://user:pass@host:15672` (an administrator's login).
-    #[arg(
-        long,
-        env = "RINGPUSH_MANAGEMENT_URL",
-        default_value = "http://guest:guest@127.0.0.1:15672",
-        hide_default_value = true
-    )]
-    pub management_url: String,
-}
-
-impl ManagementArgs {
-    pub fn management(&self) -> crate::gateway::Management {
-        crate::gateway::Management::new(&self.management_url, &self.broker.amqp_url)
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct GatewayIdArgs {
-    #[command(flatten)]
-    pub management: ManagementArgs,
-    /// The gateway id (its broker user name): ASCII letters, digits, `-` and `_`.
-    pub gateway_id: String,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct GatewayPasswordArgs {
-    #[command(flatten)]
-    pub id: GatewayIdArgs,
-    /// Read the password from this file (its first line) instead of generating one.
-    #[arg(long)]
-    pub password_file: Option<std::path::PathBuf>,
-}
-
-impl GatewayPasswordArgs {
-    /// The password to set, and whether it was generated (then it is printed, once).
-    pub fn password(&self) -> anyhow::Result<(String, bool)> {
-        match &self.password_file {
-            Some(path) => Ok((read_password(path)?, false)),
-            None => Ok((crate::gateway::generate_password(), true)),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct GatewayAddArgs {
-    #[command(flatten)]
-    pub password: GatewayPasswordArgs,
-    /// With --password-file: when that file does not exist, write a generated password there
-    /// first (mode 0600) — for a one-shot job provisioning a gateway and its simulator.
-    #[arg(long, requires = "password_file")]
-    pub generate_password: bool,
-}
-
-impl GatewayAddArgs {
-    /// Writes a generated password to the password file when asked and it does not exist.
-    pub fn prepare_password_file(&self) -> anyhow::Result<()> {
-        let Some(path) = &self.password.password_file else {
-            return Ok(());
-        };
-        if !self.generate_password || path.exists() {
-            return Ok(());
-        }
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| anyhow::anyhow!("--password-file {}: {e}", path.display()))?;
-        writeln!(file, "{}", crate::gateway::generate_password())?;
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct QueuesArgs {
-    #[command(flatten)]
-    pub broker: BrokerArgs,
-    /// Refresh in place until interrupted.
-    #[arg(long)]
-    pub watch: bool,
-    /// RabbitMQ's management API (`http://user:pass@host:15672`), for unacked counts.
-    #[arg(long, env = "RINGPUSH_MANAGEMENT_URL")]
-    pub management_url: Option<String>,
-    /// Seconds between refreshes with --watch (`1`, `0.5`; a duration like `500ms` too).
-    #[arg(long, default_value = "2", value_parser = interval)]
-    pub interval: Duration,
-}
-
-impl QueuesArgs {
-    /// How often to refresh: `None` shows the table once.
-    pub fn every(&self) -> Option<Duration> {
-        self.watch.then_some(self.interval)
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct WhoArgs {
-    #[command(flatten)]
-    pub database: DatabaseArgs,
-    /// The gateway whose ring you want to trace.
-    pub gateway_id: String,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct SeedArgs {
-    #[command(flatten)]
-    pub database: DatabaseArgs,
-    /// The gateway to create (nothing changes if it exists).
-    pub gateway_id: String,
-    /// How many phones its owner has.
-    #[arg(long, default_value = "3", value_parser = positive::<u32>("--phones"))]
-    pub phones: u32,
-    /// The phones' topic.
-    #[arg(long, default_value = "com.example.doorbell")]
-    pub topic: String,
 }
 
 /// The local broker and database the demo and the bench borrow: they use a queue prefix
