@@ -127,11 +127,17 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
             }
         })
         .collect();
-    // In order (`buffered`), at most `ring_concurrency` at once.
-    let answers: Vec<(Target, Answer)> = futures_util::stream::iter(sends)
-        .buffered(ctx.settings.ring_concurrency.max(1))
-        .collect()
-        .await;
+    // At most `ring_concurrency` at once, in order. An ordinary ring (a few tokens) takes the
+    // cheaper `join_all`: a stream of futures costs an allocation and a waker per token.
+    let limit = ctx.settings.ring_concurrency.max(1);
+    let answers: Vec<(Target, Answer)> = if sends.len() <= limit {
+        futures_util::future::join_all(sends).await
+    } else {
+        futures_util::stream::iter(sends)
+            .buffered(limit)
+            .collect()
+            .await
+    };
     decide(Step::Pushed {
         answers,
         attempt: incoming.attempt,
