@@ -93,7 +93,7 @@ pub fn check_fits(frame_max: u32, body: &[u8], properties: &BasicProperties) -> 
     let header = properties_size(properties) + CONTENT_HEADER_OVERHEAD;
     if header > frame_max as usize {
         return Err(format!(
-            "its properties need a {header}-byte content header, over the connection's frame_max of {frame_max} bytes"
+            "its properties need a {header}-byte content header, over the {frame_max} bytes a frame leaves them (frame_max less the broker's headroom)"
         ));
     }
     if body.len() > MAX_BODY_BYTES {
@@ -105,9 +105,17 @@ pub fn check_fits(frame_max: u32, body: &[u8], properties: &BasicProperties) -> 
     Ok(())
 }
 
-/// [`publish_confirmed`] after [`check_fits`]: a message that would break a limit is not
-/// sent (the broker would close the connection, taking every delivery in flight with it);
-/// the caller gets [`BrokerError::TooLarge`] and decides (split it, or dead-letter it).
+/// Room left in a content header frame for what the broker adds to a message ringpush
+/// publishes before a consumer gets it again: `x-death` and `x-first-death-*` when a retry
+/// tier dead-letters it back, `x-delivery-count` on a redelivery. A copy that fits the frame
+/// only without them would be published fine and then, on its way back, make the broker
+/// close every connection it is delivered on.
+pub const BROKER_HEADROOM: u32 = 4096;
+
+/// [`publish_confirmed`] after [`check_fits`] (with [`BROKER_HEADROOM`] kept free): a message
+/// that would break a limit is not sent (the broker would close the connection, taking
+/// every delivery in flight with it); the caller gets [`BrokerError::TooLarge`] and decides
+/// (split it, or dead-letter it).
 pub async fn publish_checked(
     publisher: &Publisher,
     exchange: &str,
@@ -116,7 +124,8 @@ pub async fn publish_checked(
     properties: BasicProperties,
 ) -> Result<(), BrokerError> {
     let properties = properties.with_delivery_mode(2);
-    if let Err(what) = check_fits(publisher.frame_max, body, &properties) {
+    let room = publisher.frame_max.saturating_sub(BROKER_HEADROOM);
+    if let Err(what) = check_fits(room, body, &properties) {
         let target = if exchange.is_empty() {
             routing_key
         } else {
@@ -250,13 +259,8 @@ pub async fn dead_letter_with(
         )
     };
     let mut dead = with_reason(properties, reason);
-    if check_fits(
-        publisher.frame_max,
-        body,
-        &dead.clone().with_delivery_mode(2),
-    )
-    .is_err()
-    {
+    let room = publisher.frame_max.saturating_sub(BROKER_HEADROOM);
+    if check_fits(room, body, &dead.clone().with_delivery_mode(2)).is_err() {
         let stripped = properties.clone().with_headers(FieldTable::default());
         let reason = format!("{reason} (the message's own headers were too large to keep)");
         dead = with_reason(&stripped, &reason);
@@ -323,7 +327,7 @@ mod tests {
         );
         let e = check_fits(131_072, b"{}", &p).unwrap_err();
         assert!(
-            e.contains("over the connection's frame_max of 131072"),
+            e.contains("over the 131072 bytes a frame leaves them"),
             "{e}"
         );
         assert!(check_fits(131_072, b"{}", &BasicProperties::default()).is_ok());

@@ -238,3 +238,88 @@ async fn a_lookup_of_a_gateway_shared_with_20000_users_is_timed() {
     assert_eq!(again["gw-stadium"].recipients.len(), 20_000);
     app.stop().await;
 }
+
+/// The one retry that could never fit: a gateway that sent its ring with headers filling the
+/// frame (the broker took them; a copy with ringpush's own properties added would not fit).
+/// The worker does not send it — RabbitMQ would close its whole connection — but
+/// dead-letters the ring with the reason, without those headers, and the rings around it
+/// are delivered.
+#[tokio::test]
+async fn a_ring_whose_retry_could_never_fit_a_frame_is_dead_lettered_with_the_reason() {
+    let app = App::spawn_with(|o| o.worker.ring_ttl = Duration::from_secs(600)).await;
+    let owner = app.add_user().await;
+    app.add_gateway("gw-heavy", owner, "Door").await;
+    let heavy_phone = app.add_token(owner, "production", Some(TOPIC)).await;
+    let other = app.add_user().await;
+    app.add_gateway("gw-light", other, "Door").await;
+    let light_phone = app.add_token(other, "production", Some(TOPIC)).await;
+    // APNs fails the heavy ring's phone, so that ring needs a retry.
+    app.mock.script(
+        &heavy_phone,
+        ringpush::mock::Script {
+            status: 503,
+            reason: Reason::ServiceUnavailable,
+            timestamp_ms: None,
+        },
+    );
+    let heavy = App::ring("gw-heavy", Duration::ZERO);
+    // Headers as large as a content header frame allows the gateway (131,072 bytes, less
+    // the frame's own 20 and room for the other properties).
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-gateway-diagnostics".into(),
+        lapin::types::AMQPValue::LongString("d".repeat(130_900).into()),
+    );
+    let properties = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    assert!(ringpush::broker::check_fits(131_072, b"", &properties).is_ok());
+    ringpush::broker::publish_confirmed(
+        &app.channel,
+        &app.names.rings,
+        &ringpush::broker::Names::ring_key("gw-heavy"),
+        &heavy.to_json(),
+        properties,
+    )
+    .await
+    .expect("the broker takes the gateway's ring");
+    let light = App::ring("gw-light", Duration::ZERO);
+    app.publish(&light).await;
+
+    let mut dead = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dead.is_empty() {
+        let c = &app.counters;
+        assert!(
+            Instant::now() < deadline,
+            "the heavy ring was never settled: retried {} dead {} handed back {} requeued {} sessions {} consumed {}",
+            Counters::get(&c.rings_retried),
+            Counters::get(&c.rings_dead_lettered),
+            Counters::get(&c.rings_handed_back),
+            Counters::get(&c.rings_requeued),
+            Counters::get(&c.broker_sessions),
+            Counters::get(&c.rings_consumed),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dead = app.drain_dead().await;
+    }
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = &dead[0].1;
+    assert!(reason.starts_with("cannot be retried"), "{reason}");
+    assert!(reason.contains("frame_max"), "{reason}");
+    assert!(
+        reason.contains("headers were too large to keep"),
+        "{reason}"
+    );
+    assert_eq!(
+        app.unaccepted(&[light], &[light_phone]),
+        0,
+        "the ring beside it rings"
+    );
+    assert_eq!(
+        Counters::get(&app.counters.broker_sessions),
+        1,
+        "the worker's broker connection never closed"
+    );
+    app.stop().await;
+}
