@@ -219,10 +219,8 @@ async fn run_inner(
             cancel.clone(),
         );
         let settings = feedback::Settings {
-            names: names.clone(),
-            prefetch: 100,
-            dedup_window: Duration::from_secs(600),
             service,
+            ..feedback::Settings::new(names.clone())
         };
         processes.spawn(async move { feedback::run(settings, &url, counters, cancel).await });
     }
@@ -233,10 +231,10 @@ async fn run_inner(
             cancel.clone(),
         );
         let settings = purge::Settings {
-            names: names.clone(),
+            // Smaller batches than a deployment's: the demo's few requests purge at once.
             prefetch: 100,
             batch_size: 50,
-            db_retry_delay: Duration::from_secs(1),
+            ..purge::Settings::new(names.clone())
         };
         let pool = pool.clone();
         processes.spawn(async move { purge::run(settings, &url, pool, counters, cancel).await });

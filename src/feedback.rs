@@ -31,6 +31,18 @@ pub struct Settings {
     pub service: Option<Service>,
 }
 
+impl Settings {
+    /// The defaults `ringpush feedback` runs with (HTTP/2: no feedback service to poll).
+    pub fn new(names: Names) -> Self {
+        Self {
+            names,
+            prefetch: 100,
+            dedup_window: Duration::from_secs(600),
+            service: None,
+        }
+    }
+}
+
 /// The legacy feedback service and how often to read it.
 #[derive(Debug, Clone)]
 pub struct Service {

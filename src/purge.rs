@@ -37,6 +37,18 @@ pub struct Settings {
     pub db_retry_delay: Duration,
 }
 
+impl Settings {
+    /// The defaults `ringpush purge` runs with (prefetch twice the batch).
+    pub fn new(names: Names) -> Self {
+        Self {
+            names,
+            prefetch: 200,
+            batch_size: 100,
+            db_retry_delay: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Running counts of the purger.
 /// What the purger counts: children of the families registered in [`Counters::register`],
 /// incremented directly.

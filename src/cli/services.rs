@@ -102,10 +102,10 @@ pub struct FeedbackArgs {
     #[command(flatten)]
     pub metrics: MetricsArgs,
     /// A token reported again within this window produces no second purge request.
-    #[arg(long, env = "RINGPUSH_FEEDBACK_DEDUP_WINDOW", default_value = "10m", value_parser = duration("RINGPUSH_FEEDBACK_DEDUP_WINDOW"))]
+    #[arg(long, env = "RINGPUSH_FEEDBACK_DEDUP_WINDOW", default_value = shown!(defaults::feedback().dedup_window), value_parser = duration("RINGPUSH_FEEDBACK_DEDUP_WINDOW"))]
     pub dedup_window: Duration,
     /// Unacked feedback events held at once.
-    #[arg(long, env = "RINGPUSH_FEEDBACK_PREFETCH", default_value = "100", value_parser = positive::<u16>("RINGPUSH_FEEDBACK_PREFETCH"))]
+    #[arg(long, env = "RINGPUSH_FEEDBACK_PREFETCH", default_value_t = defaults::feedback().prefetch, value_parser = positive::<u16>("RINGPUSH_FEEDBACK_PREFETCH"))]
     pub prefetch: u16,
     /// With the binary protocol: also poll the legacy feedback service.
     #[command(flatten)]
@@ -129,10 +129,10 @@ impl FeedbackArgs {
             }),
         };
         Ok(feedback::Settings {
-            names: self.broker.names(),
             prefetch: self.prefetch,
             dedup_window: self.dedup_window,
             service,
+            ..feedback::Settings::new(self.broker.names())
         })
     }
 }
@@ -146,17 +146,16 @@ pub struct PurgeArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Most purge requests per DELETE statement.
-    #[arg(long, env = "RINGPUSH_PURGE_BATCH_SIZE", default_value = "100", value_parser = positive::<usize>("RINGPUSH_PURGE_BATCH_SIZE"))]
+    #[arg(long, env = "RINGPUSH_PURGE_BATCH_SIZE", default_value_t = defaults::purge().batch_size, value_parser = positive::<usize>("RINGPUSH_PURGE_BATCH_SIZE"))]
     pub batch_size: usize,
 }
 
 impl PurgeArgs {
     pub fn settings(&self) -> purge::Settings {
         purge::Settings {
-            names: self.broker.names(),
             prefetch: (self.batch_size * 2).min(u16::MAX as usize) as u16,
             batch_size: self.batch_size,
-            db_retry_delay: Duration::from_secs(1),
+            ..purge::Settings::new(self.broker.names())
         }
     }
 }

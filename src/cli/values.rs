@@ -180,6 +180,15 @@ pub(super) mod defaults {
         worker::Settings::new(Names::new(QUEUE_PREFIX))
     }
 
+    /// The feedback consumer's and the purger's defaults.
+    pub fn feedback() -> crate::feedback::Settings {
+        crate::feedback::Settings::new(Names::new(QUEUE_PREFIX))
+    }
+
+    pub fn purge() -> crate::purge::Settings {
+        crate::purge::Settings::new(Names::new(QUEUE_PREFIX))
+    }
+
     /// The HTTP/2 client's defaults (Apple's endpoints).
     pub fn http2() -> http2::Settings {
         let production = Endpoint::parse(apns::PRODUCTION_URL).expect("Apple's URL parses");
