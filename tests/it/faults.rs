@@ -13,18 +13,7 @@ use ringpush::wire::ring::RingEvent;
 use ringpush::worker::Counters;
 
 use crate::proxy::Mode;
-use crate::support::{amqp_url, App, KEY_ID, TEAM_ID, TOPIC};
-
-/// A gateway whose owner has `phones` phones.
-async fn gateway(app: &App, id: &str, phones: usize) -> Vec<DeviceToken> {
-    let owner = app.add_user().await;
-    app.add_gateway(id, owner, "Door").await;
-    let mut tokens = Vec::new();
-    for _ in 0..phones {
-        tokens.push(app.add_token(owner, "production", Some(TOPIC)).await);
-    }
-    tokens
-}
+use crate::support::{amqp_url, gateway, App, KEY_ID, TEAM_ID, TOPIC};
 
 async fn publish_all(app: &App, gateway: &str, n: usize) -> Vec<RingEvent> {
     let rings: Vec<RingEvent> = (0..n).map(|_| App::ring(gateway, Duration::ZERO)).collect();

@@ -18,18 +18,7 @@ use ringpush::worker::Counters;
 use time::OffsetDateTime;
 
 use crate::proxy::Mode;
-use crate::support::{App, TestDb, TOPIC};
-
-/// A gateway whose owner has `phones` phones.
-async fn gateway(app: &App, id: &str, phones: usize) -> Vec<DeviceToken> {
-    let owner = app.add_user().await;
-    app.add_gateway(id, owner, "Door").await;
-    let mut tokens = Vec::new();
-    for _ in 0..phones {
-        tokens.push(app.add_token(owner, "production", Some(TOPIC)).await);
-    }
-    tokens
-}
+use crate::support::{gateway, App, TestDb, TOPIC};
 
 /// Publishes `n` fresh rings at once (confirmed).
 async fn burst(app: &App, gateway: &str, n: usize) -> Vec<RingEvent> {

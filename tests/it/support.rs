@@ -655,3 +655,15 @@ impl Drop for App {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A gateway whose owner has `phones` phones.
+pub async fn gateway(app: &App, id: &str, phones: usize) -> Vec<DeviceToken> {
+    let owner = app.add_user().await;
+    app.add_gateway(id, owner, "Door").await;
+    let mut tokens = Vec::new();
+    for _ in 0..phones {
+        tokens.push(app.add_token(owner, "production", Some(TOPIC)).await);
+    }
+    tokens
+}
+
