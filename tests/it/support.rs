@@ -666,4 +666,3 @@ pub async fn gateway(app: &App, id: &str, phones: usize) -> Vec<DeviceToken> {
     }
     tokens
 }
-
