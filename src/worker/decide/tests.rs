@@ -1,0 +1,368 @@
+//! The decision table: one test per row of `decide`, no broker, database or provider.
+
+use super::*;
+use time::OffsetDateTime;
+
+fn token(n: u8) -> DeviceToken {
+    DeviceToken::parse(&format!("{n:02x}").repeat(32)).unwrap()
+}
+
+const WHEN: OffsetDateTime = time::macros::datetime!(2026-11-28 09:00 UTC);
+
+fn target(n: u8, environment: Environment) -> Target {
+    Target {
+        token: token(n),
+        environment,
+        topic: Some("t".into()),
+    }
+}
+
+fn dead_answer() -> Answer {
+    Answer::Dead {
+        reason: "Unregistered".into(),
+        since: WHEN,
+        observed_at: WHEN,
+    }
+}
+
+fn dead(n: u8) -> Invalidation {
+    Invalidation {
+        token: token(n),
+        environment: Environment::Production,
+        topic: Some("t".into()),
+        reason: "Unregistered".into(),
+        invalid_since: WHEN,
+        observed_at: WHEN,
+    }
+}
+
+fn retry(e: &str) -> Answer {
+    Answer::Retry {
+        error: e.into(),
+        answered: true,
+    }
+}
+
+fn unreachable() -> Answer {
+    Answer::Unreachable {
+        error: "refused".into(),
+    }
+}
+
+fn pushed_in(answers: Vec<(Environment, Answer)>, attempt: u32) -> Disposition {
+    let answers = answers
+        .into_iter()
+        .enumerate()
+        .map(|(i, (env, a))| (target(i as u8, env), a))
+        .collect();
+    decide(Step::Pushed {
+        answers,
+        attempt,
+        max_attempts: 3,
+    })
+}
+
+fn pushed(answers: Vec<Answer>, attempt: u32) -> Disposition {
+    let production = answers
+        .into_iter()
+        .map(|a| (Environment::Production, a))
+        .collect();
+    pushed_in(production, attempt)
+}
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn arrived(age: u64, attempt: u32, retry: bool, redelivered: bool) -> Disposition {
+    decide(Step::Arrived {
+        sender: Sender::Gateway("gw".into()),
+        claimed: "gw".into(),
+        age: Duration::from_secs(age),
+        ttl: MIN,
+        attempt,
+        retry,
+        redelivered,
+        returned: u32::from(redelivered),
+        limit: 20,
+    })
+}
+
+#[test]
+fn a_delivery_that_is_not_a_ring_is_dead_with_its_parse_error() {
+    assert_eq!(
+        decide(Step::Unreadable {
+            error: "missing field `v`".into()
+        }),
+        Disposition::Dead {
+            reason: "missing field `v`".into(),
+            pending: None,
+            feedback: vec![]
+        }
+    );
+}
+
+#[test]
+fn a_fresh_ring_goes_on_and_a_stale_one_is_expired_or_dead() {
+    assert_eq!(arrived(59, 0, false, false), Disposition::Continue);
+    assert_eq!(arrived(60, 2, true, true), Disposition::Continue);
+    assert_eq!(arrived(61, 0, false, false), ack(Outcome::Expired));
+    for (attempt, retry, redelivered) in [(0, false, true), (0, true, false), (2, true, false)] {
+        match arrived(61, attempt, retry, redelivered) {
+            Disposition::Dead { reason, .. } => {
+                assert!(reason.starts_with("expired (60s old) after"), "{reason}")
+            }
+            other => panic!("{attempt} {retry} {redelivered}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_routing_key_decides_who_rang_and_a_body_naming_another_gateway_is_refused() {
+    let arrived = |sender, claimed: &str, age| {
+        decide(Step::Arrived {
+            sender,
+            claimed: claimed.into(),
+            age: Duration::from_secs(age),
+            ttl: MIN,
+            attempt: 0,
+            retry: false,
+            redelivered: false,
+            returned: 0,
+            limit: 20,
+        })
+    };
+    let gateway = |id: &str| Sender::Gateway(id.into());
+    assert_eq!(arrived(gateway("gw-a"), "gw-a", 1), Disposition::Continue);
+    assert_eq!(
+        arrived(Sender::Worker, "gw-a", 1),
+        Disposition::Continue,
+        "a retry of the previous release names its gateway in the body"
+    );
+    assert_eq!(
+        arrived(gateway("gw-b"), "gw-a", 1),
+        Disposition::WrongGateway {
+            reason: "routing key ring.gw-b names gateway \"gw-b\", but the body names \"gw-a\": the routing key decides who rang".into()
+        }
+    );
+    // Refused before its age is looked at: never counted as merely expired.
+    assert!(matches!(
+        arrived(gateway("gw-b"), "gw-a", 3600),
+        Disposition::WrongGateway { .. }
+    ));
+    match arrived(
+        Sender::Unknown {
+            why: "forged envelope".into(),
+        },
+        "gw-a",
+        1,
+    ) {
+        Disposition::WrongGateway { reason } => {
+            assert!(reason.contains("forged envelope"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_ring_returned_unsettled_until_the_delivery_limit_is_dead_with_the_reason() {
+    let returned = |returned| {
+        decide(Step::Arrived {
+            sender: Sender::Worker,
+            claimed: "gw".into(),
+            age: Duration::ZERO,
+            ttl: MIN,
+            attempt: 0,
+            retry: false,
+            redelivered: true,
+            returned,
+            limit: 20,
+        })
+    };
+    assert_eq!(returned(18), Disposition::Continue);
+    match returned(19) {
+        Disposition::Dead { reason, .. } => {
+            assert!(
+                reason.starts_with("delivered 20 times without being settled"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_lookup_decides_unknown_gateways_and_gateways_without_phones() {
+    let looked = |known, recipients, retry| {
+        decide(Step::LookedUp {
+            known,
+            recipients,
+            retry,
+        })
+    };
+    assert_eq!(looked(false, 0, false), ack(Outcome::UnknownGateway));
+    assert_eq!(looked(true, 0, false), ack(Outcome::NoTokens));
+    assert_eq!(
+        looked(true, 0, true),
+        ack(Outcome::Delivered {
+            accepted: 0,
+            rejected: 0
+        }),
+        "a retry whose pending tokens were deleted since is done"
+    );
+    assert_eq!(looked(true, 3, false), Disposition::Continue);
+    assert_eq!(looked(true, 1, true), Disposition::Continue);
+    assert!(matches!(
+        decide(Step::LookupRefused { reason: "22012 division by zero".into() }),
+        Disposition::Dead { reason, pending: None, .. } if reason == "22012 division by zero"
+    ));
+    assert!(matches!(
+        decide(Step::Unpushable {
+            error: "payload too large".into()
+        }),
+        Disposition::Dead { .. }
+    ));
+}
+
+#[test]
+fn every_token_answered_is_delivered_with_feedback_for_the_dead_ones() {
+    assert_eq!(
+        pushed(
+            vec![
+                Answer::Accepted,
+                dead_answer(),
+                Answer::Rejected {
+                    reason: "TopicDisallowed".into(),
+                    ours: true
+                }
+            ],
+            0
+        ),
+        Disposition::Ack {
+            outcome: Outcome::Delivered {
+                accepted: 1,
+                rejected: 2
+            },
+            feedback: vec![dead(1)]
+        }
+    );
+}
+
+#[test]
+fn tokens_that_failed_are_retried_alone_and_spend_an_attempt() {
+    match pushed(vec![Answer::Accepted, retry("APNs 503"), dead_answer()], 0) {
+        Disposition::Retry {
+            attempt,
+            pending,
+            feedback,
+            error,
+            accepted,
+            rejected,
+            spent,
+        } => {
+            assert_eq!((attempt, accepted, rejected, spent), (1, 1, 1, true));
+            assert_eq!(pending, vec![token(1)]);
+            assert_eq!(feedback, vec![dead(2)], "reported before the retry");
+            assert_eq!(error, "APNs 503");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_last_attempt_goes_dead_naming_the_tokens_never_reached() {
+    assert_eq!(
+        pushed(vec![Answer::Accepted, retry("APNs 500")], 2),
+        Disposition::Dead {
+            reason: "gave up after 3 attempts: APNs 500".into(),
+            pending: Some((3, vec![token(1)])),
+            feedback: vec![]
+        }
+    );
+}
+
+#[test]
+fn nothing_reachable_holds_the_ring_without_spending_anything() {
+    use Environment::{Production, Sandbox};
+    assert_eq!(
+        pushed_in(
+            vec![
+                (Production, unreachable()),
+                (Sandbox, unreachable()),
+                (Production, unreachable())
+            ],
+            4
+        ),
+        Disposition::Hold {
+            environments: vec![Production, Sandbox],
+            error: "refused".into()
+        },
+        "held even at the last attempt: the worker's trouble"
+    );
+}
+
+#[test]
+fn tokens_of_an_unreachable_provider_wait_on_the_retry_path_without_spending_an_attempt() {
+    match pushed_in(
+        vec![
+            (Environment::Production, Answer::Accepted),
+            (Environment::Sandbox, unreachable()),
+        ],
+        2,
+    ) {
+        Disposition::Retry {
+            attempt,
+            pending,
+            spent,
+            ..
+        } => {
+            assert_eq!(
+                (attempt, spent),
+                (2, false),
+                "not dead at max attempts either"
+            );
+            assert_eq!(pending, vec![token(1)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A real failure beside it spends the attempt.
+    assert!(matches!(
+        pushed(vec![retry("503"), unreachable()], 0),
+        Disposition::Retry {
+            attempt: 1,
+            spent: true,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn held_rings_that_expire_are_dead_with_why_they_were_held() {
+    assert_eq!(
+        decide(Step::ExpiredWhileHeld {
+            ttl: MIN,
+            attempt: 1,
+            why: "the token lookup failed: 42P01".into()
+        }),
+        Disposition::Dead {
+            reason:
+                "expired (60s old) while held after 1 attempt(s): the token lookup failed: 42P01"
+                    .into(),
+            pending: None,
+            feedback: vec![]
+        }
+    );
+}
+
+#[test]
+fn stopping_or_failing_to_make_an_outcome_durable_hands_back_and_oversize_goes_dead() {
+    assert_eq!(decide(Step::Stopping), Disposition::HandBack);
+    assert_eq!(
+        decide(Step::NotDurable {
+            error: "not confirmed".into()
+        }),
+        Disposition::HandBack
+    );
+    assert!(matches!(
+        decide(Step::TooLarge { error: "over frame_max".into() }),
+        Disposition::Dead { reason, .. } if reason == "cannot be retried: over frame_max"
+    ));
+}
