@@ -109,17 +109,7 @@ async fn every_phone_once(app: &App, rings: &[RingEvent], tokens: &[DeviceToken]
         pairs,
         "APNs accepted each (ring, token) pair once and nothing else"
     );
-    assert_eq!(
-        app.depth(&app.names.rings).await,
-        0,
-        "nothing left in the rings queue"
-    );
-    for tier in &app.names.retry {
-        assert_eq!(app.depth(tier).await, 0, "nothing left in {tier}");
-    }
-    let dead = app.drain_dead().await;
-    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
-    assert!(dead.is_empty(), "nothing dead-lettered: {reasons:?}");
+    crate::support::nothing_waiting_or_dead(app).await;
     assert_eq!(
         Counters::get(&app.counters.broker_sessions),
         1,

@@ -45,17 +45,7 @@ async fn settled(app: &App, rings: &[RingEvent], tokens: &[DeviceToken]) -> usiz
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let duplicates = app.ledger(rings, tokens);
-    assert_eq!(
-        app.depth(&app.names.rings).await,
-        0,
-        "nothing left in the rings queue"
-    );
-    for tier in &app.names.retry {
-        assert_eq!(app.depth(tier).await, 0, "nothing left in {tier}");
-    }
-    let dead = app.drain_dead().await;
-    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
-    assert!(dead.is_empty(), "nothing dead-lettered: {reasons:?}");
+    crate::support::nothing_waiting_or_dead(app).await;
     duplicates
 }
 

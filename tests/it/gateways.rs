@@ -71,6 +71,26 @@ impl Drop for Users {
     }
 }
 
+/// Publishes `body` as gateway `id` with its own identity, under its own routing key
+/// (confirmed); returns the connection, for the caller to close.
+async fn publish_as(app: &App, id: &str, password: &str, body: &[u8]) -> lapin::Connection {
+    let connection = broker::connect(&gateway_url(id, password), "t gateway")
+        .await
+        .unwrap();
+    let channel = broker::confirm_channel(&connection).await.unwrap();
+    let props = lapin::BasicProperties::default().with_content_type("application/json".into());
+    broker::publish_confirmed(
+        &channel,
+        &app.names.rings,
+        &Names::ring_key(id),
+        body,
+        props,
+    )
+    .await
+    .unwrap();
+    connection
+}
+
 /// The AMQP URL of a gateway's identity.
 fn gateway_url(id: &str, password: &str) -> String {
     let mut url = url::Url::parse(&amqp_url()).unwrap();
@@ -189,21 +209,8 @@ async fn a_ring_whose_body_names_another_gateway_is_dead_lettered_and_rings_nobo
 
     // Gateway a's stolen credentials, a body claiming gateway b, under a's own key (the only
     // key the broker lets it use).
-    let connection = broker::connect(&gateway_url(&a, &password), "t gateway")
-        .await
-        .unwrap();
-    let channel = broker::confirm_channel(&connection).await.unwrap();
     let forged = App::ring(&b, Duration::ZERO);
-    let props = lapin::BasicProperties::default().with_content_type("application/json".into());
-    broker::publish_confirmed(
-        &channel,
-        &app.names.rings,
-        &Names::ring_key(&a),
-        &forged.to_json(),
-        props,
-    )
-    .await
-    .unwrap();
+    let connection = publish_as(&app, &a, &password, &forged.to_json()).await;
     app.wait_acked(1).await;
 
     let dead = app.drain_dead().await;
@@ -233,25 +240,12 @@ async fn a_retry_envelope_forged_by_a_gateway_is_dead_lettered_and_rings_nobody(
     let ((a, tokens_a), (b, tokens_b)) = two_gateways(&app).await;
     let mut users = Users::new();
     let password = users.add(&app.names, &a).await;
-    let connection = broker::connect(&gateway_url(&a, &password), "t gateway")
-        .await
-        .unwrap();
-    let channel = broker::confirm_channel(&connection).await.unwrap();
     let ring = App::ring(&b, Duration::ZERO);
     let pending: Vec<&str> = tokens_b.iter().map(DeviceToken::as_hex).collect();
     let envelope =
         ringpush::wire::retry::write(&ring.to_json(), 1, &Names::ring_key(&b), &pending, 1 << 20)
             .remove(0);
-    let props = lapin::BasicProperties::default().with_content_type("application/json".into());
-    broker::publish_confirmed(
-        &channel,
-        &app.names.rings,
-        &Names::ring_key(&a),
-        &envelope,
-        props,
-    )
-    .await
-    .unwrap();
+    let connection = publish_as(&app, &a, &password, &envelope).await;
     app.wait_acked(1).await;
     let dead = app.drain_dead().await;
     assert_eq!(dead.len(), 1, "{dead:?}");

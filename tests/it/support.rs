@@ -666,3 +666,19 @@ pub async fn gateway(app: &App, id: &str, phones: usize) -> Vec<DeviceToken> {
     }
     tokens
 }
+
+/// The end of a test that must leave nothing behind in the queues: nothing ready in the rings
+/// queue or any retry tier, nothing in the dead queue.
+pub async fn nothing_waiting_or_dead(app: &App) {
+    assert_eq!(
+        app.depth(&app.names.rings).await,
+        0,
+        "nothing left in the rings queue"
+    );
+    for tier in &app.names.retry {
+        assert_eq!(app.depth(tier).await, 0, "nothing left in {tier}");
+    }
+    let dead = app.drain_dead().await;
+    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(dead.is_empty(), "nothing dead-lettered: {reasons:?}");
+}
