@@ -204,8 +204,8 @@ impl Management {
         }
     }
 
-    /// `gateway add`: creates the user with `password` and its permissions, unless it exists
-    /// (then nothing changes).
+    /// `gateway add`: creates the user with `password` and its permissions; an existing
+    /// gateway keeps its password and gets its permissions set again (the same ones).
     pub async fn add(
         &self,
         names: &Names,
@@ -213,24 +213,29 @@ impl Management {
         password: &str,
     ) -> Result<Added, GatewayError> {
         check_id(id)?;
-        match self.tags(id).await? {
-            Some(tags) if tags.iter().any(|t| t == TAG) => return Ok(Added::Exists),
+        let added = match self.tags(id).await? {
+            Some(tags) if tags.iter().any(|t| t == TAG) => Added::Exists,
             Some(_) => return Err(GatewayError::NotAGateway(id.to_owned())),
-            None => {}
-        }
-        self.put(
-            &format!("users/{id}"),
-            &json!({"password": password, "tags": TAG}),
-        )
-        .await?;
+            None => {
+                self.put(
+                    &format!("users/{id}"),
+                    &json!({"password": password, "tags": TAG}),
+                )
+                .await?;
+                Added::Created
+            }
+        };
+        // The topic permissions first, then the write permission they narrow: an `add` cut
+        // short between the two never leaves a gateway that may write every routing key. An
+        // existing gateway gets both again (idempotent), so a rerun repairs a cut-short add.
         let vhost = &self.vhost;
-        self.put(&format!("permissions/{vhost}/{id}"), &permissions(names))
-            .await?;
         for topic in topic_permissions(names, id) {
             self.put(&format!("topic-permissions/{vhost}/{id}"), &topic)
                 .await?;
         }
-        Ok(Added::Created)
+        self.put(&format!("permissions/{vhost}/{id}"), &permissions(names))
+            .await?;
+        Ok(added)
     }
 
     /// `gateway rotate`: a new password; the gateway's open connections are closed, so the

@@ -106,21 +106,6 @@ pub fn vhost_of(amqp_url: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod vhost_tests {
-    use super::vhost_of;
-
-    #[test]
-    fn the_vhost_comes_from_the_url_path_still_percent_encoded() {
-        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
-        assert_eq!(vhost_of("amqp://h:5672"), "%2f");
-        assert_eq!(vhost_of("amqp://h/prod%20eu?heartbeat=5"), "prod%20eu");
-        assert_eq!(vhost_of("amqp://h/v1,amqp://h2/v1"), "v1");
-        // Not ASCII: encoded by the URL parser, never sliced through a character.
-        assert_eq!(vhost_of("amqp://h/é%zz"), "%C3%A9%zz");
-    }
-}
-
 /// The table `ringpush queues` prints; `rates` are messages per second since the last look.
 pub fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String {
     let mut out = String::new();
@@ -278,8 +263,10 @@ pub fn mqtt_target(
     amqp_url: &str,
     password: Option<&str>,
 ) -> anyhow::Result<MqttTarget> {
-    let url = url::Url::parse(mqtt_url)
-        .map_err(|e| anyhow::anyhow!("RINGPUSH_MQTT_URL: {mqtt_url:?}: {e}"))?;
+    let url = url::Url::parse(mqtt_url).map_err(|e| {
+        let shown = crate::broker::redact(mqtt_url);
+        anyhow::anyhow!("RINGPUSH_MQTT_URL: {shown:?}: {e}")
+    })?;
     anyhow::ensure!(
         url.scheme() == "mqtt",
         "RINGPUSH_MQTT_URL: only mqtt:// (plain TCP, for a local broker) is built in; a real gateway speaks MQTT over TLS on 8883"
@@ -515,9 +502,13 @@ mod tests {
     }
 
     #[test]
-    fn vhosts_come_from_the_url() {
+    fn vhosts_come_from_the_url_path_still_percent_encoded() {
         assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "%2f");
         assert_eq!(vhost_of("amqp://h:5672/doorbell?heartbeat=10"), "doorbell");
         assert_eq!(vhost_of("amqp://h:5672"), "%2f");
+        assert_eq!(vhost_of("amqp://h/prod%20eu?heartbeat=5"), "prod%20eu");
+        assert_eq!(vhost_of("amqp://h/v1,amqp://h2/v1"), "v1");
+        // Not ASCII: encoded by the URL parser, never sliced through a character.
+        assert_eq!(vhost_of("amqp://h/é%zz"), "%C3%A9%zz");
     }
 }

@@ -105,7 +105,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// RabbitMQ URL.
-    #[arg(long, env = "RINGPUSH_AMQP_URL", default_value = defaults::AMQP_URL)]
+    #[arg(long, env = "RINGPUSH_AMQP_URL", hide_env_values = true, default_value = defaults::AMQP_URL)]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "RINGPUSH_QUEUE_PREFIX", default_value = defaults::QUEUE_PREFIX, value_parser = prefix)]
@@ -125,7 +125,7 @@ impl BrokerArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL (libpq form; `?options=-csearch_path%3Dname` selects a schema).
-    #[arg(long, env = "RINGPUSH_DATABASE_URL", default_value = defaults::DATABASE_URL)]
+    #[arg(long, env = "RINGPUSH_DATABASE_URL", hide_env_values = true, default_value = defaults::DATABASE_URL)]
     pub database_url: String,
     /// Most connections the pool opens.
     #[arg(long, env = "RINGPUSH_DATABASE_POOL_SIZE", default_value = "4", value_parser = positive::<usize>("RINGPUSH_DATABASE_POOL_SIZE"))]
@@ -162,10 +162,10 @@ pub struct MetricsArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
     /// RabbitMQ URL.
-    #[arg(long, env = "RINGPUSH_AMQP_URL", default_value = defaults::AMQP_URL)]
+    #[arg(long, env = "RINGPUSH_AMQP_URL", hide_env_values = true, default_value = defaults::AMQP_URL)]
     pub amqp_url: String,
     /// PostgreSQL URL.
-    #[arg(long, env = "RINGPUSH_DATABASE_URL", default_value = defaults::DATABASE_URL)]
+    #[arg(long, env = "RINGPUSH_DATABASE_URL", hide_env_values = true, default_value = defaults::DATABASE_URL)]
     pub database_url: String,
 }
 

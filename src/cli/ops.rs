@@ -29,6 +29,7 @@ pub struct RingArgs {
     #[arg(
         long,
         env = "RINGPUSH_MQTT_URL",
+        hide_env_values = true,
         default_value = "mqtt://127.0.0.1:1883"
     )]
     pub mqtt_url: String,
@@ -97,6 +98,7 @@ pub struct ManagementArgs {
     #[arg(
         long,
         env = "RINGPUSH_MANAGEMENT_URL",
+        hide_env_values = true,
         default_value = "http://guest:guest@127.0.0.1:15672",
         hide_default_value = true
     )]
@@ -176,7 +178,7 @@ pub struct QueuesArgs {
     #[arg(long)]
     pub watch: bool,
     /// RabbitMQ's management API (`http://user:pass@host:15672`), for unacked counts.
-    #[arg(long, env = "RINGPUSH_MANAGEMENT_URL")]
+    #[arg(long, env = "RINGPUSH_MANAGEMENT_URL", hide_env_values = true)]
     pub management_url: Option<String>,
     /// Seconds between refreshes with --watch (`1`, `0.5`; a duration like `500ms` too).
     #[arg(long, default_value = "2", value_parser = interval)]
