@@ -43,7 +43,7 @@ impl Control {
 /// acks, coalesced by [`Acks`] (`acked` counts them as they are sent); each batch of the deliveries that are ready (at most `batch_size`) is handed to
 /// `handle` on a tracked task, with a token that fires when the batch must be handed back
 /// at once. On `cancel` it cancels the consumer, gives the batches in flight the grace
-/// period, then aborts them (their handlers nack), and closes the channel. It returns an
+/// period, then aborts them (their handlers hand them back), and closes the channel. It returns an
 /// error when the channel or connection fails (the caller reconnects).
 pub async fn consume_batches<F, Fut>(
     connection: &Connection,

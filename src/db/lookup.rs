@@ -187,7 +187,7 @@ impl Lookups {
         self.queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Bounded, so a query the database never answers frees its slot and the batches
-        // waiting behind it are handed back (the worker pauses) instead of waiting forever;
+        // waiting behind it are tried again (then gateway by gateway) instead of waiting forever;
         // the statement is then cancelled on the server too, or it would go on holding a
         // backend (and whatever it waits for) after everyone stopped waiting for it.
         let mut cancel = None;

@@ -39,7 +39,8 @@ pub struct Counters {
     /// Rings handed back to the queue with a nack (requeue): only when an outcome could not
     /// be made durable and the ring could not be published again either.
     pub rings_requeued: Counter,
-    /// Rings handed back at shutdown (published again and acked).
+    /// Rings handed back (published again and acked): at shutdown, or when their outcome
+    /// could not be made durable.
     pub rings_handed_back: Counter,
     pub notifications_accepted: Counter,
     pub notifications_rejected: Counter,

@@ -179,7 +179,7 @@ pub fn decide(step: Step) -> Disposition {
             }
             // Worker processes took it and never settled it, again and again (they died or
             // panicked with it): dead-lettered here, with the reason, before the broker's
-            // delivery limit would drop it there without one.
+            // delivery limit would dead-letter it there with only `x-death` to say why.
             if returned.saturating_add(1) >= limit {
                 D::Dead {
                     reason: format!(

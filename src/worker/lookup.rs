@@ -129,6 +129,18 @@ async fn lookup_one_by_one(
         .buffered(ctx.lookups.concurrency())
         .collect()
         .await;
+    // Every gateway too slow on its own: the database is slow, not any one ring's lookup —
+    // the worker's trouble, so the rings are held, not dead-lettered.
+    if answers.len() > 1
+        && answers
+            .iter()
+            .all(|a| matches!(a, Err(Ok(reason)) if reason.contains("took longer")))
+    {
+        return Err(format!(
+            "every gateway's lookup took longer than {:?} on its own",
+            crate::db::QUERY_TIMEOUT
+        ));
+    }
     let mut each = HashMap::new();
     let mut refused = HashMap::new();
     for (id, answer) in ids.iter().zip(answers) {

@@ -110,7 +110,9 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
                 let Some(topic) = topic else {
                     warn!(gateway = incoming.gateway(), event = incoming.event(), token = %r.token, "token has no topic and RINGPUSH_APNS_TOPIC is not set");
                     let reason = crate::apns::Reason::MissingTopic.to_string();
-                    return (target, Answer::Rejected { reason, ours: true });
+                    let answer = Answer::Rejected { reason, ours: true };
+                    observe(ctx, incoming, &answer, Instant::now());
+                    return (target, answer);
                 };
                 let n = Notification {
                     token: r.token.clone(),

@@ -43,8 +43,8 @@ pub(super) async fn settle_delivery(
     disposition: Disposition,
 ) {
     let mut disposition = disposition;
-    // At most twice: a publish that fails turns into a hand-back (or, for its size, a dead
-    // letter without the part that did not fit).
+    // At most three tries: a publish that fails turns into a hand-back (or, for its size, a
+    // dead letter without the part that did not fit), and a failed hand-back into a nack.
     for _ in 0..3 {
         match carry_out(ctx, delivery, incoming, gateway, event, &disposition).await {
             Ok(()) => return,
