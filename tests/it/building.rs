@@ -301,11 +301,11 @@ async fn a_ring_whose_retry_could_never_fit_a_frame_is_dead_lettered_with_the_re
         reason.contains("headers were too large to keep"),
         "{reason}"
     );
-    assert_eq!(
-        app.unaccepted(&[light], &[light_phone]),
-        0,
-        "the ring beside it rings"
-    );
+    let (light, light_phone) = ([light], [light_phone]);
+    app.wait_for("the ring beside it to ring", || {
+        app.unaccepted(&light, &light_phone) == 0
+    })
+    .await;
     assert_eq!(
         Counters::get(&app.counters.broker_sessions),
         1,

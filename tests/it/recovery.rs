@@ -39,10 +39,10 @@ async fn recovery_after(app: &App, outage: Duration, tokens: usize) -> Duration 
 async fn pushing_resumes_within_seconds_of_apns_return_not_after_the_reconnect_backoff() {
     let app = App::spawn_with(|o| {
         o.apns_proxy = true;
-        // Full reconnects back off 15-45 s after the first failure: a worker that waited for
-        // them would miss the bound below by far.
-        o.apns.backoff_min = Duration::from_secs(30);
-        o.apns.backoff_max = Duration::from_secs(60);
+        // Full reconnects back off 60-180 s after the first failure: a worker that waited for
+        // them would miss the bound below by far, whatever the machine's load.
+        o.apns.backoff_min = Duration::from_secs(120);
+        o.apns.backoff_max = Duration::from_secs(240);
         o.worker.ring_ttl = Duration::from_secs(300);
         // The production probe schedule (the test support's default is faster).
         o.worker.probe_interval = Duration::from_millis(250);
@@ -63,15 +63,16 @@ async fn pushing_resumes_within_seconds_of_apns_return_not_after_the_reconnect_b
         let took = recovery_after(&app, outage, 2).await;
         eprintln!("APNs down {outage:?}: first notification {took:?} after its return");
         // The probe runs at most 1.5 s apart (1 s jittered by +50 %); the full-reconnect
-        // backoff alone would be 15 s or more.
+        // backoff alone would be 60 s or more. The bound leaves a busy machine room.
         assert!(
-            took < Duration::from_secs(10),
+            took < Duration::from_secs(30),
             "pushing resumed {took:?} after APNs's return (outage {outage:?})"
         );
         times.push(took);
     }
     assert_eq!(
-        Counters::get(&app.counters.rings_requeued),
+        Counters::get(&app.counters.rings_requeued)
+            + Counters::get(&app.counters.rings_handed_back),
         0,
         "the rings were held, not handed back"
     );
