@@ -271,6 +271,33 @@ async fn handle_stream(
         Ok(()) => (200, None),
         Err((status, reason)) => (*status, Some(reason.clone())),
     };
+    // Decided: counted (and kept) before the answer goes out. As at APNs, a notification
+    // taken is delivered even when its answer never reaches the sender (a stream reset, a
+    // connection cut while the answer was on its way): the mock's record is what phones got.
+    {
+        let mut stats = state.stats.lock().unwrap();
+        match &reason {
+            None => stats.accepted += 1,
+            Some(r) => *stats.rejected.entry(r.as_str().to_owned()).or_default() += 1,
+        }
+    }
+    if state.settings.keep_requests > 0 {
+        let mut received = state.received.lock().unwrap();
+        if received.len() == state.settings.keep_requests {
+            received.pop_front();
+        }
+        received.push_back(Received {
+            token: token.clone(),
+            status,
+            reason: reason.clone(),
+            path: parts.uri.path().to_owned(),
+            headers: parts.headers,
+            payload,
+            connection: conn.number,
+            stream_id: id,
+            certificate: conn.certificate,
+        });
+    }
     let response = Response::builder()
         .status(status)
         .header("apns-id", apns_id);
@@ -303,31 +330,6 @@ async fn handle_stream(
             let mut stream = respond.send_response(response, false)?;
             stream.send_data(Bytes::from(body.to_string()), true)?;
         }
-    }
-    // Answered: count it as processed.
-    {
-        let mut stats = state.stats.lock().unwrap();
-        match &reason {
-            None => stats.accepted += 1,
-            Some(r) => *stats.rejected.entry(r.as_str().to_owned()).or_default() += 1,
-        }
-    }
-    if state.settings.keep_requests > 0 {
-        let mut received = state.received.lock().unwrap();
-        if received.len() == state.settings.keep_requests {
-            received.pop_front();
-        }
-        received.push_back(Received {
-            token,
-            status,
-            reason: reason.clone(),
-            path: parts.uri.path().to_owned(),
-            headers: parts.headers,
-            payload,
-            connection: conn.number,
-            stream_id: id,
-            certificate: conn.certificate,
-        });
     }
     // The stream limit: raised after the first accepted request, lowered after a rejection.
     let settings = &state.settings;
