@@ -97,6 +97,10 @@ pub struct Settings {
     pub retry_max_bytes: usize,
     /// How long rings in flight may take to finish after `cancel`.
     pub grace: Duration,
+    /// Whether the delivery ledger is kept (`RINGPUSH_LEDGER`): off only to measure what it
+    /// costs — without it a ring seen again (redelivered after a lost ack, handed back) is
+    /// pushed again to the phones that took it.
+    pub ledger: bool,
 }
 
 impl Settings {
@@ -115,6 +119,7 @@ impl Settings {
             ring_concurrency: 256,
             retry_max_bytes: 1 << 20,
             grace: Duration::from_secs(25),
+            ledger: true,
         }
     }
 }
@@ -125,6 +130,8 @@ struct Shared {
     pool: Pool,
     /// The token lookups of concurrent batches, grouped.
     lookups: Arc<db::Lookups>,
+    /// Which tokens took which ring (written grouped, read for rings seen before).
+    ledger: Arc<db::Ledger>,
     providers: Providers,
     counters: Arc<Counters>,
     pause: Pause,
@@ -161,13 +168,17 @@ pub async fn run(
     let shared = Arc::new(Shared {
         settings,
         lookups: db::Lookups::new(pool.clone()),
+        ledger: db::Ledger::new(pool.clone()),
         pool,
         providers: Providers { apns: apns.into() },
         counters,
         pause: Pause::new(),
     });
-    if let Err(e) = db::probe_lookup(&shared.pool).await {
-        pause(&shared, Paused::Database, &e.to_string());
+    if let Err(e) = pause::probe_database(&shared).await {
+        pause(&shared, Paused::Database, &e);
+    }
+    if shared.settings.ledger {
+        tokio::spawn(sweep_ledger(shared.clone(), cancel.clone()));
     }
     let s = &shared.settings;
     let consumer = broker::Consumer {
@@ -198,6 +209,29 @@ pub async fn run(
         .await?;
     info!("worker stopped");
     Ok(())
+}
+
+/// How much longer than the ring TTL a ledger entry is kept: room for clocks that differ
+/// between workers and the database, and for a ring held at the edge of its TTL.
+pub const LEDGER_MARGIN: Duration = Duration::from_secs(60);
+
+/// Every half minute or so (jittered, so replicas spread out), deletes the ledger entries
+/// older than the ring TTL plus [`LEDGER_MARGIN`]: a ring that old is never pushed again.
+/// Every worker sweeps; a sweep with nothing to delete reads only the BRIN index's summary.
+async fn sweep_ledger(shared: Arc<Shared>, cancel: CancellationToken) {
+    let keep = shared.settings.ring_ttl + LEDGER_MARGIN;
+    loop {
+        let wait = crate::backoff::jittered(Duration::from_secs(30), Duration::from_secs(30), 1);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match shared.ledger.sweep(keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(entries = n, "swept old ledger entries"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep the delivery ledger"),
+        }
+    }
 }
 
 /// Reads a batch, looks up all its gateways in one query (holding the rings while the

@@ -189,9 +189,23 @@ where
         }
     };
     // An error means the channel is gone: acks cannot be sent, and the broker redelivers
-    // what was in flight. Leave the handlers to finish on their own.
+    // what was in flight — perhaps to this process's next session. Before that session
+    // consumes, the handlers in flight stop (no new push starts; the answers in flight are
+    // awaited briefly) and settle what they did — a worker records in its ledger which
+    // tokens took a ring — so a redelivery is not pushed again to the phones that have it.
     if result.is_err() {
         acks.close();
+        abort.cancel();
+        tracker.close();
+        if tokio::time::timeout(ABORT_WAIT, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                queue,
+                "handlers still busy after the session ended; reconnecting anyway"
+            );
+        }
         return result;
     }
     tracker.close();
@@ -201,11 +215,14 @@ where
     {
         tracing::warn!(queue, grace = ?control.grace, "grace period over; handing the rest back");
         abort.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        let _ = tokio::time::timeout(ABORT_WAIT, tracker.wait()).await;
     }
     acks.close();
     Ok(())
 }
+
+/// How long handlers get to hand back or settle their deliveries once aborted.
+const ABORT_WAIT: Duration = Duration::from_secs(5);
 
 /// How long the deliveries a panicking handler left unsettled wait before they are handed
 /// back, so that one that fails every time loops slowly, with an error each time.

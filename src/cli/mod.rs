@@ -374,6 +374,7 @@ mod tests {
         );
         assert_eq!(ours.alert, library.alert);
         assert_eq!(ours.names, library.names);
+        assert_eq!(ours.ledger, library.ledger);
     }
 
     #[test]
@@ -402,6 +403,7 @@ mod tests {
             ("worker", "ring-concurrency", "256"),
             ("worker", "retry-max-bytes", "1048576"),
             ("worker", "shutdown-grace", "25s"),
+            ("worker", "ledger", "on"),
             ("worker", "alert-title", "{gateway}"),
             ("worker", "alert-body", "Someone is at the door"),
             ("worker", "alert-sound", "default"),

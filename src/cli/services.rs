@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::apns::{ApnsArgs, ApnsTlsArgs};
-use super::values::{address, defaults, duration, positive, shown};
+use super::values::{address, defaults, duration, positive, shown, switch};
 use super::{config_error, ApnsProtocol, BrokerArgs, ConfigError, DatabaseArgs, MetricsArgs};
 use crate::apns::binary;
 use crate::apns::request::AlertTemplate;
@@ -43,6 +43,10 @@ pub struct WorkerArgs {
     /// On SIGTERM, how long rings in flight may take before they are handed back.
     #[arg(long, env = "RINGPUSH_SHUTDOWN_GRACE", default_value = shown!(defaults::worker().grace), value_parser = duration("RINGPUSH_SHUTDOWN_GRACE"))]
     pub shutdown_grace: Duration,
+    /// The delivery ledger (`on`): which tokens took which ring, so a ring seen again never
+    /// rings a phone twice. `off` only to measure its cost.
+    #[arg(long, env = "RINGPUSH_LEDGER", default_value = "on", value_parser = switch("RINGPUSH_LEDGER"), action = clap::ArgAction::Set)]
+    pub ledger: bool,
     /// Alert title; `{gateway}` becomes the gateway's name.
     #[arg(long, env = "RINGPUSH_ALERT_TITLE", default_value_t = defaults::worker().alert.title)]
     pub alert_title: String,
@@ -90,6 +94,7 @@ impl WorkerArgs {
             ring_concurrency: self.ring_concurrency,
             retry_max_bytes: self.retry_max_bytes,
             grace: self.shutdown_grace,
+            ledger: self.ledger,
             ..worker::Settings::new(self.broker.names())
         })
     }

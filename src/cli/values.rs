@@ -22,6 +22,17 @@ pub(super) fn duration(
     }
 }
 
+/// A value parser for `on`/`off` (or `true`/`false`) whose error names the variable.
+pub(super) fn switch(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<bool, String> + Clone + Send + Sync + 'static {
+    move |s| match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{var}: {s:?} is neither on nor off")),
+    }
+}
+
 /// A value parser for positive integers whose error names the variable.
 pub(super) fn positive<T: std::str::FromStr + PartialOrd + Default>(
     var: &'static str,

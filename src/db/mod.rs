@@ -2,14 +2,17 @@
 //! batch of rings.
 //!
 //! One concern a file: `pool` (the pool, migrations, pings and the demo's and tests'
-//! schemas), `lookup` (the batched token lookup and its grouping, [`Lookups`]),
+//! schemas), `lookup` (the batched token lookup and its grouping, [`Lookups`]), `ledger` (which
+//! tokens took which ring: [`Ledger`]),
 //! `support` (what support asks: `who`, `seed`). This file holds [`DbError`] and how a
 //! driver error is told to an operator.
 
+mod ledger;
 mod lookup;
 mod pool;
 mod support;
 
+pub use ledger::{hash as ledger_hash, Ledger, RingKey, Seen, TokenHash, LEDGER_TIMEOUT};
 pub use lookup::{
     lookup, probe_lookup, Found, Gateway, LookupError, Lookups, Recipient, QUERY_TIMEOUT,
 };
@@ -29,6 +32,8 @@ pub enum DbError {
     Pool(deadpool_postgres::PoolError),
     #[error("migration: {0}")]
     Migrate(refinery::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("building the pool: {0}")]
     Build(#[from] deadpool_postgres::BuildError),
 }

@@ -42,9 +42,13 @@ pub struct Counters {
     /// Rings handed back (published again and acked): at shutdown, or when their outcome
     /// could not be made durable.
     pub rings_handed_back: Counter,
+    /// Rings seen again whose every pending token had taken them already (the ledger says).
+    pub rings_already_delivered: Counter,
     pub notifications_accepted: Counter,
     pub notifications_rejected: Counter,
     pub notifications_failed: Counter,
+    /// Pushes not made because the ledger says the token took the ring already.
+    pub notifications_suppressed: Counter,
     /// Feedback events published for tokens APNs says are dead.
     pub feedback_events: Counter,
     /// Times consumption paused because APNs or the database was unreachable.
@@ -92,9 +96,11 @@ impl Default for Counters {
             rings_wrong_gateway: ring("wrong_gateway"),
             rings_requeued: ring("requeued"),
             rings_handed_back: ring("handed_back"),
+            rings_already_delivered: ring("already_delivered"),
             notifications_accepted: notification("accepted"),
             notifications_rejected: notification("rejected"),
             notifications_failed: notification("failed"),
+            notifications_suppressed: notification("suppressed"),
             rings,
             notifications,
             rejected,
@@ -155,7 +161,7 @@ impl Counters {
         );
         registry.register(
             "notifications",
-            "Notifications by outcome: accepted by APNs, rejected for good, or failed for now",
+            "Notifications by outcome: accepted by APNs, rejected for good, failed for now, or suppressed (the ledger says the token took the ring already)",
             self.notifications.clone(),
         );
         registry.register(

@@ -42,11 +42,13 @@ pub enum Step {
     /// Its gateway's lookup failed alone, for the ring's own input (or kept timing out).
     LookupRefused { reason: String },
     /// Looked up: whether the gateway exists, and how many of its tokens this delivery goes
-    /// to (on a retry, only those still pending and still registered).
+    /// to (on a retry, only those still pending and still registered; never those the
+    /// ledger says took the ring already — `suppressed` counts those).
     LookedUp {
         known: bool,
         recipients: usize,
         retry: bool,
+        suppressed: usize,
     },
     /// Its payload cannot be built (too large for the provider).
     Unpushable { error: String },
@@ -55,6 +57,12 @@ pub enum Step {
         answers: Vec<(Target, Answer)>,
         attempt: u32,
         max_attempts: u32,
+    },
+    /// The worker stopped while pushing it: the tokens with an answer, and those without one
+    /// (`None`: never sent, or no answer within the drain after the stop).
+    Interrupted {
+        answers: Vec<(Target, Option<Answer>)>,
+        attempt: u32,
     },
     /// Held while the worker could not work (database, provider), until its TTL passed.
     ExpiredWhileHeld {
@@ -95,6 +103,11 @@ pub enum Outcome {
     Expired,
     UnknownGateway,
     NoTokens,
+    /// Seen before (redelivered, retried, handed back) and every token it still had to reach
+    /// took it already, as the ledger says: nothing pushed again.
+    AlreadyDelivered {
+        suppressed: usize,
+    },
 }
 
 /// What the worker does with a ring.
@@ -135,9 +148,13 @@ pub enum Disposition {
         environments: Vec<Environment>,
         error: String,
     },
-    /// Publish it again to the rings exchange and ack (never a nack: that would spend the
-    /// delivery budget).
-    HandBack,
+    /// Publish `feedback`, then the ring again to the rings exchange — as it came, or, with
+    /// `pending`, as a retry envelope of the tokens not yet reached at its `attempt` (none
+    /// spent) — confirmed, and ack (never a nack: that would spend the delivery budget).
+    HandBack {
+        pending: Option<(u32, Vec<DeviceToken>)>,
+        feedback: Vec<Invalidation>,
+    },
 }
 
 /// The one place that decides.
@@ -213,8 +230,10 @@ pub fn decide(step: Step) -> Disposition {
             known,
             recipients,
             retry,
+            suppressed,
         } => match (known, recipients, retry) {
             (false, _, _) => ack(Outcome::UnknownGateway),
+            (true, 0, _) if suppressed > 0 => ack(Outcome::AlreadyDelivered { suppressed }),
             // The tokens still pending have been deleted since: nothing is left to do.
             (true, 0, true) => ack(Outcome::Delivered {
                 accepted: 0,
@@ -233,12 +252,16 @@ pub fn decide(step: Step) -> Disposition {
             attempt,
             max_attempts,
         } => pushed(answers, attempt, max_attempts),
+        Step::Interrupted { answers, attempt } => interrupted(answers, attempt),
         Step::ExpiredWhileHeld { ttl, attempt, why } => D::Dead {
             reason: format!("expired ({ttl:?} old) while held after {attempt} attempt(s): {why}"),
             pending: None,
             feedback: Vec::new(),
         },
-        Step::Stopping | Step::NotDurable { .. } => D::HandBack,
+        Step::Stopping | Step::NotDurable { .. } => D::HandBack {
+            pending: None,
+            feedback: Vec::new(),
+        },
         Step::TooLarge { error } => D::Dead {
             reason: format!("cannot be retried: {error}"),
             pending: None,
@@ -254,27 +277,36 @@ fn ack(outcome: Outcome) -> Disposition {
     }
 }
 
-/// Every token answered: delivered, retried (only the tokens not taken; no attempt spent
-/// when they failed only because their provider was unreachable), dead after the last
-/// attempt, or held when nothing could be reached at all.
-fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Disposition {
-    let (mut accepted, mut rejected) = (0, 0);
-    let mut feedback = Vec::new();
-    let mut pending = Vec::new();
-    let mut unreachable: Vec<Environment> = Vec::new();
-    let mut only_unreachable = true;
-    let mut error = String::new();
-    let total = answers.len();
+/// The answers of one push, added up.
+#[derive(Default)]
+struct Tally {
+    accepted: usize,
+    rejected: usize,
+    feedback: Vec<Invalidation>,
+    /// Tokens to try again: answered "retry", or their provider unreachable.
+    pending: Vec<DeviceToken>,
+    /// The environments that could not be reached at all.
+    unreachable: Vec<Environment>,
+    /// Whether every pending token failed only because its provider was unreachable.
+    only_unreachable: bool,
+    error: String,
+}
+
+fn tally(answers: impl IntoIterator<Item = (Target, Answer)>) -> Tally {
+    let mut t = Tally {
+        only_unreachable: true,
+        ..Tally::default()
+    };
     for (target, answer) in answers {
         match answer {
-            Answer::Accepted => accepted += 1,
+            Answer::Accepted => t.accepted += 1,
             Answer::Dead {
                 reason,
                 since,
                 observed_at,
             } => {
-                rejected += 1;
-                feedback.push(Invalidation {
+                t.rejected += 1;
+                t.feedback.push(Invalidation {
                     token: target.token,
                     environment: target.environment,
                     topic: target.topic,
@@ -283,21 +315,38 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
                     observed_at,
                 });
             }
-            Answer::Rejected { .. } => rejected += 1,
-            Answer::Retry { error: e, .. } => {
-                pending.push(target.token);
-                only_unreachable = false;
-                error = e;
+            Answer::Rejected { .. } => t.rejected += 1,
+            Answer::Retry { error, .. } => {
+                t.pending.push(target.token);
+                t.only_unreachable = false;
+                t.error = error;
             }
-            Answer::Unreachable { error: e } => {
-                pending.push(target.token);
-                if !unreachable.contains(&target.environment) {
-                    unreachable.push(target.environment);
+            Answer::Unreachable { error } => {
+                t.pending.push(target.token);
+                if !t.unreachable.contains(&target.environment) {
+                    t.unreachable.push(target.environment);
                 }
-                error = e;
+                t.error = error;
             }
         }
     }
+    t
+}
+
+/// Every token answered: delivered, retried (only the tokens not taken; no attempt spent
+/// when they failed only because their provider was unreachable), dead after the last
+/// attempt, or held when nothing could be reached at all.
+fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Disposition {
+    let total = answers.len();
+    let Tally {
+        accepted,
+        rejected,
+        feedback,
+        pending,
+        unreachable,
+        only_unreachable,
+        error,
+    } = tally(answers);
     if pending.is_empty() {
         return Disposition::Ack {
             outcome: Outcome::Delivered { accepted, rejected },
@@ -331,6 +380,42 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
         accepted,
         rejected,
         spent,
+    }
+}
+
+/// Stopped mid-push: what was answered is kept (dead tokens reported), and the ring is
+/// handed back with only the tokens still to reach — those never sent, never answered, or
+/// answered "try again" — at the same attempt: a shutdown spends none. When every token
+/// had its final answer before the stop, the ring is simply delivered.
+fn interrupted(answers: Vec<(Target, Option<Answer>)>, attempt: u32) -> Disposition {
+    let mut unanswered = Vec::new();
+    let answered: Vec<(Target, Answer)> = answers
+        .into_iter()
+        .filter_map(|(target, answer)| match answer {
+            Some(answer) => Some((target, answer)),
+            None => {
+                unanswered.push(target.token);
+                None
+            }
+        })
+        .collect();
+    let Tally {
+        accepted,
+        rejected,
+        feedback,
+        mut pending,
+        ..
+    } = tally(answered);
+    pending.extend(unanswered);
+    if pending.is_empty() {
+        return Disposition::Ack {
+            outcome: Outcome::Delivered { accepted, rejected },
+            feedback,
+        };
+    }
+    Disposition::HandBack {
+        pending: Some((attempt, pending)),
+        feedback,
     }
 }
 

@@ -18,7 +18,7 @@ use super::pause::{pause, Paused};
 use super::read::Incoming;
 use super::settle::settle;
 use super::Context;
-use crate::db::{Found, Gateway, LookupError};
+use crate::db::{Found, Gateway, LookupError, RingKey};
 
 /// Timeouts of one grouped lookup before its gateways are looked up one by one, and of one
 /// gateway's lookup alone before its rings are dead-lettered.
@@ -61,32 +61,47 @@ pub(super) async fn lookup_holding(
             .into_iter()
             .map(str::to_owned)
             .collect();
-        let found = ctx.lookups.lookup(ids.clone()).await;
-        let trouble = match &*found {
-            Ok(_) => return Some(Gateways::Grouped(found)),
+        // The ledger is read beside the lookup, for the rings a worker may have pushed before.
+        let seen: Vec<RingKey> = if ctx.settings.ledger {
+            rings
+                .iter()
+                .filter(|r| r.maybe_seen)
+                .map(Incoming::key)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let (found, seen) = tokio::join!(ctx.lookups.lookup(ids.clone()), ctx.ledger.seen(&seen));
+        let looked_up = match &*found {
+            Ok(_) => Ok(Gateways::Grouped(found)),
             Err(e @ LookupError::Timeout(_)) if timeouts + 1 < MAX_LOOKUP_TIMEOUTS => {
                 timeouts += 1;
                 warn!(rings = rings.len(), error = %e, "token lookup timed out; trying again");
                 continue;
             }
             Err(LookupError::Data(_) | LookupError::Timeout(_)) => {
-                match lookup_one_by_one(ctx, rings, &ids).await {
-                    Ok(each) => return Some(Gateways::Each(each)),
-                    Err(trouble) => trouble,
-                }
+                lookup_one_by_one(ctx, rings, &ids)
+                    .await
+                    .map(Gateways::Each)
+                    .map_err(|e| format!("the token lookup failed: {e}"))
             }
-            Err(LookupError::Unavailable(e)) => e.clone(),
+            Err(LookupError::Unavailable(e)) => Err(format!("the token lookup failed: {e}")),
         };
-        error!(rings = rings.len(), error = %trouble, "token lookup failed; holding the rings and pausing consumption");
+        let trouble = match (looked_up, seen) {
+            (Ok(gateways), Ok(seen)) => {
+                for ring in rings.iter_mut().filter(|r| r.maybe_seen) {
+                    if let Some(recorded) = seen.get(&ring.key()) {
+                        ring.recorded = recorded.clone();
+                    }
+                }
+                return Some(gateways);
+            }
+            (Err(trouble), _) => trouble,
+            (_, Err(e)) => format!("the delivery ledger could not be read: {e}"),
+        };
+        error!(rings = rings.len(), error = %trouble, "holding the rings and pausing consumption");
         pause(&ctx.shared, Paused::Database, &trouble);
-        if !hold(
-            ctx,
-            rings,
-            abort,
-            &format!("the token lookup failed: {trouble}"),
-        )
-        .await
-        {
+        if !hold(ctx, rings, abort, &trouble).await {
             return None;
         }
     }

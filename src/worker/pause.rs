@@ -51,7 +51,7 @@ impl std::fmt::Display for Paused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Paused::Apns(env) => write!(f, "APNs ({env})"),
-            Paused::Database => f.write_str("PostgreSQL (token lookup)"),
+            Paused::Database => f.write_str("PostgreSQL (token lookup, delivery ledger)"),
         }
     }
 }
@@ -81,9 +81,7 @@ pub(super) fn pause(shared: &Arc<Shared>, why: Paused, error: &str) {
             tokio::time::sleep(wait).await;
             let probe = match why {
                 Paused::Apns(env) => shared.providers.probe(env).await,
-                Paused::Database => db::probe_lookup(&shared.pool)
-                    .await
-                    .map_err(|e| e.to_string()),
+                Paused::Database => probe_database(&shared).await,
             };
             let Err(error) = probe else { break };
             Counters::add(&shared.counters.probes_failed, 1);
@@ -99,6 +97,20 @@ pub(super) fn pause(shared: &Arc<Shared>, why: Paused, error: &str) {
         flag_of(&shared.counters, why).store(false, Ordering::SeqCst);
         shared.pause.update(&shared.counters);
     });
+}
+
+/// What a worker needs of the database, tried: the token lookup, and (when kept) a write to
+/// the delivery ledger — of nothing.
+pub(super) async fn probe_database(shared: &Shared) -> Result<(), String> {
+    db::probe_lookup(&shared.pool)
+        .await
+        .map_err(|e| format!("the token lookup failed: {e}"))?;
+    if shared.settings.ledger {
+        db::Ledger::probe(&shared.pool)
+            .await
+            .map_err(|e| format!("the delivery ledger could not be written: {e}"))?;
+    }
+    Ok(())
 }
 
 fn flag_of(counters: &Counters, why: Paused) -> &std::sync::atomic::AtomicBool {

@@ -1,8 +1,11 @@
 //! Pushing one ring: its tokens fanned out to the provider, at most `ring_concurrency`
 //! requests in flight (a building's ring shares the streams with the rings around it), the
-//! payload built once and shared; the answers counted and handed to `decide`. While no
+//! payload built once and shared; the answers counted and handed to `decide`. A token the
+//! ledger says took the ring before is not pushed again (counted `suppressed`). While no
 //! provider can be reached at all the ring is held (paused, probing) and pushed again when
-//! it can, or dead-lettered once its TTL has passed.
+//! it can, or dead-lettered once its TTL has passed. When the worker stops mid-push, no new
+//! request starts, the ones in flight get [`STOP_DRAIN`] to answer, and only the tokens not
+//! reached are handed back.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,11 +18,16 @@ use tracing::{error, info, warn};
 use super::decide::{decide, Disposition, Step, Target};
 use super::pause::{pause, Paused};
 use super::read::Incoming;
-use super::settle::settle;
+use super::settle::{settle, settle_recorded};
 use super::{Context, Counters};
 use crate::apns::request::{build_payload, Notification};
-use crate::db::Gateway;
+use crate::db::{ledger_hash, Gateway, TokenHash};
 use crate::provider::Answer;
+
+/// How long requests in flight may still answer once the worker stops (their answers are
+/// kept; the tokens without one are handed back). Well within the time the consumer gives
+/// the hand-back after the grace period.
+pub(super) const STOP_DRAIN: Duration = Duration::from_secs(2);
 
 /// Pushes one ring and settles it; holds it while its provider cannot be reached at all.
 pub(super) async fn push_holding(
@@ -29,16 +37,13 @@ pub(super) async fn push_holding(
     abort: &CancellationToken,
 ) {
     loop {
-        let disposition = tokio::select! {
-            disposition = push(ctx, incoming, gateway) => disposition,
-            _ = abort.cancelled() => decide(Step::Stopping),
-        };
+        let (disposition, accepted) = push(ctx, incoming, gateway, abort).await;
         let Disposition::Hold {
             environments,
             error,
         } = disposition
         else {
-            settle(ctx, incoming, disposition).await;
+            settle_recorded(ctx, incoming, &accepted, disposition, abort).await;
             return;
         };
         warn!(gateway = incoming.gateway(), event = incoming.event(), %error, "APNs unreachable; holding the ring");
@@ -66,33 +71,59 @@ pub(super) async fn push_holding(
 }
 
 /// Pushes one ring to every token of its gateway (or, on a retry, to the tokens still
-/// pending) and decides what becomes of it.
-async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> Disposition {
+/// pending), but never to one the ledger says took it already, and decides what becomes of
+/// it; with the decision, the hashes of the tokens that took it now (for the ledger).
+async fn push(
+    ctx: &Context,
+    incoming: &Incoming,
+    gateway: Option<&Gateway>,
+    abort: &CancellationToken,
+) -> (Disposition, Vec<TokenHash>) {
     let (ring, pending) = (&incoming.ring, incoming.pending.as_ref());
+    let mut suppressed = 0;
     let recipients: Vec<_> = gateway
         .map(|g| {
             g.recipients
                 .iter()
                 .filter(|r| pending.is_none_or(|p| p.contains(r.token.as_hex())))
+                .filter(|r| {
+                    let taken = !incoming.recorded.is_empty()
+                        && incoming.recorded.contains(&ledger_hash(r.token.as_hex()));
+                    suppressed += usize::from(taken);
+                    !taken
+                })
                 .collect()
         })
         .unwrap_or_default();
+    if suppressed > 0 {
+        Counters::add(&ctx.counters.notifications_suppressed, suppressed);
+        info!(
+            gateway = incoming.gateway(),
+            event = incoming.event(),
+            suppressed,
+            left = recipients.len(),
+            "seen before: the tokens that took this ring already are not pushed again"
+        );
+    }
     let looked_up = decide(Step::LookedUp {
         known: gateway.is_some(),
         recipients: recipients.len(),
         retry: pending.is_some(),
+        suppressed,
     });
     let (Disposition::Continue, Some(gateway)) = (&looked_up, gateway) else {
-        return looked_up;
+        return (looked_up, Vec::new());
     };
     let payload = match build_payload(ring, &gateway.name, &ctx.settings.alert) {
         Ok(p) => p,
         Err(e) => {
-            return decide(Step::Unpushable {
+            let step = Step::Unpushable {
                 error: e.to_string(),
-            })
+            };
+            return (decide(step), Vec::new());
         }
     };
+
     let expiration = ring.expires_at(ctx.settings.ring_ttl);
     // Collected first: a stream over a lazy `map` of borrowing closures trips the compiler's
     // `Send` check for higher-ranked lifetimes.
@@ -107,12 +138,16 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
                     environment: r.environment,
                     topic: topic.clone(),
                 };
+                if abort.is_cancelled() {
+                    // Stopping: not sent; handed back.
+                    return (target, None);
+                }
                 let Some(topic) = topic else {
                     warn!(gateway = incoming.gateway(), event = incoming.event(), token = %r.token, "token has no topic and RINGPUSH_APNS_TOPIC is not set");
                     let reason = crate::apns::Reason::MissingTopic.to_string();
                     let answer = Answer::Rejected { reason, ours: true };
                     observe(ctx, incoming, &answer, Instant::now());
-                    return (target, answer);
+                    return (target, Some(answer));
                 };
                 let n = Notification {
                     token: r.token.clone(),
@@ -122,17 +157,26 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
                     payload,
                 };
                 let sent = Instant::now();
-                let answer = ctx.providers.send(r.environment, &n).await;
+                let answer = tokio::select! {
+                    biased;
+                    answer = ctx.providers.send(r.environment, &n) => answer,
+                    // The worker stopped and the answer did not come in time: whether the
+                    // provider took it is unknown, so it is handed back.
+                    _ = async {
+                        abort.cancelled().await;
+                        tokio::time::sleep(STOP_DRAIN).await;
+                    } => return (target, None),
+                };
                 observe(ctx, incoming, &answer, sent);
                 log_rejection(incoming, &r.token, &answer);
-                (target, answer)
+                (target, Some(answer))
             }
         })
         .collect();
     // At most `ring_concurrency` at once, in order. An ordinary ring (a few tokens) takes the
     // cheaper `join_all`: a stream of futures costs an allocation and a waker per token.
     let limit = ctx.settings.ring_concurrency.max(1);
-    let answers: Vec<(Target, Answer)> = if sends.len() <= limit {
+    let answers: Vec<(Target, Option<Answer>)> = if sends.len() <= limit {
         futures_util::future::join_all(sends).await
     } else {
         futures_util::stream::iter(sends)
@@ -140,11 +184,27 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
             .collect()
             .await
     };
-    decide(Step::Pushed {
-        answers,
-        attempt: incoming.attempt,
-        max_attempts: ctx.settings.max_attempts,
-    })
+    let accepted = answers
+        .iter()
+        .filter(|(_, a)| matches!(a, Some(Answer::Accepted)))
+        .map(|(t, _)| ledger_hash(t.token.as_hex()))
+        .collect();
+    let step = if answers.iter().all(|(_, a)| a.is_some()) {
+        Step::Pushed {
+            answers: answers
+                .into_iter()
+                .map(|(t, a)| (t, a.expect("all answered")))
+                .collect(),
+            attempt: incoming.attempt,
+            max_attempts: ctx.settings.max_attempts,
+        }
+    } else {
+        Step::Interrupted {
+            answers,
+            attempt: incoming.attempt,
+        }
+    };
+    (decide(step), accepted)
 }
 
 /// Logs a token's rejection at the level an operator needs, with the ring it belongs to: a

@@ -9,8 +9,10 @@ use lapin::types::{AMQPValue, ShortString};
 use time::OffsetDateTime;
 
 use super::decide::{decide, Disposition, Sender, Step};
+use super::HANDBACK_HEADER;
 use super::{ATTEMPT_HEADER, PENDING_HEADER};
 use crate::broker::RETRY_KEY;
+use crate::db::{RingKey, TokenHash};
 use crate::wire::ring::RingEvent;
 
 /// A ring as it came off the queue, read once.
@@ -26,6 +28,13 @@ pub(super) struct Incoming {
     pub(super) attempt: u32,
     /// The tokens a retried ring still has to reach (`None`: a first delivery, all of them).
     pub(super) pending: Option<HashSet<String>>,
+    /// Whether a worker may have pushed this ring before: the broker redelivered it, it came
+    /// back from a retry tier or was handed back, or it returned unsettled. Only such a ring
+    /// is looked up in the ledger.
+    pub(super) maybe_seen: bool,
+    /// The tokens that took the ring before, as the ledger says (hashes; filled in with the
+    /// lookup for a ring that `maybe_seen`).
+    pub(super) recorded: HashSet<TokenHash>,
 }
 
 impl Incoming {
@@ -34,6 +43,13 @@ impl Incoming {
     }
     pub(super) fn event(&self) -> &str {
         &self.ring.event_id
+    }
+    /// The ring as the ledger names it.
+    pub(super) fn key(&self) -> RingKey {
+        RingKey {
+            gateway: self.ring.gateway_id.clone(),
+            event: self.ring.event_id.clone(),
+        }
     }
     /// How long until the ring is no longer worth delivering.
     pub(super) fn time_left(&self, ttl: Duration) -> Duration {
@@ -96,6 +112,11 @@ pub(super) fn read(delivery: Delivery, now: OffsetDateTime, ttl: Duration) -> Re
     };
     match decide(step) {
         Disposition::Continue => Read::Ring(Incoming {
+            maybe_seen: delivery.redelivered
+                || pending.is_some()
+                || returned(&delivery) > 0
+                || header(&delivery, HANDBACK_HEADER).is_some(),
+            recorded: HashSet::new(),
             delivery,
             ring,
             body,

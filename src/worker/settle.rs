@@ -1,22 +1,82 @@
-//! Carrying out a [`Disposition`]: publish what stands in for the ack (feedback events, the
-//! retry envelopes, the dead letter, the ring again), confirmed, then ack. Nothing here
-//! decides; a publish that fails is handed back to `decide` (`NotDurable`, `TooLarge`).
+//! Carrying out a [`Disposition`]: record in the ledger which tokens took the ring, publish
+//! what stands in for the ack (feedback events, the retry envelopes, the dead letter, the
+//! ring again), confirmed, then ack. Nothing here decides; a publish that fails is handed
+//! back to `decide` (`NotDurable`, `TooLarge`). While the ledger cannot be written the ring
+//! is held, unacked, and consumption pauses, as for a failed lookup.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, ShortString};
 use lapin::BasicProperties;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use futures_util::future::join_all;
 
 use super::decide::{decide, Disposition, Outcome, Step};
+use super::pause::{pause, Paused};
 use super::read::{header, Incoming};
 use super::{Context, Counters, ATTEMPT_HEADER, HANDBACK_HEADER, PENDING_HEADER};
 use crate::broker::{self, BrokerError, Names};
+use crate::db::TokenHash;
 use crate::token::DeviceToken;
 use crate::wire::feedback::Invalidation;
+
+/// Settles a ring that was pushed: first the ledger entry of the tokens that took it
+/// (`accepted`), then the disposition. A ring is acked only once its entry is written; while
+/// it cannot be, the ring is held and consumption paused (the probe writes nothing to the
+/// ledger until it works), unless the ring's TTL passes — a ring that old is never pushed
+/// again, so the entry no longer matters — or the worker stops (the disposition then goes
+/// out without it: its retry or hand-back names only the tokens not reached).
+pub(super) async fn settle_recorded(
+    ctx: &Arc<Context>,
+    incoming: &Incoming,
+    accepted: &[TokenHash],
+    disposition: Disposition,
+    abort: &CancellationToken,
+) {
+    if ctx.settings.ledger && !accepted.is_empty() {
+        record(ctx, incoming, accepted, abort).await;
+    }
+    settle(ctx, incoming, disposition).await;
+}
+
+async fn record(
+    ctx: &Arc<Context>,
+    incoming: &Incoming,
+    accepted: &[TokenHash],
+    abort: &CancellationToken,
+) {
+    let (gateway, event) = (incoming.gateway(), incoming.event());
+    loop {
+        let Err(e) = ctx.ledger.record(incoming.key(), accepted).await else {
+            return;
+        };
+        let why = format!("the delivery ledger could not be written: {e}");
+        if abort.is_cancelled() {
+            warn!(gateway, event, error = %why, "stopping: the ring is settled without its ledger entry");
+            return;
+        }
+        error!(gateway, event, error = %why, "holding the ring and pausing consumption");
+        pause(&ctx.shared, Paused::Database, &why);
+        let left = incoming.time_left(ctx.settings.ring_ttl);
+        tokio::select! {
+            _ = ctx.pause.opened() => {}
+            _ = tokio::time::sleep(left + Duration::from_millis(1)) => {
+                warn!(gateway, event, error = %why, "the ring's TTL passed while held: settled without its ledger entry (it is never pushed again)");
+                return;
+            }
+            _ = abort.cancelled() => {
+                warn!(gateway, event, error = %why, "stopping: the ring is settled without its ledger entry");
+                return;
+            }
+        }
+    }
+}
 
 /// Settles a ring that was read.
 pub(super) async fn settle(ctx: &Context, incoming: &Incoming, disposition: Disposition) {
@@ -60,7 +120,7 @@ pub(super) async fn settle_delivery(
             }
             Err(e) => {
                 error!(error = %e, gateway, event, "cannot make the outcome durable; handing the ring back");
-                if matches!(disposition, Disposition::HandBack) {
+                if matches!(disposition, Disposition::HandBack { pending: None, .. }) {
                     break;
                 }
                 disposition = decide(Step::NotDurable {
@@ -91,7 +151,7 @@ async fn carry_out(
                 ?disposition,
                 "nothing to settle; handing the ring back"
             );
-            give_back(ctx, delivery, incoming).await?;
+            give_back(ctx, delivery, incoming, None).await?;
             return Ok(());
         }
         Disposition::Ack { outcome, feedback } => {
@@ -125,6 +185,15 @@ async fn carry_out(
                 Outcome::NoTokens => {
                     Counters::add(&c.rings_without_tokens, 1);
                     info!(gateway, event, "ring for a gateway without phones");
+                }
+                Outcome::AlreadyDelivered { suppressed } => {
+                    Counters::add(&c.rings_already_delivered, 1);
+                    info!(
+                        gateway,
+                        event,
+                        suppressed,
+                        "ring seen before: every token it had to reach took it already"
+                    );
                 }
             }
         }
@@ -178,8 +247,21 @@ async fn carry_out(
             Counters::add(&c.rings_wrong_gateway, 1);
             Counters::add(&c.rings_dead_lettered, 1);
         }
-        Disposition::HandBack => {
-            give_back(ctx, delivery, incoming).await?;
+        Disposition::HandBack { pending, feedback } => {
+            report_invalid(ctx, feedback).await?;
+            let bodies = match (incoming, pending) {
+                (Some(incoming), Some((attempt, pending))) => {
+                    info!(
+                        gateway,
+                        event,
+                        pending = pending.len(),
+                        "handing back the tokens not yet reached"
+                    );
+                    Some(envelopes(ctx, incoming, *attempt, pending))
+                }
+                _ => None,
+            };
+            give_back(ctx, delivery, incoming, bodies).await?;
             Counters::add(&c.rings_handed_back, 1);
         }
     }
@@ -258,12 +340,14 @@ async fn retry(
 }
 
 /// Publishes the ring again to the rings exchange with its routing key (confirmed, the
-/// hand-back counted in a header); the caller acks. A nack would spend the ring's delivery
-/// budget.
+/// hand-back counted in a header, which also tells the next worker to read the ledger) —
+/// as it came, or as `bodies` (retry envelopes of the tokens not reached); the caller acks.
+/// A nack would spend the ring's delivery budget.
 async fn give_back(
     ctx: &Context,
     delivery: &Delivery,
     incoming: Option<&Incoming>,
+    bodies: Option<Vec<Vec<u8>>>,
 ) -> Result<(), BrokerError> {
     let handbacks = match header(delivery, HANDBACK_HEADER) {
         Some(AMQPValue::LongUInt(n)) => n.saturating_add(1),
@@ -284,14 +368,25 @@ async fn give_back(
         Names::ring_key("handed-back")
     };
     let names = &ctx.settings.names;
-    broker::publish_checked(
-        &ctx.publisher,
-        &names.rings,
-        &key,
-        &delivery.data,
-        properties,
-    )
+    let Some(bodies) = bodies else {
+        return broker::publish_checked(
+            &ctx.publisher,
+            &names.rings,
+            &key,
+            &delivery.data,
+            properties,
+        )
+        .await;
+    };
+    let properties = plain_properties(&properties).with_content_type("application/json".into());
+    for result in join_all(bodies.iter().map(|body| {
+        broker::publish_checked(&ctx.publisher, &names.rings, &key, body, properties.clone())
+    }))
     .await
+    {
+        result?;
+    }
+    Ok(())
 }
 
 async fn requeue(ctx: &Context, delivery: &Delivery) {

@@ -13,9 +13,9 @@ use ringpush::wire::ring::RingEvent;
 use ringpush::worker::Counters;
 
 use crate::proxy::Mode;
-use crate::support::{amqp_url, gateway, App, KEY_ID, TEAM_ID, TOPIC};
+use crate::support::{gateway, App};
 
-async fn publish_all(app: &App, gateway: &str, n: usize) -> Vec<RingEvent> {
+pub(crate) async fn publish_all(app: &App, gateway: &str, n: usize) -> Vec<RingEvent> {
     let rings: Vec<RingEvent> = (0..n).map(|_| App::ring(gateway, Duration::ZERO)).collect();
     for chunk in rings.chunks(100) {
         join_all(chunk.iter().map(|r| app.publish(r))).await;
@@ -24,7 +24,7 @@ async fn publish_all(app: &App, gateway: &str, n: usize) -> Vec<RingEvent> {
 }
 
 /// The end of every fault test: nothing waiting, nothing dead, every pair accepted.
-async fn settled(app: &App, rings: &[RingEvent], tokens: &[DeviceToken]) -> usize {
+pub(crate) async fn settled(app: &App, rings: &[RingEvent], tokens: &[DeviceToken]) -> usize {
     app.wait_for("every (ring, token) accepted", || {
         app.unaccepted(rings, tokens) == 0
     })
@@ -145,16 +145,8 @@ async fn apns_answering_503_for_5_s_then_recovering_delivers_every_ring() {
     app.stop_with_nothing_unacked().await;
 }
 
-#[tokio::test]
-async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
-    let app = App::spawn().await;
-    let tokens = gateway(&app, "gw-broker", 2).await;
-    let mut rings = publish_all(&app, "gw-broker", 100).await;
-    app.wait_for("the first rings", || {
-        Counters::get(&app.counters.rings_delivered) >= 100
-    })
-    .await;
-
+/// Has the broker close the in-process worker's connection (`rabbitmqctl close_connection`).
+fn close_worker_connection(app: &App) {
     let name = format!("ringpush worker {}", app.names.prefix);
     let listing = std::process::Command::new("rabbitmqctl")
         .args(["list_connections", "-q", "pid", "client_properties"])
@@ -171,6 +163,19 @@ async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
         .status()
         .unwrap();
     assert!(closed.success());
+}
+
+#[tokio::test]
+async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
+    let app = App::spawn().await;
+    let tokens = gateway(&app, "gw-broker", 2).await;
+    let mut rings = publish_all(&app, "gw-broker", 100).await;
+    app.wait_for("the first rings", || {
+        Counters::get(&app.counters.rings_delivered) >= 100
+    })
+    .await;
+
+    close_worker_connection(&app);
 
     rings.extend(publish_all(&app, "gw-broker", 100).await);
     settled(&app, &rings, &tokens).await;
@@ -230,27 +235,7 @@ async fn sigterm_during_a_burst_exits_0_in_the_grace_period_and_a_second_worker_
     .await;
     let tokens = gateway(&app, "gw-term", 2).await;
     let rings = publish_all(&app, "gw-term", 500).await;
-    std::fs::create_dir_all(&app.dir).unwrap();
-    let key_file = app.dir.join("key.p8");
-    std::fs::write(&key_file, &app.key_pem).unwrap();
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringpush"))
-        .arg("worker")
-        .env("RINGPUSH_AMQP_URL", amqp_url())
-        .env("RINGPUSH_QUEUE_PREFIX", &app.names.prefix)
-        .env("RINGPUSH_DATABASE_URL", &app.db_url)
-        .env("RINGPUSH_APNS_PRODUCTION_URL", app.mock.url())
-        .env("RINGPUSH_APNS_SANDBOX_URL", app.mock.url())
-        .env("RINGPUSH_APNS_CA_FILE", app.mock.ca_file())
-        .env("RINGPUSH_APNS_KEY_FILE", &key_file)
-        .env("RINGPUSH_APNS_KEY_ID", KEY_ID)
-        .env("RINGPUSH_APNS_TEAM_ID", TEAM_ID)
-        .env("RINGPUSH_APNS_TOPIC", TOPIC)
-        .env("RINGPUSH_PREFETCH", "64")
-        .env("RINGPUSH_SHUTDOWN_GRACE", "3s")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the worker binary starts");
+    let mut worker = app.worker_process(&[("RINGPUSH_SHUTDOWN_GRACE", "3s")]);
     app.wait_for("the burst to start", || app.mock.stats().accepted >= 100)
         .await;
     let signalled = Instant::now();

@@ -307,6 +307,7 @@ async fn migrate_and_seed_at_once(app: &App, gateway: &str) -> Vec<DeviceToken> 
         "gateways",
         "gateway_shares",
         "push_tokens",
+        "ring_ledger",
     ]
     .iter()
     .map(|t| {

@@ -134,6 +134,8 @@ pub struct Options {
     pub apns_proxy: bool,
     /// Put a fault proxy between the worker and PostgreSQL.
     pub db_proxy: bool,
+    /// Put a fault proxy between the worker and RabbitMQ.
+    pub amqp_proxy: bool,
     /// Serve the worker's /metrics, /healthz and /readyz on a loopback port.
     pub metrics: bool,
     /// Speak the legacy binary protocol (certificate auth) to the mock's gateway, and poll
@@ -158,6 +160,7 @@ pub struct App {
     worker_pool: Pool,
     pub apns_proxy: Option<Proxy>,
     pub db_proxy: Option<Proxy>,
+    pub amqp_proxy: Option<Proxy>,
     /// With `binary`: TLS with a client certificate from the mock's CA, for its gateway.
     pub binary_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// The .p8 key the worker signs with, and the test's schema URL (for a worker process).
@@ -232,6 +235,7 @@ impl App {
             run_worker: true,
             apns_proxy: false,
             db_proxy: false,
+            amqp_proxy: false,
             metrics: false,
             binary: false,
             migrate: true,
@@ -297,6 +301,10 @@ impl App {
             }
             None => pool.clone(),
         };
+        let amqp_proxy = match options.amqp_proxy {
+            true => Some(Proxy::start("127.0.0.1:5672".parse().unwrap()).await),
+            false => None,
+        };
         let connection = broker::connect(&amqp_url(), "ringpush test")
             .await
             .expect("broker");
@@ -343,6 +351,7 @@ impl App {
             worker_pool,
             apns_proxy,
             db_proxy,
+            amqp_proxy,
             binary_tls,
             key_pem: key.pem.clone(),
             db_url: db.url.clone(),
@@ -373,18 +382,70 @@ impl App {
         (r.status, r.body)
     }
 
-    /// Starts `ringpush worker` in this test.
+    /// Starts `ringpush worker` in this test (through the AMQP fault proxy when there is one).
     pub fn start_worker(&mut self) {
+        self.start_worker_at(self.worker_amqp_url());
+    }
+
+    /// Starts `ringpush worker` in this test, connected to the broker at `url`.
+    pub fn start_worker_at(&mut self, url: String) {
         let (pool, counters, cancel) = (
             self.worker_pool.clone(),
             self.counters.clone(),
             self.cancel.clone(),
         );
         let (settings, apns) = (self.worker_settings.clone(), self.worker_apns.clone());
-        let worker = tokio::spawn(async move {
-            worker::run(settings, &amqp_url(), pool, apns, counters, cancel).await
-        });
+        let worker =
+            tokio::spawn(
+                async move { worker::run(settings, &url, pool, apns, counters, cancel).await },
+            );
         self.processes.push(("worker", worker));
+    }
+
+    /// Starts the `ringpush worker` binary against this test's queues, schema and mock
+    /// (token auth), with `env` on top; killed when the handle drops.
+    pub fn worker_process(&self, env: &[(&str, &str)]) -> tokio::process::Child {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let key_file = self.dir.join("key.p8");
+        std::fs::write(&key_file, &self.key_pem).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringpush"));
+        command
+            .arg("worker")
+            .env("RINGPUSH_AMQP_URL", amqp_url())
+            .env("RINGPUSH_QUEUE_PREFIX", &self.names.prefix)
+            .env("RINGPUSH_DATABASE_URL", &self.db_url)
+            .env("RINGPUSH_APNS_PRODUCTION_URL", self.mock.url())
+            .env("RINGPUSH_APNS_SANDBOX_URL", self.mock.url())
+            .env("RINGPUSH_APNS_CA_FILE", self.mock.ca_file())
+            .env("RINGPUSH_APNS_KEY_FILE", &key_file)
+            .env("RINGPUSH_APNS_KEY_ID", KEY_ID)
+            .env("RINGPUSH_APNS_TEAM_ID", TEAM_ID)
+            .env("RINGPUSH_APNS_TOPIC", TOPIC)
+            .env("RINGPUSH_PREFETCH", "64")
+            // Tests run side by side: no fixed port.
+            .env("RINGPUSH_METRICS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.spawn().expect("the worker binary starts")
+    }
+
+    /// The broker URL the worker uses: through the AMQP fault proxy when there is one.
+    pub fn worker_amqp_url(&self) -> String {
+        let url = amqp_url();
+        match &self.amqp_proxy {
+            Some(p) => {
+                let through = url.replace("127.0.0.1:5672", &p.addr.to_string());
+                assert_ne!(
+                    through, url,
+                    "RINGPUSH_AMQP_URL must name 127.0.0.1:5672 for the proxy tests"
+                );
+                through
+            }
+            None => url,
+        }
     }
 
     /// How many (ring, token) pairs the mock has not accepted yet.

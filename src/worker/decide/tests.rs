@@ -196,6 +196,7 @@ fn the_lookup_decides_unknown_gateways_and_gateways_without_phones() {
             known,
             recipients,
             retry,
+            suppressed: 0,
         })
     };
     assert_eq!(looked(false, 0, false), ack(Outcome::UnknownGateway));
@@ -210,6 +211,28 @@ fn the_lookup_decides_unknown_gateways_and_gateways_without_phones() {
     );
     assert_eq!(looked(true, 3, false), Disposition::Continue);
     assert_eq!(looked(true, 1, true), Disposition::Continue);
+    // Seen before, and the ledger says every token it still had to reach took it already.
+    for retry in [false, true] {
+        assert_eq!(
+            decide(Step::LookedUp {
+                known: true,
+                recipients: 0,
+                retry,
+                suppressed: 2
+            }),
+            ack(Outcome::AlreadyDelivered { suppressed: 2 })
+        );
+    }
+    // Some taken before, some not: the others are pushed.
+    assert_eq!(
+        decide(Step::LookedUp {
+            known: true,
+            recipients: 1,
+            retry: false,
+            suppressed: 2
+        }),
+        Disposition::Continue
+    );
     assert!(matches!(
         decide(Step::LookupRefused { reason: "22012 division by zero".into() }),
         Disposition::Dead { reason, pending: None, .. } if reason == "22012 division by zero"
@@ -354,15 +377,68 @@ fn held_rings_that_expire_are_dead_with_why_they_were_held() {
 
 #[test]
 fn stopping_or_failing_to_make_an_outcome_durable_hands_back_and_oversize_goes_dead() {
-    assert_eq!(decide(Step::Stopping), Disposition::HandBack);
+    let as_it_came = Disposition::HandBack {
+        pending: None,
+        feedback: vec![],
+    };
+    assert_eq!(decide(Step::Stopping), as_it_came);
     assert_eq!(
         decide(Step::NotDurable {
             error: "not confirmed".into()
         }),
-        Disposition::HandBack
+        as_it_came
     );
     assert!(matches!(
         decide(Step::TooLarge { error: "over frame_max".into() }),
         Disposition::Dead { reason, .. } if reason == "cannot be retried: over frame_max"
     ));
+}
+
+#[test]
+fn a_push_interrupted_by_the_stop_hands_back_only_the_tokens_not_yet_reached() {
+    let interrupted = |answers: Vec<Option<Answer>>, attempt| {
+        let answers = answers
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| (target(i as u8, Environment::Production), a))
+            .collect();
+        decide(Step::Interrupted { answers, attempt })
+    };
+    // 0 accepted, 1 dead, 2 never sent, 3 answered "try again", 4 unreachable: tokens 2, 3
+    // and 4 go back, at the same attempt, and the dead one is reported.
+    assert_eq!(
+        interrupted(
+            vec![
+                Some(Answer::Accepted),
+                Some(dead_answer()),
+                None,
+                Some(retry("500")),
+                Some(unreachable()),
+            ],
+            2
+        ),
+        Disposition::HandBack {
+            pending: Some((2, vec![token(3), token(4), token(2)])),
+            feedback: vec![dead(1)],
+        }
+    );
+    // Nothing answered: all of it goes back.
+    assert_eq!(
+        interrupted(vec![None, None], 0),
+        Disposition::HandBack {
+            pending: Some((0, vec![token(0), token(1)])),
+            feedback: vec![],
+        }
+    );
+    // Every token had its final answer before the stop: delivered, not handed back.
+    assert_eq!(
+        interrupted(vec![Some(Answer::Accepted), Some(dead_answer())], 1),
+        Disposition::Ack {
+            outcome: Outcome::Delivered {
+                accepted: 1,
+                rejected: 1
+            },
+            feedback: vec![dead(1)],
+        }
+    );
 }
