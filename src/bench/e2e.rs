@@ -18,6 +18,7 @@ use crate::token::random_hex;
 use crate::wire::ring::RingEvent;
 
 use super::building::building;
+use super::ledger::ledger_cost;
 use super::live::Live;
 use super::measure::{
     buckets, cpu_seconds, current_rss_mb, machine_busy_seconds, p50_p99, paced, peak_rss_mb,
@@ -171,6 +172,20 @@ pub(super) async fn end_to_end(
     }
 
     stop(&mut worker).await;
+
+    // The delivery ledger on and off, in turns (before the building seeds its shares).
+    report.ledger = Some(
+        ledger_cost(
+            &worker_of,
+            &pool,
+            &channel,
+            names,
+            args.rings,
+            args.fanout,
+            &ring,
+        )
+        .await?,
+    );
 
     // Building rings beside ordinary ones, with a worker of its own (see `building`).
     let quarter = report.e2e_rings_per_s / 4.0;

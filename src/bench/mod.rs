@@ -21,6 +21,7 @@ mod apns_leg;
 mod binary_leg;
 mod building;
 mod e2e;
+mod ledger;
 mod live;
 mod measure;
 mod processes;
@@ -37,7 +38,7 @@ use apns_leg::apns_leg;
 use binary_leg::binary_leg;
 use e2e::{broker_ceiling, end_to_end};
 
-pub use report::{Building, Peer, Report, Round, Window};
+pub use report::{Building, Drain, LedgerCost, Peer, Report, Round, Window};
 
 /// What `ringpush bench` runs, and against which broker and database.
 #[derive(Debug, Clone)]

@@ -113,6 +113,16 @@ impl WorkerOf<'_> {
         metrics_port: u16,
         info_log: Option<&Path>,
     ) -> anyhow::Result<tokio::process::Child> {
+        self.spawn_with(metrics_port, info_log, &[])
+    }
+
+    /// [`WorkerOf::spawn`], with `env` on top.
+    pub(super) fn spawn_with(
+        &self,
+        metrics_port: u16,
+        info_log: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<tokio::process::Child> {
         let mock = self.mock;
         let mut command = tokio::process::Command::new(std::env::current_exe()?);
         command
@@ -142,6 +152,9 @@ impl WorkerOf<'_> {
                 .env("RUST_LOG", "warn,ringpush::worker=info")
                 .env("RINGPUSH_LOG_FORMAT", "json")
                 .stderr(std::fs::File::create(file)?);
+        }
+        for (k, v) in env {
+            command.env(k, v);
         }
         Ok(command.spawn()?)
     }

@@ -49,6 +49,8 @@ pub struct Report {
     pub soak_rss_mb: Vec<f64>,
     /// Ordinary rings alone and beside building rings (see [`Building`]).
     pub building: Option<Building>,
+    /// The same drain with the delivery ledger on and off (see [`LedgerCost`]).
+    pub ledger: Option<LedgerCost>,
     pub notes: Vec<String>,
 }
 
@@ -92,6 +94,33 @@ pub struct Building {
     /// Whether each peak is its window's own (`VmHWM` reset through `/proc/<pid>/clear_refs`
     /// before each window) or the process's since it started.
     pub rss_peak_per_window: bool,
+}
+
+/// What the delivery ledger costs: `rings` pre-published rings drained by a fresh worker
+/// process with the ledger on, then off, in turns, in the same run.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct LedgerCost {
+    pub rings: usize,
+    pub on: Vec<Drain>,
+    pub off: Vec<Drain>,
+    /// Mean notifications/s with the ledger on / the same off: the target is ≥ 0.9.
+    pub throughput_ratio: f64,
+    pub target_met: bool,
+    /// Ledger rows written per ring (one per settled ring: the writes are grouped into few
+    /// statements, not fewer rows).
+    pub ledger_rows_per_ring: Option<f64>,
+}
+
+/// One drain of the ledger part.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Drain {
+    pub ledger: bool,
+    pub rings_per_s: f64,
+    pub notifications_per_s: f64,
+    pub worker_cpu_s_per_10k: f64,
+    /// Cores PostgreSQL and RabbitMQ used over the drain.
+    pub postgresql_cores: f64,
+    pub rabbitmq_cores: f64,
 }
 
 /// One (A) window and the (B) window after it.
@@ -333,6 +362,32 @@ impl std::fmt::Display for Report {
                 } else {
                     " (since start)"
                 }
+            )?;
+        }
+        if let Some(l) = &self.ledger {
+            writeln!(
+                f,
+                "delivery ledger: {} rings drained by a fresh worker, on and off in turns",
+                l.rings
+            )?;
+            for d in l.on.iter().zip(&l.off).flat_map(|(a, b)| [a, b]) {
+                writeln!(
+                    f,
+                    "  ledger {:<3} notifications/s {:>8.0}  worker CPU s/10k {:.3}  cores: postgresql {:.2}, rabbitmq {:.2}",
+                    if d.ledger { "on" } else { "off" },
+                    d.notifications_per_s,
+                    d.worker_cpu_s_per_10k,
+                    d.postgresql_cores,
+                    d.rabbitmq_cores
+                )?;
+            }
+            writeln!(
+                f,
+                "  throughput on / off            {:.3} (target ≥ 0.9: {}); ledger rows per ring {}",
+                l.throughput_ratio,
+                if l.target_met { "met" } else { "missed" },
+                l.ledger_rows_per_ring
+                    .map_or("-".to_owned(), |r| format!("{r:.2}"))
             )?;
         }
         Ok(())

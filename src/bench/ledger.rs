@@ -1,0 +1,111 @@
+//! The delivery ledger's cost (see [`LedgerCost`]): the same drain of pre-published rings by
+//! a fresh worker process with `RINGPUSH_LEDGER=on` and `off`, in turns, in the same run.
+
+use std::time::{Duration, Instant};
+
+use crate::broker::{self, Names};
+use crate::wire::ring::RingEvent;
+
+use super::measure::{cpu_seconds, publish_all, sample, scrape, service_cores, service_cpu};
+use super::processes::{free_port, stop, WorkerOf};
+use super::report::{Drain, LedgerCost};
+
+/// Drains of each kind (on, off), in turns: on, off, on, off, …
+const LEDGER_ROUNDS: usize = 2;
+
+/// Publishes `rings` rings, then drains them with a worker whose ledger is on, and the same
+/// with it off, [`LEDGER_ROUNDS`] times each in turns.
+pub(super) async fn ledger_cost(
+    worker_of: &WorkerOf<'_>,
+    pool: &deadpool_postgres::Pool,
+    channel: &lapin::Channel,
+    names: &Names,
+    rings: usize,
+    fanout: usize,
+    ring: &impl Fn(usize) -> RingEvent,
+) -> anyhow::Result<LedgerCost> {
+    let mut cost = LedgerCost {
+        rings,
+        ..LedgerCost::default()
+    };
+    for round in 0..LEDGER_ROUNDS * 2 {
+        let on = round % 2 == 0;
+        let before = ledger_rows(pool).await?;
+        let drain = drain(worker_of, channel, names, rings, fanout, ring, on).await?;
+        let rows = ledger_rows(pool).await? - before;
+        if on {
+            cost.ledger_rows_per_ring = Some(rows as f64 / rings as f64);
+            cost.on.push(drain);
+        } else {
+            anyhow::ensure!(rows == 0, "the ledger was written with RINGPUSH_LEDGER=off");
+            cost.off.push(drain);
+        }
+    }
+    let mean = |d: &[Drain]| d.iter().map(|d| d.notifications_per_s).sum::<f64>() / d.len() as f64;
+    cost.throughput_ratio = mean(&cost.on) / mean(&cost.off);
+    cost.target_met = cost.throughput_ratio >= 0.9;
+    Ok(cost)
+}
+
+async fn ledger_rows(pool: &deadpool_postgres::Pool) -> anyhow::Result<i64> {
+    let client = pool.get().await?;
+    Ok(client
+        .query_one("SELECT count(*) FROM ring_ledger", &[])
+        .await?
+        .get(0))
+}
+
+/// One drain: `rings` published first, then a worker started that pushes them all.
+async fn drain(
+    worker_of: &WorkerOf<'_>,
+    channel: &lapin::Channel,
+    names: &Names,
+    rings: usize,
+    fanout: usize,
+    ring: &impl Fn(usize) -> RingEvent,
+    ledger: bool,
+) -> anyhow::Result<Drain> {
+    publish_all(
+        (0..rings).map(|i| {
+            let r = ring(i);
+            async move { broker::publish_ring(channel, names, &r).await }
+        }),
+        500,
+    )
+    .await?;
+    let port = free_port();
+    let mut worker = worker_of.spawn_with(
+        port,
+        None,
+        &[("RINGPUSH_LEDGER", if ledger { "on" } else { "off" })],
+    )?;
+    let pid = worker.id().expect("a running worker").to_string();
+    let services0 = service_cpu();
+    let started = Instant::now();
+    let want = (rings * fanout) as f64;
+    let accepted = r#"ringpush_notifications_total{outcome="accepted"}"#;
+    loop {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        if let Ok(body) = scrape(port).await {
+            if sample(&body, accepted) >= want {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the worker did not drain the rings in 10 minutes"
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&pid);
+    let cores = service_cores(&services0, &service_cpu(), elapsed);
+    stop(&mut worker).await;
+    Ok(Drain {
+        ledger,
+        rings_per_s: rings as f64 / elapsed,
+        notifications_per_s: want / elapsed,
+        worker_cpu_s_per_10k: cpu / want * 10_000.0,
+        postgresql_cores: cores.get("postgresql").copied().unwrap_or_default(),
+        rabbitmq_cores: cores.get("rabbitmq").copied().unwrap_or_default(),
+    })
+}
