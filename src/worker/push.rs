@@ -27,7 +27,7 @@ use crate::provider::Answer;
 /// How long requests in flight may still answer once the worker stops (their answers are
 /// kept; the tokens without one are handed back). Well within the time the consumer gives
 /// the hand-back after the grace period.
-pub(super) const STOP_DRAIN: Duration = Duration::from_secs(2);
+pub(super) const STOP_DRAIN: Duration = Duration::from_secs(3);
 
 /// Pushes one ring and settles it; holds it while its provider cannot be reached at all.
 pub(super) async fn push_holding(
