@@ -91,6 +91,10 @@ pub struct MockArgs {
         default_value = "ServiceUnavailable"
     )]
     pub error_reason: String,
+    /// Append one line per answered request to this file (`<unix ms> <status>
+    /// <collapse-id> <token>`): what a test outside the process checks deliveries against.
+    #[arg(long, env = "RINGPUSH_MOCK_RECORD")]
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl MockArgs {
@@ -165,6 +169,7 @@ impl MockArgs {
             },
             listen: self.listen,
             binary: self.binary_listen.zip(self.feedback_listen),
+            record: self.record.clone(),
             ..mock::Settings::local(self.cert_dir.clone(), auth)
         };
         Ok((settings, unregistered))

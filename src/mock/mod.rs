@@ -65,6 +65,10 @@ pub struct Settings {
     pub faults: Faults,
     /// Also serve the legacy binary gateway and feedback service on these addresses.
     pub binary: Option<(SocketAddr, SocketAddr)>,
+    /// Append one line per answered HTTP/2 request to this file — `<unix ms> <status>
+    /// <apns-collapse-id> <token>` — the record a test outside the process (the cluster
+    /// test) checks deliveries against. It holds full tokens: a test artifact, not a log.
+    pub record: Option<PathBuf>,
 }
 
 impl Settings {
@@ -82,6 +86,7 @@ impl Settings {
             response_delay: Duration::ZERO,
             faults: Faults::default(),
             binary: None,
+            record: None,
         }
     }
 }
@@ -100,6 +105,8 @@ struct State {
     scripts: Mutex<HashMap<String, Script>>,
     stats: Mutex<Stats>,
     received: Mutex<VecDeque<Received>>,
+    /// `settings.record`, open for appending.
+    record: Option<Mutex<std::fs::File>>,
     /// Tokens the binary gateway rejected, offered once by the feedback service.
     binary_feedback: Mutex<Vec<crate::apns::binary::codec::FeedbackTuple>>,
 }

@@ -70,6 +70,15 @@ impl Mock {
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind(settings.listen).await?;
         let addr = listener.local_addr()?;
+        let record = match &settings.record {
+            Some(path) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            )),
+            None => None,
+        };
         let state = Arc::new(State {
             faults: Mutex::new(settings.faults.clone()),
             fail_first: Mutex::default(),
@@ -80,6 +89,7 @@ impl Mock {
             scripts: Mutex::default(),
             stats: Mutex::default(),
             received: Mutex::default(),
+            record,
             binary_feedback: Mutex::default(),
         });
         let accept_state = state.clone();
@@ -280,6 +290,20 @@ async fn handle_stream(
             None => stats.accepted += 1,
             Some(r) => *stats.rejected.entry(r.as_str().to_owned()).or_default() += 1,
         }
+    }
+    if let Some(file) = &state.record {
+        use std::io::Write;
+        let collapse = parts
+            .headers
+            .get("apns-collapse-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        let line = format!(
+            "{} {status} {collapse} {}\n",
+            time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000,
+            token.as_deref().unwrap_or("-")
+        );
+        let _ = file.lock().unwrap().write_all(line.as_bytes());
     }
     if state.settings.keep_requests > 0 {
         let mut received = state.received.lock().unwrap();
