@@ -62,16 +62,24 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             let settings = args.settings()?;
             let apns = args.apns.client()?;
             let pool = args.database.pool()?;
+            let read_pool = args.database.read_pool()?;
             preflight(&pool, &args.database.database_url).await;
+            if let (Some(read), Some(url)) = (&read_pool, &args.database.database_read_url) {
+                preflight(read, url).await;
+            }
             let counters = Arc::new(worker::Counters::default());
             let mut registry = metrics::registry();
             counters.register(&mut registry, &apns);
             let ready = counters.ready_check(pool.clone());
             observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
+            let pools = worker::Pools {
+                lookups: read_pool.unwrap_or_else(|| pool.clone()),
+                primary: pool,
+            };
             worker::run(
                 settings,
                 &args.broker.amqp_url,
-                pool,
+                pools,
                 apns,
                 counters,
                 cancel,

@@ -163,8 +163,36 @@ pub async fn observe(
 ) -> std::io::Result<SocketAddr> {
     let depth = QueueDepth::default();
     depth.register(&mut registry);
+    registry.register_collector(Box::new(BrokerNodes));
     depth.spawn(amqp_url.to_owned(), names, poll_every, cancel.clone());
     serve(addr, registry, ready, cancel.clone()).await
+}
+
+/// `ringpush_broker_node_info{connection, node} 1`: the broker node (`host:port`) each of
+/// the process's connections went to last — on a cluster, which node it is on.
+#[derive(Debug)]
+struct BrokerNodes;
+
+impl prometheus_client::collector::Collector for BrokerNodes {
+    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        let family: Family<QueueLabels, Gauge<i64, AtomicI64>> = Family::default();
+        for (connection, node) in broker::connected_nodes() {
+            family
+                .get_or_create(&vec![
+                    ("connection".to_owned(), connection),
+                    ("node".to_owned(), node),
+                ])
+                .set(1);
+        }
+        let m = e.encode_descriptor(
+            "broker_node_info",
+            "The broker node (host:port) each of the process's connections is on",
+            None,
+            family.metric_type(),
+        )?;
+        family.encode(m)
+    }
 }
 
 /// Encoding what is only known at scrape time (a worker's connection and pause gauges);

@@ -293,13 +293,20 @@ pub fn mqtt_target(
     })
 }
 
-/// The AMQP URL with `password` in place of its own (a gateway's password file).
+/// The AMQP URL with `password` in place of its own (a gateway's password file) — every
+/// node's, when it names a cluster's nodes.
 pub fn with_password(amqp_url: &str, password: &str) -> anyhow::Result<String> {
-    let mut url =
-        url::Url::parse(amqp_url).map_err(|e| anyhow::anyhow!("RINGPUSH_AMQP_URL: {e}"))?;
-    url.set_password(Some(password))
-        .map_err(|_| anyhow::anyhow!("RINGPUSH_AMQP_URL: cannot carry a password"))?;
-    Ok(url.to_string())
+    let nodes: anyhow::Result<Vec<String>> = crate::broker::nodes(amqp_url)
+        .into_iter()
+        .map(|node| {
+            let mut url =
+                url::Url::parse(node).map_err(|e| anyhow::anyhow!("RINGPUSH_AMQP_URL: {e}"))?;
+            url.set_password(Some(password))
+                .map_err(|_| anyhow::anyhow!("RINGPUSH_AMQP_URL: cannot carry a password"))?;
+            Ok(url.to_string())
+        })
+        .collect();
+    Ok(nodes?.join(","))
 }
 
 /// `ringpush ring`: publishes rings as a gateway would, confirmed (MQTT: PUBACKed), at a
@@ -498,6 +505,11 @@ mod tests {
         assert_eq!(
             with_password("amqp://gw-a@h:5672/%2f", "p@ss").unwrap(),
             "amqp://gw-a:p%40ss@h:5672/%2f"
+        );
+        // A cluster's nodes: every one gets the password.
+        assert_eq!(
+            with_password("amqp://gw-a@h1:5672/%2f,amqp://gw-a:old@h2:5673/%2f", "p").unwrap(),
+            "amqp://gw-a:p@h1:5672/%2f,amqp://gw-a:p@h2:5673/%2f"
         );
     }
 

@@ -124,10 +124,30 @@ impl Settings {
     }
 }
 
+/// The worker's databases: the primary (the ledger is written there) and where the token
+/// lookups go (a standby, with `RINGPUSH_DATABASE_READ_URL`; else the primary too).
+#[derive(Clone)]
+pub struct Pools {
+    pub primary: Pool,
+    pub lookups: Pool,
+}
+
+impl From<Pool> for Pools {
+    fn from(pool: Pool) -> Self {
+        Self {
+            primary: pool.clone(),
+            lookups: pool,
+        }
+    }
+}
+
 /// What lives as long as the worker: everything but the broker session.
 struct Shared {
     settings: Settings,
+    /// Where the lookups go (and their probe).
     pool: Pool,
+    /// The primary: the ledger.
+    primary: Pool,
     /// The token lookups of concurrent batches, grouped.
     lookups: Arc<db::Lookups>,
     /// Which tokens took which ring (written grouped, read for rings seen before).
@@ -160,16 +180,18 @@ impl std::ops::Deref for Context {
 pub async fn run(
     settings: Settings,
     amqp_url: &str,
-    pool: Pool,
+    pools: impl Into<Pools>,
     apns: impl Into<Apns>,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Pools { primary, lookups } = pools.into();
     let shared = Arc::new(Shared {
         settings,
-        lookups: db::Lookups::new(pool.clone()),
-        ledger: db::Ledger::new(pool.clone()),
-        pool,
+        lookups: db::Lookups::new(lookups.clone()),
+        ledger: db::Ledger::new(primary.clone()),
+        pool: lookups,
+        primary,
         providers: Providers { apns: apns.into() },
         counters,
         pause: Pause::new(),

@@ -133,6 +133,10 @@ pub struct DatabaseArgs {
     /// How long to wait for a connection from the pool, or a new one.
     #[arg(long, env = "RINGPUSH_DATABASE_TIMEOUT", default_value = "5s", value_parser = duration("RINGPUSH_DATABASE_TIMEOUT"))]
     pub database_timeout: Duration,
+    /// Where the worker's token lookups go (a standby), in the same forms; unset: the
+    /// database URL. Ledger writes and purges always go to RINGPUSH_DATABASE_URL.
+    #[arg(long, env = "RINGPUSH_DATABASE_READ_URL", hide_env_values = true)]
+    pub database_read_url: Option<String>,
 }
 
 impl DatabaseArgs {
@@ -144,6 +148,16 @@ impl DatabaseArgs {
             self.database_timeout,
         )
         .map_err(|e| config_error("RINGPUSH_DATABASE_URL", e))
+    }
+
+    /// The pool the worker's lookups use: on `RINGPUSH_DATABASE_READ_URL` when it is set.
+    pub fn read_pool(&self) -> Result<Option<deadpool_postgres::Pool>, ConfigError> {
+        let Some(url) = &self.database_read_url else {
+            return Ok(None);
+        };
+        crate::db::pool(url, self.database_pool_size, self.database_timeout)
+            .map(Some)
+            .map_err(|e| config_error("RINGPUSH_DATABASE_READ_URL", e))
     }
 }
 

@@ -35,16 +35,25 @@ pub fn target(url: &str) -> String {
     format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""))
 }
 
-/// Opens a pool with every timeout set (deadpool's defaults wait forever).
+/// What a pooled connection runs before it is used again when the URL asks for a primary
+/// (`target_session_attrs=read-write`): after a failover, a connection to a server that is
+/// now a standby fails this and is replaced — through the URL's hosts, by one to the new
+/// primary — instead of failing every write.
+const STILL_PRIMARY: &str = "DO $$ BEGIN IF pg_is_in_recovery() THEN \
+    RAISE EXCEPTION 'this server is a standby now (failover): reconnecting'; END IF; END $$";
+
+/// Opens a pool with every timeout set (deadpool's defaults wait forever). The URL may name
+/// several hosts (libpq's multi-host form: `host1:5432,host2:5432`, tried in order) with
+/// `target_session_attrs=read-write` (the primary) or `read-only` (a standby).
 pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbError> {
     let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Verified,
-        },
-    );
+    let recycling_method = match config.get_target_session_attrs() {
+        tokio_postgres::config::TargetSessionAttrs::ReadWrite => {
+            RecyclingMethod::Custom(STILL_PRIMARY.into())
+        }
+        _ => RecyclingMethod::Verified,
+    };
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method });
     Ok(Pool::builder(manager)
         .max_size(max_size)
         .runtime(Runtime::Tokio1)

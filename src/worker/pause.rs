@@ -106,7 +106,7 @@ pub(super) async fn probe_database(shared: &Shared) -> Result<(), String> {
         .await
         .map_err(|e| format!("the token lookup failed: {e}"))?;
     if shared.settings.ledger {
-        db::Ledger::probe(&shared.pool)
+        db::Ledger::probe(&shared.primary)
             .await
             .map_err(|e| format!("the delivery ledger could not be written: {e}"))?;
     }

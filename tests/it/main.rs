@@ -14,6 +14,7 @@ mod gateways;
 mod holding;
 mod metrics;
 mod migrate;
+mod nodes;
 mod once;
 mod proxy;
 mod purge;
