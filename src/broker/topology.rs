@@ -16,7 +16,7 @@ use super::BrokerError;
 /// Deliveries of one ring before RabbitMQ dead-letters it: a backstop against a message
 /// that kills the worker every time.
 pub const DELIVERY_LIMIT: i64 = 20;
-/// The retry tiers: a ring's n-th retry waits in tier min(n, last) (a classic queue without
+/// The retry tiers: a ring's n-th retry waits in tier min(n, last) (a quorum queue without
 /// consumers, one TTL each) before it is dead-lettered back to the rings exchange.
 pub const RETRY_DELAYS: [Duration; 5] = [
     Duration::from_secs(1),
@@ -40,7 +40,9 @@ pub struct Names {
     pub prefix: String,
     /// Topic exchange gateways publish to, and the quorum work queue bound to it.
     pub rings: String,
-    /// The retry tiers, one per delay of [`RETRY_DELAYS`]: `<prefix>.rings.retry.<n>s`.
+    /// The retry tiers, one per delay of [`RETRY_DELAYS`]: `<prefix>.rings.retry.quorum.<n>s`
+    /// (quorum queues; the classic `<prefix>.rings.retry.<n>s` of earlier releases are no
+    /// longer published to: they drain into the rings exchange and can be deleted).
     pub retry: Vec<String>,
     pub dead: String,
     pub feedback: String,
@@ -60,7 +62,7 @@ impl Names {
             rings: format!("{prefix}.rings"),
             retry: RETRY_DELAYS
                 .iter()
-                .map(|d| format!("{prefix}.rings.retry.{}s", d.as_secs()))
+                .map(|d| format!("{prefix}.rings.retry.quorum.{}s", d.as_secs()))
                 .collect(),
             dead: format!("{prefix}.rings.dead"),
             feedback: format!("{prefix}.feedback"),
@@ -144,8 +146,15 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError
                 ("x-dead-letter-routing-key", string(&names.dead)),
             ])
         } else if let Some(tier) = names.retry.iter().position(|r| r == queue) {
-            // A classic queue without consumers: messages wait out the TTL, then return.
+            // A quorum queue without consumers: messages wait out the TTL, then return —
+            // replicated like every queue that holds a ring (a classic queue lives on the node
+            // that declared it: when that node dies, re-declaring it elsewhere fails, and with
+            // it every process's start). Dead-lettered at least once: a message leaves the
+            // tier only when the rings exchange has taken it.
             table(&[
+                quorum(),
+                ("x-dead-letter-strategy", string("at-least-once")),
+                ("x-overflow", string("reject-publish")),
                 (
                     "x-message-ttl",
                     AMQPValue::LongLongInt(RETRY_DELAYS[tier].as_millis() as i64),
