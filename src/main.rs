@@ -168,7 +168,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         Command::Seed(args) => {
             let pool = args.database.pool()?;
-            let report = ops::seed(&pool, &args.gateway_id, args.phones, &args.topic).await?;
+            let report = ops::seed(&pool, &args.gateway_id, args.phones()?, &args.topic).await?;
             print!("{report}");
             Ok(())
         }

@@ -18,4 +18,5 @@ mod proxy;
 mod purge;
 mod readme;
 mod recovery;
+mod schema_v2;
 mod support;

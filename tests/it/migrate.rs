@@ -14,7 +14,8 @@ async fn migrate_twice_is_a_no_op() {
             "V1__create_users",
             "V2__create_gateways",
             "V3__create_gateway_shares",
-            "V4__create_push_tokens"
+            "V4__create_push_tokens",
+            "V6__push_tokens_platform_kind"
         ]
     );
     let second = ringpush::db::migrate(&db.url).await.unwrap();
