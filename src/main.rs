@@ -60,19 +60,19 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         Command::Worker(args) => {
             let settings = args.settings()?;
-            let apns = args.apns.client()?;
+            let providers = args.providers()?;
             let pool = args.database.pool()?;
             preflight(&pool, &args.database.database_url).await;
             let counters = Arc::new(worker::Counters::default());
             let mut registry = metrics::registry();
-            counters.register(&mut registry, &apns);
+            counters.register(&mut registry, &providers);
             let ready = counters.ready_check(pool.clone());
             observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
             worker::run(
                 settings,
                 &args.broker.amqp_url,
                 pool,
-                apns,
+                providers,
                 counters,
                 cancel,
             )

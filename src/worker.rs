@@ -55,7 +55,7 @@ use tracing::info;
 pub use counters::Counters;
 
 use crate::apns::request::AlertTemplate;
-use crate::apns::{Apns, Environment};
+use crate::apns::Environment;
 use crate::broker::{self, Acks, Names, Publisher};
 use crate::db;
 use crate::provider::Providers;
@@ -154,7 +154,7 @@ pub async fn run(
     settings: Settings,
     amqp_url: &str,
     pool: Pool,
-    apns: impl Into<Apns>,
+    providers: impl Into<Providers>,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -162,7 +162,7 @@ pub async fn run(
         settings,
         lookups: db::Lookups::new(pool.clone()),
         pool,
-        providers: Providers { apns: apns.into() },
+        providers: providers.into(),
         counters,
         pause: Pause::new(),
     });

@@ -331,6 +331,18 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_without_any_provider_is_refused_naming_the_variables() {
+        let err = worker(&[]).providers().err().unwrap().to_string();
+        for var in [
+            "RINGPUSH_APNS_KEY_FILE",
+            "RINGPUSH_APNS_CERT_FILE",
+            "RINGPUSH_FCM_CREDENTIALS_FILE",
+        ] {
+            assert!(err.contains(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
     fn missing_credentials_are_named_at_start() {
         let w = worker(&["--apns-key-id", "ABCDEFGHIJ"]);
         let err = w.apns.client().err().unwrap().to_string();

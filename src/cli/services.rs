@@ -55,6 +55,19 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
+    /// The providers the worker pushes through, each checked; at least one must be
+    /// configured.
+    pub fn providers(&self) -> Result<crate::provider::Providers, ConfigError> {
+        let apns = self.apns.client_if_configured()?;
+        if apns.is_none() {
+            return Err(config_error(
+                "RINGPUSH_APNS_KEY_FILE",
+                "no push provider is configured: set APNs token auth (RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID, RINGPUSH_APNS_TEAM_ID) or certificate auth (RINGPUSH_APNS_CERT_FILE), or FCM (RINGPUSH_FCM_CREDENTIALS_FILE)",
+            ));
+        }
+        Ok(crate::provider::Providers::new(apns))
+    }
+
     pub fn settings(&self) -> Result<worker::Settings, ConfigError> {
         for (var, text) in [
             ("RINGPUSH_ALERT_TITLE", &self.alert_title),

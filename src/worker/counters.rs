@@ -13,8 +13,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::apns::Apns;
 use crate::metrics::{self, encode, ReadyCheck};
+use crate::provider::Providers;
 
 use metrics::{labelled as child, Family1};
 
@@ -45,6 +45,10 @@ pub struct Counters {
     pub notifications_accepted: Counter,
     pub notifications_rejected: Counter,
     pub notifications_failed: Counter,
+    /// Tokens of a platform no provider is configured for: not sent, not retried.
+    pub notifications_unconfigured: Counter,
+    /// Call-style rings to APNs tokens over the legacy binary interface: not sent.
+    pub notifications_unsupported: Counter,
     /// Feedback events published for tokens APNs says are dead.
     pub feedback_events: Counter,
     /// Times consumption paused because APNs or the database was unreachable.
@@ -95,6 +99,8 @@ impl Default for Counters {
             notifications_accepted: notification("accepted"),
             notifications_rejected: notification("rejected"),
             notifications_failed: notification("failed"),
+            notifications_unconfigured: notification("unconfigured"),
+            notifications_unsupported: notification("unsupported"),
             rings,
             notifications,
             rejected,
@@ -139,6 +145,14 @@ impl Counters {
         child(&self.rejected, "reason", reason).get()
     }
 
+    /// Counts a token that was skipped (no provider for it).
+    pub(super) fn count_skipped(&self, skip: crate::provider::Skip) {
+        match skip {
+            crate::provider::Skip::Unconfigured(_) => self.notifications_unconfigured.inc(),
+            crate::provider::Skip::Unsupported => self.notifications_unsupported.inc(),
+        };
+    }
+
     /// Counts a rejection under its reason (a read lock on the family, on the rejection path
     /// only: an accepted notification takes none).
     pub(super) fn count_rejected(&self, reason: &str) {
@@ -147,7 +161,7 @@ impl Counters {
 
     /// Registers the worker's metrics: the counter families, the two latency histograms,
     /// and the gauges read at scrape time.
-    pub fn register(self: &Arc<Self>, registry: &mut Registry, apns: &Apns) {
+    pub fn register(self: &Arc<Self>, registry: &mut Registry, providers: &Providers) {
         registry.register(
             "rings",
             "Rings by what became of them (consumed counts every delivery)",
@@ -155,7 +169,7 @@ impl Counters {
         );
         registry.register(
             "notifications",
-            "Notifications by outcome: accepted by APNs, rejected for good, or failed for now",
+            "Notifications by outcome: accepted by the provider, rejected for good, failed for now, or skipped (unconfigured: no provider for the token's platform; unsupported: a call over APNs's binary interface)",
             self.notifications.clone(),
         );
         registry.register(
@@ -195,7 +209,7 @@ impl Counters {
         );
         registry.register_collector(Box::new(Scrape {
             counters: self.clone(),
-            apns: apns.clone(),
+            providers: providers.clone(),
         }));
     }
 
@@ -215,11 +229,11 @@ impl Counters {
 }
 
 /// What is only known at scrape time: whether the worker consumes or is paused, and its
-/// APNs client's connections.
+/// providers' connections.
 #[derive(Debug)]
 struct Scrape {
     counters: Arc<Counters>,
-    apns: Apns,
+    providers: Providers,
 }
 
 impl Collector for Scrape {
@@ -242,13 +256,16 @@ impl Collector for Scrape {
             &mut e,
             "apns_connections",
             "Open HTTP/2 connections to APNs.",
-            self.apns.connections_open(),
+            self.providers
+                .apns
+                .as_ref()
+                .map_or(0, |a| a.connections_open()),
         )?;
         encode::gauge(
             &mut e,
             "apns_streams_in_flight",
             "APNs requests awaiting their answer.",
-            self.apns.in_flight(),
+            self.providers.apns.as_ref().map_or(0, |a| a.in_flight()),
         )
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::{DeviceToken, Environment, Invalidation};
 use crate::provider::Answer;
+use crate::token::Platform;
 
 /// Whom an answer is about: the token, and what a feedback event about it names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,6 +264,7 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
     let mut pending = Vec::new();
     let mut unreachable: Vec<Environment> = Vec::new();
     let mut only_unreachable = true;
+    let mut holdable = true;
     let mut error = String::new();
     let total = answers.len();
     for (target, answer) in answers {
@@ -283,17 +285,22 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
                     observed_at,
                 });
             }
-            Answer::Rejected { .. } => rejected += 1,
+            // No provider for it (or none that carries its kind): settled like a rejection.
+            Answer::Rejected { .. } | Answer::Skipped(_) => rejected += 1,
             Answer::Retry { error: e, .. } => {
                 pending.push(target.token);
                 only_unreachable = false;
                 error = e;
             }
             Answer::Unreachable { error: e } => {
-                pending.push(target.token);
-                if !unreachable.contains(&target.environment) {
+                // Only APNs holds a ring: an FCM token waits on the retry path (no attempt
+                // spent), so a down FCM never pauses the consumption iPhones need.
+                if target.token.platform() == Platform::Fcm {
+                    holdable = false;
+                } else if !unreachable.contains(&target.environment) {
                     unreachable.push(target.environment);
                 }
+                pending.push(target.token);
                 error = e;
             }
         }
@@ -304,7 +311,7 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
             feedback,
         };
     }
-    if only_unreachable && pending.len() == total {
+    if only_unreachable && holdable && pending.len() == total {
         return Disposition::Hold {
             environments: unreachable,
             error,

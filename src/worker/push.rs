@@ -17,9 +17,8 @@ use super::pause::{pause, Paused};
 use super::read::Incoming;
 use super::settle::settle;
 use super::{Context, Counters};
-use crate::apns::request::{build_payload, Notification};
 use crate::db::Gateway;
-use crate::provider::Answer;
+use crate::provider::{Answer, Messages};
 
 /// Pushes one ring and settles it; holds it while its provider cannot be reached at all.
 pub(super) async fn push_holding(
@@ -85,7 +84,15 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
     let (Disposition::Continue, Some(gateway)) = (&looked_up, gateway) else {
         return looked_up;
     };
-    let payload = match build_payload(ring, &gateway.name, &ctx.settings.alert) {
+    let messages = Messages {
+        alert: &ctx.settings.alert,
+        default_topic: ctx.settings.default_topic.as_deref(),
+        ring_ttl: ctx.settings.ring_ttl,
+    };
+    let prepared = match ctx
+        .providers
+        .prepare(ring, &gateway.name, &recipients, &messages)
+    {
         Ok(p) => p,
         Err(e) => {
             return decide(Step::Unpushable {
@@ -93,36 +100,20 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
             })
         }
     };
-    let expiration = ring.expires_at(ctx.settings.ring_ttl);
     // Collected first: a stream over a lazy `map` of borrowing closures trips the compiler's
     // `Send` check for higher-ranked lifetimes.
     let sends: Vec<_> = recipients
         .iter()
         .map(|r| {
-            let payload = payload.clone();
+            let prepared = &prepared;
             async move {
-                let topic = r.topic.clone().or_else(|| ctx.settings.default_topic.clone());
                 let target = Target {
                     token: r.token.clone(),
                     environment: r.environment,
-                    topic: topic.clone(),
-                };
-                let Some(topic) = topic else {
-                    warn!(gateway = incoming.gateway(), event = incoming.event(), token = %r.token, "token has no topic and RINGPUSH_APNS_TOPIC is not set");
-                    let reason = crate::apns::Reason::MissingTopic.to_string();
-                    let answer = Answer::Rejected { reason, ours: true };
-                    observe(ctx, incoming, &answer, Instant::now());
-                    return (target, answer);
-                };
-                let n = Notification {
-                    token: r.token.clone(),
-                    topic,
-                    collapse_id: ring.event_id.clone(),
-                    expiration,
-                    payload,
+                    topic: prepared.topic(r),
                 };
                 let sent = Instant::now();
-                let answer = ctx.providers.send(r.environment, &n).await;
+                let answer = ctx.providers.send(prepared, r).await;
                 observe(ctx, incoming, &answer, sent);
                 log_rejection(incoming, &r.token, &answer);
                 (target, answer)
@@ -184,6 +175,7 @@ fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer, sent: Instant) {
             Counters::add(&c.notifications_rejected, 1);
             c.count_rejected(reason);
         }
+        Answer::Skipped(skip) => c.count_skipped(*skip),
         Answer::Retry { .. } | Answer::Unreachable { .. } => {
             Counters::add(&c.notifications_failed, 1)
         }

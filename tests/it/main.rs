@@ -7,6 +7,7 @@ mod apns;
 mod architecture;
 mod binary;
 mod building;
+mod calls;
 mod delivery;
 mod deploy;
 mod faults;

@@ -313,7 +313,7 @@ impl App {
             false => None,
             true => {
                 let mut registry = ringpush::metrics::registry();
-                counters.register(&mut registry, &worker_apns);
+                counters.register(&mut registry, &worker_apns.clone().into());
                 let ready = counters.ready_check(worker_pool.clone());
                 let addr = ringpush::metrics::observe(
                     "127.0.0.1:0".parse().unwrap(),
