@@ -33,6 +33,7 @@ pub mod demo;
 pub mod feedback;
 pub mod gateway;
 pub mod http;
+pub mod http2;
 pub mod local;
 pub mod metrics;
 pub mod mock;

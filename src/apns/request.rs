@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use http::header::{HeaderName, CONTENT_TYPE};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Uri};
 
 use crate::token::DeviceToken;
@@ -176,49 +176,7 @@ pub struct Notification {
 }
 
 /// Where requests go: scheme and authority of an APNs base URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// `https://host:port`, the prefix of every request URI.
-    pub base: String,
-    pub host: String,
-    pub port: u16,
-    /// `host:port`, parsed once: every request's URI is built from it.
-    pub authority: Authority,
-}
-
-impl Endpoint {
-    /// Parses `https://host[:port]`; the port defaults to 443.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(format!(
-                "{url:?} must start with https:// (APNs is TLS only)"
-            ));
-        }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{url:?} has no host"))?;
-        if !matches!(uri.path(), "" | "/") {
-            return Err(format!("{url:?} must have no path"));
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(443);
-        let with_port = format!("{}:{port}", authority.host());
-        Ok(Self {
-            base: format!("https://{with_port}"),
-            host: host.to_owned(),
-            port,
-            authority: with_port
-                .parse()
-                .map_err(|e| format!("{url:?} has no valid authority: {e}"))?,
-        })
-    }
-}
+pub use crate::http2::Endpoint;
 
 const PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
 const PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
