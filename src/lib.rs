@@ -30,6 +30,7 @@ pub mod broker;
 pub mod cli;
 pub mod db;
 pub mod demo;
+pub mod fcm;
 pub mod feedback;
 pub mod gateway;
 pub mod http;

@@ -8,6 +8,7 @@
 //! the ring is decided in `worker::decide` from these answers alone.
 
 mod apns_answer;
+mod fcm_answer;
 mod prepare;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,7 @@ use tracing::warn;
 use crate::apns::request::{Notification, PushType};
 use crate::apns::{self, Apns, Environment};
 use crate::db::Recipient;
+use crate::fcm;
 use crate::token::{Kind, Platform};
 
 pub use prepare::{Messages, PrepareError, Prepared};
@@ -87,15 +89,18 @@ impl Answer {
 pub struct Providers {
     /// iPhones: APNs over HTTP/2 or the legacy binary interface; `None`: not configured.
     pub apns: Option<Apns>,
+    /// Android phones: FCM HTTP v1; `None`: not configured.
+    pub fcm: Option<fcm::Client>,
     /// When a skipped token was last warned about, per reason (seconds since the epoch): at
     /// most one warning a minute each.
     warned: Arc<[AtomicU64; 3]>,
 }
 
 impl Providers {
-    pub fn new(apns: Option<Apns>) -> Self {
+    pub fn new(apns: Option<Apns>, fcm: Option<fcm::Client>) -> Self {
         Self {
             apns,
+            fcm,
             warned: Arc::default(),
         }
     }
@@ -109,15 +114,23 @@ impl Providers {
         recipients: &[&Recipient],
         messages: &prepare::Messages<'_>,
     ) -> Result<Prepared, PrepareError> {
-        Prepared::new(ring, gateway_name, recipients, messages)
+        let channel = self.fcm.as_ref().map(|f| f.channel());
+        Prepared::new(ring, gateway_name, recipients, messages, channel)
     }
 
     /// Sends the ring to one token through its platform's provider and says what it means.
     pub async fn send(&self, ring: &Prepared, r: &Recipient) -> Answer {
         match r.token.platform() {
             Platform::Apns => self.send_apns(ring, r).await,
-            Platform::Fcm => self.skipped(Skip::Unconfigured(Platform::Fcm)),
+            Platform::Fcm => self.send_fcm(ring, r).await,
         }
+    }
+
+    async fn send_fcm(&self, ring: &Prepared, r: &Recipient) -> Answer {
+        let (Some(fcm), Some(message)) = (&self.fcm, ring.fcm_message(r.kind)) else {
+            return self.skipped(Skip::Unconfigured(Platform::Fcm));
+        };
+        fcm_answer::answer_of(fcm.send(message, &r.token, ring.expiration()).await)
     }
 
     async fn send_apns(&self, ring: &Prepared, r: &Recipient) -> Answer {
@@ -171,6 +184,11 @@ impl Providers {
         Answer::Skipped(skip)
     }
 
+    /// Whether FCM is up as far as this worker knows (`None`: not configured).
+    pub fn fcm_up(&self) -> Option<bool> {
+        self.fcm.as_ref().map(fcm::Client::up)
+    }
+
     /// Whether `environment`'s APNs endpoint can be reached now (a connection that completes
     /// its handshake): what a paused worker probes.
     pub async fn probe(&self, environment: Environment) -> Result<(), String> {
@@ -183,7 +201,7 @@ impl Providers {
 
 impl From<Apns> for Providers {
     fn from(apns: Apns) -> Self {
-        Providers::new(Some(apns))
+        Providers::new(Some(apns), None)
     }
 }
 
@@ -233,7 +251,7 @@ mod tests {
             default_topic: None,
             ring_ttl: std::time::Duration::from_secs(60),
         };
-        let providers = Providers::new(None);
+        let providers = Providers::new(None, None);
         let prepared = providers
             .prepare(&ring(), "Door", &[&apns_alert, &fcm_call], &messages)
             .unwrap();
@@ -281,7 +299,7 @@ mod tests {
             ),
         ];
         let all: Vec<&Recipient> = cases.iter().map(|(r, _)| r).collect();
-        let prepared = Prepared::new(&ring(), "Door", &all, &messages).unwrap();
+        let prepared = Prepared::new(&ring(), "Door", &all, &messages, Some("doorbell")).unwrap();
         for (r, want) in &cases {
             assert_eq!(prepared.topic(r).as_deref(), *want, "{r:?}");
         }

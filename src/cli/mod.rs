@@ -8,12 +8,14 @@
 //!
 //! - this file: the commands, the flag groups they share, the demo's and the bench's flags;
 //! - `apns`: protocol, endpoints, credentials, timeouts → the APNs client;
+//! - `fcm`: the service account, the API base, CA and channel → the FCM client;
 //! - `services`: `worker`, `feedback`, `purge`;
 //! - `mock`: `mock-apns`;
 //! - `ops`: the commands a person types — `ring`, `gateway …`, `queues`, `who`, `seed`;
 //! - `values`: value parsers whose errors name the variable, and the defaults.
 
 mod apns;
+mod fcm;
 mod mock;
 mod ops;
 mod services;
@@ -25,6 +27,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use self::apns::{ApnsArgs, ApnsTlsArgs, Secret};
+pub use self::fcm::FcmArgs;
 pub use self::mock::MockArgs;
 pub use self::ops::{
     GatewayAddArgs, GatewayCommand, GatewayIdArgs, GatewayPasswordArgs, ManagementArgs, QueuesArgs,
@@ -340,6 +343,38 @@ mod tests {
         ] {
             assert!(err.contains(var), "{var}: {err}");
         }
+    }
+
+    #[test]
+    fn a_service_account_that_cannot_be_used_stops_the_worker_naming_the_variable() {
+        let dir =
+            std::env::temp_dir().join(format!("ringpush-cli-{}", crate::token::random_hex(4)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain_http = dir.join("http.json");
+        let json =
+            crate::fcm::credentials::generate("p", "a@p.iam", "http://127.0.0.1/token").unwrap();
+        std::fs::write(&plain_http, json).unwrap();
+        let cases = [
+            (dir.join("missing.json"), "missing.json"),
+            (plain_http, "is not an https:// URL"),
+        ];
+        for (path, why) in cases {
+            let w = worker(&["--fcm-credentials-file", path.to_str().unwrap()]);
+            let err = w.providers().err().unwrap().to_string();
+            assert!(
+                err.starts_with("RINGPUSH_FCM_CREDENTIALS_FILE") && err.contains(why),
+                "{err}"
+            );
+            assert!(!err.contains("PRIVATE KEY"), "the key never shows: {err}");
+        }
+        let good = dir.join("good.json");
+        let json =
+            crate::fcm::credentials::generate("p", "a@p.iam", "https://127.0.0.1/token").unwrap();
+        std::fs::write(&good, json).unwrap();
+        let w = worker(&["--fcm-credentials-file", good.to_str().unwrap()]);
+        let providers = w.providers().expect("FCM alone is a provider");
+        assert!(providers.apns.is_none() && providers.fcm.is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! A ring prepared for its tokens: each payload it needs — APNs alert, APNs call (VoIP) —
-//! built once per ring and kind and shared by every token of that kind, with what every
-//! request of the ring carries (collapse id, expiration).
+//! A ring prepared for its tokens: each payload it needs — APNs alert, APNs call (VoIP),
+//! FCM alert, FCM call (templates with the token and ttl left open) — built once per ring
+//! and kind and shared by every token of that kind, with what every request of the ring
+//! carries (collapse id, expiration).
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use time::OffsetDateTime;
 
 use crate::apns::request::{build_call_payload, build_payload, voip_topic, AlertTemplate};
 use crate::db::Recipient;
+use crate::fcm::message::{Style, Template};
 use crate::token::{Kind, Platform};
 use crate::wire::ring::RingEvent;
 
@@ -36,6 +38,8 @@ pub struct Prepared {
     default_topic: Option<String>,
     apns_alert: Option<Bytes>,
     apns_call: Option<Bytes>,
+    fcm_alert: Option<Template>,
+    fcm_call: Option<Template>,
 }
 
 impl Prepared {
@@ -44,6 +48,7 @@ impl Prepared {
         gateway_name: &str,
         recipients: &[&Recipient],
         messages: &Messages<'_>,
+        fcm_channel: Option<&str>,
     ) -> Result<Self, PrepareError> {
         let wants = |platform: Platform, kind: Kind| {
             recipients
@@ -58,7 +63,20 @@ impl Prepared {
             true => Some(build_call_payload(ring, gateway_name)?),
             false => None,
         };
+        // FCM's templates only when FCM is configured (else its tokens are skipped).
+        let fcm = |kind| {
+            let channel = fcm_channel?;
+            wants(Platform::Fcm, kind).then(|| {
+                let style = Style {
+                    alert: messages.alert,
+                    channel,
+                };
+                Template::new(ring, gateway_name, kind, &style)
+            })
+        };
         Ok(Self {
+            fcm_alert: fcm(Kind::Alert),
+            fcm_call: fcm(Kind::Call),
             event_id: ring.event_id.clone(),
             expiration: ring.expires_at(messages.ring_ttl),
             default_topic: messages.default_topic.map(str::to_owned),
@@ -94,6 +112,14 @@ impl Prepared {
             Kind::Alert => topic.to_owned(),
             Kind::Call => voip_topic(topic),
         })
+    }
+
+    /// The FCM message of `kind`, when FCM is configured.
+    pub(super) fn fcm_message(&self, kind: Kind) -> Option<&Template> {
+        match kind {
+            Kind::Alert => self.fcm_alert.as_ref(),
+            Kind::Call => self.fcm_call.as_ref(),
+        }
     }
 
     /// The APNs payload of `kind` (prepared for every kind among the ring's APNs tokens).
