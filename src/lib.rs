@@ -38,6 +38,7 @@ pub mod http2;
 pub mod local;
 pub mod metrics;
 pub mod mock;
+pub mod mock_fcm;
 pub mod ops;
 pub mod provider;
 pub mod purge;

@@ -120,6 +120,10 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
                 .collect();
             mock::run(settings, scripts, cancel).await
         }
+        Command::MockFcm(args) => {
+            let (settings, credentials) = args.settings()?;
+            ringpush::mock_fcm::run(settings, credentials, cancel).await
+        }
         Command::Demo(args) => {
             let report = demo::run(&args.settings(), cancel).await?;
             print!("{report}");

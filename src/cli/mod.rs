@@ -10,13 +10,14 @@
 //! - `apns`: protocol, endpoints, credentials, timeouts → the APNs client;
 //! - `fcm`: the service account, the API base, CA and channel → the FCM client;
 //! - `services`: `worker`, `feedback`, `purge`;
-//! - `mock`: `mock-apns`;
+//! - `mock`: `mock-apns`; `mock_fcm`: `mock-fcm`;
 //! - `ops`: the commands a person types — `ring`, `gateway …`, `queues`, `who`, `seed`;
 //! - `values`: value parsers whose errors name the variable, and the defaults.
 
 mod apns;
 mod fcm;
 mod mock;
+mod mock_fcm;
 mod ops;
 mod services;
 mod values;
@@ -29,6 +30,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub use self::apns::{ApnsArgs, ApnsTlsArgs, Secret};
 pub use self::fcm::FcmArgs;
 pub use self::mock::MockArgs;
+pub use self::mock_fcm::MockFcmArgs;
 pub use self::ops::{
     GatewayAddArgs, GatewayCommand, GatewayIdArgs, GatewayPasswordArgs, ManagementArgs, QueuesArgs,
     RingArgs, SeedArgs, WhoArgs,
@@ -57,7 +59,7 @@ fn config_error(var: &'static str, reason: impl ToString) -> ConfigError {
 #[command(
     name = "ringpush",
     version,
-    about = "Gets a doorbell ring onto every phone that should hear it (APNs)"
+    about = "Gets a doorbell ring onto every phone that should hear it (APNs, FCM)"
 )]
 pub struct Cli {
     /// Log format: `text` for people, `json` for log pipelines.
@@ -79,7 +81,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Apply migrations/ to PostgreSQL (a second run is a no-op).
     Migrate(DatabaseArgs),
-    /// Consume rings, look up tokens, push to APNs.
+    /// Consume rings, look up tokens, push to APNs and FCM.
     Worker(Box<WorkerArgs>),
     /// Turn token rejections into purge requests (dropping repeats within a window).
     Feedback(FeedbackArgs),
@@ -87,6 +89,9 @@ pub enum Command {
     Purge(PurgeArgs),
     /// Run a local APNs stand-in (HTTP/2 over TLS with its own CA).
     MockApns(MockArgs),
+    /// Run a local FCM HTTP v1 stand-in with its OAuth 2.0 token endpoint (HTTP/2 over TLS
+    /// with its own CA).
+    MockFcm(MockFcmArgs),
     /// Run the whole pipeline on this machine and print what happened.
     Demo(DemoArgs),
     /// Publish rings as a gateway does: one, or N at a steady rate.

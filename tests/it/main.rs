@@ -11,6 +11,7 @@ mod calls;
 mod delivery;
 mod deploy;
 mod faults;
+mod fcm;
 mod gateways;
 mod holding;
 mod metrics;
