@@ -66,7 +66,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             let counters = Arc::new(worker::Counters::default());
             let mut registry = metrics::registry();
             counters.register(&mut registry, &providers);
-            let ready = counters.ready_check(pool.clone());
+            let ready = counters.ready_check(pool.clone(), &providers);
             observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
             worker::run(
                 settings,

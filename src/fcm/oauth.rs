@@ -90,6 +90,10 @@ pub struct Tokens {
     pub renewal_failures: AtomicU64,
     /// Whether the last exchange failed (readiness).
     failing: AtomicBool,
+    /// The last failed exchange, when, and how many failed in a row: until its backoff has
+    /// passed, requests get its error at once instead of an exchange each (a token endpoint
+    /// that refuses the credentials is not hammered by every Android token of every ring).
+    failed: std::sync::Mutex<Option<(Instant, TokenError, u32)>>,
     /// Whether the renewing task runs.
     started: AtomicBool,
 }
@@ -148,6 +152,7 @@ impl Tokens {
             renewals: AtomicU64::new(0),
             renewal_failures: AtomicU64::new(0),
             failing: AtomicBool::new(false),
+            failed: std::sync::Mutex::new(None),
             started: AtomicBool::new(false),
         })
     }
@@ -170,16 +175,46 @@ impl Tokens {
     /// A new token instead of `stale` (the generation a 401 met); when another request
     /// already replaced it, that replacement — one exchange for all the requests that met it.
     pub async fn renew(&self, stale: Option<u64>) -> Result<Arc<AccessToken>, TokenError> {
+        self.renew_inner(stale, false).await
+    }
+
+    /// [`Tokens::renew`]; `force`: exchange even within the backoff after a failure (the
+    /// renewing task, which waits that backoff itself).
+    async fn renew_inner(
+        &self,
+        stale: Option<u64>,
+        force: bool,
+    ) -> Result<Arc<AccessToken>, TokenError> {
         let _flight = self.exchanging.lock().await;
         if let Some(token) = self.usable() {
             if stale.is_none_or(|g| token.generation != g) {
                 return Ok(token);
             }
         }
+        if let Some(g) = stale {
+            // FCM refused this token: it is not offered again.
+            let mut current = self.current.write().unwrap();
+            if current.as_ref().is_some_and(|t| t.generation == g) {
+                *current = None;
+            }
+        }
+        if !force {
+            if let Some((at, error, failures)) = &*self.failed.lock().unwrap() {
+                let wait = crate::backoff::jittered(
+                    Duration::from_secs(1),
+                    Duration::from_secs(30),
+                    *failures,
+                );
+                if at.elapsed() < wait {
+                    return Err(error.clone());
+                }
+            }
+        }
         match self.exchange().await {
             Ok(token) => {
                 let token = Arc::new(token);
                 *self.current.write().unwrap() = Some(token.clone());
+                *self.failed.lock().unwrap() = None;
                 self.renewals.fetch_add(1, Ordering::Relaxed);
                 self.failing.store(false, Ordering::Relaxed);
                 Ok(token)
@@ -187,7 +222,10 @@ impl Tokens {
             Err(e) => {
                 self.renewal_failures.fetch_add(1, Ordering::Relaxed);
                 self.failing.store(true, Ordering::Relaxed);
-                warn!(error = %e, "cannot get an FCM access token");
+                let mut failed = self.failed.lock().unwrap();
+                let failures = failed.as_ref().map_or(0, |f| f.2) + 1;
+                *failed = Some((Instant::now(), e.clone(), failures));
+                warn!(error = %e, failures, "cannot get an FCM access token");
                 Err(e)
             }
         }
@@ -331,7 +369,7 @@ async fn keep_fresh(tokens: Weak<Tokens>) {
             .unwrap()
             .as_ref()
             .map(|t| t.generation);
-        failures = match tokens.renew(stale.or(Some(0))).await {
+        failures = match tokens.renew_inner(stale.or(Some(0)), true).await {
             Ok(_) => 0,
             Err(_) => failures + 1,
         };

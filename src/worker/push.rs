@@ -114,7 +114,10 @@ async fn push(ctx: &Context, incoming: &Incoming, gateway: Option<&Gateway>) -> 
                 };
                 let sent = Instant::now();
                 let answer = ctx.providers.send(prepared, r).await;
-                observe(ctx, incoming, &answer, sent);
+                observe(ctx, incoming, &answer);
+                let seconds = sent.elapsed().as_secs_f64();
+                ctx.counters
+                    .count_platform(r.token.platform(), &answer, seconds);
                 log_rejection(incoming, &r.token, &answer);
                 (target, answer)
             }
@@ -160,9 +163,9 @@ fn log_rejection(incoming: &Incoming, token: &crate::token::DeviceToken, answer:
     }
 }
 
-/// Counts one answer: notifications by outcome, rejections by reason, request latency (for
-/// every answer APNs gave), press-to-accepted.
-fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer, sent: Instant) {
+/// Counts one answer: notifications by outcome, rejections by reason, press-to-accepted
+/// (per platform, and request latency, in `Counters::count_platform`).
+fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer) {
     let c = &ctx.counters;
     match answer {
         Answer::Accepted => {
@@ -179,8 +182,5 @@ fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer, sent: Instant) {
         Answer::Retry { .. } | Answer::Unreachable { .. } => {
             Counters::add(&c.notifications_failed, 1)
         }
-    }
-    if answer.answered() {
-        c.apns_request_seconds.observe(sent.elapsed().as_secs_f64());
     }
 }

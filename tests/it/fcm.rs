@@ -311,3 +311,56 @@ async fn without_fcm_credentials_android_is_unconfigured_and_iphones_still_ring(
     nothing_waiting_or_dead(&app).await;
     app.stop_with_nothing_unacked().await;
 }
+
+#[tokio::test]
+async fn metrics_count_per_platform_and_readyz_says_when_fcm_refuses_the_credentials() {
+    let app = App::spawn_with(|o| {
+        o.fcm = Some(fcm_settings());
+        o.metrics = true;
+    })
+    .await;
+    let owner = app.add_user().await;
+    app.add_gateway("gw-ops", owner, "Door").await;
+    add_apns_token(&app, owner, "alert", Some(TOPIC)).await;
+    add_fcm_token(&app, owner, "alert").await;
+    app.publish(&App::ring("gw-ops", Duration::ZERO)).await;
+    app.wait_acked(1).await;
+    let (_, metrics) = app.scrape("/metrics").await;
+    for line in [
+        r#"ringpush_platform_notifications_total{platform="apns",outcome="accepted"} 1"#,
+        r#"ringpush_platform_notifications_total{platform="fcm",outcome="accepted"} 1"#,
+        r#"ringpush_provider_up{platform="fcm"} 1"#,
+        r#"ringpush_provider_up{platform="apns"} 1"#,
+        r#"ringpush_fcm_token_renewals_total{outcome="ok"} 1"#,
+        "ringpush_fcm_request_seconds_count 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in\n{metrics}"
+        );
+    }
+    let (status, _) = app.scrape("/readyz").await;
+    assert_eq!(status, 200);
+    // The project's key is revoked: the token endpoint refuses the worker's assertions.
+    let mock = app.fcm.as_ref().unwrap();
+    mock.new_account("another-project").unwrap();
+    mock.expire_access_tokens();
+    let ring = App::ring("gw-ops", Duration::ZERO);
+    app.publish(&ring).await;
+    app.wait_for("the iPhone rang again", || {
+        Counters::get(&app.counters.notifications_accepted) >= 3
+    })
+    .await;
+    let (status, body) = app.scrape("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("FCM"), "{body}");
+    let (_, metrics) = app.scrape("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"ringpush_provider_up{platform="fcm"} 0"#),
+        "{metrics}"
+    );
+    assert_eq!(Counters::get(&app.counters.rings_dead_lettered), 0);
+    app.stop().await;
+}

@@ -335,7 +335,7 @@ impl App {
                     worker_fcm.clone(),
                 );
                 counters.register(&mut registry, &providers);
-                let ready = counters.ready_check(worker_pool.clone());
+                let ready = counters.ready_check(worker_pool.clone(), &providers);
                 let addr = ringpush::metrics::observe(
                     "127.0.0.1:0".parse().unwrap(),
                     registry,
