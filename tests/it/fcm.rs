@@ -364,3 +364,44 @@ async fn metrics_count_per_platform_and_readyz_says_when_fcm_refuses_the_credent
     assert_eq!(Counters::get(&app.counters.rings_dead_lettered), 0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn goaway_resends_what_fcm_did_not_process_and_a_503_burst_is_retried() {
+    let app = with_fcm().await;
+    let owner = app.add_user().await;
+    app.add_gateway("gw-away", owner, "Door").await;
+    let mut tokens = Vec::new();
+    for _ in 0..6 {
+        tokens.push(add_fcm_token(&app, owner, "alert").await);
+    }
+    let mock = app.fcm.as_ref().unwrap();
+    mock.faults(|f| f.goaway_after = Some(2));
+    let first = App::ring("gw-away", Duration::ZERO);
+    app.publish(&first).await;
+    app.wait_acked(1).await;
+    assert!(mock.stats().goaways >= 1, "{:?}", mock.stats());
+    assert_eq!(
+        Counters::get(&app.counters.rings_retried),
+        0,
+        "streams sent away are resent at once, on a new connection"
+    );
+    mock.faults(|f| f.goaway_after = None);
+    // The next three sends answer 503 UNAVAILABLE: those tokens go to a retry tier.
+    mock.fail_next(3, 503, "UNAVAILABLE", None);
+    let second = App::ring("gw-away", Duration::ZERO);
+    app.publish(&second).await;
+    app.wait_for("the second ring delivered after its retry", || {
+        Counters::get(&app.counters.rings_delivered) == 2
+    })
+    .await;
+    assert!(Counters::get(&app.counters.rings_retried) >= 1);
+    let accepted = fcm_accepted(&app);
+    for ring in [&first, &second] {
+        for t in &tokens {
+            let n = accepted.get(&(ring.event_id.clone(), t.as_str().to_owned()));
+            assert_eq!(n, Some(&1), "{} to {t}: accepted once", ring.event_id);
+        }
+    }
+    nothing_waiting_or_dead(&app).await;
+    app.stop_with_nothing_unacked().await;
+}
