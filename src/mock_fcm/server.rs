@@ -1,6 +1,8 @@
 //! The server: TLS with the mock's CA, the accept loop, one HTTP/2 connection per client,
 //! and each stream routed to the token endpoint or `messages:send` and answered as FCM
-//! would (checked, scripted or faulted, counted, kept).
+//! would (checked, scripted or faulted, counted, kept). A client that negotiates HTTP/1.1
+//! (ALPN `http/1.1`, as many OAuth libraries do) reaches the token endpoint over HTTP/1.1;
+//! sends need HTTP/2.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +33,7 @@ impl MockFcm {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(certs.chain, certs.key)?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind(settings.listen).await?;
         let addr = listener.local_addr()?;
@@ -85,6 +87,9 @@ async fn serve_connection(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let tls = acceptor.accept(tcp).await?;
+    if tls.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
+        return serve_http1(tls, state).await;
+    }
     let mut h2 = h2::server::Builder::new()
         .max_concurrent_streams(state.settings.max_concurrent_streams)
         .handshake::<_, Bytes>(tls)
@@ -131,6 +136,43 @@ async fn serve_connection(
         }
     }
     std::future::poll_fn(|cx| h2.poll_closed(cx)).await?;
+    Ok(())
+}
+
+/// HTTP/1.1: the token endpoint only (what OAuth clients speaking HTTP/1.1 need).
+async fn serve_http1(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    state: Arc<State>,
+) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Full};
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        let state = state.clone();
+        async move {
+            let post_token =
+                request.method() == http::Method::POST && request.uri().path() == "/token";
+            let body = request.into_body().collect().await?.to_bytes();
+            let (status, _, body) = if post_token {
+                token(&state, &body)
+            } else {
+                error(
+                    404,
+                    "NOT_FOUND",
+                    None,
+                    "over HTTP/1.1 only POST /token is served; messages:send needs HTTP/2",
+                    false,
+                )
+            };
+            let response = Response::builder()
+                .status(status)
+                .header("content-type", "application/json; charset=UTF-8")
+                .body(Full::new(body))
+                .expect("a valid response");
+            Ok::<_, hyper::Error>(response)
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+        .await?;
     Ok(())
 }
 

@@ -405,3 +405,62 @@ async fn goaway_resends_what_fcm_did_not_process_and_a_503_burst_is_retried() {
     nothing_waiting_or_dead(&app).await;
     app.stop_with_nothing_unacked().await;
 }
+
+#[tokio::test]
+async fn the_mock_token_endpoint_answers_over_http1_as_real_oauth_clients_speak_it() {
+    use http_body_util::{BodyExt, Full};
+    let dir =
+        std::env::temp_dir().join(format!("ringpush-test-{}", ringpush::token::random_hex(6)));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mock = ringpush::mock_fcm::MockFcm::start(
+        ringpush::mock_fcm::Settings::local(dir.join("certs")),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let json = mock.new_account("p-http1").unwrap();
+    let account = ringpush::fcm::ServiceAccount::parse(json.as_bytes()).unwrap();
+    let tls = ringpush::apns::tls::client_config(Some(mock.ca_file()), None).unwrap();
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(mock.addr()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let post = |path: &str, body: String| {
+        hyper::Request::post(path)
+            .header("host", "localhost")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    };
+    let form = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
+        .append_pair("assertion", &account.assertion())
+        .finish();
+    let response = sender.send_request(post("/token", form)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        v["access_token"].as_str().is_some_and(|t| !t.is_empty()),
+        "{v}"
+    );
+    assert_eq!(v["token_type"], "Bearer");
+    let refused = sender
+        .send_request(post("/token", "grant_type=password".into()))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert_eq!(mock.stats().tokens_issued, 1);
+    cancel.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
