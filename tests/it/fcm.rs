@@ -464,3 +464,62 @@ async fn the_mock_token_endpoint_answers_over_http1_as_real_oauth_clients_speak_
     cancel.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn one_task_renews_the_access_token_ahead_of_its_expiry() {
+    let dir =
+        std::env::temp_dir().join(format!("ringpush-test-{}", ringpush::token::random_hex(6)));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mock = ringpush::mock_fcm::MockFcm::start(
+        ringpush::mock_fcm::Settings {
+            token_lifetime: Duration::from_secs(4),
+            ..ringpush::mock_fcm::Settings::local(dir.join("certs"))
+        },
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let json = mock.new_account("p-renew").unwrap();
+    let account = ringpush::fcm::ServiceAccount::parse(json.as_bytes()).unwrap();
+    let tls = ringpush::apns::tls::client_config(Some(mock.ca_file()), None).unwrap();
+    let url = ringpush::http2::Endpoint::parse(&mock.url()).unwrap();
+    let client =
+        ringpush::fcm::Client::new(ringpush::fcm::Settings::new(url), account, tls).unwrap();
+    let ring = App::ring("gw-renew", Duration::ZERO);
+    let alert = ringpush::apns::request::AlertTemplate::default();
+    let style = ringpush::fcm::message::Style {
+        alert: &alert,
+        channel: "doorbell",
+    };
+    let message =
+        ringpush::fcm::message::Template::new(&ring, "Door", ringpush::token::Kind::Alert, &style);
+    let token = DeviceToken::parse_fcm("renew:APA91b").unwrap();
+    let expiration = ring.expires_at(Duration::from_secs(60));
+    // Many sends at once before any token exists: one exchange for all of them.
+    let sends =
+        futures_util::future::join_all((0..20).map(|_| client.send(&message, &token, expiration)))
+            .await;
+    assert!(sends
+        .iter()
+        .all(|s| matches!(s, Ok(ringpush::fcm::answer::Verdict::Accepted))));
+    assert_eq!(mock.stats().tokens_issued, 1, "single flight");
+    // At three quarters of its 4 s lifetime the task renews it, with no request waiting.
+    tokio::time::sleep(Duration::from_millis(3800)).await;
+    assert_eq!(mock.stats().tokens_issued, 2, "renewed ahead of expiry");
+    let renewals = client
+        .tokens()
+        .renewals
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(renewals, 2);
+    assert!(matches!(
+        client.send(&message, &token, expiration).await,
+        Ok(ringpush::fcm::answer::Verdict::Accepted)
+    ));
+    assert_eq!(
+        mock.stats().unauthenticated,
+        0,
+        "no request met an expired token"
+    );
+    cancel.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
