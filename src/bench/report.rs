@@ -43,6 +43,12 @@ pub struct Report {
     pub peers: Vec<Peer>,
     pub binary_frames: usize,
     pub binary_frames_per_s: f64,
+    /// The FCM leg (as many requests as the APNs leg): ringpush's FCM client and a bare h2
+    /// loop, one connection each, to a mock-fcm process.
+    pub fcm_client_per_s: f64,
+    pub fcm_client_cpu_us: f64,
+    pub fcm_bare_h2_per_s: f64,
+    pub fcm_bare_h2_cpu_us: f64,
     /// With `--soak`: the soak's length, rate, and the worker's RSS samples (MB, every 10 s).
     pub soak_seconds: Option<f64>,
     pub soak_rings_per_s: Option<f64>,
@@ -259,6 +265,21 @@ impl std::fmt::Display for Report {
             f,
             "  frames/s                     {:>10.0}",
             self.binary_frames_per_s
+        )?;
+        writeln!(
+            f,
+            "FCM leg ({} requests, one connection, mock-fcm)",
+            self.apns_requests
+        )?;
+        writeln!(
+            f,
+            "  ringpush FCM client          {:>10.0}/s {:>7.1} µs CPU each",
+            self.fcm_client_per_s, self.fcm_client_cpu_us
+        )?;
+        writeln!(
+            f,
+            "  bare h2 loop                 {:>10.0}/s {:>7.1} µs CPU each",
+            self.fcm_bare_h2_per_s, self.fcm_bare_h2_cpu_us
         )?;
         if let Some(b) = &self.building {
             writeln!(

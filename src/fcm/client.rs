@@ -152,7 +152,7 @@ impl Client {
     }
 
     /// The access tokens (renewals, health).
-    pub fn tokens(&self) -> &Tokens {
+    pub fn tokens(&self) -> &Arc<Tokens> {
         &self.inner.tokens
     }
 
