@@ -3,7 +3,6 @@
 //! access token the client obtained from the mock's token endpoint.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,7 +10,7 @@ use futures_util::stream::{self, StreamExt};
 use http::uri::PathAndQuery;
 
 use super::measure::self_cpu;
-use super::processes::free_port;
+use super::processes::FcmMockProcess;
 use super::report::Report;
 use super::{ring_now, Settings};
 use crate::apns::request::AlertTemplate;
@@ -28,33 +27,9 @@ pub(super) async fn fcm_leg(
     dir: &Path,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let port = free_port();
-    let (cert_dir, credentials) = (dir.join("fcm-certs"), dir.join("fcm-service-account.json"));
-    let _mock = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("mock-fcm")
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--cert-dir")
-        .arg(&cert_dir)
-        .arg("--generate-credentials")
-        .arg(&credentials)
-        .env("RUST_LOG", "error")
-        .kill_on_drop(true)
-        .stdout(Stdio::null())
-        .spawn()?;
-    let started = Instant::now();
-    while !credentials.exists()
-        || tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-    {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(20),
-            "mock-fcm did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await; // the file written whole
-    let account = ServiceAccount::parse(&std::fs::read(&credentials)?)?;
+    let mock = FcmMockProcess::start(&dir.join("fcm-leg")).await?;
+    let (credentials, port, cert_dir) = (&mock.credentials, mock.port, &mock.cert_dir);
+    let account = ServiceAccount::parse(&std::fs::read(credentials)?)?;
     let project = account.project_id.clone();
     let ca = cert_dir.join("ca.pem");
     let endpoint =

@@ -54,6 +54,9 @@ pub struct Settings {
     pub rings: usize,
     /// Tokens per ring.
     pub fanout: usize,
+    /// Share of each ring's tokens (percent) that are Android phones, pushed through a
+    /// mock-fcm process in the end-to-end part; 0: iOS only.
+    pub android_share: u32,
     /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
     pub apns_requests: usize,
     /// Run the peer clients (node-apn, aioapns) too.
@@ -89,6 +92,7 @@ async fn run_here(args: &Settings) -> anyhow::Result<Report> {
         ),
         rings: args.rings,
         fanout: args.fanout,
+        android_share: args.android_share,
         apns_requests: args.apns_requests,
         binary_frames: args.binary_frames,
         ..Report::default()

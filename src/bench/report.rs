@@ -23,6 +23,8 @@ pub struct Report {
     pub e2e_backlog_p99_ms: Option<f64>,
     /// Rings published live at half the drain rate: the target's latency.
     pub half_rate: Window,
+    /// Share of the fleet's tokens (percent) that were Android phones.
+    pub android_share: u32,
     /// The same at a quarter of the drain rate: how the latency falls when the machine is
     /// less busy.
     pub quarter_rate: Window,
@@ -143,8 +145,14 @@ impl std::fmt::Display for Report {
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
         writeln!(
             f,
-            "ringpush bench — {}, {} rings × {} tokens",
-            self.machine, self.rings, self.fanout
+            "ringpush bench — {}, {} rings × {} tokens{}",
+            self.machine,
+            self.rings,
+            self.fanout,
+            match self.android_share {
+                0 => String::new(),
+                share => format!(" ({share}% of them Android, through mock-fcm)"),
+            }
         )?;
         writeln!(f)?;
         writeln!(f, "end to end (one worker process)")?;

@@ -206,6 +206,10 @@ pub struct BenchArgs {
     /// Tokens per ring.
     #[arg(long, default_value = "4", value_parser = positive::<usize>("--fanout"))]
     pub fanout: usize,
+    /// Percent of each ring's tokens that are Android phones (through a mock-fcm process) in
+    /// the end-to-end part; 0: iOS only.
+    #[arg(long, default_value = "0", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub android_share: u32,
     /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
     #[arg(long, default_value = "50000", value_parser = positive::<usize>("--apns-requests"))]
     pub apns_requests: usize,
@@ -238,6 +242,7 @@ impl BenchArgs {
             database_url: self.local.database_url.clone(),
             rings: self.rings,
             fanout: self.fanout,
+            android_share: self.android_share,
             apns_requests: self.apns_requests,
             peers: self.peers,
             peer_requests: self.peer_requests,
