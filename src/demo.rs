@@ -1,7 +1,8 @@
 //! `ringpush demo`: the whole pipeline on one machine. It migrates a schema of its own,
-//! seeds users, gateways, shares and tokens, starts the mock APNs and a worker in this
-//! process, publishes rings the way a gateway does, and reports what reached which phone.
-//! It leaves the broker and the database as it found them.
+//! seeds users, gateways, shares and tokens (iPhones and Android phones, alert and call
+//! style), starts the mock APNs, the mock FCM and a worker in this process, publishes rings
+//! the way a gateway does, and reports what reached which phone, per user, platform and
+//! kind. It leaves the broker and the database as it found them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -18,7 +19,8 @@ use crate::apns::{binary, Apns};
 use crate::broker;
 use crate::local::{self, Key, Local};
 use crate::mock::Mock;
-use crate::token::{random_hex, DeviceToken};
+use crate::mock_fcm::MockFcm;
+use crate::token::{random_hex, DeviceToken, Kind, Platform};
 use crate::wire::ring::RingEvent;
 use crate::wire::ERROR_HEADER;
 use crate::worker::{self, Counters};
@@ -29,8 +31,41 @@ const TOPIC: &str = "com.example.doorbell";
 /// A person of the seed data, their phones and what they should hear.
 struct Person {
     name: &'static str,
-    /// (token, environment, unregistered at the mock)
-    phones: Vec<(DeviceToken, &'static str, bool)>,
+    phones: Vec<Phone>,
+}
+
+/// One phone: its token (with its platform), how it rings, its APNs environment, and whether
+/// its app was deleted (the mock answers Unregistered / UNREGISTERED).
+struct Phone {
+    token: DeviceToken,
+    kind: Kind,
+    environment: &'static str,
+    unregistered: bool,
+}
+
+impl Phone {
+    fn new(platform: Platform, kind: Kind, environment: &'static str, unregistered: bool) -> Self {
+        let token = crate::db::random_token(platform);
+        Self {
+            token: DeviceToken::parse_for(platform, &token).expect("a random token parses"),
+            kind,
+            environment,
+            unregistered,
+        }
+    }
+
+    /// `iPhone alert`, `Android call`, …
+    fn label(&self) -> String {
+        label(self.token.platform(), self.kind)
+    }
+}
+
+fn label(platform: Platform, kind: Kind) -> String {
+    let phone = match platform {
+        Platform::Apns => "iPhone",
+        Platform::Fcm => "Android",
+    };
+    format!("{phone} {kind}")
 }
 
 /// What the demo saw, printed for a person.
@@ -43,8 +78,12 @@ pub struct Report {
     pub rings_expired: u64,
     pub rings_unknown_gateway: u64,
     pub rings_dead_lettered: u64,
-    /// Accepted notifications per person, with their phone count.
-    pub accepted_per_person: Vec<(String, u64, usize)>,
+    /// Accepted notifications per person and phone kind (`iPhone alert`, `Android call`, …),
+    /// with that kind's phone count.
+    pub accepted_per_person: Vec<(String, String, u64, usize)>,
+    /// Notifications not sent for lack of a provider that carries them (a call over the
+    /// binary interface).
+    pub unsupported: u64,
     /// Rejections per (person, reason).
     pub rejections: Vec<(String, String, u64)>,
     /// Reasons found on the dead queue.
@@ -76,12 +115,25 @@ impl fmt::Display for Report {
         writeln!(f, "  unknown gateway     {:>4}", self.rings_unknown_gateway)?;
         writeln!(f, "  dead-lettered       {:>4}", self.rings_dead_lettered)?;
         writeln!(f)?;
-        writeln!(f, "notifications accepted by APNs (mock), per user")?;
-        for (who, accepted, phones) in &self.accepted_per_person {
+        writeln!(
+            f,
+            "notifications accepted by APNs and FCM (mocks), per user and phone"
+        )?;
+        let mut last = "";
+        for (who, phone, accepted, phones) in &self.accepted_per_person {
+            let shown = if who == last { "" } else { who.as_str() };
+            last = who;
             writeln!(
                 f,
-                "  {who:<8} {accepted:>4}  ({phones} phone{})",
+                "  {shown:<8} {phone:<14} {accepted:>4}  ({phones} phone{})",
                 if *phones == 1 { "" } else { "s" }
+            )?;
+        }
+        if self.unsupported > 0 {
+            writeln!(
+                f,
+                "  (not sent: {} call ring(s) to iPhones — the binary interface has no VoIP pushes)",
+                self.unsupported
             )?;
         }
         writeln!(f)?;
@@ -164,11 +216,17 @@ async fn run_inner(
     }
     let mock = Mock::start(mock_settings, cancel.clone()).await?;
     let now_ms = jwt::unix_now() * 1000;
-    for person in &people {
-        for (token, _, unregistered) in &person.phones {
-            if *unregistered {
-                mock.unregister(token, now_ms - 86_400_000);
-            }
+    // FCM: a service account of our own, the mock taking its assertions.
+    let placeholder = crate::http2::Endpoint::parse(crate::fcm::URL).map_err(anyhow::Error::msg)?;
+    let (fcm_mock, fcm) =
+        local::fcm_world(dir, crate::fcm::Settings::new(placeholder), cancel.clone()).await?;
+    for phone in people.iter().flat_map(|p| &p.phones) {
+        match (phone.unregistered, phone.token.platform()) {
+            (false, _) => {}
+            (true, Platform::Apns) => mock.unregister(&phone.token, now_ms - 86_400_000),
+            (true, Platform::Fcm) => fcm_mock.faults(|f| {
+                f.unregistered.insert(phone.token.as_str().to_owned());
+            }),
         }
     }
     // The binary interface knows only certificate auth: a client certificate from the
@@ -209,8 +267,10 @@ async fn run_inner(
     {
         let (url, counters, cancel) = (demo.amqp_url.clone(), counters.clone(), cancel.clone());
         let pool = pool.clone();
-        processes
-            .spawn(async move { worker::run(settings, &url, pool, apns, counters, cancel).await });
+        let providers = crate::provider::Providers::new(Some(apns), Some(fcm));
+        processes.spawn(async move {
+            worker::run(settings, &url, pool, providers, counters, cancel).await
+        });
     }
     {
         let (url, counters, cancel) = (
@@ -298,12 +358,12 @@ async fn run_inner(
     let elapsed = started.elapsed();
     let client = pool.get().await?;
     let mut stale_left = 0;
-    for (token, _, unregistered) in people.iter().flat_map(|p| &p.phones) {
-        if *unregistered {
+    for phone in people.iter().flat_map(|p| &p.phones) {
+        if phone.unregistered {
             let row = client
                 .query_one(
                     "SELECT count(*) FROM push_tokens WHERE token = $1",
-                    &[&token.as_hex()],
+                    &[&phone.token.as_str()],
                 )
                 .await?;
             stale_left += row.get::<_, i64>(0);
@@ -334,7 +394,16 @@ async fn run_inner(
         stopped??;
     }
 
-    let mut report = report(&people, &mock, &counters, published, elapsed, dead_reasons);
+    let mut report = report(
+        &people,
+        &mock,
+        &fcm_mock,
+        &counters,
+        published,
+        elapsed,
+        dead_reasons,
+    );
+    report.unsupported = Counters::get(&counters.notifications_unsupported);
     report.feedback_events = Counters::get(&counters.feedback_events);
     report.purge_requests = feedback::Counters::get(&feedback_counters.purge_requests);
     report.tokens_purged = purge::Counters::get(&purge_counters.purged);
@@ -350,6 +419,7 @@ async fn run_inner(
 fn report(
     people: &[Person],
     mock: &Mock,
+    fcm: &MockFcm,
     c: &Counters,
     published: u64,
     elapsed: Duration,
@@ -360,20 +430,50 @@ fn report(
         .flat_map(|p| {
             p.phones
                 .iter()
-                .map(move |(t, _, _)| (t.as_hex().to_owned(), p.name))
+                .map(move |phone| (phone.token.as_str().to_owned(), p.name))
         })
         .collect();
-    let mut accepted: BTreeMap<&str, u64> = BTreeMap::new();
+    let who = |token: Option<&str>| token.and_then(|t| owner.get(t).copied()).unwrap_or("?");
+    let mut accepted: BTreeMap<(&str, String), u64> = BTreeMap::new();
     let mut rejected: BTreeMap<(&str, String), u64> = BTreeMap::new();
     for r in mock.received() {
-        let who = r
-            .token
-            .as_deref()
-            .and_then(|t| owner.get(t).copied())
-            .unwrap_or("?");
+        let voip = r.headers.get("apns-push-type").is_some_and(|v| v == "voip");
+        let kind = if voip { Kind::Call } else { Kind::Alert };
+        let who = who(r.token.as_deref());
         match r.reason {
-            None => *accepted.entry(who).or_default() += 1,
+            None => {
+                *accepted
+                    .entry((who, label(Platform::Apns, kind)))
+                    .or_default() += 1
+            }
             Some(reason) => *rejected.entry((who, reason.to_string())).or_default() += 1,
+        }
+    }
+    for r in fcm.received() {
+        let kind = match r.body["message"]["data"]["kind"].as_str() {
+            Some("call") => Kind::Call,
+            _ => Kind::Alert,
+        };
+        let who = who(r.token.as_deref());
+        match (r.status, r.code) {
+            (200, _) => {
+                *accepted
+                    .entry((who, label(Platform::Fcm, kind)))
+                    .or_default() += 1
+            }
+            (_, Some(code)) => *rejected.entry((who, code)).or_default() += 1,
+            (status, None) => *rejected.entry((who, format!("HTTP {status}"))).or_default() += 1,
+        }
+    }
+    let mut per_person = Vec::new();
+    for p in people {
+        let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+        for phone in &p.phones {
+            *kinds.entry(phone.label()).or_default() += 1;
+        }
+        for (phone, n) in kinds {
+            let got = accepted.get(&(p.name, phone.clone())).copied().unwrap_or(0);
+            per_person.push((p.name.to_owned(), phone, got, n));
         }
     }
     Report {
@@ -384,16 +484,7 @@ fn report(
         rings_expired: Counters::get(&c.rings_expired),
         rings_unknown_gateway: Counters::get(&c.rings_unknown_gateway),
         rings_dead_lettered: Counters::get(&c.rings_dead_lettered),
-        accepted_per_person: people
-            .iter()
-            .map(|p| {
-                (
-                    p.name.to_owned(),
-                    accepted.get(p.name).copied().unwrap_or(0),
-                    p.phones.len(),
-                )
-            })
-            .collect(),
+        accepted_per_person: per_person,
         rejections: rejected
             .into_iter()
             .map(|((who, reason), n)| (who.to_owned(), reason, n))
@@ -403,27 +494,39 @@ fn report(
     }
 }
 
+/// alice has two iPhones and an Android phone; bob an iPhone; carol a development iPhone
+/// (sandbox), an iPhone whose app was deleted, and an iPhone that rings as a call; dan an
+/// iPhone and an Android phone whose app was deleted.
 fn seed_people() -> Vec<Person> {
-    let token = || DeviceToken::parse(&random_hex(32)).expect("hex is a token");
+    use Kind::{Alert, Call};
+    use Platform::{Apns, Fcm};
     vec![
         Person {
             name: "alice",
             phones: vec![
-                (token(), "production", false),
-                (token(), "production", false),
+                Phone::new(Apns, Alert, "production", false),
+                Phone::new(Apns, Alert, "production", false),
+                Phone::new(Fcm, Alert, "production", false),
             ],
         },
         Person {
             name: "bob",
-            phones: vec![(token(), "production", false)],
+            phones: vec![Phone::new(Apns, Alert, "production", false)],
         },
         Person {
             name: "carol",
-            phones: vec![(token(), "sandbox", false), (token(), "production", true)],
+            phones: vec![
+                Phone::new(Apns, Alert, "sandbox", false),
+                Phone::new(Apns, Alert, "production", true),
+                Phone::new(Apns, Call, "production", false),
+            ],
         },
         Person {
             name: "dan",
-            phones: vec![(token(), "production", false)],
+            phones: vec![
+                Phone::new(Apns, Alert, "production", false),
+                Phone::new(Fcm, Alert, "production", true),
+            ],
         },
     ]
 }
@@ -439,16 +542,25 @@ async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Resu
             .await?;
         let id: i64 = row.get(0);
         ids.insert(person.name, id);
-        for (i, (token, env, unregistered)) in person.phones.iter().enumerate() {
-            // Every other phone relies on the default topic (RINGPUSH_APNS_TOPIC).
-            let topic = (i % 2 == 0).then_some(TOPIC);
+        for (i, phone) in person.phones.iter().enumerate() {
+            // Every other iPhone relies on the default topic (RINGPUSH_APNS_TOPIC).
+            let apns = phone.token.platform() == Platform::Apns;
+            let topic = (apns && i % 2 == 0).then_some(TOPIC);
             // A phone whose app was deleted registered its token a month ago.
-            let age_days = if *unregistered { 30.0 } else { 0.0 };
+            let age_days = if phone.unregistered { 30.0 } else { 0.0 };
             client
                 .execute(
-                    "INSERT INTO push_tokens (token, user_id, environment, topic, updated_at)
-                     VALUES ($1, $2, $3, $4, now() - make_interval(days => $5::float8::int))",
-                    &[&token.as_hex(), &id, env, &topic, &age_days],
+                    "INSERT INTO push_tokens (token, user_id, environment, topic, platform, kind, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, now() - make_interval(days => $7::float8::int))",
+                    &[
+                        &phone.token.as_str(),
+                        &id,
+                        &phone.environment,
+                        &topic,
+                        &phone.token.platform().as_str(),
+                        &phone.kind.as_str(),
+                        &age_days,
+                    ],
                 )
                 .await?;
         }

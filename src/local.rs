@@ -232,3 +232,29 @@ pub fn http2_client(
     let tls = tls::client_config(Some(mock.ca_file()), None)?;
     Ok(http2::Client::new(settings, tls, Some(signer)))
 }
+
+/// Starts a mock FCM in the world (its certificates under `dir`), with a new service
+/// account it accepts, and an FCM client for it (`settings` with the mock's URL; the account
+/// file written to `dir/fcm-service-account.json` for processes).
+pub async fn fcm_world(
+    dir: &std::path::Path,
+    settings: crate::fcm::Settings,
+    cancel: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(crate::mock_fcm::MockFcm, crate::fcm::Client)> {
+    let mock = crate::mock_fcm::MockFcm::start(
+        crate::mock_fcm::Settings::local(dir.join("mock-fcm-certs")),
+        cancel,
+    )
+    .await?;
+    let json = mock.new_account("ringpush-local")?;
+    std::fs::create_dir_all(dir)?;
+    crate::mock::certs::write_private(&dir.join("fcm-service-account.json"), &json)?;
+    let account = crate::fcm::ServiceAccount::parse(json.as_bytes())?;
+    let tls = tls::client_config(Some(mock.ca_file()), None)?;
+    let settings = crate::fcm::Settings {
+        url: Endpoint::parse(&mock.url()).map_err(anyhow::Error::msg)?,
+        ..settings
+    };
+    let client = crate::fcm::Client::new(settings, account, tls).map_err(anyhow::Error::msg)?;
+    Ok((mock, client))
+}

@@ -60,7 +60,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         Command::Worker(args) => {
             let settings = args.settings()?;
-            let apns = args.apns.client()?;
+            let providers = args.providers()?;
             let pool = args.database.pool()?;
             let read_pool = args.database.read_pool()?;
             preflight(&pool, &args.database.database_url).await;
@@ -69,8 +69,8 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             }
             let counters = Arc::new(worker::Counters::default());
             let mut registry = metrics::registry();
-            counters.register(&mut registry, &apns);
-            let ready = counters.ready_check(pool.clone());
+            counters.register(&mut registry, &providers);
+            let ready = counters.ready_check(pool.clone(), &providers);
             observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
             let pools = worker::Pools {
                 lookups: read_pool.unwrap_or_else(|| pool.clone()),
@@ -80,7 +80,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
                 settings,
                 &args.broker.amqp_url,
                 pools,
-                apns,
+                providers,
                 counters,
                 cancel,
             )
@@ -127,6 +127,10 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
                 })
                 .collect();
             mock::run(settings, scripts, cancel).await
+        }
+        Command::MockFcm(args) => {
+            let (settings, credentials) = args.settings()?;
+            ringpush::mock_fcm::run(settings, credentials, cancel).await
         }
         Command::Demo(args) => {
             let report = demo::run(&args.settings(), cancel).await?;
@@ -176,7 +180,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         Command::Seed(args) => {
             let pool = args.database.pool()?;
-            let report = ops::seed(&pool, &args.gateway_id, args.phones, &args.topic).await?;
+            let report = ops::seed(&pool, &args.gateway_id, args.phones()?, &args.topic).await?;
             print!("{report}");
             Ok(())
         }

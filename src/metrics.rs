@@ -207,6 +207,50 @@ pub mod encode {
         let g = ConstGauge::new(value);
         g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
     }
+
+    /// One gauge family with a child per `(label, value)` pair given.
+    pub fn gauges(
+        e: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[(&str, i64)],
+    ) -> fmt::Result {
+        let mut family = e.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (value_of_label, value) in values {
+            let labels = [(label.to_owned(), (*value_of_label).to_owned())];
+            ConstGauge::new(*value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    /// One counter family with a child per `(label, value)` pair given (counts read at
+    /// scrape time).
+    pub fn counters(
+        e: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[(&str, u64)],
+    ) -> fmt::Result {
+        use prometheus_client::metrics::counter::ConstCounter;
+        let mut family = e.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (value_of_label, value) in values {
+            let labels = [(label.to_owned(), (*value_of_label).to_owned())];
+            ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 type QueueLabels = Vec<(String, String)>;

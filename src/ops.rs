@@ -198,18 +198,32 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> anyhow::Result<String> {
             );
             let _ = writeln!(
                 out,
-                "{:>8}  {:<7} {:<11} {:<11} {:<28} registered",
-                "user", "role", "token", "environment", "topic"
+                "{:>8}  {:<7} {:<8} {:<5} {:<11} {:<11} {:<28} registered",
+                "user", "role", "platform", "kind", "token", "environment", "topic"
             );
             for r in &reach {
-                let topic = r.topic.as_deref().unwrap_or("(RINGPUSH_APNS_TOPIC)");
+                let apns = r.token.platform() == crate::token::Platform::Apns;
+                let (environment, topic) = match (apns, r.topic.as_deref()) {
+                    (false, _) => ("-", "-".to_owned()),
+                    (true, Some(topic)) => (r.environment.as_str(), topic.to_owned()),
+                    (true, None) => (r.environment.as_str(), "(RINGPUSH_APNS_TOPIC)".to_owned()),
+                };
+                // A call-style ring goes to the topic's `.voip` variant.
+                let topic = match (apns, r.kind) {
+                    (true, crate::token::Kind::Call) if !topic.ends_with(".voip") => {
+                        format!("{topic}.voip")
+                    }
+                    _ => topic,
+                };
                 let _ = writeln!(
                     out,
-                    "{:>8}  {:<7} {:<11} {:<11} {:<28} {}",
+                    "{:>8}  {:<7} {:<8} {:<5} {:<11} {:<11} {:<28} {}",
                     r.user_id,
                     r.role,
+                    r.token.platform(),
+                    r.kind,
                     r.token.short(),
-                    r.environment,
+                    environment,
                     topic,
                     r.registered
                 );
@@ -421,12 +435,21 @@ impl MqttGateway {
 pub async fn seed(
     pool: &Pool,
     gateway_id: &str,
-    phones: u32,
+    phones: crate::db::Phones,
     topic: &str,
 ) -> anyhow::Result<String> {
     let created = crate::db::seed(pool, gateway_id, phones, topic).await?;
+    let crate::db::Phones {
+        apns_alert,
+        apns_call,
+        fcm_alert,
+        fcm_call,
+    } = phones;
     Ok(if created {
-        format!("created gateway {gateway_id} with {phones} phone(s)\n")
+        format!(
+            "created gateway {gateway_id} with {} phone(s): iPhone alert {apns_alert}, iPhone call {apns_call}, Android alert {fcm_alert}, Android call {fcm_call}\n",
+            phones.total()
+        )
     } else {
         format!("gateway {gateway_id} exists; nothing changed\n")
     })

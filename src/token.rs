@@ -1,8 +1,11 @@
-//! Device tokens: the lower-case hex string a phone registered, parsed once, and the APNs
-//! [`Environment`] that issued it (both stored in `push_tokens`, both on the wire).
+//! Device tokens: the string a phone registered, parsed once for its [`Platform`], the APNs
+//! [`Environment`] that issued it, and the [`Kind`] of ring the phone wants (all stored in
+//! `push_tokens`; token and environment on the wire too).
 //!
-//! APNs says not to assume a token size (protocol sheet X3), so any even number of hex
-//! digits up to 200 (100 bytes) is accepted; the binary protocol narrows this to 32 bytes.
+//! An APNs token is lower-case hex: APNs says not to assume a token size (protocol sheet
+//! X3), so any even number of hex digits up to 200 (100 bytes) is accepted; the binary
+//! protocol narrows this to 32 bytes. An FCM registration token is 1 to 512 characters of
+//! `A–Z a–z 0–9 _ - : .` (schema v2's CHECK says the same).
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,9 +13,16 @@ use std::str::FromStr;
 /// The longest token accepted, in bytes (Apple's 2018 documentation allows up to 100).
 pub const MAX_TOKEN_BYTES: usize = 100;
 
-/// A device token as lower-case hex. Exists only through [`DeviceToken::parse`].
+/// The longest FCM registration token accepted, in characters (the schema's bound).
+pub const MAX_FCM_TOKEN_CHARS: usize = 512;
+
+/// A device token: APNs lower-case hex, or an FCM registration token. Exists only through
+/// [`DeviceToken::parse`] (APNs), [`DeviceToken::parse_fcm`] or [`DeviceToken::parse_for`].
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceToken(String);
+pub struct DeviceToken {
+    text: String,
+    platform: Platform,
+}
 
 /// Why a string is not a device token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,10 +35,14 @@ pub enum TokenError {
     TooLong(usize),
     #[error("device token has a character that is not a hex digit at position {0}")]
     NotHex(usize),
+    #[error("FCM token is longer than {MAX_FCM_TOKEN_CHARS} characters ({0})")]
+    FcmTooLong(usize),
+    #[error("FCM token has a character other than A-Z a-z 0-9 _ - : . at position {0}")]
+    FcmCharacter(usize),
 }
 
 impl DeviceToken {
-    /// Parses hex in either case and stores it lower-case.
+    /// Parses an APNs token: hex in either case, stored lower-case.
     pub fn parse(s: &str) -> Result<Self, TokenError> {
         if s.is_empty() {
             return Err(TokenError::Empty);
@@ -42,18 +56,60 @@ impl DeviceToken {
         if s.len() > MAX_TOKEN_BYTES * 2 {
             return Err(TokenError::TooLong(s.len()));
         }
-        Ok(Self(s.to_ascii_lowercase()))
+        Ok(Self {
+            text: s.to_ascii_lowercase(),
+            platform: Platform::Apns,
+        })
     }
 
-    /// The full hex token (for the wire and the database only, never for logs).
+    /// Parses an FCM registration token, kept as it is (FCM's tokens are case-sensitive).
+    pub fn parse_fcm(s: &str) -> Result<Self, TokenError> {
+        if s.is_empty() {
+            return Err(TokenError::Empty);
+        }
+        if let Some(pos) = s
+            .bytes()
+            .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'.')))
+        {
+            return Err(TokenError::FcmCharacter(pos));
+        }
+        if s.len() > MAX_FCM_TOKEN_CHARS {
+            return Err(TokenError::FcmTooLong(s.len()));
+        }
+        Ok(Self {
+            text: s.to_owned(),
+            platform: Platform::Fcm,
+        })
+    }
+
+    /// Parses a token of `platform`.
+    pub fn parse_for(platform: Platform, s: &str) -> Result<Self, TokenError> {
+        match platform {
+            Platform::Apns => Self::parse(s),
+            Platform::Fcm => Self::parse_fcm(s),
+        }
+    }
+
+    /// The full token (for the wire and the database only, never for logs).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The full token: [`DeviceToken::as_str`] under the name it had when every token was
+    /// APNs hex (kept for the call sites that still use it).
     pub fn as_hex(&self) -> &str {
-        &self.0
+        &self.text
     }
 
-    /// The first eight hex digits and an ellipsis: what logs and reports show.
+    /// Which service the token belongs to.
+    pub fn platform(&self) -> Platform {
+        self.platform
+    }
+
+    /// The first eight characters and an ellipsis: what logs and reports show.
     pub fn short(&self) -> String {
-        let end = self.0.len().min(8);
-        format!("{}…", &self.0[..end])
+        let end = self.text.len().min(8);
+        format!("{}…", &self.text[..end])
     }
 }
 
@@ -67,6 +123,83 @@ impl fmt::Debug for DeviceToken {
 impl fmt::Display for DeviceToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.short())
+    }
+}
+
+/// Which push service a token belongs to (the `platform` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Platform {
+    /// Apple Push Notification service (iPhones).
+    #[default]
+    Apns,
+    /// Firebase Cloud Messaging HTTP v1 (Android phones).
+    Fcm,
+}
+
+impl Platform {
+    pub const ALL: [Platform; 2] = [Platform::Apns, Platform::Fcm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Apns => "apns",
+            Platform::Fcm => "fcm",
+        }
+    }
+}
+
+impl FromStr for Platform {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "apns" => Ok(Platform::Apns),
+            "fcm" => Ok(Platform::Fcm),
+            other => Err(format!("unknown platform {other:?} (apns|fcm)")),
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a phone wants a ring (the `kind` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Kind {
+    /// A banner with a sound.
+    #[default]
+    Alert,
+    /// A full-screen incoming-call screen the app draws: PushKit (VoIP) on iOS, a
+    /// high-priority data message on Android.
+    Call,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Alert, Kind::Call];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Alert => "alert",
+            Kind::Call => "call",
+        }
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "alert" => Ok(Kind::Alert),
+            "call" => Ok(Kind::Call),
+            other => Err(format!("unknown kind {other:?} (alert|call)")),
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -150,6 +283,47 @@ mod tests {
                 Err(e) => assert_eq!(got.unwrap_err(), *e, "input {input:?}"),
             }
         }
+    }
+
+    #[test]
+    fn fcm_tokens_parse_as_the_table_says() {
+        let long = "a".repeat(MAX_FCM_TOKEN_CHARS + 1);
+        let max = "A".repeat(MAX_FCM_TOKEN_CHARS);
+        let cases: &[(&str, Result<&str, TokenError>)] = &[
+            ("dGVzdA:APA91b-x_y.Z", Ok("dGVzdA:APA91b-x_y.Z")),
+            (&max, Ok(&max)),
+            ("", Err(TokenError::Empty)),
+            ("abc def", Err(TokenError::FcmCharacter(3))),
+            ("a/b", Err(TokenError::FcmCharacter(1))),
+            ("tok\"en", Err(TokenError::FcmCharacter(3))),
+            (&long, Err(TokenError::FcmTooLong(long.len()))),
+        ];
+        for (input, want) in cases {
+            let got = DeviceToken::parse_fcm(input);
+            match want {
+                Ok(text) => {
+                    let t = got.unwrap();
+                    assert_eq!((t.as_str(), t.platform()), (*text, Platform::Fcm));
+                }
+                Err(e) => assert_eq!(got.unwrap_err(), *e, "input {input:?}"),
+            }
+        }
+        // The same text on two platforms is two tokens; APNs's is lower-cased.
+        let apns = DeviceToken::parse_for(Platform::Apns, "ABCD").unwrap();
+        let fcm = DeviceToken::parse_for(Platform::Fcm, "ABCD").unwrap();
+        assert_eq!((apns.as_str(), fcm.as_str()), ("abcd", "ABCD"));
+        assert_ne!(DeviceToken::parse_fcm("abcd").unwrap(), apns);
+    }
+
+    #[test]
+    fn platforms_and_kinds_read_back_what_they_write() {
+        for p in Platform::ALL {
+            assert_eq!(p.as_str().parse::<Platform>(), Ok(p));
+        }
+        for k in Kind::ALL {
+            assert_eq!(k.as_str().parse::<Kind>(), Ok(k));
+        }
+        assert!("gcm".parse::<Platform>().is_err() && "banner".parse::<Kind>().is_err());
     }
 
     #[test]

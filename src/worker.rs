@@ -55,7 +55,7 @@ use tracing::info;
 pub use counters::Counters;
 
 use crate::apns::request::AlertTemplate;
-use crate::apns::{Apns, Environment};
+use crate::apns::Environment;
 use crate::broker::{self, Acks, Names, Publisher};
 use crate::db;
 use crate::provider::Providers;
@@ -181,7 +181,7 @@ pub async fn run(
     settings: Settings,
     amqp_url: &str,
     pools: impl Into<Pools>,
-    apns: impl Into<Apns>,
+    providers: impl Into<Providers>,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -192,7 +192,7 @@ pub async fn run(
         ledger: db::Ledger::new(primary.clone()),
         pool: lookups,
         primary,
-        providers: Providers { apns: apns.into() },
+        providers: providers.into(),
         counters,
         pause: Pause::new(),
     });

@@ -5,21 +5,20 @@
 //! - [`reason`]: every reason string APNs answers with, and the decisions on it;
 //! - [`jwt`]: ES256 provider tokens;
 //! - [`tls`]: the client's TLS configuration (ALPN h2, ring, verification always on);
-//! - [`http2`]: the persistent HTTP/2 client, over [`cork`] (coalesced writes);
+//! - [`http2`]: the persistent HTTP/2 client, over the connections of [`crate::http2`];
 //! - [`binary`]: the legacy binary interface's client;
-//! - [`error`]: [`SendError`], what either client returns when APNs gave no answer.
+//! - [`SendError`] (from [`crate::http2`]): what either client returns when APNs gave no
+//!   answer.
 
 pub mod binary;
-pub mod cork;
-pub mod error;
 pub mod http2;
 pub mod jwt;
 pub mod reason;
 pub mod request;
 pub mod tls;
 
+pub use crate::http2::SendError;
 pub use crate::token::Environment;
-pub use error::SendError;
 pub use reason::Reason;
 
 /// Apple's production HTTP/2 endpoint.

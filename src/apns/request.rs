@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use http::header::{HeaderName, CONTENT_TYPE};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Uri};
 
 use crate::token::DeviceToken;
@@ -66,6 +66,66 @@ struct Alert<'a> {
     body: &'a str,
 }
 
+/// A call-style ring's payload: `aps` empty (a VoIP push shows nothing by itself; the app
+/// reports the call to CallKit at once) and the ring's fields with the gateway's name.
+#[derive(serde::Serialize)]
+struct CallPayload<'a> {
+    aps: Empty,
+    event_id: &'a str,
+    gateway_id: &'a str,
+    gateway_name: &'a str,
+    pressed_at: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct Empty {}
+
+/// What kind of push a request is (`apns-push-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PushType {
+    /// A banner with a sound, to the app's topic.
+    #[default]
+    Alert,
+    /// A PushKit VoIP push (a call-style ring), to the app's `<topic>.voip`.
+    Voip,
+}
+
+impl PushType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushType::Alert => "alert",
+            PushType::Voip => "voip",
+        }
+    }
+}
+
+/// The topic a VoIP push goes to: `<topic>.voip`, unless the row's topic already ends so.
+pub fn voip_topic(topic: &str) -> String {
+    if topic.ends_with(".voip") {
+        topic.to_owned()
+    } else {
+        format!("{topic}.voip")
+    }
+}
+
+/// Builds the JSON payload of a call-style ring (the same bytes for every call token).
+pub fn build_call_payload(ring: &RingEvent, gateway_name: &str) -> Result<Bytes, PayloadError> {
+    let pressed_at = ring.pressed_at_rfc3339();
+    let payload = CallPayload {
+        aps: Empty {},
+        event_id: &ring.event_id,
+        gateway_id: &ring.gateway_id,
+        gateway_name,
+        pressed_at: &pressed_at,
+    };
+    let mut bytes = Vec::with_capacity(192);
+    serde_json::to_writer(&mut bytes, &payload).expect("strings serialise");
+    if bytes.len() > MAX_PAYLOAD_BYTES {
+        return Err(PayloadError::TooLarge(bytes.len()));
+    }
+    Ok(Bytes::from(bytes))
+}
+
 /// Builds the JSON payload of a ring (the same bytes for every token).
 pub fn build_payload(
     ring: &RingEvent,
@@ -103,7 +163,9 @@ pub fn build_payload(
 #[derive(Debug, Clone)]
 pub struct Notification {
     pub token: DeviceToken,
-    /// `apns-topic`: the app's bundle id.
+    /// `apns-push-type`: an alert, or a VoIP push (a call-style ring).
+    pub push_type: PushType,
+    /// `apns-topic`: the app's bundle id (`<bundle id>.voip` for a VoIP push).
     pub topic: String,
     /// `apns-collapse-id`: the ring's `event_id`.
     pub collapse_id: String,
@@ -114,49 +176,7 @@ pub struct Notification {
 }
 
 /// Where requests go: scheme and authority of an APNs base URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// `https://host:port`, the prefix of every request URI.
-    pub base: String,
-    pub host: String,
-    pub port: u16,
-    /// `host:port`, parsed once: every request's URI is built from it.
-    pub authority: Authority,
-}
-
-impl Endpoint {
-    /// Parses `https://host[:port]`; the port defaults to 443.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(format!(
-                "{url:?} must start with https:// (APNs is TLS only)"
-            ));
-        }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{url:?} has no host"))?;
-        if !matches!(uri.path(), "" | "/") {
-            return Err(format!("{url:?} must have no path"));
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(443);
-        let with_port = format!("{}:{port}", authority.host());
-        Ok(Self {
-            base: format!("https://{with_port}"),
-            host: host.to_owned(),
-            port,
-            authority: with_port
-                .parse()
-                .map_err(|e| format!("{url:?} has no valid authority: {e}"))?,
-        })
-    }
-}
+pub use crate::http2::Endpoint;
 
 const PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
 const PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
@@ -192,7 +212,7 @@ pub fn build_request(
     *req.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path");
     let h = req.headers_mut();
     h.reserve(7);
-    h.insert(PUSH_TYPE, HeaderValue::from_static("alert"));
+    h.insert(PUSH_TYPE, HeaderValue::from_static(n.push_type.as_str()));
     h.insert(PRIORITY, HeaderValue::from_static("10"));
     h.insert(TOPIC, header_value(&n.topic));
     h.insert(COLLAPSE_ID, header_value(&n.collapse_id));
@@ -263,6 +283,7 @@ mod tests {
         let token = DeviceToken::parse(&"ab".repeat(32)).unwrap();
         let n = Notification {
             token,
+            push_type: PushType::Alert,
             topic: "com.example.doorbell".into(),
             collapse_id: "5f0c1e2d".into(),
             expiration: 1_795_857_362,
@@ -293,6 +314,44 @@ mod tests {
             .headers()
             .get("authorization")
             .is_none());
+    }
+
+    #[test]
+    fn a_call_is_a_voip_push_to_the_voip_topic_with_the_ring_and_an_empty_aps() {
+        let payload = build_call_payload(&ring(), "Front door").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "aps": {},
+                "event_id": "5f0c1e2d",
+                "gateway_id": "gw-042",
+                "gateway_name": "Front door",
+                "pressed_at": "2026-11-28T09:15:02.12Z",
+            })
+        );
+        assert_eq!(
+            voip_topic("com.example.doorbell"),
+            "com.example.doorbell.voip"
+        );
+        assert_eq!(
+            voip_topic("com.example.doorbell.voip"),
+            "com.example.doorbell.voip"
+        );
+        let endpoint = Endpoint::parse("https://api.push.apple.com").unwrap();
+        let n = Notification {
+            token: DeviceToken::parse(&"cd".repeat(32)).unwrap(),
+            push_type: PushType::Voip,
+            topic: voip_topic("com.example.doorbell"),
+            collapse_id: "5f0c1e2d".into(),
+            expiration: 1_795_857_362,
+            payload,
+        };
+        let req = build_request(&endpoint, &n, None);
+        let h = req.headers();
+        assert_eq!(h["apns-push-type"], "voip");
+        assert_eq!(h["apns-topic"], "com.example.doorbell.voip");
+        assert_eq!(h["apns-priority"], "10");
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub(super) async fn apns_leg(
         .map(|_| DeviceToken::parse(&random_hex(32)).unwrap())
         .collect();
     let notification = |i: usize| Notification {
+        push_type: crate::apns::request::PushType::Alert,
         token: tokens[i % tokens.len()].clone(),
         topic: "com.example.doorbell".into(),
         collapse_id: ring.event_id.clone(),

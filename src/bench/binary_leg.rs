@@ -49,6 +49,7 @@ pub(super) async fn binary_leg(
         stream::iter(0..n)
             .map(|i| {
                 let n = Notification {
+                    push_type: crate::apns::request::PushType::Alert,
                     token: tokens[i % tokens.len()].clone(),
                     topic: "com.example.doorbell".into(),
                     collapse_id: String::new(),

@@ -24,7 +24,7 @@ use super::measure::{
     buckets, cpu_seconds, current_rss_mb, machine_busy_seconds, p50_p99, paced, peak_rss_mb,
     publish_all, quantiles_ms, sample, scrape, service_cores, service_cpu,
 };
-use super::processes::{free_port, signer, stop, MockProcess, WorkerOf};
+use super::processes::{free_port, signer, stop, FcmMockProcess, MockProcess, WorkerOf};
 use super::report::Report;
 use super::{broker_queue, ring_now};
 
@@ -51,18 +51,29 @@ pub(super) async fn end_to_end(
                 &[&gateways],
             )
             .await?;
+        // The first `android_share` percent of each gateway's phones are Android.
         client
             .execute(
-                "INSERT INTO push_tokens (token, user_id, topic)
-                 SELECT md5(random()::text) || md5(random()::text), u.id, 'com.example.doorbell'
-                 FROM users u, generate_series(1, $1::int)",
-                &[&(args.fanout as i32)],
+                "INSERT INTO push_tokens (token, user_id, topic, platform)
+                 SELECT CASE WHEN android THEN 'b' || u.id || '-' || g || ':APA91b' || md5(random()::text)
+                             ELSE md5(random()::text) || md5(random()::text) END,
+                        u.id,
+                        CASE WHEN android THEN NULL ELSE 'com.example.doorbell' END,
+                        CASE WHEN android THEN 'fcm' ELSE 'apns' END
+                 FROM users u, generate_series(1, $1::int) g,
+                      LATERAL (SELECT (g - 1) * 100 / $1::int < $2::int AS android) a",
+                &[&(args.fanout as i32), &(args.android_share as i32)],
             )
             .await?;
         // Statistics, as a database in service has them (autovacuum would, a minute later).
         client.batch_execute("ANALYZE").await?;
     }
     let mock = MockProcess::start(dir).await?;
+    let fcm = match args.android_share {
+        0 => None,
+        _ => Some(FcmMockProcess::start(&dir.join("e2e-fcm")).await?),
+    };
+    report.android_share = args.android_share;
     let (_, key_file) = signer(dir)?;
     // The rings, pre-published as gateways would.
     let connection = broker::connect(&args.amqp_url, "ringpush bench gateway").await?;
@@ -91,10 +102,13 @@ pub(super) async fn end_to_end(
         db_url: &db_url,
         mock: &mock,
         key_file: &key_file,
+        fcm: fcm.as_ref(),
     };
     let mut worker = worker_of.spawn(metrics_port, None)?;
     let pid = worker.id().expect("a running worker").to_string();
-    let (services0, machine0, mock0) = (service_cpu(), machine_busy_seconds(), mock.cpu());
+    let fcm_cpu = || fcm.as_ref().map_or(0.0, |f| f.cpu());
+    let (services0, machine0, mock0, fcm0) =
+        (service_cpu(), machine_busy_seconds(), mock.cpu(), fcm_cpu());
     let started = Instant::now();
     let want = (args.rings * args.fanout) as f64;
     let accepted = r#"ringpush_notifications_total{outcome="accepted"}"#;
@@ -117,6 +131,11 @@ pub(super) async fn end_to_end(
     report
         .e2e_cores
         .insert("mock".into(), (mock.cpu() - mock0) / elapsed);
+    if fcm.is_some() {
+        report
+            .e2e_cores
+            .insert("mock-fcm".into(), (fcm_cpu() - fcm0) / elapsed);
+    }
     report.e2e_cores.insert(
         "machine".into(),
         (machine_busy_seconds() - machine0) / elapsed,

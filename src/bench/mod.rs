@@ -10,10 +10,12 @@
 //! 4. the legacy binary interface: frames/s to the mock's gateway port;
 //! 5. building rings (after 1, with a worker of its own): ring-to-accepted of ordinary rings
 //!    at a quarter of the drain rate, alone and while a 3,000-token ring is published every
-//!    second, the building rings' own time to their last token, and the worker's peak RSS.
+//!    second, the building rings' own time to their last token, and the worker's peak RSS;
+//! 6. the FCM leg: ringpush's FCM client against a bare `h2` loop, one connection each, to
+//!    a `mock-fcm` process.
 //!
 //! The tree: [`e2e`] (1 and 2; its windows in [`live`]), [`building`] (5), [`apns_leg`] (3),
-//! [`binary_leg`] (4); what they share: [`measure`] (`/proc`, scrapes, quantiles, pacing),
+//! [`binary_leg`] (4), [`fcm_leg`] (6); what they share: [`measure`] (`/proc`, scrapes, quantiles, pacing),
 //! [`processes`] (the mock and worker processes); [`report`] (what a run measured, as a
 //! table and as JSON).
 
@@ -21,6 +23,7 @@ mod apns_leg;
 mod binary_leg;
 mod building;
 mod e2e;
+mod fcm_leg;
 mod ledger;
 mod live;
 mod measure;
@@ -37,6 +40,7 @@ use crate::wire::ring::RingEvent;
 use apns_leg::apns_leg;
 use binary_leg::binary_leg;
 use e2e::{broker_ceiling, end_to_end};
+use fcm_leg::fcm_leg;
 
 pub use report::{Building, Drain, LedgerCost, Peer, Report, Round, Window};
 
@@ -51,6 +55,9 @@ pub struct Settings {
     pub rings: usize,
     /// Tokens per ring.
     pub fanout: usize,
+    /// Share of each ring's tokens (percent) that are Android phones, pushed through a
+    /// mock-fcm process in the end-to-end part; 0: iOS only.
+    pub android_share: u32,
     /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
     pub apns_requests: usize,
     /// Run the peer clients (node-apn, aioapns) too.
@@ -86,6 +93,7 @@ async fn run_here(args: &Settings) -> anyhow::Result<Report> {
         ),
         rings: args.rings,
         fanout: args.fanout,
+        android_share: args.android_share,
         apns_requests: args.apns_requests,
         binary_frames: args.binary_frames,
         ..Report::default()
@@ -95,6 +103,7 @@ async fn run_here(args: &Settings) -> anyhow::Result<Report> {
         broker_ceiling(args, names, &mut report).await?;
         apns_leg(args, dir, &mut report).await?;
         binary_leg(args, dir, &mut report).await?;
+        fcm_leg(args, dir, &mut report).await?;
         anyhow::Ok(())
     }
     .await;

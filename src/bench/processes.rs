@@ -78,6 +78,65 @@ impl MockProcess {
     }
 }
 
+/// A mock FCM in a child process, with the service account it wrote (its token_uri at the
+/// mock) for the clients.
+pub(super) struct FcmMockProcess {
+    /// Killed when dropped.
+    _child: tokio::process::Child,
+    pub(super) port: u16,
+    pub(super) cert_dir: PathBuf,
+    pub(super) credentials: PathBuf,
+}
+
+impl FcmMockProcess {
+    pub(super) async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let port = free_port();
+        let (cert_dir, credentials) = (dir.join("fcm-certs"), dir.join("fcm-service-account.json"));
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("mock-fcm")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--cert-dir")
+            .arg(&cert_dir)
+            .arg("--generate-credentials")
+            .arg(&credentials)
+            .env("RUST_LOG", "error")
+            .kill_on_drop(true)
+            .stdout(Stdio::null())
+            .spawn()?;
+        let started = Instant::now();
+        while !credentials.exists()
+            || tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+        {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(20),
+                "mock-fcm did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The file is written whole before the mock logs it; give it that moment.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(Self {
+            _child: child,
+            port,
+            cert_dir,
+            credentials,
+        })
+    }
+
+    /// CPU seconds the mock has used.
+    pub(super) fn cpu(&self) -> f64 {
+        self._child
+            .id()
+            .map_or(0.0, |pid| cpu_seconds(&pid.to_string()))
+    }
+
+    pub(super) fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+}
+
 pub(super) fn signer(dir: &Path) -> anyhow::Result<(Arc<jwt::Signer>, PathBuf)> {
     let key = Key::generate("BENCHKEY01", "BENCHTEAM1")?;
     let file = dir.join("bench-key.p8");
@@ -102,6 +161,8 @@ pub(super) struct WorkerOf<'a> {
     pub(super) db_url: &'a str,
     pub(super) mock: &'a MockProcess,
     pub(super) key_file: &'a Path,
+    /// The mock FCM, for a fleet with Android phones.
+    pub(super) fcm: Option<&'a FcmMockProcess>,
 }
 
 impl WorkerOf<'_> {
@@ -147,6 +208,12 @@ impl WorkerOf<'_> {
             .env("RINGPUSH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("RUST_LOG", "warn")
             .kill_on_drop(true);
+        if let Some(fcm) = self.fcm {
+            command
+                .env("RINGPUSH_FCM_CREDENTIALS_FILE", &fcm.credentials)
+                .env("RINGPUSH_FCM_URL", fcm.url())
+                .env("RINGPUSH_FCM_CA_FILE", fcm.cert_dir.join("ca.pem"));
+        }
         if let Some(file) = info_log {
             command
                 .env("RUST_LOG", "warn,ringpush::worker=info")

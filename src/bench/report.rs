@@ -23,6 +23,8 @@ pub struct Report {
     pub e2e_backlog_p99_ms: Option<f64>,
     /// Rings published live at half the drain rate: the target's latency.
     pub half_rate: Window,
+    /// Share of the fleet's tokens (percent) that were Android phones.
+    pub android_share: u32,
     /// The same at a quarter of the drain rate: how the latency falls when the machine is
     /// less busy.
     pub quarter_rate: Window,
@@ -43,6 +45,12 @@ pub struct Report {
     pub peers: Vec<Peer>,
     pub binary_frames: usize,
     pub binary_frames_per_s: f64,
+    /// The FCM leg (as many requests as the APNs leg): ringpush's FCM client and a bare h2
+    /// loop, one connection each, to a mock-fcm process.
+    pub fcm_client_per_s: f64,
+    pub fcm_client_cpu_us: f64,
+    pub fcm_bare_h2_per_s: f64,
+    pub fcm_bare_h2_cpu_us: f64,
     /// With `--soak`: the soak's length, rate, and the worker's RSS samples (MB, every 10 s).
     pub soak_seconds: Option<f64>,
     pub soak_rings_per_s: Option<f64>,
@@ -170,8 +178,14 @@ impl std::fmt::Display for Report {
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
         writeln!(
             f,
-            "ringpush bench — {}, {} rings × {} tokens",
-            self.machine, self.rings, self.fanout
+            "ringpush bench — {}, {} rings × {} tokens{}",
+            self.machine,
+            self.rings,
+            self.fanout,
+            match self.android_share {
+                0 => String::new(),
+                share => format!(" ({share}% of them Android, through mock-fcm)"),
+            }
         )?;
         writeln!(f)?;
         writeln!(f, "end to end (one worker process)")?;
@@ -292,6 +306,21 @@ impl std::fmt::Display for Report {
             f,
             "  frames/s                     {:>10.0}",
             self.binary_frames_per_s
+        )?;
+        writeln!(
+            f,
+            "FCM leg ({} requests, one connection, mock-fcm)",
+            self.apns_requests
+        )?;
+        writeln!(
+            f,
+            "  ringpush FCM client          {:>10.0}/s {:>7.1} µs CPU each",
+            self.fcm_client_per_s, self.fcm_client_cpu_us
+        )?;
+        writeln!(
+            f,
+            "  bare h2 loop                 {:>10.0}/s {:>7.1} µs CPU each",
+            self.fcm_bare_h2_per_s, self.fcm_bare_h2_cpu_us
         )?;
         if let Some(b) = &self.building {
             writeln!(

@@ -107,6 +107,22 @@ impl ApnsTlsArgs {
 }
 
 impl ApnsArgs {
+    /// Whether any APNs credential is set (or the binary protocol asked for): APNs is meant
+    /// to be used, and its settings must be complete.
+    pub fn configured(&self) -> bool {
+        self.apns_key_file.is_some()
+            || self.apns_key_id.is_some()
+            || self.apns_team_id.is_some()
+            || self.tls.apns_cert_file.is_some()
+            || self.tls.apns_protocol == ApnsProtocol::Binary
+    }
+
+    /// The client when APNs is configured ([`ApnsArgs::configured`]), checked as
+    /// [`ApnsArgs::client`] checks it; `None` when no APNs credential is set at all.
+    pub fn client_if_configured(&self) -> Result<Option<Apns>, ConfigError> {
+        self.configured().then(|| self.client()).transpose()
+    }
+
     /// Checks the credentials and builds the client (connections open on first use).
     pub fn client(&self) -> Result<Apns, ConfigError> {
         match self.tls.apns_protocol {

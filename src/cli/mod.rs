@@ -8,13 +8,16 @@
 //!
 //! - this file: the commands, the flag groups they share, the demo's and the bench's flags;
 //! - `apns`: protocol, endpoints, credentials, timeouts → the APNs client;
+//! - `fcm`: the service account, the API base, CA and channel → the FCM client;
 //! - `services`: `worker`, `feedback`, `purge`;
-//! - `mock`: `mock-apns`;
+//! - `mock`: `mock-apns`; `mock_fcm`: `mock-fcm`;
 //! - `ops`: the commands a person types — `ring`, `gateway …`, `queues`, `who`, `seed`;
 //! - `values`: value parsers whose errors name the variable, and the defaults.
 
 mod apns;
+mod fcm;
 mod mock;
+mod mock_fcm;
 mod ops;
 mod services;
 mod values;
@@ -25,7 +28,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use self::apns::{ApnsArgs, ApnsTlsArgs, Secret};
+pub use self::fcm::FcmArgs;
 pub use self::mock::MockArgs;
+pub use self::mock_fcm::MockFcmArgs;
 pub use self::ops::{
     GatewayAddArgs, GatewayCommand, GatewayIdArgs, GatewayPasswordArgs, ManagementArgs, QueuesArgs,
     RingArgs, SeedArgs, WhoArgs,
@@ -54,7 +59,7 @@ fn config_error(var: &'static str, reason: impl ToString) -> ConfigError {
 #[command(
     name = "ringpush",
     version,
-    about = "Gets a doorbell ring onto every phone that should hear it (APNs)"
+    about = "Gets a doorbell ring onto every phone that should hear it (APNs, FCM)"
 )]
 pub struct Cli {
     /// Log format: `text` for people, `json` for log pipelines.
@@ -76,7 +81,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Apply migrations/ to PostgreSQL (a second run is a no-op).
     Migrate(DatabaseArgs),
-    /// Consume rings, look up tokens, push to APNs.
+    /// Consume rings, look up tokens, push to APNs and FCM.
     Worker(Box<WorkerArgs>),
     /// Turn token rejections into purge requests (dropping repeats within a window).
     Feedback(FeedbackArgs),
@@ -84,6 +89,9 @@ pub enum Command {
     Purge(PurgeArgs),
     /// Run a local APNs stand-in (HTTP/2 over TLS with its own CA).
     MockApns(MockArgs),
+    /// Run a local FCM HTTP v1 stand-in with its OAuth 2.0 token endpoint (HTTP/2 over TLS
+    /// with its own CA).
+    MockFcm(MockFcmArgs),
     /// Run the whole pipeline on this machine and print what happened.
     Demo(DemoArgs),
     /// Publish rings as a gateway does: one, or N at a steady rate.
@@ -212,6 +220,10 @@ pub struct BenchArgs {
     /// Tokens per ring.
     #[arg(long, default_value = "4", value_parser = positive::<usize>("--fanout"))]
     pub fanout: usize,
+    /// Percent of each ring's tokens that are Android phones (through a mock-fcm process) in
+    /// the end-to-end part; 0: iOS only.
+    #[arg(long, default_value = "0", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub android_share: u32,
     /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
     #[arg(long, default_value = "50000", value_parser = positive::<usize>("--apns-requests"))]
     pub apns_requests: usize,
@@ -244,6 +256,7 @@ impl BenchArgs {
             database_url: self.local.database_url.clone(),
             rings: self.rings,
             fanout: self.fanout,
+            android_share: self.android_share,
             apns_requests: self.apns_requests,
             peers: self.peers,
             peer_requests: self.peer_requests,
@@ -342,6 +355,50 @@ mod tests {
         ]);
         let err = refresh.apns.client().err().unwrap().to_string();
         assert!(err.starts_with("RINGPUSH_APNS_JWT_REFRESH"), "{err}");
+    }
+
+    #[test]
+    fn a_worker_without_any_provider_is_refused_naming_the_variables() {
+        let err = worker(&[]).providers().err().unwrap().to_string();
+        for var in [
+            "RINGPUSH_APNS_KEY_FILE",
+            "RINGPUSH_APNS_CERT_FILE",
+            "RINGPUSH_FCM_CREDENTIALS_FILE",
+        ] {
+            assert!(err.contains(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_service_account_that_cannot_be_used_stops_the_worker_naming_the_variable() {
+        let dir =
+            std::env::temp_dir().join(format!("ringpush-cli-{}", crate::token::random_hex(4)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain_http = dir.join("http.json");
+        let json =
+            crate::fcm::credentials::generate("p", "a@p.iam", "http://127.0.0.1/token").unwrap();
+        std::fs::write(&plain_http, json).unwrap();
+        let cases = [
+            (dir.join("missing.json"), "missing.json"),
+            (plain_http, "is not an https:// URL"),
+        ];
+        for (path, why) in cases {
+            let w = worker(&["--fcm-credentials-file", path.to_str().unwrap()]);
+            let err = w.providers().err().unwrap().to_string();
+            assert!(
+                err.starts_with("RINGPUSH_FCM_CREDENTIALS_FILE") && err.contains(why),
+                "{err}"
+            );
+            assert!(!err.contains("PRIVATE KEY"), "the key never shows: {err}");
+        }
+        let good = dir.join("good.json");
+        let json =
+            crate::fcm::credentials::generate("p", "a@p.iam", "https://127.0.0.1/token").unwrap();
+        std::fs::write(&good, json).unwrap();
+        let w = worker(&["--fcm-credentials-file", good.to_str().unwrap()]);
+        let providers = w.providers().expect("FCM alone is a provider");
+        assert!(providers.apns.is_none() && providers.fcm.is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -206,10 +206,38 @@ pub struct SeedArgs {
     pub database: DatabaseArgs,
     /// The gateway to create (nothing changes if it exists).
     pub gateway_id: String,
-    /// How many phones its owner has.
-    #[arg(long, default_value = "3", value_parser = positive::<u32>("--phones"))]
+    /// How many iPhones (alert rings) its owner has.
+    #[arg(long, default_value = "3")]
     pub phones: u32,
+    /// How many iPhones that ring as a call (PushKit) its owner has.
+    #[arg(long, default_value = "0")]
+    pub call_phones: u32,
+    /// How many Android phones (alert rings, through FCM) its owner has.
+    #[arg(long, default_value = "0")]
+    pub android: u32,
+    /// How many Android phones that ring as a call its owner has.
+    #[arg(long, default_value = "0")]
+    pub android_call: u32,
     /// The phones' topic.
     #[arg(long, default_value = "com.example.doorbell")]
     pub topic: String,
+}
+
+impl SeedArgs {
+    /// The phones to create: at least one.
+    pub fn phones(&self) -> Result<crate::db::Phones, super::ConfigError> {
+        let phones = crate::db::Phones {
+            apns_alert: self.phones,
+            apns_call: self.call_phones,
+            fcm_alert: self.android,
+            fcm_call: self.android_call,
+        };
+        if phones.total() == 0 {
+            return Err(super::config_error(
+                "--phones",
+                "a seeded gateway needs at least one phone (--phones, --call-phones, --android, --android-call)",
+            ));
+        }
+        Ok(phones)
+    }
 }

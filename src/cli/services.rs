@@ -22,6 +22,8 @@ pub struct WorkerArgs {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub apns: ApnsArgs,
+    #[command(flatten)]
+    pub fcm: super::FcmArgs,
     /// How long a ring is worth delivering after it was pressed.
     #[arg(long, env = "RINGPUSH_RING_TTL", default_value = shown!(defaults::worker().ring_ttl), value_parser = duration("RINGPUSH_RING_TTL"))]
     pub ring_ttl: Duration,
@@ -59,6 +61,20 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
+    /// The providers the worker pushes through, each checked; at least one must be
+    /// configured.
+    pub fn providers(&self) -> Result<crate::provider::Providers, ConfigError> {
+        let apns = self.apns.client_if_configured()?;
+        let fcm = self.fcm.client()?;
+        if apns.is_none() && fcm.is_none() {
+            return Err(config_error(
+                "RINGPUSH_APNS_KEY_FILE",
+                "no push provider is configured: set APNs token auth (RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID, RINGPUSH_APNS_TEAM_ID) or certificate auth (RINGPUSH_APNS_CERT_FILE), or FCM (RINGPUSH_FCM_CREDENTIALS_FILE)",
+            ));
+        }
+        Ok(crate::provider::Providers::new(apns, fcm))
+    }
+
     pub fn settings(&self) -> Result<worker::Settings, ConfigError> {
         for (var, text) in [
             ("RINGPUSH_ALERT_TITLE", &self.alert_title),

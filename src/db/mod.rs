@@ -16,8 +16,10 @@ pub use ledger::{hash as ledger_hash, Ledger, RingKey, Seen, TokenHash, LEDGER_T
 pub use lookup::{
     lookup, probe_lookup, Found, Gateway, LookupError, Lookups, Recipient, QUERY_TIMEOUT,
 };
-pub use pool::{create_schema, drop_schema, migrate, ping, pool, target, url_with_schema};
-pub use support::{seed, who, Reach};
+pub use pool::{
+    create_schema, drop_schema, migrate, migrate_to, ping, pool, target, url_with_schema,
+};
+pub use support::{random_token, seed, who, Phones, Reach};
 
 /// The database cannot be reached or used. Its text says what an operator can act on: the
 /// SQLSTATE, the server's message and, where the server names them, the table, column or

@@ -66,10 +66,20 @@ pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbErr
 /// Applies `migrations/` (refinery keeps its history table beside ours); a second run is
 /// a no-op. Returns the names of the migrations it applied.
 pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
+    migrate_to(url, None).await
+}
+
+/// [`migrate`], stopping after migration `version` when given: how a test builds the
+/// schema an older release left behind, to check what the next migration does to its rows.
+pub async fn migrate_to(url: &str, version: Option<i32>) -> Result<Vec<String>, DbError> {
     let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
     let (mut client, connection) = config.connect(NoTls).await?;
     let driver = tokio::spawn(connection);
-    let report = embedded::migrations::runner().run_async(&mut client).await;
+    let mut runner = embedded::migrations::runner();
+    if let Some(version) = version {
+        runner = runner.set_target(refinery::Target::Version(version));
+    }
+    let report = runner.run_async(&mut client).await;
     drop(client);
     let _ = driver.await;
     Ok(report?

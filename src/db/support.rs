@@ -3,7 +3,7 @@
 
 use deadpool_postgres::Pool;
 
-use crate::token::DeviceToken;
+use crate::token::{DeviceToken, Kind, Platform};
 
 use super::DbError;
 
@@ -13,7 +13,9 @@ pub struct Reach {
     pub user_id: i64,
     /// `owner` or `sharee`.
     pub role: &'static str,
+    /// The token, with its platform.
     pub token: DeviceToken,
+    pub kind: Kind,
     pub environment: String,
     pub topic: Option<String>,
     /// When the phone last registered the token (RFC 3339).
@@ -36,7 +38,8 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> Result<Option<(String, Vec<Re
     let rows = client
         .query(
             "SELECT t.user_id, t.token, t.environment, t.topic,
-                    to_char(t.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                    to_char(t.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    t.platform, t.kind
              FROM push_tokens t
              WHERE t.user_id = $2
                 OR t.user_id IN (SELECT s.user_id FROM gateway_shares s WHERE s.gateway_id = $1)
@@ -48,10 +51,12 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> Result<Option<(String, Vec<Re
         .iter()
         .filter_map(|row| {
             let user_id: i64 = row.get(0);
+            let platform: Platform = row.get::<_, String>(5).parse().ok()?;
             Some(Reach {
                 user_id,
                 role: if user_id == owner { "owner" } else { "sharee" },
-                token: DeviceToken::parse(row.get(1)).ok()?,
+                token: DeviceToken::parse_for(platform, row.get(1)).ok()?,
+                kind: row.get::<_, String>(6).parse().ok()?,
                 environment: row.get(2),
                 topic: row.get(3),
                 registered: row.get(4),
@@ -61,12 +66,57 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> Result<Option<(String, Vec<Re
     Ok(Some((name, reach)))
 }
 
+/// How many phones of each platform and kind a seeded gateway's owner has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Phones {
+    /// iPhones that ring as an alert.
+    pub apns_alert: u32,
+    /// iPhones that ring as a call (PushKit).
+    pub apns_call: u32,
+    /// Android phones that ring as an alert.
+    pub fcm_alert: u32,
+    /// Android phones that ring as a call (a high-priority data message).
+    pub fcm_call: u32,
+}
+
+impl Phones {
+    /// Each phone's platform and kind, in that order.
+    pub fn each(&self) -> impl Iterator<Item = (Platform, Kind)> {
+        let counts = [
+            (Platform::Apns, Kind::Alert, self.apns_alert),
+            (Platform::Apns, Kind::Call, self.apns_call),
+            (Platform::Fcm, Kind::Alert, self.fcm_alert),
+            (Platform::Fcm, Kind::Call, self.fcm_call),
+        ];
+        counts
+            .into_iter()
+            .flat_map(|(p, k, n)| std::iter::repeat_n((p, k), n as usize))
+    }
+
+    pub fn total(&self) -> u32 {
+        self.apns_alert + self.apns_call + self.fcm_alert + self.fcm_call
+    }
+}
+
+/// A random token of `platform`, as a phone would register it (tests, seeds, the demo).
+pub fn random_token(platform: Platform) -> String {
+    match platform {
+        Platform::Apns => crate::token::random_hex(32),
+        // FCM's shape: an instance id, a colon, and a long opaque part.
+        Platform::Fcm => format!(
+            "{}:APA91b{}",
+            crate::token::random_hex(11),
+            crate::token::random_hex(64)
+        ),
+    }
+}
+
 /// Creates `gateway_id` with a new owner and `phones` random tokens, unless the gateway
 /// exists. Returns whether it created anything.
 pub async fn seed(
     pool: &Pool,
     gateway_id: &str,
-    phones: u32,
+    phones: Phones,
     topic: &str,
 ) -> Result<bool, DbError> {
     let mut client = pool.get().await?;
@@ -87,11 +137,12 @@ pub async fn seed(
         &[&gateway_id, &owner],
     )
     .await?;
-    for _ in 0..phones {
-        let token = crate::token::random_hex(32);
+    for (platform, kind) in phones.each() {
+        let token = random_token(platform);
+        let topic = (platform == Platform::Apns).then_some(topic);
         tx.execute(
-            "INSERT INTO push_tokens (token, user_id, environment, topic) VALUES ($1, $2, 'production', $3)",
-            &[&token, &owner, &topic],
+            "INSERT INTO push_tokens (token, user_id, environment, topic, platform, kind) VALUES ($1, $2, 'production', $3, $4, $5)",
+            &[&token, &owner, &topic, &platform.as_str(), &kind.as_str()],
         )
         .await?;
     }

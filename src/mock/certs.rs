@@ -11,7 +11,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 const CA_KEY_FILE: &str = "ca-key.pem";
 
 /// Names the server certificate is valid for.
-const SERVER_NAMES: [&str; 4] = ["localhost", "127.0.0.1", "::1", "mock-apns"];
+const SERVER_NAMES: [&str; 5] = ["localhost", "127.0.0.1", "::1", "mock-apns", "mock-fcm"];
 
 /// The files of a certificate directory.
 pub struct Certs {

@@ -13,17 +13,20 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::time::{format_rfc3339, parse_rfc3339, TimeError};
-use crate::token::{DeviceToken, Environment};
+use crate::token::{DeviceToken, Environment, Platform};
 
-/// A token APNs (or the legacy feedback service) says is no longer valid.
+/// A token APNs (or the legacy feedback service) or FCM says is no longer valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalidation {
+    /// The token, with its platform (the optional `"platform"`: `apns` when absent, so v1
+    /// events read as they always did; written only for FCM tokens).
     pub token: DeviceToken,
     pub environment: Environment,
     /// The topic the rejected notification was sent with.
     pub topic: Option<String>,
     /// The APNs reason (`Unregistered`, `BadDeviceToken`, …), `InvalidToken` (binary status
-    /// 8) or `FeedbackService`.
+    /// 8), `FeedbackService`, or FCM's error code (`UNREGISTERED`, `SENDER_ID_MISMATCH`,
+    /// `INVALID_ARGUMENT`).
     pub reason: String,
     /// Since when the token is invalid: APNs's 410 timestamp, else the time of the answer.
     /// A token registered again after this moment is kept.
@@ -46,6 +49,8 @@ pub enum InvalidationError {
     Version(String),
     #[error("`token`: {0}")]
     Token(String),
+    #[error("`platform`: {0}")]
+    Platform(String),
     #[error("`environment`: {0}")]
     Environment(String),
     #[error("`reason` is empty")]
@@ -60,6 +65,8 @@ pub enum InvalidationError {
 struct Wire {
     v: serde_json::Value,
     token: String,
+    #[serde(default)]
+    platform: Option<String>,
     environment: String,
     topic: Option<String>,
     reason: String,
@@ -86,8 +93,12 @@ impl Invalidation {
         if w.reason.is_empty() {
             return Err(InvalidationError::Reason);
         }
+        let platform = match &w.platform {
+            None => Platform::Apns,
+            Some(p) => p.parse().map_err(InvalidationError::Platform)?,
+        };
         Ok(Self {
-            token: DeviceToken::parse(&w.token)
+            token: DeviceToken::parse_for(platform, &w.token)
                 .map_err(|e| InvalidationError::Token(e.to_string()))?,
             environment: w
                 .environment
@@ -101,16 +112,19 @@ impl Invalidation {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
+        let mut json = serde_json::json!({
             "v": 1,
-            "token": self.token.as_hex(),
+            "token": self.token.as_str(),
             "environment": self.environment.as_str(),
             "topic": self.topic,
             "reason": self.reason,
             "invalid_since": format_rfc3339(self.invalid_since),
             "observed_at": format_rfc3339(self.observed_at),
-        }))
-        .expect("a JSON value serialises")
+        });
+        if self.token.platform() != Platform::Apns {
+            json["platform"] = self.token.platform().as_str().into();
+        }
+        serde_json::to_vec(&json).expect("a JSON value serialises")
     }
 }
 
@@ -130,6 +144,24 @@ mod tests {
             observed_at: datetime!(2026-11-28 09:15:02.3 UTC),
         };
         assert_eq!(Invalidation::parse(&event.to_json()).unwrap(), event);
+        let json: serde_json::Value = serde_json::from_slice(&event.to_json()).unwrap();
+        assert!(
+            json.get("platform").is_none(),
+            "an APNs event stays v1 as it was"
+        );
+        let fcm = Invalidation {
+            token: DeviceToken::parse_fcm("dGVz:APA91b-X").unwrap(),
+            environment: Environment::Production,
+            topic: None,
+            reason: "UNREGISTERED".into(),
+            ..event.clone()
+        };
+        let json: serde_json::Value = serde_json::from_slice(&fcm.to_json()).unwrap();
+        assert_eq!(
+            (json["platform"].as_str(), json["topic"].is_null()),
+            (Some("fcm"), true)
+        );
+        assert_eq!(Invalidation::parse(&fcm.to_json()).unwrap(), fcm);
 
         let ok = r#""token":"abcd","environment":"production","topic":null,"reason":"BadDeviceToken","invalid_since":"2026-11-28T09:00:00Z","observed_at":"2026-11-28T09:00:00Z""#;
         let since = |t: &str| format!(r#"{{"v":1,{}}}"#, ok.replacen("2026-11-28T09:00:00Z", t, 1));
@@ -144,6 +176,17 @@ mod tests {
             (
                 format!(r#"{{"v":1,{}}}"#, ok.replace("production", "staging")),
                 Some("`environment`"),
+            ),
+            (
+                format!(
+                    r#"{{"v":1,"platform":"fcm",{}}}"#,
+                    ok.replace("abcd", "A:b-c_d.E")
+                ),
+                None,
+            ),
+            (
+                format!(r#"{{"v":1,"platform":"gcm",{ok}}}"#),
+                Some("`platform`"),
             ),
             (
                 format!(r#"{{"v":1,{}}}"#, ok.replace("BadDeviceToken", "")),

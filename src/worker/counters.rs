@@ -13,8 +13,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::apns::Apns;
 use crate::metrics::{self, encode, ReadyCheck};
+use crate::provider::{Answer, Providers, Skip};
+use crate::token::Platform;
 
 use metrics::{labelled as child, Family1};
 
@@ -25,6 +26,10 @@ pub struct Counters {
     rings: Family1,
     notifications: Family1,
     rejected: Family1,
+    /// `ringpush_platform_notifications_total{platform, outcome}`: the outcomes of
+    /// `notifications` per platform, children kept by platform and outcome.
+    by_platform: Family1,
+    by_platform_children: [[Counter; PLATFORM_OUTCOMES.len()]; 2],
     pub rings_consumed: Counter,
     /// Rings settled: acked after a push, expiry, unknown gateway, retry or dead-letter.
     pub rings_acked: Counter,
@@ -49,6 +54,10 @@ pub struct Counters {
     pub notifications_failed: Counter,
     /// Pushes not made because the ledger says the token took the ring already.
     pub notifications_suppressed: Counter,
+    /// Tokens of a platform no provider is configured for: not sent, not retried.
+    pub notifications_unconfigured: Counter,
+    /// Call-style rings to APNs tokens over the legacy binary interface: not sent.
+    pub notifications_unsupported: Counter,
     /// Feedback events published for tokens APNs says are dead.
     pub feedback_events: Counter,
     /// Times consumption paused because APNs or the database was unreachable.
@@ -60,6 +69,8 @@ pub struct Counters {
     pub broker_sessions: Counter,
     /// APNs request latency, seconds.
     pub apns_request_seconds: Histogram,
+    /// FCM request latency, seconds (a `Retry-After` wait included).
+    pub fcm_request_seconds: Histogram,
     /// From `pressed_at` to APNs's 200, seconds: the number the business cares about.
     pub ring_to_accepted_seconds: Histogram,
     /// Consuming from the broker right now.
@@ -69,8 +80,26 @@ pub struct Counters {
     pub paused_database: AtomicBool,
 }
 
+/// The outcomes counted per platform, in the order of `by_platform_children`.
+const PLATFORM_OUTCOMES: [&str; 5] = [
+    "accepted",
+    "rejected",
+    "failed",
+    "unconfigured",
+    "unsupported",
+];
+
 impl Default for Counters {
     fn default() -> Self {
+        let by_platform = Family1::default();
+        let by_platform_children = Platform::ALL.map(|p| {
+            PLATFORM_OUTCOMES.map(|o| {
+                by_platform.get_or_create_owned(&vec![
+                    ("platform".to_owned(), p.as_str().to_owned()),
+                    ("outcome".to_owned(), o.to_owned()),
+                ])
+            })
+        });
         let rings = Family1::default();
         let notifications = Family1::default();
         // Every rejection APNs can give for good, at zero from the start: an alert on
@@ -101,14 +130,19 @@ impl Default for Counters {
             notifications_rejected: notification("rejected"),
             notifications_failed: notification("failed"),
             notifications_suppressed: notification("suppressed"),
+            notifications_unconfigured: notification("unconfigured"),
+            notifications_unsupported: notification("unsupported"),
             rings,
             notifications,
             rejected,
+            by_platform,
+            by_platform_children,
             feedback_events: Counter::default(),
             pauses: Counter::default(),
             probes_failed: Counter::default(),
             broker_sessions: Counter::default(),
             apns_request_seconds: metrics::latency_histogram(),
+            fcm_request_seconds: metrics::latency_histogram(),
             ring_to_accepted_seconds: metrics::latency_histogram(),
             broker_connected: AtomicBool::default(),
             paused_apns: AtomicBool::default(),
@@ -145,6 +179,47 @@ impl Counters {
         child(&self.rejected, "reason", reason).get()
     }
 
+    /// Counts one answer of `platform` under its outcome, per platform; and, for an answer the
+    /// provider gave, its latency.
+    pub(super) fn count_platform(&self, platform: Platform, answer: &Answer, seconds: f64) {
+        let outcome = match answer {
+            Answer::Accepted => 0,
+            Answer::Dead { .. } | Answer::Rejected { .. } => 1,
+            Answer::Retry { .. } | Answer::Unreachable { .. } => 2,
+            Answer::Skipped(Skip::Unconfigured(_)) => 3,
+            Answer::Skipped(Skip::Unsupported) => 4,
+        };
+        let p = match platform {
+            Platform::Apns => 0,
+            Platform::Fcm => 1,
+        };
+        self.by_platform_children[p][outcome].inc();
+        if answer.answered() {
+            match platform {
+                Platform::Apns => self.apns_request_seconds.observe(seconds),
+                Platform::Fcm => self.fcm_request_seconds.observe(seconds),
+            }
+        }
+    }
+
+    /// Notifications of `platform` counted under `outcome` (accepted, rejected, failed,
+    /// unconfigured, unsupported).
+    pub fn platform(&self, platform: Platform, outcome: &str) -> u64 {
+        let o = PLATFORM_OUTCOMES
+            .iter()
+            .position(|x| *x == outcome)
+            .expect("an outcome");
+        self.by_platform_children[platform as usize][o].get()
+    }
+
+    /// Counts a token that was skipped (no provider for it).
+    pub(super) fn count_skipped(&self, skip: crate::provider::Skip) {
+        match skip {
+            crate::provider::Skip::Unconfigured(_) => self.notifications_unconfigured.inc(),
+            crate::provider::Skip::Unsupported => self.notifications_unsupported.inc(),
+        };
+    }
+
     /// Counts a rejection under its reason (a read lock on the family, on the rejection path
     /// only: an accepted notification takes none).
     pub(super) fn count_rejected(&self, reason: &str) {
@@ -153,7 +228,7 @@ impl Counters {
 
     /// Registers the worker's metrics: the counter families, the two latency histograms,
     /// and the gauges read at scrape time.
-    pub fn register(self: &Arc<Self>, registry: &mut Registry, apns: &Apns) {
+    pub fn register(self: &Arc<Self>, registry: &mut Registry, providers: &Providers) {
         registry.register(
             "rings",
             "Rings by what became of them (consumed counts every delivery)",
@@ -161,12 +236,17 @@ impl Counters {
         );
         registry.register(
             "notifications",
-            "Notifications by outcome: accepted by APNs, rejected for good, failed for now, or suppressed (the ledger says the token took the ring already)",
+            "Notifications by outcome: accepted by the provider, rejected for good, failed for now, suppressed (the ledger says the token took the ring already), or skipped (unconfigured: no provider for the token's platform; unsupported: a call over APNs's binary interface)",
             self.notifications.clone(),
         );
         registry.register(
+            "platform_notifications",
+            "Notifications by platform (apns, fcm) and outcome (as ringpush_notifications_total)",
+            self.by_platform.clone(),
+        );
+        registry.register(
             "notifications_rejected",
-            "Rejections by APNs reason",
+            "Rejections by reason: APNs's reason strings, FCM's error codes (UNREGISTERED, …)",
             self.rejected.clone(),
         );
         registry.register(
@@ -195,23 +275,37 @@ impl Counters {
             self.apns_request_seconds.clone(),
         );
         registry.register(
+            "fcm_request_seconds",
+            "FCM request latency, send to answer (a Retry-After wait included)",
+            self.fcm_request_seconds.clone(),
+        );
+        registry.register(
             "ring_to_accepted_seconds",
             "From the button press (pressed_at) to APNs accepting the notification",
             self.ring_to_accepted_seconds.clone(),
         );
         registry.register_collector(Box::new(Scrape {
             counters: self.clone(),
-            apns: apns.clone(),
+            providers: providers.clone(),
         }));
     }
 
-    /// `/readyz`: consuming, with APNs and the database answering.
-    pub fn ready_check(self: &Arc<Self>, pool: deadpool_postgres::Pool) -> ReadyCheck {
+    /// `/readyz`: consuming, with APNs, FCM (when configured) and the database answering.
+    pub fn ready_check(
+        self: &Arc<Self>,
+        pool: deadpool_postgres::Pool,
+        providers: &Providers,
+    ) -> ReadyCheck {
         let counters = self.clone();
+        let providers = providers.clone();
         Arc::new(move || {
             let (counters, pool) = (counters.clone(), pool.clone());
+            let fcm_up = providers.fcm_up();
             Box::pin(async move {
                 counters.ready()?;
+                if fcm_up == Some(false) {
+                    return Err("FCM unreachable, or its token endpoint refusing the service account; Android tokens wait on the retry path".into());
+                }
                 crate::db::ping(&pool)
                     .await
                     .map_err(|e| format!("database: {e}"))
@@ -221,11 +315,11 @@ impl Counters {
 }
 
 /// What is only known at scrape time: whether the worker consumes or is paused, and its
-/// APNs client's connections.
+/// providers' connections.
 #[derive(Debug)]
 struct Scrape {
     counters: Arc<Counters>,
-    apns: Apns,
+    providers: Providers,
 }
 
 impl Collector for Scrape {
@@ -248,13 +342,55 @@ impl Collector for Scrape {
             &mut e,
             "apns_connections",
             "Open HTTP/2 connections to APNs.",
-            self.apns.connections_open(),
+            self.providers
+                .apns
+                .as_ref()
+                .map_or(0, |a| a.connections_open()),
         )?;
         encode::gauge(
             &mut e,
             "apns_streams_in_flight",
             "APNs requests awaiting their answer.",
-            self.apns.in_flight(),
+            self.providers.apns.as_ref().map_or(0, |a| a.in_flight()),
+        )?;
+        let p = &self.providers;
+        let mut up = Vec::new();
+        if p.apns.is_some() {
+            up.push(("apns", i64::from(!c.paused_apns.load(Ordering::Relaxed))));
+        }
+        if let Some(fcm_up) = p.fcm_up() {
+            up.push(("fcm", i64::from(fcm_up)));
+        }
+        encode::gauges(
+            &mut e,
+            "provider_up",
+            "1 while a configured push service is usable as far as this worker knows (APNs: consumption not paused for it; FCM: a connection can be had and the last access-token exchange worked).",
+            "platform",
+            &up,
+        )?;
+        let Some(fcm) = &p.fcm else { return Ok(()) };
+        encode::gauge(
+            &mut e,
+            "fcm_connections",
+            "Open HTTP/2 connections to FCM.",
+            fcm.connections_open(),
+        )?;
+        encode::gauge(
+            &mut e,
+            "fcm_streams_in_flight",
+            "FCM requests awaiting their answer.",
+            fcm.streams_in_flight(),
+        )?;
+        let tokens = fcm.tokens();
+        encode::counters(
+            &mut e,
+            "fcm_token_renewals",
+            "OAuth 2.0 access-token exchanges at the service account's token_uri, by outcome.",
+            "outcome",
+            &[
+                ("ok", tokens.renewals.load(Ordering::Relaxed)),
+                ("failed", tokens.renewal_failures.load(Ordering::Relaxed)),
+            ],
         )
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::{DeviceToken, Environment, Invalidation};
 use crate::provider::Answer;
+use crate::token::Platform;
 
 /// Whom an answer is about: the token, and what a feedback event about it names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,16 +286,21 @@ struct Tally {
     feedback: Vec<Invalidation>,
     /// Tokens to try again: answered "retry", or their provider unreachable.
     pending: Vec<DeviceToken>,
-    /// The environments that could not be reached at all.
+    /// The APNs environments that could not be reached at all.
     unreachable: Vec<Environment>,
     /// Whether every pending token failed only because its provider was unreachable.
     only_unreachable: bool,
+    /// Whether the ring may be held for them: only APNs holds a ring — an FCM token that
+    /// cannot be reached waits on the retry path (no attempt spent), so a down FCM never
+    /// pauses the consumption iPhones need.
+    holdable: bool,
     error: String,
 }
 
 fn tally(answers: impl IntoIterator<Item = (Target, Answer)>) -> Tally {
     let mut t = Tally {
         only_unreachable: true,
+        holdable: true,
         ..Tally::default()
     };
     for (target, answer) in answers {
@@ -315,17 +321,20 @@ fn tally(answers: impl IntoIterator<Item = (Target, Answer)>) -> Tally {
                     observed_at,
                 });
             }
-            Answer::Rejected { .. } => t.rejected += 1,
+            // No provider for it (or none that carries its kind): settled like a rejection.
+            Answer::Rejected { .. } | Answer::Skipped(_) => t.rejected += 1,
             Answer::Retry { error, .. } => {
                 t.pending.push(target.token);
                 t.only_unreachable = false;
                 t.error = error;
             }
             Answer::Unreachable { error } => {
-                t.pending.push(target.token);
-                if !t.unreachable.contains(&target.environment) {
+                if target.token.platform() == Platform::Fcm {
+                    t.holdable = false;
+                } else if !t.unreachable.contains(&target.environment) {
                     t.unreachable.push(target.environment);
                 }
+                t.pending.push(target.token);
                 t.error = error;
             }
         }
@@ -345,6 +354,7 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
         pending,
         unreachable,
         only_unreachable,
+        holdable,
         error,
     } = tally(answers);
     if pending.is_empty() {
@@ -353,7 +363,7 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
             feedback,
         };
     }
-    if only_unreachable && pending.len() == total {
+    if only_unreachable && holdable && pending.len() == total {
         return Disposition::Hold {
             environments: unreachable,
             error,

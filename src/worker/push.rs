@@ -20,9 +20,8 @@ use super::pause::{pause, Paused};
 use super::read::Incoming;
 use super::settle::{settle, settle_recorded};
 use super::{Context, Counters};
-use crate::apns::request::{build_payload, Notification};
 use crate::db::{ledger_hash, Gateway, TokenHash};
-use crate::provider::Answer;
+use crate::provider::{Answer, Messages};
 
 /// How long requests in flight may still answer once the worker stops (their answers are
 /// kept; the tokens without one are handed back). Well within the time the consumer gives
@@ -88,7 +87,7 @@ async fn push(
                 .filter(|r| pending.is_none_or(|p| p.contains(r.token.as_hex())))
                 .filter(|r| {
                     let taken = !incoming.recorded.is_empty()
-                        && incoming.recorded.contains(&ledger_hash(r.token.as_hex()));
+                        && incoming.recorded.contains(&ledger_hash(r.token.as_str()));
                     suppressed += usize::from(taken);
                     !taken
                 })
@@ -114,7 +113,15 @@ async fn push(
     let (Disposition::Continue, Some(gateway)) = (&looked_up, gateway) else {
         return (looked_up, Vec::new());
     };
-    let payload = match build_payload(ring, &gateway.name, &ctx.settings.alert) {
+    let messages = Messages {
+        alert: &ctx.settings.alert,
+        default_topic: ctx.settings.default_topic.as_deref(),
+        ring_ttl: ctx.settings.ring_ttl,
+    };
+    let prepared = match ctx
+        .providers
+        .prepare(ring, &gateway.name, &recipients, &messages)
+    {
         Ok(p) => p,
         Err(e) => {
             let step = Step::Unpushable {
@@ -123,43 +130,26 @@ async fn push(
             return (decide(step), Vec::new());
         }
     };
-
-    let expiration = ring.expires_at(ctx.settings.ring_ttl);
     // Collected first: a stream over a lazy `map` of borrowing closures trips the compiler's
     // `Send` check for higher-ranked lifetimes.
     let sends: Vec<_> = recipients
         .iter()
         .map(|r| {
-            let payload = payload.clone();
+            let prepared = &prepared;
             async move {
-                let topic = r.topic.clone().or_else(|| ctx.settings.default_topic.clone());
                 let target = Target {
                     token: r.token.clone(),
                     environment: r.environment,
-                    topic: topic.clone(),
+                    topic: prepared.topic(r),
                 };
                 if abort.is_cancelled() {
                     // Stopping: not sent; handed back.
                     return (target, None);
                 }
-                let Some(topic) = topic else {
-                    warn!(gateway = incoming.gateway(), event = incoming.event(), token = %r.token, "token has no topic and RINGPUSH_APNS_TOPIC is not set");
-                    let reason = crate::apns::Reason::MissingTopic.to_string();
-                    let answer = Answer::Rejected { reason, ours: true };
-                    observe(ctx, incoming, &answer, Instant::now());
-                    return (target, Some(answer));
-                };
-                let n = Notification {
-                    token: r.token.clone(),
-                    topic,
-                    collapse_id: ring.event_id.clone(),
-                    expiration,
-                    payload,
-                };
                 let sent = Instant::now();
                 let answer = tokio::select! {
                     biased;
-                    answer = ctx.providers.send(r.environment, &n) => answer,
+                    answer = ctx.providers.send(prepared, r) => answer,
                     // The worker stopped and the answer did not come in time: whether the
                     // provider took it is unknown, so it is handed back.
                     _ = async {
@@ -167,7 +157,10 @@ async fn push(
                         tokio::time::sleep(STOP_DRAIN).await;
                     } => return (target, None),
                 };
-                observe(ctx, incoming, &answer, sent);
+                observe(ctx, incoming, &answer);
+                let seconds = sent.elapsed().as_secs_f64();
+                ctx.counters
+                    .count_platform(r.token.platform(), &answer, seconds);
                 log_rejection(incoming, &r.token, &answer);
                 (target, Some(answer))
             }
@@ -187,7 +180,7 @@ async fn push(
     let accepted = answers
         .iter()
         .filter(|(_, a)| matches!(a, Some(Answer::Accepted)))
-        .map(|(t, _)| ledger_hash(t.token.as_hex()))
+        .map(|(t, _)| ledger_hash(t.token.as_str()))
         .collect();
     let step = if answers.iter().all(|(_, a)| a.is_some()) {
         Step::Pushed {
@@ -229,9 +222,9 @@ fn log_rejection(incoming: &Incoming, token: &crate::token::DeviceToken, answer:
     }
 }
 
-/// Counts one answer: notifications by outcome, rejections by reason, request latency (for
-/// every answer APNs gave), press-to-accepted.
-fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer, sent: Instant) {
+/// Counts one answer: notifications by outcome, rejections by reason, press-to-accepted
+/// (per platform, and request latency, in `Counters::count_platform`).
+fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer) {
     let c = &ctx.counters;
     match answer {
         Answer::Accepted => {
@@ -244,11 +237,9 @@ fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer, sent: Instant) {
             Counters::add(&c.notifications_rejected, 1);
             c.count_rejected(reason);
         }
+        Answer::Skipped(skip) => c.count_skipped(*skip),
         Answer::Retry { .. } | Answer::Unreachable { .. } => {
             Counters::add(&c.notifications_failed, 1)
         }
-    }
-    if answer.answered() {
-        c.apns_request_seconds.observe(sent.elapsed().as_secs_f64());
     }
 }

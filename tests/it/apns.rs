@@ -85,6 +85,7 @@ impl Apns {
 
 fn notification(token: &DeviceToken) -> Notification {
     Notification {
+        push_type: ringpush::apns::request::PushType::Alert,
         token: token.clone(),
         topic: TOPIC.into(),
         collapse_id: random_hex(8),

@@ -168,6 +168,7 @@ async fn the_probe_tells_an_unreachable_gateway_from_a_reachable_one() {
     assert!(down.probe().await.is_err(), "nothing listens there");
     let token = DeviceToken::parse(&ringpush::token::random_hex(32)).unwrap();
     let notification = ringpush::apns::request::Notification {
+        push_type: ringpush::apns::request::PushType::Alert,
         token,
         topic: TOPIC.into(),
         collapse_id: String::new(),
@@ -245,6 +246,7 @@ fn client_to(
 fn padded_notification(pad: usize) -> ringpush::apns::request::Notification {
     let payload = format!("{{\"aps\":{{}},\"pad\":\"{}\"}}", "x".repeat(pad));
     ringpush::apns::request::Notification {
+        push_type: ringpush::apns::request::PushType::Alert,
         token: DeviceToken::parse(&ringpush::token::random_hex(32)).unwrap(),
         topic: TOPIC.into(),
         collapse_id: String::new(),

@@ -151,6 +151,7 @@ fn the_compose_file_runs_real_commands_with_variables_they_read() {
         "feedback",
         "purge",
         "mock-apns",
+        "mock-fcm",
         "ring",
         "seed",
         "gateway",

@@ -15,7 +15,8 @@ async fn migrate_twice_is_a_no_op() {
             "V2__create_gateways",
             "V3__create_gateway_shares",
             "V4__create_push_tokens",
-            "V5__ring_ledger"
+            "V5__ring_ledger",
+            "V6__push_tokens_platform_kind"
         ]
     );
     let second = ringpush::db::migrate(&db.url).await.unwrap();

@@ -144,12 +144,17 @@ pub struct Options {
     /// Apply `migrations/` to the test's schema (false: the schema starts empty, as before
     /// the deploy's `ringpush migrate` has run).
     pub migrate: bool,
+    /// Start a mock FCM and give the worker an FCM client for it (with these settings; its
+    /// URL is set to the mock's). `None`: the worker has no FCM credentials.
+    pub fcm: Option<ringpush::fcm::Settings>,
 }
 
 pub struct App {
     pub names: Names,
     pub pool: Pool,
     pub mock: Mock,
+    /// The mock FCM, with `Options::fcm`.
+    pub fcm: Option<ringpush::mock_fcm::MockFcm>,
     pub counters: Arc<Counters>,
     pub feedback_counters: Arc<feedback::Counters>,
     pub purge_counters: Arc<purge::Counters>,
@@ -157,6 +162,8 @@ pub struct App {
     worker_settings: worker::Settings,
     /// The worker's APNs client and database pool (through the proxies when asked for).
     worker_apns: Apns,
+    /// The worker's FCM client, with `Options::fcm`.
+    worker_fcm: Option<ringpush::fcm::Client>,
     worker_pool: Pool,
     pub apns_proxy: Option<Proxy>,
     pub db_proxy: Option<Proxy>,
@@ -239,6 +246,7 @@ impl App {
             metrics: false,
             binary: false,
             migrate: true,
+            fcm: None,
         };
         edit(&mut options);
         if options.migrate {
@@ -286,6 +294,15 @@ impl App {
                 .unwrap()
                 .into()
         };
+        let (fcm, worker_fcm) = match options.fcm {
+            None => (None, None),
+            Some(settings) => {
+                let (mock, client) = local::fcm_world(&dir, settings, cancel.clone())
+                    .await
+                    .expect("mock FCM starts");
+                (Some(mock), Some(client))
+            }
+        };
         let db_proxy = match options.db_proxy {
             true => Some(Proxy::start("127.0.0.1:5432".parse().unwrap()).await),
             false => None,
@@ -321,8 +338,12 @@ impl App {
             false => None,
             true => {
                 let mut registry = ringpush::metrics::registry();
-                counters.register(&mut registry, &worker_apns);
-                let ready = counters.ready_check(worker_pool.clone());
+                let providers = ringpush::provider::Providers::new(
+                    Some(worker_apns.clone()),
+                    worker_fcm.clone(),
+                );
+                counters.register(&mut registry, &providers);
+                let ready = counters.ready_check(worker_pool.clone(), &providers);
                 let addr = ringpush::metrics::observe(
                     "127.0.0.1:0".parse().unwrap(),
                     registry,
@@ -342,12 +363,14 @@ impl App {
             names,
             pool,
             mock,
+            fcm,
             counters,
             feedback_counters,
             purge_counters: Arc::new(purge::Counters::default()),
             purge_settings: options.purge,
             worker_settings: options.worker,
             worker_apns,
+            worker_fcm,
             worker_pool,
             apns_proxy,
             db_proxy,
@@ -394,11 +417,14 @@ impl App {
             self.counters.clone(),
             self.cancel.clone(),
         );
-        let (settings, apns) = (self.worker_settings.clone(), self.worker_apns.clone());
-        let worker =
-            tokio::spawn(
-                async move { worker::run(settings, &url, pool, apns, counters, cancel).await },
-            );
+        let settings = self.worker_settings.clone();
+        let providers = ringpush::provider::Providers::new(
+            Some(self.worker_apns.clone()),
+            self.worker_fcm.clone(),
+        );
+        let worker = tokio::spawn(async move {
+            worker::run(settings, &url, pool, providers, counters, cancel).await
+        });
         self.processes.push(("worker", worker));
     }
 

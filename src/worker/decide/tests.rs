@@ -442,3 +442,65 @@ fn a_push_interrupted_by_the_stop_hands_back_only_the_tokens_not_yet_reached() {
         }
     );
 }
+fn fcm_target(n: u8) -> Target {
+    Target {
+        token: DeviceToken::parse_fcm(&format!("fcm-{n}:APA91b")).unwrap(),
+        environment: Environment::Production,
+        topic: None,
+    }
+}
+
+#[test]
+fn skipped_tokens_settle_like_rejections_and_are_never_retried() {
+    use crate::provider::Skip;
+    let answers = vec![
+        (target(0, Environment::Production), Answer::Accepted),
+        (
+            fcm_target(1),
+            Answer::Skipped(Skip::Unconfigured(Platform::Fcm)),
+        ),
+        (
+            target(2, Environment::Production),
+            Answer::Skipped(Skip::Unsupported),
+        ),
+    ];
+    let d = decide(Step::Pushed {
+        answers,
+        attempt: 0,
+        max_attempts: 3,
+    });
+    assert_eq!(
+        d,
+        Disposition::Ack {
+            outcome: Outcome::Delivered {
+                accepted: 1,
+                rejected: 2
+            },
+            feedback: vec![]
+        }
+    );
+}
+
+#[test]
+fn an_unreachable_fcm_waits_on_the_retry_path_and_never_holds_the_consumption() {
+    let answers = vec![
+        (fcm_target(1), unreachable()),
+        (fcm_target(2), unreachable()),
+    ];
+    match decide(Step::Pushed {
+        answers,
+        attempt: 2,
+        max_attempts: 3,
+    }) {
+        Disposition::Retry {
+            attempt,
+            pending,
+            spent,
+            ..
+        } => {
+            assert_eq!((attempt, spent), (2, false), "no attempt spent");
+            assert_eq!(pending, vec![fcm_target(1).token, fcm_target(2).token]);
+        }
+        other => panic!("{other:?}"),
+    }
+}

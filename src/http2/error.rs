@@ -1,9 +1,10 @@
-//! [`SendError`]: why a notification got no answer from APNs — the one error both clients
-//! ([`super::http2`] and [`super::binary`]) return, so the worker decides on it alike.
+//! [`SendError`]: why a notification got no answer from its push service — the one error
+//! the HTTP/2 clients (APNs's and FCM's, over [`super::Pool`]) and APNs's binary client
+//! return, so the worker decides on it alike.
 
 use std::time::Duration;
 
-/// Why a notification got no answer from APNs. All of these are transient: the
+/// Why a notification got no answer from its push service. All of these are transient: the
 /// notification was not accepted and may be sent again.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -24,14 +25,14 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// APNs could not be reached at all (no connection): the request never left.
+    /// The service could not be reached at all (no connection): the request never left.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, SendError::Connect { .. } | SendError::Backoff { .. })
     }
 
     /// A copy for each notification waiting on the same failure (the binary client answers
     /// them all with it; the error is only text and numbers).
-    pub(super) fn clone_error(&self) -> SendError {
+    pub fn clone_error(&self) -> SendError {
         match self {
             SendError::Connect { endpoint, reason } => SendError::Connect {
                 endpoint: endpoint.clone(),

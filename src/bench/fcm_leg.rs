@@ -1,0 +1,150 @@
+//! The FCM leg: ringpush's FCM client against a bare `h2` loop over one connection, both
+//! against a `mock-fcm` process (so its CPU is not counted with the client's), with the
+//! access token the client obtained from the mock's token endpoint.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use http::uri::PathAndQuery;
+
+use super::measure::self_cpu;
+use super::processes::FcmMockProcess;
+use super::report::Report;
+use super::{ring_now, Settings};
+use crate::apns::request::AlertTemplate;
+use crate::apns::tls;
+use crate::fcm::answer::Verdict;
+use crate::fcm::client::build_request;
+use crate::fcm::message::{Style, Template};
+use crate::fcm::{self, ServiceAccount};
+use crate::http2::Endpoint;
+use crate::token::{DeviceToken, Kind};
+
+pub(super) async fn fcm_leg(
+    args: &Settings,
+    dir: &Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let mock = FcmMockProcess::start(&dir.join("fcm-leg")).await?;
+    let (credentials, port, cert_dir) = (&mock.credentials, mock.port, &mock.cert_dir);
+    let account = ServiceAccount::parse(&std::fs::read(credentials)?)?;
+    let project = account.project_id.clone();
+    let ca = cert_dir.join("ca.pem");
+    let endpoint =
+        Endpoint::parse(&format!("https://localhost:{port}")).map_err(anyhow::Error::msg)?;
+    let mut settings = fcm::Settings::new(endpoint.clone());
+    settings.tuning.connections = 1;
+    let client = fcm::Client::new(settings, account, tls::client_config(Some(&ca), None)?)
+        .map_err(anyhow::Error::msg)?;
+    let ring = ring_now();
+    let alert = AlertTemplate::default();
+    let style = Style {
+        alert: &alert,
+        channel: fcm::DEFAULT_CHANNEL,
+    };
+    let message = Template::new(&ring, "Front door", Kind::Alert, &style);
+    let tokens: Vec<DeviceToken> = (0..1000)
+        .map(|_| {
+            DeviceToken::parse_fcm(&crate::db::random_token(crate::token::Platform::Fcm)).unwrap()
+        })
+        .collect();
+    let expiration = ring.expires_at(Duration::from_secs(600));
+    let n = args.apns_requests;
+    // Connect, get the access token.
+    anyhow::ensure!(
+        matches!(
+            client.send(&message, &tokens[0], expiration).await,
+            Ok(Verdict::Accepted)
+        ),
+        "the first FCM send failed"
+    );
+    let (cpu0, t0) = (self_cpu(), Instant::now());
+    let ok = tokio::task::unconstrained(
+        stream::iter(0..n)
+            .map(|i| {
+                let (client, message, token) = (&client, &message, &tokens[i % tokens.len()]);
+                async move {
+                    matches!(
+                        client.send(message, token, expiration).await,
+                        Ok(Verdict::Accepted)
+                    )
+                }
+            })
+            .buffer_unordered(1000)
+            .filter(|ok| std::future::ready(*ok))
+            .count(),
+    )
+    .await;
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
+    anyhow::ensure!(ok == n, "ringpush FCM client: {ok} of {n} accepted");
+    report.fcm_client_per_s = n as f64 / secs;
+    report.fcm_client_cpu_us = cpu / n as f64 * 1e6;
+
+    let bearer = client.tokens().get().await?;
+    let path = PathAndQuery::try_from(format!("/v1/projects/{project}/messages:send"))?;
+    let request = build_request(&endpoint, &path, bearer.bearer());
+    let body = message.render(&tokens[0], 600);
+    let (per_s, cpu_us) = bare_h2(&endpoint, &ca, request, body, n).await?;
+    report.fcm_bare_h2_per_s = per_s;
+    report.fcm_bare_h2_cpu_us = cpu_us;
+    Ok(())
+}
+
+/// One connection, the same request over and over, as fast as `h2` goes: the wire's
+/// ceiling in this stack.
+async fn bare_h2(
+    endpoint: &Endpoint,
+    ca: &Path,
+    request: http::Request<()>,
+    body: Bytes,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let tls = tokio_rustls::TlsConnector::from(tls::client_config(Some(ca), None)?);
+    let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+    tcp.set_nodelay(true)?;
+    let tls = tls
+        .connect(
+            rustls_pki_types::ServerName::try_from(endpoint.host.clone())?,
+            tcp,
+        )
+        .await?;
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_max_send_streams(1)
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    tokio::spawn(connection);
+    let send = |sender: h2::client::SendRequest<Bytes>| {
+        let (request, body) = (request.clone(), body.clone());
+        async move {
+            let mut sender = sender.ready().await?;
+            let (response, mut stream) = sender.send_request(request, false)?;
+            stream.send_data(body, true)?;
+            let response = response.await?;
+            let status = response.status();
+            let mut recv = response.into_body();
+            while let Some(chunk) = recv.data().await {
+                let chunk = chunk?;
+                let _ = recv.flow_control().release_capacity(chunk.len());
+            }
+            anyhow::Ok(status.as_u16() == 200)
+        }
+    };
+    anyhow::ensure!(
+        send(sender.clone()).await?,
+        "the bare loop's first send failed"
+    );
+    let (cpu0, t0) = (self_cpu(), Instant::now());
+    let ok = tokio::task::unconstrained(
+        stream::iter(0..n)
+            .map(|_| send(sender.clone()))
+            .buffer_unordered(1000)
+            .filter(|r| std::future::ready(matches!(r, Ok(true))))
+            .count(),
+    )
+    .await;
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
+    anyhow::ensure!(ok == n, "bare h2 (FCM): {ok} of {n} accepted");
+    Ok((n as f64 / secs, cpu / n as f64 * 1e6))
+}

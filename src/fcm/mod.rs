@@ -1,0 +1,22 @@
+//! FCM HTTP v1: Android phones (and call-style data messages), as DESIGN.md specifies.
+//!
+//! - [`credentials`]: the service-account JSON, checked at start, and its RS256 assertion;
+//! - [`oauth`]: access tokens — exchanged at the account's `token_uri`, shared, renewed
+//!   ahead of expiry by one task, renewed once for all on a 401;
+//! - [`message`]: the message of a ring, built once per kind with holes for token and ttl;
+//! - [`answer`]: FCM's error codes and what each means ([`answer::Verdict`]);
+//! - [`client`]: the HTTP/2 client over [`crate::http2`]'s connections.
+
+pub mod answer;
+pub mod client;
+pub mod credentials;
+pub mod message;
+pub mod oauth;
+
+pub use client::{Client, FcmError, Settings};
+pub use credentials::{CredentialsError, ServiceAccount};
+
+/// Google's FCM HTTP v1 endpoint.
+pub const URL: &str = "https://fcm.googleapis.com:443";
+/// The Android notification channel of alert rings unless configured.
+pub const DEFAULT_CHANNEL: &str = "doorbell";

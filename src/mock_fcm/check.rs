@@ -1,0 +1,232 @@
+//! What `mock-fcm` checks, apart from serving: the token endpoint's form and its assertion
+//! (RS256 signature with the service account's key, `iss`, `scope`, `aud`, `iat`/`exp`), and
+//! a message's shape (DESIGN.md "FCM, alert" / "FCM, call"). Pure, table-tested.
+
+use crate::fcm::credentials::{verify_assertion, ASSERTION_LIFETIME_SECS, SCOPE};
+
+/// The service account the mock accepts assertions from.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub client_email: String,
+    pub token_uri: String,
+    pub project_id: String,
+    /// DER `RSAPublicKey` the assertion must verify with.
+    pub public_key: Vec<u8>,
+}
+
+/// Checks a token request's form body at `now` (Unix seconds); `Err` is the OAuth error
+/// (`invalid_request`, `unsupported_grant_type`, `invalid_grant`) and its description.
+pub fn token_request(
+    form: &[u8],
+    account: &Account,
+    now: u64,
+) -> Result<(), (&'static str, String)> {
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(form)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if get("grant_type") != Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
+        return Err((
+            "unsupported_grant_type",
+            "grant_type must be jwt-bearer".into(),
+        ));
+    }
+    let assertion = get("assertion").ok_or(("invalid_request", "no assertion".to_owned()))?;
+    let claims = verify_assertion(assertion, &account.public_key)
+        .ok_or(("invalid_grant", "Invalid JWT Signature.".to_owned()))?;
+    let text = |name: &str| claims[name].as_str().unwrap_or_default().to_owned();
+    if text("iss") != account.client_email {
+        return Err((
+            "invalid_grant",
+            format!("iss {:?} is not the account", text("iss")),
+        ));
+    }
+    if !text("scope").split(' ').any(|s| s == SCOPE) {
+        return Err((
+            "invalid_scope",
+            format!("scope {:?} lacks firebase.messaging", text("scope")),
+        ));
+    }
+    if text("aud") != account.token_uri {
+        return Err((
+            "invalid_grant",
+            format!("aud {:?} is not the token URI", text("aud")),
+        ));
+    }
+    let (iat, exp) = (claims["iat"].as_u64(), claims["exp"].as_u64());
+    let (Some(iat), Some(exp)) = (iat, exp) else {
+        return Err(("invalid_grant", "iat and exp are required".into()));
+    };
+    if exp <= now || iat > now + 60 || exp < iat || exp - iat > ASSERTION_LIFETIME_SECS {
+        return Err(("invalid_grant", "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe.".into()));
+    }
+    Ok(())
+}
+
+/// Checks a message's shape; `Err` is what an INVALID_ARGUMENT says, and whether it is about
+/// `message.token`. On success, the token.
+pub fn message(body: &[u8]) -> Result<String, (String, bool)> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| (format!("Invalid JSON payload: {e}"), false))?;
+    let m = &v["message"];
+    let token = m["token"].as_str().unwrap_or_default();
+    if token.is_empty()
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'.'))
+    {
+        return Err((
+            "The registration token is not a valid FCM registration token".into(),
+            true,
+        ));
+    }
+    let bad = |what: &str| Err((what.to_owned(), false));
+    let android = &m["android"];
+    if android["priority"] != "HIGH" {
+        return bad("android.priority must be HIGH for a ring");
+    }
+    let ttl = android["ttl"].as_str().unwrap_or_default();
+    match ttl.strip_suffix('s').and_then(|n| n.parse::<u64>().ok()) {
+        Some(n) if n >= 1 => {}
+        _ => return bad("android.ttl must be whole seconds, at least 1s"),
+    }
+    if android["collapse_key"].as_str().is_none_or(str::is_empty) {
+        return bad("android.collapse_key must be the gateway id");
+    }
+    let data = &m["data"];
+    for field in ["event_id", "gateway_id", "gateway_name", "pressed_at"] {
+        if !data[field].is_string() {
+            return bad(&format!("data.{field} must be a string"));
+        }
+    }
+    if data
+        .as_object()
+        .is_some_and(|d| d.values().any(|v| !v.is_string()))
+    {
+        return bad("data values must be strings");
+    }
+    match data["kind"].as_str() {
+        Some("alert") => {
+            let n = &android["notification"];
+            if !m["notification"]["title"].is_string()
+                || n["channel_id"].as_str().is_none_or(str::is_empty)
+                || n["tag"] != data["event_id"]
+            {
+                return bad("an alert needs notification.title, android.notification.channel_id and tag = event_id");
+            }
+        }
+        Some("call") => {
+            if !m["notification"].is_null() || !android["notification"].is_null() {
+                return bad("a call is a data-only message");
+            }
+        }
+        _ => return bad("data.kind must be alert or call"),
+    }
+    Ok(token.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fcm::credentials::{generate, ServiceAccount};
+
+    #[test]
+    fn the_token_endpoint_takes_only_a_valid_assertion_of_its_account() {
+        let json = generate("p", "svc@p.iam", "https://localhost:1/token").unwrap();
+        let account = ServiceAccount::parse(json.as_bytes()).unwrap();
+        let mine = Account {
+            client_email: "svc@p.iam".into(),
+            token_uri: "https://localhost:1/token".into(),
+            project_id: "p".into(),
+            public_key: account.public_key(),
+        };
+        let form = |assertion: &str| {
+            url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
+                .append_pair("assertion", assertion)
+                .finish()
+        };
+        let now = 1_800_000_000;
+        assert_eq!(
+            token_request(form(&account.assertion_at(now)).as_bytes(), &mine, now),
+            Ok(())
+        );
+        let expired = token_request(
+            form(&account.assertion_at(now - 4000)).as_bytes(),
+            &mine,
+            now,
+        );
+        assert_eq!(expired.unwrap_err().0, "invalid_grant");
+        let other_aud = Account {
+            token_uri: "https://elsewhere/token".into(),
+            ..mine.clone()
+        };
+        assert!(
+            token_request(form(&account.assertion_at(now)).as_bytes(), &other_aud, now).is_err()
+        );
+        let other_iss = Account {
+            client_email: "x@y".into(),
+            ..mine.clone()
+        };
+        assert!(
+            token_request(form(&account.assertion_at(now)).as_bytes(), &other_iss, now).is_err()
+        );
+        let stranger = ServiceAccount::parse(
+            generate("p", "svc@p.iam", "https://localhost:1/token")
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        let forged = token_request(form(&stranger.assertion_at(now)).as_bytes(), &mine, now);
+        assert_eq!(forged.unwrap_err().0, "invalid_grant");
+        assert_eq!(
+            token_request(b"grant_type=password", &mine, now)
+                .unwrap_err()
+                .0,
+            "unsupported_grant_type"
+        );
+    }
+
+    #[test]
+    fn messages_are_checked_for_the_shape_design_gives_them() {
+        let good = serde_json::json!({"message": {
+            "token": "t:1", "notification": {"title": "Door", "body": "b"},
+            "data": {"kind": "alert", "event_id": "e", "gateway_id": "g", "gateway_name": "Door", "pressed_at": "p"},
+            "android": {"priority": "HIGH", "ttl": "5s", "collapse_key": "g",
+                        "notification": {"channel_id": "doorbell", "tag": "e", "sound": "default"}}}});
+        assert_eq!(message(good.to_string().as_bytes()), Ok("t:1".into()));
+        let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = good.clone();
+            f(&mut v);
+            message(v.to_string().as_bytes())
+        };
+        assert!(
+            edit(&|v| v["message"]["token"] = "a b".into())
+                .unwrap_err()
+                .1
+        );
+        for broken in [
+            edit(&|v| v["message"]["android"]["priority"] = "NORMAL".into()),
+            edit(&|v| v["message"]["android"]["ttl"] = "0s".into()),
+            edit(&|v| v["message"]["android"]["ttl"] = "1.5s".into()),
+            edit(&|v| v["message"]["android"]["notification"]["tag"] = "other".into()),
+            edit(&|v| v["message"]["data"]["kind"] = "call".into()),
+            edit(&|v| v["message"]["data"]["kind"] = "banner".into()),
+            edit(&|v| v["message"]["data"]["event_id"] = 5.into()),
+        ] {
+            assert!(!broken.unwrap_err().1);
+        }
+        let call = edit(&|v| {
+            let m = v["message"].as_object_mut().unwrap();
+            m.remove("notification");
+            m["android"].as_object_mut().unwrap().remove("notification");
+            m["data"]["kind"] = "call".into();
+        });
+        assert_eq!(call, Ok("t:1".into()));
+    }
+}
