@@ -45,8 +45,13 @@ pub enum Answer {
     /// Not sent, and never will be by this worker: no provider is configured for the token's
     /// platform, or the one configured cannot carry its kind. Counted, not retried.
     Skipped(Skip),
-    /// No answer, or one that says "try again" (`answered`: the provider did answer).
-    Retry { error: String, answered: bool },
+    /// No answer, or one that says "try again" (`answered`: the provider did answer; `after`:
+    /// how long it asked to wait first — FCM's `Retry-After`).
+    Retry {
+        error: String,
+        answered: bool,
+        after: Option<std::time::Duration>,
+    },
     /// No connection to the provider could be had at all: the worker's trouble, not the
     /// ring's.
     Unreachable { error: String },

@@ -95,7 +95,20 @@ impl Names {
 
     /// The retry tier for a ring's `retry`-th retry (1-based).
     pub fn retry_tier(&self, retry: u32) -> &str {
-        let i = (retry.max(1) as usize - 1).min(self.retry.len() - 1);
+        self.retry_tier_waiting(retry, None)
+    }
+
+    /// The tier for a ring's `retry`-th retry that waits at least `at_least` (a provider's
+    /// `Retry-After`): the retry's own tier, or a later one when that is too short — the
+    /// longest when none is long enough.
+    pub fn retry_tier_waiting(&self, retry: u32, at_least: Option<Duration>) -> &str {
+        let own = (retry.max(1) as usize - 1).min(self.retry.len() - 1);
+        let i = match at_least {
+            None => own,
+            Some(wait) => (own..self.retry.len())
+                .find(|&i| RETRY_DELAYS[i] >= wait)
+                .unwrap_or(self.retry.len() - 1),
+        };
         &self.retry[i]
     }
 
@@ -207,4 +220,33 @@ pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError>
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_goes_to_its_tier_or_a_later_one_long_enough_for_the_wait_asked() {
+        let n = Names::new("p");
+        assert_eq!(n.retry_tier(1), "p.rings.retry.quorum.1s");
+        assert_eq!(n.retry_tier(9), "p.rings.retry.quorum.16s");
+        let wait = |s: f64| Some(Duration::from_secs_f64(s));
+        assert_eq!(
+            n.retry_tier_waiting(1, wait(0.5)),
+            "p.rings.retry.quorum.1s"
+        );
+        assert_eq!(
+            n.retry_tier_waiting(1, wait(3.0)),
+            "p.rings.retry.quorum.4s"
+        );
+        assert_eq!(
+            n.retry_tier_waiting(4, wait(3.0)),
+            "p.rings.retry.quorum.8s"
+        );
+        assert_eq!(
+            n.retry_tier_waiting(1, wait(60.0)),
+            "p.rings.retry.quorum.16s"
+        );
+    }
 }

@@ -191,8 +191,10 @@ impl Tokens {
                 return Ok(token);
             }
         }
-        if let Some(g) = stale {
-            // FCM refused this token: it is not offered again.
+        if let (Some(g), false) = (stale, force) {
+            // FCM refused this token: it is not offered again. (A renewal ahead of expiry,
+            // `force`, keeps the current token in use until the new one is in hand: requests
+            // go on meanwhile, and a failed exchange leaves them the token's remaining life.)
             let mut current = self.current.write().unwrap();
             if current.as_ref().is_some_and(|t| t.generation == g) {
                 *current = None;

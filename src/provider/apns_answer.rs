@@ -19,6 +19,7 @@ pub(super) fn answer_of(result: Result<apns::Answer, apns::SendError>) -> Answer
             return Answer::Retry {
                 error: e.to_string(),
                 answered: false,
+                after: None,
             }
         }
     };
@@ -27,6 +28,7 @@ pub(super) fn answer_of(result: Result<apns::Answer, apns::SendError>) -> Answer
         return Answer::Retry {
             error: format!("APNs {status} {reason}"),
             answered: true,
+            after: None,
         };
     }
     if reason.is_token_invalid() {

@@ -25,18 +25,20 @@ pub(super) fn answer_of(result: Result<Verdict, FcmError>) -> Answer {
             reason: code.to_string(),
             ours,
         },
-        Ok(Verdict::Retry { code, error, .. }) => {
+        Ok(Verdict::Retry { code, error, after }) => {
             if error {
                 error!(code = %code, "FCM cannot deliver for the project's third-party credentials (APNs certificate or web push key); retrying");
             }
             Answer::Retry {
                 error: format!("FCM {code}"),
                 answered: true,
+                after,
             }
         }
         Ok(Verdict::Unauthenticated) => Answer::Retry {
             error: "FCM UNAUTHENTICATED after renewing the access token".into(),
             answered: true,
+            after: None,
         },
         Err(e) if e.is_unreachable() => Answer::Unreachable {
             error: e.to_string(),
@@ -44,6 +46,7 @@ pub(super) fn answer_of(result: Result<Verdict, FcmError>) -> Answer {
         Err(e) => Answer::Retry {
             error: e.to_string(),
             answered: false,
+            after: None,
         },
     }
 }

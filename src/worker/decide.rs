@@ -131,6 +131,9 @@ pub enum Disposition {
         accepted: usize,
         rejected: usize,
         spent: bool,
+        /// The longest wait the provider asked for (FCM's `Retry-After`): the ring goes to a
+        /// tier at least that long.
+        not_before: Option<Duration>,
     },
     /// The ring's body names another gateway than its routing key (a gateway's credentials
     /// used to ring someone else's door, or a confused firmware): publish it to the dead
@@ -290,6 +293,8 @@ struct Tally {
     unreachable: Vec<Environment>,
     /// Whether every pending token failed only because its provider was unreachable.
     only_unreachable: bool,
+    /// The longest wait a provider asked for before a pending token is sent again.
+    not_before: Option<Duration>,
     /// Whether the ring may be held for them: only APNs holds a ring — an FCM token that
     /// cannot be reached waits on the retry path (no attempt spent), so a down FCM never
     /// pauses the consumption iPhones need.
@@ -323,10 +328,11 @@ fn tally(answers: impl IntoIterator<Item = (Target, Answer)>) -> Tally {
             }
             // No provider for it (or none that carries its kind): settled like a rejection.
             Answer::Rejected { .. } | Answer::Skipped(_) => t.rejected += 1,
-            Answer::Retry { error, .. } => {
+            Answer::Retry { error, after, .. } => {
                 t.pending.push(target.token);
                 t.only_unreachable = false;
                 t.error = error;
+                t.not_before = t.not_before.max(after);
             }
             Answer::Unreachable { error } => {
                 if target.token.platform() == Platform::Fcm {
@@ -355,6 +361,7 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
         unreachable,
         only_unreachable,
         holdable,
+        not_before,
         error,
     } = tally(answers);
     if pending.is_empty() {
@@ -390,6 +397,7 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
         accepted,
         rejected,
         spent,
+        not_before,
     }
 }
 

@@ -166,14 +166,16 @@ async fn push(
             }
         })
         .collect();
-    // At most `ring_concurrency` at once, in order. An ordinary ring (a few tokens) takes the
+    // At most `ring_concurrency` at once. An ordinary ring (a few tokens) takes the
     // cheaper `join_all`: a stream of futures costs an allocation and a waker per token.
     let limit = ctx.settings.ring_concurrency.max(1);
     let answers: Vec<(Target, Option<Answer>)> = if sends.len() <= limit {
         futures_util::future::join_all(sends).await
     } else {
+        // Unordered: a token that waits (an FCM Retry-After) must not hold the next sends
+        // back, and `buffered` counts answers waiting for their turn against the limit.
         futures_util::stream::iter(sends)
-            .buffered(limit)
+            .buffer_unordered(limit)
             .collect()
             .await
     };

@@ -205,11 +205,13 @@ async fn carry_out(
             accepted,
             rejected,
             spent,
+            not_before,
         } => {
             report_invalid(ctx, feedback).await?;
             let incoming = incoming.expect("only a read ring is retried");
-            warn!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, %error, "ring goes to a retry tier");
-            retry(ctx, incoming, *attempt, pending).await?;
+            let wait_ms = not_before.map(|w| w.as_millis() as u64);
+            warn!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, ?wait_ms, %error, "ring goes to a retry tier");
+            retry(ctx, incoming, *attempt, pending, *not_before).await?;
             Counters::add(&c.rings_retried, 1);
         }
         Disposition::Dead {
@@ -323,8 +325,12 @@ async fn retry(
     incoming: &Incoming,
     attempt: u32,
     pending: &[DeviceToken],
+    not_before: Option<std::time::Duration>,
 ) -> Result<(), BrokerError> {
-    let tier = ctx.settings.names.retry_tier(attempt.max(1));
+    let tier = ctx
+        .settings
+        .names
+        .retry_tier_waiting(attempt.max(1), not_before);
     let properties = plain_properties(&incoming.delivery.properties)
         .with_content_type("application/json".into());
     let bodies = envelopes(ctx, incoming, attempt, pending);

@@ -523,3 +523,55 @@ async fn one_task_renews_the_access_token_ahead_of_its_expiry() {
     cancel.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_renewal_ahead_of_expiry_that_fails_keeps_the_current_token_in_use() {
+    let dir =
+        std::env::temp_dir().join(format!("ringpush-test-{}", ringpush::token::random_hex(6)));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mock = ringpush::mock_fcm::MockFcm::start(
+        ringpush::mock_fcm::Settings {
+            token_lifetime: Duration::from_secs(6),
+            ..ringpush::mock_fcm::Settings::local(dir.join("certs"))
+        },
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let json = mock.new_account("p-keep").unwrap();
+    let account = ringpush::fcm::ServiceAccount::parse(json.as_bytes()).unwrap();
+    let tls = ringpush::apns::tls::client_config(Some(mock.ca_file()), None).unwrap();
+    let url = ringpush::http2::Endpoint::parse(&mock.url()).unwrap();
+    let client =
+        ringpush::fcm::Client::new(ringpush::fcm::Settings::new(url), account, tls).unwrap();
+    let ring = App::ring("gw-keep", Duration::ZERO);
+    let alert = ringpush::apns::request::AlertTemplate::default();
+    let style = ringpush::fcm::message::Style {
+        alert: &alert,
+        channel: "doorbell",
+    };
+    let message =
+        ringpush::fcm::message::Template::new(&ring, "Door", ringpush::token::Kind::Alert, &style);
+    let token = DeviceToken::parse_fcm("keep:APA91b").unwrap();
+    let expiration = ring.expires_at(Duration::from_secs(60));
+    let accepted = |v: &Result<ringpush::fcm::answer::Verdict, _>| {
+        matches!(v, Ok(ringpush::fcm::answer::Verdict::Accepted))
+    };
+    assert!(accepted(&client.send(&message, &token, expiration).await));
+    // The token endpoint stops taking this client's assertions (the project's key was
+    // rotated): the renewal at three quarters of the 6 s lifetime fails.
+    mock.new_account("p-keep").unwrap();
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    assert!(
+        mock.stats().token_refusals >= 1,
+        "the renewal was tried and refused"
+    );
+    // The current token still has a second to live, and is still used.
+    let again = client.send(&message, &token, expiration).await;
+    assert!(
+        accepted(&again),
+        "a failed renewal ahead of expiry must not throw the valid token away: {again:?}"
+    );
+    cancel.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -40,6 +40,7 @@ fn retry(e: &str) -> Answer {
     Answer::Retry {
         error: e.into(),
         answered: true,
+        after: None,
     }
 }
 
@@ -280,8 +281,10 @@ fn tokens_that_failed_are_retried_alone_and_spend_an_attempt() {
             accepted,
             rejected,
             spent,
+            not_before,
         } => {
             assert_eq!((attempt, accepted, rejected, spent), (1, 1, 1, true));
+            assert_eq!(not_before, None, "APNs asks for no wait");
             assert_eq!(pending, vec![token(1)]);
             assert_eq!(feedback, vec![dead(2)], "reported before the retry");
             assert_eq!(error, "APNs 503");
@@ -500,6 +503,24 @@ fn an_unreachable_fcm_waits_on_the_retry_path_and_never_holds_the_consumption() 
         } => {
             assert_eq!((attempt, spent), (2, false), "no attempt spent");
             assert_eq!(pending, vec![fcm_target(1).token, fcm_target(2).token]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_retry_waits_at_least_the_longest_wait_the_provider_asked_for() {
+    let after = |secs| Answer::Retry {
+        error: "FCM QUOTA_EXCEEDED".into(),
+        answered: true,
+        after: Some(Duration::from_secs(secs)),
+    };
+    match pushed(
+        vec![after(3), retry("APNs 503"), after(7), Answer::Accepted],
+        0,
+    ) {
+        Disposition::Retry { not_before, .. } => {
+            assert_eq!(not_before, Some(Duration::from_secs(7)))
         }
         other => panic!("{other:?}"),
     }
