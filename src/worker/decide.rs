@@ -58,6 +58,11 @@ pub enum Step {
         answers: Vec<(Target, Answer)>,
         attempt: u32,
         max_attempts: u32,
+        /// Whether a ring none of whose tokens could be reached may be held (consumption
+        /// paused): only when its provider is the only one configured. With APNs and FCM
+        /// both configured, a down provider's rings wait on the retry path instead (no
+        /// attempt spent), so the other platform's rings keep flowing.
+        may_hold: bool,
     },
     /// The worker stopped while pushing it: the tokens with an answer, and those without one
     /// (`None`: never sent, or no answer within the drain after the stop).
@@ -255,7 +260,8 @@ pub fn decide(step: Step) -> Disposition {
             answers,
             attempt,
             max_attempts,
-        } => pushed(answers, attempt, max_attempts),
+            may_hold,
+        } => pushed(answers, attempt, max_attempts, may_hold),
         Step::Interrupted { answers, attempt } => interrupted(answers, attempt),
         Step::ExpiredWhileHeld { ttl, attempt, why } => D::Dead {
             reason: format!("expired ({ttl:?} old) while held after {attempt} attempt(s): {why}"),
@@ -351,7 +357,12 @@ fn tally(answers: impl IntoIterator<Item = (Target, Answer)>) -> Tally {
 /// Every token answered: delivered, retried (only the tokens not taken; no attempt spent
 /// when they failed only because their provider was unreachable), dead after the last
 /// attempt, or held when nothing could be reached at all.
-fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Disposition {
+fn pushed(
+    answers: Vec<(Target, Answer)>,
+    attempt: u32,
+    max_attempts: u32,
+    may_hold: bool,
+) -> Disposition {
     let total = answers.len();
     let Tally {
         accepted,
@@ -370,7 +381,7 @@ fn pushed(answers: Vec<(Target, Answer)>, attempt: u32, max_attempts: u32) -> Di
             feedback,
         };
     }
-    if only_unreachable && holdable && pending.len() == total {
+    if only_unreachable && holdable && may_hold && pending.len() == total {
         return Disposition::Hold {
             environments: unreachable,
             error,

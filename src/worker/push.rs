@@ -192,6 +192,8 @@ async fn push(
                 .collect(),
             attempt: incoming.attempt,
             max_attempts: ctx.settings.max_attempts,
+            // With APNs and FCM both configured, a down one never pauses the other's rings.
+            may_hold: ctx.providers.apns.is_none() || ctx.providers.fcm.is_none(),
         }
     } else {
         Step::Interrupted {

@@ -575,3 +575,59 @@ async fn a_renewal_ahead_of_expiry_that_fails_keeps_the_current_token_in_use() {
     cancel.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn with_apns_down_android_rings_keep_flowing_and_iphones_ring_once_it_is_back() {
+    let app = App::spawn_with(|o| {
+        o.fcm = Some(fcm_settings());
+        o.apns_proxy = true;
+        o.apns.backoff_min = Duration::from_millis(100);
+        o.apns.backoff_max = Duration::from_millis(500);
+    })
+    .await;
+    // One door with only an iPhone, one with only an Android phone.
+    let (alice, bob) = (app.add_user().await, app.add_user().await);
+    app.add_gateway("gw-ios", alice, "Door").await;
+    app.add_gateway("gw-android", bob, "Door").await;
+    let iphone = add_apns_token(&app, alice, "alert", Some(TOPIC)).await;
+    let android = add_fcm_token(&app, bob, "alert").await;
+    let proxy = app.apns_proxy.as_ref().unwrap();
+    proxy.set(crate::proxy::Mode::Down);
+    // The iPhone's rings first: held, they would pause consumption and keep the Android
+    // rings behind them waiting.
+    let ios: Vec<_> = (0..5)
+        .map(|_| App::ring("gw-ios", Duration::ZERO))
+        .collect();
+    let droid: Vec<_> = (0..5)
+        .map(|_| App::ring("gw-android", Duration::ZERO))
+        .collect();
+    for ring in ios.iter().chain(&droid) {
+        app.publish(ring).await;
+    }
+    app.wait_for("the Android phone rang for every ring", || {
+        let accepted = fcm_accepted(&app);
+        droid
+            .iter()
+            .all(|r| accepted.contains_key(&(r.event_id.clone(), android.as_str().to_owned())))
+    })
+    .await;
+    assert_eq!(app.mock.stats().accepted, 0, "APNs is down");
+    assert_eq!(Counters::get(&app.counters.pauses), 0, "never paused");
+    proxy.set(crate::proxy::Mode::Pass);
+    app.wait_for("the iPhone rang for every ring", || {
+        app.unaccepted(&ios, std::slice::from_ref(&iphone)) == 0
+    })
+    .await;
+    app.wait_for("every ring settled", || {
+        Counters::get(&app.counters.rings_delivered) >= 10
+    })
+    .await;
+    assert_eq!(Counters::get(&app.counters.pauses), 0, "never paused");
+    let accepted = fcm_accepted(&app);
+    assert!(
+        accepted.values().all(|&n| n == 1),
+        "no Android phone rang twice: {accepted:?}"
+    );
+    nothing_waiting_or_dead(&app).await;
+    app.stop_with_nothing_unacked().await;
+}

@@ -60,6 +60,7 @@ fn pushed_in(answers: Vec<(Environment, Answer)>, attempt: u32) -> Disposition {
         answers,
         attempt,
         max_attempts: 3,
+        may_hold: true,
     })
 }
 
@@ -471,6 +472,7 @@ fn skipped_tokens_settle_like_rejections_and_are_never_retried() {
         answers,
         attempt: 0,
         max_attempts: 3,
+        may_hold: true,
     });
     assert_eq!(
         d,
@@ -494,6 +496,7 @@ fn an_unreachable_fcm_waits_on_the_retry_path_and_never_holds_the_consumption() 
         answers,
         attempt: 2,
         max_attempts: 3,
+        may_hold: true,
     }) {
         Disposition::Retry {
             attempt,
@@ -521,6 +524,33 @@ fn a_retry_waits_at_least_the_longest_wait_the_provider_asked_for() {
     ) {
         Disposition::Retry { not_before, .. } => {
             assert_eq!(not_before, Some(Duration::from_secs(7)))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn with_both_providers_configured_a_down_one_sends_its_rings_down_the_retry_path_unspent() {
+    let answers = vec![
+        (target(0, Environment::Production), unreachable()),
+        (target(1, Environment::Production), unreachable()),
+    ];
+    let step = |may_hold| Step::Pushed {
+        answers: answers.clone(),
+        attempt: 2,
+        max_attempts: 3,
+        may_hold,
+    };
+    assert!(matches!(decide(step(true)), Disposition::Hold { .. }));
+    match decide(step(false)) {
+        Disposition::Retry {
+            attempt,
+            pending,
+            spent,
+            ..
+        } => {
+            assert_eq!((attempt, spent), (2, false), "no attempt spent");
+            assert_eq!(pending, vec![token(0), token(1)]);
         }
         other => panic!("{other:?}"),
     }
