@@ -144,6 +144,12 @@ impl Client {
         self.inner.gauges.streams()
     }
 
+    /// Whether both environments' endpoints are usable as far as this client knows: a
+    /// connection is open, or the next request may open one (no reconnect backoff running).
+    pub fn up(&self) -> bool {
+        self.pool(Environment::Production).up() && self.pool(Environment::Sandbox).up()
+    }
+
     fn pool(&self, env: Environment) -> &Pool {
         match env {
             Environment::Production => &self.inner.production,

@@ -73,6 +73,15 @@ impl Apns {
         }
     }
 
+    /// Whether APNs is usable as far as this client knows (HTTP/2: no endpoint in reconnect
+    /// backoff; the binary interface: always — its trouble pauses consumption).
+    pub fn up(&self) -> bool {
+        match self {
+            Apns::Http2(c) => c.up(),
+            Apns::Binary(_) => true,
+        }
+    }
+
     pub fn connections_open(&self) -> i64 {
         match self {
             Apns::Http2(c) => c.connections_open(),

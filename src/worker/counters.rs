@@ -301,10 +301,16 @@ impl Counters {
         Arc::new(move || {
             let (counters, pool) = (counters.clone(), pool.clone());
             let fcm_up = providers.fcm_up();
+            // With FCM configured too, a down APNs does not pause consumption: say so here.
+            let apns_down =
+                providers.fcm.is_some() && providers.apns.as_ref().is_some_and(|a| !a.up());
             Box::pin(async move {
                 counters.ready()?;
                 if fcm_up == Some(false) {
                     return Err("FCM unreachable, or its token endpoint refusing the service account; Android tokens wait on the retry path".into());
+                }
+                if apns_down {
+                    return Err("APNs unreachable; iPhone tokens wait on the retry path".into());
                 }
                 crate::db::ping(&pool)
                     .await
@@ -355,8 +361,9 @@ impl Collector for Scrape {
         )?;
         let p = &self.providers;
         let mut up = Vec::new();
-        if p.apns.is_some() {
-            up.push(("apns", i64::from(!c.paused_apns.load(Ordering::Relaxed))));
+        if let Some(apns) = &p.apns {
+            let usable = !c.paused_apns.load(Ordering::Relaxed) && apns.up();
+            up.push(("apns", i64::from(usable)));
         }
         if let Some(fcm_up) = p.fcm_up() {
             up.push(("fcm", i64::from(fcm_up)));
