@@ -15,9 +15,9 @@
 //!    a `mock-fcm` process.
 //!
 //! The tree: [`e2e`] (1 and 2; its windows in [`live`]), [`building`] (5), [`apns_leg`] (3),
-//! [`binary_leg`] (4), [`fcm_leg`] (6); what they share: [`measure`] (`/proc`, scrapes, quantiles, pacing),
-//! [`processes`] (the mock and worker processes); [`report`] (what a run measured, as a
-//! table and as JSON).
+//! [`binary_leg`] (4), [`fcm_leg`] (6); what they share: [`measure`] (`/proc`, scrapes,
+//! quantiles, pacing), [`processes`] (the mock and worker processes), [`peers`] (the peer
+//! clients' scripts); [`report`] (what a run measured, as a table and as JSON).
 
 mod apns_leg;
 mod binary_leg;
@@ -27,6 +27,7 @@ mod fcm_leg;
 mod ledger;
 mod live;
 mod measure;
+mod peers;
 mod processes;
 mod report;
 
