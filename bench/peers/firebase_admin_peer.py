@@ -1,10 +1,11 @@
 """firebase-admin (Python) against mock-fcm: REQUESTS messages through
 messaging.send_each_async, the library's HTTP/2 path (httpx: one HTTP/2 connection, at
 most 100 streams at a time, httpcore's own limit; the sync send_each is HTTP/1.1, which
-messages:send does not speak, as Google's does). Two calls of 500 messages at once (1,000
-in flight from the caller, as the other legs; 500 is the most one call takes), each the
-message ringpush sends (MESSAGE, from the bench) to its own token; prints {"accepted",
-"seconds", "cpu_seconds"} (this process's CPU, all threads, as the other peers).
+the mock serves only for its token endpoint, though Google's messages:send takes it).
+Two calls of 500 messages at once (1,000 in flight from the caller, as the other legs;
+500 is the most one call takes), each the message ringpush sends (MESSAGE, from the
+bench) to its own token; prints {"accepted", "seconds", "cpu_seconds"} (this process's
+CPU, all threads, as the other peers).
 
 What is overridden, and nothing else:
 - the send URL: _MessagingService.FCM_URL (https://fcm.googleapis.com/v1/projects/{0}/

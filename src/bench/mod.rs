@@ -60,7 +60,8 @@ pub struct Settings {
     /// Share of each ring's tokens (percent) that are Android phones, pushed through a
     /// mock-fcm process in the end-to-end part; 0: iOS only.
     pub android_share: u32,
-    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
+    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop), and in the FCM
+    /// leg's (ringpush's FCM client, bare h2 loop, firebase-admin).
     pub apns_requests: usize,
     /// Run the peer clients (node-apn, aioapns; firebase-admin in the FCM leg) too.
     pub peers: bool,

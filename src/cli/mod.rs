@@ -224,7 +224,8 @@ pub struct BenchArgs {
     /// the end-to-end part; 0: iOS only.
     #[arg(long, default_value = "0", value_parser = clap::value_parser!(u32).range(0..=100))]
     pub android_share: u32,
-    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
+    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop), and in the FCM
+    /// leg's (ringpush's FCM client, bare h2 loop, firebase-admin).
     #[arg(long, default_value = "50000", value_parser = positive::<usize>("--apns-requests"))]
     pub apns_requests: usize,
     /// Run the peer clients (node-apn, aioapns; firebase-admin in the FCM leg) too; they
