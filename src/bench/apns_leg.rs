@@ -3,9 +3,7 @@
 //! the peer clients (`@parse/node-apn`, `aioapns`, driven by `bench/peers/`), each against
 //! a mock process.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,8 +15,9 @@ use crate::apns::{http2, jwt, tls, Answer};
 use crate::token::{random_hex, DeviceToken, Environment};
 
 use super::measure::{p50_p99, paced, self_cpu};
+use super::peers::peer;
 use super::processes::{signer, MockProcess};
-use super::report::{Peer, Report};
+use super::report::Report;
 use super::ring_now;
 
 pub(super) async fn apns_leg(
@@ -112,9 +111,21 @@ pub(super) async fn apns_leg(
             ("@parse/node-apn", "node-apn.sh"),
             ("aioapns", "aioapns.sh"),
         ] {
-            report
-                .peers
-                .push(peer(name, script, &mock, &key_file, &payload, args.peer_requests).await);
+            let n = args.peer_requests;
+            let env = [
+                ("MOCK_HOST", "localhost".into()),
+                ("MOCK_PORT", mock.port.to_string().into()),
+                ("MOCK_CA", mock.cert_dir.join("ca.pem").into()),
+                ("KEY_FILE", key_file.clone().into()),
+                ("KEY_ID", "BENCHKEY01".into()),
+                ("TEAM_ID", "BENCHTEAM1".into()),
+                // The doorbell payload ringpush sends, byte for byte.
+                (
+                    "PAYLOAD",
+                    String::from_utf8_lossy(&payload).into_owned().into(),
+                ),
+            ];
+            report.peers.push(peer(name, script, &env, n).await);
         }
     }
     Ok(())
@@ -165,65 +176,4 @@ async fn bare_h2(
     let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
     anyhow::ensure!(ok == n, "bare h2: {ok} of {n} accepted");
     Ok((n as f64 / secs, cpu / n as f64 * 1e6))
-}
-
-/// Runs a peer's script (which installs its package on first use) against the mock.
-async fn peer(
-    name: &str,
-    script: &str,
-    mock: &MockProcess,
-    key_file: &Path,
-    payload: &[u8],
-    n: usize,
-) -> Peer {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peers");
-    let output = tokio::process::Command::new("bash")
-        .arg(dir.join(script))
-        .env("MOCK_HOST", "localhost")
-        .env("MOCK_PORT", mock.port.to_string())
-        .env("MOCK_CA", mock.cert_dir.join("ca.pem"))
-        .env("KEY_FILE", key_file)
-        .env("KEY_ID", "BENCHKEY01")
-        .env("TEAM_ID", "BENCHTEAM1")
-        .env("REQUESTS", n.to_string())
-        // The doorbell payload ringpush sends, byte for byte.
-        .env("PAYLOAD", String::from_utf8_lossy(payload).as_ref())
-        .stderr(Stdio::piped())
-        .output()
-        .await;
-    let failed = |note: String| Peer {
-        name: name.into(),
-        per_s: None,
-        cpu_us: None,
-        note: Some(note),
-    };
-    let output = match output {
-        Ok(o) => o,
-        Err(e) => return failed(format!("could not run {script}: {e}")),
-    };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_default();
-    let parsed: Result<HashMap<String, f64>, _> = serde_json::from_str(line);
-    match parsed {
-        Ok(m) if m.get("accepted").copied() == Some(n as f64) => {
-            let secs = m["seconds"];
-            Peer {
-                name: name.into(),
-                per_s: Some(n as f64 / secs),
-                cpu_us: Some(m["cpu_seconds"] / n as f64 * 1e6),
-                note: None,
-            }
-        }
-        _ => {
-            let err = String::from_utf8_lossy(&output.stderr);
-            failed(format!(
-                "{script} gave no result: {}",
-                err.lines().last().unwrap_or("no output")
-            ))
-        }
-    }
 }

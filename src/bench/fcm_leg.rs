@@ -1,6 +1,8 @@
 //! The FCM leg: ringpush's FCM client against a bare `h2` loop over one connection, both
 //! against a `mock-fcm` process (so its CPU is not counted with the client's), with the
-//! access token the client obtained from the mock's token endpoint.
+//! access token the client obtained from the mock's token endpoint; then the peer sender,
+//! `firebase-admin` (Python, `bench/peers/firebase-admin.sh`), as many messages to the same
+//! mock, with the same service account (its token from the mock's `token_uri` too).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,6 +12,7 @@ use futures_util::stream::{self, StreamExt};
 use http::uri::PathAndQuery;
 
 use super::measure::self_cpu;
+use super::peers::peer;
 use super::processes::FcmMockProcess;
 use super::report::Report;
 use super::{ring_now, Settings};
@@ -86,9 +89,31 @@ pub(super) async fn fcm_leg(
     let path = PathAndQuery::try_from(format!("/v1/projects/{project}/messages:send"))?;
     let request = build_request(&endpoint, &path, bearer.bearer());
     let body = message.render(&tokens[0], 600);
-    let (per_s, cpu_us) = bare_h2(&endpoint, &ca, request, body, n).await?;
+    let (per_s, cpu_us) = bare_h2(&endpoint, &ca, request, body.clone(), n).await?;
     report.fcm_bare_h2_per_s = per_s;
     report.fcm_bare_h2_cpu_us = cpu_us;
+
+    if args.peers {
+        let env = [
+            ("MOCK_URL", mock.url().into()),
+            ("MOCK_CA", ca.clone().into()),
+            ("CREDENTIALS", credentials.clone().into()),
+            // The message ringpush sends (the peer sends the same fields, its own tokens).
+            (
+                "MESSAGE",
+                String::from_utf8_lossy(&body).into_owned().into(),
+            ),
+        ];
+        // As many messages as ringpush's FCM client sent: the same work, per message.
+        let firebase_admin = peer("firebase-admin (Python)", "firebase-admin.sh", &env, n).await;
+        if let Some(cpu_us) = firebase_admin.cpu_us {
+            let ratio = cpu_us / report.fcm_client_cpu_us;
+            report
+                .fcm_client_cpu_ratio
+                .insert(firebase_admin.name.clone(), ratio);
+        }
+        report.fcm_peers.push(firebase_admin);
+    }
     Ok(())
 }
 

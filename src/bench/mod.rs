@@ -11,13 +11,14 @@
 //! 5. building rings (after 1, with a worker of its own): ring-to-accepted of ordinary rings
 //!    at a quarter of the drain rate, alone and while a 3,000-token ring is published every
 //!    second, the building rings' own time to their last token, and the worker's peak RSS;
-//! 6. the FCM leg: ringpush's FCM client against a bare `h2` loop, one connection each, to
-//!    a `mock-fcm` process.
+//! 6. the FCM leg: ringpush's FCM client against a bare `h2` loop, one connection each, and
+//!    the peer sender (`firebase-admin` for Python, driven by `bench/peers/`), to a
+//!    `mock-fcm` process.
 //!
 //! The tree: [`e2e`] (1 and 2; its windows in [`live`]), [`building`] (5), [`apns_leg`] (3),
-//! [`binary_leg`] (4), [`fcm_leg`] (6); what they share: [`measure`] (`/proc`, scrapes, quantiles, pacing),
-//! [`processes`] (the mock and worker processes); [`report`] (what a run measured, as a
-//! table and as JSON).
+//! [`binary_leg`] (4), [`fcm_leg`] (6); what they share: [`measure`] (`/proc`, scrapes,
+//! quantiles, pacing), [`processes`] (the mock and worker processes), [`peers`] (the peer
+//! clients' scripts); [`report`] (what a run measured, as a table and as JSON).
 
 mod apns_leg;
 mod binary_leg;
@@ -27,6 +28,7 @@ mod fcm_leg;
 mod ledger;
 mod live;
 mod measure;
+mod peers;
 mod processes;
 mod report;
 
@@ -58,11 +60,13 @@ pub struct Settings {
     /// Share of each ring's tokens (percent) that are Android phones, pushed through a
     /// mock-fcm process in the end-to-end part; 0: iOS only.
     pub android_share: u32,
-    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
+    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop), and in the FCM
+    /// leg's (ringpush's FCM client, bare h2 loop, firebase-admin).
     pub apns_requests: usize,
-    /// Run the peer clients (node-apn, aioapns) too.
+    /// Run the peer clients (node-apn, aioapns; firebase-admin in the FCM leg) too.
     pub peers: bool,
-    /// Requests per peer client run.
+    /// Requests per APNs peer client run (the FCM peer sends as many as the FCM leg's
+    /// client: `apns_requests`).
     pub peer_requests: usize,
     /// Frames sent over the legacy binary interface.
     pub binary_frames: usize,

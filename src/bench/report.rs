@@ -51,6 +51,11 @@ pub struct Report {
     pub fcm_client_cpu_us: f64,
     pub fcm_bare_h2_per_s: f64,
     pub fcm_bare_h2_cpu_us: f64,
+    /// The FCM peer sender (`firebase-admin`, Python), as many messages to the same mock.
+    pub fcm_peers: Vec<Peer>,
+    /// Per FCM peer measured: ringpush's FCM client's notifications per CPU-second ÷ the
+    /// peer's (the target is ≥ 10).
+    pub fcm_client_cpu_ratio: BTreeMap<String, f64>,
     /// With `--soak`: the soak's length, rate, and the worker's RSS samples (MB, every 10 s).
     pub soak_seconds: Option<f64>,
     pub soak_rings_per_s: Option<f64>,
@@ -322,6 +327,26 @@ impl std::fmt::Display for Report {
             "  bare h2 loop                 {:>10.0}/s {:>7.1} µs CPU each",
             self.fcm_bare_h2_per_s, self.fcm_bare_h2_cpu_us
         )?;
+        for p in &self.fcm_peers {
+            match (p.per_s, p.cpu_us) {
+                (Some(r), Some(c)) => writeln!(
+                    f,
+                    "  {:<28} {:>10.0}/s {:>7.1} µs CPU each; client {} per CPU-second (target ≥ 10)",
+                    p.name,
+                    r,
+                    c,
+                    self.fcm_client_cpu_ratio
+                        .get(&p.name)
+                        .map_or("-".to_owned(), |x| format!("{x:.1}×"))
+                )?,
+                _ => writeln!(
+                    f,
+                    "  {:<28} not measured: {}",
+                    p.name,
+                    p.note.as_deref().unwrap_or("?")
+                )?,
+            }
+        }
         if let Some(b) = &self.building {
             writeln!(
                 f,

@@ -224,13 +224,16 @@ pub struct BenchArgs {
     /// the end-to-end part; 0: iOS only.
     #[arg(long, default_value = "0", value_parser = clap::value_parser!(u32).range(0..=100))]
     pub android_share: u32,
-    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop).
+    /// Requests in the APNs-leg runs (ringpush client and bare h2 loop), and in the FCM
+    /// leg's (ringpush's FCM client, bare h2 loop, firebase-admin).
     #[arg(long, default_value = "50000", value_parser = positive::<usize>("--apns-requests"))]
     pub apns_requests: usize,
-    /// Run the peer clients (node-apn, aioapns) too; they install on first use.
+    /// Run the peer clients (node-apn, aioapns; firebase-admin in the FCM leg) too; they
+    /// install on first use.
     #[arg(long, default_value = "true", action = clap::ArgAction::Set)]
     pub peers: bool,
-    /// Requests per peer client run.
+    /// Requests per APNs peer client run (the FCM peer, firebase-admin, sends as many as the
+    /// FCM leg's client: --apns-requests).
     #[arg(long, default_value = "5000", value_parser = positive::<usize>("--peer-requests"))]
     pub peer_requests: usize,
     /// Frames sent over the legacy binary interface.

@@ -108,13 +108,19 @@ impl ServiceAccount {
     /// The RS256 JWT assertion for the token endpoint, issued at `iat` (Unix seconds):
     /// `iss` = `client_email`, `scope`, `aud` = `token_uri`, `exp` = `iat` + one hour.
     pub fn assertion_at(&self, iat: u64) -> String {
+        self.assertion_with_scope_at(iat, SCOPE)
+    }
+
+    /// [`ServiceAccount::assertion_at`] asking for `scope` (space-separated scopes), as
+    /// other OAuth clients do (the mock's tests).
+    pub(crate) fn assertion_with_scope_at(&self, iat: u64, scope: &str) -> String {
         let mut header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
         if let Some(kid) = &self.key_id {
             header["kid"] = kid.as_str().into();
         }
         let claims = serde_json::json!({
             "iss": self.client_email,
-            "scope": SCOPE,
+            "scope": scope,
             "aud": self.token_uri,
             "iat": iat,
             "exp": iat + ASSERTION_LIFETIME_SECS,

@@ -1,8 +1,21 @@
 //! What `mock-fcm` checks, apart from serving: the token endpoint's form and its assertion
-//! (RS256 signature with the service account's key, `iss`, `scope`, `aud`, `iat`/`exp`), and
-//! a message's shape (DESIGN.md "FCM, alert" / "FCM, call"). Pure, table-tested.
+//! (RS256 signature with the service account's key, `iss`, `scope` (`firebase.messaging` or
+//! `cloud-platform`, as Google takes either), `aud` (the `token_uri`, or Google's token
+//! endpoint as Google's libraries write it), `iat`/`exp`), and a message's shape
+//! (DESIGN.md "FCM, alert" / "FCM, call"). Pure, table-tested.
 
 use crate::fcm::credentials::{verify_assertion, ASSERTION_LIFETIME_SECS, SCOPE};
+
+/// The broader scope Google's token endpoint also grants `messages:send` for (FCM HTTP v1
+/// takes `firebase.messaging` or `cloud-platform`); `firebase-admin` for Python asks for
+/// this one and not `firebase.messaging`.
+pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// The audience Google's own OAuth libraries write into every assertion, whatever the
+/// service account's `token_uri` says (google-auth for Python: `service_account.py`,
+/// `_GOOGLE_OAUTH2_TOKEN_ENDPOINT`), and which Google's token endpoint — the one the mock
+/// stands in for — takes. ringpush writes the `token_uri` (checked in its own tests).
+pub const GOOGLE_TOKEN_AUDIENCE: &str = "https://oauth2.googleapis.com/token";
 
 /// The service account the mock accepts assertions from.
 #[derive(Debug, Clone)]
@@ -46,13 +59,19 @@ pub fn token_request(
             format!("iss {:?} is not the account", text("iss")),
         ));
     }
-    if !text("scope").split(' ').any(|s| s == SCOPE) {
+    if !text("scope")
+        .split(' ')
+        .any(|s| s == SCOPE || s == CLOUD_PLATFORM_SCOPE)
+    {
         return Err((
             "invalid_scope",
-            format!("scope {:?} lacks firebase.messaging", text("scope")),
+            format!(
+                "scope {:?} lacks firebase.messaging and cloud-platform",
+                text("scope")
+            ),
         ));
     }
-    if text("aud") != account.token_uri {
+    if text("aud") != account.token_uri && text("aud") != GOOGLE_TOKEN_AUDIENCE {
         return Err((
             "invalid_grant",
             format!("aud {:?} is not the token URI", text("aud")),
@@ -87,7 +106,11 @@ pub fn message(body: &[u8]) -> Result<String, (String, bool)> {
     }
     let bad = |what: &str| Err((what.to_owned(), false));
     let android = &m["android"];
-    if android["priority"] != "HIGH" {
+    // The enum's JSON name, in any case, as Google parses it (firebase-admin writes "high").
+    if !android["priority"]
+        .as_str()
+        .is_some_and(|p| p.eq_ignore_ascii_case("HIGH"))
+    {
         return bad("android.priority must be HIGH for a ring");
     }
     let ttl = android["ttl"].as_str().unwrap_or_default();
@@ -162,12 +185,39 @@ mod tests {
             now,
         );
         assert_eq!(expired.unwrap_err().0, "invalid_grant");
+        // Google grants messages:send for cloud-platform too (what firebase-admin for Python
+        // asks for, among others); a scope list without either is refused.
+        let broad = "https://www.googleapis.com/auth/datastore https://www.googleapis.com/auth/cloud-platform";
+        assert_eq!(
+            token_request(
+                form(&account.assertion_with_scope_at(now, broad)).as_bytes(),
+                &mine,
+                now
+            ),
+            Ok(())
+        );
+        let narrow = "https://www.googleapis.com/auth/datastore";
+        let refused = token_request(
+            form(&account.assertion_with_scope_at(now, narrow)).as_bytes(),
+            &mine,
+            now,
+        );
+        assert_eq!(refused.unwrap_err().0, "invalid_scope");
         let other_aud = Account {
             token_uri: "https://elsewhere/token".into(),
             ..mine.clone()
         };
         assert!(
             token_request(form(&account.assertion_at(now)).as_bytes(), &other_aud, now).is_err()
+        );
+        // Google's token endpoint as the audience (what google-auth writes whatever the
+        // token_uri says) is taken too: the mock stands in for that endpoint.
+        let mut same_key: serde_json::Value = serde_json::from_str(&json).unwrap();
+        same_key["token_uri"] = GOOGLE_TOKEN_AUDIENCE.into();
+        let googles = ServiceAccount::parse(same_key.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            token_request(form(&googles.assertion_at(now)).as_bytes(), &mine, now),
+            Ok(())
         );
         let other_iss = Account {
             client_email: "x@y".into(),
@@ -210,8 +260,14 @@ mod tests {
                 .unwrap_err()
                 .1
         );
+        // The enum's JSON name in lower case, as firebase-admin writes it.
+        assert_eq!(
+            edit(&|v| v["message"]["android"]["priority"] = "high".into()),
+            Ok("t:1".into())
+        );
         for broken in [
             edit(&|v| v["message"]["android"]["priority"] = "NORMAL".into()),
+            edit(&|v| v["message"]["android"]["priority"] = "normal".into()),
             edit(&|v| v["message"]["android"]["ttl"] = "0s".into()),
             edit(&|v| v["message"]["android"]["ttl"] = "1.5s".into()),
             edit(&|v| v["message"]["android"]["notification"]["tag"] = "other".into()),
