@@ -239,16 +239,7 @@ async fn sigterm_during_a_burst_exits_0_in_the_grace_period_and_a_second_worker_
     app.wait_for("the burst to start", || app.mock.stats().accepted >= 100)
         .await;
     let signalled = Instant::now();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &worker.id().unwrap().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
-        .await
-        .expect("the worker exits")
-        .unwrap();
-    assert!(status.success(), "exit status {status}");
+    crate::support::terminate(&mut worker).await;
     // The grace (3 s), the bounded wait for aborted handlers (5 s) and room for a busy
     // machine; a worker that ignored the grace and hung would not make it.
     assert!(

@@ -465,39 +465,77 @@ async fn the_mock_token_endpoint_answers_over_http1_as_real_oauth_clients_speak_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An FCM client alone against a mock whose access tokens live `lifetime`, for `project`,
+/// with one alert message and token to send: what the access-token tests drive.
+struct OAuthRig {
+    dir: std::path::PathBuf,
+    cancel: tokio_util::sync::CancellationToken,
+    mock: ringpush::mock_fcm::MockFcm,
+    client: ringpush::fcm::Client,
+    message: ringpush::fcm::message::Template,
+    token: DeviceToken,
+    expiration: i64,
+}
+
+impl OAuthRig {
+    async fn start(lifetime: Duration, project: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("ringpush-test-{}", ringpush::token::random_hex(6)));
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let mock = ringpush::mock_fcm::MockFcm::start(
+            ringpush::mock_fcm::Settings {
+                token_lifetime: lifetime,
+                ..ringpush::mock_fcm::Settings::local(dir.join("certs"))
+            },
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
+        let json = mock.new_account(project).unwrap();
+        let account = ringpush::fcm::ServiceAccount::parse(json.as_bytes()).unwrap();
+        let tls = ringpush::apns::tls::client_config(Some(mock.ca_file()), None).unwrap();
+        let url = ringpush::http2::Endpoint::parse(&mock.url()).unwrap();
+        let client =
+            ringpush::fcm::Client::new(ringpush::fcm::Settings::new(url), account, tls).unwrap();
+        let ring = App::ring("gw-oauth", Duration::ZERO);
+        let alert = ringpush::apns::request::AlertTemplate::default();
+        let style = ringpush::fcm::message::Style {
+            alert: &alert,
+            channel: "doorbell",
+        };
+        let message = ringpush::fcm::message::Template::new(
+            &ring,
+            "Door",
+            ringpush::token::Kind::Alert,
+            &style,
+        );
+        Self {
+            dir,
+            cancel,
+            mock,
+            client,
+            message,
+            token: DeviceToken::parse_fcm("oauth:APA91b").unwrap(),
+            expiration: ring.expires_at(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl Drop for OAuthRig {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[tokio::test]
 async fn one_task_renews_the_access_token_ahead_of_its_expiry() {
-    let dir =
-        std::env::temp_dir().join(format!("ringpush-test-{}", ringpush::token::random_hex(6)));
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let mock = ringpush::mock_fcm::MockFcm::start(
-        ringpush::mock_fcm::Settings {
-            token_lifetime: Duration::from_secs(4),
-            ..ringpush::mock_fcm::Settings::local(dir.join("certs"))
-        },
-        cancel.clone(),
-    )
-    .await
-    .unwrap();
-    let json = mock.new_account("p-renew").unwrap();
-    let account = ringpush::fcm::ServiceAccount::parse(json.as_bytes()).unwrap();
-    let tls = ringpush::apns::tls::client_config(Some(mock.ca_file()), None).unwrap();
-    let url = ringpush::http2::Endpoint::parse(&mock.url()).unwrap();
-    let client =
-        ringpush::fcm::Client::new(ringpush::fcm::Settings::new(url), account, tls).unwrap();
-    let ring = App::ring("gw-renew", Duration::ZERO);
-    let alert = ringpush::apns::request::AlertTemplate::default();
-    let style = ringpush::fcm::message::Style {
-        alert: &alert,
-        channel: "doorbell",
-    };
-    let message =
-        ringpush::fcm::message::Template::new(&ring, "Door", ringpush::token::Kind::Alert, &style);
-    let token = DeviceToken::parse_fcm("renew:APA91b").unwrap();
-    let expiration = ring.expires_at(Duration::from_secs(60));
+    let rig = OAuthRig::start(Duration::from_secs(4), "p-renew").await;
+    let (mock, client) = (&rig.mock, &rig.client);
+    let (message, token, expiration) = (&rig.message, &rig.token, rig.expiration);
     // Many sends at once before any token exists: one exchange for all of them.
     let sends =
-        futures_util::future::join_all((0..20).map(|_| client.send(&message, &token, expiration)))
+        futures_util::future::join_all((0..20).map(|_| client.send(message, token, expiration)))
             .await;
     assert!(sends
         .iter()
@@ -512,7 +550,7 @@ async fn one_task_renews_the_access_token_ahead_of_its_expiry() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(renewals, 2);
     assert!(matches!(
-        client.send(&message, &token, expiration).await,
+        client.send(message, token, expiration).await,
         Ok(ringpush::fcm::answer::Verdict::Accepted)
     ));
     assert_eq!(
@@ -520,44 +558,17 @@ async fn one_task_renews_the_access_token_ahead_of_its_expiry() {
         0,
         "no request met an expired token"
     );
-    cancel.cancel();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn a_renewal_ahead_of_expiry_that_fails_keeps_the_current_token_in_use() {
-    let dir =
-        std::env::temp_dir().join(format!("ringpush-test-{}", ringpush::token::random_hex(6)));
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let mock = ringpush::mock_fcm::MockFcm::start(
-        ringpush::mock_fcm::Settings {
-            token_lifetime: Duration::from_secs(6),
-            ..ringpush::mock_fcm::Settings::local(dir.join("certs"))
-        },
-        cancel.clone(),
-    )
-    .await
-    .unwrap();
-    let json = mock.new_account("p-keep").unwrap();
-    let account = ringpush::fcm::ServiceAccount::parse(json.as_bytes()).unwrap();
-    let tls = ringpush::apns::tls::client_config(Some(mock.ca_file()), None).unwrap();
-    let url = ringpush::http2::Endpoint::parse(&mock.url()).unwrap();
-    let client =
-        ringpush::fcm::Client::new(ringpush::fcm::Settings::new(url), account, tls).unwrap();
-    let ring = App::ring("gw-keep", Duration::ZERO);
-    let alert = ringpush::apns::request::AlertTemplate::default();
-    let style = ringpush::fcm::message::Style {
-        alert: &alert,
-        channel: "doorbell",
-    };
-    let message =
-        ringpush::fcm::message::Template::new(&ring, "Door", ringpush::token::Kind::Alert, &style);
-    let token = DeviceToken::parse_fcm("keep:APA91b").unwrap();
-    let expiration = ring.expires_at(Duration::from_secs(60));
+    let rig = OAuthRig::start(Duration::from_secs(6), "p-keep").await;
+    let (mock, client) = (&rig.mock, &rig.client);
+    let (message, token, expiration) = (&rig.message, &rig.token, rig.expiration);
     let accepted = |v: &Result<ringpush::fcm::answer::Verdict, _>| {
         matches!(v, Ok(ringpush::fcm::answer::Verdict::Accepted))
     };
-    assert!(accepted(&client.send(&message, &token, expiration).await));
+    assert!(accepted(&client.send(message, token, expiration).await));
     // The token endpoint stops taking this client's assertions (the project's key was
     // rotated): the renewal at three quarters of the 6 s lifetime fails.
     mock.new_account("p-keep").unwrap();
@@ -567,13 +578,11 @@ async fn a_renewal_ahead_of_expiry_that_fails_keeps_the_current_token_in_use() {
         "the renewal was tried and refused"
     );
     // The current token still has a second to live, and is still used.
-    let again = client.send(&message, &token, expiration).await;
+    let again = client.send(message, token, expiration).await;
     assert!(
         accepted(&again),
         "a failed renewal ahead of expiry must not throw the valid token away: {again:?}"
     );
-    cancel.cancel();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

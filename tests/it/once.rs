@@ -161,16 +161,7 @@ async fn sigterm_while_apns_answers_slowly_hands_back_only_the_phones_not_reache
     ]);
     app.wait_for("a phone of every ring", || app.mock.stats().accepted >= 20)
         .await;
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &worker.id().unwrap().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
-        .await
-        .expect("the worker exits")
-        .unwrap();
-    assert!(status.success(), "exit status {status}");
+    crate::support::terminate(&mut worker).await;
     let by_first = app.mock.stats().accepted;
     assert!(
         by_first < 100,

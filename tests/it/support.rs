@@ -743,6 +743,20 @@ impl Drop for App {
     }
 }
 
+/// Sends SIGTERM to a worker process and checks it exits 0 (within 30 s).
+pub async fn terminate(worker: &mut tokio::process::Child) {
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker exits")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
 /// A gateway whose owner has `phones` phones.
 pub async fn gateway(app: &App, id: &str, phones: usize) -> Vec<DeviceToken> {
     let owner = app.add_user().await;
