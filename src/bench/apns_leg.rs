@@ -6,14 +6,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 
 use super::Settings;
-use crate::apns::request::{build_payload, build_request, AlertTemplate, Endpoint, Notification};
-use crate::apns::{http2, jwt, tls, Answer};
+use crate::apns::request::{build_payload, build_request, AlertTemplate, Notification};
+use crate::apns::{http2, tls, Answer};
 use crate::token::{random_hex, DeviceToken, Environment};
 
+use super::bare::bare_h2;
 use super::measure::{p50_p99, paced, self_cpu};
 use super::peers::peer;
 use super::processes::{signer, MockProcess};
@@ -102,7 +102,9 @@ pub(super) async fn apns_leg(
     }
 
     // A bare h2 loop: the wire's ceiling in this stack (one connection, the same request).
-    let (per_s, cpu_us) = bare_h2(&mock.endpoint(), &ca, &signer, &notification(0), n).await?;
+    let n0 = notification(0);
+    let request = build_request(&mock.endpoint(), &n0, Some(&signer.bearer()));
+    let (per_s, cpu_us) = bare_h2(&mock.endpoint(), &ca, request, n0.payload, n, "bare h2").await?;
     report.bare_h2_per_s = per_s;
     report.bare_h2_cpu_us = cpu_us;
 
@@ -129,51 +131,4 @@ pub(super) async fn apns_leg(
         }
     }
     Ok(())
-}
-
-async fn bare_h2(
-    endpoint: &Endpoint,
-    ca: &Path,
-    signer: &jwt::Signer,
-    n0: &Notification,
-    n: usize,
-) -> anyhow::Result<(f64, f64)> {
-    let tls = tokio_rustls::TlsConnector::from(tls::client_config(Some(ca), None)?);
-    let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
-    tcp.set_nodelay(true)?;
-    let tls = tls
-        .connect(
-            rustls_pki_types::ServerName::try_from(endpoint.host.clone())?,
-            tcp,
-        )
-        .await?;
-    let (sender, connection) = h2::client::Builder::new()
-        .initial_max_send_streams(1)
-        .handshake::<_, Bytes>(tls)
-        .await?;
-    tokio::spawn(connection);
-    let request = build_request(endpoint, n0, Some(&signer.bearer()));
-    let send = |sender: h2::client::SendRequest<Bytes>| {
-        let (request, payload) = (request.clone(), n0.payload.clone());
-        async move {
-            let mut sender = sender.ready().await?;
-            let (response, mut stream) = sender.send_request(request, false)?;
-            stream.send_data(payload, true)?;
-            let status = response.await?.status();
-            anyhow::Ok(status.as_u16() == 200)
-        }
-    };
-    send(sender.clone()).await?;
-    let (cpu0, t0) = (self_cpu(), Instant::now());
-    let ok = tokio::task::unconstrained(
-        stream::iter(0..n)
-            .map(|_| send(sender.clone()))
-            .buffer_unordered(1000)
-            .filter(|r| std::future::ready(matches!(r, Ok(true))))
-            .count(),
-    )
-    .await;
-    let (secs, cpu) = (t0.elapsed().as_secs_f64(), self_cpu() - cpu0);
-    anyhow::ensure!(ok == n, "bare h2: {ok} of {n} accepted");
-    Ok((n as f64 / secs, cpu / n as f64 * 1e6))
 }

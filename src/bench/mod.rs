@@ -21,6 +21,7 @@
 //! clients' scripts); [`report`] (what a run measured, as a table and as JSON).
 
 mod apns_leg;
+mod bare;
 mod binary_leg;
 mod building;
 mod e2e;
