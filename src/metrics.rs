@@ -69,6 +69,21 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 /// A counter family with one label, e.g. `ringpush_rings_total{outcome}`.
 pub type Family1 = Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>;
 
+/// A family of [`latency_histogram`]s, one per label set.
+pub type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
+/// An empty [`HistogramFamily`].
+pub fn histogram_family() -> HistogramFamily {
+    Family::new_with_constructor(latency_histogram)
+}
+
+/// The child of `family` for `label=value`, kept by the caller (observing it takes no lock).
+pub fn labelled_histogram(family: &HistogramFamily, label: &str, value: &str) -> Histogram {
+    family
+        .get_or_create(&vec![(label.to_owned(), value.to_owned())])
+        .clone()
+}
+
 /// The child of `family` for `label=value`: a shared counter the caller keeps and increments
 /// without touching the family (no lock) again.
 pub fn labelled(

@@ -43,7 +43,7 @@ mod read;
 mod settle;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
@@ -261,10 +261,10 @@ async fn sweep_ledger(shared: Arc<Shared>, cancel: CancellationToken) {
 /// are handed back.
 async fn handle_batch(ctx: &Arc<Context>, batch: Vec<Delivery>, abort: CancellationToken) {
     Counters::add(&ctx.counters.rings_consumed, batch.len());
-    let now = OffsetDateTime::now_utc();
+    let (now, arrived) = (OffsetDateTime::now_utc(), Instant::now());
     let mut rings = Vec::with_capacity(batch.len());
     for delivery in batch {
-        match read(delivery, now, ctx.settings.ring_ttl) {
+        match read(delivery, now, arrived, ctx.settings.ring_ttl) {
             Read::Ring(incoming) => rings.push(incoming),
             Read::Decided(delivery, ids, disposition) => {
                 let (gateway, event) = ids.unwrap_or_default();
@@ -275,9 +275,24 @@ async fn handle_batch(ctx: &Arc<Context>, batch: Vec<Delivery>, abort: Cancellat
     if rings.is_empty() {
         return;
     }
-    let Some(gateways) = lookup::lookup_holding(ctx, &mut rings, &abort).await else {
+    let Some((gateways, queried)) = lookup::lookup_holding(ctx, &mut rings, &abort).await else {
         return;
     };
+    // Each ring's wait for the query that answered it, and the query (a lookup put together
+    // gateway by gateway has no one query: its whole time counts as the lookup).
+    for ring in &mut rings {
+        let [_, wait, query] = &mut ring.before_push;
+        match queried {
+            Some(q) => {
+                *wait = q
+                    .started
+                    .saturating_duration_since(ring.arrived)
+                    .as_secs_f64();
+                *query = q.took.as_secs_f64();
+            }
+            None => *query = ring.arrived.elapsed().as_secs_f64(),
+        }
+    }
     join_all(rings.iter().map(|incoming| {
         push::push_holding(ctx, incoming, gateways.get(incoming.gateway()), &abort)
     }))

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio_postgres::NoTls;
@@ -60,6 +60,16 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The answer to one grouped lookup, shared by every batch it served.
 pub type Found = Arc<Result<HashMap<String, Gateway>, LookupError>>;
 
+/// When the grouped query that answered a lookup ran: what a ring waited before it (another
+/// query running, the slots all taken, a pooled connection) is told apart from the query.
+#[derive(Debug, Clone, Copy)]
+pub struct Queried {
+    /// When the statement was sent (a pooled connection in hand).
+    pub started: Instant,
+    /// How long until its rows were read.
+    pub took: Duration,
+}
+
 /// Why a lookup found nothing, sorted by whose fault it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LookupError {
@@ -100,7 +110,7 @@ pub struct Lookups {
 #[derive(Default)]
 struct Waiting {
     running: usize,
-    batches: Vec<(Vec<String>, tokio::sync::oneshot::Sender<Found>)>,
+    batches: Vec<(Vec<String>, tokio::sync::oneshot::Sender<(Found, Queried)>)>,
 }
 
 impl Lookups {
@@ -128,6 +138,12 @@ impl Lookups {
     /// The gateways of `ids` (and possibly others looked up in the same query). The queries
     /// run on tasks of their own, so a caller that goes away never holds a slot.
     pub async fn lookup(self: &Arc<Self>, ids: Vec<String>) -> Found {
+        self.lookup_timed(ids).await.0
+    }
+
+    /// [`Lookups::lookup`], with when the query that answered ran (`None` when it was
+    /// abandoned).
+    pub async fn lookup_timed(self: &Arc<Self>, ids: Vec<String>) -> (Found, Option<Queried>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start = {
             let mut state = self.state.lock().unwrap();
@@ -142,11 +158,13 @@ impl Lookups {
             let this = self.clone();
             tokio::spawn(async move { this.drain().await });
         }
-        rx.await.unwrap_or_else(|_| {
-            Arc::new(Err(LookupError::Unavailable(
-                "the grouped lookup was abandoned".into(),
-            )))
-        })
+        match rx.await {
+            Ok((found, queried)) => (found, Some(queried)),
+            Err(_) => {
+                let abandoned = "the grouped lookup was abandoned".into();
+                (Arc::new(Err(LookupError::Unavailable(abandoned))), None)
+            }
+        }
     }
 
     /// Runs grouped queries for the waiting batches until none wait, then frees the slot
@@ -173,9 +191,15 @@ impl Lookups {
                 .flat_map(|(ids, _)| ids.iter().map(String::as_str))
                 .collect();
             let ids: Vec<&str> = ids.into_iter().collect();
-            let found = self.query(&ids).await;
+            let asked = Instant::now();
+            let (found, started) = self.query_timed(&ids).await;
+            let started = started.unwrap_or(asked);
+            let queried = Queried {
+                started,
+                took: started.elapsed(),
+            };
             for (_, tx) in batches {
-                let _ = tx.send(found.clone());
+                let _ = tx.send((found.clone(), queried));
             }
         }
     }
@@ -184,10 +208,11 @@ impl Lookups {
     /// like the grouped ones): how a grouped lookup that failed for its input finds the
     /// gateway to blame.
     pub async fn lookup_alone(&self, id: &str) -> Found {
-        self.query(&[id]).await
+        self.query_timed(&[id]).await.0
     }
 
-    async fn query(&self, ids: &[&str]) -> Found {
+    /// One query, with when its statement was sent (`None` if it never was).
+    async fn query_timed(&self, ids: &[&str]) -> (Found, Option<Instant>) {
         self.queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Bounded, so a query the database never answers frees its slot and the batches
@@ -200,6 +225,8 @@ impl Lookups {
             lookup_cancellable(&self.pool, ids, &mut cancel),
         )
         .await;
+        let started = cancel.as_ref().map(|(_, sent)| *sent);
+        let cancel = cancel.map(|(token, _)| token);
         let found = match found {
             Ok(found) => found.map_err(LookupError::from),
             Err(_) => {
@@ -216,7 +243,7 @@ impl Lookups {
                 Err(LookupError::Timeout(QUERY_TIMEOUT))
             }
         };
-        Arc::new(found)
+        (Arc::new(found), started)
     }
 }
 
@@ -230,14 +257,15 @@ pub async fn lookup(
     lookup_cancellable(pool, gateway_ids, &mut None).await
 }
 
-/// [`lookup`], leaving in `cancel` how to cancel the statement once it is on its way.
+/// [`lookup`], leaving in `cancel` how to cancel the statement once it is on its way, and
+/// when it went.
 async fn lookup_cancellable(
     pool: &Pool,
     gateway_ids: &[&str],
-    cancel: &mut Option<tokio_postgres::CancelToken>,
+    cancel: &mut Option<(tokio_postgres::CancelToken, Instant)>,
 ) -> Result<HashMap<String, Gateway>, DbError> {
     let client = pool.get().await?;
-    *cancel = Some(client.cancel_token());
+    *cancel = Some((client.cancel_token(), Instant::now()));
     let statement = client.prepare_cached(LOOKUP).await?;
     let rows = client.query(&statement, &[&gateway_ids]).await?;
     let mut found: HashMap<String, Gateway> = HashMap::new();

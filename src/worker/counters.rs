@@ -73,11 +73,49 @@ pub struct Counters {
     pub fcm_request_seconds: Histogram,
     /// From `pressed_at` to APNs's 200, seconds: the number the business cares about.
     pub ring_to_accepted_seconds: Histogram,
+    /// Where a ring's time goes, stage by stage (`ringpush_ring_stage_seconds{stage}`).
+    pub stages: Stages,
+    /// From a ring's arrival to its last token's answer, less that answer's own request:
+    /// the part of a ring's time that is the worker's.
+    pub ring_worker_seconds: Histogram,
     /// Consuming from the broker right now.
     pub broker_connected: AtomicBool,
     /// Consumption paused because APNs, or the database, is unreachable.
     pub paused_apns: AtomicBool,
     pub paused_database: AtomicBool,
+}
+
+/// `ringpush_ring_stage_seconds{stage}`: one latency histogram per stage of a ring inside
+/// the worker, children kept so observing one takes no lock. The stages follow each other,
+/// so their sums add up to a pushed ring's time from the press to its settlement.
+#[derive(Debug)]
+pub struct Stages {
+    family: metrics::HistogramFamily,
+    /// `pressed_at` (else the AMQP timestamp) to the delivery's arrival at this worker.
+    pub queued: Histogram,
+    /// Arrival to the statement of the grouped query that looked its gateway up being sent.
+    pub lookup_wait: Histogram,
+    /// That statement, to its rows read.
+    pub lookup: Histogram,
+    /// Looked up to the last token's answer: the payload and the requests.
+    pub push: Histogram,
+    /// The last answer to the ack handed to the acker: ledger, publishes, confirms.
+    pub settle: Histogram,
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        let family = metrics::histogram_family();
+        let stage = |name: &str| metrics::labelled_histogram(&family, "stage", name);
+        Self {
+            queued: stage("queued"),
+            lookup_wait: stage("lookup_wait"),
+            lookup: stage("lookup"),
+            push: stage("push"),
+            settle: stage("settle"),
+            family,
+        }
+    }
 }
 
 /// The outcomes counted per platform, in the order of `by_platform_children`.
@@ -144,6 +182,8 @@ impl Default for Counters {
             apns_request_seconds: metrics::latency_histogram(),
             fcm_request_seconds: metrics::latency_histogram(),
             ring_to_accepted_seconds: metrics::latency_histogram(),
+            stages: Stages::default(),
+            ring_worker_seconds: metrics::latency_histogram(),
             broker_connected: AtomicBool::default(),
             paused_apns: AtomicBool::default(),
             paused_database: AtomicBool::default(),
@@ -283,6 +323,16 @@ impl Counters {
             "ring_to_accepted_seconds",
             "From the button press (pressed_at) to APNs accepting the notification",
             self.ring_to_accepted_seconds.clone(),
+        );
+        registry.register(
+            "ring_stage_seconds",
+            "Where a pushed ring's time goes, by stage (each observed once per ring pushed): queued (pressed_at, else the AMQP timestamp, to its arrival at a worker; a retried ring's time in the retry tiers included), lookup_wait (arrival to its token lookup's statement sent: reading, lookups queued, a pooled connection, a ring held while the database is down), lookup (the statement to its rows), push (the payload and every token's request until the last answer; a ring held while its provider is down included), settle (the ledger write, publishes confirmed, the ack handed over)",
+            self.stages.family.clone(),
+        );
+        registry.register(
+            "ring_worker_seconds",
+            "A pushed ring's arrival at the worker to its last token's answer, less that answer's own request: the worker's share of a ring's time",
+            self.ring_worker_seconds.clone(),
         );
         registry.register_collector(Box::new(Scrape {
             counters: self.clone(),

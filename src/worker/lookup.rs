@@ -18,7 +18,7 @@ use super::pause::{pause, Paused};
 use super::read::Incoming;
 use super::settle::settle;
 use super::Context;
-use crate::db::{Found, Gateway, LookupError, RingKey};
+use crate::db::{Found, Gateway, LookupError, Queried, RingKey};
 
 /// Timeouts of one grouped lookup before its gateways are looked up one by one, and of one
 /// gateway's lookup alone before its rings are dead-lettered.
@@ -43,16 +43,18 @@ impl Gateways {
 /// Looks up the gateways of `rings`. While the database cannot be used, the rings are held
 /// (consumption paused, a probe running) and looked up again when it answers; rings that
 /// expire meanwhile, or whose gateway fails alone with a data error or keeps timing out, are
-/// settled and leave `rings`. `None` when `abort` fired (every ring left was handed back).
+/// settled and leave `rings`. With the gateways, when the grouped query that found them ran
+/// (`None` when they were looked up gateway by gateway). `None` when `abort` fired (every
+/// ring left was handed back).
 pub(super) async fn lookup_holding(
     ctx: &Arc<Context>,
     rings: &mut Vec<Incoming>,
     abort: &CancellationToken,
-) -> Option<Gateways> {
+) -> Option<(Gateways, Option<Queried>)> {
     let mut timeouts = 0;
     loop {
         if rings.is_empty() {
-            return Some(Gateways::Each(HashMap::new()));
+            return Some((Gateways::Each(HashMap::new()), None));
         }
         let ids: Vec<String> = rings
             .iter()
@@ -71,9 +73,12 @@ pub(super) async fn lookup_holding(
         } else {
             Vec::new()
         };
-        let (found, seen) = tokio::join!(ctx.lookups.lookup(ids.clone()), ctx.ledger.seen(&seen));
+        let ((found, queried), seen) = tokio::join!(
+            ctx.lookups.lookup_timed(ids.clone()),
+            ctx.ledger.seen(&seen)
+        );
         let looked_up = match &*found {
-            Ok(_) => Ok(Gateways::Grouped(found)),
+            Ok(_) => Ok((Gateways::Grouped(found), queried)),
             Err(e @ LookupError::Timeout(_)) if timeouts + 1 < MAX_LOOKUP_TIMEOUTS => {
                 timeouts += 1;
                 warn!(rings = rings.len(), error = %e, "token lookup timed out; trying again");
@@ -82,7 +87,7 @@ pub(super) async fn lookup_holding(
             Err(LookupError::Data(_) | LookupError::Timeout(_)) => {
                 lookup_one_by_one(ctx, rings, &ids)
                     .await
-                    .map(Gateways::Each)
+                    .map(|each| (Gateways::Each(each), None))
                     .map_err(|e| format!("the token lookup failed: {e}"))
             }
             Err(LookupError::Unavailable(e)) => Err(format!("the token lookup failed: {e}")),

@@ -35,14 +35,34 @@ pub(super) async fn push_holding(
     gateway: Option<&Gateway>,
     abort: &CancellationToken,
 ) {
+    let looked_up = Instant::now();
     loop {
-        let (disposition, accepted) = push(ctx, incoming, gateway, abort).await;
+        let (disposition, accepted, last) = push(ctx, incoming, gateway, abort).await;
         let Disposition::Hold {
             environments,
             error,
         } = disposition
         else {
+            let Some(last) = last else {
+                // Nothing pushed: no stage of a pushed ring to tell.
+                settle_recorded(ctx, incoming, &accepted, disposition, abort).await;
+                return;
+            };
             settle_recorded(ctx, incoming, &accepted, disposition, abort).await;
+            let (c, [queued, lookup_wait, lookup]) = (&ctx.counters, incoming.before_push);
+            let pushing = last.at.saturating_duration_since(looked_up);
+            let own = last.at.saturating_duration_since(incoming.arrived);
+            for (stage, seconds) in [
+                (&c.stages.queued, queued),
+                (&c.stages.lookup_wait, lookup_wait),
+                (&c.stages.lookup, lookup),
+                (&c.stages.push, pushing.as_secs_f64()),
+                (&c.stages.settle, last.at.elapsed().as_secs_f64()),
+            ] {
+                stage.observe(seconds);
+            }
+            c.ring_worker_seconds
+                .observe(own.saturating_sub(last.took).as_secs_f64());
             return;
         };
         warn!(gateway = incoming.gateway(), event = incoming.event(), %error, "APNs unreachable; holding the ring");
@@ -69,15 +89,23 @@ pub(super) async fn push_holding(
     }
 }
 
+/// When a token's answer came, and how long its request took.
+#[derive(Debug, Clone, Copy)]
+struct Answered {
+    at: Instant,
+    took: Duration,
+}
+
 /// Pushes one ring to every token of its gateway (or, on a retry, to the tokens still
 /// pending), but never to one the ledger says took it already, and decides what becomes of
-/// it; with the decision, the hashes of the tokens that took it now (for the ledger).
+/// it; with the decision, the hashes of the tokens that took it now (for the ledger) and
+/// the last answer (`None` when nothing was sent).
 async fn push(
     ctx: &Context,
     incoming: &Incoming,
     gateway: Option<&Gateway>,
     abort: &CancellationToken,
-) -> (Disposition, Vec<TokenHash>) {
+) -> (Disposition, Vec<TokenHash>, Option<Answered>) {
     let (ring, pending) = (&incoming.ring, incoming.pending.as_ref());
     let mut suppressed = 0;
     let recipients: Vec<_> = gateway
@@ -111,7 +139,7 @@ async fn push(
         suppressed,
     });
     let (Disposition::Continue, Some(gateway)) = (&looked_up, gateway) else {
-        return (looked_up, Vec::new());
+        return (looked_up, Vec::new(), None);
     };
     let messages = Messages {
         alert: &ctx.settings.alert,
@@ -127,7 +155,7 @@ async fn push(
             let step = Step::Unpushable {
                 error: e.to_string(),
             };
-            return (decide(step), Vec::new());
+            return (decide(step), Vec::new(), None);
         }
     };
     // Collected first: a stream over a lazy `map` of borrowing closures trips the compiler's
@@ -144,7 +172,7 @@ async fn push(
                 };
                 if abort.is_cancelled() {
                     // Stopping: not sent; handed back.
-                    return (target, None);
+                    return ((target, None), None);
                 }
                 let sent = Instant::now();
                 let answer = tokio::select! {
@@ -155,30 +183,41 @@ async fn push(
                     _ = async {
                         abort.cancelled().await;
                         tokio::time::sleep(STOP_DRAIN).await;
-                    } => return (target, None),
+                    } => return ((target, None), None),
+                };
+                let answered = Answered {
+                    at: Instant::now(),
+                    took: sent.elapsed(),
                 };
                 observe(ctx, incoming, &answer);
-                let seconds = sent.elapsed().as_secs_f64();
-                ctx.counters
-                    .count_platform(r.token.platform(), &answer, seconds);
+                ctx.counters.count_platform(
+                    r.token.platform(),
+                    &answer,
+                    answered.took.as_secs_f64(),
+                );
                 log_rejection(incoming, &r.token, &answer);
-                (target, Some(answer))
+                ((target, Some(answer)), Some(answered))
             }
         })
         .collect();
     // At most `ring_concurrency` at once. An ordinary ring (a few tokens) takes the
     // cheaper `join_all`: a stream of futures costs an allocation and a waker per token.
     let limit = ctx.settings.ring_concurrency.max(1);
-    let answers: Vec<(Target, Option<Answer>)> = if sends.len() <= limit {
-        futures_util::future::join_all(sends).await
-    } else {
-        // Unordered: a token that waits (an FCM Retry-After) must not hold the next sends
-        // back, and `buffered` counts answers waiting for their turn against the limit.
-        futures_util::stream::iter(sends)
-            .buffer_unordered(limit)
-            .collect()
-            .await
-    };
+    let (answers, answered): (Vec<(Target, Option<Answer>)>, Vec<Option<Answered>>) =
+        if sends.len() <= limit {
+            futures_util::future::join_all(sends)
+                .await
+                .into_iter()
+                .unzip()
+        } else {
+            // Unordered: a token that waits (an FCM Retry-After) must not hold the next sends
+            // back, and `buffered` counts answers waiting for their turn against the limit.
+            futures_util::stream::iter(sends)
+                .buffer_unordered(limit)
+                .unzip()
+                .await
+        };
+    let last = answered.into_iter().flatten().max_by_key(|a| a.at);
     let accepted = answers
         .iter()
         .filter(|(_, a)| matches!(a, Some(Answer::Accepted)))
@@ -201,7 +240,7 @@ async fn push(
             attempt: incoming.attempt,
         }
     };
-    (decide(step), accepted)
+    (decide(step), accepted, last)
 }
 
 /// Logs a token's rejection at the level an operator needs, with the ring it belongs to: a

@@ -2,7 +2,7 @@
 //! its tokens in headers), parsing the ring event, and what needs no lookup decided at once.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, ShortString};
@@ -35,6 +35,11 @@ pub(super) struct Incoming {
     /// The tokens that took the ring before, as the ledger says (hashes; filled in with the
     /// lookup for a ring that `maybe_seen`).
     pub(super) recorded: HashSet<TokenHash>,
+    /// When its batch reached the worker: where the worker's share of its time begins.
+    pub(super) arrived: Instant,
+    /// Its stages before the push, seconds: queued (press → arrival), the wait for its
+    /// lookup's query, the query (filled in once looked up; observed when it is pushed).
+    pub(super) before_push: [f64; 3],
 }
 
 impl Incoming {
@@ -64,9 +69,15 @@ pub(super) enum Read {
     Decided(Delivery, Option<(String, String)>, Disposition),
 }
 
-/// Reads one delivery: unwraps a retry envelope, parses the ring event, and decides at once
-/// what needs no lookup (malformed → dead, too old → expired or dead).
-pub(super) fn read(delivery: Delivery, now: OffsetDateTime, ttl: Duration) -> Read {
+/// Reads one delivery, which arrived at `arrived` (`now` on the wall clock): unwraps a retry
+/// envelope, parses the ring event, and decides at once what needs no lookup (malformed →
+/// dead, too old → expired or dead).
+pub(super) fn read(
+    delivery: Delivery,
+    now: OffsetDateTime,
+    arrived: Instant,
+    ttl: Duration,
+) -> Read {
     let fallback = delivery
         .properties
         .timestamp()
@@ -117,6 +128,8 @@ pub(super) fn read(delivery: Delivery, now: OffsetDateTime, ttl: Duration) -> Re
                 || returned(&delivery) > 0
                 || header(&delivery, HANDBACK_HEADER).is_some(),
             recorded: HashSet::new(),
+            arrived,
+            before_push: [(now - ring.pressed_at).as_seconds_f64().max(0.0), 0.0, 0.0],
             delivery,
             ring,
             body,

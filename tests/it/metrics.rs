@@ -88,6 +88,63 @@ async fn metrics_match_what_the_mock_received() {
 }
 
 #[tokio::test]
+async fn stage_histograms_say_where_a_rings_time_went() {
+    // APNs answers each request after 150 ms; the rings were pressed 400 ms before they
+    // are published.
+    let delay = 0.15;
+    let app = App::spawn_with(|o| {
+        o.metrics = true;
+        o.mock.response_delay = Duration::from_secs_f64(delay);
+    })
+    .await;
+    let owner = app.add_user().await;
+    app.add_gateway("gw-s", owner, "Door").await;
+    for _ in 0..2 {
+        app.add_token(owner, "production", Some(TOPIC)).await;
+    }
+    let age = 0.4;
+    for _ in 0..4 {
+        app.publish(&App::ring("gw-s", Duration::from_secs_f64(age)))
+            .await;
+    }
+    // Not pushed: in none of the stages.
+    app.publish(&App::ring("gw-unknown", Duration::ZERO)).await;
+    app.wait_acked(5).await;
+
+    let (_, body) = app.scrape("/metrics").await;
+    let stage = |name: &str, what: &str| {
+        let series = format!("ringpush_ring_stage_seconds_{what}{{stage=\"{name}\"}}");
+        sample(&body, &series).unwrap_or_else(|| panic!("no {series} in {body}"))
+    };
+    let mean = |name: &str| stage(name, "sum") / stage(name, "count");
+    for name in ["queued", "lookup_wait", "lookup", "push", "settle"] {
+        assert_eq!(stage(name, "count"), 4.0, "{name}: one per pushed ring");
+    }
+    assert!(mean("queued") >= age, "{}", mean("queued"));
+    assert!(mean("lookup") > 0.0);
+    // The push waited for APNs; the worker's own share leaves the request out.
+    assert!(mean("push") >= delay, "{}", mean("push"));
+    let own = sample(&body, "ringpush_ring_worker_seconds_sum").unwrap()
+        / sample(&body, "ringpush_ring_worker_seconds_count").unwrap();
+    assert_eq!(
+        sample(&body, "ringpush_ring_worker_seconds_count"),
+        Some(4.0)
+    );
+    assert!(own < delay, "the request is not the worker's: {own}");
+    assert!(own >= mean("lookup"), "the lookup is: {own}");
+    // The stages follow each other: together, at least the press to the last answer.
+    let total: f64 = ["queued", "lookup_wait", "lookup", "push", "settle"]
+        .iter()
+        .map(|s| mean(s))
+        .sum();
+    let to_accepted = sample(&body, "ringpush_ring_to_accepted_seconds_sum").unwrap()
+        / sample(&body, "ringpush_ring_to_accepted_seconds_count").unwrap();
+    assert!(total >= to_accepted, "{total} < {to_accepted}");
+    assert!(total < to_accepted + 1.0, "{total} ≫ {to_accepted}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn queue_depth_gauges_follow_a_queue_filled_while_no_worker_consumes() {
     let mut app = App::spawn_with(|o| {
         o.metrics = true;
