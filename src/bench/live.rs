@@ -9,11 +9,36 @@ use crate::broker::{self, Names};
 use crate::wire::ring::RingEvent;
 
 use super::measure::{
-    buckets, cpu_seconds, delta, leave_out_above_last_bucket, machine_busy_seconds, paced,
-    quantiles_of, sample, scrape, self_cpu, service_cores, service_cpu,
+    buckets, cpu_seconds, delta, labelled_buckets, leave_out_above_last_bucket,
+    machine_busy_seconds, paced, quantiles_of, sample, scrape, self_cpu, service_cores,
+    service_cpu,
 };
 use super::processes::MockProcess;
-use super::report::Window;
+use super::report::{Quantiles, Stage, Window};
+
+/// The worker's stages of a ring (`ringpush_ring_stage_seconds{stage}`), in their order.
+pub(super) const STAGES: [&str; 5] = ["queued", "lookup_wait", "lookup", "push", "settle"];
+
+/// Every histogram a window reads from the worker's scrape: ring-to-accepted, the APNs
+/// request, each stage and the worker's own share, by name.
+fn histograms(body: &str) -> BTreeMap<&'static str, Vec<(f64, f64)>> {
+    let mut all = BTreeMap::from([
+        (
+            "ring_to_accepted",
+            buckets(body, "ringpush_ring_to_accepted_seconds"),
+        ),
+        ("apns", buckets(body, "ringpush_apns_request_seconds")),
+        ("worker", buckets(body, "ringpush_ring_worker_seconds")),
+    ]);
+    for stage in STAGES {
+        let labels = format!("stage=\"{stage}\"");
+        all.insert(
+            stage,
+            labelled_buckets(body, "ringpush_ring_stage_seconds", &labels),
+        );
+    }
+    all
+}
 
 /// What a live-publishing window needs from the end-to-end run.
 pub(super) struct Live<'a> {
@@ -64,8 +89,7 @@ impl Live<'_> {
         let n = (rate * secs) as usize;
         let accepted = r#"ringpush_notifications_total{outcome="accepted"}"#;
         let body_before = scrape(self.metrics_port).await?;
-        let before = buckets(&body_before, "ringpush_ring_to_accepted_seconds");
-        let apns_before = buckets(&body_before, "ringpush_apns_request_seconds");
+        let before = histograms(&body_before);
         let count_before = sample(&body_before, accepted);
         let (services0, machine0, mock0) = (service_cpu(), machine_busy_seconds(), self.mock.cpu());
         let (worker0, bench0, started) = (cpu_seconds(self.pid), self_cpu(), Instant::now());
@@ -106,32 +130,33 @@ impl Live<'_> {
         ] {
             cpu.insert(name.into(), used);
         }
-        let mut ring_to_accepted = delta(
-            &before,
-            &buckets(&after, "ringpush_ring_to_accepted_seconds"),
-        );
-        leave_out_above_last_bucket(&mut ring_to_accepted, beside_notifications);
+        let mut histograms: BTreeMap<_, _> = histograms(&after)
+            .into_iter()
+            .map(|(name, after)| (name, delta(&before[name], &after)))
+            .collect();
+        if let Some(h) = histograms.get_mut("ring_to_accepted") {
+            leave_out_above_last_bucket(h, beside_notifications);
+        }
+        // The rings beside were pressed before the last bucket too.
+        if let Some(h) = histograms.get_mut("queued") {
+            leave_out_above_last_bucket(h, n_beside as f64);
+        }
         Ok(Counted {
             rate,
             secs,
-            ring_to_accepted,
-            apns: delta(
-                &apns_before,
-                &buckets(&after, "ringpush_apns_request_seconds"),
-            ),
+            histograms,
             cpu,
         })
     }
 }
 
-/// What one or more windows at the same rate counted: histogram buckets (deltas) and CPU
-/// seconds by process, over `secs`.
+/// What one or more windows at the same rate counted: histogram buckets (deltas, by the
+/// names [`histograms`] gives) and CPU seconds by process, over `secs`.
 #[derive(Debug, Default)]
 pub(super) struct Counted {
     rate: f64,
     secs: f64,
-    ring_to_accepted: Vec<(f64, f64)>,
-    apns: Vec<(f64, f64)>,
+    histograms: BTreeMap<&'static str, Vec<(f64, f64)>>,
     cpu: BTreeMap<String, f64>,
 }
 
@@ -147,8 +172,9 @@ impl Counted {
                 }
             }
         };
-        sum(&mut self.ring_to_accepted, other.ring_to_accepted);
-        sum(&mut self.apns, other.apns);
+        for (name, theirs) in other.histograms {
+            sum(self.histograms.entry(name).or_default(), theirs);
+        }
         for (name, seconds) in other.cpu {
             *self.cpu.entry(name).or_default() += seconds;
         }
@@ -157,15 +183,34 @@ impl Counted {
     }
 
     pub(super) fn window(&self) -> Window {
-        let (p50_ms, p99_ms) = quantiles_of(&self.ring_to_accepted);
-        let (apns_p50_ms, apns_p99_ms) = quantiles_of(&self.apns);
+        let of = |name| {
+            let (p50_ms, p99_ms) = self
+                .histograms
+                .get(name)
+                .map_or((None, None), |h| quantiles_of(h));
+            Quantiles { p50_ms, p99_ms }
+        };
+        let (ring_to_accepted, apns, worker) = (of("ring_to_accepted"), of("apns"), of("worker"));
         let secs = self.secs.max(f64::MIN_POSITIVE);
         Window {
             rings_per_s: self.rate,
-            p50_ms,
-            p99_ms,
-            apns_p50_ms,
-            apns_p99_ms,
+            p50_ms: ring_to_accepted.p50_ms,
+            p99_ms: ring_to_accepted.p99_ms,
+            apns_p50_ms: apns.p50_ms,
+            apns_p99_ms: apns.p99_ms,
+            worker_p50_ms: worker.p50_ms,
+            worker_p99_ms: worker.p99_ms,
+            stages: STAGES
+                .iter()
+                .map(|&stage| {
+                    let Quantiles { p50_ms, p99_ms } = of(stage);
+                    Stage {
+                        stage: stage.to_owned(),
+                        p50_ms,
+                        p99_ms,
+                    }
+                })
+                .collect(),
             cores: self
                 .cpu
                 .iter()

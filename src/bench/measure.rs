@@ -104,11 +104,22 @@ pub(super) fn sample(body: &str, series: &str) -> f64 {
 
 /// The cumulative buckets of a histogram in a scrape.
 pub(super) fn buckets(body: &str, name: &str) -> Vec<(f64, f64)> {
+    labelled_buckets(body, name, "")
+}
+
+/// [`buckets`] of the child of a histogram family whose labels (after `le`, as the worker's
+/// registry writes them) read `labels`, as `stage="push"`.
+pub(super) fn labelled_buckets(body: &str, name: &str, labels: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{le=\"");
+    let suffix = match labels {
+        "" => "} ".to_owned(),
+        labels => format!(",{labels}}} "),
+    };
     body.lines()
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|l| {
-            let (le, count) = l.split_once("\"} ")?;
+            let (le, rest) = l.split_once('"')?;
+            let count = rest.strip_prefix(&suffix)?;
             let le = if le == "+Inf" {
                 f64::INFINITY
             } else {
@@ -237,5 +248,29 @@ mod tests {
         assert_eq!(p50_p99(latencies), (Some(51.0), Some(100.0)));
         assert_eq!(p50_p99(vec![7.0]), (Some(7.0), Some(7.0)));
         assert_eq!(p50_p99(Vec::new()), (None, None));
+    }
+
+    #[test]
+    fn a_family_child_is_read_from_the_text_the_registry_writes() {
+        let family = crate::metrics::histogram_family();
+        let mut registry = prometheus_client::registry::Registry::with_prefix("ringpush");
+        registry.register("ring_stage_seconds", "stages", family.clone());
+        let plain = crate::metrics::latency_histogram();
+        registry.register("ring_worker_seconds", "own", plain.clone());
+        crate::metrics::labelled_histogram(&family, "stage", "push").observe(0.002);
+        crate::metrics::labelled_histogram(&family, "stage", "lookup").observe(0.0001);
+        plain.observe(0.0001);
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry).unwrap();
+
+        let push = labelled_buckets(&body, "ringpush_ring_stage_seconds", "stage=\"push\"");
+        assert_eq!(push.len(), 28, "{body}");
+        assert_eq!(push[0], (0.0005, 0.0));
+        assert_eq!(push.last(), Some(&(f64::INFINITY, 1.0)));
+        let lookup = labelled_buckets(&body, "ringpush_ring_stage_seconds", "stage=\"lookup\"");
+        assert_eq!(lookup[0], (0.0005, 1.0));
+        assert!(labelled_buckets(&body, "ringpush_ring_stage_seconds", "stage=\"x\"").is_empty());
+        let own = buckets(&body, "ringpush_ring_worker_seconds");
+        assert_eq!((own.len(), own[0]), (28, (0.0005, 1.0)));
     }
 }
