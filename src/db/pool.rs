@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 use super::DbError;
@@ -42,24 +42,51 @@ pub fn target(url: &str) -> String {
 const STILL_PRIMARY: &str = "DO $$ BEGIN IF pg_is_in_recovery() THEN \
     RAISE EXCEPTION 'this server is a standby now (failover): reconnecting'; END IF; END $$";
 
+/// How long a pooled connection may go unused before it is checked with a round trip when
+/// it is taken again (see [`pool`]).
+pub const VERIFY_AFTER_IDLE: Duration = Duration::from_millis(100);
+
 /// Opens a pool with every timeout set (deadpool's defaults wait forever). The URL may name
 /// several hosts (libpq's multi-host form: `host1:5432,host2:5432`, tried in order) with
 /// `target_session_attrs=read-write` (the primary) or `read-only` (a standby).
+///
+/// A connection taken from the pool is checked first — a round trip: an empty statement,
+/// or, for a primary, that the server is not a standby now — only when it went unused for
+/// [`VERIFY_AFTER_IDLE`] or longer (and one whose socket closed is never handed out). A
+/// busy worker takes a connection for every lookup and ledger write, and a round trip
+/// before each one doubled the database's share of a ring's time and of its tail; a
+/// connection in use a moment ago is not worth checking, and one that failed since is
+/// checked when the probe after the failure takes it (consumption pauses, so nothing uses
+/// it in between).
 pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbError> {
     let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
-    let recycling_method = match config.get_target_session_attrs() {
-        tokio_postgres::config::TargetSessionAttrs::ReadWrite => {
-            RecyclingMethod::Custom(STILL_PRIMARY.into())
-        }
-        _ => RecyclingMethod::Verified,
+    let check: &'static str = match config.get_target_session_attrs() {
+        tokio_postgres::config::TargetSessionAttrs::ReadWrite => STILL_PRIMARY,
+        _ => "",
     };
+    let recycling_method = RecyclingMethod::Fast;
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method });
+    let verify = deadpool_postgres::Hook::async_fn(move |client, metrics| {
+        Box::pin(async move {
+            if metrics.last_used() < VERIFY_AFTER_IDLE {
+                return Ok(());
+            }
+            let failed = match tokio::time::timeout(timeout, client.simple_query(check)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => super::DbError::from(e).to_string(),
+                Err(_) => format!("no answer in {timeout:?}"),
+            };
+            tracing::warn!(error = %failed, "a pooled PostgreSQL connection failed its check; replacing it");
+            Err(HookError::message(failed))
+        })
+    });
     Ok(Pool::builder(manager)
         .max_size(max_size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(timeout))
         .create_timeout(Some(timeout))
         .recycle_timeout(Some(timeout))
+        .post_recycle(verify)
         .build()?)
 }
 
