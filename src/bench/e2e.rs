@@ -157,8 +157,20 @@ pub(super) async fn end_to_end(
         mock: &mock,
         fanout: args.fanout,
     };
-    report.half_rate = live.window(report.e2e_rings_per_s / 2.0, &ring).await?;
-    report.quarter_rate = live.window(report.e2e_rings_per_s / 4.0, &ring).await?;
+    // Beside each window, the broker alone at a trickle through a queue of its own: how long
+    // a ring waits in the broker while the machine is as busy as it is for the worker.
+    let drain_rate = report.e2e_rings_per_s;
+    for (share, window) in [
+        (2.0, &mut report.half_rate),
+        (4.0, &mut report.quarter_rate),
+    ] {
+        let (measured, beside) = tokio::join!(
+            live.window(drain_rate / share, &ring),
+            broker_beside(&connection, names, BESIDE_PROBE_PER_S, 5.0)
+        );
+        *window = measured?;
+        (window.broker_beside_p50_ms, window.broker_beside_p99_ms) = beside?;
+    }
     report.e2e_worker_peak_rss_mb = peak_rss_mb(&pid);
 
     if let Some(length) = args.soak {
@@ -221,21 +233,7 @@ pub(super) async fn broker_ceiling(
     let connection = broker::connect(&args.amqp_url, "ringpush bench broker").await?;
     let channel = broker::confirm_channel(&connection).await?;
     let queue = broker_queue(names);
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await?;
+    declare_quorum(&channel, &queue).await?;
     let body = ring_now().to_json();
     publish_all(
         (0..args.rings).map(|_| {
@@ -244,18 +242,7 @@ pub(super) async fn broker_ceiling(
         500,
     )
     .await?;
-    let consumer_channel = connection.create_channel().await?;
-    consumer_channel
-        .basic_qos(args.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = consumer_channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (consumer_channel, mut consumer) = consume(&connection, &queue, args.prefetch).await?;
     let started = Instant::now();
     let mut got = 0;
     while got < args.rings {
@@ -279,6 +266,7 @@ pub(super) async fn broker_ceiling(
         &queue,
         &mut consumer,
         report.half_rate.rings_per_s,
+        5.0,
     )
     .await?;
     (
@@ -289,6 +277,7 @@ pub(super) async fn broker_ceiling(
         &queue,
         &mut consumer,
         report.quarter_rate.rings_per_s,
+        5.0,
     )
     .await?;
     let _ = consumer_channel
@@ -302,16 +291,77 @@ pub(super) async fn broker_ceiling(
     Ok(())
 }
 
-/// Rings published at `rate` for 5 s (with confirms) through `queue` to `consumer`, which
+/// Rings a second published beside a live window to measure the broker alone: few enough
+/// to add little to the window's load (2–3 % of its rings at a quarter of the drain rate).
+const BESIDE_PROBE_PER_S: f64 = 50.0;
+
+/// The bench's own quorum queue (as `rings` is), declared.
+async fn declare_quorum(channel: &lapin::Channel, queue: &str) -> anyhow::Result<()> {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.into(), options, arguments)
+        .await?;
+    Ok(())
+}
+
+/// A bare consumer of `queue` on a channel of its own.
+async fn consume(
+    connection: &lapin::Connection,
+    queue: &str,
+    prefetch: u16,
+) -> anyhow::Result<(lapin::Channel, lapin::Consumer)> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
+}
+
+/// The broker alone while a live window runs: `rate` rings a second for `secs` through the
+/// bench's own quorum queue to a bare consumer in this process (see [`broker_latency`]).
+async fn broker_beside(
+    connection: &lapin::Connection,
+    names: &Names,
+    rate: f64,
+    secs: f64,
+) -> anyhow::Result<(Option<f64>, Option<f64>)> {
+    let queue = broker_queue(names);
+    let channel = broker::confirm_channel(connection).await?;
+    declare_quorum(&channel, &queue).await?;
+    let (consumer_channel, mut consumer) = consume(connection, &queue, 256).await?;
+    let measured = broker_latency(&channel, &queue, &mut consumer, rate, secs).await;
+    let _ = consumer_channel.close(200, "done".into()).await;
+    let _ = channel.close(200, "done".into()).await;
+    measured
+}
+
+/// Rings published at `rate` for `secs` (with confirms) through `queue` to `consumer`, which
 /// acks each: p50 and p99 of `pressed_at` → delivery, ms.
 async fn broker_latency(
     channel: &lapin::Channel,
     queue: &str,
     consumer: &mut lapin::Consumer,
     rate: f64,
+    secs: f64,
 ) -> anyhow::Result<(Option<f64>, Option<f64>)> {
     let rate = rate.max(1.0);
-    let n = (rate * 5.0) as usize;
+    let n = (rate * secs) as usize;
     let publisher = {
         let (channel, queue) = (channel.clone(), queue.to_owned());
         tokio::spawn(async move {

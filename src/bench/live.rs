@@ -198,6 +198,8 @@ impl Counted {
             p99_ms: ring_to_accepted.p99_ms,
             apns_p50_ms: apns.p50_ms,
             apns_p99_ms: apns.p99_ms,
+            broker_beside_p50_ms: None,
+            broker_beside_p99_ms: None,
             worker_p50_ms: worker.p50_ms,
             worker_p99_ms: worker.p99_ms,
             stages: STAGES

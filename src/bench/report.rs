@@ -164,6 +164,11 @@ pub struct Window {
     /// The worker's APNs request latency (send → answer) over the same window.
     pub apns_p50_ms: Option<f64>,
     pub apns_p99_ms: Option<f64>,
+    /// The broker alone over the same seconds: rings published (with confirms) at a trickle
+    /// to a quorum queue of the bench's and taken by a bare consumer — how long a ring waits
+    /// in the broker while the machine is as busy as it is for the worker.
+    pub broker_beside_p50_ms: Option<f64>,
+    pub broker_beside_p99_ms: Option<f64>,
     /// The worker's own share of a ring (`ringpush_ring_worker_seconds`: its arrival to its
     /// last token's answer, less that answer's request): the target is p50 ≤ 1 ms, p99 ≤ 5 ms
     /// at a quarter rate and ≤ 10 ms at half.
@@ -274,6 +279,12 @@ impl std::fmt::Display for Report {
                 "    of which APNs request      p50 {} p99 {}",
                 ms(w.apns_p50_ms),
                 ms(w.apns_p99_ms)
+            )?;
+            writeln!(
+                f,
+                "    broker alone, beside it    p50 {} p99 {}",
+                ms(w.broker_beside_p50_ms),
+                ms(w.broker_beside_p99_ms)
             )?;
             writeln!(
                 f,
