@@ -107,10 +107,13 @@ pub struct Lookups {
     queries: std::sync::atomic::AtomicU64,
 }
 
+/// Where a waiting batch's answer goes.
+type Answer = tokio::sync::oneshot::Sender<(Found, Queried)>;
+
 #[derive(Default)]
 struct Waiting {
     running: usize,
-    batches: Vec<(Vec<String>, tokio::sync::oneshot::Sender<(Found, Queried)>)>,
+    batches: Vec<(Vec<String>, Answer)>,
 }
 
 impl Lookups {

@@ -203,20 +203,20 @@ async fn push(
     // At most `ring_concurrency` at once. An ordinary ring (a few tokens) takes the
     // cheaper `join_all`: a stream of futures costs an allocation and a waker per token.
     let limit = ctx.settings.ring_concurrency.max(1);
-    let (answers, answered): (Vec<(Target, Option<Answer>)>, Vec<Option<Answered>>) =
-        if sends.len() <= limit {
-            futures_util::future::join_all(sends)
-                .await
-                .into_iter()
-                .unzip()
-        } else {
-            // Unordered: a token that waits (an FCM Retry-After) must not hold the next sends
-            // back, and `buffered` counts answers waiting for their turn against the limit.
-            futures_util::stream::iter(sends)
-                .buffer_unordered(limit)
-                .unzip()
-                .await
-        };
+    type Answers = Vec<(Target, Option<Answer>)>;
+    let (answers, answered): (Answers, Vec<Option<Answered>>) = if sends.len() <= limit {
+        futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .unzip()
+    } else {
+        // Unordered: a token that waits (an FCM Retry-After) must not hold the next sends
+        // back, and `buffered` counts answers waiting for their turn against the limit.
+        futures_util::stream::iter(sends)
+            .buffer_unordered(limit)
+            .unzip()
+            .await
+    };
     let last = answered.into_iter().flatten().max_by_key(|a| a.at);
     let accepted = answers
         .iter()
