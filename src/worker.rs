@@ -278,23 +278,19 @@ async fn handle_batch(ctx: &Arc<Context>, batch: Vec<Delivery>, abort: Cancellat
     let Some((gateways, queried)) = lookup::lookup_holding(ctx, &mut rings, &abort).await else {
         return;
     };
-    // Each ring's wait for the query that answered it, and the query (a lookup put together
-    // gateway by gateway has no one query: its whole time counts as the lookup).
+    // The lookup stage runs from the statement that answered to here, the batch awake with
+    // its answer (a lookup put together gateway by gateway has no one statement: its whole
+    // time counts as the lookup); the push stage from here on.
+    let looked_up = Instant::now();
     for ring in &mut rings {
-        let [_, wait, query] = &mut ring.before_push;
-        match queried {
-            Some(q) => {
-                *wait = q
-                    .started
-                    .saturating_duration_since(ring.arrived)
-                    .as_secs_f64();
-                *query = q.took.as_secs_f64();
-            }
-            None => *query = ring.arrived.elapsed().as_secs_f64(),
-        }
+        let [_, wait, lookup] = &mut ring.before_push;
+        let sent = queried.map_or(ring.arrived, |q| q.started.max(ring.arrived));
+        *wait = sent.saturating_duration_since(ring.arrived).as_secs_f64();
+        *lookup = looked_up.saturating_duration_since(sent).as_secs_f64();
     }
     join_all(rings.iter().map(|incoming| {
-        push::push_holding(ctx, incoming, gateways.get(incoming.gateway()), &abort)
+        let gateway = gateways.get(incoming.gateway());
+        push::push_holding(ctx, incoming, gateway, looked_up, &abort)
     }))
     .await;
 }

@@ -91,6 +91,10 @@ impl Live<'_> {
         let body_before = scrape(self.metrics_port).await?;
         let before = histograms(&body_before);
         let count_before = sample(&body_before, accepted);
+        // Every ring's stages are observed once it is settled, a little after its last
+        // answer: the window waits for those too.
+        let settled = r#"ringpush_ring_stage_seconds_count{stage="settle"}"#;
+        let settled_before = sample(&body_before, settled);
         let (services0, machine0, mock0) = (service_cpu(), machine_busy_seconds(), self.mock.cpu());
         let (worker0, bench0, started) = (cpu_seconds(self.pid), self_cpu(), Instant::now());
         let publish = |r: RingEvent| {
@@ -114,7 +118,9 @@ impl Live<'_> {
         let mut after = String::new();
         while started.elapsed() < Duration::from_secs(65) {
             after = scrape(self.metrics_port).await?;
-            if sample(&after, accepted) >= target {
+            if sample(&after, accepted) >= target
+                && sample(&after, settled) >= settled_before + (n + n_beside) as f64
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

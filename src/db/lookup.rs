@@ -66,7 +66,8 @@ pub type Found = Arc<Result<HashMap<String, Gateway>, LookupError>>;
 pub struct Queried {
     /// When the statement was sent (a pooled connection in hand).
     pub started: Instant,
-    /// How long until its rows were read.
+    /// How long until its rows were read: the database's own time (the worker's `lookup`
+    /// stage also holds the wake-up of the batches it answered).
     pub took: Duration,
 }
 

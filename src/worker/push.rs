@@ -28,14 +28,15 @@ use crate::provider::{Answer, Messages};
 /// the hand-back after the grace period.
 pub(super) const STOP_DRAIN: Duration = Duration::from_secs(3);
 
-/// Pushes one ring and settles it; holds it while its provider cannot be reached at all.
+/// Pushes one ring, looked up at `looked_up`, and settles it; holds it while its provider
+/// cannot be reached at all.
 pub(super) async fn push_holding(
     ctx: &Arc<Context>,
     incoming: &Incoming,
     gateway: Option<&Gateway>,
+    looked_up: Instant,
     abort: &CancellationToken,
 ) {
-    let looked_up = Instant::now();
     loop {
         let (disposition, accepted, last) = push(ctx, incoming, gateway, abort).await;
         let Disposition::Hold {
@@ -185,18 +186,19 @@ async fn push(
                         tokio::time::sleep(STOP_DRAIN).await;
                     } => return ((target, None), None),
                 };
-                let answered = Answered {
-                    at: Instant::now(),
-                    took: sent.elapsed(),
-                };
+                // Only a provider's answer times the push: a token not sent (no provider
+                // for it) or whose provider could not be reached made no request.
+                let took = sent.elapsed();
+                let answered = (!matches!(answer, Answer::Skipped(_) | Answer::Unreachable { .. }))
+                    .then(|| Answered {
+                        at: Instant::now(),
+                        took,
+                    });
                 observe(ctx, incoming, &answer);
-                ctx.counters.count_platform(
-                    r.token.platform(),
-                    &answer,
-                    answered.took.as_secs_f64(),
-                );
+                ctx.counters
+                    .count_platform(r.token.platform(), &answer, took.as_secs_f64());
                 log_rejection(incoming, &r.token, &answer);
-                ((target, Some(answer)), Some(answered))
+                ((target, Some(answer)), answered)
             }
         })
         .collect();
