@@ -95,7 +95,7 @@ pub struct Stages {
     pub queued: Histogram,
     /// Arrival to the statement of the grouped query that looked its gateway up being sent.
     pub lookup_wait: Histogram,
-    /// That statement, to its rows read.
+    /// That statement, to its batch awake with the rows.
     pub lookup: Histogram,
     /// Looked up to the last token's answer: the payload and the requests.
     pub push: Histogram,
@@ -326,7 +326,7 @@ impl Counters {
         );
         registry.register(
             "ring_stage_seconds",
-            "Where a pushed ring's time goes, by stage (each observed once per ring pushed): queued (pressed_at, else the AMQP timestamp, to its arrival at a worker; a retried ring's time in the retry tiers included), lookup_wait (arrival to its token lookup's statement sent: reading, lookups queued, a pooled connection, a ring held while the database is down), lookup (the statement to its rows), push (the payload and every token's request until the last answer; a ring held while its provider is down included), settle (the ledger write, publishes confirmed, the ack handed over)",
+            "Where a pushed ring's time goes, by stage (each observed once per ring pushed): queued (pressed_at, else the AMQP timestamp, to its arrival at a worker; a retried ring's time in the retry tiers included), lookup_wait (arrival to its token lookup's statement sent: reading, lookups queued, a pooled connection, a ring held while the database is down), lookup (the statement to its batch awake with the rows), push (the payload and every token's request until the last answer; a ring held while its provider is down included), settle (the ledger write, publishes confirmed, the ack handed over)",
             self.stages.family.clone(),
         );
         registry.register(
