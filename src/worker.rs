@@ -275,19 +275,13 @@ async fn handle_batch(ctx: &Arc<Context>, batch: Vec<Delivery>, abort: Cancellat
     if rings.is_empty() {
         return;
     }
-    let Some((gateways, queried)) = lookup::lookup_holding(ctx, &mut rings, &abort).await else {
+    let Some((gateways, sent)) = lookup::lookup_holding(ctx, &mut rings, &abort).await else {
         return;
     };
-    // The lookup stage runs from the statement that answered to here, the batch awake with
-    // its answer (a lookup put together gateway by gateway has no one statement: its whole
-    // time counts as the lookup); the push stage from here on.
-    let looked_up = Instant::now();
-    for ring in &mut rings {
-        let [_, wait, lookup] = &mut ring.before_push;
-        let sent = queried.map_or(ring.arrived, |q| q.started.max(ring.arrived));
-        *wait = sent.saturating_duration_since(ring.arrived).as_secs_f64();
-        *lookup = looked_up.saturating_duration_since(sent).as_secs_f64();
-    }
+    let looked_up = push::LookedUp {
+        sent,
+        at: Instant::now(),
+    };
     join_all(rings.iter().map(|incoming| {
         let gateway = gateways.get(incoming.gateway());
         push::push_holding(ctx, incoming, gateway, looked_up, &abort)

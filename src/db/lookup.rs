@@ -60,17 +60,6 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The answer to one grouped lookup, shared by every batch it served.
 pub type Found = Arc<Result<HashMap<String, Gateway>, LookupError>>;
 
-/// When the grouped query that answered a lookup ran: what a ring waited before it (another
-/// query running, the slots all taken, a pooled connection) is told apart from the query.
-#[derive(Debug, Clone, Copy)]
-pub struct Queried {
-    /// When the statement was sent (a pooled connection in hand).
-    pub started: Instant,
-    /// How long until its rows were read: the database's own time (the worker's `lookup`
-    /// stage also holds the wake-up of the batches it answered).
-    pub took: Duration,
-}
-
 /// Why a lookup found nothing, sorted by whose fault it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LookupError {
@@ -109,7 +98,7 @@ pub struct Lookups {
 }
 
 /// Where a waiting batch's answer goes.
-type Answer = tokio::sync::oneshot::Sender<(Found, Queried)>;
+type Answer = tokio::sync::oneshot::Sender<(Found, Instant)>;
 
 #[derive(Default)]
 struct Waiting {
@@ -145,9 +134,10 @@ impl Lookups {
         self.lookup_timed(ids).await.0
     }
 
-    /// [`Lookups::lookup`], with when the query that answered ran (`None` when it was
-    /// abandoned).
-    pub async fn lookup_timed(self: &Arc<Self>, ids: Vec<String>) -> (Found, Option<Queried>) {
+    /// [`Lookups::lookup`], with when the statement that answered was sent (a pooled
+    /// connection in hand): what a batch waited before it — another query running, the slots
+    /// all taken, a connection — is told apart from the query. `None` when it was abandoned.
+    pub async fn lookup_timed(self: &Arc<Self>, ids: Vec<String>) -> (Found, Option<Instant>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start = {
             let mut state = self.state.lock().unwrap();
@@ -163,7 +153,7 @@ impl Lookups {
             tokio::spawn(async move { this.drain().await });
         }
         match rx.await {
-            Ok((found, queried)) => (found, Some(queried)),
+            Ok((found, sent)) => (found, Some(sent)),
             Err(_) => {
                 let abandoned = "the grouped lookup was abandoned".into();
                 (Arc::new(Err(LookupError::Unavailable(abandoned))), None)
@@ -196,14 +186,10 @@ impl Lookups {
                 .collect();
             let ids: Vec<&str> = ids.into_iter().collect();
             let asked = Instant::now();
-            let (found, started) = self.query_timed(&ids).await;
-            let started = started.unwrap_or(asked);
-            let queried = Queried {
-                started,
-                took: started.elapsed(),
-            };
+            let (found, sent) = self.query_timed(&ids).await;
+            let sent = sent.unwrap_or(asked);
             for (_, tx) in batches {
-                let _ = tx.send((found.clone(), queried));
+                let _ = tx.send((found.clone(), sent));
             }
         }
     }

@@ -14,7 +14,7 @@ mod support;
 
 pub use ledger::{hash as ledger_hash, Ledger, RingKey, Seen, TokenHash, LEDGER_TIMEOUT};
 pub use lookup::{
-    lookup, probe_lookup, Found, Gateway, LookupError, Lookups, Queried, Recipient, QUERY_TIMEOUT,
+    lookup, probe_lookup, Found, Gateway, LookupError, Lookups, Recipient, QUERY_TIMEOUT,
 };
 pub use pool::{
     create_schema, drop_schema, migrate, migrate_to, ping, pool, target, url_with_schema,

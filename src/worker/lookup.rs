@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use futures_util::StreamExt;
@@ -18,7 +18,7 @@ use super::pause::{pause, Paused};
 use super::read::Incoming;
 use super::settle::settle;
 use super::Context;
-use crate::db::{Found, Gateway, LookupError, Queried, RingKey};
+use crate::db::{Found, Gateway, LookupError, RingKey};
 
 /// Timeouts of one grouped lookup before its gateways are looked up one by one, and of one
 /// gateway's lookup alone before its rings are dead-lettered.
@@ -43,14 +43,14 @@ impl Gateways {
 /// Looks up the gateways of `rings`. While the database cannot be used, the rings are held
 /// (consumption paused, a probe running) and looked up again when it answers; rings that
 /// expire meanwhile, or whose gateway fails alone with a data error or keeps timing out, are
-/// settled and leave `rings`. With the gateways, when the grouped query that found them ran
-/// (`None` when they were looked up gateway by gateway). `None` when `abort` fired (every
+/// settled and leave `rings`. With the gateways, when the statement of the grouped query
+/// that found them was sent (`None` when they were looked up gateway by gateway). `None` when `abort` fired (every
 /// ring left was handed back).
 pub(super) async fn lookup_holding(
     ctx: &Arc<Context>,
     rings: &mut Vec<Incoming>,
     abort: &CancellationToken,
-) -> Option<(Gateways, Option<Queried>)> {
+) -> Option<(Gateways, Option<Instant>)> {
     let mut timeouts = 0;
     loop {
         if rings.is_empty() {
@@ -73,12 +73,12 @@ pub(super) async fn lookup_holding(
         } else {
             Vec::new()
         };
-        let ((found, queried), seen) = tokio::join!(
+        let ((found, sent), seen) = tokio::join!(
             ctx.lookups.lookup_timed(ids.clone()),
             ctx.ledger.seen(&seen)
         );
         let looked_up = match &*found {
-            Ok(_) => Ok((Gateways::Grouped(found), queried)),
+            Ok(_) => Ok((Gateways::Grouped(found), sent)),
             Err(e @ LookupError::Timeout(_)) if timeouts + 1 < MAX_LOOKUP_TIMEOUTS => {
                 timeouts += 1;
                 warn!(rings = rings.len(), error = %e, "token lookup timed out; trying again");

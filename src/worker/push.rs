@@ -28,13 +28,20 @@ use crate::provider::{Answer, Messages};
 /// the hand-back after the grace period.
 pub(super) const STOP_DRAIN: Duration = Duration::from_secs(3);
 
-/// Pushes one ring, looked up at `looked_up`, and settles it; holds it while its provider
-/// cannot be reached at all.
+/// When a batch was looked up: the statement of the grouped query that answered it sent
+/// (`None`: looked up gateway by gateway, no one statement), and its answer in hand.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LookedUp {
+    pub(super) sent: Option<Instant>,
+    pub(super) at: Instant,
+}
+
+/// Pushes one ring and settles it; holds it while its provider cannot be reached at all.
 pub(super) async fn push_holding(
     ctx: &Arc<Context>,
     incoming: &Incoming,
     gateway: Option<&Gateway>,
-    looked_up: Instant,
+    looked_up: LookedUp,
     abort: &CancellationToken,
 ) {
     loop {
@@ -44,26 +51,10 @@ pub(super) async fn push_holding(
             error,
         } = disposition
         else {
-            let Some(last) = last else {
-                // Nothing pushed: no stage of a pushed ring to tell.
-                settle_recorded(ctx, incoming, &accepted, disposition, abort).await;
-                return;
-            };
             settle_recorded(ctx, incoming, &accepted, disposition, abort).await;
-            let (c, [queued, lookup_wait, lookup]) = (&ctx.counters, incoming.before_push);
-            let pushing = last.at.saturating_duration_since(looked_up);
-            let own = last.at.saturating_duration_since(incoming.arrived);
-            for (stage, seconds) in [
-                (&c.stages.queued, queued),
-                (&c.stages.lookup_wait, lookup_wait),
-                (&c.stages.lookup, lookup),
-                (&c.stages.push, pushing.as_secs_f64()),
-                (&c.stages.settle, last.at.elapsed().as_secs_f64()),
-            ] {
-                stage.observe(seconds);
+            if let Some(last) = last {
+                observe_stages(ctx, incoming, looked_up, last);
             }
-            c.ring_worker_seconds
-                .observe(own.saturating_sub(last.took).as_secs_f64());
             return;
         };
         warn!(gateway = incoming.gateway(), event = incoming.event(), %error, "APNs unreachable; holding the ring");
@@ -243,6 +234,26 @@ async fn push(
         }
     };
     (decide(step), accepted, last)
+}
+
+/// Observes a pushed ring's stages, one after the other from its press to its settlement
+/// (now), and the worker's own share: arrival to the last answer, less that answer's request.
+fn observe_stages(ctx: &Context, incoming: &Incoming, looked_up: LookedUp, last: Answered) {
+    let (c, arrived) = (&ctx.counters, incoming.arrived);
+    let sent = looked_up.sent.map_or(arrived, |sent| sent.max(arrived));
+    let between = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64();
+    for (stage, seconds) in [
+        (&c.stages.queued, incoming.queued),
+        (&c.stages.lookup_wait, between(arrived, sent)),
+        (&c.stages.lookup, between(sent, looked_up.at)),
+        (&c.stages.push, between(looked_up.at, last.at)),
+        (&c.stages.settle, between(last.at, Instant::now())),
+    ] {
+        stage.observe(seconds);
+    }
+    let own = last.at.saturating_duration_since(arrived);
+    c.ring_worker_seconds
+        .observe(own.saturating_sub(last.took).as_secs_f64());
 }
 
 /// Logs a token's rejection at the level an operator needs, with the ring it belongs to: a

@@ -37,9 +37,8 @@ pub(super) struct Incoming {
     pub(super) recorded: HashSet<TokenHash>,
     /// When its batch reached the worker: where the worker's share of its time begins.
     pub(super) arrived: Instant,
-    /// Its stages before the push, seconds: queued (press → arrival), the wait for its
-    /// lookup's query, the query (filled in once looked up; observed when it is pushed).
-    pub(super) before_push: [f64; 3],
+    /// From `pressed_at` to `arrived`, seconds: its time queued (observed once it is pushed).
+    pub(super) queued: f64,
 }
 
 impl Incoming {
@@ -129,7 +128,7 @@ pub(super) fn read(
                 || header(&delivery, HANDBACK_HEADER).is_some(),
             recorded: HashSet::new(),
             arrived,
-            before_push: [(now - ring.pressed_at).as_seconds_f64().max(0.0), 0.0, 0.0],
+            queued: (now - ring.pressed_at).as_seconds_f64().max(0.0),
             delivery,
             ring,
             body,
