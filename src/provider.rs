@@ -9,6 +9,7 @@
 
 mod apns_answer;
 mod fcm_answer;
+pub mod guard;
 mod prepare;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use crate::apns::request::{Notification, PushType};
 use crate::apns::{self, Apns, Environment};
 use crate::db::Recipient;
 use crate::fcm;
-use crate::token::{Kind, Platform};
+use crate::token::{DeviceToken, Kind, Platform};
 
 pub use prepare::{Messages, PrepareError, Prepared};
 
@@ -37,7 +38,14 @@ pub enum Answer {
         reason: String,
         since: OffsetDateTime,
         observed_at: OffsetDateTime,
+        /// What it says of ringpush's configuration if every token gets it (a reason no
+        /// phone can cause for all its tokens at once; [`guard`]).
+        mistake: Option<guard::Mistake>,
     },
+    /// The provider said the token is dead, but so it says of most tokens of the scope, or
+    /// of tokens it took lately: a configuration mistake is suspected ([`guard`]). Not
+    /// reported for the purge; the token goes on the retry path without spending an attempt.
+    Doubted { error: String },
     /// Refused for good for another reason (a payload it will not take; with `ours`, our
     /// credentials or topic — no phone will ring until someone fixes them): counted under
     /// `reason`, not retried.
@@ -83,6 +91,8 @@ impl Answer {
         match self {
             Answer::Retry { answered, .. } => *answered,
             Answer::Unreachable { .. } | Answer::Skipped(_) => false,
+            // Only a `Dead` answer is doubted: the provider did answer.
+            Answer::Doubted { .. } => true,
             _ => true,
         }
     }
@@ -99,6 +109,8 @@ pub struct Providers {
     /// When a skipped token was last warned about, per reason (seconds since the epoch): at
     /// most one warning a minute each.
     warned: Arc<[AtomicU64; 3]>,
+    /// Judges "dead" answers against the rest before they may delete a token.
+    pub guard: Arc<guard::Guard>,
 }
 
 impl Providers {
@@ -107,6 +119,7 @@ impl Providers {
             apns,
             fcm,
             warned: Arc::default(),
+            guard: Arc::default(),
         }
     }
 
@@ -187,6 +200,20 @@ impl Providers {
             }
         }
         Answer::Skipped(skip)
+    }
+
+    /// The scope a token's request went under: what its answers are weighed against
+    /// ([`guard`]). `topic`: the APNs topic the request was sent with.
+    pub fn scope(
+        &self,
+        token: &DeviceToken,
+        environment: Environment,
+        topic: Option<&str>,
+    ) -> guard::Scope {
+        match token.platform() {
+            Platform::Apns => guard::Scope::apns(environment, topic),
+            Platform::Fcm => guard::Scope::fcm(self.fcm.as_ref().map_or("", |f| f.project())),
+        }
     }
 
     /// Whether FCM is up as far as this worker knows (`None`: not configured).

@@ -25,6 +25,7 @@ use crate::broker::{self, Acks, Names, Publisher};
 use crate::db::DbError;
 use crate::wire::feedback::PurgeRequest;
 use crate::wire::time::format_rfc3339;
+use time::OffsetDateTime;
 
 /// How the purger behaves.
 #[derive(Debug, Clone)]
@@ -102,24 +103,68 @@ pub struct Purged {
     pub kept: u64,
 }
 
-/// Deletes every requested token whose `updated_at` is not later than its `invalid_since`,
-/// in one statement (one transaction). Repeats in a batch are harmless; so is running it
-/// twice.
+/// How far ahead of this purger's clock a request's `observed_at` may lie (the worker's clock
+/// may run a little ahead); further, the request is not trusted.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Whether a purge request may delete anything (DESIGN.md, Guarantees): its `invalid_since`
+/// not later than its `observed_at`, which is not later than now + [`CLOCK_SKEW`]. A request
+/// dated in the future would delete a token the phone registered a second ago.
+pub fn trusted(request: &PurgeRequest, now: OffsetDateTime) -> Result<(), String> {
+    if request.invalid_since > request.observed_at {
+        return Err(format!(
+            "not purged: invalid_since {} lies after observed_at {} (a token is not invalid before anyone saw it so)",
+            format_rfc3339(request.invalid_since),
+            format_rfc3339(request.observed_at)
+        ));
+    }
+    if request.observed_at > now + CLOCK_SKEW {
+        return Err(format!(
+            "not purged: observed_at {} lies in the future (now {}, {}s of clock skew allowed)",
+            format_rfc3339(request.observed_at),
+            format_rfc3339(now),
+            CLOCK_SKEW.as_secs()
+        ));
+    }
+    Ok(())
+}
+
+/// Deletes every requested token of the request's platform whose `updated_at` is not later
+/// than its `invalid_since`, in one statement (one transaction); a request that is not
+/// [`trusted`] deletes nothing. Repeats in a batch are harmless; so is running it twice.
 pub async fn delete_batch(pool: &Pool, requests: &[PurgeRequest]) -> Result<Purged, DbError> {
     const DELETE: &str = "
         DELETE FROM push_tokens t
-        USING unnest($1::text[], $2::text[]::timestamptz[]) AS r(token, invalid_since)
-        WHERE t.token = r.token AND t.updated_at <= r.invalid_since
+        USING unnest($1::text[], $2::text[]::timestamptz[], $3::text[])
+            AS r(token, invalid_since, platform)
+        WHERE t.token = r.token AND t.platform = r.platform AND t.updated_at <= r.invalid_since
         RETURNING t.token";
-    let tokens: Vec<&str> = requests.iter().map(|r| r.token.as_hex()).collect();
-    let since: Vec<String> = requests
+    let now = OffsetDateTime::now_utc();
+    let trusted: Vec<&PurgeRequest> = requests
+        .iter()
+        .filter(|r| trusted(r, now).is_ok())
+        .collect();
+    let tokens: Vec<&str> = trusted.iter().map(|r| r.token.as_str()).collect();
+    let since: Vec<String> = trusted
         .iter()
         .map(|r| format_rfc3339(r.invalid_since))
         .collect();
+    let platforms: Vec<&str> = trusted
+        .iter()
+        .map(|r| r.token.platform().as_str())
+        .collect();
+    let distinct: HashSet<&str> = requests.iter().map(|r| r.token.as_str()).collect();
+    if tokens.is_empty() {
+        return Ok(Purged {
+            purged: 0,
+            kept: distinct.len() as u64,
+        });
+    }
     let client = pool.get().await?;
     let statement = client.prepare_cached(DELETE).await?;
-    let rows = client.query(&statement, &[&tokens, &since]).await?;
-    let distinct: HashSet<&str> = tokens.into_iter().collect();
+    let rows = client
+        .query(&statement, &[&tokens, &since, &platforms])
+        .await?;
     let purged = rows.len() as u64;
     Ok(Purged {
         purged,
@@ -176,10 +221,16 @@ async fn handle_batch(ctx: &Context, publisher: &Publisher, acks: &Acks, batch: 
     let mut valid = Vec::with_capacity(batch.len());
     for delivery in &batch {
         match PurgeRequest::parse(&delivery.data) {
-            Ok(r) => {
-                requests.push(r);
-                valid.push(delivery);
-            }
+            Ok(r) => match trusted(&r, OffsetDateTime::now_utc()) {
+                Ok(()) => {
+                    requests.push(r);
+                    valid.push(delivery);
+                }
+                Err(reason) => {
+                    warn!(token = %r.token.short(), reason, "purge request not trusted; it goes to the dead queue and deletes nothing");
+                    dead_letter(ctx, publisher, acks, delivery, &reason).await;
+                }
+            },
             Err(e) => {
                 let reason = e.to_string();
                 warn!(reason, "malformed purge request goes to the dead queue");

@@ -145,6 +145,14 @@ impl Platform {
             Platform::Fcm => "fcm",
         }
     }
+
+    /// The push service's name, for people: `APNs`, `FCM`.
+    pub fn provider_name(self) -> &'static str {
+        match self {
+            Platform::Apns => "APNs",
+            Platform::Fcm => "FCM",
+        }
+    }
 }
 
 impl FromStr for Platform {

@@ -96,6 +96,8 @@ struct Inner {
     endpoint: Endpoint,
     /// `/v1/projects/<project_id>/messages:send`, parsed once.
     path: PathAndQuery,
+    /// The service account's Firebase project.
+    project: String,
     channel: String,
     request_timeout: Duration,
 }
@@ -119,6 +121,7 @@ impl Client {
         let path = format!("/v1/projects/{}/messages:send", account.project_id);
         let path = PathAndQuery::try_from(path.as_str())
             .map_err(|e| format!("project_id {:?}: {e}", account.project_id))?;
+        let account_project = account.project_id.clone();
         let tokens = Tokens::new(
             Arc::new(account),
             tls.clone(),
@@ -140,6 +143,7 @@ impl Client {
                 tokens: Arc::new(tokens),
                 endpoint: settings.url,
                 path,
+                project: account_project,
                 channel: settings.channel,
                 request_timeout: settings.request_timeout,
             }),
@@ -149,6 +153,11 @@ impl Client {
     /// The Android notification channel of alert rings.
     pub fn channel(&self) -> &str {
         &self.inner.channel
+    }
+
+    /// The Firebase project the service account is of.
+    pub fn project(&self) -> &str {
+        &self.inner.project
     }
 
     /// The access tokens (renewals, health).

@@ -3,6 +3,7 @@
 
 use time::OffsetDateTime;
 
+use super::guard::Mistake;
 use super::Answer;
 use crate::apns;
 
@@ -38,10 +39,19 @@ pub(super) fn answer_of(result: Result<apns::Answer, apns::SendError>) -> Answer
             .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).ok())
             .and_then(crate::wire::time::in_range)
             .unwrap_or(now);
+        let mistake = match reason {
+            apns::Reason::BadDeviceToken => Some(Mistake::Environment),
+            apns::Reason::DeviceTokenNotForTopic => Some(Mistake::Topic),
+            apns::Reason::InvalidToken => Some(Mistake::BinaryEndpoint),
+            _ => None,
+        };
         return Answer::Dead {
             reason: reason.to_string(),
-            since,
+            // Never later than the answer: a purge request's `invalid_since` in the future
+            // is refused by the purger.
+            since: since.min(now),
             observed_at: now,
+            mistake,
         };
     }
     Answer::Rejected {

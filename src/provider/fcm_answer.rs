@@ -6,8 +6,9 @@
 use time::OffsetDateTime;
 use tracing::error;
 
+use super::guard::Mistake;
 use super::Answer;
-use crate::fcm::answer::Verdict;
+use crate::fcm::answer::{Code, Verdict};
 use crate::fcm::FcmError;
 
 pub(super) fn answer_of(result: Result<Verdict, FcmError>) -> Answer {
@@ -19,6 +20,7 @@ pub(super) fn answer_of(result: Result<Verdict, FcmError>) -> Answer {
                 reason: code.to_string(),
                 since: now,
                 observed_at: now,
+                mistake: (code == Code::SenderIdMismatch).then_some(Mistake::Project),
             }
         }
         Ok(Verdict::Rejected { code, ours }) => Answer::Rejected {

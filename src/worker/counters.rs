@@ -52,6 +52,9 @@ pub struct Counters {
     pub notifications_accepted: Counter,
     pub notifications_rejected: Counter,
     pub notifications_failed: Counter,
+    /// "Dead" answers not believed: a configuration mistake is suspected (`provider::guard`);
+    /// the token is kept and retried.
+    pub notifications_doubted: Counter,
     /// Pushes not made because the ledger says the token took the ring already.
     pub notifications_suppressed: Counter,
     /// Tokens of a platform no provider is configured for: not sent, not retried.
@@ -119,12 +122,13 @@ impl Default for Stages {
 }
 
 /// The outcomes counted per platform, in the order of `by_platform_children`.
-const PLATFORM_OUTCOMES: [&str; 5] = [
+const PLATFORM_OUTCOMES: [&str; 6] = [
     "accepted",
     "rejected",
     "failed",
     "unconfigured",
     "unsupported",
+    "doubted",
 ];
 
 impl Default for Counters {
@@ -168,6 +172,7 @@ impl Default for Counters {
             notifications_rejected: notification("rejected"),
             notifications_failed: notification("failed"),
             notifications_suppressed: notification("suppressed"),
+            notifications_doubted: notification("doubted"),
             notifications_unconfigured: notification("unconfigured"),
             notifications_unsupported: notification("unsupported"),
             rings,
@@ -219,26 +224,24 @@ impl Counters {
         child(&self.rejected, "reason", reason).get()
     }
 
-    /// Counts one answer of `platform` under its outcome, per platform; and, for an answer the
-    /// provider gave, its latency.
-    pub(super) fn count_platform(&self, platform: Platform, answer: &Answer, seconds: f64) {
+    /// Counts one answer of `platform` under its outcome, per platform.
+    pub(super) fn count_platform(&self, platform: Platform, answer: &Answer) {
         let outcome = match answer {
             Answer::Accepted => 0,
             Answer::Dead { .. } | Answer::Rejected { .. } => 1,
             Answer::Retry { .. } | Answer::Unreachable { .. } => 2,
             Answer::Skipped(Skip::Unconfigured(_)) => 3,
             Answer::Skipped(Skip::Unsupported) => 4,
+            Answer::Doubted { .. } => 5,
         };
-        let p = match platform {
-            Platform::Apns => 0,
-            Platform::Fcm => 1,
-        };
-        self.by_platform_children[p][outcome].inc();
-        if answer.answered() {
-            match platform {
-                Platform::Apns => self.apns_request_seconds.observe(seconds),
-                Platform::Fcm => self.fcm_request_seconds.observe(seconds),
-            }
+        self.by_platform_children[platform as usize][outcome].inc();
+    }
+
+    /// Observes one request's latency (an answer the provider gave).
+    pub(super) fn observe_request(&self, platform: Platform, seconds: f64) {
+        match platform {
+            Platform::Apns => self.apns_request_seconds.observe(seconds),
+            Platform::Fcm => self.fcm_request_seconds.observe(seconds),
         }
     }
 
@@ -276,7 +279,7 @@ impl Counters {
         );
         registry.register(
             "notifications",
-            "Notifications by outcome: accepted by the provider, rejected for good, failed for now, suppressed (the ledger says the token took the ring already), or skipped (unconfigured: no provider for the token's platform; unsupported: a call over APNs's binary interface)",
+            "Notifications by outcome: accepted by the provider, rejected for good, failed for now, doubted (the provider called the token dead, but so it calls most tokens of the scope: a configuration mistake is suspected; kept and retried), suppressed (the ledger says the token took the ring already), or skipped (unconfigured: no provider for the token's platform; unsupported: a call over APNs's binary interface)",
             self.notifications.clone(),
         );
         registry.register(
@@ -354,8 +357,12 @@ impl Counters {
             // With FCM configured too, a down APNs does not pause consumption: say so here.
             let apns_down =
                 providers.fcm.is_some() && providers.apns.as_ref().is_some_and(|a| !a.up());
+            let suspicion = providers.guard.suspicion();
             Box::pin(async move {
                 counters.ready()?;
+                if let Some(suspicion) = suspicion {
+                    return Err(suspicion);
+                }
                 if fcm_up == Some(false) {
                     return Err("FCM unreachable, or its token endpoint refusing the service account; Android tokens wait on the retry path".into());
                 }
@@ -424,6 +431,21 @@ impl Collector for Scrape {
             "1 while a configured push service is usable as far as this worker knows (APNs: consumption not paused for it; FCM: a connection can be had and the last access-token exchange worked).",
             "platform",
             &up,
+        )?;
+        let suspected: Vec<_> = Platform::ALL
+            .iter()
+            .filter(|platform| match platform {
+                Platform::Apns => p.apns.is_some(),
+                Platform::Fcm => p.fcm.is_some(),
+            })
+            .map(|&platform| (platform.as_str(), i64::from(p.guard.suspected(platform))))
+            .collect();
+        encode::gauges(
+            &mut e,
+            "config_suspected",
+            "1 while a configured push service answers \"dead\" to most tokens of a scope (an APNs environment and topic, an FCM project), or to tokens it took lately: a configuration mistake is suspected, the tokens are kept and their rings retried (README, 'A configuration mistake never deletes the fleet's tokens').",
+            "platform",
+            &suspected,
         )?;
         let Some(fcm) = &p.fcm else { return Ok(()) };
         encode::gauge(

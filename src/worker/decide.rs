@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use super::{DeviceToken, Environment, Invalidation};
+use crate::provider::guard::DOUBT_RETRY;
 use crate::provider::Answer;
 use crate::token::Platform;
 
@@ -293,11 +294,13 @@ struct Tally {
     accepted: usize,
     rejected: usize,
     feedback: Vec<Invalidation>,
-    /// Tokens to try again: answered "retry", or their provider unreachable.
+    /// Tokens to try again: answered "retry", their provider unreachable, or a "dead" answer
+    /// doubted.
     pending: Vec<DeviceToken>,
     /// The APNs environments that could not be reached at all.
     unreachable: Vec<Environment>,
-    /// Whether every pending token failed only because its provider was unreachable.
+    /// Whether every pending token failed only because its provider was unreachable (or its
+    /// answer was doubted): no attempt spent.
     only_unreachable: bool,
     /// The longest wait a provider asked for before a pending token is sent again.
     not_before: Option<Duration>,
@@ -321,6 +324,7 @@ fn tally(answers: impl IntoIterator<Item = (Target, Answer)>) -> Tally {
                 reason,
                 since,
                 observed_at,
+                ..
             } => {
                 t.rejected += 1;
                 t.feedback.push(Invalidation {
@@ -339,6 +343,16 @@ fn tally(answers: impl IntoIterator<Item = (Target, Answer)>) -> Tally {
                 t.only_unreachable = false;
                 t.error = error;
                 t.not_before = t.not_before.max(after);
+            }
+            // A "dead" answer the guard does not believe (a configuration mistake is
+            // suspected): kept, not reported, retried without spending an attempt — like an
+            // unreachable provider — and never held (the provider answers: a probe would
+            // succeed at once), after a pause long enough not to hammer it.
+            Answer::Doubted { error } => {
+                t.holdable = false;
+                t.pending.push(target.token);
+                t.not_before = t.not_before.max(Some(DOUBT_RETRY));
+                t.error = error;
             }
             Answer::Unreachable { error } => {
                 if target.token.platform() == Platform::Fcm {

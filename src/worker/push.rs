@@ -21,6 +21,7 @@ use super::read::Incoming;
 use super::settle::{settle, settle_recorded};
 use super::{Context, Counters};
 use crate::db::{ledger_hash, Gateway, TokenHash};
+use crate::provider::guard::Judged;
 use crate::provider::{Answer, Messages};
 
 /// How long requests in flight may still answer once the worker stops (their answers are
@@ -185,10 +186,7 @@ async fn push(
                         at: Instant::now(),
                         took,
                     });
-                observe(ctx, incoming, &answer);
-                ctx.counters
-                    .count_platform(r.token.platform(), &answer, took.as_secs_f64());
-                log_rejection(incoming, &r.token, &answer);
+                observe(ctx, incoming, r.token.platform(), &answer, took);
                 ((target, Some(answer)), answered)
             }
         })
@@ -197,7 +195,7 @@ async fn push(
     // cheaper `join_all`: a stream of futures costs an allocation and a waker per token.
     let limit = ctx.settings.ring_concurrency.max(1);
     type Answers = Vec<(Target, Option<Answer>)>;
-    let (answers, answered): (Answers, Vec<Option<Answered>>) = if sends.len() <= limit {
+    let (mut answers, answered): (Answers, Vec<Option<Answered>>) = if sends.len() <= limit {
         futures_util::future::join_all(sends)
             .await
             .into_iter()
@@ -210,6 +208,13 @@ async fn push(
             .unzip()
             .await
     };
+    judge(ctx, incoming, &mut answers);
+    for (target, answer) in &answers {
+        if let Some(answer) = answer {
+            count(ctx, target.token.platform(), answer);
+            log_rejection(incoming, &target.token, answer);
+        }
+    }
     let last = answered.into_iter().flatten().max_by_key(|a| a.at);
     let accepted = answers
         .iter()
@@ -234,6 +239,33 @@ async fn push(
         }
     };
     (decide(step), accepted, last)
+}
+
+/// Weighs the ring's "dead" answers against the others of their scope before any may become
+/// a feedback event (`provider::guard`): a suspected configuration mistake turns them into
+/// `Doubted` (kept, retried). The answers of a first push count towards the scope's judgement.
+fn judge(ctx: &Context, incoming: &Incoming, answers: &mut [(Target, Option<Answer>)]) {
+    if !answers
+        .iter()
+        .any(|(_, a)| matches!(a, Some(Answer::Accepted | Answer::Dead { .. })))
+    {
+        return;
+    }
+    let providers = &ctx.providers;
+    let first = incoming.pending.is_none() && incoming.recorded.is_empty();
+    let judged = answers
+        .iter_mut()
+        .filter_map(|(t, a)| {
+            let answer = a.as_mut()?;
+            Some(Judged {
+                scope: providers.scope(&t.token, t.environment, t.topic.as_deref()),
+                token: &t.token,
+                first,
+                answer,
+            })
+        })
+        .collect();
+    providers.guard.review(judged);
 }
 
 /// Observes a pushed ring's stages, one after the other from its press to its settlement
@@ -278,24 +310,40 @@ fn log_rejection(incoming: &Incoming, token: &crate::token::DeviceToken, answer:
     }
 }
 
-/// Counts one answer: notifications by outcome, rejections by reason, press-to-accepted
-/// (per platform, and request latency, in `Counters::count_platform`).
-fn observe(ctx: &Context, incoming: &Incoming, answer: &Answer) {
+/// Observes one answer as it comes: press-to-accepted, and the request's latency per platform.
+fn observe(
+    ctx: &Context,
+    incoming: &Incoming,
+    platform: crate::token::Platform,
+    answer: &Answer,
+    took: Duration,
+) {
+    let c = &ctx.counters;
+    if *answer == Answer::Accepted {
+        let since_press = OffsetDateTime::now_utc() - incoming.ring.pressed_at;
+        c.ring_to_accepted_seconds
+            .observe(since_press.as_seconds_f64().max(0.0));
+    }
+    if answer.answered() {
+        c.observe_request(platform, took.as_secs_f64());
+    }
+}
+
+/// Counts one answer once it is judged: notifications by outcome (and per platform),
+/// rejections by reason.
+fn count(ctx: &Context, platform: crate::token::Platform, answer: &Answer) {
     let c = &ctx.counters;
     match answer {
-        Answer::Accepted => {
-            Counters::add(&c.notifications_accepted, 1);
-            let since_press = OffsetDateTime::now_utc() - incoming.ring.pressed_at;
-            c.ring_to_accepted_seconds
-                .observe(since_press.as_seconds_f64().max(0.0));
-        }
+        Answer::Accepted => Counters::add(&c.notifications_accepted, 1),
         Answer::Dead { reason, .. } | Answer::Rejected { reason, .. } => {
             Counters::add(&c.notifications_rejected, 1);
             c.count_rejected(reason);
         }
+        Answer::Doubted { .. } => Counters::add(&c.notifications_doubted, 1),
         Answer::Skipped(skip) => c.count_skipped(*skip),
         Answer::Retry { .. } | Answer::Unreachable { .. } => {
             Counters::add(&c.notifications_failed, 1)
         }
     }
+    c.count_platform(platform, answer);
 }

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use crate::calls::add_apns_token;
 use crate::support::{nothing_waiting_or_dead, App, TOPIC};
 
-fn fcm_settings() -> ringpush::fcm::Settings {
+pub(crate) fn fcm_settings() -> ringpush::fcm::Settings {
     let placeholder = ringpush::http2::Endpoint::parse("https://localhost").unwrap();
     ringpush::fcm::Settings::new(placeholder)
 }
@@ -26,7 +26,7 @@ async fn with_fcm() -> App {
 }
 
 /// Registers an Android token of `kind` for `user`.
-async fn add_fcm_token(app: &App, user: i64, kind: &str) -> DeviceToken {
+pub(crate) async fn add_fcm_token(app: &App, user: i64, kind: &str) -> DeviceToken {
     let token = ringpush::db::random_token(ringpush::token::Platform::Fcm);
     let client = app.pool.get().await.unwrap();
     client
@@ -40,7 +40,7 @@ async fn add_fcm_token(app: &App, user: i64, kind: &str) -> DeviceToken {
 }
 
 /// The FCM mock's accepted (event, token) pairs, with how often each was accepted.
-fn fcm_accepted(app: &App) -> HashMap<(String, String), usize> {
+pub(crate) fn fcm_accepted(app: &App) -> HashMap<(String, String), usize> {
     let mut accepted = HashMap::new();
     for r in app.fcm.as_ref().unwrap().received() {
         if r.status == 200 {

@@ -16,6 +16,7 @@ mod gateways;
 mod holding;
 mod metrics;
 mod migrate;
+mod mistake;
 mod nodes;
 mod once;
 mod proxy;

@@ -75,6 +75,9 @@ async fn fifty_rejections_of_one_token_in_a_burst_make_one_purge_request() {
     let owner = app.add_user().await;
     app.add_gateway("gw-burst", owner, "Door").await;
     let token = app.add_token(owner, "production", Some(TOPIC)).await;
+    // Beside a phone that takes every ring: a token answered BadDeviceToken while no phone of
+    // the scope takes a ring looks like a configuration mistake, and is kept (mistake.rs).
+    app.add_token(owner, "production", Some(TOPIC)).await;
     // BadDeviceToken carries no timestamp: each rejection has its own invalid_since.
     app.mock.script(
         &token,
@@ -193,6 +196,11 @@ async fn bad_device_token_and_not_for_topic_purge_but_topic_disallowed_and_500_d
         );
         tokens.push(token);
     }
+    // Two phones that take the ring: the two "never valid here" answers do not outnumber the
+    // accepted ones, so they are no suspected configuration mistake (mistake.rs).
+    for _ in 0..2 {
+        app.add_token(owner, "production", Some(TOPIC)).await;
+    }
     app.publish(&App::ring("gw-reasons", Duration::ZERO)).await;
     app.wait_acked(1).await;
     assert_eq!(Counters::get(&app.counters.feedback_events), 2);
@@ -249,7 +257,8 @@ async fn a_purge_request_postgresql_cannot_take_is_dead_lettered_and_the_rest_ar
     app.registered_at(&gone, now - 30 * DAY).await;
     let request = |token: &str, since: &str| {
         format!(
-            r#"{{"v":1,"token":"{token}","environment":"production","topic":null,"reason":"Unregistered","invalid_since":"{since}","observed_at":"2026-11-28T09:00:00Z"}}"#
+            r#"{{"v":1,"token":"{token}","environment":"production","topic":null,"reason":"Unregistered","invalid_since":"{since}","observed_at":"{}"}}"#,
+            format_rfc3339(now)
         )
     };
     // RFC 3339 allows the year 0000; PostgreSQL's timestamptz does not: a batch holding this
@@ -421,5 +430,102 @@ async fn a_batch_that_fails_for_a_reason_other_than_its_data_is_handed_back_unti
     assert_eq!(purge::Counters::get(&app.purge_counters.dead_lettered), 0);
     assert_eq!(app.depth(&app.names.purge).await, 0);
     assert_eq!(app.depth(&app.names.purge_dead).await, 0);
+    app.stop().await;
+}
+
+/// Publishes a purge request for `token` straight to the purge queue.
+async fn request_purge(
+    app: &App,
+    token: DeviceToken,
+    invalid_since: OffsetDateTime,
+    observed_at: OffsetDateTime,
+) {
+    Invalidation {
+        token,
+        environment: Environment::Production,
+        topic: Some(TOPIC.into()),
+        reason: "Unregistered".into(),
+        invalid_since,
+        observed_at,
+    }
+    .publish(&app.channel, &app.names.purge)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_purge_request_dated_in_the_future_deletes_nothing() {
+    let app = App::spawn_with(|o| o.run_worker = false).await;
+    let owner = app.add_user().await;
+    // Registered a second ago; the requests claim the token invalid in the year 9999, or seen
+    // invalid an hour from now: either would delete it if `invalid_since` were trusted.
+    let fresh = app.add_token(owner, "production", Some(TOPIC)).await;
+    let also = app.add_token(owner, "production", Some(TOPIC)).await;
+    let now = OffsetDateTime::now_utc();
+    let year_9999 = time::macros::datetime!(9999-01-01 00:00 UTC);
+    let hour = time::Duration::hours(1);
+    request_purge(&app, fresh.clone(), year_9999, now).await;
+    request_purge(&app, also.clone(), now + hour, now + hour).await;
+    // A sound request beside them still purges.
+    let stale = app.add_token(owner, "production", Some(TOPIC)).await;
+    app.registered_at(&stale, now - 30 * DAY).await;
+    request_purge(&app, stale.clone(), now - DAY, now).await;
+    app.wait_for("the requests judged", || {
+        purge::Counters::get(&app.purge_counters.dead_lettered) == 2
+            && purge::Counters::get(&app.purge_counters.purged) == 1
+    })
+    .await;
+    assert!(
+        app.token_exists(&fresh).await,
+        "invalid_since in the future"
+    );
+    assert!(app.token_exists(&also).await, "observed_at in the future");
+    assert!(!app.token_exists(&stale).await, "the sound request purges");
+    let dead = app.drain(&app.names.purge_dead).await;
+    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("invalid_since 9999-01-01") && r.contains("lies after observed_at")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("observed_at") && r.contains("lies in the future")),
+        "{reasons:?}"
+    );
+    // And through the function the tests and tools call directly, too.
+    let request = Invalidation::parse(&dead[0].0).unwrap();
+    let done = purge::delete_batch(&app.pool, &[request]).await.unwrap();
+    assert_eq!(done, purge::Purged { purged: 0, kept: 1 });
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_purge_request_for_another_platform_than_the_rows_deletes_nothing() {
+    let app = App::spawn_with(|o| o.run_worker = false).await;
+    let owner = app.add_user().await;
+    let iphone = app.add_token(owner, "production", Some(TOPIC)).await;
+    let now = OffsetDateTime::now_utc();
+    app.registered_at(&iphone, now - 30 * DAY).await;
+    // The same string read as an FCM token (its characters are valid there too): a request
+    // about an Android phone must not delete an iPhone's row.
+    let as_android = DeviceToken::parse_fcm(iphone.as_hex()).unwrap();
+    request_purge(&app, as_android, now - DAY, now).await;
+    app.wait_for("the request judged", || {
+        purge::Counters::get(&app.purge_counters.acked) == 1
+    })
+    .await;
+    assert_eq!(purge::Counters::get(&app.purge_counters.purged), 0);
+    assert_eq!(purge::Counters::get(&app.purge_counters.kept), 1);
+    assert!(app.token_exists(&iphone).await, "the iPhone's row stays");
+    // The request of the row's own platform purges it.
+    request_purge(&app, iphone.clone(), now - DAY, now).await;
+    app.wait_for("the second request", || {
+        purge::Counters::get(&app.purge_counters.acked) == 2
+    })
+    .await;
+    assert!(!app.token_exists(&iphone).await);
     app.stop().await;
 }

@@ -155,15 +155,14 @@ pub struct App {
     pub mock: Mock,
     /// The mock FCM, with `Options::fcm`.
     pub fcm: Option<ringpush::mock_fcm::MockFcm>,
+    /// The providers of the workers started in this test, and of `/readyz`.
+    pub providers: ringpush::provider::Providers,
     pub counters: Arc<Counters>,
     pub feedback_counters: Arc<feedback::Counters>,
     pub purge_counters: Arc<purge::Counters>,
     purge_settings: purge::Settings,
     worker_settings: worker::Settings,
-    /// The worker's APNs client and database pool (through the proxies when asked for).
-    worker_apns: Apns,
-    /// The worker's FCM client, with `Options::fcm`.
-    worker_fcm: Option<ringpush::fcm::Client>,
+    /// The worker's database pool (through the proxy when asked for).
     worker_pool: Pool,
     pub apns_proxy: Option<Proxy>,
     pub db_proxy: Option<Proxy>,
@@ -334,14 +333,13 @@ impl App {
             let settings = options.feedback;
             async move { feedback::run(settings, &amqp_url(), counters, cancel).await }
         });
+        // One set of providers for the workers this test starts in-process and the metrics
+        // server: `/readyz` sees what the workers' providers see (the guard's suspicion).
+        let providers = ringpush::provider::Providers::new(Some(worker_apns), worker_fcm);
         let metrics_addr = match options.metrics {
             false => None,
             true => {
                 let mut registry = ringpush::metrics::registry();
-                let providers = ringpush::provider::Providers::new(
-                    Some(worker_apns.clone()),
-                    worker_fcm.clone(),
-                );
                 counters.register(&mut registry, &providers);
                 let ready = counters.ready_check(worker_pool.clone(), &providers);
                 let addr = ringpush::metrics::observe(
@@ -369,8 +367,7 @@ impl App {
             purge_counters: Arc::new(purge::Counters::default()),
             purge_settings: options.purge,
             worker_settings: options.worker,
-            worker_apns,
-            worker_fcm,
+            providers,
             worker_pool,
             apns_proxy,
             db_proxy,
@@ -418,10 +415,7 @@ impl App {
             self.cancel.clone(),
         );
         let settings = self.worker_settings.clone();
-        let providers = ringpush::provider::Providers::new(
-            Some(self.worker_apns.clone()),
-            self.worker_fcm.clone(),
-        );
+        let providers = self.providers.clone();
         let worker = tokio::spawn(async move {
             worker::run(settings, &url, pool, providers, counters, cancel).await
         });

@@ -22,6 +22,7 @@ fn dead_answer() -> Answer {
         reason: "Unregistered".into(),
         since: WHEN,
         observed_at: WHEN,
+        mistake: None,
     }
 }
 
@@ -551,6 +552,45 @@ fn with_both_providers_configured_a_down_one_sends_its_rings_down_the_retry_path
         } => {
             assert_eq!((attempt, spent), (2, false), "no attempt spent");
             assert_eq!(pending, vec![token(0), token(1)]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn doubted_tokens_wait_on_the_retry_path_unreported_without_spending_an_attempt() {
+    let doubted = || Answer::Doubted {
+        error: "APNs answered BadDeviceToken for 4 of the 4 tokens".into(),
+    };
+    // Every token doubted, at the last attempt: retried (never held: APNs answers), none
+    // reported for the purge, no attempt spent, not before the guard's pause.
+    match pushed(vec![doubted(), doubted()], 2) {
+        Disposition::Retry {
+            attempt,
+            pending,
+            feedback,
+            spent,
+            not_before,
+            ..
+        } => {
+            assert_eq!((attempt, spent), (2, false));
+            assert_eq!(pending, vec![token(0), token(1)]);
+            assert!(feedback.is_empty(), "no token reported dead");
+            assert_eq!(not_before, Some(crate::provider::guard::DOUBT_RETRY));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Beside an accepted token and a truly dead one: only the doubted one is pending.
+    match pushed(vec![Answer::Accepted, doubted(), dead_answer()], 0) {
+        Disposition::Retry {
+            pending,
+            feedback,
+            spent,
+            accepted,
+            ..
+        } => {
+            assert_eq!((pending, spent, accepted), (vec![token(1)], false, 1));
+            assert_eq!(feedback, vec![dead(2)]);
         }
         other => panic!("{other:?}"),
     }

@@ -1,0 +1,477 @@
+//! The guard against a configuration mistake (DESIGN.md, Guarantees: "A configuration mistake
+//! never deletes the fleet's tokens"). A push service that answers "this token is dead" to
+//! every token at once is not reporting dead phones: it is telling ringpush that ringpush asks
+//! the wrong way — production and sandbox swapped (`BadDeviceToken`), a wrong topic
+//! (`DeviceTokenNotForTopic`), another Firebase project's service account
+//! (`SENDER_ID_MISMATCH`). Taken at its word, that deletes every customer's tokens.
+//!
+//! So every "dead" answer is judged against the other answers of its **scope** — the
+//! provider, and what the request was sent under: an APNs environment and topic, an FCM
+//! project — before it may become a feedback event. A dead answer is **doubted** (not
+//! reported; the token goes on the retry path without spending an attempt, so its ring is
+//! delivered once the answers make sense again within its TTL) when either:
+//!
+//! Only the answers that say "this token was never valid here" are judged — `BadDeviceToken`,
+//! `DeviceTokenNotForTopic`, `SENDER_ID_MISMATCH`, binary status 8 ([`Mistake`]): the ones a
+//! configuration mistake gives every token. `Unregistered`, `ExpiredToken` and FCM's
+//! `UNREGISTERED` say the app left that phone (APNs even says when); no setting of ours
+//! produces them, and they are always reported. A judged answer is **doubted** when either:
+//!
+//! 1. **They outnumber the accepted.** Among the scope's answers of the last [`WINDOW`], the
+//!    judged dead ones outnumber the accepted ones (a retry concentrates the tokens that
+//!    failed, so its dead answers are not counted again; its accepted ones are). A ring's own answers count
+//!    before it is judged. A few dead phones among many live ones never trip it; a scope
+//!    whose every answer is "never valid" trips it from its first ring.
+//! 2. **An answer contradicts one before.** A token this worker saw accepted within the last
+//!    [`REMEMBER`] in the same scope is now answered "never valid here" — which it was within
+//!    the hour. That is the service or the configuration changing under a running worker:
+//!    every judged answer of the scope is doubted for the next [`WINDOW`].
+//!
+//! While a scope doubts, `/readyz` answers 503 naming the suspicion and the setting to check,
+//! one warning is logged when it starts (and once a minute while it lasts), and
+//! `ringpush_config_suspected{platform}` is 1. A doubted token costs a retry; a wrongly
+//! trusted one costs a customer's phone — the rule leans towards doubt.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::Answer;
+use crate::token::{DeviceToken, Environment, Platform};
+
+/// How far back the answers of a scope are weighed, and how long a contradiction keeps the
+/// scope doubting.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// How long a token accepted in a scope is remembered (for rule 2).
+pub const REMEMBER: Duration = Duration::from_secs(3600);
+/// How many accepted tokens a scope remembers at most (8-byte hashes; the oldest go first).
+const REMEMBER_MAX: usize = 100_000;
+/// How many first-push answers a scope weighs at most (the oldest go first).
+const WINDOW_MAX: usize = 100_000;
+/// How soon a doubted token is tried again (the retry tier at least this long).
+pub const DOUBT_RETRY: Duration = Duration::from_secs(4);
+/// How long `/readyz` keeps saying so after the last doubted answer.
+const READY_HOLD: Duration = Duration::from_secs(30);
+
+/// What a "dead" answer says is wrong with ringpush if every token gets it: the setting to
+/// check. Only reasons that no phone can cause for *every* token carry one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mistake {
+    /// APNs `BadDeviceToken`: the token is not of the environment it was sent to.
+    Environment,
+    /// APNs `DeviceTokenNotForTopic`: the token is of another app (topic).
+    Topic,
+    /// FCM `SENDER_ID_MISMATCH`: the token is of another Firebase project.
+    Project,
+    /// Binary status 8 (`InvalidToken`): the legacy gateway of the other environment.
+    BinaryEndpoint,
+}
+
+impl Mistake {
+    /// The setting an operator should check.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Mistake::Environment => "check RINGPUSH_APNS_PRODUCTION_URL and RINGPUSH_APNS_SANDBOX_URL (production and sandbox swapped?) and the tokens' environment",
+            Mistake::Topic => "check RINGPUSH_APNS_TOPIC (or the rows' topic) and that the APNs key or certificate is of the app's team",
+            Mistake::Project => "check RINGPUSH_FCM_CREDENTIALS_FILE: a service account of another Firebase project than the app's?",
+            Mistake::BinaryEndpoint => "check RINGPUSH_APNS_BINARY_ADDR (production and sandbox swapped?) and the tokens' environment",
+        }
+    }
+}
+
+/// What a request was sent under: answers are weighed against those of the same scope.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub platform: Platform,
+    /// APNs: the environment and topic (`production com.example.doorbell`); FCM: the
+    /// project (`project my-project`).
+    pub what: String,
+}
+
+impl Scope {
+    pub fn apns(environment: Environment, topic: Option<&str>) -> Self {
+        Self {
+            platform: Platform::Apns,
+            what: format!("{} {}", environment.as_str(), topic.unwrap_or("(no topic)")),
+        }
+    }
+
+    pub fn fcm(project: &str) -> Self {
+        Self {
+            platform: Platform::Fcm,
+            what: format!("project {project}"),
+        }
+    }
+}
+
+/// One answer to judge: its scope, its token, whether it answered a first push, and the
+/// answer (a `Dead` one may become `Doubted`).
+pub struct Judged<'a> {
+    pub scope: Scope,
+    pub token: &'a DeviceToken,
+    pub first: bool,
+    pub answer: &'a mut Answer,
+}
+
+/// The guard of one worker: per scope, the recent answers and the tokens accepted lately.
+#[derive(Debug, Default)]
+pub struct Guard {
+    scopes: Mutex<HashMap<Scope, State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// First-push answers of the last `WINDOW`: when, and whether it said dead.
+    recent: VecDeque<(Instant, bool)>,
+    dead: usize,
+    accepted: usize,
+    /// Tokens accepted lately (hash → when), and their order of arrival for eviction.
+    accepted_tokens: HashMap<[u8; 8], Instant>,
+    accepted_order: VecDeque<([u8; 8], Instant)>,
+    /// A contradiction (rule 2) keeps the scope doubting until then.
+    contradicted_until: Option<Instant>,
+    /// Doubting now: since when, why, and when it was last warned about.
+    doubt: Option<Doubt>,
+}
+
+#[derive(Debug, Clone)]
+struct Doubt {
+    since: Instant,
+    last: Instant,
+    warned: Instant,
+    reason: String,
+    mistake: Mistake,
+    doubted: u64,
+}
+
+fn hash(token: &DeviceToken) -> [u8; 8] {
+    crate::db::ledger_hash(token.as_str())
+}
+
+impl State {
+    fn prune(&mut self, now: Instant) {
+        while let Some(&(at, dead)) = self.recent.front() {
+            if now.duration_since(at) <= WINDOW && self.recent.len() <= WINDOW_MAX {
+                break;
+            }
+            self.recent.pop_front();
+            if dead {
+                self.dead -= 1;
+            } else {
+                self.accepted -= 1;
+            }
+        }
+        while let Some(&(h, at)) = self.accepted_order.front() {
+            if now.duration_since(at) <= REMEMBER && self.accepted_order.len() <= REMEMBER_MAX {
+                break;
+            }
+            self.accepted_order.pop_front();
+            if self.accepted_tokens.get(&h) == Some(&at) {
+                self.accepted_tokens.remove(&h);
+            }
+        }
+    }
+
+    fn record(&mut self, now: Instant, dead: bool) {
+        self.recent.push_back((now, dead));
+        if dead {
+            self.dead += 1;
+        } else {
+            self.accepted += 1;
+        }
+    }
+}
+
+impl Guard {
+    /// Judges the answers of one push: records them, then doubts each dead answer whose
+    /// scope looks misconfigured (module docs), turning it into [`Answer::Doubted`].
+    pub fn review(&self, answers: Vec<Judged<'_>>) {
+        if answers.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        // Record every answer first: a ring's own answers count before it is judged.
+        for j in &answers {
+            // Only the answers that say "never valid here" weigh against the accepted ones.
+            let dead = match &*j.answer {
+                Answer::Accepted => false,
+                Answer::Dead {
+                    mistake: Some(_), ..
+                } => true,
+                _ => continue,
+            };
+            let state = scopes.entry(j.scope.clone()).or_default();
+            state.prune(now);
+            let h = hash(j.token);
+            if dead {
+                if state.accepted_tokens.contains_key(&h) {
+                    state.contradicted_until = Some(now + WINDOW);
+                }
+            } else {
+                state.accepted_tokens.insert(h, now);
+                state.accepted_order.push_back((h, now));
+            }
+            // A retry concentrates the tokens that failed: its "never valid" answers are not
+            // counted (they were, at the first push); its accepted ones are.
+            if j.first || !dead {
+                state.record(now, dead);
+            }
+        }
+        for j in answers {
+            let Answer::Dead {
+                reason,
+                mistake: Some(mistake),
+                ..
+            } = &*j.answer
+            else {
+                continue;
+            };
+            let state = scopes.entry(j.scope.clone()).or_default();
+            let contradiction = state.contradicted_until.is_some_and(|until| now < until);
+            let outnumbered = state.dead > state.accepted;
+            if !contradiction && !outnumbered {
+                continue;
+            }
+            let why = if contradiction {
+                format!(
+                    "{} answered {reason} for tokens it accepted within the hour",
+                    j.scope.platform.provider_name()
+                )
+            } else {
+                format!(
+                    "{} answered {reason} for {} of the {} tokens of the last {}s",
+                    j.scope.platform.provider_name(),
+                    state.dead,
+                    state.dead + state.accepted,
+                    WINDOW.as_secs()
+                )
+            };
+            let (reason, mistake) = (reason.clone(), *mistake);
+            let doubt = state.doubt.get_or_insert_with(|| Doubt {
+                since: now,
+                last: now,
+                warned: now.checked_sub(Duration::from_secs(3600)).unwrap_or(now),
+                reason: reason.clone(),
+                mistake,
+                doubted: 0,
+            });
+            let first = doubt.doubted == 0;
+            doubt.last = now;
+            doubt.doubted += 1;
+            doubt.reason = reason;
+            doubt.mistake = mistake;
+            if first || now.duration_since(doubt.warned) >= Duration::from_secs(60) {
+                doubt.warned = now;
+                warn!(
+                    platform = j.scope.platform.as_str(),
+                    scope = j.scope.what,
+                    doubted = doubt.doubted,
+                    "a configuration mistake is suspected: {why}; {}; the tokens are kept (not purged) and their rings retried until the answers make sense again",
+                    mistake.hint()
+                );
+            }
+            *j.answer = Answer::Doubted {
+                error: format!(
+                    "{why}: a configuration mistake is suspected; {}",
+                    mistake.hint()
+                ),
+            };
+        }
+        // A scope that doubts no more says so once.
+        for (scope, state) in scopes.iter_mut() {
+            let Some(doubt) = &state.doubt else { continue };
+            let still = state.dead > state.accepted
+                || state.contradicted_until.is_some_and(|until| now < until);
+            if !still && now.duration_since(doubt.last) >= READY_HOLD {
+                info!(
+                    platform = scope.platform.as_str(),
+                    scope = scope.what,
+                    doubted = doubt.doubted,
+                    lasted_s = now.duration_since(doubt.since).as_secs(),
+                    "the provider's answers make sense again; dead tokens are reported as before"
+                );
+                state.doubt = None;
+            }
+        }
+    }
+
+    /// The suspicion `/readyz` names, if a scope doubted an answer within the last 30 s.
+    pub fn suspicion(&self) -> Option<String> {
+        let now = Instant::now();
+        let scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found: Vec<String> = scopes
+            .iter()
+            .filter_map(|(scope, state)| {
+                let doubt = state.doubt.as_ref()?;
+                (now.duration_since(doubt.last) < READY_HOLD).then(|| {
+                    format!(
+                        "{} answers {} to most tokens of {} — a configuration mistake is suspected; {}; the tokens are kept and their rings retried",
+                        scope.platform.provider_name(),
+                        doubt.reason,
+                        scope.what,
+                        doubt.mistake.hint()
+                    )
+                })
+            })
+            .collect();
+        found.sort();
+        (!found.is_empty()).then(|| found.join("; "))
+    }
+
+    /// Whether a scope of `platform` doubted an answer within the last 30 s.
+    pub fn suspected(&self, platform: Platform) -> bool {
+        let now = Instant::now();
+        let scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        scopes.iter().any(|(scope, state)| {
+            scope.platform == platform
+                && state
+                    .doubt
+                    .as_ref()
+                    .is_some_and(|d| now.duration_since(d.last) < READY_HOLD)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::OffsetDateTime;
+
+    fn dead(mistake: Option<Mistake>) -> Answer {
+        let now = OffsetDateTime::now_utc();
+        Answer::Dead {
+            reason: "BadDeviceToken".into(),
+            since: now,
+            observed_at: now,
+            mistake,
+        }
+    }
+
+    fn token(i: u32) -> DeviceToken {
+        DeviceToken::parse(&format!("{i:08x}")).unwrap()
+    }
+
+    fn push(guard: &Guard, scope: &Scope, answers: &mut [(DeviceToken, Answer)], first: bool) {
+        guard.review(
+            answers
+                .iter_mut()
+                .map(|(t, a)| Judged {
+                    scope: scope.clone(),
+                    token: t,
+                    first,
+                    answer: a,
+                })
+                .collect(),
+        );
+    }
+
+    fn doubted(answers: &[(DeviceToken, Answer)]) -> usize {
+        answers
+            .iter()
+            .filter(|(_, a)| matches!(a, Answer::Doubted { .. }))
+            .count()
+    }
+
+    #[test]
+    fn every_token_dead_is_doubted_from_the_first_ring() {
+        let guard = Guard::default();
+        let scope = Scope::apns(Environment::Production, Some("com.example"));
+        let mut ring: Vec<_> = (0..4)
+            .map(|i| (token(i), dead(Some(Mistake::Environment))))
+            .collect();
+        push(&guard, &scope, &mut ring, true);
+        assert_eq!(doubted(&ring), 4);
+        let why = guard.suspicion().expect("suspected");
+        assert!(why.contains("RINGPUSH_APNS_PRODUCTION_URL"), "{why}");
+        assert!(guard.suspected(Platform::Apns));
+        assert!(!guard.suspected(Platform::Fcm));
+        // A single-phone ring into the mistake is doubted too.
+        let other = Scope::fcm("p");
+        let mut one = vec![(token(9), dead(Some(Mistake::Project)))];
+        push(&guard, &other, &mut one, true);
+        assert_eq!(doubted(&one), 1);
+    }
+
+    #[test]
+    fn a_few_dead_phones_among_live_ones_are_trusted() {
+        let guard = Guard::default();
+        let scope = Scope::apns(Environment::Production, Some("com.example"));
+        for r in 0..50u32 {
+            let mut ring: Vec<_> = (0..4)
+                .map(|i| {
+                    let t = token(r * 4 + i);
+                    let a = if r % 10 == 0 && i == 0 {
+                        dead(Some(Mistake::Environment))
+                    } else {
+                        Answer::Accepted
+                    };
+                    (t, a)
+                })
+                .collect();
+            push(&guard, &scope, &mut ring, true);
+            assert_eq!(doubted(&ring), 0, "ring {r}");
+        }
+        // Even a ring whose only phone is dead, alone, on a quiet day with one live phone.
+        let quiet = Guard::default();
+        let mut ring = vec![
+            (token(1), Answer::Accepted),
+            (token(2), dead(Some(Mistake::Topic))),
+        ];
+        push(&quiet, &scope, &mut ring, true);
+        assert_eq!(doubted(&ring), 0);
+        assert_eq!(quiet.suspicion(), None);
+        // Retries are judged but not counted: the dead token retried does not tip the scale.
+        for _ in 0..5 {
+            let mut retry = vec![(token(2), dead(Some(Mistake::Topic)))];
+            push(&quiet, &scope, &mut retry, false);
+            assert_eq!(doubted(&retry), 0);
+        }
+    }
+
+    #[test]
+    fn a_token_accepted_lately_and_now_never_valid_makes_the_scope_doubt() {
+        let guard = Guard::default();
+        let scope = Scope::apns(Environment::Sandbox, Some("com.example"));
+        let mut before: Vec<_> = (0..100).map(|i| (token(i), Answer::Accepted)).collect();
+        push(&guard, &scope, &mut before, true);
+        // The endpoint changes under the running worker: the first contradiction trips it,
+        // though the accepted answers of the last minute still outnumber the dead ones.
+        let mut after = vec![(token(7), dead(Some(Mistake::Environment)))];
+        push(&guard, &scope, &mut after, true);
+        assert_eq!(doubted(&after), 1);
+        // And the other dead answers of the scope are doubted too for a while.
+        let mut unseen = vec![(token(1000), dead(Some(Mistake::Topic)))];
+        push(&guard, &scope, &mut unseen, true);
+        assert_eq!(doubted(&unseen), 1);
+        // An Unregistered answer (no mistake) is reported all the same.
+        let mut gone = vec![(token(1001), dead(None))];
+        push(&guard, &scope, &mut gone, true);
+        assert_eq!(doubted(&gone), 0);
+        // Another scope is not touched.
+        let elsewhere = Scope::apns(Environment::Production, Some("com.example"));
+        let mut ok: Vec<_> = (0..3).map(|i| (token(i), Answer::Accepted)).collect();
+        ok.push((token(2000), dead(Some(Mistake::Environment))));
+        push(&guard, &elsewhere, &mut ok, true);
+        assert_eq!(doubted(&ok), 0);
+    }
+
+    #[test]
+    fn an_app_removed_is_never_doubted() {
+        // Unregistered carries no mistake: reported even when every phone says it, and after
+        // the token was accepted (the app deleted since).
+        let guard = Guard::default();
+        let scope = Scope::apns(Environment::Production, Some("com.example"));
+        let mut alone: Vec<_> = (0..4).map(|i| (token(i), dead(None))).collect();
+        push(&guard, &scope, &mut alone, true);
+        assert_eq!(doubted(&alone), 0);
+        let mut before: Vec<_> = (10..20).map(|i| (token(i), Answer::Accepted)).collect();
+        push(&guard, &scope, &mut before, true);
+        let mut after = vec![(token(13), dead(None))];
+        push(&guard, &scope, &mut after, true);
+        assert_eq!(doubted(&after), 0);
+        assert_eq!(guard.suspicion(), None);
+    }
+}
