@@ -209,8 +209,14 @@ async fn carry_out(
         } => {
             report_invalid(ctx, feedback).await?;
             let incoming = incoming.expect("only a read ring is retried");
-            let wait_ms = not_before.map(|w| w.as_millis() as u64);
-            warn!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, ?wait_ms, %error, "ring goes to a retry tier");
+            let wait_ms = not_before.map_or(0, |w| w.as_millis() as u64);
+            // A retry that spends no attempt is the worker's own trouble (a provider down, a
+            // configuration mistake suspected), said once where it is found: info per ring.
+            if *spent {
+                warn!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, wait_ms, %error, "ring goes to a retry tier");
+            } else {
+                info!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, wait_ms, %error, "ring goes to a retry tier");
+            }
             retry(ctx, incoming, *attempt, pending, *not_before).await?;
             Counters::add(&c.rings_retried, 1);
         }
