@@ -3,6 +3,7 @@
 //! (see `support`), so they run in parallel and leave nothing behind.
 
 mod acks;
+mod alerts;
 mod apns;
 mod architecture;
 mod binary;
