@@ -1,8 +1,8 @@
 //! ringpush: gets a doorbell ring onto every phone that should hear it.
 //!
 //! A gateway publishes a ring event to RabbitMQ; workers look up the owner's and sharees'
-//! device tokens in PostgreSQL and push one APNs notification per token over persistent
-//! HTTP/2 connections. The tree is the architecture:
+//! device tokens in PostgreSQL and push one notification per token — APNs for iPhones, FCM
+//! for Android phones — over persistent HTTP/2 connections. The tree is the architecture:
 //!
 //! - [`backoff`]: the jittered reconnect backoff every connection uses;
 //! - [`cli`]: command-line flags and `RINGPUSH_*` variables, parsed once into the plain
@@ -22,22 +22,31 @@
 //! - [`gateway`]: `ringpush gateway`, one broker identity per gateway;
 //! - [`metrics`], [`ops`]: what operators see and type;
 //! - [`bench`]: `ringpush bench`.
+//!
+//! [`mock`], [`mock_fcm`], [`local`], [`demo`] and [`bench`] are the test kit: compiled with
+//! the `kit` feature (on by default), left out of the production binary
+//! (`--no-default-features`) with the crates only they need.
 
 pub mod apns;
 pub mod backoff;
+#[cfg(feature = "kit")]
 pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod db;
+#[cfg(feature = "kit")]
 pub mod demo;
 pub mod fcm;
 pub mod feedback;
 pub mod gateway;
 pub mod http;
 pub mod http2;
+#[cfg(feature = "kit")]
 pub mod local;
 pub mod metrics;
+#[cfg(feature = "kit")]
 pub mod mock;
+#[cfg(feature = "kit")]
 pub mod mock_fcm;
 pub mod ops;
 pub mod provider;

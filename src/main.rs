@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use ringpush::cli::{BrokerArgs, Cli, Command, GatewayCommand, LogFormat, MetricsArgs};
 use ringpush::metrics::{self, ReadyCheck};
-use ringpush::{db, demo, feedback, mock, ops, purge, worker};
+use ringpush::{db, feedback, ops, purge, worker};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -18,6 +18,7 @@ async fn main() -> ExitCode {
     // Reports for a person: keep the logs to errors unless asked (lapin reports a channel
     // it is closing at the end as an error, which is noise there).
     let default_level = match cli.command {
+        #[cfg(feature = "kit")]
         Command::Demo(_) | Command::Bench(_) => "error,lapin=off",
         // A queue not declared yet is a line in the table, not lapin's channel-close error.
         Command::Queues(_) | Command::Who(_) | Command::Gateway(_) => "error,lapin=off",
@@ -48,6 +49,11 @@ async fn main() -> ExitCode {
 }
 
 async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> {
+    #[cfg(feature = "kit")]
+    let command = match kit::run(command, cancel.clone()).await {
+        Ok(done) => return done,
+        Err(command) => command,
+    };
     match command {
         Command::Migrate(args) => {
             let applied = db::migrate(&args.database_url).await?;
@@ -111,32 +117,6 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             )
             .await
         }
-        Command::MockApns(args) => {
-            let (settings, unregistered) = args.settings()?;
-            let scripts = unregistered
-                .into_iter()
-                .map(|t| {
-                    let script = mock::Script {
-                        status: 410,
-                        reason: ringpush::apns::Reason::Unregistered,
-                        // Dated when answered (a phone registered after the mock started
-                        // is still stale when the mock rejects it).
-                        timestamp_ms: None,
-                    };
-                    (t, script)
-                })
-                .collect();
-            mock::run(settings, scripts, cancel).await
-        }
-        Command::MockFcm(args) => {
-            let (settings, credentials) = args.settings()?;
-            ringpush::mock_fcm::run(settings, credentials, cancel).await
-        }
-        Command::Demo(args) => {
-            let report = demo::run(&args.settings(), cancel).await?;
-            print!("{report}");
-            Ok(())
-        }
         Command::Ring(args) => {
             let names = args.broker.names();
             let (amqp_url, via) = args.target()?;
@@ -169,20 +149,15 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             print!("{}", ops::who(&pool, &args.gateway_id).await?);
             Ok(())
         }
-        Command::Bench(args) => {
-            let report = ringpush::bench::run(&args.settings()).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report.to_json())?);
-            } else {
-                print!("{report}");
-            }
-            Ok(())
-        }
         Command::Seed(args) => {
             let pool = args.database.pool()?;
             let report = ops::seed(&pool, &args.gateway_id, args.phones()?, &args.topic).await?;
             print!("{report}");
             Ok(())
+        }
+        #[cfg(feature = "kit")]
+        Command::MockApns(_) | Command::MockFcm(_) | Command::Demo(_) | Command::Bench(_) => {
+            unreachable!("kit::run runs the kit's commands")
         }
     }
 }
@@ -314,4 +289,66 @@ fn shutdown_on_signals() -> CancellationToken {
         }
     });
     cancel
+}
+
+/// The test kit's commands (feature `kit`): the mocks, the demo and the bench. Not in the
+/// production binary (`--no-default-features`).
+#[cfg(feature = "kit")]
+mod kit {
+    use ringpush::cli::{BenchArgs, Command, DemoArgs, MockArgs, MockFcmArgs};
+    use ringpush::{demo, mock};
+    use tokio_util::sync::CancellationToken;
+
+    /// Runs a kit command, or gives any other command back.
+    pub async fn run(
+        command: Command,
+        cancel: CancellationToken,
+    ) -> Result<anyhow::Result<()>, Command> {
+        Ok(match command {
+            Command::MockApns(args) => mock_apns(args, cancel).await,
+            Command::MockFcm(args) => mock_fcm(args, cancel).await,
+            Command::Demo(args) => run_demo(args, cancel).await,
+            Command::Bench(args) => bench(args).await,
+            other => return Err(other),
+        })
+    }
+
+    async fn mock_apns(args: MockArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+        let (settings, unregistered) = args.settings()?;
+        let scripts = unregistered
+            .into_iter()
+            .map(|t| {
+                let script = mock::Script {
+                    status: 410,
+                    reason: ringpush::apns::Reason::Unregistered,
+                    // Dated when answered (a phone registered after the mock started is
+                    // still stale when the mock rejects it).
+                    timestamp_ms: None,
+                };
+                (t, script)
+            })
+            .collect();
+        mock::run(settings, scripts, cancel).await
+    }
+
+    async fn mock_fcm(args: MockFcmArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+        let (settings, credentials) = args.settings()?;
+        ringpush::mock_fcm::run(settings, credentials, cancel).await
+    }
+
+    async fn run_demo(args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+        let report = demo::run(&args.settings(), cancel).await?;
+        print!("{report}");
+        Ok(())
+    }
+
+    async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+        let report = ringpush::bench::run(&args.settings()).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        } else {
+            print!("{report}");
+        }
+        Ok(())
+    }
 }

@@ -16,7 +16,9 @@
 
 mod apns;
 mod fcm;
+#[cfg(feature = "kit")]
 mod mock;
+#[cfg(feature = "kit")]
 mod mock_fcm;
 mod ops;
 mod services;
@@ -29,15 +31,19 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use self::apns::{ApnsArgs, ApnsTlsArgs, Secret};
 pub use self::fcm::FcmArgs;
+#[cfg(feature = "kit")]
 pub use self::mock::MockArgs;
+#[cfg(feature = "kit")]
 pub use self::mock_fcm::MockFcmArgs;
 pub use self::ops::{
     GatewayAddArgs, GatewayCommand, GatewayIdArgs, GatewayPasswordArgs, ManagementArgs, QueuesArgs,
     RingArgs, SeedArgs, WhoArgs,
 };
 pub use self::services::{FeedbackArgs, PurgeArgs, WorkerArgs};
+#[cfg(feature = "kit")]
+use self::values::protocol;
 pub use self::values::ApnsProtocol;
-use self::values::{defaults, duration, positive, prefix, protocol};
+use self::values::{defaults, duration, positive, prefix};
 use crate::broker::Names;
 
 /// A configuration value that cannot be used; the message names the variable.
@@ -88,11 +94,14 @@ pub enum Command {
     /// Delete tokens APNs reported invalid, unless re-registered since.
     Purge(PurgeArgs),
     /// Run a local APNs stand-in (HTTP/2 over TLS with its own CA).
+    #[cfg(feature = "kit")]
     MockApns(MockArgs),
     /// Run a local FCM HTTP v1 stand-in with its OAuth 2.0 token endpoint (HTTP/2 over TLS
     /// with its own CA).
+    #[cfg(feature = "kit")]
     MockFcm(MockFcmArgs),
     /// Run the whole pipeline on this machine and print what happened.
+    #[cfg(feature = "kit")]
     Demo(DemoArgs),
     /// Publish rings as a gateway does: one, or N at a steady rate.
     Ring(RingArgs),
@@ -106,6 +115,7 @@ pub enum Command {
     #[command(subcommand)]
     Gateway(GatewayCommand),
     /// Measure throughput, latency, CPU and memory against the local broker, database and mock.
+    #[cfg(feature = "kit")]
     Bench(BenchArgs),
 }
 
@@ -191,6 +201,7 @@ pub struct LocalArgs {
     pub database_url: String,
 }
 
+#[cfg(feature = "kit")]
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     #[command(flatten)]
@@ -200,6 +211,7 @@ pub struct DemoArgs {
     pub apns_protocol: ApnsProtocol,
 }
 
+#[cfg(feature = "kit")]
 impl DemoArgs {
     pub fn settings(&self) -> crate::demo::Settings {
         crate::demo::Settings {
@@ -210,6 +222,7 @@ impl DemoArgs {
     }
 }
 
+#[cfg(feature = "kit")]
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -252,6 +265,7 @@ pub struct BenchArgs {
     pub soak: Option<Duration>,
 }
 
+#[cfg(feature = "kit")]
 impl BenchArgs {
     pub fn settings(&self) -> crate::bench::Settings {
         crate::bench::Settings {
@@ -373,6 +387,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "kit")]
     fn a_service_account_that_cannot_be_used_stops_the_worker_naming_the_variable() {
         let dir =
             std::env::temp_dir().join(format!("ringpush-cli-{}", crate::token::random_hex(4)));

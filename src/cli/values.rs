@@ -3,12 +3,14 @@
 //! `http2::Settings::new`, `mock::Settings::local`, …), written as `--help` shows them. A
 //! default only the command line has is written beside its flag, once.
 
+#[cfg(feature = "kit")]
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::apns::request::Endpoint;
 use crate::apns::{self, binary, http2};
 use crate::broker::Names;
+#[cfg(feature = "kit")]
 use crate::mock::{self, GoAwayDebug};
 use crate::worker;
 
@@ -107,6 +109,7 @@ pub(super) fn protocol(s: &str) -> Result<ApnsProtocol, String> {
 }
 
 /// The mock's GOAWAY debug data as the command line names it.
+#[cfg(feature = "kit")]
 const GOAWAY_DEBUG: [(&str, GoAwayDebug); 3] = [
     ("json", GoAwayDebug::Json),
     ("text", GoAwayDebug::Text),
@@ -114,6 +117,7 @@ const GOAWAY_DEBUG: [(&str, GoAwayDebug); 3] = [
 ];
 
 /// A value parser for `RINGPUSH_MOCK_GOAWAY_DEBUG`.
+#[cfg(feature = "kit")]
 pub(super) fn goaway_debug(s: &str) -> Result<GoAwayDebug, String> {
     GOAWAY_DEBUG
         .iter()
@@ -123,6 +127,7 @@ pub(super) fn goaway_debug(s: &str) -> Result<GoAwayDebug, String> {
 }
 
 /// The name `goaway_debug` reads as `debug`.
+#[cfg(feature = "kit")]
 pub(super) fn goaway_debug_name(debug: GoAwayDebug) -> &'static str {
     GOAWAY_DEBUG
         .iter()
@@ -215,6 +220,7 @@ pub(super) mod defaults {
     }
 
     /// The mock's defaults.
+    #[cfg(feature = "kit")]
     pub fn mock() -> mock::Settings {
         mock::Settings::local(PathBuf::new(), mock::AuthCheck::default())
     }
@@ -242,6 +248,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "kit")]
     fn goaway_debug_names_read_back() {
         for (name, debug) in GOAWAY_DEBUG {
             assert_eq!(goaway_debug(name), Ok(debug));

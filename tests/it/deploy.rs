@@ -121,6 +121,31 @@ fn check_env(vars: impl IntoIterator<Item = String>, reads: &BTreeSet<String>, w
     }
 }
 
+/// The commands only the test kit's build has (feature `kit`).
+const KIT_COMMANDS: [&str; 4] = ["mock-apns", "mock-fcm", "demo", "bench"];
+
+#[test]
+fn the_production_image_is_built_without_the_test_kit() {
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile")).unwrap();
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert_eq!(
+        stages.last().copied(),
+        Some("FROM base AS production"),
+        "the default target is the production image"
+    );
+    let production = dockerfile.split("AS production").nth(1).unwrap();
+    assert!(production.contains("COPY --from=build /ringpush /usr/local/bin/ringpush"));
+    let build = dockerfile.split("AS build").nth(1).unwrap();
+    assert!(
+        build.contains("--no-default-features \\\n && cp target/release/ringpush /ringpush"),
+        "/ringpush is built without the kit: {build}"
+    );
+}
+
 #[test]
 fn the_compose_file_runs_real_commands_with_variables_they_read() {
     let compose = &load("docker-compose.yml")[0];
@@ -132,13 +157,26 @@ fn the_compose_file_runs_real_commands_with_variables_they_read() {
             .get("image")
             .and_then(|i| i.as_str())
             .unwrap_or_default();
-        if image != "ringpush:local" {
+        if image != "ringpush:local" && image != "ringpush:local-kit" {
             continue;
         }
         let args = strings(
             service
                 .get("command")
                 .unwrap_or_else(|| panic!("{name} has no command")),
+        );
+        // The test kit's commands are only in the image built with it (the Dockerfile's
+        // `kit` target); every other service runs the production image.
+        let kit = KIT_COMMANDS.contains(&args[0].as_str());
+        let target = service
+            .get("build")
+            .map(|b| b["target"].as_str().unwrap_or("").to_owned())
+            .unwrap_or_default();
+        assert_eq!(
+            (image == "ringpush:local-kit", target == "kit"),
+            (kit, kit),
+            "compose service {name} runs `{}` from {image} (build target {target:?})",
+            args[0]
         );
         commands.insert(args[0].clone());
         let reads = check_command(&args, &format!("compose service {name}"));
