@@ -62,8 +62,9 @@ impl Phone {
 
 fn label(platform: Platform, kind: Kind) -> String {
     let phone = match platform {
-        Platform::Apns => "iPhone",
-        Platform::Fcm => "Android",
+        Platform::APNS => "iPhone",
+        Platform::FCM => "Android",
+        other => other.as_str(),
     };
     format!("{phone} {kind}")
 }
@@ -223,8 +224,8 @@ async fn run_inner(
     for phone in people.iter().flat_map(|p| &p.phones) {
         match (phone.unregistered, phone.token.platform()) {
             (false, _) => {}
-            (true, Platform::Apns) => mock.unregister(&phone.token, now_ms - 86_400_000),
-            (true, Platform::Fcm) => fcm_mock.faults(|f| {
+            (true, Platform::APNS) => mock.unregister(&phone.token, now_ms - 86_400_000),
+            (true, _) => fcm_mock.faults(|f| {
                 f.unregistered.insert(phone.token.as_str().to_owned());
             }),
         }
@@ -267,10 +268,14 @@ async fn run_inner(
     {
         let (url, counters, cancel) = (demo.amqp_url.clone(), counters.clone(), cancel.clone());
         let pool = pool.clone();
-        let providers = crate::provider::Providers::new(Some(apns), Some(fcm));
-        processes.spawn(async move {
-            worker::run(settings, &url, pool, providers, counters, cancel).await
-        });
+        let worker = worker::Process {
+            settings,
+            amqp_url: url,
+            pools: pool.into(),
+            providers: crate::worker::providers(Some(apns), Some(fcm)),
+            counters,
+        };
+        processes.spawn(worker.run(cancel));
     }
     {
         let (url, counters, cancel) = (
@@ -282,7 +287,12 @@ async fn run_inner(
             service,
             ..feedback::Settings::new(names.clone())
         };
-        processes.spawn(async move { feedback::run(settings, &url, counters, cancel).await });
+        let feedback = feedback::Process {
+            settings,
+            amqp_url: url,
+            counters,
+        };
+        processes.spawn(feedback.run(cancel));
     }
     {
         let (url, counters, cancel) = (
@@ -296,8 +306,13 @@ async fn run_inner(
             batch_size: 50,
             ..purge::Settings::new(names.clone())
         };
-        let pool = pool.clone();
-        processes.spawn(async move { purge::run(settings, &url, pool, counters, cancel).await });
+        let purge = purge::Process {
+            settings,
+            amqp_url: url,
+            pool: pool.clone(),
+            counters,
+        };
+        processes.spawn(purge.run(cancel));
     }
 
     // A gateway: rings as they are published in a home.
@@ -443,7 +458,7 @@ fn report(
         match r.reason {
             None => {
                 *accepted
-                    .entry((who, label(Platform::Apns, kind)))
+                    .entry((who, label(Platform::APNS, kind)))
                     .or_default() += 1
             }
             Some(reason) => *rejected.entry((who, reason.to_string())).or_default() += 1,
@@ -458,7 +473,7 @@ fn report(
         match (r.status, r.code) {
             (200, _) => {
                 *accepted
-                    .entry((who, label(Platform::Fcm, kind)))
+                    .entry((who, label(Platform::FCM, kind)))
                     .or_default() += 1
             }
             (_, Some(code)) => *rejected.entry((who, code)).or_default() += 1,
@@ -499,33 +514,34 @@ fn report(
 /// iPhone and an Android phone whose app was deleted.
 fn seed_people() -> Vec<Person> {
     use Kind::{Alert, Call};
-    use Platform::{Apns, Fcm};
+    const APNS: Platform = Platform::APNS;
+    const FCM: Platform = Platform::FCM;
     vec![
         Person {
             name: "alice",
             phones: vec![
-                Phone::new(Apns, Alert, "production", false),
-                Phone::new(Apns, Alert, "production", false),
-                Phone::new(Fcm, Alert, "production", false),
+                Phone::new(APNS, Alert, "production", false),
+                Phone::new(APNS, Alert, "production", false),
+                Phone::new(FCM, Alert, "production", false),
             ],
         },
         Person {
             name: "bob",
-            phones: vec![Phone::new(Apns, Alert, "production", false)],
+            phones: vec![Phone::new(APNS, Alert, "production", false)],
         },
         Person {
             name: "carol",
             phones: vec![
-                Phone::new(Apns, Alert, "sandbox", false),
-                Phone::new(Apns, Alert, "production", true),
-                Phone::new(Apns, Call, "production", false),
+                Phone::new(APNS, Alert, "sandbox", false),
+                Phone::new(APNS, Alert, "production", true),
+                Phone::new(APNS, Call, "production", false),
             ],
         },
         Person {
             name: "dan",
             phones: vec![
-                Phone::new(Apns, Alert, "production", false),
-                Phone::new(Fcm, Alert, "production", true),
+                Phone::new(APNS, Alert, "production", false),
+                Phone::new(FCM, Alert, "production", true),
             ],
         },
     ]
@@ -544,7 +560,7 @@ async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Resu
         ids.insert(person.name, id);
         for (i, phone) in person.phones.iter().enumerate() {
             // Every other iPhone relies on the default topic (RINGPUSH_APNS_TOPIC).
-            let apns = phone.token.platform() == Platform::Apns;
+            let apns = phone.token.platform() == Platform::APNS;
             let topic = (apns && i % 2 == 0).then_some(TOPIC);
             // A phone whose app was deleted registered its token a month ago.
             let age_days = if phone.unregistered { 30.0 } else { 0.0 };

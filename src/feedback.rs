@@ -105,8 +105,38 @@ struct Context {
     seen: Mutex<HashMap<DeviceToken, Instant>>,
 }
 
+/// A feedback consumer, assembled in one place: what `ringpush feedback`, the demo and the
+/// tests run.
+pub struct Process {
+    pub settings: Settings,
+    pub amqp_url: String,
+    pub counters: Arc<Counters>,
+}
+
+impl Process {
+    /// Serves its metrics and readiness; where it listens.
+    pub async fn observe(
+        &self,
+        serve: &crate::metrics::Serve,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        let mut registry = crate::metrics::registry();
+        self.counters.register(&mut registry);
+        let ready = self.counters.ready_check();
+        let names = self.settings.names.clone();
+        serve
+            .start(registry, &self.amqp_url, names, ready, cancel)
+            .await
+    }
+
+    /// Runs it until `cancel` ([`run`]).
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        run(self.settings, &self.amqp_url, self.counters, cancel).await
+    }
+}
+
 /// `ringpush feedback`: consumes feedback events until `cancel`.
-pub async fn run(
+async fn run(
     settings: Settings,
     amqp_url: &str,
     counters: Arc<Counters>,
@@ -167,10 +197,14 @@ async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: 
                             topic: None,
                             reason: "FeedbackService".into(),
                             // Tuple times are whole seconds and Apple compares registration
-                            // times at that precision: the end of the tuple's second.
-                            invalid_since: OffsetDateTime::from_unix_timestamp(i64::from(t.time))
+                            // times at that precision: the end of the tuple's second — but
+                            // never after we read it (the purger trusts no `invalid_since`
+                            // later than `observed_at`; a phone registered after the read
+                            // was not in the tuple).
+                            invalid_since: (OffsetDateTime::from_unix_timestamp(i64::from(t.time))
                                 .ok()?
-                                + Duration::from_micros(999_999),
+                                + Duration::from_micros(999_999))
+                            .min(observed_at),
                             observed_at,
                         })
                     })

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use ringpush::cli::{BrokerArgs, Cli, Command, GatewayCommand, LogFormat, MetricsArgs};
-use ringpush::metrics::{self, ReadyCheck};
+use ringpush::cli::{Cli, Command, GatewayCommand, LogFormat};
 use ringpush::{db, feedback, ops, purge, worker};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -65,57 +64,45 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             Ok(())
         }
         Command::Worker(args) => {
-            let settings = args.settings()?;
-            let providers = args.providers()?;
             let pool = args.database.pool()?;
             let read_pool = args.database.read_pool()?;
             preflight(&pool, &args.database.database_url).await;
             if let (Some(read), Some(url)) = (&read_pool, &args.database.database_read_url) {
                 preflight(read, url).await;
             }
-            let counters = Arc::new(worker::Counters::default());
-            let mut registry = metrics::registry();
-            counters.register(&mut registry, &providers);
-            let ready = counters.ready_check(pool.clone(), &providers);
-            observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
-            let pools = worker::Pools {
-                lookups: read_pool.unwrap_or_else(|| pool.clone()),
-                primary: pool,
+            let process = worker::Process {
+                settings: args.settings()?,
+                amqp_url: args.broker.amqp_url.clone(),
+                pools: worker::Pools {
+                    lookups: read_pool.unwrap_or_else(|| pool.clone()),
+                    primary: pool,
+                },
+                providers: args.providers()?,
+                counters: Arc::default(),
             };
-            worker::run(
-                settings,
-                &args.broker.amqp_url,
-                pools,
-                providers,
-                counters,
-                cancel,
-            )
-            .await
+            process.observe(&args.metrics.serve(), &cancel).await?;
+            process.run(cancel).await
         }
         Command::Feedback(args) => {
-            let counters = Arc::new(feedback::Counters::default());
-            let mut registry = metrics::registry();
-            counters.register(&mut registry);
-            let ready = counters.ready_check();
-            observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
-            feedback::run(args.settings()?, &args.broker.amqp_url, counters, cancel).await
+            let process = feedback::Process {
+                settings: args.settings()?,
+                amqp_url: args.broker.amqp_url.clone(),
+                counters: Arc::default(),
+            };
+            process.observe(&args.metrics.serve(), &cancel).await?;
+            process.run(cancel).await
         }
         Command::Purge(args) => {
             let pool = args.database.pool()?;
             preflight(&pool, &args.database.database_url).await;
-            let counters = Arc::new(purge::Counters::default());
-            let mut registry = metrics::registry();
-            counters.register(&mut registry);
-            let ready = counters.ready_check(pool.clone());
-            observe(&args.metrics, registry, &args.broker, ready, &cancel).await?;
-            purge::run(
-                args.settings(),
-                &args.broker.amqp_url,
+            let process = purge::Process {
+                settings: args.settings(),
+                amqp_url: args.broker.amqp_url.clone(),
                 pool,
-                counters,
-                cancel,
-            )
-            .await
+                counters: Arc::default(),
+            };
+            process.observe(&args.metrics.serve(), &cancel).await?;
+            process.run(cancel).await
         }
         Command::Ring(args) => {
             let names = args.broker.names();
@@ -237,34 +224,6 @@ async fn preflight(pool: &deadpool_postgres::Pool, url: &str) {
             "cannot use PostgreSQL; waiting for it"
         ),
     }
-}
-
-/// Serves /metrics, /healthz and /readyz, with the queue-depth gauges kept fresh.
-async fn observe(
-    args: &MetricsArgs,
-    registry: prometheus_client::registry::Registry,
-    broker: &BrokerArgs,
-    ready: ReadyCheck,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    let names = broker.names();
-    metrics::observe(
-        args.metrics_addr,
-        registry,
-        &broker.amqp_url,
-        names,
-        args.queue_poll_interval,
-        ready,
-        cancel,
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "RINGPUSH_METRICS_ADDR: cannot listen on {}: {e}",
-            args.metrics_addr
-        )
-    })
 }
 
 /// The first SIGINT or SIGTERM cancels the token (finish what is in flight, then exit); a

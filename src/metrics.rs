@@ -165,6 +165,39 @@ async fn readyz(State(http): State<Arc<Http>>) -> impl IntoResponse {
     }
 }
 
+/// Where a process serves `/metrics`, `/healthz` and `/readyz`, and how often it refreshes
+/// the queue-depth gauges (`RINGPUSH_METRICS_ADDR`, `RINGPUSH_QUEUE_POLL_INTERVAL`).
+#[derive(Debug, Clone, Copy)]
+pub struct Serve {
+    pub addr: SocketAddr,
+    pub poll_every: Duration,
+}
+
+impl Serve {
+    /// Serves `registry` and `ready` with the queue depths of `names` kept fresh; the
+    /// address it listens on (an error names `RINGPUSH_METRICS_ADDR`).
+    pub async fn start(
+        &self,
+        registry: Registry,
+        amqp_url: &str,
+        names: Names,
+        ready: ReadyCheck,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<SocketAddr> {
+        observe(
+            self.addr,
+            registry,
+            amqp_url,
+            names,
+            self.poll_every,
+            ready,
+            cancel,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("RINGPUSH_METRICS_ADDR: cannot listen on {}: {e}", self.addr))
+    }
+}
+
 /// Serves the registry with the queue-depth gauges added and kept fresh; returns the bound
 /// address.
 pub async fn observe(

@@ -202,7 +202,7 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> anyhow::Result<String> {
                 "user", "role", "platform", "kind", "token", "environment", "topic"
             );
             for r in &reach {
-                let apns = r.token.platform() == crate::token::Platform::Apns;
+                let apns = r.token.platform() == crate::token::Platform::APNS;
                 let (environment, topic) = match (apns, r.topic.as_deref()) {
                     (false, _) => ("-", "-".to_owned()),
                     (true, Some(topic)) => (r.environment.as_str(), topic.to_owned()),

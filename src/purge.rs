@@ -178,8 +178,45 @@ struct Context {
     counters: Arc<Counters>,
 }
 
+/// A purger, assembled in one place: what `ringpush purge`, the demo and the tests run.
+pub struct Process {
+    pub settings: Settings,
+    pub amqp_url: String,
+    pub pool: Pool,
+    pub counters: Arc<Counters>,
+}
+
+impl Process {
+    /// Serves its metrics and readiness; where it listens.
+    pub async fn observe(
+        &self,
+        serve: &crate::metrics::Serve,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        let mut registry = crate::metrics::registry();
+        self.counters.register(&mut registry);
+        let ready = self.counters.ready_check(self.pool.clone());
+        let names = self.settings.names.clone();
+        serve
+            .start(registry, &self.amqp_url, names, ready, cancel)
+            .await
+    }
+
+    /// Runs it until `cancel` ([`run`]).
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        run(
+            self.settings,
+            &self.amqp_url,
+            self.pool,
+            self.counters,
+            cancel,
+        )
+        .await
+    }
+}
+
 /// `ringpush purge`: consumes purge requests until `cancel`.
-pub async fn run(
+async fn run(
     settings: Settings,
     amqp_url: &str,
     pool: Pool,

@@ -16,6 +16,9 @@ pub const MAX_TOKEN_BYTES: usize = 100;
 /// The longest FCM registration token accepted, in characters (the schema's bound).
 pub const MAX_FCM_TOKEN_CHARS: usize = 512;
 
+/// The longest token of another provider's platform, in bytes (the schema's bound).
+pub const MAX_OTHER_TOKEN_BYTES: usize = 4096;
+
 /// A device token: APNs lower-case hex, or an FCM registration token. Exists only through
 /// [`DeviceToken::parse`] (APNs), [`DeviceToken::parse_fcm`] or [`DeviceToken::parse_for`].
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -39,6 +42,12 @@ pub enum TokenError {
     FcmTooLong(usize),
     #[error("FCM token has a character other than A-Z a-z 0-9 _ - : . at position {0}")]
     FcmCharacter(usize),
+    #[error("device token is longer than {MAX_OTHER_TOKEN_BYTES} bytes ({0})")]
+    OtherTooLong(usize),
+    #[error(
+        "device token has a character that is not printable ASCII (or a space) at position {0}"
+    )]
+    OtherCharacter(usize),
 }
 
 impl DeviceToken {
@@ -58,7 +67,7 @@ impl DeviceToken {
         }
         Ok(Self {
             text: s.to_ascii_lowercase(),
-            platform: Platform::Apns,
+            platform: Platform::APNS,
         })
     }
 
@@ -78,15 +87,32 @@ impl DeviceToken {
         }
         Ok(Self {
             text: s.to_owned(),
-            platform: Platform::Fcm,
+            platform: Platform::FCM,
         })
     }
 
-    /// Parses a token of `platform`.
+    /// Parses a token of `platform`: APNs and FCM by their own rules; another provider's as
+    /// 1 to [`MAX_OTHER_TOKEN_BYTES`] printable ASCII characters without spaces (schema v3's
+    /// CHECK says the same), kept as it is.
     pub fn parse_for(platform: Platform, s: &str) -> Result<Self, TokenError> {
         match platform {
-            Platform::Apns => Self::parse(s),
-            Platform::Fcm => Self::parse_fcm(s),
+            Platform::APNS => Self::parse(s),
+            Platform::FCM => Self::parse_fcm(s),
+            other => {
+                if s.is_empty() {
+                    return Err(TokenError::Empty);
+                }
+                if let Some(pos) = s.bytes().position(|b| !(0x21..=0x7e).contains(&b)) {
+                    return Err(TokenError::OtherCharacter(pos));
+                }
+                if s.len() > MAX_OTHER_TOKEN_BYTES {
+                    return Err(TokenError::OtherTooLong(s.len()));
+                }
+                Ok(Self {
+                    text: s.to_owned(),
+                    platform: other,
+                })
+            }
         }
     }
 
@@ -126,43 +152,77 @@ impl fmt::Display for DeviceToken {
     }
 }
 
-/// Which push service a token belongs to (the `platform` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub enum Platform {
-    /// Apple Push Notification service (iPhones).
-    #[default]
-    Apns,
-    /// Firebase Cloud Messaging HTTP v1 (Android phones).
-    Fcm,
-}
+/// Which push service a token belongs to (the `platform` column): `apns`, `fcm`, or the name
+/// of another provider registered with the worker (1 to 32 of `a-z 0-9 _`, starting with a
+/// letter). Copy, compared by name; names are interned once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Platform(&'static str);
+
+/// The platform names seen so far (a handful: the column's distinct values).
+static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
 
 impl Platform {
-    pub const ALL: [Platform; 2] = [Platform::Apns, Platform::Fcm];
+    /// Apple Push Notification service (iPhones).
+    pub const APNS: Platform = Platform("apns");
+    /// Firebase Cloud Messaging HTTP v1 (Android phones).
+    pub const FCM: Platform = Platform("fcm");
+    /// The longest platform name.
+    pub const MAX_NAME: usize = 32;
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Platform::Apns => "apns",
-            Platform::Fcm => "fcm",
+    /// The platform called `name`.
+    pub fn named(name: &str) -> Result<Platform, String> {
+        match name {
+            "apns" => return Ok(Platform::APNS),
+            "fcm" => return Ok(Platform::FCM),
+            _ => {}
         }
+        let valid = !name.is_empty()
+            && name.len() <= Self::MAX_NAME
+            && name.as_bytes()[0].is_ascii_lowercase()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            let shown: String = name.chars().take(40).collect();
+            return Err(format!(
+                "unknown platform {shown:?}: a platform is apns, fcm or another provider's name (1 to {} of a-z 0-9 _, starting with a letter)",
+                Self::MAX_NAME
+            ));
+        }
+        let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&known) = names.iter().find(|n| **n == name) {
+            return Ok(Platform(known));
+        }
+        let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        names.push(leaked);
+        Ok(Platform(leaked))
     }
 
-    /// The push service's name, for people: `APNs`, `FCM`.
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+
+    /// The push service's name, for people: `APNs`, `FCM`, else the platform's own name.
     pub fn provider_name(self) -> &'static str {
         match self {
-            Platform::Apns => "APNs",
-            Platform::Fcm => "FCM",
+            Platform::APNS => "APNs",
+            Platform::FCM => "FCM",
+            other => other.0,
         }
+    }
+}
+
+impl Default for Platform {
+    /// Every v1 row is an APNs token.
+    fn default() -> Self {
+        Platform::APNS
     }
 }
 
 impl FromStr for Platform {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "apns" => Ok(Platform::Apns),
-            "fcm" => Ok(Platform::Fcm),
-            other => Err(format!("unknown platform {other:?} (apns|fcm)")),
-        }
+        Platform::named(s)
     }
 }
 
@@ -311,27 +371,43 @@ mod tests {
             match want {
                 Ok(text) => {
                     let t = got.unwrap();
-                    assert_eq!((t.as_str(), t.platform()), (*text, Platform::Fcm));
+                    assert_eq!((t.as_str(), t.platform()), (*text, Platform::FCM));
                 }
                 Err(e) => assert_eq!(got.unwrap_err(), *e, "input {input:?}"),
             }
         }
         // The same text on two platforms is two tokens; APNs's is lower-cased.
-        let apns = DeviceToken::parse_for(Platform::Apns, "ABCD").unwrap();
-        let fcm = DeviceToken::parse_for(Platform::Fcm, "ABCD").unwrap();
+        let apns = DeviceToken::parse_for(Platform::APNS, "ABCD").unwrap();
+        let fcm = DeviceToken::parse_for(Platform::FCM, "ABCD").unwrap();
         assert_eq!((apns.as_str(), fcm.as_str()), ("abcd", "ABCD"));
         assert_ne!(DeviceToken::parse_fcm("abcd").unwrap(), apns);
     }
 
     #[test]
     fn platforms_and_kinds_read_back_what_they_write() {
-        for p in Platform::ALL {
+        for p in [Platform::APNS, Platform::FCM] {
             assert_eq!(p.as_str().parse::<Platform>(), Ok(p));
         }
+        // Another provider's platform: any name of a-z 0-9 _, interned once.
+        let pigeon = "pigeon_2".parse::<Platform>().unwrap();
+        assert_eq!(pigeon, Platform::named("pigeon_2").unwrap());
+        assert_eq!(
+            (pigeon.as_str(), pigeon.provider_name()),
+            ("pigeon_2", "pigeon_2")
+        );
+        for bad in ["", "GCM", "2go", "a b", &"a".repeat(33)] {
+            assert!(bad.parse::<Platform>().is_err(), "{bad:?}");
+        }
+        let token = DeviceToken::parse_for(pigeon, "Coo/Coo+1=").unwrap();
+        assert_eq!((token.as_str(), token.platform()), ("Coo/Coo+1=", pigeon));
+        assert_eq!(
+            DeviceToken::parse_for(pigeon, "a b"),
+            Err(TokenError::OtherCharacter(1))
+        );
         for k in Kind::ALL {
             assert_eq!(k.as_str().parse::<Kind>(), Ok(k));
         }
-        assert!("gcm".parse::<Platform>().is_err() && "banner".parse::<Kind>().is_err());
+        assert!("GCM".parse::<Platform>().is_err() && "banner".parse::<Kind>().is_err());
     }
 
     #[test]

@@ -173,11 +173,66 @@ impl std::ops::Deref for Context {
     }
 }
 
+/// The providers of a worker from its configured services: APNs and FCM, either absent when
+/// its credentials are not configured (their tokens are then counted unconfigured).
+pub fn providers(apns: Option<crate::apns::Apns>, fcm: Option<crate::fcm::Client>) -> Providers {
+    let mut list: Vec<Arc<dyn crate::provider::Provider>> = Vec::new();
+    if let Some(apns) = apns {
+        list.push(Arc::new(crate::apns::Provider::new(apns)));
+    }
+    if let Some(fcm) = fcm {
+        list.push(Arc::new(crate::fcm::Provider::new(fcm)));
+    }
+    Providers::new(list).expect("one provider per platform")
+}
+
+/// A worker process, assembled in one place: what `ringpush worker`, the demo and the tests
+/// run (the bench runs the binary).
+pub struct Process {
+    pub settings: Settings,
+    pub amqp_url: String,
+    pub pools: Pools,
+    pub providers: Providers,
+    pub counters: Arc<Counters>,
+}
+
+impl Process {
+    /// Serves its metrics (its counters and providers) and readiness; where it listens.
+    pub async fn observe(
+        &self,
+        serve: &crate::metrics::Serve,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        let mut registry = crate::metrics::registry();
+        self.counters.register(&mut registry, &self.providers);
+        let ready = self
+            .counters
+            .ready_check(self.pools.primary.clone(), &self.providers);
+        let names = self.settings.names.clone();
+        serve
+            .start(registry, &self.amqp_url, names, ready, cancel)
+            .await
+    }
+
+    /// Runs it until `cancel` ([`run`]).
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        run(
+            self.settings,
+            &self.amqp_url,
+            self.pools,
+            self.providers,
+            self.counters,
+            cancel,
+        )
+        .await
+    }
+}
+
 /// Consumes rings until `cancel`, then finishes the rings in flight (within the grace
 /// period) and closes the channel; reconnects when the broker connection is lost. Before it
 /// consumes, it checks that the lookup can run (a worker started before `ringpush migrate`
 /// waits, paused and probing, and starts on its own when the schema appears).
-pub async fn run(
+async fn run(
     settings: Settings,
     amqp_url: &str,
     pools: impl Into<Pools>,

@@ -23,17 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_rustls::rustls::ClientConfig;
-use tracing::debug;
 
 use super::jwt::Signer;
 use super::request::{build_request, Endpoint, Notification};
 use super::{Answer, Environment, Reason, Rejection, SendError};
 use crate::http2::{Gauges, Pool, Tuning};
-
-/// How many times a never-processed request is resent before giving up (the request
-/// timeout bounds it too). A busy connection that goes away can send dozens of waiting
-/// requests back at once, each to be placed on the next connection.
-const MAX_RESENDS: usize = 32;
 
 /// Settings of the client.
 #[derive(Debug, Clone)]
@@ -173,57 +167,42 @@ impl Client {
         self.pool(env).probe().await
     }
 
+    /// One notification, with the resends of unprocessed streams ([`Pool::send_resending`])
+    /// and, after 403 `ExpiredProviderToken`, once more with a new JWT.
     async fn send_on(&self, pool: &Pool, n: &Notification) -> Result<Answer, SendError> {
         let mut renewed = false;
-        let mut last_error = None;
-        for attempt in 0..MAX_RESENDS + pool.size() {
-            let slot = pool.pick();
-            let live = match slot.live().await {
-                Ok(live) => live,
-                // Try the other connections before giving up.
-                Err(e) if attempt + 1 < pool.size() => {
-                    last_error = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let bearer = self.inner.signer.as_ref().map(|s| s.bearer());
-            let request = build_request(slot.endpoint(), n, bearer.as_ref());
-            match live.send(request, n.payload.clone()).await {
-                Ok(response) if response.status == 200 => return Ok(Answer::Accepted),
-                Ok(response) => {
-                    let apns_id = response
-                        .headers
-                        .get("apns-id")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    let rejection = parse_rejection(response.status, &response.body, apns_id);
-                    if retires_connection(&rejection.reason) {
-                        live.retire(slot.endpoint(), rejection.reason.as_str());
-                    }
-                    if rejection.reason == Reason::ExpiredProviderToken && !renewed {
-                        if let Some(signer) = &self.inner.signer {
-                            if signer.renew() {
-                                renewed = true;
-                                continue;
-                            }
-                        }
-                    }
-                    return Ok(Answer::Rejected(rejection));
-                }
-                Err(e) => {
-                    if e.connection_gone() {
-                        live.retire(slot.endpoint(), &e.error.to_string());
-                    }
-                    if !e.unprocessed() {
-                        return Err(e.error.into());
-                    }
-                    debug!(error = %e.error, "stream not processed by APNs; resending");
-                    last_error = Some(e.error.into());
-                }
+        loop {
+            let answered = pool
+                .send_resending(|endpoint| {
+                    let bearer = self.inner.signer.as_ref().map(|s| s.bearer());
+                    (
+                        build_request(endpoint, n, bearer.as_ref()),
+                        n.payload.clone(),
+                    )
+                })
+                .await?;
+            let response = &answered.response;
+            if response.status == 200 {
+                return Ok(Answer::Accepted);
             }
+            let apns_id = response
+                .headers
+                .get("apns-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let rejection = parse_rejection(response.status, &response.body, apns_id);
+            if retires_connection(&rejection.reason) {
+                answered
+                    .live
+                    .retire(&answered.endpoint, rejection.reason.as_str());
+            }
+            let renew = rejection.reason == Reason::ExpiredProviderToken && !renewed;
+            if renew && self.inner.signer.as_ref().is_some_and(|s| s.renew()) {
+                renewed = true;
+                continue;
+            }
+            return Ok(Answer::Rejected(rejection));
         }
-        Err(last_error.expect("the loop ran at least once"))
     }
 }
 

@@ -7,18 +7,22 @@
 //! - [`tls`]: the client's TLS configuration (ALPN h2, ring, verification always on);
 //! - [`http2`]: the persistent HTTP/2 client, over the connections of [`crate::http2`];
 //! - [`binary`]: the legacy binary interface's client;
+//! - [`provider`]: APNs as the worker's provider — payloads per kind, requests, and what
+//!   each answer means;
 //! - [`SendError`] (from [`crate::http2`]): what either client returns when APNs gave no
 //!   answer.
 
 pub mod binary;
 pub mod http2;
 pub mod jwt;
+pub mod provider;
 pub mod reason;
 pub mod request;
 pub mod tls;
 
 pub use crate::http2::SendError;
 pub use crate::token::Environment;
+pub use provider::Provider;
 pub use reason::Reason;
 
 /// Apple's production HTTP/2 endpoint.

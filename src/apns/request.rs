@@ -14,24 +14,8 @@ use crate::wire::ring::RingEvent;
 /// APNs's payload limit for alert notifications, in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 4096;
 
-/// The alert text of a ring; `{gateway}` in either template becomes the gateway's name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AlertTemplate {
-    pub title: String,
-    pub body: String,
-    /// `aps.sound`: `default` or a sound file bundled in the app.
-    pub sound: String,
-}
-
-impl Default for AlertTemplate {
-    fn default() -> Self {
-        Self {
-            title: "{gateway}".into(),
-            body: "Someone is at the door".into(),
-            sound: "default".into(),
-        }
-    }
-}
+/// The alert text of a ring (the provider-neutral template every provider builds from).
+pub use crate::provider::AlertTemplate;
 
 /// Why a ring cannot become a payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

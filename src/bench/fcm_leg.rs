@@ -50,7 +50,7 @@ pub(super) async fn fcm_leg(
     let message = Template::new(&ring, "Front door", Kind::Alert, &style);
     let tokens: Vec<DeviceToken> = (0..1000)
         .map(|_| {
-            DeviceToken::parse_fcm(&crate::db::random_token(crate::token::Platform::Fcm)).unwrap()
+            DeviceToken::parse_fcm(&crate::db::random_token(crate::token::Platform::FCM)).unwrap()
         })
         .collect();
     let expiration = ring.expires_at(Duration::from_secs(600));

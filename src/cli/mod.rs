@@ -189,6 +189,15 @@ pub struct MetricsArgs {
     pub queue_poll_interval: Duration,
 }
 
+impl MetricsArgs {
+    pub fn serve(&self) -> crate::metrics::Serve {
+        crate::metrics::Serve {
+            addr: self.metrics_addr,
+            poll_every: self.queue_poll_interval,
+        }
+    }
+}
+
 /// The local broker and database the demo and the bench borrow: they use a queue prefix
 /// and a schema of their own and remove both at the end.
 #[derive(Debug, Clone, Args)]
@@ -415,7 +424,8 @@ mod tests {
         std::fs::write(&good, json).unwrap();
         let w = worker(&["--fcm-credentials-file", good.to_str().unwrap()]);
         let providers = w.providers().expect("FCM alone is a provider");
-        assert!(providers.apns.is_none() && providers.fcm.is_some());
+        use crate::token::Platform;
+        assert!(providers.get(Platform::APNS).is_none() && providers.get(Platform::FCM).is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -435,85 +445,117 @@ mod tests {
         assert!(err.contains("RINGPUSH_APNS_PROTOCOL"), "{err}");
     }
 
-    #[test]
-    fn with_no_flags_the_worker_runs_with_the_library_defaults() {
-        let ours = worker(&[]).settings().unwrap();
-        let library = defaults::worker();
-        assert_eq!(
-            (
-                ours.prefetch,
-                ours.batch_size,
-                ours.ring_ttl,
-                ours.max_attempts
-            ),
-            (
-                library.prefetch,
-                library.batch_size,
-                library.ring_ttl,
-                library.max_attempts
-            )
-        );
-        assert_eq!(
-            (ours.ring_concurrency, ours.retry_max_bytes, ours.grace),
-            (
-                library.ring_concurrency,
-                library.retry_max_bytes,
-                library.grace
-            )
-        );
-        assert_eq!(ours.alert, library.alert);
-        assert_eq!(ours.names, library.names);
-        assert_eq!(ours.ledger, library.ledger);
+    /// The defaults the documentation's configuration tables give (README.md and docs/):
+    /// variable → the default cell, for rows whose default is one backticked value (a row
+    /// naming two variables, `A` / `B`, gives each its own).
+    fn documented_defaults() -> std::collections::HashMap<String, String> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = vec![root.join("README.md")];
+        if let Ok(dir) = std::fs::read_dir(root.join("docs")) {
+            files.extend(dir.flatten().map(|e| e.path()));
+        }
+        let ticked = |cell: &str| -> Vec<String> {
+            cell.split(" / ")
+                .map(|part| {
+                    let part = part.trim();
+                    match part.strip_prefix('`').and_then(|p| p.strip_suffix('`')) {
+                        Some(v) if !v.contains('`') => v.to_owned(),
+                        _ => String::new(),
+                    }
+                })
+                .collect()
+        };
+        let mut out = std::collections::HashMap::new();
+        for file in files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "md"))
+        {
+            for line in std::fs::read_to_string(file).unwrap().lines() {
+                let cells: Vec<&str> = line.split(" | ").collect();
+                if !line.starts_with("| `RINGPUSH_") || cells.len() < 3 {
+                    continue;
+                }
+                let vars = ticked(cells[0].trim_start_matches("| "));
+                let defaults = ticked(cells[cells.len() - 1].trim_end_matches(" |"));
+                if vars.len() != defaults.len() {
+                    continue;
+                }
+                for (var, default) in vars.into_iter().zip(defaults) {
+                    if !var.is_empty() && !default.is_empty() {
+                        out.insert(var, default);
+                    }
+                }
+            }
+        }
+        out
     }
 
     #[test]
-    fn help_shows_the_defaults_as_the_readme_writes_them() {
+    fn with_no_flags_the_worker_runs_with_the_documented_defaults() {
+        let doc = documented_defaults();
+        let documented = |var: &str| {
+            doc.get(var)
+                .unwrap_or_else(|| panic!("the configuration table gives {var}'s default"))
+                .clone()
+        };
+        let seconds = |var: &str| humantime::parse_duration(&documented(var)).unwrap();
+        let number = |var: &str| documented(var).parse::<u64>().unwrap();
+        let ours = worker(&[]).settings().unwrap();
+        assert_eq!(ours.prefetch as u64, number("RINGPUSH_PREFETCH"));
+        assert_eq!(ours.batch_size as u64, number("RINGPUSH_BATCH_SIZE"));
+        assert_eq!(ours.max_attempts as u64, number("RINGPUSH_MAX_ATTEMPTS"));
+        assert_eq!(
+            ours.ring_concurrency as u64,
+            number("RINGPUSH_RING_CONCURRENCY")
+        );
+        assert_eq!(
+            ours.retry_max_bytes as u64,
+            number("RINGPUSH_RETRY_MAX_BYTES")
+        );
+        assert_eq!(ours.ring_ttl, seconds("RINGPUSH_RING_TTL"));
+        assert_eq!(ours.grace, seconds("RINGPUSH_SHUTDOWN_GRACE"));
+        assert_eq!(ours.ledger, documented("RINGPUSH_LEDGER") == "on");
+        assert_eq!(ours.alert.title, documented("RINGPUSH_ALERT_TITLE"));
+        assert_eq!(ours.alert.body, documented("RINGPUSH_ALERT_BODY"));
+        assert_eq!(ours.alert.sound, documented("RINGPUSH_ALERT_SOUND"));
+        assert_eq!(
+            ours.names,
+            crate::broker::Names::new(&documented("RINGPUSH_QUEUE_PREFIX"))
+        );
+    }
+
+    #[test]
+    fn help_shows_the_defaults_the_documentation_gives() {
         use clap::CommandFactory;
+        let doc = documented_defaults();
         let mut cli = Cli::command();
         cli.build();
-        let default = |sub: &str, flag: &str| {
-            let sub = cli.find_subcommand(sub).unwrap();
-            let arg = sub
-                .get_arguments()
-                .find(|a| a.get_long() == Some(flag))
-                .unwrap_or_else(|| panic!("--{flag}"));
-            let values: Vec<String> = arg
-                .get_default_values()
-                .iter()
-                .map(|v| v.to_string_lossy().into_owned())
-                .collect();
-            values.join(",")
-        };
-        for (sub, flag, text) in [
-            ("worker", "ring-ttl", "60s"),
-            ("worker", "prefetch", "256"),
-            ("worker", "batch-size", "64"),
-            ("worker", "max-attempts", "5"),
-            ("worker", "ring-concurrency", "256"),
-            ("worker", "retry-max-bytes", "1048576"),
-            ("worker", "shutdown-grace", "25s"),
-            ("worker", "ledger", "on"),
-            ("worker", "alert-title", "{gateway}"),
-            ("worker", "alert-body", "Someone is at the door"),
-            ("worker", "alert-sound", "default"),
-            ("worker", "apns-request-timeout", "10s"),
-            ("worker", "apns-connect-timeout", "10s"),
-            ("worker", "apns-jwt-refresh", "50m"),
-            ("worker", "apns-connections", "2"),
-            ("worker", "apns-ping-interval", "60s"),
-            ("worker", "apns-binary-quiet", "300ms"),
-            ("worker", "apns-protocol", "http2"),
-            ("worker", "queue-prefix", "ringpush"),
-            ("worker", "log-format", "text"),
-            ("mock-apns", "initial-streams", "1"),
-            ("mock-apns", "max-streams", "1000"),
-            ("mock-apns", "delay", "0s"),
-            ("mock-apns", "goaway-debug", "json"),
-            ("bench", "prefetch", "256"),
-            ("demo", "apns-protocol", "http2"),
-        ] {
-            assert_eq!(default(sub, flag), text, "{sub} --{flag}");
+        let mut checked = 0;
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let Some(var) = arg.get_env().and_then(|v| v.to_str()) else {
+                    continue;
+                };
+                let help: Vec<String> = arg
+                    .get_default_values()
+                    .iter()
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect();
+                let (Some(written), false) = (doc.get(var), help.is_empty()) else {
+                    continue;
+                };
+                assert_eq!(
+                    &help.join(","),
+                    written,
+                    "`ringpush {} --help` and the documentation disagree on {var}'s default",
+                    sub.get_name()
+                );
+                checked += 1;
+            }
         }
+        // Most variables with a default are in the tables (a row that stops parsing would
+        // make this test check nothing).
+        assert!(checked >= 40, "only {checked} defaults checked");
     }
 
     #[test]

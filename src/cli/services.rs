@@ -72,7 +72,7 @@ impl WorkerArgs {
                 "no push provider is configured: set APNs token auth (RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID, RINGPUSH_APNS_TEAM_ID) or certificate auth (RINGPUSH_APNS_CERT_FILE), or FCM (RINGPUSH_FCM_CREDENTIALS_FILE)",
             ));
         }
-        Ok(crate::provider::Providers::new(apns, fcm))
+        Ok(crate::worker::providers(apns, fcm))
     }
 
     pub fn settings(&self) -> Result<worker::Settings, ConfigError> {

@@ -283,10 +283,11 @@ fn recipient(row: &tokio_postgres::Row, token: &str) -> Result<Recipient, String
     Ok(Recipient {
         token: DeviceToken::parse_for(platform, token).map_err(|e| e.to_string())?,
         kind: row.get::<_, String>(6).parse()?,
-        // FCM has no environments: its tokens are production (DESIGN, feedback events).
+        // Only APNs has environments: other tokens are production (DESIGN, feedback
+        // events).
         environment: match platform {
-            Platform::Fcm => crate::token::Environment::Production,
-            Platform::Apns => row.get::<_, String>(3).parse()?,
+            Platform::APNS => row.get::<_, String>(3).parse()?,
+            _ => crate::token::Environment::Production,
         },
         topic: row.get(4),
     })

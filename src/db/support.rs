@@ -83,10 +83,10 @@ impl Phones {
     /// Each phone's platform and kind, in that order.
     pub fn each(&self) -> impl Iterator<Item = (Platform, Kind)> {
         let counts = [
-            (Platform::Apns, Kind::Alert, self.apns_alert),
-            (Platform::Apns, Kind::Call, self.apns_call),
-            (Platform::Fcm, Kind::Alert, self.fcm_alert),
-            (Platform::Fcm, Kind::Call, self.fcm_call),
+            (Platform::APNS, Kind::Alert, self.apns_alert),
+            (Platform::APNS, Kind::Call, self.apns_call),
+            (Platform::FCM, Kind::Alert, self.fcm_alert),
+            (Platform::FCM, Kind::Call, self.fcm_call),
         ];
         counts
             .into_iter()
@@ -101,13 +101,15 @@ impl Phones {
 /// A random token of `platform`, as a phone would register it (tests, seeds, the demo).
 pub fn random_token(platform: Platform) -> String {
     match platform {
-        Platform::Apns => crate::token::random_hex(32),
+        Platform::APNS => crate::token::random_hex(32),
         // FCM's shape: an instance id, a colon, and a long opaque part.
-        Platform::Fcm => format!(
+        Platform::FCM => format!(
             "{}:APA91b{}",
             crate::token::random_hex(11),
             crate::token::random_hex(64)
         ),
+        // Another provider's: opaque printable text.
+        _ => format!("{platform}/{}", crate::token::random_hex(16)),
     }
 }
 
@@ -139,7 +141,7 @@ pub async fn seed(
     .await?;
     for (platform, kind) in phones.each() {
         let token = random_token(platform);
-        let topic = (platform == Platform::Apns).then_some(topic);
+        let topic = (platform == Platform::APNS).then_some(topic);
         tx.execute(
             "INSERT INTO push_tokens (token, user_id, environment, topic, platform, kind) VALUES ($1, $2, 'production', $3, $4, $5)",
             &[&token, &owner, &topic, &platform.as_str(), &kind.as_str()],

@@ -28,9 +28,6 @@ use super::oauth::{TokenError, Tokens};
 use crate::http2::{Endpoint, Gauges, Pool, SendError, Tuning};
 use crate::token::DeviceToken;
 
-/// How many times a never-processed request is resent before giving up.
-const MAX_RESENDS: usize = 32;
-
 /// Settings of the client.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -229,57 +226,39 @@ impl Client {
         }
     }
 
-    /// One send, with the resends of unprocessed streams and the renewal after a 401.
+    /// One send, with the resends of unprocessed streams ([`Pool::send_resending`]) and
+    /// the renewal after a 401.
     async fn send_once(
         &self,
         message: &Template,
         token: &DeviceToken,
         expiration: i64,
     ) -> Result<Verdict, FcmError> {
-        let pool = &self.inner.pool;
         let mut renewed = false;
-        let mut last_error = None;
         let mut access = self.inner.tokens.get().await?;
-        for attempt in 0..MAX_RESENDS + pool.size() {
-            let slot = pool.pick();
-            let live = match slot.live().await {
-                Ok(live) => live,
-                Err(e) if attempt + 1 < pool.size() => {
-                    last_error = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let ttl = (expiration - OffsetDateTime::now_utc().unix_timestamp()).max(1) as u64;
-            let body = message.render(token, ttl);
-            let request = self.request(access.bearer());
-            match live.send(request, body).await {
-                Ok(response) => {
-                    let retry_after = response
-                        .headers
-                        .get(http::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok());
-                    let v = verdict(response.status, retry_after, &response.body);
-                    if v == Verdict::Unauthenticated && !renewed {
-                        renewed = true;
-                        access = self.inner.tokens.renew(Some(access.generation)).await?;
-                        continue;
-                    }
-                    return Ok(v);
-                }
-                Err(e) => {
-                    if e.connection_gone() {
-                        live.retire(slot.endpoint(), &e.error.to_string());
-                    }
-                    if !e.unprocessed() {
-                        return Err(SendError::from(e.error).into());
-                    }
-                    debug!(error = %e.error, "stream not processed by FCM; resending");
-                    last_error = Some(e.error.into());
-                }
+        loop {
+            let answered = self
+                .inner
+                .pool
+                .send_resending(|_| {
+                    let ttl =
+                        (expiration - OffsetDateTime::now_utc().unix_timestamp()).max(1) as u64;
+                    (self.request(access.bearer()), message.render(token, ttl))
+                })
+                .await?;
+            let response = &answered.response;
+            let retry_after = response
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok());
+            let v = verdict(response.status, retry_after, &response.body);
+            if v == Verdict::Unauthenticated && !renewed {
+                renewed = true;
+                access = self.inner.tokens.renew(Some(access.generation)).await?;
+                continue;
             }
+            return Ok(v);
         }
-        Err(last_error.expect("the loop ran at least once").into())
     }
 
     /// The request's headers (the body is the rendered message).

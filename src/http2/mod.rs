@@ -215,7 +215,67 @@ fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
 
+/// How many times a never-processed request is resent before giving up (the request
+/// timeout bounds it too). A busy connection that goes away can send dozens of waiting
+/// requests back at once, each to be placed on the next connection.
+pub const MAX_RESENDS: usize = 32;
+
+/// A service's answer to one request, with the connection that carried it (a client retires
+/// it after an answer that asks for a new connection).
+pub struct Answered {
+    pub response: Response,
+    pub live: Live,
+    pub endpoint: Endpoint,
+}
+
 impl Pool {
+    /// Sends one request — built by `request` for the connection it goes on, so a resend
+    /// carries fresh values (a bearer, a ttl) — and reads its answer: the one send-and-resend
+    /// loop of every push service's client. A connection that cannot be had sends the
+    /// request to the next; a stream the service certainly did not process (refused, above a
+    /// GOAWAY's last stream, never sent because the connection had just gone) is resent at
+    /// once on another connection, up to [`MAX_RESENDS`] times; a connection that is gone is
+    /// retired. Anything else is the caller's: the answer, or the error.
+    pub async fn send_resending(
+        &self,
+        mut request: impl FnMut(&Endpoint) -> (http::Request<()>, Bytes),
+    ) -> Result<Answered, SendError> {
+        let mut last_error = None;
+        for attempt in 0..MAX_RESENDS + self.size() {
+            let slot = self.pick();
+            let live = match slot.live().await {
+                Ok(live) => live,
+                // Try the other connections before giving up.
+                Err(e) if attempt + 1 < self.size() => {
+                    last_error = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let (head, body) = request(slot.endpoint());
+            match live.send(head, body).await {
+                Ok(response) => {
+                    return Ok(Answered {
+                        response,
+                        endpoint: slot.endpoint().clone(),
+                        live,
+                    })
+                }
+                Err(e) => {
+                    if e.connection_gone() {
+                        live.retire(slot.endpoint(), &e.error.to_string());
+                    }
+                    if !e.unprocessed() {
+                        return Err(e.error.into());
+                    }
+                    debug!(error = %e.error, "stream not processed by {}; resending", live.service);
+                    last_error = Some(e.error.into());
+                }
+            }
+        }
+        Err(last_error.expect("the loop ran at least once"))
+    }
+
     /// `tuning.connections` connections (at least one) to `endpoint`, none open yet.
     pub fn new(
         service: &'static str,

@@ -164,11 +164,6 @@ impl Mock {
             .push(crate::apns::binary::codec::FeedbackTuple { time, token: bytes });
     }
 
-    /// Answers `token` normally again.
-    pub fn unscript(&self, token: &DeviceToken) {
-        self.state.scripts.lock().unwrap().remove(token.as_hex());
-    }
-
     /// Replaces the fault modes; new streams follow them at once.
     pub fn set_faults(&self, faults: Faults) {
         *self.state.faults.lock().unwrap() = faults;

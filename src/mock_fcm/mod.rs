@@ -213,12 +213,6 @@ impl MockFcm {
         }
     }
 
-    /// Drops every open connection now.
-    pub fn cut_connections(&self) {
-        let old = std::mem::take(&mut *self.state.cut.lock().unwrap());
-        old.cancel();
-    }
-
     pub fn stats(&self) -> Stats {
         self.state.stats.lock().unwrap().clone()
     }

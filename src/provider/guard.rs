@@ -12,7 +12,8 @@
 //! delivered once the answers make sense again within its TTL) when either:
 //!
 //! Only the answers that say "this token was never valid here" are judged — `BadDeviceToken`,
-//! `DeviceTokenNotForTopic`, `SENDER_ID_MISMATCH`, binary status 8 ([`Mistake`]): the ones a
+//! `DeviceTokenNotForTopic`, `SENDER_ID_MISMATCH`, binary status 8 (an [`Answer::Dead`] with a
+//! `mistake`, the setting to check, which each provider gives its own such answers): the ones a
 //! configuration mistake gives every token. `Unregistered`, `ExpiredToken` and FCM's
 //! `UNREGISTERED` say the app left that phone (APNs even says when); no setting of ours
 //! produces them, and they are always reported. A judged answer is **doubted** when either:
@@ -39,7 +40,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::Answer;
-use crate::token::{DeviceToken, Environment, Platform};
+use crate::token::{DeviceToken, Platform};
 
 /// How far back the answers of a scope are weighed, and how long a contradiction keeps the
 /// scope doubting.
@@ -55,53 +56,22 @@ pub const DOUBT_RETRY: Duration = Duration::from_secs(4);
 /// How long `/readyz` keeps saying so after the last doubted answer.
 const READY_HOLD: Duration = Duration::from_secs(30);
 
-/// What a "dead" answer says is wrong with ringpush if every token gets it: the setting to
-/// check. Only reasons that no phone can cause for *every* token carry one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Mistake {
-    /// APNs `BadDeviceToken`: the token is not of the environment it was sent to.
-    Environment,
-    /// APNs `DeviceTokenNotForTopic`: the token is of another app (topic).
-    Topic,
-    /// FCM `SENDER_ID_MISMATCH`: the token is of another Firebase project.
-    Project,
-    /// Binary status 8 (`InvalidToken`): the legacy gateway of the other environment.
-    BinaryEndpoint,
-}
-
-impl Mistake {
-    /// The setting an operator should check.
-    pub fn hint(self) -> &'static str {
-        match self {
-            Mistake::Environment => "check RINGPUSH_APNS_PRODUCTION_URL and RINGPUSH_APNS_SANDBOX_URL (production and sandbox swapped?) and the tokens' environment",
-            Mistake::Topic => "check RINGPUSH_APNS_TOPIC (or the rows' topic) and that the APNs key or certificate is of the app's team",
-            Mistake::Project => "check RINGPUSH_FCM_CREDENTIALS_FILE: a service account of another Firebase project than the app's?",
-            Mistake::BinaryEndpoint => "check RINGPUSH_APNS_BINARY_ADDR (production and sandbox swapped?) and the tokens' environment",
-        }
-    }
-}
-
 /// What a request was sent under: answers are weighed against those of the same scope.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Scope {
     pub platform: Platform,
-    /// APNs: the environment and topic (`production com.example.doorbell`); FCM: the
-    /// project (`project my-project`).
+    /// Which credentials and addressing: APNs's environment and topic
+    /// (`production com.example.doorbell`), FCM's project (`project my-project`).
     pub what: String,
 }
 
 impl Scope {
-    pub fn apns(environment: Environment, topic: Option<&str>) -> Self {
+    /// The scope `what` of `platform` (each provider says what its scopes are: APNs an
+    /// environment and topic, FCM a project).
+    pub fn new(platform: Platform, what: impl Into<String>) -> Self {
         Self {
-            platform: Platform::Apns,
-            what: format!("{} {}", environment.as_str(), topic.unwrap_or("(no topic)")),
-        }
-    }
-
-    pub fn fcm(project: &str) -> Self {
-        Self {
-            platform: Platform::Fcm,
-            what: format!("project {project}"),
+            platform,
+            what: what.into(),
         }
     }
 }
@@ -142,12 +112,21 @@ struct Doubt {
     last: Instant,
     warned: Instant,
     reason: String,
-    mistake: Mistake,
+    /// The setting to check.
+    mistake: &'static str,
     doubted: u64,
 }
 
 fn hash(token: &DeviceToken) -> [u8; 8] {
     crate::db::ledger_hash(token.as_str())
+}
+
+/// The state of `scope`, made on first use (the scope cloned only then).
+fn state_of<'s>(scopes: &'s mut HashMap<Scope, State>, scope: &Scope) -> &'s mut State {
+    if !scopes.contains_key(scope) {
+        scopes.insert(scope.clone(), State::default());
+    }
+    scopes.get_mut(scope).expect("just made")
 }
 
 impl State {
@@ -174,6 +153,93 @@ impl State {
         }
     }
 
+    /// Records one answer: a "never valid here" one for a token accepted lately is a
+    /// contradiction; an accepted token is remembered. A retry concentrates the tokens that
+    /// failed: its "never valid" answers are not counted (they were at the first push); its
+    /// accepted ones are.
+    fn record_answer(&mut self, now: Instant, token: [u8; 8], dead: bool, first: bool) {
+        self.prune(now);
+        if dead {
+            if self.accepted_tokens.contains_key(&token) {
+                self.contradicted_until = Some(now + WINDOW);
+            }
+        } else {
+            self.accepted_tokens.insert(token, now);
+            self.accepted_order.push_back((token, now));
+        }
+        if first || !dead {
+            self.record(now, dead);
+        }
+    }
+
+    /// Whether a "never valid here" answer (`reason`, with the setting to check) is doubted
+    /// now, and then why: the scope's doubt is noted, and warned about when it starts and once
+    /// a minute.
+    fn doubts(
+        &mut self,
+        now: Instant,
+        scope: &Scope,
+        reason: String,
+        mistake: &'static str,
+    ) -> Option<String> {
+        let contradiction = self.contradicted_until.is_some_and(|until| now < until);
+        if !contradiction && self.dead <= self.accepted {
+            return None;
+        }
+        let name = scope.platform.provider_name();
+        let why = if contradiction {
+            format!("{name} answered {reason} for tokens it accepted within the hour")
+        } else {
+            format!(
+                "{name} answered {reason} for {} of the {} tokens of the last {}s",
+                self.dead,
+                self.dead + self.accepted,
+                WINDOW.as_secs()
+            )
+        };
+        let doubt = self.doubt.get_or_insert_with(|| Doubt {
+            since: now,
+            last: now,
+            warned: now,
+            reason: reason.clone(),
+            mistake,
+            doubted: 0,
+        });
+        let first = doubt.doubted == 0;
+        (doubt.last, doubt.reason, doubt.mistake) = (now, reason, mistake);
+        doubt.doubted += 1;
+        if first || now.duration_since(doubt.warned) >= Duration::from_secs(60) {
+            doubt.warned = now;
+            warn!(
+                platform = scope.platform.as_str(),
+                scope = scope.what,
+                doubted = doubt.doubted,
+                "a configuration mistake is suspected: {why}; {mistake}; the tokens are kept (not purged) and their rings retried until the answers make sense again"
+            );
+        }
+        Some(format!(
+            "{why}: a configuration mistake is suspected; {mistake}"
+        ))
+    }
+
+    /// Ends the scope's doubt, saying so once, when its answers make sense again and nothing
+    /// was doubted for [`READY_HOLD`].
+    fn settle_doubt(&mut self, now: Instant, scope: &Scope) {
+        let Some(doubt) = &self.doubt else { return };
+        let still =
+            self.dead > self.accepted || self.contradicted_until.is_some_and(|until| now < until);
+        if !still && now.duration_since(doubt.last) >= READY_HOLD {
+            info!(
+                platform = scope.platform.as_str(),
+                scope = scope.what,
+                doubted = doubt.doubted,
+                lasted_s = now.duration_since(doubt.since).as_secs(),
+                "the provider's answers make sense again; dead tokens are reported as before"
+            );
+            self.doubt = None;
+        }
+    }
+
     fn record(&mut self, now: Instant, dead: bool) {
         self.recent.push_back((now, dead));
         if dead {
@@ -193,9 +259,9 @@ impl Guard {
         }
         let now = Instant::now();
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        // Record every answer first: a ring's own answers count before it is judged.
+        // Record every answer first: a ring's own answers count before it is judged. Only
+        // the answers that say "never valid here" weigh against the accepted ones.
         for j in &answers {
-            // Only the answers that say "never valid here" weigh against the accepted ones.
             let dead = match &*j.answer {
                 Answer::Accepted => false,
                 Answer::Dead {
@@ -203,22 +269,7 @@ impl Guard {
                 } => true,
                 _ => continue,
             };
-            let state = scopes.entry(j.scope.clone()).or_default();
-            state.prune(now);
-            let h = hash(j.token);
-            if dead {
-                if state.accepted_tokens.contains_key(&h) {
-                    state.contradicted_until = Some(now + WINDOW);
-                }
-            } else {
-                state.accepted_tokens.insert(h, now);
-                state.accepted_order.push_back((h, now));
-            }
-            // A retry concentrates the tokens that failed: its "never valid" answers are not
-            // counted (they were, at the first push); its accepted ones are.
-            if j.first || !dead {
-                state.record(now, dead);
-            }
+            state_of(&mut scopes, &j.scope).record_answer(now, hash(j.token), dead, j.first);
         }
         for j in answers {
             let Answer::Dead {
@@ -229,72 +280,15 @@ impl Guard {
             else {
                 continue;
             };
-            let state = scopes.entry(j.scope.clone()).or_default();
-            let contradiction = state.contradicted_until.is_some_and(|until| now < until);
-            let outnumbered = state.dead > state.accepted;
-            if !contradiction && !outnumbered {
-                continue;
-            }
-            let why = if contradiction {
-                format!(
-                    "{} answered {reason} for tokens it accepted within the hour",
-                    j.scope.platform.provider_name()
-                )
-            } else {
-                format!(
-                    "{} answered {reason} for {} of the {} tokens of the last {}s",
-                    j.scope.platform.provider_name(),
-                    state.dead,
-                    state.dead + state.accepted,
-                    WINDOW.as_secs()
-                )
-            };
             let (reason, mistake) = (reason.clone(), *mistake);
-            let doubt = state.doubt.get_or_insert_with(|| Doubt {
-                since: now,
-                last: now,
-                warned: now.checked_sub(Duration::from_secs(3600)).unwrap_or(now),
-                reason: reason.clone(),
-                mistake,
-                doubted: 0,
-            });
-            let first = doubt.doubted == 0;
-            doubt.last = now;
-            doubt.doubted += 1;
-            doubt.reason = reason;
-            doubt.mistake = mistake;
-            if first || now.duration_since(doubt.warned) >= Duration::from_secs(60) {
-                doubt.warned = now;
-                warn!(
-                    platform = j.scope.platform.as_str(),
-                    scope = j.scope.what,
-                    doubted = doubt.doubted,
-                    "a configuration mistake is suspected: {why}; {}; the tokens are kept (not purged) and their rings retried until the answers make sense again",
-                    mistake.hint()
-                );
+            let state = state_of(&mut scopes, &j.scope);
+            if let Some(error) = state.doubts(now, &j.scope, reason, mistake) {
+                *j.answer = Answer::Doubted { error };
             }
-            *j.answer = Answer::Doubted {
-                error: format!(
-                    "{why}: a configuration mistake is suspected; {}",
-                    mistake.hint()
-                ),
-            };
         }
         // A scope that doubts no more says so once.
         for (scope, state) in scopes.iter_mut() {
-            let Some(doubt) = &state.doubt else { continue };
-            let still = state.dead > state.accepted
-                || state.contradicted_until.is_some_and(|until| now < until);
-            if !still && now.duration_since(doubt.last) >= READY_HOLD {
-                info!(
-                    platform = scope.platform.as_str(),
-                    scope = scope.what,
-                    doubted = doubt.doubted,
-                    lasted_s = now.duration_since(doubt.since).as_secs(),
-                    "the provider's answers make sense again; dead tokens are reported as before"
-                );
-                state.doubt = None;
-            }
+            state.settle_doubt(now, scope);
         }
     }
 
@@ -312,7 +306,7 @@ impl Guard {
                         scope.platform.provider_name(),
                         doubt.reason,
                         scope.what,
-                        doubt.mistake.hint()
+                        doubt.mistake
                     )
                 })
             })
@@ -340,7 +334,7 @@ mod tests {
     use super::*;
     use time::OffsetDateTime;
 
-    fn dead(mistake: Option<Mistake>) -> Answer {
+    fn dead(mistake: Option<&'static str>) -> Answer {
         let now = OffsetDateTime::now_utc();
         Answer::Dead {
             reason: "BadDeviceToken".into(),
@@ -378,19 +372,19 @@ mod tests {
     #[test]
     fn every_token_dead_is_doubted_from_the_first_ring() {
         let guard = Guard::default();
-        let scope = Scope::apns(Environment::Production, Some("com.example"));
+        let scope = Scope::new(Platform::APNS, "production com.example");
         let mut ring: Vec<_> = (0..4)
-            .map(|i| (token(i), dead(Some(Mistake::Environment))))
+            .map(|i| (token(i), dead(Some("check the environment"))))
             .collect();
         push(&guard, &scope, &mut ring, true);
         assert_eq!(doubted(&ring), 4);
         let why = guard.suspicion().expect("suspected");
-        assert!(why.contains("RINGPUSH_APNS_PRODUCTION_URL"), "{why}");
-        assert!(guard.suspected(Platform::Apns));
-        assert!(!guard.suspected(Platform::Fcm));
+        assert!(why.contains("check the environment"), "{why}");
+        assert!(guard.suspected(Platform::APNS));
+        assert!(!guard.suspected(Platform::FCM));
         // A single-phone ring into the mistake is doubted too.
-        let other = Scope::fcm("p");
-        let mut one = vec![(token(9), dead(Some(Mistake::Project)))];
+        let other = Scope::new(Platform::FCM, "project p");
+        let mut one = vec![(token(9), dead(Some("check the project")))];
         push(&guard, &other, &mut one, true);
         assert_eq!(doubted(&one), 1);
     }
@@ -398,13 +392,13 @@ mod tests {
     #[test]
     fn a_few_dead_phones_among_live_ones_are_trusted() {
         let guard = Guard::default();
-        let scope = Scope::apns(Environment::Production, Some("com.example"));
+        let scope = Scope::new(Platform::APNS, "production com.example");
         for r in 0..50u32 {
             let mut ring: Vec<_> = (0..4)
                 .map(|i| {
                     let t = token(r * 4 + i);
                     let a = if r % 10 == 0 && i == 0 {
-                        dead(Some(Mistake::Environment))
+                        dead(Some("check the environment"))
                     } else {
                         Answer::Accepted
                     };
@@ -418,14 +412,14 @@ mod tests {
         let quiet = Guard::default();
         let mut ring = vec![
             (token(1), Answer::Accepted),
-            (token(2), dead(Some(Mistake::Topic))),
+            (token(2), dead(Some("check the topic"))),
         ];
         push(&quiet, &scope, &mut ring, true);
         assert_eq!(doubted(&ring), 0);
         assert_eq!(quiet.suspicion(), None);
         // Retries are judged but not counted: the dead token retried does not tip the scale.
         for _ in 0..5 {
-            let mut retry = vec![(token(2), dead(Some(Mistake::Topic)))];
+            let mut retry = vec![(token(2), dead(Some("check the topic")))];
             push(&quiet, &scope, &mut retry, false);
             assert_eq!(doubted(&retry), 0);
         }
@@ -434,16 +428,16 @@ mod tests {
     #[test]
     fn a_token_accepted_lately_and_now_never_valid_makes_the_scope_doubt() {
         let guard = Guard::default();
-        let scope = Scope::apns(Environment::Sandbox, Some("com.example"));
+        let scope = Scope::new(Platform::APNS, "sandbox com.example");
         let mut before: Vec<_> = (0..100).map(|i| (token(i), Answer::Accepted)).collect();
         push(&guard, &scope, &mut before, true);
         // The endpoint changes under the running worker: the first contradiction trips it,
         // though the accepted answers of the last minute still outnumber the dead ones.
-        let mut after = vec![(token(7), dead(Some(Mistake::Environment)))];
+        let mut after = vec![(token(7), dead(Some("check the environment")))];
         push(&guard, &scope, &mut after, true);
         assert_eq!(doubted(&after), 1);
         // And the other dead answers of the scope are doubted too for a while.
-        let mut unseen = vec![(token(1000), dead(Some(Mistake::Topic)))];
+        let mut unseen = vec![(token(1000), dead(Some("check the topic")))];
         push(&guard, &scope, &mut unseen, true);
         assert_eq!(doubted(&unseen), 1);
         // An Unregistered answer (no mistake) is reported all the same.
@@ -451,9 +445,9 @@ mod tests {
         push(&guard, &scope, &mut gone, true);
         assert_eq!(doubted(&gone), 0);
         // Another scope is not touched.
-        let elsewhere = Scope::apns(Environment::Production, Some("com.example"));
+        let elsewhere = Scope::new(Platform::APNS, "production com.example");
         let mut ok: Vec<_> = (0..3).map(|i| (token(i), Answer::Accepted)).collect();
-        ok.push((token(2000), dead(Some(Mistake::Environment))));
+        ok.push((token(2000), dead(Some("check the environment"))));
         push(&guard, &elsewhere, &mut ok, true);
         assert_eq!(doubted(&ok), 0);
     }
@@ -463,7 +457,7 @@ mod tests {
         // Unregistered carries no mistake: reported even when every phone says it, and after
         // the token was accepted (the app deleted since).
         let guard = Guard::default();
-        let scope = Scope::apns(Environment::Production, Some("com.example"));
+        let scope = Scope::new(Platform::APNS, "production com.example");
         let mut alone: Vec<_> = (0..4).map(|i| (token(i), dead(None))).collect();
         push(&guard, &scope, &mut alone, true);
         assert_eq!(doubted(&alone), 0);

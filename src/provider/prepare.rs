@@ -1,18 +1,34 @@
-//! A ring prepared for its tokens: each payload it needs — APNs alert, APNs call (VoIP),
-//! FCM alert, FCM call (templates with the token and ttl left open) — built once per ring
-//! and kind and shared by every token of that kind, with what every request of the ring
-//! carries (collapse id, expiration).
+//! A ring prepared for its tokens: each registered provider's message for each kind of phone
+//! among them — built once per ring, platform and kind, and shared by every token of that
+//! kind — with what every request of the ring carries (collapse id, expiration).
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use time::OffsetDateTime;
 
-use crate::apns::request::{build_call_payload, build_payload, voip_topic, AlertTemplate};
+use super::{Message, PrepareError, Providers};
 use crate::db::Recipient;
-use crate::fcm::message::{Style, Template};
 use crate::token::{Kind, Platform};
 use crate::wire::ring::RingEvent;
+
+/// The alert text of a ring; `{gateway}` in either template becomes the gateway's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertTemplate {
+    pub title: String,
+    pub body: String,
+    /// The alert's sound: `default` or a sound bundled in the app.
+    pub sound: String,
+}
+
+impl Default for AlertTemplate {
+    fn default() -> Self {
+        Self {
+            title: "{gateway}".into(),
+            body: "Someone is at the door".into(),
+            sound: "default".into(),
+        }
+    }
+}
 
 /// What the worker's settings say about every notification.
 #[derive(Debug, Clone, Copy)]
@@ -25,63 +41,69 @@ pub struct Messages<'a> {
     pub ring_ttl: Duration,
 }
 
-/// Why a ring cannot be sent to anyone of a kind (its payload would be too large).
-pub type PrepareError = crate::apns::request::PayloadError;
+/// A ring as a provider sees it while preparing its messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Ring<'a> {
+    pub event: &'a RingEvent,
+    /// The gateway's name (its id when it has none): the alert's title.
+    pub gateway_name: &'a str,
+    pub messages: &'a Messages<'a>,
+}
 
 /// A ring ready to be sent to its tokens.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Prepared {
     event_id: String,
+    gateway_id: String,
     /// `pressed_at + ring TTL` in whole Unix seconds: APNs's `apns-expiration`, and what
     /// FCM's `ttl` counts down to.
     expiration: i64,
     default_topic: Option<String>,
-    apns_alert: Option<Bytes>,
-    apns_call: Option<Bytes>,
-    fcm_alert: Option<Template>,
-    fcm_call: Option<Template>,
+    messages: Vec<(Platform, Kind, Message)>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("event_id", &self.event_id)
+            .field("expiration", &self.expiration)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Prepared {
     pub(super) fn new(
-        ring: &RingEvent,
+        providers: &Providers,
+        event: &RingEvent,
         gateway_name: &str,
         recipients: &[&Recipient],
         messages: &Messages<'_>,
-        fcm_channel: Option<&str>,
     ) -> Result<Self, PrepareError> {
-        let wants = |platform: Platform, kind: Kind| {
-            recipients
+        let ring = Ring {
+            event,
+            gateway_name,
+            messages,
+        };
+        let mut prepared: Vec<(Platform, Kind, Message)> = Vec::new();
+        for r in recipients {
+            let (platform, kind) = (r.token.platform(), r.kind);
+            if prepared
                 .iter()
-                .any(|r| r.token.platform() == platform && r.kind == kind)
-        };
-        let apns_alert = match wants(Platform::Apns, Kind::Alert) {
-            true => Some(build_payload(ring, gateway_name, messages.alert)?),
-            false => None,
-        };
-        let apns_call = match wants(Platform::Apns, Kind::Call) {
-            true => Some(build_call_payload(ring, gateway_name)?),
-            false => None,
-        };
-        // FCM's templates only when FCM is configured (else its tokens are skipped).
-        let fcm = |kind| {
-            let channel = fcm_channel?;
-            wants(Platform::Fcm, kind).then(|| {
-                let style = Style {
-                    alert: messages.alert,
-                    channel,
-                };
-                Template::new(ring, gateway_name, kind, &style)
-            })
-        };
+                .any(|(p, k, _)| (*p, *k) == (platform, kind))
+            {
+                continue;
+            }
+            // A platform without a provider gets no message: its tokens are skipped.
+            if let Some(provider) = providers.get(platform) {
+                prepared.push((platform, kind, provider.prepare(&ring, kind)?));
+            }
+        }
         Ok(Self {
-            fcm_alert: fcm(Kind::Alert),
-            fcm_call: fcm(Kind::Call),
-            event_id: ring.event_id.clone(),
-            expiration: ring.expires_at(messages.ring_ttl),
+            event_id: event.event_id.clone(),
+            gateway_id: event.gateway_id.clone(),
+            expiration: event.expires_at(messages.ring_ttl),
             default_topic: messages.default_topic.map(str::to_owned),
-            apns_alert,
-            apns_call,
+            messages: prepared,
         })
     }
 
@@ -90,44 +112,33 @@ impl Prepared {
         &self.event_id
     }
 
-    /// `apns-expiration`: when the ring stops being worth delivering, in whole Unix seconds.
+    /// The gateway that rang.
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    /// When the ring stops being worth delivering, in whole Unix seconds
+    /// (`apns-expiration`).
     pub fn expiration(&self) -> i64 {
         self.expiration
     }
 
-    /// The whole seconds left until the ring expires, at least 1: FCM's `ttl` for a request
-    /// sent now (each send, and each retry, counts it again).
+    /// The whole seconds left until the ring expires, at least 1: a `ttl` for a request sent
+    /// now (each send, and each retry, counts it again).
     pub fn ttl_left(&self, now: OffsetDateTime) -> u64 {
         (self.expiration - now.unix_timestamp()).max(1) as u64
     }
 
-    /// The topic an APNs request for `r` goes to (its row's, else the default; `.voip` for a
-    /// call), `None` for an FCM token or when there is none.
-    pub fn topic(&self, r: &Recipient) -> Option<String> {
-        if r.token.platform() != Platform::Apns {
-            return None;
-        }
-        let topic = r.topic.as_deref().or(self.default_topic.as_deref())?;
-        Some(match r.kind {
-            Kind::Alert => topic.to_owned(),
-            Kind::Call => voip_topic(topic),
-        })
+    /// The topic for tokens whose row has none (`RINGPUSH_APNS_TOPIC`).
+    pub fn default_topic(&self) -> Option<&str> {
+        self.default_topic.as_deref()
     }
 
-    /// The FCM message of `kind`, when FCM is configured.
-    pub(super) fn fcm_message(&self, kind: Kind) -> Option<&Template> {
-        match kind {
-            Kind::Alert => self.fcm_alert.as_ref(),
-            Kind::Call => self.fcm_call.as_ref(),
-        }
-    }
-
-    /// The APNs payload of `kind` (prepared for every kind among the ring's APNs tokens).
-    pub(super) fn apns_payload(&self, kind: Kind) -> Bytes {
-        let payload = match kind {
-            Kind::Alert => &self.apns_alert,
-            Kind::Call => &self.apns_call,
-        };
-        payload.clone().unwrap_or_default()
+    /// The message prepared for `platform`'s tokens of `kind` (none: no provider for it).
+    pub(super) fn message(&self, platform: Platform, kind: Kind) -> Option<&Message> {
+        self.messages
+            .iter()
+            .find(|(p, k, _)| (*p, *k) == (platform, kind))
+            .map(|(_, _, m)| m)
     }
 }

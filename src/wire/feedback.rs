@@ -94,7 +94,7 @@ impl Invalidation {
             return Err(InvalidationError::Reason);
         }
         let platform = match &w.platform {
-            None => Platform::Apns,
+            None => Platform::APNS,
             Some(p) => p.parse().map_err(InvalidationError::Platform)?,
         };
         Ok(Self {
@@ -121,7 +121,7 @@ impl Invalidation {
             "invalid_since": format_rfc3339(self.invalid_since),
             "observed_at": format_rfc3339(self.observed_at),
         });
-        if self.token.platform() != Platform::Apns {
+        if self.token.platform() != Platform::APNS {
             json["platform"] = self.token.platform().as_str().into();
         }
         serde_json::to_vec(&json).expect("a JSON value serialises")
@@ -185,7 +185,7 @@ mod tests {
                 None,
             ),
             (
-                format!(r#"{{"v":1,"platform":"gcm",{ok}}}"#),
+                format!(r#"{{"v":1,"platform":"GCM",{ok}}}"#),
                 Some("`platform`"),
             ),
             (

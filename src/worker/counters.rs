@@ -3,9 +3,10 @@
 //! children the worker increments directly — no lock and no translation on the way to
 //! `/metrics` — plus the gauges read at scrape time and the readiness check `/readyz` runs.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -27,9 +28,10 @@ pub struct Counters {
     notifications: Family1,
     rejected: Family1,
     /// `ringpush_platform_notifications_total{platform, outcome}`: the outcomes of
-    /// `notifications` per platform, children kept by platform and outcome.
+    /// `notifications` per platform, children kept by platform (created on first use, one
+    /// per provider's platform and per unconfigured one met).
     by_platform: Family1,
-    by_platform_children: [[Counter; PLATFORM_OUTCOMES.len()]; 2],
+    by_platform_children: RwLock<HashMap<Platform, [Counter; PLATFORM_OUTCOMES.len()]>>,
     pub rings_consumed: Counter,
     /// Rings settled: acked after a push, expiry, unknown gateway, retry or dead-letter.
     pub rings_acked: Counter,
@@ -70,10 +72,6 @@ pub struct Counters {
     pub probes_failed: Counter,
     /// Broker sessions started (1 + reconnects).
     pub broker_sessions: Counter,
-    /// APNs request latency, seconds.
-    pub apns_request_seconds: Histogram,
-    /// FCM request latency, seconds (a `Retry-After` wait included).
-    pub fcm_request_seconds: Histogram,
     /// From `pressed_at` to APNs's 200, seconds: the number the business cares about.
     pub ring_to_accepted_seconds: Histogram,
     /// Where a ring's time goes, stage by stage (`ringpush_ring_stage_seconds{stage}`).
@@ -83,8 +81,10 @@ pub struct Counters {
     pub ring_worker_seconds: Histogram,
     /// Consuming from the broker right now.
     pub broker_connected: AtomicBool,
-    /// Consumption paused because APNs, or the database, is unreachable.
-    pub paused_apns: AtomicBool,
+    /// Consumption paused because a provider that holds rings (APNs) is unreachable;
+    /// `paused_for`: which.
+    pub paused_provider: AtomicBool,
+    pub paused_for: Mutex<Option<Platform>>,
     pub paused_database: AtomicBool,
 }
 
@@ -134,14 +134,6 @@ const PLATFORM_OUTCOMES: [&str; 6] = [
 impl Default for Counters {
     fn default() -> Self {
         let by_platform = Family1::default();
-        let by_platform_children = Platform::ALL.map(|p| {
-            PLATFORM_OUTCOMES.map(|o| {
-                by_platform.get_or_create_owned(&vec![
-                    ("platform".to_owned(), p.as_str().to_owned()),
-                    ("outcome".to_owned(), o.to_owned()),
-                ])
-            })
-        });
         let rings = Family1::default();
         let notifications = Family1::default();
         // Every rejection APNs can give for good, at zero from the start: an alert on
@@ -179,18 +171,17 @@ impl Default for Counters {
             notifications,
             rejected,
             by_platform,
-            by_platform_children,
+            by_platform_children: RwLock::default(),
             feedback_events: Counter::default(),
             pauses: Counter::default(),
             probes_failed: Counter::default(),
             broker_sessions: Counter::default(),
-            apns_request_seconds: metrics::latency_histogram(),
-            fcm_request_seconds: metrics::latency_histogram(),
             ring_to_accepted_seconds: metrics::latency_histogram(),
             stages: Stages::default(),
             ring_worker_seconds: metrics::latency_histogram(),
             broker_connected: AtomicBool::default(),
-            paused_apns: AtomicBool::default(),
+            paused_provider: AtomicBool::default(),
+            paused_for: Mutex::default(),
             paused_database: AtomicBool::default(),
         }
     }
@@ -202,8 +193,11 @@ impl Counters {
         if !self.broker_connected.load(Ordering::Relaxed) {
             return Err("not connected to the broker".into());
         }
-        if self.paused_apns.load(Ordering::Relaxed) {
-            return Err("APNs unreachable; consumption paused".into());
+        if self.paused_provider.load(Ordering::Relaxed) {
+            let name = self
+                .paused_for()
+                .map_or("a provider", Platform::provider_name);
+            return Err(format!("{name} unreachable; consumption paused"));
         }
         if self.paused_database.load(Ordering::Relaxed) {
             return Err("database unreachable; consumption paused".into());
@@ -224,6 +218,14 @@ impl Counters {
         child(&self.rejected, "reason", reason).get()
     }
 
+    /// The provider consumption is paused for, if any.
+    pub fn paused_for(&self) -> Option<Platform> {
+        if !self.paused_provider.load(Ordering::Relaxed) {
+            return None;
+        }
+        *self.paused_for.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Counts one answer of `platform` under its outcome, per platform.
     pub(super) fn count_platform(&self, platform: Platform, answer: &Answer) {
         let outcome = match answer {
@@ -231,35 +233,52 @@ impl Counters {
             Answer::Dead { .. } | Answer::Rejected { .. } => 1,
             Answer::Retry { .. } | Answer::Unreachable { .. } => 2,
             Answer::Skipped(Skip::Unconfigured(_)) => 3,
-            Answer::Skipped(Skip::Unsupported) => 4,
+            Answer::Skipped(Skip::Unsupported(_)) => 4,
             Answer::Doubted { .. } => 5,
         };
-        self.by_platform_children[platform as usize][outcome].inc();
+        self.platform_children(platform, |children| children[outcome].inc());
     }
 
-    /// Observes one request's latency (an answer the provider gave).
-    pub(super) fn observe_request(&self, platform: Platform, seconds: f64) {
-        match platform {
-            Platform::Apns => self.apns_request_seconds.observe(seconds),
-            Platform::Fcm => self.fcm_request_seconds.observe(seconds),
+    /// Runs `f` on `platform`'s children of `ringpush_platform_notifications_total`, made
+    /// the first time (a read lock after that).
+    fn platform_children<T>(&self, platform: Platform, f: impl Fn(&[Counter]) -> T) -> T {
+        let children = self
+            .by_platform_children
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = children.get(&platform) {
+            return f(c);
         }
+        drop(children);
+        let mut children = self
+            .by_platform_children
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let made = children.entry(platform).or_insert_with(|| {
+            PLATFORM_OUTCOMES.map(|o| {
+                self.by_platform.get_or_create_owned(&vec![
+                    ("platform".to_owned(), platform.as_str().to_owned()),
+                    ("outcome".to_owned(), o.to_owned()),
+                ])
+            })
+        });
+        f(made)
     }
 
     /// Notifications of `platform` counted under `outcome` (accepted, rejected, failed,
-    /// unconfigured, unsupported).
+    /// unconfigured, unsupported, doubted); 0 for an outcome it does not count.
     pub fn platform(&self, platform: Platform, outcome: &str) -> u64 {
-        let o = PLATFORM_OUTCOMES
-            .iter()
-            .position(|x| *x == outcome)
-            .expect("an outcome");
-        self.by_platform_children[platform as usize][o].get()
+        let Some(o) = PLATFORM_OUTCOMES.iter().position(|x| *x == outcome) else {
+            return 0;
+        };
+        self.platform_children(platform, |children| children[o].get())
     }
 
     /// Counts a token that was skipped (no provider for it).
     pub(super) fn count_skipped(&self, skip: crate::provider::Skip) {
         match skip {
             crate::provider::Skip::Unconfigured(_) => self.notifications_unconfigured.inc(),
-            crate::provider::Skip::Unsupported => self.notifications_unsupported.inc(),
+            crate::provider::Skip::Unsupported(_) => self.notifications_unsupported.inc(),
         };
     }
 
@@ -313,16 +332,6 @@ impl Counters {
             self.broker_sessions.clone(),
         );
         registry.register(
-            "apns_request_seconds",
-            "APNs request latency, send to answer",
-            self.apns_request_seconds.clone(),
-        );
-        registry.register(
-            "fcm_request_seconds",
-            "FCM request latency, send to answer (a Retry-After wait included)",
-            self.fcm_request_seconds.clone(),
-        );
-        registry.register(
             "ring_to_accepted_seconds",
             "From the button press (pressed_at) to APNs accepting the notification",
             self.ring_to_accepted_seconds.clone(),
@@ -337,6 +346,7 @@ impl Counters {
             "A pushed ring's arrival at the worker to its last token's answer, less that answer's own request: the worker's share of a ring's time",
             self.ring_worker_seconds.clone(),
         );
+        providers.register(registry);
         registry.register_collector(Box::new(Scrape {
             counters: self.clone(),
             providers: providers.clone(),
@@ -353,21 +363,21 @@ impl Counters {
         let providers = providers.clone();
         Arc::new(move || {
             let (counters, pool) = (counters.clone(), pool.clone());
-            let fcm_up = providers.fcm_up();
-            // With FCM configured too, a down APNs does not pause consumption: say so here.
-            let apns_down =
-                providers.fcm.is_some() && providers.apns.as_ref().is_some_and(|a| !a.up());
+            // A provider that is down: named, unless it is the only one and holds its rings
+            // (then consumption pauses, and `ready` says so).
+            let alone = providers.len() == 1;
+            let down = providers
+                .iter()
+                .find(|p| !(p.up() || alone && p.holds()))
+                .map(|p| p.down());
             let suspicion = providers.guard.suspicion();
             Box::pin(async move {
                 counters.ready()?;
                 if let Some(suspicion) = suspicion {
                     return Err(suspicion);
                 }
-                if fcm_up == Some(false) {
-                    return Err("FCM unreachable, or its token endpoint refusing the service account; Android tokens wait on the retry path".into());
-                }
-                if apns_down {
-                    return Err("APNs unreachable; iPhone tokens wait on the retry path".into());
+                if let Some(down) = down {
+                    return Err(down);
                 }
                 crate::db::ping(&pool)
                     .await
@@ -398,47 +408,32 @@ impl Collector for Scrape {
             &mut e,
             "paused",
             "1 while consumption is paused (until a probe of what failed succeeds).",
-            (c.paused_apns.load(Ordering::Relaxed) || c.paused_database.load(Ordering::Relaxed))
+            (c.paused_provider.load(Ordering::Relaxed) || c.paused_database.load(Ordering::Relaxed))
                 as i64,
         )?;
-        encode::gauge(
-            &mut e,
-            "apns_connections",
-            "Open HTTP/2 connections to APNs.",
-            self.providers
-                .apns
-                .as_ref()
-                .map_or(0, |a| a.connections_open()),
-        )?;
-        encode::gauge(
-            &mut e,
-            "apns_streams_in_flight",
-            "APNs requests awaiting their answer.",
-            self.providers.apns.as_ref().map_or(0, |a| a.in_flight()),
-        )?;
         let p = &self.providers;
-        let mut up = Vec::new();
-        if let Some(apns) = &p.apns {
-            let usable = !c.paused_apns.load(Ordering::Relaxed) && apns.up();
-            up.push(("apns", i64::from(usable)));
-        }
-        if let Some(fcm_up) = p.fcm_up() {
-            up.push(("fcm", i64::from(fcm_up)));
-        }
+        let paused_for = c.paused_for();
+        let up: Vec<_> = p
+            .iter()
+            .map(|provider| {
+                let platform = provider.platform();
+                let usable = paused_for != Some(platform) && provider.up();
+                (platform.as_str(), i64::from(usable))
+            })
+            .collect();
         encode::gauges(
             &mut e,
             "provider_up",
-            "1 while a configured push service is usable as far as this worker knows (APNs: consumption not paused for it; FCM: a connection can be had and the last access-token exchange worked).",
+            "1 while a configured push service is usable as far as this worker knows (APNs: consumption not paused for it and no endpoint in reconnect backoff; FCM: a connection can be had and the last access-token exchange worked).",
             "platform",
             &up,
         )?;
-        let suspected: Vec<_> = Platform::ALL
+        let suspected: Vec<_> = p
             .iter()
-            .filter(|platform| match platform {
-                Platform::Apns => p.apns.is_some(),
-                Platform::Fcm => p.fcm.is_some(),
+            .map(|provider| {
+                let platform = provider.platform();
+                (platform.as_str(), i64::from(p.guard.suspected(platform)))
             })
-            .map(|&platform| (platform.as_str(), i64::from(p.guard.suspected(platform))))
             .collect();
         encode::gauges(
             &mut e,
@@ -447,29 +442,9 @@ impl Collector for Scrape {
             "platform",
             &suspected,
         )?;
-        let Some(fcm) = &p.fcm else { return Ok(()) };
-        encode::gauge(
-            &mut e,
-            "fcm_connections",
-            "Open HTTP/2 connections to FCM.",
-            fcm.connections_open(),
-        )?;
-        encode::gauge(
-            &mut e,
-            "fcm_streams_in_flight",
-            "FCM requests awaiting their answer.",
-            fcm.streams_in_flight(),
-        )?;
-        let tokens = fcm.tokens();
-        encode::counters(
-            &mut e,
-            "fcm_token_renewals",
-            "OAuth 2.0 access-token exchanges at the service account's token_uri, by outcome.",
-            "outcome",
-            &[
-                ("ok", tokens.renewals.load(Ordering::Relaxed)),
-                ("failed", tokens.renewal_failures.load(Ordering::Relaxed)),
-            ],
-        )
+        for provider in p.iter() {
+            provider.collect(&mut e)?;
+        }
+        Ok(())
     }
 }

@@ -155,7 +155,8 @@ pub enum Disposition {
     /// Keep it, unacked, pause consumption and probe what failed; push again when it works.
     /// Spends no attempt and none of the queue's delivery budget.
     Hold {
-        environments: Vec<Environment>,
+        /// The providers (and environments) none of whose tokens could be reached.
+        unreachable: Vec<(Platform, Environment)>,
         error: String,
     },
     /// Publish `feedback`, then the ring again to the rings exchange — as it came, or, with
@@ -189,47 +190,18 @@ pub fn decide(step: Step) -> Disposition {
         } => {
             // The routing key is the authority: a body naming another gateway is refused
             // before anything else (a forged ring is never counted as expired or pushed).
-            match sender {
-                Sender::Gateway(keyed) if keyed != claimed => {
-                    return D::WrongGateway {
-                        reason: format!(
-                            "routing key ring.{keyed} names gateway {keyed:?}, but the body names {claimed:?}: the routing key decides who rang"
-                        ),
-                    }
-                }
-                Sender::Unknown { why } => {
-                    return D::WrongGateway {
-                        reason: format!("the routing key names no gateway: {why}"),
-                    }
-                }
-                Sender::Gateway(_) | Sender::Worker => {}
+            if let Some(wrong) = wrong_gateway(sender, &claimed) {
+                return wrong;
             }
-            // Worker processes took it and never settled it, again and again (they died or
-            // panicked with it): dead-lettered here, with the reason, before the broker's
-            // delivery limit would dead-letter it there with only `x-death` to say why.
-            if returned.saturating_add(1) >= limit {
-                D::Dead {
-                    reason: format!(
-                        "delivered {} times without being settled: the worker stopped or crashed with it each time (the queue's delivery limit is {limit})",
-                        returned.saturating_add(1)
-                    ),
-                    pending: None,
-                    feedback: Vec::new(),
-                }
-            } else if age <= ttl {
-                D::Continue
-            } else if attempt == 0 && !retry && !redelivered {
-                ack(Outcome::Expired)
-            } else {
-                let pending = if retry { "some" } else { "all" };
-                D::Dead {
-                    reason: format!(
-                        "expired ({ttl:?} old) after {attempt} attempt(s); {pending} token(s) pending"
-                    ),
-                    pending: None,
-                    feedback: Vec::new(),
-                }
-            }
+            arrived(
+                age,
+                ttl,
+                attempt,
+                retry || redelivered,
+                retry,
+                returned,
+                limit,
+            )
         }
         Step::LookupRefused { reason } => D::Dead {
             reason,
@@ -241,17 +213,7 @@ pub fn decide(step: Step) -> Disposition {
             recipients,
             retry,
             suppressed,
-        } => match (known, recipients, retry) {
-            (false, _, _) => ack(Outcome::UnknownGateway),
-            (true, 0, _) if suppressed > 0 => ack(Outcome::AlreadyDelivered { suppressed }),
-            // The tokens still pending have been deleted since: nothing is left to do.
-            (true, 0, true) => ack(Outcome::Delivered {
-                accepted: 0,
-                rejected: 0,
-            }),
-            (true, 0, false) => ack(Outcome::NoTokens),
-            (true, _, _) => D::Continue,
-        },
+        } => looked_up(known, recipients, retry, suppressed),
         Step::Unpushable { error } => D::Dead {
             reason: error,
             pending: None,
@@ -281,6 +243,78 @@ pub fn decide(step: Step) -> Disposition {
     }
 }
 
+/// A body naming another gateway than its routing key, or a key naming none: refused.
+fn wrong_gateway(sender: Sender, claimed: &str) -> Option<Disposition> {
+    match sender {
+        Sender::Gateway(keyed) if keyed != claimed => Some(Disposition::WrongGateway {
+            reason: format!(
+                "routing key ring.{keyed} names gateway {keyed:?}, but the body names {claimed:?}: the routing key decides who rang"
+            ),
+        }),
+        Sender::Unknown { why } => Some(Disposition::WrongGateway {
+            reason: format!("the routing key names no gateway: {why}"),
+        }),
+        Sender::Gateway(_) | Sender::Worker => None,
+    }
+}
+
+/// A ring read from a trusted sender: dead when it came back unsettled too often, on when
+/// fresh, else expired (acked, on its first delivery) or dead (after an attempt or a fault).
+/// `seen`: retried or redelivered; `retry`: it names pending tokens.
+fn arrived(
+    age: Duration,
+    ttl: Duration,
+    attempt: u32,
+    seen: bool,
+    retry: bool,
+    returned: u32,
+    limit: u32,
+) -> Disposition {
+    // Worker processes took it and never settled it, again and again (they died or
+    // panicked with it): dead-lettered here, with the reason, before the broker's delivery
+    // limit would dead-letter it there with only `x-death` to say why.
+    if returned.saturating_add(1) >= limit {
+        return Disposition::Dead {
+            reason: format!(
+                "delivered {} times without being settled: the worker stopped or crashed with it each time (the queue's delivery limit is {limit})",
+                returned.saturating_add(1)
+            ),
+            pending: None,
+            feedback: Vec::new(),
+        };
+    }
+    if age <= ttl {
+        return Disposition::Continue;
+    }
+    if attempt == 0 && !seen {
+        return ack(Outcome::Expired);
+    }
+    let pending = if retry { "some" } else { "all" };
+    Disposition::Dead {
+        reason: format!(
+            "expired ({ttl:?} old) after {attempt} attempt(s); {pending} token(s) pending"
+        ),
+        pending: None,
+        feedback: Vec::new(),
+    }
+}
+
+/// Looked up: an unknown gateway or one without phones is acked; a ring whose every token
+/// took it already, or whose pending tokens are all gone, too; else it is pushed.
+fn looked_up(known: bool, recipients: usize, retry: bool, suppressed: usize) -> Disposition {
+    match (known, recipients, retry) {
+        (false, _, _) => ack(Outcome::UnknownGateway),
+        (true, 0, _) if suppressed > 0 => ack(Outcome::AlreadyDelivered { suppressed }),
+        // The tokens still pending have been deleted since: nothing is left to do.
+        (true, 0, true) => ack(Outcome::Delivered {
+            accepted: 0,
+            rejected: 0,
+        }),
+        (true, 0, false) => ack(Outcome::NoTokens),
+        (true, _, _) => Disposition::Continue,
+    }
+}
+
 fn ack(outcome: Outcome) -> Disposition {
     Disposition::Ack {
         outcome,
@@ -297,16 +331,16 @@ struct Tally {
     /// Tokens to try again: answered "retry", their provider unreachable, or a "dead" answer
     /// doubted.
     pending: Vec<DeviceToken>,
-    /// The APNs environments that could not be reached at all.
-    unreachable: Vec<Environment>,
+    /// The providers (and environments) that could not be reached at all.
+    unreachable: Vec<(Platform, Environment)>,
     /// Whether every pending token failed only because its provider was unreachable (or its
     /// answer was doubted): no attempt spent.
     only_unreachable: bool,
     /// The longest wait a provider asked for before a pending token is sent again.
     not_before: Option<Duration>,
-    /// Whether the ring may be held for them: only APNs holds a ring — an FCM token that
-    /// cannot be reached waits on the retry path (no attempt spent), so a down FCM never
-    /// pauses the consumption iPhones need.
+    /// Whether the ring may be held for them: only a provider that holds its rings (APNs)
+    /// — another's unreachable tokens wait on the retry path (no attempt spent), so a down
+    /// FCM never pauses the consumption iPhones need.
     holdable: bool,
     error: String,
 }
@@ -354,11 +388,12 @@ fn tally(answers: impl IntoIterator<Item = (Target, Answer)>) -> Tally {
                 t.not_before = t.not_before.max(Some(DOUBT_RETRY));
                 t.error = error;
             }
-            Answer::Unreachable { error } => {
-                if target.token.platform() == Platform::Fcm {
+            Answer::Unreachable { error, holds } => {
+                let which = (target.token.platform(), target.environment);
+                if !holds {
                     t.holdable = false;
-                } else if !t.unreachable.contains(&target.environment) {
-                    t.unreachable.push(target.environment);
+                } else if !t.unreachable.contains(&which) {
+                    t.unreachable.push(which);
                 }
                 t.pending.push(target.token);
                 t.error = error;
@@ -396,10 +431,7 @@ fn pushed(
         };
     }
     if only_unreachable && holdable && may_hold && pending.len() == total {
-        return Disposition::Hold {
-            environments: unreachable,
-            error,
-        };
+        return Disposition::Hold { unreachable, error };
     }
     let spent = !only_unreachable;
     let attempt = if spent {

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use super::{Counters, Environment, Shared};
 use crate::db;
+use crate::token::Platform;
 
 /// Whether consumption may run (the reasons it may not are flags in [`Counters`]).
 pub(super) struct Pause {
@@ -27,7 +28,7 @@ impl Pause {
     }
 
     fn update(&self, counters: &Counters) {
-        let open = !counters.paused_apns.load(Ordering::SeqCst)
+        let open = !counters.paused_provider.load(Ordering::SeqCst)
             && !counters.paused_database.load(Ordering::SeqCst);
         self.open
             .send_if_modified(|o| std::mem::replace(o, open) != open);
@@ -43,14 +44,15 @@ impl Pause {
 /// What consumption waits for.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Paused {
-    Apns(Environment),
+    /// A provider that holds its rings (APNs) cannot be reached, for that environment.
+    Provider(Platform, Environment),
     Database,
 }
 
 impl std::fmt::Display for Paused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Paused::Apns(env) => write!(f, "APNs ({env})"),
+            Paused::Provider(platform, env) => write!(f, "{} ({env})", platform.provider_name()),
             Paused::Database => f.write_str("PostgreSQL (token lookup, delivery ledger)"),
         }
     }
@@ -61,10 +63,14 @@ impl std::fmt::Display for Paused {
 /// wait grows, then every 30 s) and counted; the pause (`ringpush_paused`) holds until a
 /// probe succeeds.
 pub(super) fn pause(shared: &Arc<Shared>, why: Paused, error: &str) {
-    let flag = match why {
-        Paused::Apns(_) => &shared.counters.paused_apns,
-        Paused::Database => &shared.counters.paused_database,
-    };
+    let flag = flag_of(&shared.counters, why);
+    if let Paused::Provider(platform, _) = why {
+        *shared
+            .counters
+            .paused_for
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(platform);
+    }
     if flag.swap(true, Ordering::SeqCst) {
         return;
     }
@@ -80,7 +86,7 @@ pub(super) fn pause(shared: &Arc<Shared>, why: Paused, error: &str) {
         loop {
             tokio::time::sleep(wait).await;
             let probe = match why {
-                Paused::Apns(env) => shared.providers.probe(env).await,
+                Paused::Provider(platform, env) => shared.providers.probe(platform, env).await,
                 Paused::Database => probe_database(&shared).await,
             };
             let Err(error) = probe else { break };
@@ -115,7 +121,7 @@ pub(super) async fn probe_database(shared: &Shared) -> Result<(), String> {
 
 fn flag_of(counters: &Counters, why: Paused) -> &std::sync::atomic::AtomicBool {
     match why {
-        Paused::Apns(_) => &counters.paused_apns,
+        Paused::Provider(..) => &counters.paused_provider,
         Paused::Database => &counters.paused_database,
     }
 }

@@ -20,9 +20,10 @@ use super::pause::{pause, Paused};
 use super::read::Incoming;
 use super::settle::{settle, settle_recorded};
 use super::{Context, Counters};
+use crate::db::Recipient;
 use crate::db::{ledger_hash, Gateway, TokenHash};
 use crate::provider::guard::Judged;
-use crate::provider::{Answer, Messages};
+use crate::provider::{Answer, Messages, Prepared};
 
 /// How long requests in flight may still answer once the worker stops (their answers are
 /// kept; the tokens without one are handed back). Well within the time the consumer gives
@@ -47,20 +48,17 @@ pub(super) async fn push_holding(
 ) {
     loop {
         let (disposition, accepted, last) = push(ctx, incoming, gateway, abort).await;
-        let Disposition::Hold {
-            environments,
-            error,
-        } = disposition
-        else {
+        let Disposition::Hold { unreachable, error } = disposition else {
             settle_recorded(ctx, incoming, &accepted, disposition, abort).await;
             if let Some(last) = last {
                 observe_stages(ctx, incoming, looked_up, last);
             }
             return;
         };
-        warn!(gateway = incoming.gateway(), event = incoming.event(), %error, "APNs unreachable; holding the ring");
-        for env in environments {
-            pause(&ctx.shared, Paused::Apns(env), &error);
+        let names = unreachable.first().map_or("", |(p, _)| p.provider_name());
+        warn!(gateway = incoming.gateway(), event = incoming.event(), %error, "{names} unreachable; holding the ring");
+        for (platform, env) in unreachable {
+            pause(&ctx.shared, Paused::Provider(platform, env), &error);
         }
         let left = incoming.time_left(ctx.settings.ring_ttl);
         tokio::select! {
@@ -69,7 +67,7 @@ pub(super) async fn push_holding(
                 let step = Step::ExpiredWhileHeld {
                     ttl: ctx.settings.ring_ttl,
                     attempt: incoming.attempt,
-                    why: format!("APNs unreachable: {error}"),
+                    why: format!("{names} unreachable: {error}"),
                 };
                 settle(ctx, incoming, decide(step)).await;
                 return;
@@ -99,7 +97,83 @@ async fn push(
     gateway: Option<&Gateway>,
     abort: &CancellationToken,
 ) -> (Disposition, Vec<TokenHash>, Option<Answered>) {
-    let (ring, pending) = (&incoming.ring, incoming.pending.as_ref());
+    let ring = &incoming.ring;
+    let (recipients, suppressed) = to_push(ctx, incoming, gateway);
+    let looked_up = decide(Step::LookedUp {
+        known: gateway.is_some(),
+        recipients: recipients.len(),
+        retry: incoming.pending.is_some(),
+        suppressed,
+    });
+    let (Disposition::Continue, Some(gateway)) = (&looked_up, gateway) else {
+        return (looked_up, Vec::new(), None);
+    };
+    let messages = Messages {
+        alert: &ctx.settings.alert,
+        default_topic: ctx.settings.default_topic.as_deref(),
+        ring_ttl: ctx.settings.ring_ttl,
+    };
+    let prepared = match ctx
+        .providers
+        .prepare(ring, &gateway.name, &recipients, &messages)
+    {
+        Ok(p) => p,
+        Err(e) => {
+            let step = Step::Unpushable {
+                error: e.to_string(),
+            };
+            return (decide(step), Vec::new(), None);
+        }
+    };
+    let mut sent = send_all(ctx, incoming, &prepared, &recipients, abort).await;
+    judge(ctx, incoming, &prepared, &mut sent);
+    for s in &sent {
+        if let Some(answer) = &s.answer {
+            count(ctx, s.target.token.platform(), answer);
+            log_rejection(incoming, &s.target.token, answer);
+        }
+    }
+    let (answers, answered): (Vec<_>, Vec<_>) = sent
+        .into_iter()
+        .map(|s| ((s.target, s.answer), s.answered))
+        .unzip();
+    let last = answered
+        .into_iter()
+        .flatten()
+        .max_by_key(|a: &Answered| a.at);
+    let accepted = answers
+        .iter()
+        .filter(|(_, a)| matches!(a, Some(Answer::Accepted)))
+        .map(|(t, _)| ledger_hash(t.token.as_str()))
+        .collect();
+    let step = if answers.iter().all(|(_, a)| a.is_some()) {
+        Step::Pushed {
+            answers: answers
+                .into_iter()
+                .map(|(t, a)| (t, a.expect("all answered")))
+                .collect(),
+            attempt: incoming.attempt,
+            max_attempts: ctx.settings.max_attempts,
+            // With two providers or more, a down one never pauses the others' rings.
+            may_hold: ctx.providers.len() == 1,
+        }
+    } else {
+        Step::Interrupted {
+            answers,
+            attempt: incoming.attempt,
+        }
+    };
+    (decide(step), accepted, last)
+}
+
+/// The gateway's tokens this delivery goes to — on a retry, only those still pending — but
+/// none the ledger says took the ring already (counted `suppressed`, and how many).
+fn to_push<'g>(
+    ctx: &Context,
+    incoming: &Incoming,
+    gateway: Option<&'g Gateway>,
+) -> (Vec<&'g Recipient>, usize) {
+    let pending = incoming.pending.as_ref();
     let mut suppressed = 0;
     let recipients: Vec<_> = gateway
         .map(|g| {
@@ -125,141 +199,121 @@ async fn push(
             "seen before: the tokens that took this ring already are not pushed again"
         );
     }
-    let looked_up = decide(Step::LookedUp {
-        known: gateway.is_some(),
-        recipients: recipients.len(),
-        retry: pending.is_some(),
-        suppressed,
-    });
-    let (Disposition::Continue, Some(gateway)) = (&looked_up, gateway) else {
-        return (looked_up, Vec::new(), None);
-    };
-    let messages = Messages {
-        alert: &ctx.settings.alert,
-        default_topic: ctx.settings.default_topic.as_deref(),
-        ring_ttl: ctx.settings.ring_ttl,
-    };
-    let prepared = match ctx
-        .providers
-        .prepare(ring, &gateway.name, &recipients, &messages)
-    {
-        Ok(p) => p,
-        Err(e) => {
-            let step = Step::Unpushable {
-                error: e.to_string(),
-            };
-            return (decide(step), Vec::new(), None);
-        }
-    };
+    (recipients, suppressed)
+}
+
+/// One token's push: whom, its answer (`None`: not sent, or no answer before the stop), and
+/// when it came.
+struct Sent<'r> {
+    recipient: &'r Recipient,
+    target: Target,
+    answer: Option<Answer>,
+    answered: Option<Answered>,
+}
+
+/// Sends the prepared ring to each recipient, at most `ring_concurrency` requests at once;
+/// once the worker stops, no new request starts and those in flight get [`STOP_DRAIN`].
+async fn send_all<'r>(
+    ctx: &Context,
+    incoming: &Incoming,
+    prepared: &Prepared,
+    recipients: &[&'r Recipient],
+    abort: &CancellationToken,
+) -> Vec<Sent<'r>> {
     // Collected first: a stream over a lazy `map` of borrowing closures trips the compiler's
     // `Send` check for higher-ranked lifetimes.
     let sends: Vec<_> = recipients
         .iter()
-        .map(|r| {
-            let prepared = &prepared;
-            async move {
-                let target = Target {
-                    token: r.token.clone(),
-                    environment: r.environment,
-                    topic: prepared.topic(r),
-                };
-                if abort.is_cancelled() {
-                    // Stopping: not sent; handed back.
-                    return ((target, None), None);
-                }
-                let sent = Instant::now();
-                let answer = tokio::select! {
-                    biased;
-                    answer = ctx.providers.send(prepared, r) => answer,
-                    // The worker stopped and the answer did not come in time: whether the
-                    // provider took it is unknown, so it is handed back.
-                    _ = async {
-                        abort.cancelled().await;
-                        tokio::time::sleep(STOP_DRAIN).await;
-                    } => return ((target, None), None),
-                };
-                // Only a provider's answer times the push: a token not sent (no provider
-                // for it) or whose provider could not be reached made no request.
-                let took = sent.elapsed();
-                let answered = (!matches!(answer, Answer::Skipped(_) | Answer::Unreachable { .. }))
-                    .then(|| Answered {
-                        at: Instant::now(),
-                        took,
-                    });
-                observe(ctx, incoming, r.token.platform(), &answer, took);
-                ((target, Some(answer)), answered)
-            }
-        })
+        .map(|&recipient| send_one(ctx, incoming, prepared, recipient, abort))
         .collect();
-    // At most `ring_concurrency` at once. An ordinary ring (a few tokens) takes the
-    // cheaper `join_all`: a stream of futures costs an allocation and a waker per token.
+    // An ordinary ring (a few tokens) takes the cheaper `join_all`: a stream of futures
+    // costs an allocation and a waker per token.
     let limit = ctx.settings.ring_concurrency.max(1);
-    type Answers = Vec<(Target, Option<Answer>)>;
-    let (mut answers, answered): (Answers, Vec<Option<Answered>>) = if sends.len() <= limit {
-        futures_util::future::join_all(sends)
-            .await
-            .into_iter()
-            .unzip()
+    if sends.len() <= limit {
+        futures_util::future::join_all(sends).await
     } else {
         // Unordered: a token that waits (an FCM Retry-After) must not hold the next sends
         // back, and `buffered` counts answers waiting for their turn against the limit.
         futures_util::stream::iter(sends)
             .buffer_unordered(limit)
-            .unzip()
+            .collect()
             .await
-    };
-    judge(ctx, incoming, &mut answers);
-    for (target, answer) in &answers {
-        if let Some(answer) = answer {
-            count(ctx, target.token.platform(), answer);
-            log_rejection(incoming, &target.token, answer);
-        }
     }
-    let last = answered.into_iter().flatten().max_by_key(|a| a.at);
-    let accepted = answers
-        .iter()
-        .filter(|(_, a)| matches!(a, Some(Answer::Accepted)))
-        .map(|(t, _)| ledger_hash(t.token.as_str()))
-        .collect();
-    let step = if answers.iter().all(|(_, a)| a.is_some()) {
-        Step::Pushed {
-            answers: answers
-                .into_iter()
-                .map(|(t, a)| (t, a.expect("all answered")))
-                .collect(),
-            attempt: incoming.attempt,
-            max_attempts: ctx.settings.max_attempts,
-            // With APNs and FCM both configured, a down one never pauses the other's rings.
-            may_hold: ctx.providers.apns.is_none() || ctx.providers.fcm.is_none(),
-        }
-    } else {
-        Step::Interrupted {
-            answers,
-            attempt: incoming.attempt,
-        }
+}
+
+/// Sends the ring to one token (unless the worker is stopping) and observes the answer.
+async fn send_one<'r>(
+    ctx: &Context,
+    incoming: &Incoming,
+    prepared: &Prepared,
+    recipient: &'r Recipient,
+    abort: &CancellationToken,
+) -> Sent<'r> {
+    let mut sent = Sent {
+        recipient,
+        target: Target {
+            token: recipient.token.clone(),
+            environment: recipient.environment,
+            topic: ctx.providers.topic(prepared, recipient),
+        },
+        answer: None,
+        answered: None,
     };
-    (decide(step), accepted, last)
+    if abort.is_cancelled() {
+        // Stopping: not sent; handed back.
+        return sent;
+    }
+    let start = Instant::now();
+    let answer = tokio::select! {
+        biased;
+        answer = ctx.providers.send(prepared, recipient) => answer,
+        // The worker stopped and the answer did not come in time: whether the provider took
+        // it is unknown, so it is handed back.
+        _ = async {
+            abort.cancelled().await;
+            tokio::time::sleep(STOP_DRAIN).await;
+        } => return sent,
+    };
+    // Only a provider's answer times the push: a token not sent (no provider for it) or
+    // whose provider could not be reached made no request.
+    if !matches!(answer, Answer::Skipped(_) | Answer::Unreachable { .. }) {
+        sent.answered = Some(Answered {
+            at: Instant::now(),
+            took: start.elapsed(),
+        });
+    }
+    if answer == Answer::Accepted {
+        let since_press = OffsetDateTime::now_utc() - incoming.ring.pressed_at;
+        ctx.counters
+            .ring_to_accepted_seconds
+            .observe(since_press.as_seconds_f64().max(0.0));
+    }
+    sent.answer = Some(answer);
+    sent
 }
 
 /// Weighs the ring's "dead" answers against the others of their scope before any may become
 /// a feedback event (`provider::guard`): a suspected configuration mistake turns them into
 /// `Doubted` (kept, retried). The answers of a first push count towards the scope's judgement.
-fn judge(ctx: &Context, incoming: &Incoming, answers: &mut [(Target, Option<Answer>)]) {
-    if !answers
+fn judge(ctx: &Context, incoming: &Incoming, prepared: &Prepared, sent: &mut [Sent<'_>]) {
+    if !sent
         .iter()
-        .any(|(_, a)| matches!(a, Some(Answer::Accepted | Answer::Dead { .. })))
+        .any(|s| matches!(s.answer, Some(Answer::Accepted | Answer::Dead { .. })))
     {
         return;
     }
     let providers = &ctx.providers;
     let first = incoming.pending.is_none() && incoming.recorded.is_empty();
-    let judged = answers
+    let judged = sent
         .iter_mut()
-        .filter_map(|(t, a)| {
-            let answer = a.as_mut()?;
+        .filter_map(|s| {
+            let answer = s.answer.as_mut()?;
+            if !matches!(answer, Answer::Accepted | Answer::Dead { .. }) {
+                return None;
+            }
             Some(Judged {
-                scope: providers.scope(&t.token, t.environment, t.topic.as_deref()),
-                token: &t.token,
+                scope: providers.scope(prepared, s.recipient),
+                token: &s.target.token,
                 first,
                 answer,
             })
@@ -307,25 +361,6 @@ fn log_rejection(incoming: &Incoming, token: &crate::token::DeviceToken, answer:
             warn!(gateway, event, %token, reason, "the provider rejected the notification")
         }
         _ => {}
-    }
-}
-
-/// Observes one answer as it comes: press-to-accepted, and the request's latency per platform.
-fn observe(
-    ctx: &Context,
-    incoming: &Incoming,
-    platform: crate::token::Platform,
-    answer: &Answer,
-    took: Duration,
-) {
-    let c = &ctx.counters;
-    if *answer == Answer::Accepted {
-        let since_press = OffsetDateTime::now_utc() - incoming.ring.pressed_at;
-        c.ring_to_accepted_seconds
-            .observe(since_press.as_seconds_f64().max(0.0));
-    }
-    if answer.answered() {
-        c.observe_request(platform, took.as_secs_f64());
     }
 }
 

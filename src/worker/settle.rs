@@ -156,67 +156,18 @@ async fn carry_out(
         }
         Disposition::Ack { outcome, feedback } => {
             report_invalid(ctx, feedback).await?;
-            match outcome {
-                Outcome::Delivered { accepted, rejected } => {
-                    Counters::add(&c.rings_delivered, 1);
-                    let pressed_to_settled_ms = incoming.map_or(0, |i| {
-                        (OffsetDateTime::now_utc() - i.ring.pressed_at)
-                            .whole_milliseconds()
-                            .max(0) as u64
-                    });
-                    info!(
-                        gateway,
-                        event,
-                        tokens = accepted + rejected,
-                        accepted,
-                        rejected,
-                        pressed_to_settled_ms,
-                        "ring delivered"
-                    );
-                }
-                Outcome::Expired => {
-                    Counters::add(&c.rings_expired, 1);
-                    info!(gateway, event, "ring expired before delivery; not pushed");
-                }
-                Outcome::UnknownGateway => {
-                    Counters::add(&c.rings_unknown_gateway, 1);
-                    info!(gateway, event, "ring for an unknown gateway");
-                }
-                Outcome::NoTokens => {
-                    Counters::add(&c.rings_without_tokens, 1);
-                    info!(gateway, event, "ring for a gateway without phones");
-                }
-                Outcome::AlreadyDelivered { suppressed } => {
-                    Counters::add(&c.rings_already_delivered, 1);
-                    info!(
-                        gateway,
-                        event,
-                        suppressed,
-                        "ring seen before: every token it had to reach took it already"
-                    );
-                }
-            }
+            count_acked(ctx, incoming, gateway, event, *outcome);
         }
         Disposition::Retry {
             attempt,
             pending,
             feedback,
-            error,
-            accepted,
-            rejected,
-            spent,
             not_before,
+            ..
         } => {
             report_invalid(ctx, feedback).await?;
             let incoming = incoming.expect("only a read ring is retried");
-            let wait_ms = not_before.map_or(0, |w| w.as_millis() as u64);
-            // A retry that spends no attempt is the worker's own trouble (a provider down, a
-            // configuration mistake suspected), said once where it is found: info per ring.
-            if *spent {
-                warn!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, wait_ms, %error, "ring goes to a retry tier");
-            } else {
-                info!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, wait_ms, %error, "ring goes to a retry tier");
-            }
+            log_retry(gateway, event, disposition);
             retry(ctx, incoming, *attempt, pending, *not_before).await?;
             Counters::add(&c.rings_retried, 1);
         }
@@ -233,12 +184,7 @@ async fn carry_out(
                 _ => vec![delivery.data.clone()],
             };
             warn!(gateway, event, reason, "ring goes to the dead queue");
-            let dead = &ctx.settings.names.dead;
-            let properties = plain_properties(&delivery.properties);
-            for body in &bodies {
-                broker::dead_letter_with(&ctx.publisher, dead, body, &properties, reason).await?;
-            }
-            Counters::add(&c.rings_dead_lettered, 1);
+            to_dead(ctx, delivery, &bodies, reason).await?;
         }
         Disposition::WrongGateway { reason } => {
             warn!(
@@ -248,12 +194,8 @@ async fn carry_out(
                 reason,
                 "ring names another gateway than its routing key; to the dead queue"
             );
-            let dead = &ctx.settings.names.dead;
-            let properties = plain_properties(&delivery.properties);
-            broker::dead_letter_with(&ctx.publisher, dead, &delivery.data, &properties, reason)
-                .await?;
+            to_dead(ctx, delivery, std::slice::from_ref(&delivery.data), reason).await?;
             Counters::add(&c.rings_wrong_gateway, 1);
-            Counters::add(&c.rings_dead_lettered, 1);
         }
         Disposition::HandBack { pending, feedback } => {
             report_invalid(ctx, feedback).await?;
@@ -275,6 +217,96 @@ async fn carry_out(
     }
     // Acked with the rings settled around it (counted in `rings_acked` once sent).
     ctx.acks.ack(delivery);
+    Ok(())
+}
+
+/// Counts and logs a ring acked with `outcome`.
+fn count_acked(
+    ctx: &Context,
+    incoming: Option<&Incoming>,
+    gateway: &str,
+    event: &str,
+    outcome: Outcome,
+) {
+    let c = &ctx.counters;
+    match outcome {
+        Outcome::Delivered { accepted, rejected } => {
+            Counters::add(&c.rings_delivered, 1);
+            let pressed_to_settled_ms = incoming.map_or(0, |i| {
+                (OffsetDateTime::now_utc() - i.ring.pressed_at)
+                    .whole_milliseconds()
+                    .max(0) as u64
+            });
+            info!(
+                gateway,
+                event,
+                tokens = accepted + rejected,
+                accepted,
+                rejected,
+                pressed_to_settled_ms,
+                "ring delivered"
+            );
+        }
+        Outcome::Expired => {
+            Counters::add(&c.rings_expired, 1);
+            info!(gateway, event, "ring expired before delivery; not pushed");
+        }
+        Outcome::UnknownGateway => {
+            Counters::add(&c.rings_unknown_gateway, 1);
+            info!(gateway, event, "ring for an unknown gateway");
+        }
+        Outcome::NoTokens => {
+            Counters::add(&c.rings_without_tokens, 1);
+            info!(gateway, event, "ring for a gateway without phones");
+        }
+        Outcome::AlreadyDelivered { suppressed } => {
+            Counters::add(&c.rings_already_delivered, 1);
+            info!(
+                gateway,
+                event, suppressed, "ring seen before: every token it had to reach took it already"
+            );
+        }
+    }
+}
+
+/// Logs why a ring goes to a retry tier: at warn when it spends an attempt; at info when it
+/// does not — the worker's own trouble (a provider down, a configuration mistake suspected),
+/// said once where it is found.
+fn log_retry(gateway: &str, event: &str, retry: &Disposition) {
+    let Disposition::Retry {
+        attempt,
+        pending,
+        error,
+        accepted,
+        rejected,
+        spent,
+        not_before,
+        ..
+    } = retry
+    else {
+        return;
+    };
+    let wait_ms = not_before.map_or(0, |w| w.as_millis() as u64);
+    if *spent {
+        warn!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, wait_ms, %error, "ring goes to a retry tier");
+    } else {
+        info!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, wait_ms, %error, "ring goes to a retry tier");
+    }
+}
+
+/// Publishes `bodies` to the dead queue with `reason` (confirmed) and counts the ring.
+async fn to_dead(
+    ctx: &Context,
+    delivery: &Delivery,
+    bodies: &[Vec<u8>],
+    reason: &str,
+) -> Result<(), BrokerError> {
+    let dead = &ctx.settings.names.dead;
+    let properties = plain_properties(&delivery.properties);
+    for body in bodies {
+        broker::dead_letter_with(&ctx.publisher, dead, body, &properties, reason).await?;
+    }
+    Counters::add(&ctx.counters.rings_dead_lettered, 1);
     Ok(())
 }
 

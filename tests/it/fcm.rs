@@ -27,7 +27,7 @@ async fn with_fcm() -> App {
 
 /// Registers an Android token of `kind` for `user`.
 pub(crate) async fn add_fcm_token(app: &App, user: i64, kind: &str) -> DeviceToken {
-    let token = ringpush::db::random_token(ringpush::token::Platform::Fcm);
+    let token = ringpush::db::random_token(ringpush::token::Platform::FCM);
     let client = app.pool.get().await.unwrap();
     client
         .execute(

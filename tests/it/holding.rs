@@ -508,7 +508,7 @@ async fn apns_refusing_connections_longer_than_20_pause_cycles_spends_no_deliver
     app.start_worker();
     app.wait_for("the worker to pause for APNs", || {
         app.counters
-            .paused_apns
+            .paused_provider
             .load(std::sync::atomic::Ordering::Relaxed)
     })
     .await;

@@ -25,4 +25,5 @@ mod purge;
 mod readme;
 mod recovery;
 mod schema_v2;
+mod seam;
 mod support;

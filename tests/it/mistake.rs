@@ -98,17 +98,15 @@ fn apns_accepted(app: &App) -> HashMap<(String, String), usize> {
 /// (pairs never accepted, pairs accepted more than once) for `rings` × each ring's tokens of
 /// `platform`.
 fn reached(app: &App, fleet: &Fleet, rings: &[RingEvent], platform: Platform) -> (usize, usize) {
-    let accepted = match platform {
-        Platform::Apns => apns_accepted(app),
-        Platform::Fcm => fcm_accepted(app),
+    let accepted = if platform == Platform::APNS {
+        apns_accepted(app)
+    } else {
+        fcm_accepted(app)
     };
     let (mut missing, mut twice) = (0, 0);
     for (ring, tokens) in rings.iter().zip(&fleet.of) {
         for t in tokens.iter().filter(|t| t.platform() == platform) {
-            let key = match platform {
-                Platform::Apns => t.as_hex().to_owned(),
-                Platform::Fcm => t.as_str().to_owned(),
-            };
+            let key = t.as_str().to_owned();
             match accepted.get(&(ring.event_id.clone(), key)) {
                 None => missing += 1,
                 Some(1) => {}
@@ -131,18 +129,20 @@ async fn through_a_mistake(
 ) {
     let doubted_before = Counters::get(&app.counters.notifications_doubted);
     let rings = fleet.ring_every_door(app).await;
-    let of_platform = match platform {
-        Platform::Apns => fleet.iphones.len(),
-        Platform::Fcm => fleet.androids.len(),
+    let of_platform = if platform == Platform::APNS {
+        fleet.iphones.len()
+    } else {
+        fleet.androids.len()
     } as u64;
     app.wait_for("every token of the platform doubted at least once", || {
         Counters::get(&app.counters.notifications_doubted) - doubted_before >= of_platform
     })
     .await;
     // The other platform's phones rang meanwhile.
-    let other = match platform {
-        Platform::Apns => Platform::Fcm,
-        Platform::Fcm => Platform::Apns,
+    let other = if platform == Platform::APNS {
+        Platform::FCM
+    } else {
+        Platform::APNS
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while reached(app, fleet, &rings, other).0 > 0 {
@@ -224,7 +224,7 @@ async fn a_configuration_mistake_deletes_no_token_and_its_rings_ring_once_it_is_
     through_a_mistake(
         &app,
         &fleet,
-        Platform::Apns,
+        Platform::APNS,
         "RINGPUSH_APNS_PRODUCTION_URL",
         || app.mock.set_faults(Faults::default()),
     )
@@ -234,7 +234,7 @@ async fn a_configuration_mistake_deletes_no_token_and_its_rings_ring_once_it_is_
     // a minute ago.
     app.mock
         .set_faults(everything(Reason::DeviceTokenNotForTopic));
-    through_a_mistake(&app, &fleet, Platform::Apns, "RINGPUSH_APNS_TOPIC", || {
+    through_a_mistake(&app, &fleet, Platform::APNS, "RINGPUSH_APNS_TOPIC", || {
         app.mock.set_faults(Faults::default())
     })
     .await;
@@ -245,7 +245,7 @@ async fn a_configuration_mistake_deletes_no_token_and_its_rings_ring_once_it_is_
     through_a_mistake(
         &app,
         &fleet,
-        Platform::Fcm,
+        Platform::FCM,
         "RINGPUSH_FCM_CREDENTIALS_FILE",
         || fcm.faults(|f| f.error_rate = None),
     )

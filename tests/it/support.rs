@@ -328,32 +328,32 @@ impl App {
         broker::declare(&channel, &names).await.unwrap();
         let counters = Arc::new(Counters::default());
         let feedback_counters = Arc::new(feedback::Counters::default());
-        let feedback = tokio::spawn({
-            let (counters, cancel) = (feedback_counters.clone(), cancel.clone());
-            let settings = options.feedback;
-            async move { feedback::run(settings, &amqp_url(), counters, cancel).await }
-        });
+        let feedback = feedback::Process {
+            settings: options.feedback,
+            amqp_url: amqp_url(),
+            counters: feedback_counters.clone(),
+        };
+        let feedback = tokio::spawn(feedback.run(cancel.clone()));
         // One set of providers for the workers this test starts in-process and the metrics
         // server: `/readyz` sees what the workers' providers see (the guard's suspicion).
-        let providers = ringpush::provider::Providers::new(Some(worker_apns), worker_fcm);
+        let providers = ringpush::worker::providers(Some(worker_apns), worker_fcm);
         let metrics_addr = match options.metrics {
             false => None,
+            // The metrics server of the workers this test runs in-process: the worker's own
+            // assembly serves it, with their counters and providers.
             true => {
-                let mut registry = ringpush::metrics::registry();
-                counters.register(&mut registry, &providers);
-                let ready = counters.ready_check(worker_pool.clone(), &providers);
-                let addr = ringpush::metrics::observe(
-                    "127.0.0.1:0".parse().unwrap(),
-                    registry,
-                    &amqp_url(),
-                    names.clone(),
-                    Duration::from_millis(200),
-                    ready,
-                    &cancel,
-                )
-                .await
-                .unwrap();
-                Some(addr)
+                let process = worker::Process {
+                    settings: options.worker.clone(),
+                    amqp_url: amqp_url(),
+                    pools: worker_pool.clone().into(),
+                    providers: providers.clone(),
+                    counters: counters.clone(),
+                };
+                let serve = ringpush::metrics::Serve {
+                    addr: "127.0.0.1:0".parse().unwrap(),
+                    poll_every: Duration::from_millis(200),
+                };
+                Some(process.observe(&serve, &cancel).await.unwrap())
             }
         };
         let mut app = Self {
@@ -414,12 +414,15 @@ impl App {
             self.counters.clone(),
             self.cancel.clone(),
         );
-        let settings = self.worker_settings.clone();
-        let providers = self.providers.clone();
-        let worker = tokio::spawn(async move {
-            worker::run(settings, &url, pool, providers, counters, cancel).await
-        });
-        self.processes.push(("worker", worker));
+        let worker = worker::Process {
+            settings: self.worker_settings.clone(),
+            amqp_url: url,
+            pools: pool.into(),
+            providers: self.providers.clone(),
+            counters,
+        };
+        self.processes
+            .push(("worker", tokio::spawn(worker.run(cancel))));
     }
 
     /// Starts the `ringpush worker` binary against this test's queues, schema and mock
@@ -531,12 +534,14 @@ impl App {
             self.purge_counters.clone(),
             self.cancel.clone(),
         );
-        let settings = self.purge_settings.clone();
-        let purger =
-            tokio::spawn(
-                async move { purge::run(settings, &amqp_url(), pool, counters, cancel).await },
-            );
-        self.processes.push(("purge", purger));
+        let purger = purge::Process {
+            settings: self.purge_settings.clone(),
+            amqp_url: amqp_url(),
+            pool,
+            counters,
+        };
+        self.processes
+            .push(("purge", tokio::spawn(purger.run(cancel))));
     }
 
     /// Sets when the phone last registered `token`.

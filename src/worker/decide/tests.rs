@@ -45,9 +45,19 @@ fn retry(e: &str) -> Answer {
     }
 }
 
+/// A provider that holds its rings (APNs) could not be reached.
 fn unreachable() -> Answer {
     Answer::Unreachable {
         error: "refused".into(),
+        holds: true,
+    }
+}
+
+/// A provider that never holds a ring (FCM) could not be reached.
+fn unreachable_never_holding() -> Answer {
+    Answer::Unreachable {
+        error: "refused".into(),
+        holds: false,
     }
 }
 
@@ -320,7 +330,10 @@ fn nothing_reachable_holds_the_ring_without_spending_anything() {
             4
         ),
         Disposition::Hold {
-            environments: vec![Production, Sandbox],
+            unreachable: vec![
+                (crate::token::Platform::APNS, Production),
+                (crate::token::Platform::APNS, Sandbox)
+            ],
             error: "refused".into()
         },
         "held even at the last attempt: the worker's trouble"
@@ -462,11 +475,11 @@ fn skipped_tokens_settle_like_rejections_and_are_never_retried() {
         (target(0, Environment::Production), Answer::Accepted),
         (
             fcm_target(1),
-            Answer::Skipped(Skip::Unconfigured(Platform::Fcm)),
+            Answer::Skipped(Skip::Unconfigured(Platform::FCM)),
         ),
         (
             target(2, Environment::Production),
-            Answer::Skipped(Skip::Unsupported),
+            Answer::Skipped(Skip::Unsupported(crate::token::Platform::APNS)),
         ),
     ];
     let d = decide(Step::Pushed {
@@ -490,8 +503,8 @@ fn skipped_tokens_settle_like_rejections_and_are_never_retried() {
 #[test]
 fn an_unreachable_fcm_waits_on_the_retry_path_and_never_holds_the_consumption() {
     let answers = vec![
-        (fcm_target(1), unreachable()),
-        (fcm_target(2), unreachable()),
+        (fcm_target(1), unreachable_never_holding()),
+        (fcm_target(2), unreachable_never_holding()),
     ];
     match decide(Step::Pushed {
         answers,
