@@ -3,6 +3,14 @@
 //!
 //! The signer emits the raw 64-byte R‖S signature RFC 7518 asks for; the verifier (used by
 //! the mock) accepts that and the DER form, as APNs does.
+//!
+//! Why not the `jsonwebtoken` crate (measured 2026-12-05, version 12): it signs only through
+//! a crypto backend of its own choosing — `rust_crypto` (97 crates in its tree, among them
+//! `rsa`, whose private-key operations carry the unfixed timing advisory RUSTSEC-2023-0071,
+//! and which the production build otherwise keeps out) or `aws_lc_rs` (AWS-LC compiled from
+//! C beside the `ring` that already signs our TLS). Two JWTs — this ES256 one, FCM's RS256
+//! assertion (`crate::fcm::credentials`) — are ~40 lines each over `ring`, tested against
+//! the mocks' verifiers and Apple's and Google's documented claims; one crypto library stays.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -9,6 +9,13 @@
 //! - one task renews the token ahead of its expiry (at three quarters of its lifetime), so
 //!   requests never wait for an exchange while the token endpoint answers;
 //! - a token is never logged; the assertion neither.
+//!
+//! Why not a Google auth crate (`gcp_auth`, `yup-oauth2`): each brings an HTTP client and a
+//! TLS setup of its own (another connection pool beside `crate::http2`'s, its own roots and
+//! crypto backend), and none follows the worker's rules here — one renewal task, single
+//! flight on a 401, the mock's CA passed explicitly, backoff while the endpoint refuses.
+//! The exchange itself is one form POST (`exchange`); the assertion is signed with `ring`
+//! (see `crate::apns::jwt` for why not `jsonwebtoken`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
