@@ -22,5 +22,6 @@ mod proxy;
 mod purge;
 mod readme;
 mod recovery;
+mod restarts;
 mod schema_v2;
 mod support;
