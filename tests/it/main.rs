@@ -22,6 +22,7 @@ mod proxy;
 mod purge;
 mod readme;
 mod recovery;
+mod republish;
 mod restarts;
 mod schema_v2;
 mod support;

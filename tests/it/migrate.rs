@@ -16,7 +16,8 @@ async fn migrate_twice_is_a_no_op() {
             "V3__create_gateway_shares",
             "V4__create_push_tokens",
             "V5__ring_ledger",
-            "V6__push_tokens_platform_kind"
+            "V6__push_tokens_platform_kind",
+            "V7__ring_claims"
         ]
     );
     let second = ringpush::db::migrate(&db.url).await.unwrap();

@@ -25,10 +25,7 @@ async fn v1_rows_and_v1_statements_keep_working_after_the_v2_migration() {
         .unwrap();
     drop(client);
     let applied = ringpush::db::migrate(&db.url).await.unwrap();
-    assert_eq!(
-        applied.last().map(String::as_str),
-        Some("V6__push_tokens_platform_kind")
-    );
+    assert_eq!(applied.last().map(String::as_str), Some("V7__ring_claims"));
     let client = pool.get().await.unwrap();
     // The v1 registration statement, unchanged, and its upsert (a phone registering again).
     client

@@ -1,0 +1,23 @@
+-- Ring claims ("a phone rings once", also for a gateway's re-publish): a gateway whose
+-- publisher confirm was lost publishes the same ring again, and both copies are first
+-- deliveries. A ring is its gateway (of the routing key) and its `event_id`; before a batch is
+-- pushed, a worker claims its rings here in one statement (on the primary) and reads, for a
+-- ring claimed before, the delivery ledger in the same statement. A copy whose ring another
+-- worker holds (a live lease) waits until that worker's ledger entry is written and its claim
+-- released; a claim whose lease lapsed (its worker died) is taken over.
+--
+-- One row per ring: who holds it (a random id per worker process), until when (`lease_until`,
+-- renewed while the ring is in hand, set to now() when it is settled), how often it was
+-- claimed (`claims`, so a release or renewal touches only the claim it belongs to), and when it
+-- was first claimed. Rows useless once the ring's TTL has passed are swept by `claimed_at`
+-- through the BRIN index, like the ledger's.
+CREATE TABLE ring_claims (
+    gateway_id  text NOT NULL,
+    event_id    text NOT NULL,
+    holder      text NOT NULL,
+    lease_until timestamptz NOT NULL,
+    claims      integer NOT NULL DEFAULT 1,
+    claimed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (gateway_id, event_id)
+);
+CREATE INDEX ring_claims_claimed_at ON ring_claims USING brin (claimed_at);
