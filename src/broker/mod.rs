@@ -200,17 +200,20 @@ const STILL_UNREACHABLE_EVERY: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Progress {
     process: String,
-    /// When the previous session that consumed was lost (`None`: the process's first
-    /// session, or the loss is already reported).
+    /// Since when the process has been away from the queue, and the sessions tried since
+    /// (`None`: its first session).
     lost: Option<(Instant, u32)>,
+    /// Whether it was on the queue before (else it has not reached the broker yet).
+    after_loss: bool,
     consuming: Mutex<Option<Instant>>,
 }
 
 impl Progress {
-    fn new(process: &str, lost: Option<(Instant, u32)>) -> Self {
+    fn new(process: &str, lost: Option<(Instant, u32)>, after_loss: bool) -> Self {
         Self {
             process: process.to_owned(),
             lost,
+            after_loss,
             consuming: Mutex::new(None),
         }
     }
@@ -223,14 +226,21 @@ impl Progress {
             return;
         }
         *consuming = Some(Instant::now());
-        if let Some((lost, attempts)) = self.lost {
-            let away_ms = lost.elapsed().as_millis() as u64;
-            tracing::info!(
-                process = %self.process,
-                away_ms,
-                attempts,
-                "consuming again after the broker connection was lost"
-            );
+        match self.lost {
+            Some((lost, attempts)) if self.after_loss => {
+                let away_ms = lost.elapsed().as_millis() as u64;
+                tracing::info!(
+                    process = %self.process,
+                    away_ms,
+                    attempts,
+                    "consuming again after the broker connection was lost"
+                );
+            }
+            Some((since, attempts)) => {
+                let waited_ms = since.elapsed().as_millis() as u64;
+                tracing::info!(process = %self.process, waited_ms, attempts, "the broker answered; consuming");
+            }
+            None => {}
         }
     }
 
@@ -275,7 +285,7 @@ where
     let mut away: Option<(Instant, u32)> = None;
     let mut reported = Instant::now();
     loop {
-        let progress = Arc::new(Progress::new(what, away));
+        let progress = Arc::new(Progress::new(what, away, ever_consumed));
         match session(progress.clone()).await {
             Ok(()) => return Ok(()),
             Err(_) if cancel.is_cancelled() => return Ok(()),
