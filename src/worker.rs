@@ -218,6 +218,7 @@ pub async fn run(
         tokio::spawn(sweep_ledger(shared.clone(), cancel.clone()));
     }
     if shared.claims_on() {
+        shared.ledger.end_claims(shared.claims.clone());
         tokio::spawn(renew_claims(shared.clone(), cancel.clone()));
     }
     let s = &shared.settings;

@@ -11,10 +11,11 @@
 //!   entry and released the claim (or died).
 //!
 //! A claim is reserved in the process first ([`Claims::reserve`]: one copy of a ring in hand
-//! at a time per process), then in the database ([`Claims::claim`]). Its lease
-//! ([`LEASE`]) is renewed while the ring is in hand ([`Claims::renew`]) and set to now when
-//! the ring is settled ([`ClaimGuard`]'s drop: released, grouped with the releases around it
-//! into one statement). Every statement takes its rows' locks in key order (no deadlock
+//! at a time per process), then in the database ([`Claims::claim`]). It ends when its ledger
+//! entry is written (the usual case: no write to the claim itself, [`Claims::recorded`]), or,
+//! for a ring settled without one, when its lease is set to now ([`ClaimGuard`]'s drop,
+//! grouped with the releases around it into one statement); its lease ([`LEASE`]) is renewed
+//! while the ring is in hand ([`Claims::renew`]). Every statement takes its rows' locks in key order (no deadlock
 //! between workers). Rows are swept by age like the ledger's ([`Claims::sweep`]).
 
 use std::collections::{HashMap, HashSet};
@@ -37,26 +38,32 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(3);
 /// Longest one claim statement may take (then it counts as failed: the rings wait).
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Claims the rings not held by a live lease of another worker (this worker's own live claim
-/// is one whose release has not reached the database yet: the process lets one copy at a time
-/// ask), and reads the ledger for the rings claimed before or that may have been seen.
+/// Claims the rings not held by another worker: free when never claimed, when the holder's
+/// ledger entry was written since it took the claim, or when its lease ended (released, or
+/// lapsed: the holder died). This worker's own live claim is one whose end has not reached the
+/// database yet: the process lets one copy at a time ask, so the keys of one statement are
+/// distinct. Reads the ledger for the rings claimed before or that may have been seen (for a
+/// first claim the `CASE` leaves the ledger's index untouched). Answers by position in the
+/// arrays (1-based).
 const CLAIM: &str = "WITH r AS (
-    SELECT gateway_id, event_id, bool_or(seen) AS seen
-    FROM unnest($1::text[], $2::text[], $3::bool[]) AS r(gateway_id, event_id, seen)
-    GROUP BY gateway_id, event_id
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bool[])
+        WITH ORDINALITY AS r(gateway_id, event_id, seen, i)
 ), c AS (
     INSERT INTO ring_claims AS c (gateway_id, event_id, holder, lease_until)
     SELECT gateway_id, event_id, $4, now() + make_interval(secs => $5::float8)
     FROM r ORDER BY gateway_id, event_id
     ON CONFLICT (gateway_id, event_id) DO UPDATE
-    SET holder = excluded.holder, lease_until = excluded.lease_until, claims = c.claims + 1
+    SET holder = excluded.holder, lease_until = excluded.lease_until, claims = c.claims + 1,
+        taken_at = now()
     WHERE c.lease_until <= now() OR c.holder = excluded.holder
+       OR EXISTS (SELECT FROM ring_ledger l WHERE l.gateway_id = c.gateway_id
+                  AND l.event_id = c.event_id AND l.recorded_at >= c.taken_at)
     RETURNING c.gateway_id, c.event_id, c.claims
 )
-SELECT c.gateway_id, c.event_id, c.claims, l.accepted
+SELECT r.i::int4, c.claims, l.accepted
 FROM c JOIN r ON r.gateway_id = c.gateway_id AND r.event_id = c.event_id
-LEFT JOIN ring_ledger l
-  ON (c.claims > 1 OR r.seen) AND l.gateway_id = c.gateway_id AND l.event_id = c.event_id";
+LEFT JOIN ring_ledger l ON l.gateway_id = c.gateway_id
+  AND l.event_id = CASE WHEN c.claims > 1 OR r.seen THEN c.event_id END";
 
 /// Sets the lease of this worker's claims (by their count: a claim taken since is not
 /// touched) to now + `$5` seconds: a renewal, or with 0 a release.
@@ -85,7 +92,12 @@ pub fn waited() -> u64 {
 #[derive(Debug, Clone, Copy)]
 enum Local {
     Reserved,
-    Held { claims: i32, since: Instant },
+    Held {
+        claims: i32,
+        since: Instant,
+    },
+    /// Held, and its ledger entry written: the claim has ended in the database.
+    Recorded,
 }
 
 #[derive(Default)]
@@ -204,16 +216,15 @@ impl Claims {
                 rows => break rows?,
             }
         };
-        let mut claimed: HashMap<RingKey, (i32, HashSet<TokenHash>)> = HashMap::new();
+        // By position: the claim count and the tokens recorded (0: not claimed).
+        let mut claimed: Vec<(i32, HashSet<TokenHash>)> = vec![(0, HashSet::new()); asks.len()];
         for row in rows {
-            let key = RingKey {
-                gateway: row.get(0),
-                event: row.get(1),
+            let i: i32 = row.get(0);
+            let Some(entry) = usize::try_from(i - 1).ok().and_then(|i| claimed.get_mut(i)) else {
+                continue;
             };
-            let entry = claimed
-                .entry(key)
-                .or_insert_with(|| (row.get(2), HashSet::new()));
-            if let Some(accepted) = row.get::<_, Option<&[u8]>>(3) {
+            entry.0 = row.get(1);
+            if let Some(accepted) = row.get::<_, Option<&[u8]>>(2) {
                 for h in accepted.chunks_exact(8) {
                     entry.1.insert(h.try_into().expect("chunks of 8"));
                 }
@@ -223,31 +234,40 @@ impl Claims {
         let mut state = self.state.lock().unwrap();
         Ok(asks
             .iter()
-            .map(|(guard, _)| {
-                let Some((claims, recorded)) = claimed.get(&guard.key) else {
+            .zip(claimed)
+            .map(|((guard, _), (claims, recorded))| {
+                if claims == 0 {
                     WAITED.fetch_add(1, Ordering::Relaxed);
                     return None;
-                };
-                guard.held.store(*claims, Ordering::Relaxed);
-                state.local.insert(
-                    guard.key.clone(),
-                    Local::Held {
-                        claims: *claims,
-                        since: now,
-                    },
-                );
-                Some(recorded.clone())
+                }
+                guard.held.store(claims, Ordering::Relaxed);
+                if let Some(local) = state.local.get_mut(&guard.key) {
+                    *local = Local::Held { claims, since: now };
+                }
+                Some(recorded)
             })
             .collect())
     }
 
+    /// The ledger entries of `rings` were written: their claims (held here) have ended in
+    /// the database, and need no release.
+    pub fn recorded<'a>(&self, rings: impl IntoIterator<Item = &'a RingKey>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for key in rings {
+            if let Some(local @ Local::Held { .. }) = state.local.get_mut(key) {
+                *local = Local::Recorded;
+            }
+        }
+    }
+
     /// A guard dropped: the ring leaves the process; its database claim (count `claims`, 0
-    /// when it held none) is released with the releases around it.
+    /// when it held none) is released with the releases around it, unless its ledger entry
+    /// ended it already.
     fn release(self: &Arc<Self>, key: &RingKey, claims: i32) {
         let start = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.local.remove(key);
-            if claims == 0 {
+            let local = state.local.remove(key);
+            if claims == 0 || matches!(local, Some(Local::Recorded)) {
                 return;
             }
             state.releases.push((key.clone(), claims));
