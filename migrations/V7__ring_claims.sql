@@ -13,21 +13,24 @@
 -- room on each page for the release and renewals (updates of a non-indexed column) to stay
 -- heap-only.
 --
--- One row per ring: who holds it (a random id per worker process), until when (`lease_until`,
+-- One row per ring, keyed by `ring`: the first 8 bytes of SHA-256 of the gateway id, a NUL and
+-- the event id (a fixed-size key keeps the one index small and cheap; two rings whose keys
+-- collide only wait for each other). With it: the ring's ids, who holds it (a random id per worker process), until when (`lease_until`,
 -- renewed while the ring is in hand), how often it was claimed (`claims`, so a release or
 -- renewal touches only the claim it belongs to), when it was first claimed and when the
 -- current claim was taken (`taken_at`). A claim ends when its holder's ledger entry is
 -- written (a `ring_ledger` row of the ring recorded since `taken_at`: the usual case costs no
--- write here) or, for a ring settled without an entry, when its lease is set to now(). Rows useless once the ring's TTL has passed are swept by `claimed_at`
--- through the BRIN index, like the ledger's.
+-- write here) or, for a ring settled without an entry, when its lease is set to now(). Rows
+-- useless once the ring's TTL has passed are swept by `claimed_at` through the BRIN index, like
+-- the ledger's.
 CREATE UNLOGGED TABLE ring_claims (
+    ring        bigint PRIMARY KEY,
     gateway_id  text NOT NULL,
     event_id    text NOT NULL,
     holder      text NOT NULL,
     lease_until timestamptz NOT NULL,
     claims      integer NOT NULL DEFAULT 1,
     claimed_at  timestamptz NOT NULL DEFAULT now(),
-    taken_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (gateway_id, event_id)
+    taken_at    timestamptz NOT NULL DEFAULT now()
 ) WITH (fillfactor = 50);
 CREATE INDEX ring_claims_claimed_at ON ring_claims USING brin (claimed_at);

@@ -46,33 +46,33 @@ const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 /// first claim the `CASE` leaves the ledger's index untouched). Answers by position in the
 /// arrays (1-based).
 const CLAIM: &str = "WITH r AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bool[])
-        WITH ORDINALITY AS r(gateway_id, event_id, seen, i)
+    SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bool[])
+        WITH ORDINALITY AS r(ring, gateway_id, event_id, seen, i)
 ), c AS (
-    INSERT INTO ring_claims AS c (gateway_id, event_id, holder, lease_until)
-    SELECT gateway_id, event_id, $4, now() + make_interval(secs => $5::float8)
-    FROM r ORDER BY gateway_id, event_id
-    ON CONFLICT (gateway_id, event_id) DO UPDATE
-    SET holder = excluded.holder, lease_until = excluded.lease_until, claims = c.claims + 1,
-        taken_at = now()
+    INSERT INTO ring_claims AS c (ring, gateway_id, event_id, holder, lease_until)
+    SELECT ring, gateway_id, event_id, $5, now() + make_interval(secs => $6::float8)
+    FROM r ORDER BY ring
+    ON CONFLICT (ring) DO UPDATE
+    SET gateway_id = excluded.gateway_id, event_id = excluded.event_id, holder = excluded.holder,
+        lease_until = excluded.lease_until, claims = c.claims + 1, taken_at = now()
     WHERE c.lease_until <= now() OR c.holder = excluded.holder
        OR EXISTS (SELECT FROM ring_ledger l WHERE l.gateway_id = c.gateway_id
                   AND l.event_id = c.event_id AND l.recorded_at >= c.taken_at)
-    RETURNING c.gateway_id, c.event_id, c.claims
+    RETURNING c.ring, c.claims
 )
 SELECT r.i::int4, c.claims, l.accepted
-FROM c JOIN r ON r.gateway_id = c.gateway_id AND r.event_id = c.event_id
-LEFT JOIN ring_ledger l ON l.gateway_id = c.gateway_id
-  AND l.event_id = CASE WHEN c.claims > 1 OR r.seen THEN c.event_id END";
+FROM c JOIN r ON r.ring = c.ring
+LEFT JOIN ring_ledger l ON l.gateway_id = r.gateway_id
+  AND l.event_id = CASE WHEN c.claims > 1 OR r.seen THEN r.event_id END";
 
 /// Sets the lease of this worker's claims (by their count: a claim taken since is not
-/// touched) to now + `$5` seconds: a renewal, or with 0 a release.
+/// touched) to now + `$4` seconds: a renewal, or with 0 a release.
 const LEASE_SET: &str =
-    "INSERT INTO ring_claims AS c (gateway_id, event_id, holder, lease_until, claims)
-SELECT gateway_id, event_id, $4, now() + make_interval(secs => $5::float8), claims
-FROM unnest($1::text[], $2::text[], $3::int4[]) AS r(gateway_id, event_id, claims)
-ORDER BY gateway_id, event_id
-ON CONFLICT (gateway_id, event_id) DO UPDATE SET lease_until = excluded.lease_until
+    "INSERT INTO ring_claims AS c (ring, gateway_id, event_id, holder, lease_until, claims)
+SELECT ring, '', '', $3, now() + make_interval(secs => $4::float8), claims
+FROM unnest($1::int8[], $2::int4[]) AS r(ring, claims)
+ORDER BY ring
+ON CONFLICT (ring) DO UPDATE SET lease_until = excluded.lease_until
 WHERE c.holder = excluded.holder AND c.claims = excluded.claims";
 
 const SWEEP: &str =
@@ -102,9 +102,10 @@ enum Local {
 
 #[derive(Default)]
 struct State {
-    local: HashMap<RingKey, Local>,
+    /// By [`key`]: two rings whose keys collide (one chance in 2⁶⁴) only wait for each other.
+    local: HashMap<i64, Local>,
     releasing: bool,
-    releases: Vec<(RingKey, i32)>,
+    releases: Vec<(i64, i32)>,
 }
 
 /// The claims of one worker process (any number of workers share the table).
@@ -121,6 +122,8 @@ pub struct Claims {
 pub struct ClaimGuard {
     claims: Arc<Claims>,
     key: RingKey,
+    /// Its [`key`].
+    ring: i64,
     /// The claim count it holds in the database (0: not held there).
     held: AtomicI32,
 }
@@ -142,7 +145,7 @@ impl ClaimGuard {
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
         self.claims
-            .release(&self.key, self.held.load(Ordering::Relaxed));
+            .release(self.ring, self.held.load(Ordering::Relaxed));
     }
 }
 
@@ -168,15 +171,17 @@ impl Claims {
 
     /// Reserves `key` in this process; `None` while another copy of the ring has it.
     pub fn reserve(self: &Arc<Self>, key: RingKey) -> Option<ClaimGuard> {
+        let ring = self::key(&key);
         let mut state = self.state.lock().unwrap();
-        if state.local.contains_key(&key) {
+        if state.local.contains_key(&ring) {
             WAITED.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        state.local.insert(key.clone(), Local::Reserved);
+        state.local.insert(ring, Local::Reserved);
         Some(ClaimGuard {
             claims: self.clone(),
             key,
+            ring,
             held: AtomicI32::new(0),
         })
     }
@@ -192,6 +197,7 @@ impl Claims {
         if asks.is_empty() {
             return Ok(Vec::new());
         }
+        let rings: Vec<i64> = asks.iter().map(|(g, _)| g.ring).collect();
         let gateways: Vec<&str> = asks.iter().map(|(g, _)| g.key.gateway.as_str()).collect();
         let events: Vec<&str> = asks.iter().map(|(g, _)| g.key.event.as_str()).collect();
         let seen: Vec<bool> = asks.iter().map(|(_, s)| *s).collect();
@@ -205,7 +211,7 @@ impl Claims {
                 Ok(client
                     .query(
                         &statement,
-                        &[&gateways, &events, &seen, &self.holder, &lease],
+                        &[&rings, &gateways, &events, &seen, &self.holder, &lease],
                     )
                     .await?)
             })
@@ -241,7 +247,7 @@ impl Claims {
                     return None;
                 }
                 guard.held.store(claims, Ordering::Relaxed);
-                if let Some(local) = state.local.get_mut(&guard.key) {
+                if let Some(local) = state.local.get_mut(&guard.ring) {
                     *local = Local::Held { claims, since: now };
                 }
                 Some(recorded)
@@ -253,8 +259,8 @@ impl Claims {
     /// the database, and need no release.
     pub fn recorded<'a>(&self, rings: impl IntoIterator<Item = &'a RingKey>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        for key in rings {
-            if let Some(local @ Local::Held { .. }) = state.local.get_mut(key) {
+        for ring in rings {
+            if let Some(local @ Local::Held { .. }) = state.local.get_mut(&key(ring)) {
                 *local = Local::Recorded;
             }
         }
@@ -263,14 +269,14 @@ impl Claims {
     /// A guard dropped: the ring leaves the process; its database claim (count `claims`, 0
     /// when it held none) is released with the releases around it, unless its ledger entry
     /// ended it already.
-    fn release(self: &Arc<Self>, key: &RingKey, claims: i32) {
+    fn release(self: &Arc<Self>, ring: i64, claims: i32) {
         let start = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let local = state.local.remove(key);
+            let local = state.local.remove(&ring);
             if claims == 0 || matches!(local, Some(Local::Recorded)) {
                 return;
             }
-            state.releases.push((key.clone(), claims));
+            state.releases.push((ring, claims));
             !std::mem::replace(&mut state.releasing, true)
         };
         if start {
@@ -304,14 +310,14 @@ impl Claims {
     /// returns how many.
     pub async fn renew(&self) -> Result<usize, DbError> {
         let now = Instant::now();
-        let due: Vec<(RingKey, i32)> = {
+        let due: Vec<(i64, i32)> = {
             let state = self.state.lock().unwrap();
             state
                 .local
                 .iter()
-                .filter_map(|(key, local)| match local {
+                .filter_map(|(ring, local)| match local {
                     Local::Held { claims, since } if now - *since >= RENEW_EVERY => {
-                        Some((key.clone(), *claims))
+                        Some((*ring, *claims))
                     }
                     _ => None,
                 })
@@ -322,8 +328,8 @@ impl Claims {
         }
         self.set_lease(&due, LEASE).await?;
         let mut state = self.state.lock().unwrap();
-        for (key, claims) in &due {
-            if let Some(Local::Held { claims: c, since }) = state.local.get_mut(key) {
+        for (ring, claims) in &due {
+            if let Some(Local::Held { claims: c, since }) = state.local.get_mut(ring) {
                 if c == claims {
                     *since = now;
                 }
@@ -332,15 +338,14 @@ impl Claims {
         Ok(due.len())
     }
 
-    async fn set_lease(&self, claims: &[(RingKey, i32)], lease: Duration) -> Result<(), DbError> {
+    async fn set_lease(&self, claims: &[(i64, i32)], lease: Duration) -> Result<(), DbError> {
         // One entry per ring (a ring released twice in a row: the later claim).
-        let mut latest: HashMap<&RingKey, i32> = HashMap::new();
-        for (key, n) in claims {
-            let e = latest.entry(key).or_insert(*n);
+        let mut latest: HashMap<i64, i32> = HashMap::new();
+        for (ring, n) in claims {
+            let e = latest.entry(*ring).or_insert(*n);
             *e = (*e).max(*n);
         }
-        let gateways: Vec<&str> = latest.keys().map(|k| k.gateway.as_str()).collect();
-        let events: Vec<&str> = latest.keys().map(|k| k.event.as_str()).collect();
+        let rings: Vec<i64> = latest.keys().copied().collect();
         let counts: Vec<i32> = latest.values().copied().collect();
         let secs = lease.as_secs_f64();
         let mut tries = 0;
@@ -350,10 +355,7 @@ impl Claims {
                 let client = self.pool.get().await?;
                 let statement = client.prepare_cached(LEASE_SET).await?;
                 client
-                    .execute(
-                        &statement,
-                        &[&gateways, &events, &counts, &self.holder, &secs],
-                    )
+                    .execute(&statement, &[&rings, &counts, &self.holder, &secs])
                     .await?;
                 Ok(())
             })
@@ -381,13 +383,27 @@ impl Claims {
     pub async fn probe(pool: &Pool) -> Result<(), DbError> {
         let client = pool.get().await?;
         let statement = client.prepare_cached(CLAIM).await?;
-        let none: &[&str] = &[];
-        let seen: &[bool] = &[];
+        let (rings, none, seen): (&[i64], &[&str], &[bool]) = (&[], &[], &[]);
         client
-            .query(&statement, &[&none, &none, &seen, &"probe", &0.0f64])
+            .query(
+                &statement,
+                &[&rings, &none, &none, &seen, &"probe", &0.0f64],
+            )
             .await?;
         Ok(())
     }
+}
+
+/// A ring's key in `ring_claims`: the first 8 bytes of the SHA-256 of its gateway and
+/// event id (a NUL between them, which neither may contain). A fixed-size key keeps the
+/// table's one index small and its comparisons cheap.
+pub fn key(ring: &RingKey) -> i64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(ring.gateway.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(ring.event.as_bytes());
+    let digest = ctx.finish();
+    i64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
 }
 
 /// A statement bounded by [`CLAIM_TIMEOUT`] (a timed-out one fails like a lost connection).

@@ -14,7 +14,7 @@ mod pool;
 mod support;
 
 pub use claims::{
-    waited as claims_waited, ClaimGuard, Claims, LEASE as CLAIM_LEASE,
+    key as claim_key, waited as claims_waited, ClaimGuard, Claims, LEASE as CLAIM_LEASE,
     RENEW_EVERY as CLAIM_RENEW_EVERY,
 };
 pub use ledger::{hash as ledger_hash, Ledger, RingKey, Seen, TokenHash, LEDGER_TIMEOUT};

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use ringpush::db::RingKey;
 use ringpush::wire::ring::RingEvent;
 use ringpush::worker::Counters;
 
@@ -138,9 +139,16 @@ async fn a_ring_claimed_by_a_worker_that_died_waits_for_its_lease_then_rings_eac
     let client = app.pool.get().await.unwrap();
     client
         .execute(
-            "INSERT INTO ring_claims (gateway_id, event_id, holder, lease_until)
-             VALUES ($1, $2, 'dead', now() + interval '2 seconds')",
-            &[&ring.gateway_id, &ring.event_id],
+            "INSERT INTO ring_claims (ring, gateway_id, event_id, holder, lease_until)
+             VALUES ($1, $2, $3, 'dead', now() + interval '2 seconds')",
+            &[
+                &ringpush::db::claim_key(&RingKey {
+                    gateway: ring.gateway_id.clone(),
+                    event: ring.event_id.clone(),
+                }),
+                &ring.gateway_id,
+                &ring.event_id,
+            ],
         )
         .await
         .unwrap();
@@ -175,9 +183,9 @@ async fn ring_claims_are_swept_by_age_and_fresh_ones_kept() {
     let client = pool.get().await.unwrap();
     client
         .batch_execute(
-            "INSERT INTO ring_claims (gateway_id, event_id, holder, lease_until, claimed_at)
-             VALUES ('gw', 'old', 'w', now(), now() - interval '10 minutes'),
-                    ('gw', 'fresh', 'w', now(), now())",
+            "INSERT INTO ring_claims (ring, gateway_id, event_id, holder, lease_until, claimed_at)
+             VALUES (1, 'gw', 'old', 'w', now(), now() - interval '10 minutes'),
+                    (2, 'gw', 'fresh', 'w', now(), now())",
         )
         .await
         .unwrap();
