@@ -26,8 +26,12 @@ async fn main() -> ExitCode {
         // `migrate` run's "already exists, skipping") at info: noise for an operator.
         _ => "info,rustls=error,tokio_postgres=warn",
     };
-    let filter =
-        EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    // lapin's own lines about a lost connection repeat ringpush's one line per event.
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::new(ringpush::broker::log_directives(
+        rust_log.as_deref(),
+        default_level,
+    ));
     // Colour only for a person at a terminal, never into a file or a pipe.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -101,6 +101,10 @@ pub struct Settings {
     /// costs — without it a ring seen again (redelivered after a lost ack, handed back) is
     /// pushed again to the phones that took it.
     pub ledger: bool,
+    /// Whether rings are claimed before they are pushed (`RINGPUSH_CLAIMS`, with the ledger
+    /// on): a gateway's re-publish of a ring is then the same ring, whichever worker gets
+    /// each copy and when. Off only to measure what it costs.
+    pub claims: bool,
 }
 
 impl Settings {
@@ -120,6 +124,7 @@ impl Settings {
             retry_max_bytes: 1 << 20,
             grace: Duration::from_secs(25),
             ledger: true,
+            claims: true,
         }
     }
 }
@@ -152,9 +157,18 @@ struct Shared {
     lookups: Arc<db::Lookups>,
     /// Which tokens took which ring (written grouped, read for rings seen before).
     ledger: Arc<db::Ledger>,
+    /// Which rings this worker has in hand (claimed before they are pushed).
+    claims: Arc<db::Claims>,
     providers: Providers,
     counters: Arc<Counters>,
     pause: Pause,
+}
+
+impl Shared {
+    /// Whether rings are claimed before they are pushed (the ledger on, and claims on).
+    fn claims_on(&self) -> bool {
+        self.settings.ledger && self.settings.claims
+    }
 }
 
 /// One broker session's view: the shared parts and the confirm-mode publishing channel.
@@ -245,6 +259,7 @@ async fn run(
         settings,
         lookups: db::Lookups::new(lookups.clone()),
         ledger: db::Ledger::new(primary.clone()),
+        claims: db::Claims::new(primary.clone()),
         pool: lookups,
         primary,
         providers: providers.into(),
@@ -256,6 +271,10 @@ async fn run(
     }
     if shared.settings.ledger {
         tokio::spawn(sweep_ledger(shared.clone(), cancel.clone()));
+    }
+    if shared.claims_on() {
+        shared.ledger.end_claims(shared.claims.clone());
+        tokio::spawn(renew_claims(shared.clone(), cancel.clone()));
     }
     let s = &shared.settings;
     let consumer = broker::Consumer {
@@ -308,6 +327,29 @@ async fn sweep_ledger(shared: Arc<Shared>, cancel: CancellationToken) {
             Ok(n) => tracing::debug!(entries = n, "swept old ledger entries"),
             Err(e) => tracing::warn!(error = %e, "could not sweep the delivery ledger"),
         }
+        if shared.claims_on() {
+            match shared.claims.sweep(keep).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(claims = n, "swept old ring claims"),
+                Err(e) => tracing::warn!(error = %e, "could not sweep the ring claims"),
+            }
+        }
+    }
+}
+
+/// Renews the leases of the claims this worker holds (the rings in hand a while: held while
+/// a dependency fails, a building's many phones), so another copy of such a ring waits for
+/// it instead of taking it over. A renewal that fails is tried again at the next turn; the
+/// lease outlasts two of them.
+async fn renew_claims(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(db::CLAIM_RENEW_EVERY) => {}
+        }
+        if let Err(e) = shared.claims.renew().await {
+            tracing::warn!(error = %e, "could not renew the ring claims in hand");
+        }
     }
 }
 
@@ -330,16 +372,32 @@ async fn handle_batch(ctx: &Arc<Context>, batch: Vec<Delivery>, abort: Cancellat
     if rings.is_empty() {
         return;
     }
-    let Some((gateways, sent)) = lookup::lookup_holding(ctx, &mut rings, &abort).await else {
+    let Some(looked) = lookup::lookup_holding(ctx, &mut rings, &abort).await else {
         return;
     };
+    let (gateways, mut waiting) = (&looked.gateways, looked.waiting);
     let looked_up = push::LookedUp {
-        sent,
+        sent: looked.sent,
         at: Instant::now(),
     };
-    join_all(rings.iter().map(|incoming| {
+    let abort = &abort;
+    // Each ring's claim is released once it is settled (its ledger entry written). A ring
+    // another copy of which is in hand (a gateway's re-publish) waits for that copy's claim.
+    let ready = join_all(rings.iter_mut().map(|incoming| async move {
         let gateway = gateways.get(incoming.gateway());
-        push::push_holding(ctx, incoming, gateway, looked_up, &abort)
-    }))
-    .await;
+        push::push_holding(ctx, incoming, gateway, looked_up, abort).await;
+        incoming.claim.take();
+    }));
+    let waited = join_all(waiting.iter_mut().map(|incoming| async move {
+        if lookup::wait_for_claim(ctx, incoming, abort).await {
+            let gateway = gateways.get(incoming.gateway());
+            let looked_up = push::LookedUp {
+                sent: None,
+                at: Instant::now(),
+            };
+            push::push_holding(ctx, incoming, gateway, looked_up, abort).await;
+        }
+        incoming.claim.take();
+    }));
+    tokio::join!(ready, waited);
 }

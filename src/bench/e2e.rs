@@ -18,7 +18,7 @@ use crate::token::random_hex;
 use crate::wire::ring::RingEvent;
 
 use super::building::building;
-use super::ledger::ledger_cost;
+use super::ledger::{claims_cost, ledger_cost};
 use super::live::Live;
 use super::measure::{
     buckets, cpu_seconds, current_rss_mb, machine_busy_seconds, p50_p99, paced, peak_rss_mb,
@@ -207,6 +207,19 @@ pub(super) async fn end_to_end(
     // The delivery ledger on and off, in turns (before the building seeds its shares).
     report.ledger = Some(
         ledger_cost(
+            &worker_of,
+            &pool,
+            &channel,
+            names,
+            args.rings,
+            args.fanout,
+            &ring,
+        )
+        .await?,
+    );
+    // Recognising a gateway's re-publish (ring claims) on and off, the ledger on.
+    report.claims = Some(
+        claims_cost(
             &worker_of,
             &pool,
             &channel,

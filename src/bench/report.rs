@@ -68,6 +68,8 @@ pub struct Report {
     pub building: Option<Building>,
     /// The same drain with the delivery ledger on and off (see [`LedgerCost`]).
     pub ledger: Option<LedgerCost>,
+    /// The same drain, the ledger on, with re-publish recognition (ring claims) on and off.
+    pub claims: Option<LedgerCost>,
     pub notes: Vec<String>,
 }
 
@@ -130,12 +132,17 @@ pub struct LedgerCost {
     /// Ledger rows written per ring (one per settled ring: the writes are grouped into few
     /// statements, not fewer rows).
     pub ledger_rows_per_ring: Option<f64>,
+    /// Ring claims written per ring (the claims part: one per ring, claimed in one
+    /// statement per batch).
+    pub claim_rows_per_ring: Option<f64>,
 }
 
 /// One drain of the ledger part.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Drain {
     pub ledger: bool,
+    /// Whether rings were claimed (re-publish recognition).
+    pub claims: bool,
     pub rings_per_s: f64,
     pub notifications_per_s: f64,
     pub worker_cpu_s_per_10k: f64,
@@ -505,6 +512,33 @@ impl std::fmt::Display for Report {
                 l.throughput_ratio,
                 if l.target_met { "met" } else { "missed" },
                 l.ledger_rows_per_ring
+                    .map_or("-".to_owned(), |r| format!("{r:.2}"))
+            )?;
+        }
+        if let Some(c) = &self.claims {
+            writeln!(
+                f,
+                "re-publish recognition (ring claims, ledger on): {} rings drained by a fresh worker, on and off in turns",
+                c.rings
+            )?;
+            for d in &c.drains {
+                writeln!(
+                    f,
+                    "  claims {:<3} notifications/s {:>8.0}  rings/s {:>7.0}  worker CPU s/10k {:.3}  cores: postgresql {:.2}, rabbitmq {:.2}",
+                    if d.claims { "on" } else { "off" },
+                    d.notifications_per_s,
+                    d.rings_per_s,
+                    d.worker_cpu_s_per_10k,
+                    d.postgresql_cores,
+                    d.rabbitmq_cores
+                )?;
+            }
+            writeln!(
+                f,
+                "  throughput on / off (medians)  {:.3} (the ledger's budget, ≥ 0.9: {}); claims per ring {}",
+                c.throughput_ratio,
+                if c.target_met { "met" } else { "missed" },
+                c.claim_rows_per_ring
                     .map_or("-".to_owned(), |r| format!("{r:.2}"))
             )?;
         }

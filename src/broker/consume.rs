@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -15,7 +16,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{confirm_channel, connect, declare, serve, Acks, BrokerError, Names, Publisher};
+use super::{
+    confirm_channel, connect, declare, serve, Acks, BrokerError, Names, Progress, Publisher,
+};
 
 /// How a consume loop stops and pauses.
 #[derive(Clone)]
@@ -58,13 +61,44 @@ where
     F: Fn(Acks, Vec<Delivery>, CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    consume_reporting(
+        connection,
+        queue,
+        prefetch,
+        batch_size,
+        control,
+        acked,
+        &|| {},
+        handle,
+    )
+    .await
+}
+
+/// [`consume_batches`], calling `consuming` each time its consumer is on the queue.
+#[allow(clippy::too_many_arguments)]
+async fn consume_reporting<F, Fut>(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    batch_size: usize,
+    control: Control,
+    acked: Option<&AtomicU64>,
+    consuming: &(dyn Fn() + Sync),
+    handle: F,
+) -> Result<(), BrokerError>
+where
+    F: Fn(Acks, Vec<Delivery>, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     tracing::info!(queue, prefetch, "consuming with coalesced acks");
     let acks = Acks::new();
-    let consume = consume(&channel, queue, batch_size, &control, &acks, handle);
+    let consume = consume(
+        &channel, queue, batch_size, &control, &acks, consuming, handle,
+    );
     let (result, ()) = tokio::join!(consume, acks.flush(acked));
     let _ = channel.close(200, "stopping".into()).await;
     result
@@ -77,6 +111,7 @@ async fn consume<F, Fut>(
     batch_size: usize,
     control: &Control,
     acks: &Acks,
+    consuming: &(dyn Fn() + Sync),
     handle: F,
 ) -> Result<(), BrokerError>
 where
@@ -126,6 +161,7 @@ where
             Ok(c) => c,
             Err(e) => break 'session Err(e.into()),
         };
+        consuming();
         let stop = loop {
             let paused = async {
                 match open.as_mut() {
@@ -266,13 +302,21 @@ impl Consumer<'_> {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let name = format!("ringpush {} {}", self.process, self.names.prefix);
-        serve(self.process, self.amqp_url, &self.control.cancel, || {
-            self.session(&name, &handle)
-        })
+        serve(
+            self.process,
+            self.amqp_url,
+            &self.control.cancel,
+            |progress| self.session(&name, &handle, progress),
+        )
         .await
     }
 
-    async fn session<F, Fut>(&self, name: &str, handle: &F) -> Result<(), BrokerError>
+    async fn session<F, Fut>(
+        &self,
+        name: &str,
+        handle: &F,
+        progress: Arc<Progress>,
+    ) -> Result<(), BrokerError>
     where
         F: Fn(Publisher, Acks, Vec<Delivery>, CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
@@ -287,13 +331,16 @@ impl Consumer<'_> {
         };
         declare(&publisher, self.names).await?;
         self.connected.store(true, Ordering::Relaxed);
-        let result = consume_batches(
+        // The reconnect rule goes by whether the session's consumer got on the queue.
+        let consuming = || progress.consuming();
+        let result = consume_reporting(
             &connection,
             self.queue,
             self.prefetch,
             self.batch_size,
             self.control.clone(),
             self.acked,
+            &consuming,
             |acks, batch, abort| handle(publisher.clone(), acks, batch, abort),
         )
         .await;

@@ -16,7 +16,7 @@ mod topology;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::types::LongString;
@@ -178,9 +178,96 @@ async fn connect_node(url: &str, name: &str) -> Result<Connection, BrokerError> 
     Ok(Connection::connect(&url, props).await?)
 }
 
-/// Runs `session` (connect, declare, consume) until it ends because `cancel` fired;
-/// when the broker connection is lost it reconnects with jittered exponential backoff,
-/// logging where it tried (`amqp_url`, password hidden) and the real wait.
+/// The first wait between reconnects while no node accepts the connection, doubling up to
+/// [`RECONNECT_CAP`]; each wait jittered by ±50 %.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest wait between two reconnects (1.5 s with its jitter): a worker consumes again
+/// within about that long of a node accepting connections, however long the broker was away.
+pub const RECONNECT_CAP: Duration = Duration::from_secs(1);
+
+/// How long a session must have consumed for its loss to start the backoff over (with an
+/// immediate first reconnect). A node that accepts connections and then drops them — before
+/// they consume, or right after — keeps the backoff growing to its cap instead: about one
+/// connection a second per process, never a reconnect storm.
+pub const RECONNECT_PROVEN: Duration = Duration::from_secs(1);
+
+/// How often a broker that stays unreachable is reported again (at error).
+const STILL_UNREACHABLE_EVERY: Duration = Duration::from_secs(30);
+
+/// How far one session got, for the reconnect rule and its log lines: a session marks
+/// [`Progress::consuming`] once its consumer is on the queue.
+#[derive(Debug)]
+pub struct Progress {
+    process: String,
+    /// Since when the process has been away from the queue, and the sessions tried since
+    /// (`None`: its first session).
+    lost: Option<(Instant, u32)>,
+    /// Whether it was on the queue before (else it has not reached the broker yet).
+    after_loss: bool,
+    consuming: Mutex<Option<Instant>>,
+}
+
+impl Progress {
+    fn new(process: &str, lost: Option<(Instant, u32)>, after_loss: bool) -> Self {
+        Self {
+            process: process.to_owned(),
+            lost,
+            after_loss,
+            consuming: Mutex::new(None),
+        }
+    }
+
+    /// The session's consumer is on the queue (called again after a pause: only the first
+    /// call counts). After a lost connection, logs how long the process was away.
+    pub fn consuming(&self) {
+        let mut consuming = self.consuming.lock().unwrap();
+        if consuming.is_some() {
+            return;
+        }
+        *consuming = Some(Instant::now());
+        match self.lost {
+            Some((lost, attempts)) if self.after_loss => {
+                let away_ms = lost.elapsed().as_millis() as u64;
+                tracing::info!(
+                    process = %self.process,
+                    away_ms,
+                    attempts,
+                    "consuming again after the broker connection was lost"
+                );
+            }
+            Some((since, attempts)) => {
+                let waited_ms = since.elapsed().as_millis() as u64;
+                tracing::info!(process = %self.process, waited_ms, attempts, "the broker answered; consuming");
+            }
+            None => {}
+        }
+    }
+
+    /// How long the session consumed, up to now (`None`: it never did).
+    fn consumed_for(&self) -> Option<Duration> {
+        self.consuming.lock().unwrap().map(|at| at.elapsed())
+    }
+}
+
+/// The reconnect rule: the wait before the next session, from how the last one ended.
+/// `failures` counts sessions in a row that did not consume for [`RECONNECT_PROVEN`]; a
+/// session that did resets it and is replaced at once.
+fn reconnect_wait(failures: &mut u32, consumed_for: Option<Duration>) -> Duration {
+    if consumed_for.is_some_and(|d| d >= RECONNECT_PROVEN) {
+        *failures = 0;
+        return Duration::ZERO;
+    }
+    *failures += 1;
+    crate::backoff::jittered(RECONNECT_FIRST, RECONNECT_CAP, *failures)
+}
+
+/// Runs `session` (connect, declare, consume) until it ends because `cancel` fired; when the
+/// broker connection is lost it reconnects: at once after a session that consumed, then with
+/// a short jittered backoff ([`RECONNECT_FIRST`] doubling to [`RECONNECT_CAP`]) while the
+/// nodes refuse. One line per event: the loss (warn), the first failed reconnect (warn, with
+/// the real wait), the broker still away every 30 s (error), consuming again (info, with how
+/// long the process was away). `amqp_url` is logged with its password hidden.
 pub async fn serve<S, Fut>(
     what: &str,
     amqp_url: &str,
@@ -188,34 +275,47 @@ pub async fn serve<S, Fut>(
     mut session: S,
 ) -> anyhow::Result<()>
 where
-    S: FnMut() -> Fut,
+    S: FnMut(Arc<Progress>) -> Fut,
     Fut: Future<Output = Result<(), BrokerError>>,
 {
+    let broker = redact(amqp_url);
     let mut failures: u32 = 0;
+    let mut ever_consumed = false;
+    // Since when the process has been away from the queue, and the sessions tried since.
+    let mut away: Option<(Instant, u32)> = None;
+    let mut reported = Instant::now();
     loop {
-        let started = Instant::now();
-        match session().await {
+        let progress = Arc::new(Progress::new(what, away, ever_consumed));
+        match session(progress.clone()).await {
             Ok(()) => return Ok(()),
             Err(_) if cancel.is_cancelled() => return Ok(()),
             Err(e) => {
                 // Another node first next time (a cluster's node may be the one that went).
                 next_node();
-                // A session that ran a while was healthy: start the backoff again.
-                if started.elapsed() > Duration::from_secs(30) {
-                    failures = 0;
-                }
-                failures += 1;
-                let wait = crate::backoff::jittered(
-                    Duration::from_millis(250),
-                    Duration::from_secs(30),
-                    failures,
-                );
-                let broker = redact(amqp_url);
+                let consumed_for = progress.consumed_for();
+                let wait = reconnect_wait(&mut failures, consumed_for);
                 let retry_in_ms = wait.as_millis() as u64;
-                if failures == 1 && started.elapsed() < Duration::from_secs(1) {
+                if consumed_for.is_some() {
+                    ever_consumed = true;
+                    away = Some((Instant::now(), 0));
+                    reported = Instant::now();
+                    tracing::warn!(process = what, %broker, error = %e, retry_in_ms, "broker connection lost; reconnecting");
+                } else if !ever_consumed && away.is_none() {
+                    away = Some((Instant::now(), 0));
+                    reported = Instant::now();
                     tracing::error!(process = what, %broker, error = %e, retry_in_ms, hint = "is RabbitMQ running there? Locally: rabbitmq-server -detached", "cannot connect to the broker; retrying");
                 } else {
-                    tracing::error!(process = what, %broker, error = %e, retry_in_ms, "broker connection lost; reconnecting");
+                    let (since, tried) = away.get_or_insert((Instant::now(), 0));
+                    *tried += 1;
+                    let away_ms = since.elapsed().as_millis() as u64;
+                    if *tried == 1 {
+                        tracing::warn!(process = what, %broker, error = %e, retry_in_ms, "cannot reach the broker yet; retrying");
+                    } else if reported.elapsed() >= STILL_UNREACHABLE_EVERY {
+                        reported = Instant::now();
+                        tracing::error!(process = what, %broker, error = %e, away_ms, retry_in_ms, "still no broker; retrying");
+                    } else {
+                        tracing::debug!(process = what, error = %e, retry_in_ms, "reconnect failed");
+                    }
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
@@ -226,9 +326,108 @@ where
     }
 }
 
+/// lapin's own error lines about a connection it lost or failed to open — `io_loop` ("error
+/// doing IO"), `channels` ("Connection error"), `channel` ("Connection closed"), `heartbeat`,
+/// `consumer` — say again, at error, what ringpush says once per event at the level that fits
+/// it (`broker connection lost; reconnecting` at warn, …): lapin hands every one of those
+/// errors back to ringpush, which logs it. Off unless `RUST_LOG` names `lapin` itself.
+pub const LAPIN_QUIET: &[&str] = &[
+    "lapin::io_loop=off",
+    "lapin::channels=off",
+    "lapin::channel=off",
+    "lapin::heartbeat=off",
+    "lapin::consumer=off",
+];
+
+/// The log filter's directives: `RUST_LOG` when set (else `default`), with [`LAPIN_QUIET`]
+/// added unless they name lapin.
+pub fn log_directives(rust_log: Option<&str>, default: &str) -> String {
+    let asked = rust_log.filter(|l| !l.trim().is_empty()).unwrap_or(default);
+    if asked.contains("lapin") {
+        return asked.to_owned();
+    }
+    let mut directives = vec![asked];
+    directives.extend_from_slice(LAPIN_QUIET);
+    directives.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_session_that_consumed_is_replaced_at_once_then_the_backoff_stays_short() {
+        let mut failures = 0;
+        // The broker went away after a healthy session: at once.
+        assert_eq!(
+            reconnect_wait(&mut failures, Some(Duration::from_secs(20))),
+            Duration::ZERO
+        );
+        // The nodes refuse: 100 ms doubling to 1 s, ±50 %; never over 1.5 s however long.
+        let mut waits = Vec::new();
+        for _ in 0..40 {
+            let wait = reconnect_wait(&mut failures, None);
+            assert!(wait <= Duration::from_millis(1500), "{wait:?}");
+            waits.push(wait);
+        }
+        assert!(waits[0] <= Duration::from_millis(150), "{waits:?}");
+        assert!(waits[39] >= Duration::from_millis(500), "{waits:?}");
+        // Back and consuming for a while: the count starts over, the next loss at once.
+        assert_eq!(
+            reconnect_wait(&mut failures, Some(RECONNECT_PROVEN)),
+            Duration::ZERO
+        );
+        assert_eq!(failures, 0);
+        // A node that accepts and drops connections right after they consume: the backoff
+        // grows as for a refusal (no reconnect storm).
+        for _ in 0..10 {
+            reconnect_wait(&mut failures, Some(Duration::from_millis(5)));
+        }
+        assert_eq!(failures, 10);
+        assert!(reconnect_wait(&mut failures, Some(Duration::ZERO)) >= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn lapins_lines_about_a_lost_connection_are_left_to_ringpush() {
+        use std::io::Write;
+        use std::sync::Arc;
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let emit = |directives: String| {
+            let lines = Lines::default();
+            let writer = lines.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(directives))
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::error!(target: "lapin::io_loop", "error doing IO");
+                tracing::error!(target: "lapin::channels", "Connection error");
+                tracing::error!(target: "lapin::channel", "Connection closed");
+                tracing::warn!(target: "ringpush::broker", "broker connection lost; reconnecting");
+            });
+            let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+            text
+        };
+        let default = "info,rustls=error";
+        for rust_log in [None, Some("info"), Some("warn"), Some("")] {
+            let text = emit(log_directives(rust_log, default));
+            assert_eq!(text.lines().count(), 1, "{rust_log:?}: {text}");
+            assert!(text.contains("broker connection lost"), "{text}");
+        }
+        // Asked for by name, lapin's lines are there.
+        let text = emit(log_directives(Some("info,lapin=error"), default));
+        assert_eq!(text.lines().count(), 4, "{text}");
+    }
 
     #[test]
     fn a_url_list_names_the_nodes_of_a_cluster() {

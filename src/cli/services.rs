@@ -49,6 +49,10 @@ pub struct WorkerArgs {
     /// rings a phone twice. `off` only to measure its cost.
     #[arg(long, env = "RINGPUSH_LEDGER", default_value = "on", value_parser = switch("RINGPUSH_LEDGER"), action = clap::ArgAction::Set)]
     pub ledger: bool,
+    /// Ring claims (`on`, with the ledger): a ring is claimed before it is pushed, so a
+    /// gateway's re-publish of it rings no phone twice. `off` only to measure their cost.
+    #[arg(long, env = "RINGPUSH_CLAIMS", default_value = "on", value_parser = switch("RINGPUSH_CLAIMS"), action = clap::ArgAction::Set)]
+    pub claims: bool,
     /// Alert title; `{gateway}` becomes the gateway's name.
     #[arg(long, env = "RINGPUSH_ALERT_TITLE", default_value_t = defaults::worker().alert.title)]
     pub alert_title: String,
@@ -111,6 +115,7 @@ impl WorkerArgs {
             retry_max_bytes: self.retry_max_bytes,
             grace: self.shutdown_grace,
             ledger: self.ledger,
+            claims: self.claims,
             ..worker::Settings::new(self.broker.names())
         })
     }

@@ -62,6 +62,8 @@ type Waiter = (RingKey, Vec<u8>, oneshot::Sender<Result<(), String>>);
 /// The ledger of one worker process (any number of workers share the table).
 pub struct Ledger {
     pool: Pool,
+    /// The worker's claims, told when the entries of the rings they hold are written.
+    claims: std::sync::OnceLock<Arc<super::Claims>>,
     state: Mutex<Queue>,
     writes: AtomicU64,
     rows: AtomicU64,
@@ -77,10 +79,17 @@ impl Ledger {
     pub fn new(pool: Pool) -> Arc<Self> {
         Arc::new(Self {
             pool,
+            claims: std::sync::OnceLock::new(),
             state: Mutex::default(),
             writes: AtomicU64::new(0),
             rows: AtomicU64::new(0),
         })
+    }
+
+    /// Tells `claims` when the entries of the rings it holds are written: that ends their
+    /// claims (see [`super::Claims::recorded`]).
+    pub fn end_claims(&self, claims: Arc<super::Claims>) {
+        let _ = self.claims.set(claims);
     }
 
     /// Statements written so far, and the rows they inserted.
@@ -168,6 +177,9 @@ impl Ledger {
         .await?;
         self.writes.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        if let Some(claims) = self.claims.get() {
+            claims.recorded(entries.iter().map(|e| &e.0));
+        }
         Ok(())
     }
 

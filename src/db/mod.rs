@@ -3,15 +3,20 @@
 //!
 //! One concern a file: `pool` (the pool, migrations, pings and the demo's and tests'
 //! schemas), `lookup` (the batched token lookup and its grouping, [`Lookups`]), `ledger` (which
-//! tokens took which ring: [`Ledger`]),
+//! tokens took which ring: [`Ledger`]), `claims` (a ring in one worker's hands at a time: [`Claims`]),
 //! `support` (what support asks: `who`, `seed`). This file holds [`DbError`] and how a
 //! driver error is told to an operator.
 
+mod claims;
 mod ledger;
 mod lookup;
 mod pool;
 mod support;
 
+pub use claims::{
+    key as claim_key, waited as claims_waited, ClaimGuard, Claims, LEASE as CLAIM_LEASE,
+    RENEW_EVERY as CLAIM_RENEW_EVERY,
+};
 pub use ledger::{hash as ledger_hash, Ledger, RingKey, Seen, TokenHash, LEDGER_TIMEOUT};
 pub use lookup::{
     lookup, probe_lookup, Found, Gateway, LookupError, Lookups, Recipient, QUERY_TIMEOUT,
@@ -82,6 +87,12 @@ impl DbError {
     /// use it (SQLSTATE class 42): the schema is not migrated, or a grant is missing.
     pub fn is_schema_error(&self) -> bool {
         self.sqlstate().is_some_and(|c| c.starts_with("42"))
+    }
+
+    /// The server broke a deadlock by failing this statement (SQLSTATE 40P01): trying it
+    /// again works.
+    pub fn is_deadlock(&self) -> bool {
+        self.sqlstate() == Some("40P01")
     }
 }
 

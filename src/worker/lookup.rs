@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::decide::{decide, Step};
 use super::pause::{pause, Paused};
@@ -40,21 +40,37 @@ impl Gateways {
     }
 }
 
-/// Looks up the gateways of `rings`. While the database cannot be used, the rings are held
+/// A batch looked up: its gateways, when the statement of the grouped query that found them
+/// was sent (`None` when they were looked up gateway by gateway), and the rings another copy
+/// of which is in hand (in this worker or another: a gateway's re-publish), which wait for
+/// it ([`wait_for_claim`]) instead of being pushed now.
+pub(super) struct Looked {
+    pub(super) gateways: Gateways,
+    pub(super) sent: Option<Instant>,
+    pub(super) waiting: Vec<Incoming>,
+}
+
+/// Looks up the gateways of `rings` and, beside it in one statement on the primary, claims
+/// them (reading the ledger for those claimed before; without claims, the ledger is read for
+/// the rings that may have been seen). While the database cannot be used, the rings are held
 /// (consumption paused, a probe running) and looked up again when it answers; rings that
 /// expire meanwhile, or whose gateway fails alone with a data error or keeps timing out, are
-/// settled and leave `rings`. With the gateways, when the statement of the grouped query
-/// that found them was sent (`None` when they were looked up gateway by gateway). `None` when `abort` fired (every
-/// ring left was handed back).
+/// settled and leave `rings`, as do the rings another copy of which is in hand
+/// ([`Looked::waiting`]). `None` when `abort` fired (every ring left was handed back).
 pub(super) async fn lookup_holding(
     ctx: &Arc<Context>,
     rings: &mut Vec<Incoming>,
     abort: &CancellationToken,
-) -> Option<(Gateways, Option<Instant>)> {
+) -> Option<Looked> {
     let mut timeouts = 0;
+    let claims_on = ctx.claims_on();
     loop {
         if rings.is_empty() {
-            return Some((Gateways::Each(HashMap::new()), None));
+            return Some(Looked {
+                gateways: Gateways::Each(HashMap::new()),
+                sent: None,
+                waiting: Vec::new(),
+            });
         }
         let ids: Vec<String> = rings
             .iter()
@@ -63,8 +79,32 @@ pub(super) async fn lookup_holding(
             .into_iter()
             .map(str::to_owned)
             .collect();
-        // The ledger is read beside the lookup, for the rings a worker may have pushed before.
-        let seen: Vec<RingKey> = if ctx.settings.ledger {
+        // The rings to claim: each reserved in this process first (a copy of a ring another
+        // copy of which is in hand here waits for it); a ring claimed on an earlier turn (the
+        // database failed meanwhile) keeps its claim.
+        let mut asking = Vec::new();
+        if claims_on {
+            for (i, ring) in rings.iter_mut().enumerate() {
+                if ring.claim.is_none() {
+                    ring.claim = ctx.claims.reserve(ring.key());
+                }
+                if ring.claim.as_ref().is_some_and(|c| !c.held()) {
+                    asking.push(i);
+                }
+            }
+        }
+        let asks: Vec<_> = asking
+            .iter()
+            .map(|&i| {
+                (
+                    rings[i].claim.as_ref().expect("reserved"),
+                    rings[i].maybe_seen,
+                )
+            })
+            .collect();
+        // Without claims, the ledger is read beside the lookup for the rings a worker may
+        // have pushed before.
+        let seen: Vec<RingKey> = if ctx.settings.ledger && !claims_on {
             rings
                 .iter()
                 .filter(|r| r.maybe_seen)
@@ -73,10 +113,21 @@ pub(super) async fn lookup_holding(
         } else {
             Vec::new()
         };
-        let ((found, sent), seen) = tokio::join!(
+        let ((found, sent), seen, claimed) = tokio::join!(
             ctx.lookups.lookup_timed(ids.clone()),
-            ctx.ledger.seen(&seen)
+            ctx.ledger.seen(&seen),
+            ctx.claims.claim(&asks)
         );
+        drop(asks);
+        // What the claims found, at once: a ring claimed keeps its claim (and the ledger's
+        // word) whatever happens next.
+        let claimed = claimed.map(|claimed| {
+            for (&i, recorded) in asking.iter().zip(claimed) {
+                if let Some(recorded) = recorded {
+                    rings[i].recorded = recorded;
+                }
+            }
+        });
         let looked_up = match &*found {
             Ok(_) => Ok((Gateways::Grouped(found), sent)),
             Err(e @ LookupError::Timeout(_)) if timeouts + 1 < MAX_LOOKUP_TIMEOUTS => {
@@ -92,22 +143,108 @@ pub(super) async fn lookup_holding(
             }
             Err(LookupError::Unavailable(e)) => Err(format!("the token lookup failed: {e}")),
         };
-        let trouble = match (looked_up, seen) {
-            (Ok(gateways), Ok(seen)) => {
+        let trouble = match (looked_up, seen, claimed) {
+            (Ok((gateways, sent)), Ok(seen), Ok(())) => {
                 for ring in rings.iter_mut().filter(|r| r.maybe_seen) {
                     if let Some(recorded) = seen.get(&ring.key()) {
                         ring.recorded = recorded.clone();
                     }
                 }
-                return Some(gateways);
+                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(rings)
+                    .into_iter()
+                    .partition(|r| !claims_on || r.claim.as_ref().is_some_and(|c| c.held()));
+                *rings = ready;
+                for ring in &waiting {
+                    info!(
+                        gateway = ring.gateway(),
+                        event = ring.event(),
+                        "another copy of this ring is in hand (a gateway's re-publish); waiting for it"
+                    );
+                }
+                return Some(Looked {
+                    gateways,
+                    sent,
+                    waiting,
+                });
             }
-            (Err(trouble), _) => trouble,
-            (_, Err(e)) => format!("the delivery ledger could not be read: {e}"),
+            (Err(trouble), _, _) => trouble,
+            (_, Err(e), _) => format!("the delivery ledger could not be read: {e}"),
+            (_, _, Err(e)) => format!("the rings could not be claimed: {e}"),
         };
         error!(rings = rings.len(), error = %trouble, "holding the rings and pausing consumption");
         pause(&ctx.shared, Paused::Database, &trouble);
         if !hold(ctx, rings, abort, &trouble).await {
             return None;
+        }
+        // Held while the database failed, perhaps longer than a claim's lease: claimed again.
+        for claim in rings.iter().filter_map(|r| r.claim.as_ref()) {
+            claim.may_have_lapsed();
+        }
+    }
+}
+
+/// First wait before a ring another copy of which is in hand claims again, doubling up to
+/// [`CLAIM_POLL_CAP`] (jittered): the holder normally settles within a push's time.
+const CLAIM_POLL_FIRST: Duration = Duration::from_millis(50);
+const CLAIM_POLL_CAP: Duration = Duration::from_millis(500);
+
+/// Waits until this worker can claim `incoming`, another copy of which is in hand (in this
+/// process, or another worker's live claim): claims again now and then — no attempt spent,
+/// no nack — and returns `true` with the ring claimed and the ledger read (the holder's
+/// entry written: its phones are not pushed again), or when the holder's lease lapsed (it
+/// died). `false` when the ring was settled instead: its TTL passed (dead-lettered, as a
+/// held ring is) or `abort` fired (handed back).
+pub(super) async fn wait_for_claim(
+    ctx: &Arc<Context>,
+    incoming: &mut Incoming,
+    abort: &CancellationToken,
+) -> bool {
+    let since = Instant::now();
+    let ttl = ctx.settings.ring_ttl;
+    let mut turns = 0;
+    loop {
+        let left = incoming.time_left(ttl);
+        if left.is_zero() {
+            let step = Step::ExpiredWhileHeld {
+                ttl,
+                attempt: incoming.attempt,
+                why: "another copy of the ring was in hand all along".into(),
+            };
+            settle(ctx, incoming, decide(step)).await;
+            return false;
+        }
+        turns += 1;
+        let wait = crate::backoff::jittered(CLAIM_POLL_FIRST, CLAIM_POLL_CAP, turns).min(left);
+        tokio::select! {
+            _ = abort.cancelled() => {
+                settle(ctx, incoming, decide(Step::Stopping)).await;
+                return false;
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if incoming.claim.is_none() {
+            incoming.claim = ctx.claims.reserve(incoming.key());
+        }
+        let Some(claim) = incoming.claim.as_ref() else {
+            continue;
+        };
+        match ctx.claims.claim(&[(claim, incoming.maybe_seen)]).await {
+            Ok(claimed) => {
+                if let Some(Some(recorded)) = claimed.into_iter().next() {
+                    incoming.recorded = recorded;
+                    info!(
+                        gateway = incoming.gateway(),
+                        event = incoming.event(),
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        recorded = incoming.recorded.len(),
+                        "claimed the ring after its other copy; the phones that took it are not pushed again"
+                    );
+                    return true;
+                }
+            }
+            Err(e) => {
+                warn!(gateway = incoming.gateway(), event = incoming.event(), error = %e, "could not claim the ring; trying again")
+            }
         }
     }
 }

@@ -116,6 +116,11 @@ pub(super) async fn probe_database(shared: &Shared) -> Result<(), String> {
             .await
             .map_err(|e| format!("the delivery ledger could not be written: {e}"))?;
     }
+    if shared.claims_on() {
+        db::Claims::probe(&shared.primary)
+            .await
+            .map_err(|e| format!("the rings could not be claimed: {e}"))?;
+    }
     Ok(())
 }
 

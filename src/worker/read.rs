@@ -12,7 +12,7 @@ use super::decide::{decide, Disposition, Sender, Step};
 use super::HANDBACK_HEADER;
 use super::{ATTEMPT_HEADER, PENDING_HEADER};
 use crate::broker::RETRY_KEY;
-use crate::db::{RingKey, TokenHash};
+use crate::db::{ClaimGuard, RingKey, TokenHash};
 use crate::wire::ring::RingEvent;
 
 /// A ring as it came off the queue, read once.
@@ -33,8 +33,12 @@ pub(super) struct Incoming {
     /// is looked up in the ledger.
     pub(super) maybe_seen: bool,
     /// The tokens that took the ring before, as the ledger says (hashes; filled in with the
-    /// lookup for a ring that `maybe_seen`).
+    /// lookup for a ring that `maybe_seen`, or with its claim for one claimed before).
     pub(super) recorded: HashSet<TokenHash>,
+    /// The ring's claim (reserved in this process, then held in the database): one copy of a
+    /// ring in hand at a time, across workers. Released when it is dropped, once the ring is
+    /// settled.
+    pub(super) claim: Option<ClaimGuard>,
     /// When its batch reached the worker: where the worker's share of its time begins.
     pub(super) arrived: Instant,
     /// From `pressed_at` to `arrived`, seconds: its time queued (observed once it is pushed).
@@ -127,6 +131,7 @@ pub(super) fn read(
                 || returned(&delivery) > 0
                 || header(&delivery, HANDBACK_HEADER).is_some(),
             recorded: HashSet::new(),
+            claim: None,
             arrived,
             queued: (now - ring.pressed_at).as_seconds_f64().max(0.0),
             delivery,

@@ -308,6 +308,7 @@ async fn migrate_and_seed_at_once(app: &App, gateway: &str) -> Vec<DeviceToken> 
         "gateway_shares",
         "push_tokens",
         "ring_ledger",
+        "ring_claims",
     ]
     .iter()
     .map(|t| {

@@ -24,6 +24,8 @@ mod proxy;
 mod purge;
 mod readme;
 mod recovery;
+mod republish;
+mod restarts;
 mod schema_v2;
 mod seam;
 mod support;

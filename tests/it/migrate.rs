@@ -17,6 +17,7 @@ async fn migrate_twice_is_a_no_op() {
             "V4__create_push_tokens",
             "V5__ring_ledger",
             "V6__push_tokens_platform_kind",
+            "V7__ring_claims",
             "V8__push_tokens_any_provider"
         ]
     );

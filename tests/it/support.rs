@@ -428,6 +428,13 @@ impl App {
     /// Starts the `ringpush worker` binary against this test's queues, schema and mock
     /// (token auth), with `env` on top; killed when the handle drops.
     pub fn worker_process(&self, env: &[(&str, &str)]) -> tokio::process::Child {
+        self.worker_command(env)
+            .spawn()
+            .expect("the worker binary starts")
+    }
+
+    /// The command [`App::worker_process`] runs (a test may redirect its output first).
+    pub fn worker_command(&self, env: &[(&str, &str)]) -> tokio::process::Command {
         std::fs::create_dir_all(&self.dir).unwrap();
         let key_file = self.dir.join("key.p8");
         std::fs::write(&key_file, &self.key_pem).unwrap();
@@ -452,7 +459,7 @@ impl App {
         for (k, v) in env {
             command.env(k, v);
         }
-        command.spawn().expect("the worker binary starts")
+        command
     }
 
     /// The broker URL the worker uses: through the AMQP fault proxy when there is one.
