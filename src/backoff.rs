@@ -26,7 +26,7 @@ pub fn jittered(first: Duration, cap: Duration, failures: u32) -> Duration {
 /// waits the backoff from the second in a row — so a peer that accepts and then drops every
 /// connection is not met with a handshake per request.
 #[derive(Debug)]
-pub struct Reconnect {
+pub(crate) struct Reconnect {
     first: Duration,
     cap: Duration,
     failures: u32,
@@ -54,7 +54,7 @@ impl Reconnect {
     }
 
     /// A connect failed: returns the wait before the next try.
-    pub fn connect_failed(&mut self, reason: &str) -> Duration {
+    pub(crate) fn connect_failed(&mut self, reason: &str) -> Duration {
         self.failures += 1;
         let wait = jittered(self.first, self.cap, self.failures);
         self.retry_at = Some(Instant::now() + wait);

@@ -369,7 +369,7 @@ impl Counters {
     }
 
     /// `/readyz`: consuming.
-    pub fn ready_check(self: &Arc<Self>) -> crate::metrics::ReadyCheck {
+    pub(crate) fn ready_check(self: &Arc<Self>) -> crate::metrics::ReadyCheck {
         let counters = self.clone();
         Arc::new(move || {
             let connected = counters

@@ -16,7 +16,7 @@ use crate::broker::{Names, MQTT_EXCHANGE};
 
 /// The tag every gateway's user carries: what `list` shows, and what `rotate` and `remove`
 /// insist on (they never touch another user).
-pub const TAG: &str = "ringpush-gateway";
+pub(crate) const TAG: &str = "ringpush-gateway";
 
 /// Ids that name a routing key the workers use themselves (`ring.retry`, `ring.handed-back`).
 const RESERVED: [&str; 2] = ["retry", "handed-back"];
@@ -68,7 +68,7 @@ pub fn check_id(id: &str) -> Result<(), GatewayError> {
 }
 
 /// A string as a regular expression that matches only itself.
-pub fn regex_escape(s: &str) -> String {
+pub(crate) fn regex_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 2);
     for c in s.chars() {
         if !(c.is_ascii_alphanumeric() || c == '_') {
@@ -80,7 +80,7 @@ pub fn regex_escape(s: &str) -> String {
 }
 
 /// The vhost permissions of a gateway: (configure, write, read).
-pub fn permissions(names: &Names) -> serde_json::Value {
+pub(crate) fn permissions(names: &Names) -> serde_json::Value {
     let write = format!(
         "^({}|{})$",
         regex_escape(&names.rings),
@@ -90,7 +90,7 @@ pub fn permissions(names: &Names) -> serde_json::Value {
 }
 
 /// The topic permissions of gateway `id`, one per exchange it may publish to.
-pub fn topic_permissions(names: &Names, id: &str) -> Vec<serde_json::Value> {
+pub(crate) fn topic_permissions(names: &Names, id: &str) -> Vec<serde_json::Value> {
     let key = format!("^{}$", regex_escape(&Names::ring_key(id)));
     [names.rings.as_str(), MQTT_EXCHANGE]
         .iter()
@@ -104,7 +104,7 @@ pub fn generate_password() -> String {
 }
 
 /// A password read from a file: its first line, which must not be empty.
-pub fn password_from_file(text: &str) -> Result<String, GatewayError> {
+pub(crate) fn password_from_file(text: &str) -> Result<String, GatewayError> {
     let password = text
         .lines()
         .next()

@@ -36,7 +36,7 @@ pub async fn get(url: &str, timeout: Duration) -> Result<Response, HttpError> {
 }
 
 /// `PUT url` with a JSON body (the management API's way to create and change things).
-pub async fn put_json(
+pub(crate) async fn put_json(
     url: &str,
     body: &serde_json::Value,
     timeout: Duration,

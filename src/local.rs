@@ -90,7 +90,7 @@ impl Local {
     }
 
     /// Creates the world's schema and migrates it.
-    pub async fn create_migrated_schema(&self) -> Result<(), DbError> {
+    pub(crate) async fn create_migrated_schema(&self) -> Result<(), DbError> {
         self.create_schema().await?;
         self.migrate().await
     }
@@ -124,7 +124,7 @@ impl Local {
     /// Deletes the world's exchanges and queues (and `other_queues`, declared by the caller
     /// outside the topology), drops its schema and removes its files. Every step is tried
     /// whatever happened before; the first failure is the answer.
-    pub async fn clean_up(&self, other_queues: &[String]) -> anyhow::Result<()> {
+    pub(crate) async fn clean_up(&self, other_queues: &[String]) -> anyhow::Result<()> {
         let queues = delete_queues(&self.amqp_url, &self.names, other_queues).await;
         let schema = db::drop_schema(&self.database_url, &self.schema).await;
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -196,7 +196,7 @@ impl Key {
 
     /// The mock's JWT checks for this key. The mock reads the public half from PEM, as
     /// `mock-apns` does.
-    pub fn auth_check(&self) -> Result<mock::AuthCheck, JwtError> {
+    pub(crate) fn auth_check(&self) -> Result<mock::AuthCheck, JwtError> {
         Ok(mock::AuthCheck {
             public_key: Some(jwt::public_key_from_pem(self.public_pem.as_bytes())?),
             key_id: Some(self.key_id.clone()),
@@ -206,7 +206,7 @@ impl Key {
     }
 
     /// Writes the key as a .p8 file only its owner may read (for a worker process).
-    pub fn write_p8(&self, path: &Path) -> std::io::Result<()> {
+    pub(crate) fn write_p8(&self, path: &Path) -> std::io::Result<()> {
         mock::certs::write_private(path, &self.pem)
     }
 }

@@ -31,18 +31,19 @@ use tracing::{info, warn};
 use crate::broker::{self, Names};
 
 /// A readiness check: `Ok` when the process can do its work.
-pub type ReadyCheck =
+pub(crate) type ReadyCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// A latency histogram in seconds: 0.5 ms to about 20 s in steps of 1.5×, fine enough to
 /// tell a 10 ms p99 from a 15 ms one.
-pub fn latency_histogram() -> Histogram {
+pub(crate) fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 1.5, 27))
 }
 
+#[cfg(feature = "kit")]
 /// Estimates a quantile from cumulative Prometheus buckets `(upper bound, count)` by
 /// linear interpolation inside the bucket (as `histogram_quantile` does).
-pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+pub(crate) fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     let total = buckets.last()?.1;
     if total <= 0.0 {
         return None;
@@ -67,18 +68,19 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 }
 
 /// A counter family with one label, e.g. `ringpush_rings_total{outcome}`.
-pub type Family1 = Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>;
+pub(crate) type Family1 =
+    Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>;
 
 /// A family of [`latency_histogram`]s, one per label set.
-pub type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+pub(crate) type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
 
 /// An empty [`HistogramFamily`].
-pub fn histogram_family() -> HistogramFamily {
+pub(crate) fn histogram_family() -> HistogramFamily {
     Family::new_with_constructor(latency_histogram)
 }
 
 /// The child of `family` for `label=value`, kept by the caller (observing it takes no lock).
-pub fn labelled_histogram(family: &HistogramFamily, label: &str, value: &str) -> Histogram {
+pub(crate) fn labelled_histogram(family: &HistogramFamily, label: &str, value: &str) -> Histogram {
     family
         .get_or_create(&vec![(label.to_owned(), value.to_owned())])
         .clone()
@@ -86,7 +88,7 @@ pub fn labelled_histogram(family: &HistogramFamily, label: &str, value: &str) ->
 
 /// The child of `family` for `label=value`: a shared counter the caller keeps and increments
 /// without touching the family (no lock) again.
-pub fn labelled(
+pub(crate) fn labelled(
     family: &Family1,
     label: &str,
     value: &str,
@@ -251,7 +253,12 @@ pub mod encode {
     use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
     use prometheus_client::metrics::gauge::ConstGauge;
 
-    pub fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+    pub(crate) fn gauge(
+        e: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        value: i64,
+    ) -> fmt::Result {
         let g = ConstGauge::new(value);
         g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
     }

@@ -14,7 +14,7 @@ use crate::wire::ring::RingEvent;
 
 /// One queue as `ringpush queues` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueLine {
+pub(crate) struct QueueLine {
     pub queue: String,
     pub ready: u32,
     /// Delivered and not yet acked (from the management API; `None` without it).
@@ -25,7 +25,7 @@ pub struct QueueLine {
 }
 
 /// Reads every ringpush queue's depth and consumer count (passive declares).
-pub async fn queue_lines(
+pub(crate) async fn queue_lines(
     connection: &lapin::Connection,
     names: &Names,
 ) -> Result<Vec<QueueLine>, lapin::Error> {
@@ -107,7 +107,7 @@ pub fn vhost_of(amqp_url: &str) -> String {
 }
 
 /// The table `ringpush queues` prints; `rates` are messages per second since the last look.
-pub fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String {
+pub(crate) fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -309,7 +309,7 @@ pub fn mqtt_target(
 
 /// The AMQP URL with `password` in place of its own (a gateway's password file) — every
 /// node's, when it names a cluster's nodes.
-pub fn with_password(amqp_url: &str, password: &str) -> anyhow::Result<String> {
+pub(crate) fn with_password(amqp_url: &str, password: &str) -> anyhow::Result<String> {
     let nodes: anyhow::Result<Vec<String>> = crate::broker::nodes(amqp_url)
         .into_iter()
         .map(|node| {

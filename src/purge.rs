@@ -105,7 +105,7 @@ pub struct Purged {
 
 /// How far ahead of this purger's clock a request's `observed_at` may lie (the worker's clock
 /// may run a little ahead); further, the request is not trusted.
-pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// Whether a purge request may delete anything (DESIGN.md, Guarantees): its `invalid_since`
 /// not later than its `observed_at`, which is not later than now + [`CLOCK_SKEW`]. A request
@@ -453,7 +453,7 @@ impl Counters {
     }
 
     /// `/readyz`: consuming, with the database answering.
-    pub fn ready_check(self: &Arc<Self>, pool: Pool) -> crate::metrics::ReadyCheck {
+    pub(crate) fn ready_check(self: &Arc<Self>, pool: Pool) -> crate::metrics::ReadyCheck {
         let counters = self.clone();
         Arc::new(move || {
             let connected = counters

@@ -11,13 +11,13 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The longest token accepted, in bytes (Apple's 2018 documentation allows up to 100).
-pub const MAX_TOKEN_BYTES: usize = 100;
+pub(crate) const MAX_TOKEN_BYTES: usize = 100;
 
 /// The longest FCM registration token accepted, in characters (the schema's bound).
-pub const MAX_FCM_TOKEN_CHARS: usize = 512;
+pub(crate) const MAX_FCM_TOKEN_CHARS: usize = 512;
 
 /// The longest token of another provider's platform, in bytes (the schema's bound).
-pub const MAX_OTHER_TOKEN_BYTES: usize = 4096;
+pub(crate) const MAX_OTHER_TOKEN_BYTES: usize = 4096;
 
 /// A device token: APNs lower-case hex, or an FCM registration token. Exists only through
 /// [`DeviceToken::parse`] (APNs), [`DeviceToken::parse_fcm`] or [`DeviceToken::parse_for`].
@@ -167,7 +167,7 @@ impl Platform {
     /// Firebase Cloud Messaging HTTP v1 (Android phones).
     pub const FCM: Platform = Platform("fcm");
     /// The longest platform name.
-    pub const MAX_NAME: usize = 32;
+    pub(crate) const MAX_NAME: usize = 32;
 
     /// The platform called `name`.
     pub fn named(name: &str) -> Result<Platform, String> {
@@ -203,7 +203,7 @@ impl Platform {
     }
 
     /// The push service's name, for people: `APNs`, `FCM`, else the platform's own name.
-    pub fn provider_name(self) -> &'static str {
+    pub(crate) fn provider_name(self) -> &'static str {
         match self {
             Platform::APNS => "APNs",
             Platform::FCM => "FCM",

@@ -309,7 +309,7 @@ async fn run(
 
 /// How much longer than the ring TTL a ledger entry is kept: room for clocks that differ
 /// between workers and the database, and for a ring held at the edge of its TTL.
-pub const LEDGER_MARGIN: Duration = Duration::from_secs(60);
+pub(crate) const LEDGER_MARGIN: Duration = Duration::from_secs(60);
 
 /// Every half minute or so (jittered, so replicas spread out), deletes the ledger entries
 /// older than the ring TTL plus [`LEDGER_MARGIN`]: a ring that old is never pushed again.

@@ -66,7 +66,7 @@ impl Settings {
     }
 
     /// How the connections behave.
-    pub fn tuning(&self) -> Tuning {
+    pub(crate) fn tuning(&self) -> Tuning {
         Tuning {
             connections: self.connections,
             connect_timeout: self.connect_timeout,
@@ -134,7 +134,7 @@ impl Client {
     }
 
     /// Requests awaiting their answer now.
-    pub fn streams_in_flight(&self) -> i64 {
+    pub(crate) fn streams_in_flight(&self) -> i64 {
         self.inner.gauges.streams()
     }
 

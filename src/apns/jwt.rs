@@ -26,7 +26,7 @@ use rustls_pki_types::{PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer};
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(50 * 60);
 /// The least time between two signatures: APNs answers 429 TooManyProviderTokenUpdates to
 /// a connection whose token changes more often.
-pub const MIN_REFRESH: Duration = Duration::from_secs(20 * 60);
+pub(crate) const MIN_REFRESH: Duration = Duration::from_secs(20 * 60);
 
 /// The DER prefix of a P-256 SubjectPublicKeyInfo; the uncompressed point follows it.
 const P256_SPKI_PREFIX: [u8; 26] = [

@@ -26,9 +26,9 @@ pub use provider::Provider;
 pub use reason::Reason;
 
 /// Apple's production HTTP/2 endpoint.
-pub const PRODUCTION_URL: &str = "https://api.push.apple.com:443";
+pub(crate) const PRODUCTION_URL: &str = "https://api.push.apple.com:443";
 /// Apple's sandbox (development) HTTP/2 endpoint.
-pub const SANDBOX_URL: &str = "https://api.sandbox.push.apple.com:443";
+pub(crate) const SANDBOX_URL: &str = "https://api.sandbox.push.apple.com:443";
 
 /// What APNs answered to one notification.
 #[derive(Debug, Clone, PartialEq, Eq)]

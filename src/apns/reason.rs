@@ -132,7 +132,7 @@ reasons! {
 
 impl Reason {
     /// The token is dead or not ours: stop using it (feedback → purge).
-    pub fn is_token_invalid(&self) -> bool {
+    pub(crate) fn is_token_invalid(&self) -> bool {
         matches!(
             self,
             Reason::Unregistered
@@ -144,7 +144,7 @@ impl Reason {
     }
 
     /// A transient failure: the same request may succeed later.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         matches!(
             self,
             Reason::TooManyRequests
@@ -156,7 +156,7 @@ impl Reason {
     }
 
     /// A credential or configuration problem of ours: an operator must act.
-    pub fn is_provider_error(&self) -> bool {
+    pub(crate) fn is_provider_error(&self) -> bool {
         matches!(
             self,
             Reason::BadCertificate

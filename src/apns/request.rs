@@ -12,14 +12,14 @@ use crate::token::DeviceToken;
 use crate::wire::ring::RingEvent;
 
 /// APNs's payload limit for alert notifications, in bytes.
-pub const MAX_PAYLOAD_BYTES: usize = 4096;
+pub(crate) const MAX_PAYLOAD_BYTES: usize = 4096;
 
 /// The alert text of a ring (the provider-neutral template every provider builds from).
 pub use crate::provider::AlertTemplate;
 
 /// Why a ring cannot become a payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PayloadError {
+pub(crate) enum PayloadError {
     #[error("the notification payload would be {0} bytes, over APNs's {MAX_PAYLOAD_BYTES}")]
     TooLarge(usize),
 }
@@ -84,7 +84,7 @@ impl PushType {
 }
 
 /// The topic a VoIP push goes to: `<topic>.voip`, unless the row's topic already ends so.
-pub fn voip_topic(topic: &str) -> String {
+pub(crate) fn voip_topic(topic: &str) -> String {
     if topic.ends_with(".voip") {
         topic.to_owned()
     } else {
@@ -93,7 +93,10 @@ pub fn voip_topic(topic: &str) -> String {
 }
 
 /// Builds the JSON payload of a call-style ring (the same bytes for every call token).
-pub fn build_call_payload(ring: &RingEvent, gateway_name: &str) -> Result<Bytes, PayloadError> {
+pub(crate) fn build_call_payload(
+    ring: &RingEvent,
+    gateway_name: &str,
+) -> Result<Bytes, PayloadError> {
     let pressed_at = ring.pressed_at_rfc3339();
     let payload = CallPayload {
         aps: Empty {},
@@ -111,7 +114,7 @@ pub fn build_call_payload(ring: &RingEvent, gateway_name: &str) -> Result<Bytes,
 }
 
 /// Builds the JSON payload of a ring (the same bytes for every token).
-pub fn build_payload(
+pub(crate) fn build_payload(
     ring: &RingEvent,
     gateway_name: &str,
     alert: &AlertTemplate,
@@ -178,7 +181,7 @@ pub fn bearer(jwt: &str) -> HeaderValue {
 /// Builds the HTTP/2 request (headers only; the body is `n.payload`). It runs once per
 /// notification, so it parses nothing it can avoid: the header names are constants, the
 /// authority is the endpoint's, the bearer value is shared.
-pub fn build_request(
+pub(crate) fn build_request(
     endpoint: &Endpoint,
     n: &Notification,
     bearer: Option<&HeaderValue>,

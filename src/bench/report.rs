@@ -198,7 +198,7 @@ pub struct Stage {
 
 /// A latency's p50 and p99, ms.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-pub struct Quantiles {
+pub(crate) struct Quantiles {
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
 }

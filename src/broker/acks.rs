@@ -25,7 +25,7 @@ use lapin::Acker;
 use tokio::sync::Notify;
 
 /// How long a settled delivery waits behind one still in flight before it is acked alone.
-pub const STRAGGLER: Duration = Duration::from_millis(50);
+pub(crate) const STRAGGLER: Duration = Duration::from_millis(50);
 
 /// The coalescing acker of one consuming channel. Cheap to clone.
 #[derive(Clone, Default)]
@@ -106,7 +106,7 @@ impl Acks {
     /// delivery limit; the feedback and purge queues have none). A delivery whose acker was
     /// already used is skipped by lapin (clones of an `Acker` share its single use), so no
     /// second frame goes out. Returns how many were handed back.
-    pub async fn hand_back_in_flight(&self, deliveries: &[(u64, Acker)]) -> usize {
+    pub(crate) async fn hand_back_in_flight(&self, deliveries: &[(u64, Acker)]) -> usize {
         let mut handed = 0;
         for (tag, acker) in deliveries {
             let in_flight = matches!(
@@ -138,7 +138,7 @@ impl Acks {
 
     /// Sends acks as deliveries settle, until [`Acks::close`]; then sends what is settled
     /// and returns. `acked` counts the deliveries acked.
-    pub async fn flush(&self, acked: Option<&AtomicU64>) {
+    pub(crate) async fn flush(&self, acked: Option<&AtomicU64>) {
         loop {
             let closing = {
                 let ledger = self.inner.ledger.lock().unwrap();

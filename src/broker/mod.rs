@@ -62,7 +62,7 @@ impl From<lapin::Error> for BrokerError {
 
 /// An AMQP URL (or a comma-separated list of them) fit for logs: the password replaced by
 /// `***`.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     url.split(',')
         .map(|u| match (u.find("://"), u.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
@@ -99,10 +99,10 @@ static NODE: AtomicUsize = AtomicUsize::new(0);
 static CONNECTED: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
 
 /// How long one node may take to accept a connection before the next is tried.
-pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// After a lost session: the next connection starts with the node after the one it was on.
-pub fn next_node() {
+pub(crate) fn next_node() {
     NODE.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -112,7 +112,7 @@ pub fn connected_nodes() -> BTreeMap<String, String> {
 }
 
 /// `host:port` of a node's URL, for logs and metrics.
-pub fn node_label(url: &str) -> String {
+pub(crate) fn node_label(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(u) => format!(
             "{}:{}",
@@ -180,17 +180,17 @@ async fn connect_node(url: &str, name: &str) -> Result<Connection, BrokerError> 
 
 /// The first wait between reconnects while no node accepts the connection, doubling up to
 /// [`RECONNECT_CAP`]; each wait jittered by ±50 %.
-pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+pub(crate) const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 
 /// The longest wait between two reconnects (1.5 s with its jitter): a worker consumes again
 /// within about that long of a node accepting connections, however long the broker was away.
-pub const RECONNECT_CAP: Duration = Duration::from_secs(1);
+pub(crate) const RECONNECT_CAP: Duration = Duration::from_secs(1);
 
 /// How long a session must have consumed for its loss to start the backoff over (with an
 /// immediate first reconnect). A node that accepts connections and then drops them — before
 /// they consume, or right after — keeps the backoff growing to its cap instead: about one
 /// connection a second per process, never a reconnect storm.
-pub const RECONNECT_PROVEN: Duration = Duration::from_secs(1);
+pub(crate) const RECONNECT_PROVEN: Duration = Duration::from_secs(1);
 
 /// How often a broker that stays unreachable is reported again (at error).
 const STILL_UNREACHABLE_EVERY: Duration = Duration::from_secs(30);
@@ -331,7 +331,7 @@ where
 /// `consumer` — say again, at error, what ringpush says once per event at the level that fits
 /// it (`broker connection lost; reconnecting` at warn, …): lapin hands every one of those
 /// errors back to ringpush, which logs it. Off unless `RUST_LOG` names `lapin` itself.
-pub const LAPIN_QUIET: &[&str] = &[
+pub(crate) const LAPIN_QUIET: &[&str] = &[
     "lapin::io_loop=off",
     "lapin::channels=off",
     "lapin::channel=off",

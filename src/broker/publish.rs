@@ -110,7 +110,7 @@ pub fn check_fits(frame_max: u32, body: &[u8], properties: &BasicProperties) -> 
 /// tier dead-letters it back, `x-delivery-count` on a redelivery. A copy that fits the frame
 /// only without them would be published fine and then, on its way back, make the broker
 /// close every connection it is delivered on.
-pub const BROKER_HEADROOM: u32 = 4096;
+pub(crate) const BROKER_HEADROOM: u32 = 4096;
 
 /// [`publish_confirmed`] after [`check_fits`] (with [`BROKER_HEADROOM`] kept free): a message
 /// that would break a limit is not sent (the broker would close the connection, taking

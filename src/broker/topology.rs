@@ -74,7 +74,7 @@ impl Names {
     }
 
     /// The same names, with MQTT ingress on or off.
-    pub fn with_mqtt_ingress(mut self, on: bool) -> Self {
+    pub(crate) fn with_mqtt_ingress(mut self, on: bool) -> Self {
         self.mqtt_ingress = on;
         self
     }
@@ -93,15 +93,10 @@ impl Names {
         all
     }
 
-    /// The retry tier for a ring's `retry`-th retry (1-based).
-    pub fn retry_tier(&self, retry: u32) -> &str {
-        self.retry_tier_waiting(retry, None)
-    }
-
     /// The tier for a ring's `retry`-th retry that waits at least `at_least` (a provider's
     /// `Retry-After`): the retry's own tier, or a later one when that is too short — the
     /// longest when none is long enough.
-    pub fn retry_tier_waiting(&self, retry: u32, at_least: Option<Duration>) -> &str {
+    pub(crate) fn retry_tier_waiting(&self, retry: u32, at_least: Option<Duration>) -> &str {
         let own = (retry.max(1) as usize - 1).min(self.retry.len() - 1);
         let i = match at_least {
             None => own,
@@ -229,8 +224,8 @@ mod tests {
     #[test]
     fn a_retry_goes_to_its_tier_or_a_later_one_long_enough_for_the_wait_asked() {
         let n = Names::new("p");
-        assert_eq!(n.retry_tier(1), "p.rings.retry.quorum.1s");
-        assert_eq!(n.retry_tier(9), "p.rings.retry.quorum.16s");
+        assert_eq!(n.retry_tier_waiting(1, None), "p.rings.retry.quorum.1s");
+        assert_eq!(n.retry_tier_waiting(9, None), "p.rings.retry.quorum.16s");
         let wait = |s: f64| Some(Duration::from_secs_f64(s));
         assert_eq!(
             n.retry_tier_waiting(1, wait(0.5)),

@@ -109,7 +109,7 @@ impl ApnsTlsArgs {
 impl ApnsArgs {
     /// Whether any APNs credential is set (or the binary protocol asked for): APNs is meant
     /// to be used, and its settings must be complete.
-    pub fn configured(&self) -> bool {
+    pub(crate) fn configured(&self) -> bool {
         self.apns_key_file.is_some()
             || self.apns_key_id.is_some()
             || self.apns_team_id.is_some()
@@ -119,7 +119,7 @@ impl ApnsArgs {
 
     /// The client when APNs is configured ([`ApnsArgs::configured`]), checked as
     /// [`ApnsArgs::client`] checks it; `None` when no APNs credential is set at all.
-    pub fn client_if_configured(&self) -> Result<Option<Apns>, ConfigError> {
+    pub(crate) fn client_if_configured(&self) -> Result<Option<Apns>, ConfigError> {
         self.configured().then(|| self.client()).transpose()
     }
 
@@ -234,7 +234,7 @@ impl ApnsArgs {
 pub struct Secret(String);
 
 impl Secret {
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }

@@ -185,11 +185,11 @@ pub(super) mod defaults {
     use super::*;
 
     /// The queue prefix when none is given.
-    pub const QUEUE_PREFIX: &str = "ringpush";
+    pub(crate) const QUEUE_PREFIX: &str = "ringpush";
     /// The local RabbitMQ of the README's setup.
-    pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
     /// The local PostgreSQL of the README's setup.
-    pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+    pub(crate) const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
     /// What `ringpush worker` runs with when no flag says otherwise.
     pub fn worker() -> worker::Settings {

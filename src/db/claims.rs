@@ -137,7 +137,7 @@ impl ClaimGuard {
     /// The claim may have lapsed (the database failed for longer than a lease): the next
     /// [`Claims::claim`] asks for it again — kept if it is still this worker's, taken over
     /// or waited for if another worker's.
-    pub fn may_have_lapsed(&self) {
+    pub(crate) fn may_have_lapsed(&self) {
         self.held.store(0, Ordering::Relaxed);
     }
 }
@@ -170,7 +170,7 @@ impl Claims {
     }
 
     /// Reserves `key` in this process; `None` while another copy of the ring has it.
-    pub fn reserve(self: &Arc<Self>, key: RingKey) -> Option<ClaimGuard> {
+    pub(crate) fn reserve(self: &Arc<Self>, key: RingKey) -> Option<ClaimGuard> {
         let ring = self::key(&key);
         let mut state = self.state.lock().unwrap();
         if state.local.contains_key(&ring) {

@@ -88,7 +88,7 @@ impl Ledger {
 
     /// Tells `claims` when the entries of the rings it holds are written: that ends their
     /// claims (see [`super::Claims::recorded`]).
-    pub fn end_claims(&self, claims: Arc<super::Claims>) {
+    pub(crate) fn end_claims(&self, claims: Arc<super::Claims>) {
         let _ = self.claims.set(claims);
     }
 

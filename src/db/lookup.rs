@@ -119,7 +119,7 @@ impl Lookups {
     }
 
     /// How many lookups run at once.
-    pub fn concurrency(&self) -> usize {
+    pub(crate) fn concurrency(&self) -> usize {
         self.max
     }
 
@@ -137,7 +137,10 @@ impl Lookups {
     /// [`Lookups::lookup`], with when the statement that answered was sent (a pooled
     /// connection in hand): what a batch waited before it — another query running, the slots
     /// all taken, a connection — is told apart from the query. `None` when it was abandoned.
-    pub async fn lookup_timed(self: &Arc<Self>, ids: Vec<String>) -> (Found, Option<Instant>) {
+    pub(crate) async fn lookup_timed(
+        self: &Arc<Self>,
+        ids: Vec<String>,
+    ) -> (Found, Option<Instant>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start = {
             let mut state = self.state.lock().unwrap();
@@ -197,7 +200,7 @@ impl Lookups {
     /// One gateway's lookup on its own, not grouped with anyone else's (bounded and cancelled
     /// like the grouped ones): how a grouped lookup that failed for its input finds the
     /// gateway to blame.
-    pub async fn lookup_alone(&self, id: &str) -> Found {
+    pub(crate) async fn lookup_alone(&self, id: &str) -> Found {
         self.query_timed(&[id]).await.0
     }
 

@@ -78,7 +78,7 @@ impl DbError {
     /// The statement failed because of the data it was given (SQLSTATE class 22, data
     /// exception, or 23, integrity constraint violation): the same input fails every time,
     /// so it is the input's fault, not the database's.
-    pub fn is_data_error(&self) -> bool {
+    pub(crate) fn is_data_error(&self) -> bool {
         self.sqlstate()
             .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
     }
@@ -91,7 +91,7 @@ impl DbError {
 
     /// The server broke a deadlock by failing this statement (SQLSTATE 40P01): trying it
     /// again works.
-    pub fn is_deadlock(&self) -> bool {
+    pub(crate) fn is_deadlock(&self) -> bool {
         self.sqlstate() == Some("40P01")
     }
 }

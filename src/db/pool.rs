@@ -44,7 +44,7 @@ const STILL_PRIMARY: &str = "DO $$ BEGIN IF pg_is_in_recovery() THEN \
 
 /// How long a pooled connection may go unused before it is checked with a round trip when
 /// it is taken again (see [`pool`]).
-pub const VERIFY_AFTER_IDLE: Duration = Duration::from_millis(100);
+pub(crate) const VERIFY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// Opens a pool with every timeout set (deadpool's defaults wait forever). The URL may name
 /// several hosts (libpq's multi-host form: `host1:5432,host2:5432`, tried in order) with

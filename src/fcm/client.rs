@@ -166,7 +166,7 @@ impl Client {
         self.inner.gauges.connections()
     }
 
-    pub fn streams_in_flight(&self) -> i64 {
+    pub(crate) fn streams_in_flight(&self) -> i64 {
         self.inner.gauges.streams()
     }
 
@@ -268,7 +268,7 @@ impl Client {
 }
 
 /// The HTTP/2 request of a message (headers only).
-pub fn build_request(
+pub(crate) fn build_request(
     endpoint: &Endpoint,
     path: &PathAndQuery,
     bearer: &HeaderValue,

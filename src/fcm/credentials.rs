@@ -13,9 +13,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
 
 /// The OAuth 2.0 scope FCM HTTP v1 needs.
-pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
+pub(crate) const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// The longest an assertion may be valid (Google refuses `exp` more than an hour after `iat`).
-pub const ASSERTION_LIFETIME_SECS: u64 = 3600;
+pub(crate) const ASSERTION_LIFETIME_SECS: u64 = 3600;
 
 /// Why a service-account file cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,7 +107,7 @@ impl ServiceAccount {
 
     /// The RS256 JWT assertion for the token endpoint, issued at `iat` (Unix seconds):
     /// `iss` = `client_email`, `scope`, `aud` = `token_uri`, `exp` = `iat` + one hour.
-    pub fn assertion_at(&self, iat: u64) -> String {
+    pub(crate) fn assertion_at(&self, iat: u64) -> String {
         self.assertion_with_scope_at(iat, SCOPE)
     }
 
@@ -158,9 +158,10 @@ impl ServiceAccount {
     }
 }
 
+#[cfg(feature = "kit")]
 /// The claims of an RS256 assertion whose signature verifies with `public_key` (DER
 /// `RSAPublicKey`); `None` when it is not a compact JWS, not RS256, or does not verify.
-pub fn verify_assertion(assertion: &str, public_key: &[u8]) -> Option<serde_json::Value> {
+pub(crate) fn verify_assertion(assertion: &str, public_key: &[u8]) -> Option<serde_json::Value> {
     let mut parts = assertion.split('.');
     let (header, claims, sig) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() {
@@ -176,6 +177,7 @@ pub fn verify_assertion(assertion: &str, public_key: &[u8]) -> Option<serde_json
     serde_json::from_slice(&B64.decode(claims).ok()?).ok()
 }
 
+#[cfg(feature = "kit")]
 /// The length of `header.claims` in a compact JWS.
 fn header_len(jws: &str) -> Option<usize> {
     jws.rfind('.')

@@ -141,7 +141,7 @@ impl Template {
 
     /// The request body for `token` with `ttl_secs` left (at least 1). An FCM token holds
     /// only characters JSON takes as they are (checked when it was parsed).
-    pub fn render(&self, token: &DeviceToken, ttl_secs: u64) -> Bytes {
+    pub(crate) fn render(&self, token: &DeviceToken, ttl_secs: u64) -> Bytes {
         let token = format!("\"{}\"", token.as_str());
         let ttl = format!("\"{}s\"", ttl_secs.max(1));
         let (a, b) = if self.token_first {

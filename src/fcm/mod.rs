@@ -23,4 +23,4 @@ pub use provider::Provider;
 /// Google's FCM HTTP v1 endpoint.
 pub const URL: &str = "https://fcm.googleapis.com:443";
 /// The Android notification channel of alert rings unless configured.
-pub const DEFAULT_CHANNEL: &str = "doorbell";
+pub(crate) const DEFAULT_CHANNEL: &str = "doorbell";

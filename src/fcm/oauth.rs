@@ -165,7 +165,7 @@ impl Tokens {
     }
 
     /// Whether the last exchange worked (or none was needed yet).
-    pub fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         !self.failing.load(Ordering::Relaxed)
     }
 

@@ -19,7 +19,7 @@ const FULL: usize = 16 * 1024;
 
 /// A stream whose writes are buffered and flushed in batches (see the module docs).
 #[derive(Debug)]
-pub struct Cork<S> {
+pub(crate) struct Cork<S> {
     inner: S,
     buf: Vec<u8>,
     /// Bytes of `buf` already handed to `inner`.

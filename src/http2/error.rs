@@ -32,7 +32,7 @@ impl SendError {
 
     /// A copy for each notification waiting on the same failure (the binary client answers
     /// them all with it; the error is only text and numbers).
-    pub fn clone_error(&self) -> SendError {
+    pub(crate) fn clone_error(&self) -> SendError {
         match self {
             SendError::Connect { endpoint, reason } => SendError::Connect {
                 endpoint: endpoint.clone(),

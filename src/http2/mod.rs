@@ -148,7 +148,7 @@ pub struct Pool {
 }
 
 /// One persistent connection, opened on first use and replaced when it fails.
-pub struct Slot {
+pub(crate) struct Slot {
     /// The service's name, for logs (`APNs`, `FCM`).
     service: &'static str,
     gauges: Arc<Gauges>,
@@ -172,7 +172,7 @@ struct SlotState {
 
 /// A live HTTP/2 connection.
 #[derive(Clone)]
-pub struct Live {
+pub(crate) struct Live {
     service: &'static str,
     sender: SendRequest<Bytes>,
     /// Set on the first answer: the connection worked (see [`Slot::live`]).
@@ -186,14 +186,14 @@ pub struct Live {
 }
 
 /// A stream that failed; `sent` says whether its request reached the connection.
-pub struct StreamError {
+pub(crate) struct StreamError {
     pub error: h2::Error,
     pub sent: bool,
 }
 
 impl StreamError {
     /// The server certainly did not process it: it may be resent at once.
-    pub fn unprocessed(&self) -> bool {
+    pub(crate) fn unprocessed(&self) -> bool {
         let e = &self.error;
         !self.sent
             || e.reason() == Some(h2::Reason::REFUSED_STREAM)
@@ -201,7 +201,7 @@ impl StreamError {
     }
 
     /// The connection is unusable for new streams.
-    pub fn connection_gone(&self) -> bool {
+    pub(crate) fn connection_gone(&self) -> bool {
         !self.sent || self.error.is_go_away() || self.error.is_io()
     }
 }
@@ -218,11 +218,11 @@ fn now_ms() -> u64 {
 /// How many times a never-processed request is resent before giving up (the request
 /// timeout bounds it too). A busy connection that goes away can send dozens of waiting
 /// requests back at once, each to be placed on the next connection.
-pub const MAX_RESENDS: usize = 32;
+pub(crate) const MAX_RESENDS: usize = 32;
 
 /// A service's answer to one request, with the connection that carried it (a client retires
 /// it after an answer that asks for a new connection).
-pub struct Answered {
+pub(crate) struct Answered {
     pub response: Response,
     pub live: Live,
     pub endpoint: Endpoint,
@@ -236,7 +236,7 @@ impl Pool {
     /// GOAWAY's last stream, never sent because the connection had just gone) is resent at
     /// once on another connection, up to [`MAX_RESENDS`] times; a connection that is gone is
     /// retired. Anything else is the caller's: the answer, or the error.
-    pub async fn send_resending(
+    pub(crate) async fn send_resending(
         &self,
         mut request: impl FnMut(&Endpoint) -> (http::Request<()>, Bytes),
     ) -> Result<Answered, SendError> {
@@ -308,12 +308,12 @@ impl Pool {
     }
 
     /// How many connections the pool keeps.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.slots.len()
     }
 
     /// The next connection, round-robin.
-    pub fn pick(&self) -> &Arc<Slot> {
+    pub(crate) fn pick(&self) -> &Arc<Slot> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         &self.slots[i % self.slots.len()]
     }
@@ -520,7 +520,7 @@ async fn keep_alive(
 
 impl Live {
     /// No new requests on this connection; streams in flight finish.
-    pub fn retire(&self, endpoint: &Endpoint, why: &str) {
+    pub(crate) fn retire(&self, endpoint: &Endpoint, why: &str) {
         if !self.retired.is_cancelled() {
             info!(endpoint = %endpoint.base, reason = why, "replacing the {} connection", self.service);
             self.retired.cancel();

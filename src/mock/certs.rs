@@ -14,7 +14,7 @@ const CA_KEY_FILE: &str = "ca-key.pem";
 const SERVER_NAMES: [&str; 5] = ["localhost", "127.0.0.1", "::1", "mock-apns", "mock-fcm"];
 
 /// The files of a certificate directory.
-pub struct Certs {
+pub(crate) struct Certs {
     /// The CA certificate clients must trust.
     pub ca_file: PathBuf,
     /// The server's chain (its certificate, then the CA).
@@ -40,7 +40,7 @@ pub enum CertError {
 impl Certs {
     /// Loads `ca.pem`, `server.pem` and `server-key.pem` from `dir`, generating all three
     /// when any is missing.
-    pub fn load_or_generate(dir: &Path) -> Result<Self, CertError> {
+    pub(crate) fn load_or_generate(dir: &Path) -> Result<Self, CertError> {
         let ca_file = dir.join("ca.pem");
         let cert_file = dir.join("server.pem");
         let key_file = dir.join("server-key.pem");
@@ -142,7 +142,7 @@ pub fn issue_client_certificate(dir: &Path, name: &str) -> Result<(String, Strin
 }
 
 /// Writes a private key readable by its owner only.
-pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;

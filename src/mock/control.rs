@@ -76,7 +76,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn rejected_total(&self) -> u64 {
+    pub(crate) fn rejected_total(&self) -> u64 {
         self.rejected.values().sum()
     }
 

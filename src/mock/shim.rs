@@ -28,7 +28,7 @@ const MAX_CONCURRENT_STREAMS: u16 = 0x3;
 
 /// A frame the mock wants written to the client.
 #[derive(Debug, Clone)]
-pub enum Inject {
+pub(crate) enum Inject {
     /// SETTINGS with a new MAX_CONCURRENT_STREAMS.
     MaxStreams(u32),
     /// GOAWAY with this last-stream-id, error code and debug data.
@@ -54,7 +54,7 @@ pub struct Handle {
 }
 
 impl Handle {
-    pub fn inject(&self, frame: Inject) {
+    pub(crate) fn inject(&self, frame: Inject) {
         if let Inject::MaxStreams(n) = frame {
             self.announced.store(n, Ordering::SeqCst);
         }

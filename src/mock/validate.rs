@@ -50,7 +50,7 @@ impl Default for AuthCheck {
 
 /// A request that passed every check.
 #[derive(Debug, Clone)]
-pub struct Valid {
+pub(crate) struct Valid {
     pub token: DeviceToken,
     /// The provider token and its claims, when JWTs are checked (not on certificate
     /// connections, where APNs ignores `authorization`).
@@ -59,7 +59,7 @@ pub struct Valid {
 
 /// Checks one request; returns its device token (and JWT), or the status and reason to
 /// answer. `certificate` says the connection presented a client certificate.
-pub fn validate(
+pub(crate) fn validate(
     parts: &Parts,
     body: &[u8],
     auth: &AuthCheck,

@@ -9,13 +9,13 @@ use crate::fcm::credentials::{verify_assertion, ASSERTION_LIFETIME_SECS, SCOPE};
 /// The broader scope Google's token endpoint also grants `messages:send` for (FCM HTTP v1
 /// takes `firebase.messaging` or `cloud-platform`); `firebase-admin` for Python asks for
 /// this one and not `firebase.messaging`.
-pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+pub(crate) const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 
 /// The audience Google's own OAuth libraries write into every assertion, whatever the
 /// service account's `token_uri` says (google-auth for Python: `service_account.py`,
 /// `_GOOGLE_OAUTH2_TOKEN_ENDPOINT`), and which Google's token endpoint — the one the mock
 /// stands in for — takes. ringpush writes the `token_uri` (checked in its own tests).
-pub const GOOGLE_TOKEN_AUDIENCE: &str = "https://oauth2.googleapis.com/token";
+pub(crate) const GOOGLE_TOKEN_AUDIENCE: &str = "https://oauth2.googleapis.com/token";
 
 /// The service account the mock accepts assertions from.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub struct Account {
 
 /// Checks a token request's form body at `now` (Unix seconds); `Err` is the OAuth error
 /// (`invalid_request`, `unsupported_grant_type`, `invalid_grant`) and its description.
-pub fn token_request(
+pub(crate) fn token_request(
     form: &[u8],
     account: &Account,
     now: u64,

@@ -156,12 +156,12 @@ impl MockFcm {
     }
 
     /// `https://localhost:<port>/token`: the `token_uri` of accounts it serves.
-    pub fn token_uri(&self) -> String {
+    pub(crate) fn token_uri(&self) -> String {
         format!("{}/token", self.url())
     }
 
     /// Takes assertions from `account` from now on.
-    pub fn set_account(&self, account: Account) {
+    pub(crate) fn set_account(&self, account: Account) {
         *self.state.account.lock().unwrap() = Some(account);
     }
 
@@ -224,7 +224,7 @@ impl MockFcm {
 }
 
 /// The account the mock takes assertions from, read from a service-account JSON.
-pub fn account_of(json: &[u8]) -> anyhow::Result<Account> {
+pub(crate) fn account_of(json: &[u8]) -> anyhow::Result<Account> {
     let account = crate::fcm::ServiceAccount::parse(json)?;
     Ok(Account {
         public_key: account.public_key(),

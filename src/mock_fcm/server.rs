@@ -388,7 +388,7 @@ fn decide(
 }
 
 /// FCM's HTTP status for an error code.
-pub fn status_of(code: &str) -> u16 {
+pub(crate) fn status_of(code: &str) -> u16 {
     match code {
         "UNREGISTERED" => 404,
         "SENDER_ID_MISMATCH" | "PERMISSION_DENIED" => 403,

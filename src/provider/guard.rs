@@ -44,15 +44,15 @@ use crate::token::{DeviceToken, Platform};
 
 /// How far back the answers of a scope are weighed, and how long a contradiction keeps the
 /// scope doubting.
-pub const WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 /// How long a token accepted in a scope is remembered (for rule 2).
-pub const REMEMBER: Duration = Duration::from_secs(3600);
+pub(crate) const REMEMBER: Duration = Duration::from_secs(3600);
 /// How many accepted tokens a scope remembers at most (8-byte hashes; the oldest go first).
 const REMEMBER_MAX: usize = 100_000;
 /// How many first-push answers a scope weighs at most (the oldest go first).
 const WINDOW_MAX: usize = 100_000;
 /// How soon a doubted token is tried again (the retry tier at least this long).
-pub const DOUBT_RETRY: Duration = Duration::from_secs(4);
+pub(crate) const DOUBT_RETRY: Duration = Duration::from_secs(4);
 /// How long `/readyz` keeps saying so after the last doubted answer.
 const READY_HOLD: Duration = Duration::from_secs(30);
 
@@ -78,7 +78,7 @@ impl Scope {
 
 /// One answer to judge: its scope, its token, whether it answered a first push, and the
 /// answer (a `Dead` one may become `Doubted`).
-pub struct Judged<'a> {
+pub(crate) struct Judged<'a> {
     pub scope: Scope,
     pub token: &'a DeviceToken,
     pub first: bool,
@@ -253,7 +253,7 @@ impl State {
 impl Guard {
     /// Judges the answers of one push: records them, then doubts each dead answer whose
     /// scope looks misconfigured (module docs), turning it into [`Answer::Doubted`].
-    pub fn review(&self, answers: Vec<Judged<'_>>) {
+    pub(crate) fn review(&self, answers: Vec<Judged<'_>>) {
         if answers.is_empty() {
             return;
         }

@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use time::OffsetDateTime;
-
 use super::{Message, PrepareError, Providers};
 use crate::db::Recipient;
 use crate::token::{Kind, Platform};
@@ -121,12 +119,6 @@ impl Prepared {
     /// (`apns-expiration`).
     pub fn expiration(&self) -> i64 {
         self.expiration
-    }
-
-    /// The whole seconds left until the ring expires, at least 1: a `ttl` for a request sent
-    /// now (each send, and each retry, counts it again).
-    pub fn ttl_left(&self, now: OffsetDateTime) -> u64 {
-        (self.expiration - now.unix_timestamp()).max(1) as u64
     }
 
     /// The topic for tokens whose row has none (`RINGPUSH_APNS_TOPIC`).

@@ -35,10 +35,8 @@ pub struct Invalidation {
     pub observed_at: OffsetDateTime,
 }
 
-/// A feedback event (worker → `ringpush.feedback`).
-pub type FeedbackEvent = Invalidation;
 /// A purge request (feedback consumer → `ringpush.purge`).
-pub type PurgeRequest = Invalidation;
+pub(crate) type PurgeRequest = Invalidation;
 
 /// Why a message is not a v1 invalidation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -29,7 +29,7 @@
 use serde::Deserialize;
 
 /// The envelope's `v`.
-pub const VERSION: &str = "ringpush-retry/1";
+pub(crate) const VERSION: &str = "ringpush-retry/1";
 /// Header of the previous release counting how many times a ring had been sent to the retry
 /// tiers; still read, so that retries published before an upgrade go on where they were.
 pub const ATTEMPT_HEADER: &str = "x-ringpush-attempt";

@@ -12,9 +12,9 @@ use time::OffsetDateTime;
 use super::time::{format_rfc3339, parse_rfc3339};
 
 /// Longest `event_id`, in bytes: it becomes `apns-collapse-id`, which APNs caps at 64 bytes.
-pub const MAX_EVENT_ID_BYTES: usize = 64;
+pub(crate) const MAX_EVENT_ID_BYTES: usize = 64;
 /// Longest `gateway_id`, in bytes.
-pub const MAX_GATEWAY_ID_BYTES: usize = 128;
+pub(crate) const MAX_GATEWAY_ID_BYTES: usize = 128;
 
 /// A valid ring event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,7 +131,7 @@ impl RingEvent {
 /// Checks a gateway id as a ring event would. PostgreSQL's `text` cannot hold a NUL: such an
 /// id names no gateway, and the lookup of a batch holding it would fail every time (the
 /// worker would pause and hand the batch back in a loop), so it is refused here.
-pub fn check_gateway_id(id: &str) -> Result<(), RingError> {
+pub(crate) fn check_gateway_id(id: &str) -> Result<(), RingError> {
     check_len("gateway_id", id, MAX_GATEWAY_ID_BYTES)?;
     if id.contains('\0') {
         return Err(RingError::Nul("gateway_id"));

@@ -7,7 +7,7 @@ use ::time::{OffsetDateTime, UtcOffset};
 
 /// Why a string is not a time ringpush accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TimeError {
+pub(crate) enum TimeError {
     /// Not RFC 3339 at all (the `time` crate's words).
     #[error("{0}")]
     Rfc3339(String),
@@ -20,13 +20,13 @@ pub enum TimeError {
 /// `timestamptz` can hold. RFC 3339 also reads the year 0000, and an offset can carry a time
 /// past either end; such a time from outside (a message, a header, an APNs answer) is refused
 /// or replaced where it comes in, so nothing downstream fails on it every time it comes back.
-pub fn in_range(t: OffsetDateTime) -> Option<OffsetDateTime> {
+pub(crate) fn in_range(t: OffsetDateTime) -> Option<OffsetDateTime> {
     let utc = t.checked_to_offset(UtcOffset::UTC)?;
     (1..=9999).contains(&utc.year()).then_some(utc)
 }
 
 /// Parses an RFC 3339 time into UTC, refusing one outside [`in_range`].
-pub fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, TimeError> {
+pub(crate) fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, TimeError> {
     let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| TimeError::Rfc3339(e.to_string()))?;
     in_range(t).ok_or(TimeError::OutOfRange)
 }

@@ -219,7 +219,7 @@ impl Counters {
     }
 
     /// The provider consumption is paused for, if any.
-    pub fn paused_for(&self) -> Option<Platform> {
+    pub(crate) fn paused_for(&self) -> Option<Platform> {
         if !self.paused_provider.load(Ordering::Relaxed) {
             return None;
         }
@@ -354,7 +354,7 @@ impl Counters {
     }
 
     /// `/readyz`: consuming, with APNs, FCM (when configured) and the database answering.
-    pub fn ready_check(
+    pub(crate) fn ready_check(
         self: &Arc<Self>,
         pool: deadpool_postgres::Pool,
         providers: &Providers,

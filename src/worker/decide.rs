@@ -13,7 +13,7 @@ use crate::token::Platform;
 
 /// Whom an answer is about: the token, and what a feedback event about it names.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     pub token: DeviceToken,
     pub environment: Environment,
     /// The topic the notification went to.
@@ -22,7 +22,7 @@ pub struct Target {
 
 /// Where a ring stands when the worker decides.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// The delivery is not a ring event (or an envelope that cannot be read).
     Unreadable { error: String },
     /// Read, before its lookup. `sender`: who the routing key says published it, and
@@ -101,7 +101,7 @@ pub enum Sender {
 
 /// What was counted for a ring that is acked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Delivered {
         accepted: usize,
         rejected: usize,
@@ -119,7 +119,7 @@ pub enum Outcome {
 
 /// What the worker does with a ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disposition {
+pub(crate) enum Disposition {
     /// Nothing decided yet: go on (look it up, push it).
     Continue,
     /// Publish `feedback` (confirmed), then ack.
@@ -169,7 +169,7 @@ pub enum Disposition {
 }
 
 /// The one place that decides.
-pub fn decide(step: Step) -> Disposition {
+pub(crate) fn decide(step: Step) -> Disposition {
     use Disposition as D;
     match step {
         Step::Unreadable { error } => D::Dead {

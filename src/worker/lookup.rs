@@ -249,6 +249,19 @@ pub(super) async fn wait_for_claim(
     }
 }
 
+/// What one gateway's lookup, alone, came to.
+enum Alone {
+    /// Answered: the gateway (none: unknown).
+    Found(Option<Gateway>),
+    /// Refused for its own input (SQLSTATE class 22 or 23): its rings are dead-lettered.
+    Refused(String),
+    /// It kept taking longer than this: dead-lettered, unless every gateway does (then the
+    /// database is slow, and the rings are held).
+    TooSlow(std::time::Duration),
+    /// The database could not be used: the worker's trouble.
+    Unavailable(String),
+}
+
 /// After a grouped lookup failed for its input or kept timing out: each gateway alone, so
 /// that only the rings of the gateway that fails alone are dead-lettered (with the
 /// database's message) and the others go on. `Err` when the database itself is in trouble.
@@ -268,31 +281,21 @@ async fn lookup_one_by_one(
                     Err(LookupError::Timeout(_)) if timeouts + 1 < MAX_LOOKUP_TIMEOUTS => {
                         timeouts += 1;
                     }
-                    Err(LookupError::Timeout(t)) => {
-                        return Err(Ok(format!(
-                            "the token lookup of this gateway took longer than {t:?}, {MAX_LOOKUP_TIMEOUTS} times"
-                        )))
-                    }
-                    Err(LookupError::Data(e)) => {
-                        return Err(Ok(format!("the token lookup failed: {e}")))
-                    }
-                    Err(LookupError::Unavailable(e)) => return Err(Err(e.clone())),
-                    Ok(found) => return Ok(found.get(id.as_str()).cloned()),
+                    Err(LookupError::Timeout(t)) => return Alone::TooSlow(*t),
+                    Err(LookupError::Data(e)) => return Alone::Refused(e.clone()),
+                    Err(LookupError::Unavailable(e)) => return Alone::Unavailable(e.clone()),
+                    Ok(found) => return Alone::Found(found.get(id.as_str()).cloned()),
                 }
             }
         })
         .collect();
-    let answers: Vec<_> = futures_util::stream::iter(answers)
+    let answers: Vec<Alone> = futures_util::stream::iter(answers)
         .buffered(ctx.lookups.concurrency())
         .collect()
         .await;
     // Every gateway too slow on its own: the database is slow, not any one ring's lookup —
     // the worker's trouble, so the rings are held, not dead-lettered.
-    if answers.len() > 1
-        && answers
-            .iter()
-            .all(|a| matches!(a, Err(Ok(reason)) if reason.contains("took longer")))
-    {
+    if answers.len() > 1 && answers.iter().all(|a| matches!(a, Alone::TooSlow(_))) {
         return Err(format!(
             "every gateway's lookup took longer than {:?} on its own",
             crate::db::QUERY_TIMEOUT
@@ -302,14 +305,20 @@ async fn lookup_one_by_one(
     let mut refused = HashMap::new();
     for (id, answer) in ids.iter().zip(answers) {
         match answer {
-            Ok(Some(gateway)) => {
+            Alone::Found(Some(gateway)) => {
                 each.insert(id.clone(), gateway);
             }
-            Ok(None) => {}
-            Err(Ok(reason)) => {
+            Alone::Found(None) => {}
+            Alone::Refused(e) => {
+                refused.insert(id.as_str(), format!("the token lookup failed: {e}"));
+            }
+            Alone::TooSlow(t) => {
+                let reason = format!(
+                    "the token lookup of this gateway took longer than {t:?}, {MAX_LOOKUP_TIMEOUTS} times"
+                );
                 refused.insert(id.as_str(), reason);
             }
-            Err(Err(trouble)) => return Err(trouble),
+            Alone::Unavailable(trouble) => return Err(trouble),
         }
     }
     let (dead, keep): (Vec<_>, Vec<_>) = std::mem::take(rings)

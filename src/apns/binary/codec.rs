@@ -5,15 +5,15 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Command byte of a notification frame.
-pub const FRAME_COMMAND: u8 = 2;
+pub(crate) const FRAME_COMMAND: u8 = 2;
 /// Command byte of an error-response packet.
-pub const ERROR_COMMAND: u8 = 8;
+pub(crate) const ERROR_COMMAND: u8 = 8;
 /// An error-response packet's length.
-pub const ERROR_LEN: usize = 6;
+pub(crate) const ERROR_LEN: usize = 6;
 /// Device tokens are exactly 32 bytes on this interface.
-pub const TOKEN_LEN: usize = 32;
+pub(crate) const TOKEN_LEN: usize = 32;
 /// The largest payload command 2 accepts.
-pub const MAX_PAYLOAD: usize = 2048;
+pub(crate) const MAX_PAYLOAD: usize = 2048;
 
 const ITEM_TOKEN: u8 = 1;
 const ITEM_PAYLOAD: u8 = 2;
@@ -23,7 +23,7 @@ const ITEM_PRIORITY: u8 = 5;
 
 /// One notification, as a command 2 frame carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
+pub(crate) struct Frame {
     pub token: [u8; TOKEN_LEN],
     pub payload: Bytes,
     /// Echoed in an error response; unique per connection.
@@ -34,9 +34,10 @@ pub struct Frame {
     pub priority: u8,
 }
 
+#[cfg(any(test, feature = "kit"))]
 /// Why bytes are not a frame (the mock answers these with the matching status).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     #[error("not a command 2 frame (command {0})")]
     Command(u8),
     #[error("an item overruns the frame")]
@@ -55,6 +56,7 @@ pub enum FrameError {
     ItemSize(u8),
 }
 
+#[cfg(any(test, feature = "kit"))]
 impl FrameError {
     /// The error-response status APNs answers it with.
     pub fn status(&self) -> Status {
@@ -69,7 +71,7 @@ impl FrameError {
 }
 
 /// Appends the frame's bytes (5 header bytes, then the five items) to `out`.
-pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
+pub(crate) fn encode_frame(frame: &Frame, out: &mut BytesMut) {
     let items_len = 3 * 5 + TOKEN_LEN + frame.payload.len() + 4 + 4 + 1;
     out.reserve(5 + items_len);
     out.put_u8(FRAME_COMMAND);
@@ -91,16 +93,18 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
     out.put_u8(frame.priority);
 }
 
+#[cfg(any(test, feature = "kit"))]
 /// A frame read off the wire: its identifier (0 when absent) and what was wrong, if anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decoded {
+pub(crate) struct Decoded {
     pub identifier: u32,
     pub frame: Result<Frame, FrameError>,
 }
 
+#[cfg(any(test, feature = "kit"))]
 /// Reads one frame from the front of `buf`: `Ok(None)` until the whole frame has arrived,
 /// else the frame and how many bytes it took. Items may come in any order.
-pub fn decode_frame(buf: &[u8]) -> Result<Option<(Decoded, usize)>, FrameError> {
+pub(crate) fn decode_frame(buf: &[u8]) -> Result<Option<(Decoded, usize)>, FrameError> {
     let Some(&command) = buf.first() else {
         return Ok(None);
     };
@@ -177,7 +181,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Decoded, usize)>, FrameError> 
 
 /// An error-response status (sheet B5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Status {
+pub(crate) enum Status {
     NoErrors,
     /// 1: processing error on Apple's side: resend.
     ProcessingError,
@@ -199,7 +203,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub fn from_byte(b: u8) -> Self {
+    pub(crate) fn from_byte(b: u8) -> Self {
         match b {
             0 => Status::NoErrors,
             1 => Status::ProcessingError,
@@ -217,7 +221,7 @@ impl Status {
         }
     }
 
-    pub fn byte(self) -> u8 {
+    pub(crate) fn byte(self) -> u8 {
         match self {
             Status::NoErrors => 0,
             Status::ProcessingError => 1,
@@ -238,12 +242,14 @@ impl Status {
 
 /// An error-response packet: the status and the identifier it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ErrorResponse {
+pub(crate) struct ErrorResponse {
     pub status: Status,
     pub identifier: u32,
 }
 
 impl ErrorResponse {
+    /// The packet's six bytes (what the mock's gateway answers with).
+    #[cfg(any(test, feature = "kit"))]
     pub fn encode(&self) -> [u8; ERROR_LEN] {
         let id = self.identifier.to_be_bytes();
         [
@@ -257,7 +263,7 @@ impl ErrorResponse {
     }
 
     /// Reads a packet from exactly six bytes.
-    pub fn decode(b: &[u8; ERROR_LEN]) -> Result<Self, u8> {
+    pub(crate) fn decode(b: &[u8; ERROR_LEN]) -> Result<Self, u8> {
         if b[0] != ERROR_COMMAND {
             return Err(b[0]);
         }
@@ -286,7 +292,7 @@ impl FeedbackTuple {
 
 /// Reads every whole tuple at the front of `buf` (the token length is read, not assumed);
 /// returns them and how many bytes they took. A partial tuple stays for the next read.
-pub fn decode_tuples(buf: &[u8]) -> (Vec<FeedbackTuple>, usize) {
+pub(crate) fn decode_tuples(buf: &[u8]) -> (Vec<FeedbackTuple>, usize) {
     let mut tuples = Vec::new();
     let mut at = 0;
     while buf.len() - at >= 6 {

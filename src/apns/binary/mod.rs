@@ -54,9 +54,9 @@ pub use client::Client;
 use codec::Status;
 
 /// Apple's legacy gateway (retired in 2021; for the systems and rigs that still speak it).
-pub const GATEWAY: &str = "gateway.push.apple.com:2195";
+pub(crate) const GATEWAY: &str = "gateway.push.apple.com:2195";
 /// Apple's legacy feedback service.
-pub const FEEDBACK: &str = "feedback.push.apple.com:2196";
+pub(crate) const FEEDBACK: &str = "feedback.push.apple.com:2196";
 
 /// A `host:port` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +149,7 @@ impl Settings {
 }
 
 /// The reason a binary status stands for (the decisions then live on [`Reason`]).
-pub fn reason_of(status: Status) -> Reason {
+pub(crate) fn reason_of(status: Status) -> Reason {
     match status {
         Status::InvalidToken => Reason::InvalidToken,
         Status::MissingDeviceToken => Reason::MissingDeviceToken,
