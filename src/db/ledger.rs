@@ -10,7 +10,6 @@
 //! rows older than the ring TTL plus a margin through the BRIN index on `recorded_at`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,8 +64,6 @@ pub struct Ledger {
     /// The worker's claims, told when the entries of the rings they hold are written.
     claims: std::sync::OnceLock<Arc<super::Claims>>,
     state: Mutex<Queue>,
-    writes: AtomicU64,
-    rows: AtomicU64,
 }
 
 #[derive(Default)]
@@ -81,8 +78,6 @@ impl Ledger {
             pool,
             claims: std::sync::OnceLock::new(),
             state: Mutex::default(),
-            writes: AtomicU64::new(0),
-            rows: AtomicU64::new(0),
         })
     }
 
@@ -90,14 +85,6 @@ impl Ledger {
     /// claims (see [`super::Claims::recorded`]).
     pub(crate) fn end_claims(&self, claims: Arc<super::Claims>) {
         let _ = self.claims.set(claims);
-    }
-
-    /// Statements written so far, and the rows they inserted.
-    pub fn writes(&self) -> (u64, u64) {
-        (
-            self.writes.load(Ordering::Relaxed),
-            self.rows.load(Ordering::Relaxed),
-        )
     }
 
     /// Records that `accepted` (token hashes) took `ring`, committed when this returns `Ok`.
@@ -175,8 +162,6 @@ impl Ledger {
             Ok(())
         })
         .await?;
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.rows.fetch_add(entries.len() as u64, Ordering::Relaxed);
         if let Some(claims) = self.claims.get() {
             claims.recorded(entries.iter().map(|e| &e.0));
         }

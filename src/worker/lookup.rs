@@ -50,6 +50,74 @@ pub(super) struct Looked {
     pub(super) waiting: Vec<Incoming>,
 }
 
+/// The distinct gateways of `rings`.
+fn gateway_ids(rings: &[Incoming]) -> Vec<String> {
+    rings
+        .iter()
+        .map(Incoming::gateway)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The rings to claim (their positions): each reserved in this process first (a copy of a
+/// ring another copy of which is in hand here waits for it); a ring claimed on an earlier
+/// turn (the database failed meanwhile) keeps its claim.
+fn reserve(ctx: &Context, rings: &mut [Incoming], claims_on: bool) -> Vec<usize> {
+    let mut asking = Vec::new();
+    if claims_on {
+        for (i, ring) in rings.iter_mut().enumerate() {
+            if ring.claim.is_none() {
+                ring.claim = ctx.claims.reserve(ring.key());
+            }
+            if ring.claim.as_ref().is_some_and(|c| !c.held()) {
+                asking.push(i);
+            }
+        }
+    }
+    asking
+}
+
+/// Without claims, the rings a worker may have pushed before, whose ledger entries are read
+/// beside the lookup.
+fn maybe_seen(ctx: &Context, rings: &[Incoming], claims_on: bool) -> Vec<RingKey> {
+    if !ctx.settings.ledger || claims_on {
+        return Vec::new();
+    }
+    rings
+        .iter()
+        .filter(|r| r.maybe_seen)
+        .map(Incoming::key)
+        .collect()
+}
+
+/// Looked up: the ledger's word noted on the rings seen before, and the rings another copy
+/// of which is in hand (their claim not held) set aside to wait for it.
+fn set_aside_waiting(
+    rings: &mut Vec<Incoming>,
+    seen: &crate::db::Seen,
+    claims_on: bool,
+) -> Vec<Incoming> {
+    for ring in rings.iter_mut().filter(|r| r.maybe_seen) {
+        if let Some(recorded) = seen.get(&ring.key()) {
+            ring.recorded = recorded.clone();
+        }
+    }
+    let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(rings)
+        .into_iter()
+        .partition(|r| !claims_on || r.claim.as_ref().is_some_and(|c| c.held()));
+    *rings = ready;
+    for ring in &waiting {
+        info!(
+            gateway = ring.gateway(),
+            event = ring.event(),
+            "another copy of this ring is in hand (a gateway's re-publish); waiting for it"
+        );
+    }
+    waiting
+}
+
 /// Looks up the gateways of `rings` and, beside it in one statement on the primary, claims
 /// them (reading the ledger for those claimed before; without claims, the ledger is read for
 /// the rings that may have been seen). While the database cannot be used, the rings are held
@@ -72,27 +140,8 @@ pub(super) async fn lookup_holding(
                 waiting: Vec::new(),
             });
         }
-        let ids: Vec<String> = rings
-            .iter()
-            .map(Incoming::gateway)
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        // The rings to claim: each reserved in this process first (a copy of a ring another
-        // copy of which is in hand here waits for it); a ring claimed on an earlier turn (the
-        // database failed meanwhile) keeps its claim.
-        let mut asking = Vec::new();
-        if claims_on {
-            for (i, ring) in rings.iter_mut().enumerate() {
-                if ring.claim.is_none() {
-                    ring.claim = ctx.claims.reserve(ring.key());
-                }
-                if ring.claim.as_ref().is_some_and(|c| !c.held()) {
-                    asking.push(i);
-                }
-            }
-        }
+        let ids = gateway_ids(rings);
+        let asking = reserve(ctx, rings, claims_on);
         let asks: Vec<_> = asking
             .iter()
             .map(|&i| {
@@ -102,17 +151,7 @@ pub(super) async fn lookup_holding(
                 )
             })
             .collect();
-        // Without claims, the ledger is read beside the lookup for the rings a worker may
-        // have pushed before.
-        let seen: Vec<RingKey> = if ctx.settings.ledger && !claims_on {
-            rings
-                .iter()
-                .filter(|r| r.maybe_seen)
-                .map(Incoming::key)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let seen = maybe_seen(ctx, rings, claims_on);
         let ((found, sent), seen, claimed) = tokio::join!(
             ctx.lookups.lookup_timed(ids.clone()),
             ctx.ledger.seen(&seen),
@@ -145,22 +184,7 @@ pub(super) async fn lookup_holding(
         };
         let trouble = match (looked_up, seen, claimed) {
             (Ok((gateways, sent)), Ok(seen), Ok(())) => {
-                for ring in rings.iter_mut().filter(|r| r.maybe_seen) {
-                    if let Some(recorded) = seen.get(&ring.key()) {
-                        ring.recorded = recorded.clone();
-                    }
-                }
-                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(rings)
-                    .into_iter()
-                    .partition(|r| !claims_on || r.claim.as_ref().is_some_and(|c| c.held()));
-                *rings = ready;
-                for ring in &waiting {
-                    info!(
-                        gateway = ring.gateway(),
-                        event = ring.event(),
-                        "another copy of this ring is in hand (a gateway's re-publish); waiting for it"
-                    );
-                }
+                let waiting = set_aside_waiting(rings, &seen, claims_on);
                 return Some(Looked {
                     gateways,
                     sent,
