@@ -1,5 +1,5 @@
 //! Feedback event v1 (worker → `ringpush.feedback`) and purge request v1 (feedback consumer
-//! → `ringpush.purge`): one JSON shape under two names (DESIGN.md), read only through
+//! → `ringpush.purge`): one JSON shape under two names (docs/design.md), read only through
 //! [`Invalidation::parse`]; the version rules are in [`crate::wire`]. (Publishing one is the
 //! broker's: `Invalidation::publish` is in [`crate::broker`].)
 //!
