@@ -19,7 +19,7 @@ use crate::token::{DeviceToken, Environment, Platform};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalidation {
     /// The token, with its platform (the optional `"platform"`: `apns` when absent, so v1
-    /// events read as they always did; written only for FCM tokens).
+    /// events read as they always did; written for every platform but APNs).
     pub token: DeviceToken,
     pub environment: Environment,
     /// The topic the rejected notification was sent with.
