@@ -107,7 +107,7 @@ pub struct Purged {
 /// may run a little ahead); further, the request is not trusted.
 pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
-/// Whether a purge request may delete anything (DESIGN.md, Guarantees): its `invalid_since`
+/// Whether a purge request may delete anything (docs/design.md, Guarantees): its `invalid_since`
 /// not later than its `observed_at`, which is not later than now + [`CLOCK_SKEW`]. A request
 /// dated in the future would delete a token the phone registered a second ago.
 pub fn trusted(request: &PurgeRequest, now: OffsetDateTime) -> Result<(), String> {

@@ -1,4 +1,4 @@
-//! Building APNs requests, apart from sending them (DESIGN.md "Notification").
+//! Building APNs requests, apart from sending them (docs/design.md "Notifications").
 //!
 //! The payload of a ring is built once and shared by every token it goes to; the request
 //! for one token is then a handful of headers around that shared body.

@@ -1,4 +1,4 @@
-//! RabbitMQ: the topology DESIGN.md names (declared idempotently by every process at
+//! RabbitMQ: the topology docs/design.md names (declared idempotently by every process at
 //! start), connecting, publishing with a publisher confirm, and consuming with coalesced
 //! acks ([`acks`]).
 //!

@@ -1,4 +1,4 @@
-//! The topology DESIGN.md names, under one prefix ([`Names`]): the rings exchange and its
+//! The topology docs/design.md names, under one prefix ([`Names`]): the rings exchange and its
 //! quorum work queue, the retry tiers, the dead-letter, feedback and purge queues. Every
 //! process declares it idempotently at start ([`declare`]); the demo and tests delete it.
 

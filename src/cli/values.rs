@@ -151,7 +151,7 @@ pub fn interval(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// A duration as `--help` and the README write it: `300ms`, `25s`, `60s`, `10m`, `1h` —
+/// A duration as `--help` and the documentation write it: `300ms`, `25s`, `60s`, `10m`, `1h` —
 /// seconds below ten minutes, then whole minutes or hours. `duration` reads it back.
 pub(super) fn duration_text(d: Duration) -> String {
     let ms = d.as_millis();

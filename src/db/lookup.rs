@@ -286,7 +286,7 @@ fn recipient(row: &tokio_postgres::Row, token: &str) -> Result<Recipient, String
     Ok(Recipient {
         token: DeviceToken::parse_for(platform, token).map_err(|e| e.to_string())?,
         kind: row.get::<_, String>(6).parse()?,
-        // Only APNs has environments: other tokens are production (DESIGN, feedback
+        // Only APNs has environments: other tokens are production (docs/design.md, feedback
         // events).
         environment: match platform {
             Platform::APNS => row.get::<_, String>(3).parse()?,

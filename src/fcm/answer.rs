@@ -1,5 +1,5 @@
-//! What an FCM HTTP v1 answer means (DESIGN.md "FCM answers"): the error codes of the
-//! `google.rpc.Status` body, one enum with the decisions on it, and the reading of a whole
+//! What an FCM HTTP v1 answer means (docs/design.md, "What the answers mean"): the error codes
+//! of the `google.rpc.Status` body, one enum with the decisions on it, and the reading of a whole
 //! answer into a [`Verdict`] — no network, table-tested.
 //!
 //! ```json

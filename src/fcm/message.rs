@@ -1,4 +1,4 @@
-//! Building FCM HTTP v1 messages, apart from sending them (DESIGN.md "FCM, alert" and
+//! Building FCM HTTP v1 messages, apart from sending them (docs/design.md "FCM, alert" and
 //! "FCM, call").
 //!
 //! A ring's message is built once per kind as a [`Template`]: the JSON with two holes, the

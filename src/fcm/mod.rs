@@ -1,4 +1,4 @@
-//! FCM HTTP v1: Android phones (and call-style data messages), as DESIGN.md specifies.
+//! FCM HTTP v1: Android phones (and call-style data messages), as docs/design.md specifies.
 //!
 //! - [`credentials`]: the service-account JSON, checked at start, and its RS256 assertion;
 //! - [`oauth`]: access tokens — exchanged at the account's `token_uri`, shared, renewed

@@ -116,7 +116,8 @@ impl provider::Provider for Provider {
     }
 }
 
-/// What an FCM answer means, in the provider-neutral [`Answer`] (DESIGN.md "FCM answers").
+/// What an FCM answer means, in the provider-neutral [`Answer`] (docs/design.md, "What the
+/// answers mean").
 fn answer_of(result: Result<Verdict, FcmError>) -> Answer {
     match result {
         Ok(Verdict::Accepted) => Answer::Accepted,

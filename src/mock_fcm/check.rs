@@ -2,7 +2,7 @@
 //! (RS256 signature with the service account's key, `iss`, `scope` (`firebase.messaging` or
 //! `cloud-platform`, as Google takes either), `aud` (the `token_uri`, or Google's token
 //! endpoint as Google's libraries write it), `iat`/`exp`), and a message's shape
-//! (DESIGN.md "FCM, alert" / "FCM, call"). Pure, table-tested.
+//! (docs/design.md "FCM, alert" / "FCM, call"). Pure, table-tested.
 
 use crate::fcm::credentials::{verify_assertion, ASSERTION_LIFETIME_SECS, SCOPE};
 

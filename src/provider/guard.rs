@@ -1,4 +1,4 @@
-//! The guard against a configuration mistake (DESIGN.md, Guarantees: "A configuration mistake
+//! The guard against a configuration mistake (docs/design.md, Guarantees: "A configuration mistake
 //! never deletes the fleet's tokens"). A push service that answers "this token is dead" to
 //! every token at once is not reporting dead phones: it is telling ringpush that ringpush asks
 //! the wrong way — production and sandbox swapped (`BadDeviceToken`), a wrong topic

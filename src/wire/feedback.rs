@@ -1,5 +1,5 @@
 //! Feedback event v1 (worker → `ringpush.feedback`) and purge request v1 (feedback consumer
-//! → `ringpush.purge`): one JSON shape under two names (DESIGN.md), read only through
+//! → `ringpush.purge`): one JSON shape under two names (docs/design.md), read only through
 //! [`Invalidation::parse`]; the version rules are in [`crate::wire`]. (Publishing one is the
 //! broker's: `Invalidation::publish` is in [`crate::broker`].)
 //!
@@ -19,7 +19,7 @@ use crate::token::{DeviceToken, Environment, Platform};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalidation {
     /// The token, with its platform (the optional `"platform"`: `apns` when absent, so v1
-    /// events read as they always did; written only for FCM tokens).
+    /// events read as they always did; written for every platform but APNs).
     pub token: DeviceToken,
     pub environment: Environment,
     /// The topic the rejected notification was sent with.

@@ -1,10 +1,10 @@
 //! What crosses the broker: every message body and header ringpush reads or writes, and the
-//! rules each format's version follows (DESIGN.md is the contract; this is its code).
+//! rules each format's version follows (docs/design.md is the contract; this is its code).
 //!
 //! - [`ring`]: **ring event v1**, gateway → rings exchange. `v` is the JSON number 1; any
 //!   other `v` (the retry envelope's string included) is refused as an unknown version and
 //!   the message dead-lettered. Unknown fields are ignored, so a gateway may add fields
-//!   without a new version; changing or removing one needs DESIGN.md's versioned successor.
+//!   without a new version; changing or removing one needs docs/design.md's versioned successor.
 //! - [`retry`]: **the retry envelope** `ringpush-retry/1`, worker → retry tiers → worker
 //!   (and the dead queue). `v` is a string of the family `ringpush-retry/`; a body without
 //!   the family is a gateway's ring event, a family member this worker does not know is

@@ -1,4 +1,4 @@
-//! Ring event v1: what a gateway publishes when the doorbell is pressed (DESIGN.md); the
+//! Ring event v1: what a gateway publishes when the doorbell is pressed (docs/design.md); the
 //! version rules are in [`crate::wire`].
 //!
 //! [`RingEvent::parse`] is the only way to get one; everything that is not a valid v1 ring

@@ -438,7 +438,7 @@ impl Collector for Scrape {
         encode::gauges(
             &mut e,
             "config_suspected",
-            "1 while a configured push service answers \"dead\" to most tokens of a scope (an APNs environment and topic, an FCM project), or to tokens it took lately: a configuration mistake is suspected, the tokens are kept and their rings retried (README, 'A configuration mistake never deletes the fleet's tokens').",
+            "1 while a configured push service answers \"dead\" to most tokens of a scope (an APNs environment and topic, an FCM project), or to tokens it took lately: a configuration mistake is suspected, the tokens are kept and their rings retried (docs/design.md, 'A configuration mistake never deletes the fleet's tokens').",
             "platform",
             &suspected,
         )?;

@@ -101,14 +101,26 @@ fn the_prometheus_rule_manifest_holds_the_rules_file_word_for_word() {
     let manifest = load(&deploy("kubernetes/prometheus-rule.yaml"));
     assert_eq!(manifest["kind"].as_str(), Some("PrometheusRule"));
     assert_eq!(manifest["spec"]["groups"], file["groups"]);
-    // And README's alerts table names every alert.
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    // And the alerts table of docs/operators.md (where every runbook_url points) names every
+    // alert.
+    let guide =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operators.md"))
+            .unwrap();
     for alert in alerts() {
         assert!(
-            readme.contains(&format!("`{alert}`")),
-            "README's alerts table names {alert}"
+            guide.contains(&format!("`{alert}`")),
+            "docs/operators.md's alerts table names {alert}"
         );
+    }
+    for group in file["groups"].as_vec().unwrap() {
+        for rule in group["rules"].as_vec().unwrap() {
+            assert_eq!(
+                rule["annotations"]["runbook_url"].as_str(),
+                Some("docs/operators.md#alerts"),
+                "{:?}'s runbook_url",
+                rule["alert"].as_str()
+            );
+        }
     }
 }
 
@@ -300,7 +312,7 @@ async fn a_real_prometheus_evaluates_every_expression_and_pages_while_apns_is_do
 
     // APNs down (connections refused) while rings go on arriving: the worker pauses, the
     // rings wait in the queue, and the page follows — pending once a minute passed without an
-    // accepted notification, firing 30 s later (README, "Alerts").
+    // accepted notification, firing 30 s later (docs/operators.md, "Alerts").
     let proxy = app.apns_proxy.as_ref().unwrap();
     proxy.set(Mode::Down);
     let down = Instant::now();

@@ -1,4 +1,4 @@
-//! A configuration mistake never deletes the fleet's tokens (DESIGN.md, Guarantees): while
+//! A configuration mistake never deletes the fleet's tokens (docs/design.md, Guarantees): while
 //! APNs answers `BadDeviceToken` (production and sandbox swapped) or `DeviceTokenNotForTopic`
 //! (a wrong topic) to every token, or FCM `SENDER_ID_MISMATCH` (another Firebase project),
 //! the tokens stay, `/readyz` names the setting to check, and once the answers are right

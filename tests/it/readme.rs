@@ -1,12 +1,14 @@
-//! README.md's operator instructions, run as written, so they cannot rot.
+//! The documentation's operator instructions, run as written, so they cannot rot; and the
+//! documentation's links, checked, so that it stays one set of files that stand on their own.
 //!
-//! Which blocks: a fenced block is tested when the line right before its opening fence is
-//! `<!-- tested: KIND -->` (an HTML comment, invisible on GitHub). The kinds:
+//! Which blocks: a fenced block of README.md or of a guide in docs/ ([`DOCS`]) is tested when
+//! the line right before its opening fence is `<!-- tested: KIND -->` (an HTML comment,
+//! invisible on GitHub). The kinds:
 //!
-//! - `operator` (```sh): "Against the mock, as separate processes". Every such block, in the
-//!   order of the file, goes into one bash script (`set -eu` first, so a failing command
+//! - `operator` (```sh): docs/operators.md, "Against the mock, as separate processes". Every
+//!   such block, in the order of the files, goes into one bash script (`set -eu` first, so a failing command
 //!   fails it) run in an empty temporary directory, in a process group of its own, with the
-//!   `ringpush` under test first on `PATH`. The variables the README says a reader may set
+//!   `ringpush` under test first on `PATH`. The variables the guide says a reader may set
 //!   beforehand are set to a scratch world: `RINGPUSH_QUEUE_PREFIX=t-<hex>`,
 //!   `RINGPUSH_DATABASE_URL` naming a schema `t_<hex>`, and free ports in `MOCK_PORT`,
 //!   `WORKER_METRICS`, `FEEDBACK_METRICS`, `PURGE_METRICS`. The script starts the mock,
@@ -14,9 +16,9 @@
 //!   background and rings; the test then checks each process answers `/healthz`, the owner's
 //!   phone was pushed (the worker's `/metrics`) and the token the mock calls Unregistered is
 //!   gone from `push_tokens`.
-//! - `check` (```sh): run once the ring is through; its output must show what the README
+//! - `check` (```sh): run once the ring is through; its output must show what the guide
 //!   says it shows.
-//! - `sql` (```sql): each statement is prepared in the migrated schema (tables, columns and
+//! - `sql` (```sql, docs/apps.md): each statement is prepared in the migrated schema (tables, columns and
 //!   types must exist as written).
 //! - `dead-letters` (```sh): run after a malformed ring was dead-lettered, with the queue
 //!   names' `ringpush.` turned into the scratch prefix; it must show `x-ringpush-error`.
@@ -24,6 +26,10 @@
 //! At the end (also when the test fails) the process group is stopped (SIGTERM, then
 //! SIGKILL), the queues and the schema are removed and the directory deleted; on failure
 //! the script's output and every process's log are printed first.
+//!
+//! The links: every relative link of README.md and docs/*.md names a file that exists, and an
+//! anchor a heading of that file; README links every guide; and no file of the repository
+//! points at the design folder outside it that the project used to rely on.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,11 +41,21 @@ use ringpush::token::random_hex;
 
 use crate::support::{self, TestDb, TestQueues};
 
-const README: &str = include_str!("../../README.md");
+/// The files whose tested blocks run, in this order (the operator blocks are one script).
+const DOCS: [(&str, &str); 6] = [
+    ("README.md", include_str!("../../README.md")),
+    ("docs/design.md", include_str!("../../docs/design.md")),
+    ("docs/operators.md", include_str!("../../docs/operators.md")),
+    ("docs/gateways.md", include_str!("../../docs/gateways.md")),
+    ("docs/apps.md", include_str!("../../docs/apps.md")),
+    ("docs/providers.md", include_str!("../../docs/providers.md")),
+];
 
-/// One tested block of README.md.
+/// One tested block of the documentation.
 #[derive(Debug, Clone)]
 struct Block {
+    /// The file, relative to the repository.
+    file: &'static str,
     kind: String,
     lang: String,
     body: String,
@@ -47,9 +63,9 @@ struct Block {
     line: usize,
 }
 
-/// The blocks marked `<!-- tested: KIND -->`, in the order of the file.
-fn tested_blocks(readme: &str) -> Vec<Block> {
-    let lines: Vec<&str> = readme.lines().collect();
+/// The blocks of `file` (its text `text`) marked `<!-- tested: KIND -->`, in its order.
+fn tested_blocks(file: &'static str, text: &str) -> Vec<Block> {
+    let lines: Vec<&str> = text.lines().collect();
     let mut blocks = Vec::new();
     let mut i = 0;
     while i < lines.len() {
@@ -64,15 +80,16 @@ fn tested_blocks(readme: &str) -> Vec<Block> {
         let fence = lines.get(i + 1).copied().unwrap_or_default();
         let lang = fence.strip_prefix("```").unwrap_or_else(|| {
             panic!(
-                "README.md:{}: the line after `<!-- tested:{kind}-->` must open a code block",
+                "{file}:{}: the line after `<!-- tested:{kind}-->` must open a code block",
                 i + 1
             )
         });
         let start = i + 2;
         let end = (start..lines.len())
             .find(|&j| lines[j].trim_end() == "```")
-            .unwrap_or_else(|| panic!("README.md:{}: the block never closes", i + 2));
+            .unwrap_or_else(|| panic!("{file}:{}: the block never closes", i + 2));
         blocks.push(Block {
+            file,
             kind: kind.trim().to_owned(),
             lang: lang.trim().to_owned(),
             body: lines[start..end].join("\n") + "\n",
@@ -85,12 +102,15 @@ fn tested_blocks(readme: &str) -> Vec<Block> {
 
 fn of_kind<'a>(blocks: &'a [Block], kind: &str, lang: &str) -> Vec<&'a Block> {
     let found: Vec<&Block> = blocks.iter().filter(|b| b.kind == kind).collect();
-    assert!(!found.is_empty(), "README.md has no `tested: {kind}` block");
+    assert!(
+        !found.is_empty(),
+        "the documentation has no `tested: {kind}` block"
+    );
     for b in &found {
         assert_eq!(
             b.lang, lang,
-            "README.md:{}: a `{kind}` block is ```{lang}",
-            b.line
+            "{}:{}: a `{kind}` block is ```{lang}",
+            b.file, b.line
         );
     }
     found
@@ -127,7 +147,7 @@ impl World {
         let dir = std::env::temp_dir().join(format!("ringpush-readme-{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         eprintln!(
-            "README's world: queue prefix {prefix}, schema {}, directory {}",
+            "the documentation's world: queue prefix {prefix}, schema {}, directory {}",
             db.schema,
             dir.display()
         );
@@ -178,7 +198,7 @@ impl World {
     fn write_script(&self, name: &str, blocks: &[&Block]) {
         let mut script = String::from("set -eu\n");
         for b in blocks {
-            script.push_str(&format!("# README.md:{}\n{}", b.line, b.body));
+            script.push_str(&format!("# {}:{}\n{}", b.file, b.line, b.body));
         }
         std::fs::write(self.dir.join(name), script).unwrap();
     }
@@ -190,7 +210,8 @@ impl World {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
-            "README.md's block at line {} fails ({}):\n{stdout}\n{}",
+            "{}'s block at line {} fails ({}):\n{stdout}\n{}",
+            blocks[0].file,
             blocks[0].line,
             out.status,
             String::from_utf8_lossy(&out.stderr)
@@ -217,7 +238,9 @@ impl World {
         let deadline = Instant::now() + Duration::from_secs(30);
         while signal("-0") {
             if Instant::now() > deadline {
-                eprintln!("README processes still running 30 s after SIGTERM: SIGKILL");
+                eprintln!(
+                    "the documentation's processes still running 30 s after SIGTERM: SIGKILL"
+                );
                 signal("-KILL");
                 break;
             }
@@ -280,7 +303,7 @@ where
 fn tested_blocks_are_found_and_kept_apart() {
     let readme = "x\n<!-- tested: operator -->\n```sh\na\nb\n```\n```sh\nnot tested\n```\n\
                   <!-- tested: sql -->\n```sql\nSELECT 1;\n```\n";
-    let blocks = tested_blocks(readme);
+    let blocks = tested_blocks("x.md", readme);
     assert_eq!(blocks.len(), 2, "{blocks:?}");
     assert_eq!(
         (blocks[0].kind.as_str(), blocks[0].lang.as_str()),
@@ -295,7 +318,10 @@ fn tested_blocks_are_found_and_kept_apart() {
 
 #[tokio::test]
 async fn the_operator_instructions_work_as_written() {
-    let blocks = tested_blocks(README);
+    let blocks: Vec<Block> = DOCS
+        .iter()
+        .flat_map(|(file, text)| tested_blocks(file, text))
+        .collect();
     let operator = of_kind(&blocks, "operator", "sh");
     let check = of_kind(&blocks, "check", "sh");
     let sql = of_kind(&blocks, "sql", "sql");
@@ -347,11 +373,11 @@ async fn the_operator_instructions_work_as_written() {
         }
         assert!(
             Instant::now() < deadline,
-            "README's operator blocks did not finish within 120 s"
+            "the operator blocks did not finish within 120 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(status.success(), "README's operator blocks fail: {status}");
+    assert!(status.success(), "the operator blocks fail: {status}");
 
     // Every process it left running answers on its own metrics port (one that stopped at
     // start, e.g. on a wrong flag, says `error: …` in its log: no need to wait).
@@ -421,7 +447,7 @@ async fn the_operator_instructions_work_as_written() {
     })
     .await;
 
-    // What README says its check shows.
+    // What the guide says its check shows.
     let shown = world.run("check.sh", &check);
     for expected in [
         r#"ringpush_notifications_total{outcome="accepted"} 1"#,
@@ -430,7 +456,7 @@ async fn the_operator_instructions_work_as_written() {
     ] {
         assert!(
             shown.contains(expected),
-            "README's check does not show {expected}:\n{shown}"
+            "the guide's check does not show {expected}:\n{shown}"
         );
     }
 
@@ -440,14 +466,14 @@ async fn the_operator_instructions_work_as_written() {
         for statement in block.body.split(';').filter(|s| !s.trim().is_empty()) {
             client.prepare(statement).await.unwrap_or_else(|e| {
                 panic!(
-                    "README.md:{}: {statement:?} does not fit the schema: {e}",
-                    block.line
+                    "{}:{}: {statement:?} does not fit the schema: {e}",
+                    block.file, block.line
                 )
             });
         }
     }
 
-    // A malformed ring is dead-lettered; README's command shows why.
+    // A malformed ring is dead-lettered; the guide's command shows why.
     let connection = broker::connect(&support::amqp_url(), "ringpush readme test")
         .await
         .unwrap();
@@ -479,9 +505,207 @@ async fn the_operator_instructions_work_as_written() {
     let shown = world.run("dead-letters.sh", &renamed.iter().collect::<Vec<_>>());
     assert!(
         shown.contains("x-ringpush-error") && shown.contains("gateway_id"),
-        "README's dead-letter command does not show x-ringpush-error:\n{shown}"
+        "the guide's dead-letter command does not show x-ringpush-error:\n{shown}"
     );
 
     // The processes stop cleanly on SIGTERM (the Drop does the same on failure).
     world.stop_group();
+}
+
+/// The repository's root.
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// README.md and every docs/*.md, relative to the root, read now (not at build time), so a
+/// guide added later is checked too.
+fn markdown_files() -> Vec<(String, String)> {
+    let mut files = vec!["README.md".to_owned()];
+    let mut docs: Vec<String> = std::fs::read_dir(root().join("docs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".md"))
+        .map(|name| format!("docs/{name}"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
+    files
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(root().join(&f)).unwrap();
+            (f, text)
+        })
+        .collect()
+}
+
+/// The lines of a markdown text outside fenced code blocks, with their 1-based numbers.
+fn prose(text: &str) -> Vec<(usize, &str)> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if !fenced {
+            out.push((i + 1, line));
+        }
+    }
+    out
+}
+
+/// The anchors GitHub gives a file's headings: lower case, punctuation but `-` and `_`
+/// dropped, spaces as `-`.
+fn anchors(text: &str) -> Vec<String> {
+    prose(text)
+        .into_iter()
+        .filter_map(|(_, line)| {
+            let title = line.trim_start_matches('#');
+            (title.len() < line.len() && title.starts_with(' ')).then_some(title.trim())
+        })
+        .map(|title| {
+            title
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect()
+}
+
+/// The targets of the markdown links `[text](target)` of a file's prose, with their lines.
+fn links(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (n, line) in prose(text) {
+        let mut rest = line;
+        while let Some(at) = rest.find("](") {
+            rest = &rest[at + 2..];
+            if let Some(end) = rest.find(')') {
+                out.push((n, rest[..end].to_owned()));
+                rest = &rest[end..];
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn anchors_are_what_github_makes_of_headings() {
+    let text = "# Top\n## Against Apple's APNs\n```sh\n# not a heading\n```\n\
+                ### HTTP/2 or the legacy binary interface\n## `ringpush who`: whom a ring reaches\n";
+    assert_eq!(
+        anchors(text),
+        [
+            "top",
+            "against-apples-apns",
+            "http2-or-the-legacy-binary-interface",
+            "ringpush-who-whom-a-ring-reaches"
+        ]
+    );
+    assert_eq!(
+        links("see [a](b.md#c) and [d](#e)\n```\n[x](not-a-link)\n```\n"),
+        [(1, "b.md#c".to_owned()), (1, "#e".to_owned())]
+    );
+}
+
+#[test]
+fn every_link_of_the_documentation_leads_somewhere() {
+    let mut broken = Vec::new();
+    for (file, text) in markdown_files() {
+        let dir = Path::new(&file).parent().unwrap().to_owned();
+        for (line, target) in links(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = target.split_once('#').unwrap_or((&target, ""));
+            let linked = if path.is_empty() {
+                Path::new(&file).to_owned()
+            } else {
+                dir.join(path)
+            };
+            let Ok(linked_text) = std::fs::read_to_string(root().join(&linked)).or_else(|e| {
+                if root().join(&linked).is_dir() {
+                    Ok(String::new())
+                } else {
+                    Err(e)
+                }
+            }) else {
+                broken.push(format!("{file}:{line}: {target}: no such file"));
+                continue;
+            };
+            if !anchor.is_empty() && !anchors(&linked_text).iter().any(|a| a == anchor) {
+                broken.push(format!(
+                    "{file}:{line}: {target}: {} has no heading #{anchor}",
+                    linked.display()
+                ));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn the_readme_leads_to_every_guide() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let targets: Vec<String> = links(&readme).into_iter().map(|(_, t)| t).collect();
+    let mut guides: Vec<String> = markdown_files()
+        .into_iter()
+        .map(|(f, _)| f)
+        .filter(|f| f.starts_with("docs/"))
+        .collect();
+    guides.push("BENCHMARKS.md".to_owned());
+    for guide in guides {
+        assert!(targets.contains(&guide), "README.md does not link {guide}");
+    }
+    // Every tested block is in a file this test runs.
+    for (file, text) in markdown_files() {
+        assert!(
+            !text.contains("<!-- tested:") || DOCS.iter().any(|(f, _)| *f == file),
+            "{file} has tested blocks, but readme.rs's DOCS does not list it"
+        );
+    }
+}
+
+#[test]
+fn no_file_points_outside_the_repository_for_the_design() {
+    // Built here so that this file does not name them itself.
+    let stale = [
+        concat!("..", "/shared"),
+        concat!("shared", "/DESIGN"),
+        concat!("DESIGN", ".md"),
+    ];
+    let mut found = Vec::new();
+    let mut dirs = vec![root().to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !((name.starts_with('.') && name != ".ci") || name == "target") {
+                    dirs.push(path);
+                }
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue; // not text
+            };
+            for (n, line) in text.lines().enumerate() {
+                if stale.iter().any(|s| line.contains(s)) {
+                    found.push(format!(
+                        "{}:{}: {}",
+                        path.strip_prefix(root()).unwrap().display(),
+                        n + 1,
+                        line.trim()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "the design is docs/design.md, in the repository:\n{}",
+        found.join("\n")
+    );
 }
