@@ -109,8 +109,36 @@ struct State {
 }
 
 /// The claims of one worker process (any number of workers share the table).
+/// One ring to claim.
+struct Ask {
+    ring: i64,
+    gateway: String,
+    event: String,
+    seen: bool,
+}
+
+/// A ring's claim count (0: another worker holds it) and the tokens the ledger recorded.
+type Claimed = (i32, HashSet<TokenHash>);
+
+/// Where a waiting batch's claims are answered.
+type Answer = tokio::sync::oneshot::Sender<Result<Vec<Claimed>, String>>;
+
+/// The claims waiting for the next statement, and whether one runs.
+#[derive(Default)]
+struct Queue {
+    running: bool,
+    waiting: Vec<(Vec<Ask>, Answer)>,
+}
+
+/// Why rings could not be claimed (the database's error, as text: one statement answers
+/// for the batches grouped into it).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct ClaimError(String);
+
 pub struct Claims {
     pool: Pool,
+    queue: Mutex<Queue>,
     /// This process's id in `ring_claims.holder`.
     holder: String,
     state: Mutex<State>,
@@ -153,6 +181,7 @@ impl Claims {
     pub fn new(pool: Pool) -> Arc<Self> {
         Arc::new(Self {
             pool,
+            queue: Mutex::default(),
             holder: crate::token::random_hex(8),
             state: Mutex::default(),
             statements: AtomicU64::new(0),
@@ -191,16 +220,103 @@ impl Claims {
     /// tokens the ledger says took it when this worker holds it now, `None` when another
     /// worker does.
     pub async fn claim(
-        &self,
+        self: &Arc<Self>,
         asks: &[(&ClaimGuard, bool)],
-    ) -> Result<Vec<Option<HashSet<TokenHash>>>, DbError> {
+    ) -> Result<Vec<Option<HashSet<TokenHash>>>, ClaimError> {
         if asks.is_empty() {
             return Ok(Vec::new());
         }
-        let rings: Vec<i64> = asks.iter().map(|(g, _)| g.ring).collect();
-        let gateways: Vec<&str> = asks.iter().map(|(g, _)| g.key.gateway.as_str()).collect();
-        let events: Vec<&str> = asks.iter().map(|(g, _)| g.key.event.as_str()).collect();
-        let seen: Vec<bool> = asks.iter().map(|(_, s)| *s).collect();
+        let rows: Vec<Ask> = asks
+            .iter()
+            .map(|(g, seen)| Ask {
+                ring: g.ring,
+                gateway: g.key.gateway.clone(),
+                event: g.key.event.clone(),
+                seen: *seen,
+            })
+            .collect();
+        let claimed = self.grouped(rows).await.map_err(ClaimError)?;
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap();
+        Ok(asks
+            .iter()
+            .zip(claimed)
+            .map(|((guard, _), (claims, recorded))| {
+                if claims == 0 {
+                    WAITED.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                guard.held.store(claims, Ordering::Relaxed);
+                if let Some(local) = state.local.get_mut(&guard.ring) {
+                    *local = Local::Held { claims, since: now };
+                }
+                Some(recorded)
+            })
+            .collect())
+    }
+
+    /// Claims `asks` in the next statement: the asks of the batches that arrive while one
+    /// statement runs go into the next one together (like the ledger's group commit), so a
+    /// busy worker at a low rate — each ring its own batch — runs a few claim statements a
+    /// second, not one per ring. By position: the claim count and the tokens recorded.
+    async fn grouped(self: &Arc<Self>, asks: Vec<Ask>) -> Result<Vec<Claimed>, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.waiting.push((asks, tx));
+            !std::mem::replace(&mut queue.running, true)
+        };
+        if start {
+            let this = self.clone();
+            tokio::spawn(async move { this.drain_claims().await });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the claim statement was abandoned".into()))
+    }
+
+    /// Runs what waits, one statement at a time, until nothing does.
+    async fn drain_claims(&self) {
+        /// Frees the runner's place also when a statement panics.
+        struct Running<'a>(&'a Mutex<Queue>);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+            }
+        }
+        let _running = Running(&self.queue);
+        loop {
+            let waiting = {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if queue.waiting.is_empty() {
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            let all: Vec<&Ask> = waiting.iter().flat_map(|(asks, _)| asks).collect();
+            match self.run_claim(&all).await {
+                Ok(mut claimed) => {
+                    for (asks, tx) in waiting.into_iter().rev() {
+                        let mine = claimed.split_off(claimed.len() - asks.len());
+                        let _ = tx.send(Ok(mine));
+                    }
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    for (_, tx) in waiting {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One claim statement for `asks` (distinct rings: one copy of a ring asks at a time in
+    /// this process); a deadlock is tried again twice.
+    async fn run_claim(&self, asks: &[&Ask]) -> Result<Vec<Claimed>, DbError> {
+        let rings: Vec<i64> = asks.iter().map(|a| a.ring).collect();
+        let gateways: Vec<&str> = asks.iter().map(|a| a.gateway.as_str()).collect();
+        let events: Vec<&str> = asks.iter().map(|a| a.event.as_str()).collect();
+        let seen: Vec<bool> = asks.iter().map(|a| a.seen).collect();
         let lease = LEASE.as_secs_f64();
         let mut tries = 0;
         let rows = loop {
@@ -223,7 +339,7 @@ impl Claims {
             }
         };
         // By position: the claim count and the tokens recorded (0: not claimed).
-        let mut claimed: Vec<(i32, HashSet<TokenHash>)> = vec![(0, HashSet::new()); asks.len()];
+        let mut claimed: Vec<Claimed> = vec![(0, HashSet::new()); asks.len()];
         for row in rows {
             let i: i32 = row.get(0);
             let Some(entry) = usize::try_from(i - 1).ok().and_then(|i| claimed.get_mut(i)) else {
@@ -236,23 +352,7 @@ impl Claims {
                 }
             }
         }
-        let now = Instant::now();
-        let mut state = self.state.lock().unwrap();
-        Ok(asks
-            .iter()
-            .zip(claimed)
-            .map(|((guard, _), (claims, recorded))| {
-                if claims == 0 {
-                    WAITED.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
-                guard.held.store(claims, Ordering::Relaxed);
-                if let Some(local) = state.local.get_mut(&guard.ring) {
-                    *local = Local::Held { claims, since: now };
-                }
-                Some(recorded)
-            })
-            .collect())
+        Ok(claimed)
     }
 
     /// The ledger entries of `rings` were written: their claims (held here) have ended in
