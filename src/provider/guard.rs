@@ -47,10 +47,10 @@ use crate::token::{DeviceToken, Platform};
 pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 /// How long a token accepted in a scope is remembered (for rule 2).
 pub(crate) const REMEMBER: Duration = Duration::from_secs(3600);
-/// How many accepted tokens a scope remembers at most (8-byte hashes; the oldest go first).
-const REMEMBER_MAX: usize = 100_000;
-/// How many first-push answers a scope weighs at most (the oldest go first).
-const WINDOW_MAX: usize = 100_000;
+/// How many accepted tokens a scope remembers at most (64-bit hashes; the oldest go first):
+/// about half a megabyte, whatever the rate; a contradiction is still seen at the first
+/// token of the last 16,384 accepted.
+const REMEMBER_MAX: usize = 16_384;
 /// How soon a doubted token is tried again (the retry tier at least this long).
 pub(crate) const DOUBT_RETRY: Duration = Duration::from_secs(4);
 /// How long `/readyz` keeps saying so after the last doubted answer.
@@ -93,13 +93,14 @@ pub struct Guard {
 
 #[derive(Debug, Default)]
 struct State {
-    /// First-push answers of the last `WINDOW`: when, and whether it said dead.
-    recent: VecDeque<(Instant, bool)>,
+    /// The answers counted over the last `WINDOW`, per second (at most 61 buckets: the
+    /// memory does not grow with the rate): the second, and the dead and accepted ones.
+    recent: VecDeque<(u64, usize, usize)>,
     dead: usize,
     accepted: usize,
     /// Tokens accepted lately (hash → when), and their order of arrival for eviction.
-    accepted_tokens: HashMap<[u8; 8], Instant>,
-    accepted_order: VecDeque<([u8; 8], Instant)>,
+    accepted_tokens: HashMap<u64, Instant>,
+    accepted_order: VecDeque<(u64, Instant)>,
     /// A contradiction (rule 2) keeps the scope doubting until then.
     contradicted_until: Option<Instant>,
     /// Doubting now: since when, why, and when it was last warned about.
@@ -117,8 +118,20 @@ struct Doubt {
     doubted: u64,
 }
 
-fn hash(token: &DeviceToken) -> [u8; 8] {
-    crate::db::ledger_hash(token.as_str())
+/// A token's key among the accepted (SipHash: cheap, and a collision only makes a
+/// contradiction a little likelier).
+fn hash(token: &DeviceToken) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    token.as_str().hash(&mut h);
+    h.finish()
+}
+
+/// Whole seconds since this process's first answer: the buckets' clock.
+fn second(at: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    at.saturating_duration_since(*EPOCH.get_or_init(Instant::now))
+        .as_secs()
 }
 
 /// The state of `scope`, made on first use (the scope cloned only then).
@@ -131,16 +144,14 @@ fn state_of<'s>(scopes: &'s mut HashMap<Scope, State>, scope: &Scope) -> &'s mut
 
 impl State {
     fn prune(&mut self, now: Instant) {
-        while let Some(&(at, dead)) = self.recent.front() {
-            if now.duration_since(at) <= WINDOW && self.recent.len() <= WINDOW_MAX {
+        let oldest = second(now).saturating_sub(WINDOW.as_secs());
+        while let Some(&(at, dead, accepted)) = self.recent.front() {
+            if at >= oldest {
                 break;
             }
             self.recent.pop_front();
-            if dead {
-                self.dead -= 1;
-            } else {
-                self.accepted -= 1;
-            }
+            self.dead -= dead;
+            self.accepted -= accepted;
         }
         while let Some(&(h, at)) = self.accepted_order.front() {
             if now.duration_since(at) <= REMEMBER && self.accepted_order.len() <= REMEMBER_MAX {
@@ -157,7 +168,7 @@ impl State {
     /// contradiction; an accepted token is remembered. A retry concentrates the tokens that
     /// failed: its "never valid" answers are not counted (they were at the first push); its
     /// accepted ones are.
-    fn record_answer(&mut self, now: Instant, token: [u8; 8], dead: bool, first: bool) {
+    fn record_answer(&mut self, now: Instant, token: u64, dead: bool, first: bool) {
         self.prune(now);
         if dead {
             if self.accepted_tokens.contains_key(&token) {
@@ -241,10 +252,16 @@ impl State {
     }
 
     fn record(&mut self, now: Instant, dead: bool) {
-        self.recent.push_back((now, dead));
+        let at = second(now);
+        if self.recent.back().is_none_or(|b| b.0 != at) {
+            self.recent.push_back((at, 0, 0));
+        }
+        let bucket = self.recent.back_mut().expect("just made");
         if dead {
+            bucket.1 += 1;
             self.dead += 1;
         } else {
+            bucket.2 += 1;
             self.accepted += 1;
         }
     }
