@@ -20,7 +20,9 @@ async fn main() -> ExitCode {
         #[cfg(feature = "kit")]
         Command::Demo(_) | Command::Bench(_) => "error,lapin=off",
         // A queue not declared yet is a line in the table, not lapin's channel-close error.
-        Command::Queues(_) | Command::Who(_) | Command::Gateway(_) => "error,lapin=off",
+        Command::Queues(_) | Command::Who(_) | Command::History(_) | Command::Gateway(_) => {
+            "error,lapin=off"
+        }
         // rustls warns when a peer closes without close_notify (ordinary for servers that
         // just drop idle connections), and tokio-postgres logs every server NOTICE (each
         // `migrate` run's "already exists, skipping") at info: noise for an operator.
@@ -118,9 +120,18 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
                 args.count,
                 args.per_second,
                 &via,
+                args.end_event(),
                 cancel,
             )
             .await
+        }
+        Command::History(args) => {
+            let pool = args.database.pool()?;
+            print!(
+                "{}",
+                ops::history(&pool, &args.gateway_id, args.limit).await?
+            );
+            Ok(())
         }
         Command::Gateway(command) => gateway(command).await,
         Command::Queues(args) => {

@@ -325,6 +325,7 @@ pub(crate) fn with_password(amqp_url: &str, password: &str) -> anyhow::Result<St
 
 /// `ringpush ring`: publishes rings as a gateway would, confirmed (MQTT: PUBACKed), at a
 /// steady rate.
+#[allow(clippy::too_many_arguments)]
 pub async fn ring(
     amqp_url: &str,
     names: &Names,
@@ -332,9 +333,13 @@ pub async fn ring(
     count: u64,
     per_second: u32,
     via: &Via,
+    end: Option<crate::wire::ring::EndEvent>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::wire::ring::check_gateway_id(gateway_id)?;
+    if let Some(end) = end {
+        return publish_end(amqp_url, names, via, &end).await;
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
     let new_ring = || RingEvent {
         event_id: crate::token::random_hex(16),
@@ -377,6 +382,70 @@ pub async fn ring(
     Ok(())
 }
 
+/// `ringpush ring --end`: publishes a ring's end as its gateway would, confirmed.
+async fn publish_end(
+    amqp_url: &str,
+    names: &Names,
+    via: &Via,
+    end: &crate::wire::ring::EndEvent,
+) -> anyhow::Result<()> {
+    let said = format!(
+        "ended ring {} of {} ({}, event {})",
+        end.ring_id, end.gateway_id, end.reason, end.event_id
+    );
+    if let Via::Mqtt(target) = via {
+        let mut gateway = MqttGateway::connect(target, &end.gateway_id);
+        gateway.publish_body(&end.gateway_id, end.to_json()).await?;
+        gateway.disconnect().await;
+        println!("{said} over MQTT");
+        return Ok(());
+    }
+    let connection = broker::connect(amqp_url, "ringpush ring").await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    if matches!(via, Via::Amqp { declare: true }) {
+        broker::declare(&channel, names).await?;
+    }
+    broker::publish_end(&channel, names, end).await?;
+    println!("{said}");
+    connection.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// `ringpush history`: a gateway's last rings, newest first, one line each.
+pub async fn history(pool: &Pool, gateway_id: &str, limit: i64) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let rows = crate::db::rings::history(pool, gateway_id, limit).await?;
+    if rows.is_empty() {
+        return Ok(format!("no rings of gateway {gateway_id} in the history\n"));
+    }
+    let time = |t: time::OffsetDateTime| crate::wire::time::format_rfc3339(t);
+    let mut out = format!(
+        "{:<26} {:<12} {:<26} {:<18} {:>6} {:>7}  {}\n",
+        "pressed_at", "state", "ended_at", "by", "phones", "presses", "event"
+    );
+    for r in rows {
+        let by = match (&r.by_name, r.by_user) {
+            (Some(name), Some(id)) => format!("{name} ({id})"),
+            (None, Some(id)) => format!("user {id}"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<26} {:<12} {:<26} {:<18} {:>6} {:>7}  {}{}",
+            time(r.pressed_at),
+            r.state,
+            r.ended_at.map_or("-".into(), time),
+            by,
+            r.phones,
+            r.presses,
+            r.event_id,
+            r.switch_id
+                .map_or(String::new(), |s| format!(" (switch {s})")),
+        );
+    }
+    Ok(out)
+}
+
 /// A gateway speaking MQTT: client id = gateway id, clean session, QoS 1, retain off.
 pub struct MqttGateway {
     client: rumqttc::AsyncClient,
@@ -398,9 +467,15 @@ impl MqttGateway {
     /// broker's PUBACK. A publish the broker refuses gets none: it closes the connection,
     /// and this returns the error.
     pub async fn publish(&mut self, ring: &RingEvent) -> anyhow::Result<()> {
-        let topic = format!("ring/{}", ring.gateway_id);
+        self.publish_body(&ring.gateway_id, ring.to_json()).await
+    }
+
+    /// Publishes any event body of `gateway_id` (a ring, its end) to `ring/<gateway_id>`, as
+    /// [`MqttGateway::publish`] does.
+    pub async fn publish_body(&mut self, gateway_id: &str, body: Vec<u8>) -> anyhow::Result<()> {
+        let topic = format!("ring/{gateway_id}");
         self.client
-            .publish(&topic, rumqttc::QoS::AtLeastOnce, false, ring.to_json())
+            .publish(&topic, rumqttc::QoS::AtLeastOnce, false, body)
             .await?;
         let acked = async {
             loop {

@@ -31,7 +31,7 @@ use tracing::warn;
 use crate::db::Recipient;
 use crate::token::{Environment, Kind, Platform};
 
-pub use prepare::{AlertTemplate, Messages, Prepared, Ring};
+pub use prepare::{followup_text, AlertTemplate, Ending, Messages, Prepared, Ring};
 
 /// One token's answer, whatever the provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,8 +109,16 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// The platform whose tokens it pushes (their `platform` column).
     fn platform(&self) -> Platform;
 
-    /// Builds the ring's message for its tokens of `kind`, once per ring and kind.
+    /// Builds the ring's message for its tokens of `kind`, once per ring and kind — for a
+    /// follow-up ([`Ring::ending`] set), the message that tells the phone the ring ended.
     fn prepare(&self, ring: &Ring<'_>, kind: Kind) -> Result<Message, PrepareError>;
+
+    /// Whether its tokens of `kind` get a follow-up when a ring ends; `Err` names the outcome
+    /// they are counted under instead (`ringpush_followups_total{outcome}`), e.g.
+    /// `skipped_voip` (Apple requires every VoIP push to report a new call).
+    fn follow_up(&self, _kind: Kind) -> Result<(), &'static str> {
+        Ok(())
+    }
 
     /// Sends the prepared `message` to one token and says what the answer means.
     fn send<'a>(
@@ -243,8 +251,19 @@ impl Providers {
         gateway_name: &str,
         recipients: &[&Recipient],
         messages: &Messages<'_>,
+        ending: Option<&Ending>,
     ) -> Result<Prepared, PrepareError> {
-        Prepared::new(self, event, gateway_name, recipients, messages)
+        Prepared::new(self, event, gateway_name, recipients, messages, ending)
+    }
+
+    /// Whether `to` gets a follow-up when a ring ends (`Err`: the outcome it is counted under
+    /// instead). A platform without a provider: `Ok` (its tokens are then skipped as
+    /// unconfigured, as for a ring).
+    pub fn follows_up(&self, to: &Recipient) -> Result<(), &'static str> {
+        match self.get(to.token.platform()) {
+            Some(p) => p.follow_up(to.kind),
+            None => Ok(()),
+        }
     }
 
     /// Sends the ring to one token through its platform's provider and says what it means.
@@ -407,7 +426,9 @@ mod tests {
         };
         let providers = Providers::new(vec![Arc::new(Echo)]).unwrap();
         let all = [&apns_alert, &fcm_call, &echoed, &called];
-        let prepared = providers.prepare(&ring(), "Door", &all, &messages).unwrap();
+        let prepared = providers
+            .prepare(&ring(), "Door", &all, &messages, None)
+            .unwrap();
         assert_eq!(
             providers.send(&prepared, &apns_alert).await,
             Answer::Skipped(Skip::Unconfigured(Platform::APNS))

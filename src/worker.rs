@@ -105,6 +105,16 @@ pub struct Settings {
     /// on): a gateway's re-publish of a ring is then the same ring, whichever worker gets
     /// each copy and when. Off only to measure what it costs.
     pub claims: bool,
+    /// A ring still ringing this long after `pressed_at` ends `missed`
+    /// (`RINGPUSH_RING_TIMEOUT`).
+    pub ring_timeout: Duration,
+    /// A press less than this after a ring of its switch still ringing folds into it
+    /// (`RINGPUSH_RING_DEBOUNCE`; zero: off).
+    pub ring_debounce: Duration,
+    /// How long a follow-up is worth delivering after the end (`RINGPUSH_FOLLOWUP_TTL`).
+    pub followup_ttl: Duration,
+    /// How long a ring's history is kept (`RINGPUSH_RING_HISTORY`).
+    pub ring_history: Duration,
 }
 
 impl Settings {
@@ -125,6 +135,10 @@ impl Settings {
             grace: Duration::from_secs(25),
             ledger: true,
             claims: true,
+            ring_timeout: Duration::from_secs(30),
+            ring_debounce: Duration::from_secs(5),
+            followup_ttl: Duration::from_secs(3600),
+            ring_history: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -159,6 +173,8 @@ struct Shared {
     ledger: Arc<db::Ledger>,
     /// Which rings this worker has in hand (claimed before they are pushed).
     claims: Arc<db::Claims>,
+    /// The rings' lives: registered before they are pushed, ended, missed.
+    rings: Arc<db::rings::Rings>,
     providers: Providers,
     counters: Arc<Counters>,
     pause: Pause,
@@ -255,11 +271,16 @@ async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let Pools { primary, lookups } = pools.into();
+    let timing = db::rings::Timing {
+        timeout: settings.ring_timeout,
+        debounce: settings.ring_debounce,
+    };
     let shared = Arc::new(Shared {
         settings,
         lookups: db::Lookups::new(lookups.clone()),
         ledger: db::Ledger::new(primary.clone()),
         claims: db::Claims::new(primary.clone()),
+        rings: db::rings::Rings::new(primary.clone(), timing),
         pool: lookups,
         primary,
         providers: providers.into(),
@@ -272,6 +293,11 @@ async fn run(
     if shared.settings.ledger {
         tokio::spawn(sweep_ledger(shared.clone(), cancel.clone()));
     }
+    tokio::spawn(sweep_missed(
+        shared.clone(),
+        amqp_url.to_owned(),
+        cancel.clone(),
+    ));
     if shared.claims_on() {
         shared.ledger.end_claims(shared.claims.clone());
         tokio::spawn(renew_claims(shared.clone(), cancel.clone()));
@@ -327,6 +353,16 @@ async fn sweep_ledger(shared: Arc<Shared>, cancel: CancellationToken) {
             Ok(n) => tracing::debug!(entries = n, "swept old ledger entries"),
             Err(e) => tracing::warn!(error = %e, "could not sweep the delivery ledger"),
         }
+        let orphan_ends = shared.settings.ring_ttl + LEDGER_MARGIN;
+        match shared
+            .rings
+            .sweep(shared.settings.ring_history, orphan_ends)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rings = n, "swept old ring history"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep the ring history"),
+        }
         if shared.claims_on() {
             match shared.claims.sweep(keep).await {
                 Ok(0) => {}
@@ -335,6 +371,83 @@ async fn sweep_ledger(shared: Arc<Shared>, cancel: CancellationToken) {
             }
         }
     }
+}
+
+/// Most rings one missed sweep ends (the rest are left to the next one, a moment later).
+const MISSED_PER_SWEEP: i64 = 500;
+
+/// Every half second or so (jittered, so replicas spread out), ends `missed` the rings still
+/// ringing past their deadline and publishes their ends — a worker-only message (routing key
+/// `ring.retry`, which no gateway may publish) that a worker then handles as any end: the
+/// phones that took the ring get their follow-up. The rings' rows stay locked until the ends
+/// are confirmed; a worker that dies in between leaves them to the next sweep, here or on
+/// another worker. Every worker sweeps; the rows one sweeps, the others skip.
+async fn sweep_missed(shared: Arc<Shared>, amqp_url: String, cancel: CancellationToken) {
+    let mut channel: Option<(lapin::Connection, lapin::Channel)> = None;
+    loop {
+        let wait =
+            crate::backoff::jittered(Duration::from_millis(250), Duration::from_millis(500), 1);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if !channel
+            .as_ref()
+            .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected())
+        {
+            channel = match connect_for_missed(&amqp_url).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the missed sweep waits for the broker");
+                    continue;
+                }
+            };
+        }
+        let Some((_, ch)) = channel.as_ref() else {
+            continue;
+        };
+        let names = &shared.settings.names;
+        let announce = |missed: Vec<db::rings::Missed>| async move {
+            let now = OffsetDateTime::now_utc().unix_timestamp() as u64;
+            let properties = lapin::BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_timestamp(now);
+            let publishes = missed.iter().map(|m| {
+                let body = db::rings::missed_end(m).to_json();
+                let properties = properties.clone();
+                async move {
+                    broker::publish_confirmed(
+                        ch,
+                        &names.rings,
+                        crate::broker::RETRY_KEY,
+                        &body,
+                        properties,
+                    )
+                    .await
+                }
+            });
+            for result in join_all(publishes).await {
+                result.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        match shared.rings.sweep_missed(MISSED_PER_SWEEP, announce).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rings = n, "rings nobody answered in time end missed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the missed sweep failed; it runs again shortly");
+                channel = None;
+            }
+        }
+    }
+}
+
+async fn connect_for_missed(
+    amqp_url: &str,
+) -> Result<(lapin::Connection, lapin::Channel), broker::BrokerError> {
+    let connection = broker::connect(amqp_url, "ringpush worker (missed rings)").await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    Ok((connection, channel))
 }
 
 /// Renews the leases of the claims this worker holds (the rings in hand a while: held while

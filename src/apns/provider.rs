@@ -11,7 +11,9 @@ use bytes::Bytes;
 use prometheus_client::encoding::DescriptorEncoder;
 use time::OffsetDateTime;
 
-use super::request::{build_call_payload, build_payload, voip_topic, Notification, PushType};
+use super::request::{
+    build_call_payload, build_followup_payload, build_payload, voip_topic, Notification, PushType,
+};
 use super::{Apns, Reason, SendError};
 use crate::db::Recipient;
 use crate::provider::guard::Scope;
@@ -45,11 +47,27 @@ impl provider::Provider for Provider {
     }
 
     fn prepare(&self, ring: &Ring<'_>, kind: Kind) -> Result<Message, PrepareError> {
-        let payload = match kind {
-            Kind::Alert => build_payload(ring.event, ring.gateway_name, ring.messages.alert)?,
-            Kind::Call => build_call_payload(ring.event, ring.gateway_name)?,
+        let payload = match (kind, ring.ending) {
+            (Kind::Alert, Some(ending)) => {
+                build_followup_payload(ring.event, ring.gateway_name, ending)?
+            }
+            (Kind::Alert, None) => {
+                build_payload(ring.event, ring.gateway_name, ring.messages.alert)?
+            }
+            (Kind::Call, _) => build_call_payload(ring.event, ring.gateway_name)?,
         };
         Ok(std::sync::Arc::new(payload))
+    }
+
+    /// An alert token gets its follow-up over HTTP/2; a VoIP token never (Apple requires
+    /// every VoIP push to report a new incoming call: the app ends its CallKit call from its
+    /// own signalling); the legacy binary interface sends none.
+    fn follow_up(&self, kind: Kind) -> Result<(), &'static str> {
+        match (&self.client, kind) {
+            (Apns::Binary(_), _) => Err("unsupported"),
+            (_, Kind::Call) => Err("skipped_voip"),
+            (_, Kind::Alert) => Ok(()),
+        }
     }
 
     fn send<'a>(
@@ -274,7 +292,9 @@ mod tests {
             (recipient(token(), Kind::Alert, Some("a.b")), "a.b"),
         ];
         let all: Vec<&Recipient> = cases.iter().map(|(r, _)| r).collect();
-        let prepared = providers.prepare(&ring(), "Door", &all, &messages).unwrap();
+        let prepared = providers
+            .prepare(&ring(), "Door", &all, &messages, None)
+            .unwrap();
         for (r, want) in &cases {
             assert_eq!(apns.topic(&prepared, r).as_deref(), Some(*want), "{r:?}");
             assert_eq!(providers.topic(&prepared, r).as_deref(), Some(*want));
@@ -288,6 +308,7 @@ mod tests {
             event: &ring(),
             gateway_name: "Door",
             messages: &messages,
+            ending: None,
         };
         let call = apns.prepare(&ring, Kind::Call).unwrap();
         let call: serde_json::Value =

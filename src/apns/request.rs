@@ -146,6 +146,33 @@ pub(crate) fn build_payload(
     Ok(Bytes::from(bytes))
 }
 
+/// Builds the JSON payload of a ring's follow-up to its alert tokens (the same bytes for
+/// each): the gateway's name and how the ring ended, `passive` and without a sound — it
+/// replaces the ringing banner (same `apns-collapse-id`) without ringing again.
+pub(crate) fn build_followup_payload(
+    ring: &RingEvent,
+    gateway_name: &str,
+    ending: &crate::provider::Ending,
+) -> Result<Bytes, PayloadError> {
+    let payload = serde_json::json!({
+        "aps": {
+            "alert": {"title": gateway_name, "body": ending.text},
+            "interruption-level": "passive",
+            "thread-id": ring.gateway_id,
+        },
+        "event_id": ring.event_id,
+        "gateway_id": ring.gateway_id,
+        "state": ending.state.as_str(),
+        "pressed_at": ring.pressed_at_rfc3339(),
+        "ended_at": ending.ended_at_rfc3339(),
+    });
+    let bytes = serde_json::to_vec(&payload).expect("a JSON value serialises");
+    if bytes.len() > MAX_PAYLOAD_BYTES {
+        return Err(PayloadError::TooLarge(bytes.len()));
+    }
+    Ok(Bytes::from(bytes))
+}
+
 /// One notification to one token: everything a request needs.
 #[derive(Debug, Clone)]
 pub struct Notification {

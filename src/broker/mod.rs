@@ -27,8 +27,8 @@ pub use acks::Acks;
 pub use consume::{consume_batches, requeue, Consumer, Control};
 pub use publish::{
     check_fits, confirm_channel, dead_letter, dead_letter_with, error_header, properties_size,
-    publish_checked, publish_confirmed, publish_ring, truncate, with_header, Publisher,
-    CONFIRM_TIMEOUT, ERROR_HEADER, MAX_BODY_BYTES, MAX_REASON_BYTES,
+    publish_checked, publish_confirmed, publish_end, publish_ring, truncate, with_header,
+    Publisher, CONFIRM_TIMEOUT, ERROR_HEADER, MAX_BODY_BYTES, MAX_REASON_BYTES,
 };
 pub use topology::{
     declare, delete, Names, DELIVERY_LIMIT, MQTT_EXCHANGE, RETRY_DELAYS, RETRY_KEY,

@@ -181,6 +181,27 @@ pub async fn publish_confirmed(
     }
 }
 
+/// Publishes a ring's end as its gateway does (ring event v2, `type: ended`), as
+/// [`publish_ring`] publishes a ring.
+pub async fn publish_end(
+    channel: &Channel,
+    names: &Names,
+    end: &crate::wire::ring::EndEvent,
+) -> Result<(), BrokerError> {
+    let mut properties = BasicProperties::default().with_content_type("application/json".into());
+    if let Some(at) = end.at {
+        properties = properties.with_timestamp(at.unix_timestamp().max(0) as u64);
+    }
+    publish_confirmed(
+        channel,
+        &names.rings,
+        &Names::ring_key(&end.gateway_id),
+        &end.to_json(),
+        properties,
+    )
+    .await
+}
+
 /// Publishes a ring as a gateway does: to the rings exchange, keyed by gateway, JSON,
 /// persistent, confirmed.
 pub async fn publish_ring(

@@ -28,6 +28,10 @@ pub struct FcmArgs {
     /// Android notification channel of alert rings.
     #[arg(long, env = "RINGPUSH_FCM_CHANNEL", default_value = fcm::DEFAULT_CHANNEL)]
     pub fcm_channel: String,
+    /// Android notification channel of follow-ups (a ring's end): one the app creates without
+    /// a sound.
+    #[arg(long, env = "RINGPUSH_FCM_QUIET_CHANNEL", default_value = fcm::DEFAULT_QUIET_CHANNEL)]
+    pub fcm_quiet_channel: String,
     /// Persistent HTTP/2 connections to FCM.
     #[arg(long, env = "RINGPUSH_FCM_CONNECTIONS", default_value_t = fcm::Settings::new(fcm_default_url()).tuning.connections, value_parser = positive::<usize>("RINGPUSH_FCM_CONNECTIONS"))]
     pub fcm_connections: usize,
@@ -54,10 +58,17 @@ impl FcmArgs {
         if self.fcm_channel.is_empty() {
             return Err(config_error("RINGPUSH_FCM_CHANNEL", "must not be empty"));
         }
+        if self.fcm_quiet_channel.is_empty() {
+            return Err(config_error(
+                "RINGPUSH_FCM_QUIET_CHANNEL",
+                "must not be empty",
+            ));
+        }
         let tls = tls::client_config(self.fcm_ca_file.as_deref(), None)
             .map_err(|e| config_error("RINGPUSH_FCM_CA_FILE", e))?;
         let mut settings = fcm::Settings::new(self.fcm_url.clone());
         settings.channel = self.fcm_channel.clone();
+        settings.quiet_channel = self.fcm_quiet_channel.clone();
         settings.request_timeout = self.fcm_request_timeout;
         settings.tuning.connections = self.fcm_connections;
         fcm::Client::new(settings, account, tls)

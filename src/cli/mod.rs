@@ -36,8 +36,8 @@ pub use self::mock::MockArgs;
 #[cfg(feature = "kit")]
 pub use self::mock_fcm::MockFcmArgs;
 pub use self::ops::{
-    GatewayAddArgs, GatewayCommand, GatewayIdArgs, GatewayPasswordArgs, ManagementArgs, QueuesArgs,
-    RingArgs, SeedArgs, WhoArgs,
+    GatewayAddArgs, GatewayCommand, GatewayIdArgs, GatewayPasswordArgs, HistoryArgs,
+    ManagementArgs, QueuesArgs, RingArgs, SeedArgs, WhoArgs,
 };
 pub use self::services::{FeedbackArgs, PurgeArgs, WorkerArgs};
 #[cfg(feature = "kit")]
@@ -103,8 +103,11 @@ pub enum Command {
     /// Run the whole pipeline on this machine and print what happened.
     #[cfg(feature = "kit")]
     Demo(DemoArgs),
-    /// Publish rings as a gateway does: one, or N at a steady rate.
+    /// Publish rings as a gateway does: one, or N at a steady rate — or, with --end, a
+    /// ring's end.
     Ring(RingArgs),
+    /// Show a gateway's last rings: pressed, how they ended, who answered, phones reached.
+    History(HistoryArgs),
     /// Show every ringpush queue: ready messages, consumers, rate.
     Queues(QueuesArgs),
     /// Show whom a ring from a gateway would reach right now.

@@ -38,9 +38,57 @@ pub struct RingArgs {
     /// the workers declared without declaring anything itself.
     #[arg(long)]
     pub password_file: Option<std::path::PathBuf>,
+    /// Publish the end of the ring with this event id instead of a ring (ring event v2,
+    /// `type: ended`), as the gateway does when someone answers.
+    #[arg(long, value_name = "RING_ID")]
+    pub end: Option<String>,
+    /// With --end: how the ring ended — answered, declined, door_opened or cancelled.
+    #[arg(long, requires = "end", default_value = "answered", value_parser = end_reason)]
+    pub reason: crate::wire::ring::EndReason,
+    /// With --end: the user (users.id) who answered or declined.
+    #[arg(long, requires = "end")]
+    pub by_user: Option<i64>,
+}
+
+/// An end's reason as a gateway may send it (`missed` is ringpush's own).
+fn end_reason(s: &str) -> Result<crate::wire::ring::EndReason, String> {
+    use crate::wire::ring::EndReason;
+    match EndReason::from_name(s) {
+        Some(EndReason::Missed) => Err(
+            "missed is decided by ringpush (RINGPUSH_RING_TIMEOUT), not sent by a gateway".into(),
+        ),
+        Some(r) => Ok(r),
+        None => Err(format!(
+            "{s:?}: one of answered, declined, door_opened, cancelled"
+        )),
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub database: super::DatabaseArgs,
+    /// The gateway whose rings to show.
+    pub gateway_id: String,
+    /// How many rings, newest first.
+    #[arg(long, default_value = "20", value_parser = positive::<i64>("--limit"))]
+    pub limit: i64,
 }
 
 impl RingArgs {
+    /// The end to publish (with --end): its own event id is new.
+    pub fn end_event(&self) -> Option<crate::wire::ring::EndEvent> {
+        let ring_id = self.end.clone()?;
+        Some(crate::wire::ring::EndEvent {
+            event_id: crate::token::random_hex(16),
+            ring_id,
+            gateway_id: self.gateway_id.clone(),
+            reason: self.reason,
+            by_user: self.by_user,
+            at: Some(time::OffsetDateTime::now_utc()),
+        })
+    }
+
     /// The AMQP URL to use, and how to reach the broker.
     pub fn target(&self) -> anyhow::Result<(String, crate::ops::Via)> {
         let password = match &self.password_file {

@@ -27,6 +27,20 @@ pub struct WorkerArgs {
     /// How long a ring is worth delivering after it was pressed.
     #[arg(long, env = "RINGPUSH_RING_TTL", default_value = shown!(defaults::worker().ring_ttl), value_parser = duration("RINGPUSH_RING_TTL"))]
     pub ring_ttl: Duration,
+    /// A ring nobody answered ends `missed` this long after it was pressed (at most the
+    /// ring TTL).
+    #[arg(long, env = "RINGPUSH_RING_TIMEOUT", default_value = shown!(defaults::worker().ring_timeout), value_parser = duration("RINGPUSH_RING_TIMEOUT"))]
+    pub ring_timeout: Duration,
+    /// A press of a switch less than this after its ring still ringing is folded into it,
+    /// not pushed (0s: off).
+    #[arg(long, env = "RINGPUSH_RING_DEBOUNCE", default_value = shown!(defaults::worker().ring_debounce), value_parser = duration("RINGPUSH_RING_DEBOUNCE"))]
+    pub ring_debounce: Duration,
+    /// How long a follow-up (a ring's end) is worth delivering after the end.
+    #[arg(long, env = "RINGPUSH_FOLLOWUP_TTL", default_value = shown!(defaults::worker().followup_ttl), value_parser = duration("RINGPUSH_FOLLOWUP_TTL"))]
+    pub followup_ttl: Duration,
+    /// How long each ring's history is kept.
+    #[arg(long, env = "RINGPUSH_RING_HISTORY", default_value = shown!(defaults::worker().ring_history), value_parser = duration("RINGPUSH_RING_HISTORY"))]
+    pub ring_history: Duration,
     /// Unacked rings the broker may hand this worker at once.
     #[arg(long, env = "RINGPUSH_PREFETCH", default_value_t = defaults::worker().prefetch, value_parser = positive::<u16>("RINGPUSH_PREFETCH"))]
     pub prefetch: u16,
@@ -94,6 +108,23 @@ impl WorkerArgs {
         if self.ring_ttl.is_zero() {
             return Err(config_error("RINGPUSH_RING_TTL", "must be more than zero"));
         }
+        if self.ring_timeout.is_zero() || self.ring_timeout > self.ring_ttl {
+            return Err(config_error(
+                "RINGPUSH_RING_TIMEOUT",
+                format!(
+                    "must be more than zero and at most RINGPUSH_RING_TTL ({}): a ring is missed while it can still be followed up",
+                    super::values::duration_text(self.ring_ttl)
+                ),
+            ));
+        }
+        for (var, value) in [
+            ("RINGPUSH_FOLLOWUP_TTL", self.followup_ttl),
+            ("RINGPUSH_RING_HISTORY", self.ring_history),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(config_error(var, "must be at least 1s"));
+            }
+        }
         if self.retry_max_bytes > crate::broker::MAX_BODY_BYTES {
             return Err(config_error(
                 "RINGPUSH_RETRY_MAX_BYTES",
@@ -116,6 +147,10 @@ impl WorkerArgs {
             grace: self.shutdown_grace,
             ledger: self.ledger,
             claims: self.claims,
+            ring_timeout: self.ring_timeout,
+            ring_debounce: self.ring_debounce,
+            followup_ttl: self.followup_ttl,
+            ring_history: self.ring_history,
             ..worker::Settings::new(self.broker.names())
         })
     }

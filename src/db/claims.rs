@@ -60,8 +60,9 @@ const CLAIM: &str = "WITH r AS (
                   AND l.event_id = c.event_id AND l.recorded_at >= c.taken_at)
     RETURNING c.ring, c.claims
 )
-SELECT r.i::int4, c.claims, l.accepted
+SELECT r.i::int4, c.claims, l.accepted, s.state IS NOT NULL AND s.state <> 'ringing'
 FROM c JOIN r ON r.ring = c.ring
+LEFT JOIN rings s ON s.gateway_id = r.gateway_id AND s.event_id = r.event_id
 LEFT JOIN ring_ledger l ON l.gateway_id = r.gateway_id
   AND l.event_id = CASE WHEN c.claims > 1 OR r.seen THEN r.event_id END";
 
@@ -117,8 +118,18 @@ struct Ask {
     seen: bool,
 }
 
-/// A ring's claim count (0: another worker holds it) and the tokens the ledger recorded.
-type Claimed = (i32, HashSet<TokenHash>);
+/// A ring's claim count (0: another worker holds it), the tokens the ledger recorded, and
+/// whether the ring has ended.
+type Claimed = (i32, HashSet<TokenHash>, bool);
+
+/// A ring this worker holds now: the tokens the ledger says took it, and whether it has
+/// ended (read with the claim: an end recorded before the claim is seen here, and one
+/// recorded after it waits for this worker's ledger entry — so no phone rings unfollowed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub recorded: HashSet<TokenHash>,
+    pub ended: bool,
+}
 
 /// Where a waiting batch's claims are answered.
 type Answer = tokio::sync::oneshot::Sender<Result<Vec<Claimed>, String>>;
@@ -222,7 +233,7 @@ impl Claims {
     pub async fn claim(
         self: &Arc<Self>,
         asks: &[(&ClaimGuard, bool)],
-    ) -> Result<Vec<Option<HashSet<TokenHash>>>, ClaimError> {
+    ) -> Result<Vec<Option<Held>>, ClaimError> {
         if asks.is_empty() {
             return Ok(Vec::new());
         }
@@ -241,7 +252,7 @@ impl Claims {
         Ok(asks
             .iter()
             .zip(claimed)
-            .map(|((guard, _), (claims, recorded))| {
+            .map(|((guard, _), (claims, recorded, ended))| {
                 if claims == 0 {
                     WAITED.fetch_add(1, Ordering::Relaxed);
                     return None;
@@ -250,7 +261,7 @@ impl Claims {
                 if let Some(local) = state.local.get_mut(&guard.ring) {
                     *local = Local::Held { claims, since: now };
                 }
-                Some(recorded)
+                Some(Held { recorded, ended })
             })
             .collect())
     }
@@ -339,13 +350,14 @@ impl Claims {
             }
         };
         // By position: the claim count and the tokens recorded (0: not claimed).
-        let mut claimed: Vec<Claimed> = vec![(0, HashSet::new()); asks.len()];
+        let mut claimed: Vec<Claimed> = vec![(0, HashSet::new(), false); asks.len()];
         for row in rows {
             let i: i32 = row.get(0);
             let Some(entry) = usize::try_from(i - 1).ok().and_then(|i| claimed.get_mut(i)) else {
                 continue;
             };
             entry.0 = row.get(1);
+            entry.2 = row.get(3);
             if let Some(accepted) = row.get::<_, Option<&[u8]>>(2) {
                 for h in accepted.chunks_exact(8) {
                     entry.1.insert(h.try_into().expect("chunks of 8"));

@@ -44,8 +44,16 @@ pub type Seen = HashMap<RingKey, HashSet<TokenHash>>;
 /// Longest one ledger statement may take (then it counts as failed; the rings wait).
 pub const LEDGER_TIMEOUT: Duration = Duration::from_secs(10);
 
-const RECORD: &str = "INSERT INTO ring_ledger (gateway_id, event_id, accepted)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])";
+/// Records the entries, and counts their phones on their rings' history rows (a follow-up's
+/// entry names no ring row: it counts nothing).
+const RECORD: &str = "WITH l AS (
+    INSERT INTO ring_ledger (gateway_id, event_id, accepted)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
+    RETURNING gateway_id, event_id, length(accepted) / 8 AS n
+)
+UPDATE rings r SET phones = r.phones + s.n
+FROM (SELECT gateway_id, event_id, sum(n)::int AS n FROM l GROUP BY 1, 2) s
+WHERE r.gateway_id = s.gateway_id AND r.event_id = s.event_id";
 
 const SEEN: &str = "SELECT l.gateway_id, l.event_id, l.accepted
 FROM ring_ledger l

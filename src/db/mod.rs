@@ -3,7 +3,8 @@
 //!
 //! One concern a file: `pool` (the pool, migrations, pings and the demo's and tests'
 //! schemas), `lookup` (the batched token lookup and its grouping, [`Lookups`]), `ledger` (which
-//! tokens took which ring: [`Ledger`]), `claims` (a ring in one worker's hands at a time: [`Claims`]),
+//! tokens took which ring: [`Ledger`]), `claims` (a ring in one worker's hands at a time: [`Claims`]), `rings` (a ring's life: its
+//! state from press to end, [`rings::Rings`]),
 //! `support` (what support asks: `who`, `seed`). This file holds [`DbError`] and how a
 //! driver error is told to an operator.
 
@@ -11,10 +12,11 @@ mod claims;
 mod ledger;
 mod lookup;
 mod pool;
+pub mod rings;
 mod support;
 
 pub use claims::{
-    key as claim_key, waited as claims_waited, ClaimGuard, Claims, LEASE as CLAIM_LEASE,
+    key as claim_key, waited as claims_waited, ClaimGuard, Claims, Held, LEASE as CLAIM_LEASE,
     RENEW_EVERY as CLAIM_RENEW_EVERY,
 };
 pub use ledger::{hash as ledger_hash, Ledger, RingKey, Seen, TokenHash, LEDGER_TIMEOUT};

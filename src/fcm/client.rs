@@ -35,6 +35,9 @@ pub struct Settings {
     pub url: Endpoint,
     /// The Android notification channel of alert rings (`RINGPUSH_FCM_CHANNEL`).
     pub channel: String,
+    /// The Android notification channel of follow-ups, one the app creates without a sound
+    /// (`RINGPUSH_FCM_QUIET_CHANNEL`).
+    pub quiet_channel: String,
     /// How long one request may take, from the first try to the answer (a `Retry-After`
     /// wait not included).
     pub request_timeout: Duration,
@@ -47,6 +50,7 @@ impl Settings {
         Self {
             url,
             channel: super::DEFAULT_CHANNEL.into(),
+            quiet_channel: super::DEFAULT_QUIET_CHANNEL.into(),
             request_timeout: Duration::from_secs(10),
             tuning: Tuning {
                 connections: 2,
@@ -96,6 +100,7 @@ struct Inner {
     /// The service account's Firebase project.
     project: String,
     channel: String,
+    quiet_channel: String,
     request_timeout: Duration,
 }
 
@@ -142,6 +147,7 @@ impl Client {
                 path,
                 project: account_project,
                 channel: settings.channel,
+                quiet_channel: settings.quiet_channel,
                 request_timeout: settings.request_timeout,
             }),
         })
@@ -150,6 +156,11 @@ impl Client {
     /// The Android notification channel of alert rings.
     pub fn channel(&self) -> &str {
         &self.inner.channel
+    }
+
+    /// The Android notification channel of follow-ups.
+    pub fn quiet_channel(&self) -> &str {
+        &self.inner.quiet_channel
     }
 
     /// The Firebase project the service account is of.

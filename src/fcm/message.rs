@@ -118,6 +118,54 @@ impl Template {
             },
         };
         let json = serde_json::to_string(&envelope).expect("strings serialise");
+        Self::with_holes(json, &token_mark, &ttl_mark)
+    }
+
+    /// A ring's follow-up of `kind`: for an alert, the same title (the gateway's name) with
+    /// how the ring ended as the body, `tag` = the ring's `event_id` (it replaces the ringing
+    /// banner) on the quiet channel without a sound; for a call, data only. Both keep
+    /// `android.priority: HIGH` and `collapse_key` = `gateway_id` (a phone that was offline
+    /// gets the end instead of the ring); `data.kind` is `ended`.
+    pub fn followup(
+        ring: &RingEvent,
+        gateway_name: &str,
+        kind: Kind,
+        ending: &crate::provider::Ending,
+        quiet_channel: &str,
+    ) -> Self {
+        let nonce = crate::token::random_hex(8);
+        let (token_mark, ttl_mark) = (format!("token-{nonce}"), format!("ttl-{nonce}"));
+        let mut android = serde_json::json!({
+            "priority": "HIGH",
+            "ttl": ttl_mark,
+            "collapse_key": ring.gateway_id,
+        });
+        let mut message = serde_json::json!({
+            "token": token_mark,
+            "data": {
+                "kind": "ended",
+                "event_id": ring.event_id,
+                "gateway_id": ring.gateway_id,
+                "gateway_name": gateway_name,
+                "state": ending.state.as_str(),
+                "pressed_at": ring.pressed_at_rfc3339(),
+                "ended_at": ending.ended_at_rfc3339(),
+            },
+        });
+        if kind == Kind::Alert {
+            message["notification"] =
+                serde_json::json!({"title": gateway_name, "body": ending.text});
+            android["notification"] =
+                serde_json::json!({"channel_id": quiet_channel, "tag": ring.event_id});
+        }
+        message["android"] = android;
+        let json = serde_json::json!({ "message": message }).to_string();
+        Self::with_holes(json, &token_mark, &ttl_mark)
+    }
+
+    /// A template from the JSON of a message whose token and ttl are the strings
+    /// `token_mark` and `ttl_mark` (random: no ring, name or template holds them).
+    fn with_holes(json: String, token_mark: &str, ttl_mark: &str) -> Self {
         let (token_hole, ttl_hole) = (format!("\"{token_mark}\""), format!("\"{ttl_mark}\""));
         let (token_at, ttl_at) = (
             json.find(&token_hole).expect("the token's hole"),

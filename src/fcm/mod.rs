@@ -24,3 +24,6 @@ pub use provider::Provider;
 pub const URL: &str = "https://fcm.googleapis.com:443";
 /// The Android notification channel of alert rings unless configured.
 pub(crate) const DEFAULT_CHANNEL: &str = "doorbell";
+/// The Android notification channel of follow-ups (`RINGPUSH_FCM_QUIET_CHANNEL`): one the app
+/// creates without a sound.
+pub(crate) const DEFAULT_QUIET_CHANNEL: &str = "doorbell_quiet";

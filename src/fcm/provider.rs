@@ -44,6 +44,15 @@ impl provider::Provider for Provider {
     }
 
     fn prepare(&self, ring: &Ring<'_>, kind: Kind) -> Result<Message, PrepareError> {
+        if let Some(ending) = ring.ending {
+            return Ok(std::sync::Arc::new(Template::followup(
+                ring.event,
+                ring.gateway_name,
+                kind,
+                ending,
+                self.client.quiet_channel(),
+            )));
+        }
         let style = Style {
             alert: ring.messages.alert,
             channel: self.client.channel(),

@@ -148,7 +148,26 @@ pub fn message(body: &[u8]) -> Result<String, (String, bool)> {
                 return bad("a call is a data-only message");
             }
         }
-        _ => return bad("data.kind must be alert or call"),
+        // A ring's follow-up: to an alert token with a notification on a channel, replacing
+        // the ring's banner (tag = event_id), silent; to a call token data only.
+        Some("ended") => {
+            for field in ["state", "ended_at"] {
+                if !data[field].is_string() {
+                    return bad(&format!("a follow-up needs data.{field}"));
+                }
+            }
+            let n = &android["notification"];
+            if !n.is_null()
+                && (!m["notification"]["title"].is_string()
+                    || n["channel_id"].as_str().is_none_or(str::is_empty)
+                    || n["tag"] != data["event_id"]
+                    || !n["sound"].is_null()
+                    || n["default_sound"] == true)
+            {
+                return bad("a follow-up's notification needs a title, a channel, tag = event_id and no sound");
+            }
+        }
+        _ => return bad("data.kind must be alert, call or ended"),
     }
     Ok(token.to_owned())
 }

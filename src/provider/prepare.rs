@@ -4,10 +4,46 @@
 
 use std::time::Duration;
 
+use time::OffsetDateTime;
+
 use super::{Message, PrepareError, Providers};
 use crate::db::Recipient;
 use crate::token::{Kind, Platform};
-use crate::wire::ring::RingEvent;
+use crate::wire::ring::{EndReason, RingEvent};
+
+/// How a ring ended, as its follow-up tells the phones that took it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    pub state: EndReason,
+    /// The end's `at`, else when a worker consumed it; for `missed`, the deadline.
+    pub ended_at: OffsetDateTime,
+    /// The alert's body ([`followup_text`]).
+    pub text: String,
+    /// How long the follow-up is worth delivering after the end (`RINGPUSH_FOLLOWUP_TTL`).
+    pub ttl: Duration,
+}
+
+impl Ending {
+    /// `ended_at` in RFC 3339 with milliseconds, as it goes into the payload.
+    pub fn ended_at_rfc3339(&self) -> String {
+        crate::wire::time::format_rfc3339(self.ended_at)
+    }
+}
+
+/// The follow-up's text for a ring that ended in `state` (answered or declined by the user
+/// named `by`, when the end says who and the user has a name).
+pub fn followup_text(state: EndReason, by: Option<&str>) -> String {
+    let by = by.map(str::trim).filter(|n| !n.is_empty());
+    match (state, by) {
+        (EndReason::Answered, Some(name)) => format!("Answered by {name}"),
+        (EndReason::Answered, None) => "Answered".into(),
+        (EndReason::Declined, Some(name)) => format!("Declined by {name}"),
+        (EndReason::Declined, None) => "Declined".into(),
+        (EndReason::DoorOpened, _) => "Door opened".into(),
+        (EndReason::Cancelled, _) => "Ring cancelled".into(),
+        (EndReason::Missed, _) => "Missed ring".into(),
+    }
+}
 
 /// The alert text of a ring; `{gateway}` in either template becomes the gateway's name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +82,8 @@ pub struct Ring<'a> {
     /// The gateway's name (its id when it has none): the alert's title.
     pub gateway_name: &'a str,
     pub messages: &'a Messages<'a>,
+    /// Set for a follow-up: the ring has ended, and this tells the phones that took it.
+    pub ending: Option<&'a Ending>,
 }
 
 /// A ring ready to be sent to its tokens.
@@ -58,6 +96,7 @@ pub struct Prepared {
     expiration: i64,
     default_topic: Option<String>,
     messages: Vec<(Platform, Kind, Message)>,
+    followup: bool,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -76,11 +115,13 @@ impl Prepared {
         gateway_name: &str,
         recipients: &[&Recipient],
         messages: &Messages<'_>,
+        ending: Option<&Ending>,
     ) -> Result<Self, PrepareError> {
         let ring = Ring {
             event,
             gateway_name,
             messages,
+            ending,
         };
         let mut prepared: Vec<(Platform, Kind, Message)> = Vec::new();
         for r in recipients {
@@ -99,10 +140,21 @@ impl Prepared {
         Ok(Self {
             event_id: event.event_id.clone(),
             gateway_id: event.gateway_id.clone(),
-            expiration: event.expires_at(messages.ring_ttl),
+            // A follow-up is worth delivering its own TTL after the end.
+            expiration: match ending {
+                Some(e) => (e.ended_at.unix_timestamp_nanos() + e.ttl.as_nanos() as i128)
+                    .div_euclid(1_000_000_000) as i64,
+                None => event.expires_at(messages.ring_ttl),
+            },
             default_topic: messages.default_topic.map(str::to_owned),
             messages: prepared,
+            followup: ending.is_some(),
         })
+    }
+
+    /// Whether this is a ring's follow-up.
+    pub fn is_followup(&self) -> bool {
+        self.followup
     }
 
     /// The ring's `event_id` (`apns-collapse-id`, FCM's `tag`).

@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 
 use crate::metrics::{self, encode, ReadyCheck};
 use crate::provider::{Answer, Providers, Skip};
-use crate::token::Platform;
+use crate::token::{Kind, Platform};
 
 use metrics::{labelled as child, Family1};
 
@@ -51,6 +51,20 @@ pub struct Counters {
     pub rings_handed_back: Counter,
     /// Rings seen again whose every pending token had taken them already (the ledger says).
     pub rings_already_delivered: Counter,
+    /// Presses folded into a ring of their switch still ringing (debounce): not pushed.
+    pub rings_debounced: Counter,
+    /// Rings whose end was known before they were pushed (to the phones not yet reached).
+    pub rings_ended_before_push: Counter,
+    /// Ends of rings that had ended already: acked, nothing pushed.
+    pub rings_already_ended: Counter,
+    /// Ends that ended their ring, settled with their follow-ups.
+    pub rings_ended: Counter,
+    /// `ringpush_ring_ends_total{reason}`: rings ended, by how.
+    ring_ends: Family1,
+    /// `ringpush_ring_answer_seconds`: from the press to the answer, for rings answered.
+    pub ring_answer_seconds: Histogram,
+    /// `ringpush_followups_total{platform,kind,outcome}`.
+    followups: Family1,
     pub notifications_accepted: Counter,
     pub notifications_rejected: Counter,
     pub notifications_failed: Counter,
@@ -160,6 +174,21 @@ impl Default for Counters {
             rings_requeued: ring("requeued"),
             rings_handed_back: ring("handed_back"),
             rings_already_delivered: ring("already_delivered"),
+            rings_debounced: ring("debounced"),
+            rings_ended_before_push: ring("ended_before_push"),
+            rings_already_ended: ring("already_ended"),
+            rings_ended: ring("ended"),
+            ring_ends: {
+                let ends = Family1::default();
+                for reason in crate::wire::ring::EndReason::ALL {
+                    child(&ends, "reason", reason.as_str());
+                }
+                ends
+            },
+            ring_answer_seconds: Histogram::new([
+                1.0, 2.0, 3.0, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+            ]),
+            followups: Family1::default(),
             notifications_accepted: notification("accepted"),
             notifications_rejected: notification("rejected"),
             notifications_failed: notification("failed"),
@@ -282,6 +311,54 @@ impl Counters {
         };
     }
 
+    /// Counts a ring's end (once, when the end that won is first handled): by reason, and
+    /// for an answered ring the time from its press to the answer.
+    pub(super) fn count_end(&self, ended: &crate::db::rings::Ended) {
+        child(&self.ring_ends, "reason", &ended.state).inc();
+        if let (true, Some(pressed), Some(at)) =
+            (ended.state == "answered", ended.pressed_at, ended.ended_at)
+        {
+            self.ring_answer_seconds
+                .observe((at - pressed).as_seconds_f64().max(0.0));
+        }
+    }
+
+    /// Ends counted under `reason` so far.
+    pub fn ends(&self, reason: &str) -> u64 {
+        child(&self.ring_ends, "reason", reason).get()
+    }
+
+    fn followup_child(&self, platform: Platform, kind: Kind, outcome: &str) -> Counter {
+        self.followups.get_or_create_owned(&vec![
+            ("platform".to_owned(), platform.to_string()),
+            ("kind".to_owned(), kind.as_str().to_owned()),
+            ("outcome".to_owned(), outcome.to_owned()),
+        ])
+    }
+
+    /// Counts a follow-up's answer under its outcome (as `notifications_total` names it).
+    pub(super) fn count_followup(&self, platform: Platform, kind: Kind, answer: &Answer) {
+        let outcome = match answer {
+            Answer::Accepted => "accepted",
+            Answer::Dead { .. } | Answer::Rejected { .. } => "rejected",
+            Answer::Doubted { .. } => "doubted",
+            Answer::Skipped(Skip::Unconfigured(_)) => "unconfigured",
+            Answer::Skipped(Skip::Unsupported(_)) => "unsupported",
+            Answer::Retry { .. } | Answer::Unreachable { .. } => "failed",
+        };
+        self.followup_child(platform, kind, outcome).inc();
+    }
+
+    /// Counts a token that gets no follow-up, under the outcome its provider names.
+    pub(super) fn count_followup_skipped(&self, platform: Platform, kind: Kind, outcome: &str) {
+        self.followup_child(platform, kind, outcome).inc();
+    }
+
+    /// Follow-ups of `platform` and `kind` counted under `outcome` so far.
+    pub fn followups(&self, platform: Platform, kind: Kind, outcome: &str) -> u64 {
+        self.followup_child(platform, kind, outcome).get()
+    }
+
     /// Counts a rejection under its reason (a read lock on the family, on the rejection path
     /// only: an accepted notification takes none).
     pub(super) fn count_rejected(&self, reason: &str) {
@@ -330,6 +407,21 @@ impl Counters {
             "broker_sessions",
             "Broker connections opened (1 + reconnects)",
             self.broker_sessions.clone(),
+        );
+        registry.register(
+            "ring_ends",
+            "Rings ended, by reason: answered, declined, door_opened, cancelled (a gateway's end), missed (nobody answered within RINGPUSH_RING_TIMEOUT)",
+            self.ring_ends.clone(),
+        );
+        registry.register(
+            "ring_answer_seconds",
+            "From the button press (pressed_at) to the answer, for rings answered",
+            self.ring_answer_seconds.clone(),
+        );
+        registry.register(
+            "followups",
+            "Follow-ups (a ring's end, to the phones that took it) by platform, kind and outcome: accepted, rejected, failed, doubted, unconfigured, unsupported (APNs's binary interface), skipped_voip (an iPhone's VoIP token: the app ends its CallKit call itself)",
+            self.followups.clone(),
         );
         registry.register(
             "ring_to_accepted_seconds",

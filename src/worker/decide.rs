@@ -43,6 +43,9 @@ pub(crate) enum Step {
     },
     /// Its gateway's lookup failed alone, for the ring's own input (or kept timing out).
     LookupRefused { reason: String },
+    /// The ring's life says it is not pushed (folded into a ring still ringing; ended before
+    /// its push; an end of a ring that had ended already).
+    NotPushed { outcome: Outcome },
     /// Looked up: whether the gateway exists, and how many of its tokens this delivery goes
     /// to (on a retry, only those still pending and still registered; never those the
     /// ledger says took the ring already — `suppressed` counts those).
@@ -115,6 +118,12 @@ pub(crate) enum Outcome {
     AlreadyDelivered {
         suppressed: usize,
     },
+    /// A press folded into a ring of its switch still ringing (debounce): not pushed.
+    Debounced,
+    /// The ring's end was known before it was pushed (to these phones): not pushed.
+    EndedBeforePush,
+    /// An end of a ring that had ended already: nothing pushed.
+    AlreadyEnded,
 }
 
 /// What the worker does with a ring.
@@ -208,6 +217,7 @@ pub(crate) fn decide(step: Step) -> Disposition {
             pending: None,
             feedback: Vec::new(),
         },
+        Step::NotPushed { outcome } => ack(outcome),
         Step::LookedUp {
             known,
             recipients,

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use super::decide::{decide, Step};
 use super::pause::{pause, Paused};
-use super::read::Incoming;
+use super::read::{Incoming, Life};
 use super::settle::settle;
 use super::Context;
 use crate::db::{Found, Gateway, LookupError, RingKey};
@@ -152,21 +152,32 @@ pub(super) async fn lookup_holding(
             })
             .collect();
         let seen = maybe_seen(ctx, rings, claims_on);
-        let ((found, sent), seen, claimed) = tokio::join!(
+        let (begins, ends) = life_asks(rings);
+        let ((found, sent), seen, claimed, begun, ended) = tokio::join!(
             ctx.lookups.lookup_timed(ids.clone()),
             ctx.ledger.seen(&seen),
-            ctx.claims.claim(&asks)
+            ctx.claims.claim(&asks),
+            ctx.rings
+                .begin(begins.iter().map(|(_, b)| b.clone()).collect()),
+            join_all(ends.iter().map(|&i| {
+                let end = rings[i].end.as_ref().expect("an end");
+                ctx.rings.end(end)
+            })),
         );
         drop(asks);
         // What the claims found, at once: a ring claimed keeps its claim (and the ledger's
         // word) whatever happens next.
         let claimed = claimed.map(|claimed| {
-            for (&i, recorded) in asking.iter().zip(claimed) {
-                if let Some(recorded) = recorded {
-                    rings[i].recorded = recorded;
+            for (&i, held) in asking.iter().zip(claimed) {
+                if let Some(held) = held {
+                    rings[i].recorded = held.recorded;
+                    if held.ended && rings[i].end.is_none() {
+                        rings[i].life = Life::Ended;
+                    }
                 }
             }
         });
+        let life = note_life(ctx, rings, &begins, begun, &ends, ended);
         let looked_up = match &*found {
             Ok(_) => Ok((Gateways::Grouped(found), sent)),
             Err(e @ LookupError::Timeout(_)) if timeouts + 1 < MAX_LOOKUP_TIMEOUTS => {
@@ -182,8 +193,8 @@ pub(super) async fn lookup_holding(
             }
             Err(LookupError::Unavailable(e)) => Err(format!("the token lookup failed: {e}")),
         };
-        let trouble = match (looked_up, seen, claimed) {
-            (Ok((gateways, sent)), Ok(seen), Ok(())) => {
+        let trouble = match (looked_up, seen, claimed, life) {
+            (Ok((gateways, sent)), Ok(seen), Ok(()), Ok(())) => {
                 let waiting = set_aside_waiting(rings, &seen, claims_on);
                 return Some(Looked {
                     gateways,
@@ -191,9 +202,10 @@ pub(super) async fn lookup_holding(
                     waiting,
                 });
             }
-            (Err(trouble), _, _) => trouble,
-            (_, Err(e), _) => format!("the delivery ledger could not be read: {e}"),
-            (_, _, Err(e)) => format!("the rings could not be claimed: {e}"),
+            (Err(trouble), _, _, _) => trouble,
+            (_, Err(e), _, _) => format!("the delivery ledger could not be read: {e}"),
+            (_, _, Err(e), _) => format!("the rings could not be claimed: {e}"),
+            (_, _, _, Err(e)) => format!("the rings' states could not be written: {e}"),
         };
         error!(rings = rings.len(), error = %trouble, "holding the rings and pausing consumption");
         pause(&ctx.shared, Paused::Database, &trouble);
@@ -205,6 +217,69 @@ pub(super) async fn lookup_holding(
             claim.may_have_lapsed();
         }
     }
+}
+
+/// What the ring's life asks of the database for `rings`: the rings to register (by
+/// position) and the ends to record (their positions).
+fn life_asks(rings: &[Incoming]) -> (Vec<(usize, crate::db::rings::Begin)>, Vec<usize>) {
+    let mut begins = Vec::new();
+    let mut ends = Vec::new();
+    for (i, r) in rings.iter().enumerate() {
+        if r.end.is_some() {
+            ends.push(i);
+        } else {
+            begins.push((
+                i,
+                crate::db::rings::Begin {
+                    gateway: r.ring.gateway_id.clone(),
+                    event: r.ring.event_id.clone(),
+                    switch: r.ring.switch_id.clone(),
+                    pressed_at: r.ring.pressed_at,
+                },
+            ));
+        }
+    }
+    (begins, ends)
+}
+
+/// Notes on each ring what its life's statements said: a ring ringing, folded or ended; an
+/// end that ended its ring (counted, once, on its first delivery) or came too late.
+fn note_life(
+    ctx: &Context,
+    rings: &mut [Incoming],
+    begins: &[(usize, crate::db::rings::Begin)],
+    begun: Result<Vec<crate::db::rings::Begun>, String>,
+    ends: &[usize],
+    ended: Vec<Result<crate::db::rings::Ended, crate::db::DbError>>,
+) -> Result<(), String> {
+    use crate::db::rings::Begun;
+    let begun = begun?;
+    for ((i, _), b) in begins.iter().zip(begun) {
+        let ring = &mut rings[*i];
+        ring.life = match (b, &ring.life) {
+            // The claim saw the end: it stands.
+            (_, Life::Ended) => Life::Ended,
+            (Begun::Ringing, _) => Life::Ringing,
+            (Begun::Folded(into), _) => Life::Folded(into),
+            (Begun::Ended(_), _) => Life::Ended,
+        };
+    }
+    let mut trouble = None;
+    for (&i, e) in ends.iter().zip(ended) {
+        let ring = &mut rings[i];
+        match e {
+            Ok(e) if e.won => {
+                let first = ring.attempt == 0 && !ring.maybe_seen && ring.life == Life::Unknown;
+                if first {
+                    ctx.counters.count_end(&e);
+                }
+                ring.life = Life::FollowUp(e);
+            }
+            Ok(e) => ring.life = Life::AlreadyEnded(e.state),
+            Err(e) => trouble = Some(e.to_string()),
+        }
+    }
+    trouble.map_or(Ok(()), Err)
 }
 
 /// First wait before a ring another copy of which is in hand claims again, doubling up to
@@ -254,8 +329,12 @@ pub(super) async fn wait_for_claim(
         };
         match ctx.claims.claim(&[(claim, incoming.maybe_seen)]).await {
             Ok(claimed) => {
-                if let Some(Some(recorded)) = claimed.into_iter().next() {
-                    incoming.recorded = recorded;
+                if let Some(Some(held)) = claimed.into_iter().next() {
+                    incoming.recorded = held.recorded;
+                    // An end recorded while this copy waited: the ring is not pushed.
+                    if held.ended && incoming.end.is_none() {
+                        incoming.life = Life::Ended;
+                    }
                     info!(
                         gateway = incoming.gateway(),
                         event = incoming.event(),

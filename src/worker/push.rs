@@ -15,15 +15,16 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::decide::{decide, Disposition, Step, Target};
+use super::decide::{decide, Disposition, Outcome, Step, Target};
 use super::pause::{pause, Paused};
-use super::read::Incoming;
+use super::read::{followup_key, Incoming, Life};
 use super::settle::{settle, settle_recorded};
 use super::{Context, Counters};
 use crate::db::Recipient;
 use crate::db::{ledger_hash, Gateway, TokenHash};
 use crate::provider::guard::Judged;
-use crate::provider::{Answer, Messages, Prepared};
+use crate::provider::{Answer, Ending, Messages, Prepared};
+use crate::wire::ring::{EndReason, RingEvent};
 
 /// How long requests in flight may still answer once the worker stops (their answers are
 /// kept; the tokens without one are handed back). Well within the time the consumer gives
@@ -97,12 +98,54 @@ async fn push(
     gateway: Option<&Gateway>,
     abort: &CancellationToken,
 ) -> (Disposition, Vec<TokenHash>, Option<Answered>) {
-    let ring = &incoming.ring;
-    let (recipients, suppressed) = to_push(ctx, incoming, gateway);
+    let not_pushed = |outcome| (decide(Step::NotPushed { outcome }), Vec::new(), None);
+    let followup = match &incoming.life {
+        Life::Folded(into) => {
+            info!(
+                gateway = incoming.gateway(),
+                event = incoming.event(),
+                into,
+                "a press while its switch's ring still rings: folded into it, not pushed"
+            );
+            return not_pushed(Outcome::Debounced);
+        }
+        Life::Ended if incoming.end.is_none() => {
+            info!(
+                gateway = incoming.gateway(),
+                event = incoming.event(),
+                "the ring has ended already: not pushed (to the phones it had not reached)"
+            );
+            return not_pushed(Outcome::EndedBeforePush);
+        }
+        Life::AlreadyEnded(state) => {
+            info!(
+                gateway = incoming.gateway(),
+                event = incoming.own_event(),
+                ring = incoming.event(),
+                state,
+                "the ring had ended already: this end changes nothing"
+            );
+            return not_pushed(Outcome::AlreadyEnded);
+        }
+        Life::FollowUp(ended) => match followup(ctx, incoming, ended).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                let step = Step::NotDurable {
+                    error: format!("the delivery ledger could not be read: {e}"),
+                };
+                return (decide(step), Vec::new(), None);
+            }
+        },
+        _ => None,
+    };
+    let (recipients, suppressed) = match &followup {
+        Some(f) => to_follow_up(ctx, incoming, gateway, f),
+        None => to_push(ctx, incoming, gateway),
+    };
     let looked_up = decide(Step::LookedUp {
         known: gateway.is_some(),
         recipients: recipients.len(),
-        retry: incoming.pending.is_some(),
+        retry: incoming.pending.is_some() || followup.is_some(),
         suppressed,
     });
     let (Disposition::Continue, Some(gateway)) = (&looked_up, gateway) else {
@@ -113,9 +156,13 @@ async fn push(
         default_topic: ctx.settings.default_topic.as_deref(),
         ring_ttl: ctx.settings.ring_ttl,
     };
+    let (ring, ending) = match &followup {
+        Some(f) => (&f.ring, Some(&f.ending)),
+        None => (&incoming.ring, None),
+    };
     let prepared = match ctx
         .providers
-        .prepare(ring, &gateway.name, &recipients, &messages)
+        .prepare(ring, &gateway.name, &recipients, &messages, ending)
     {
         Ok(p) => p,
         Err(e) => {
@@ -130,6 +177,10 @@ async fn push(
     for s in &sent {
         if let Some(answer) = &s.answer {
             count(ctx, s.target.token.platform(), answer);
+            if followup.is_some() {
+                ctx.counters
+                    .count_followup(s.target.token.platform(), s.recipient.kind, answer);
+            }
             log_rejection(incoming, &s.target.token, answer);
         }
     }
@@ -164,6 +215,104 @@ async fn push(
         }
     };
     (decide(step), accepted, last)
+}
+
+/// A follow-up about to go out: the ring as it goes into the payload (its own event id, when
+/// it was pressed), how it ended, and the tokens that took it.
+pub(super) struct FollowUp {
+    ring: RingEvent,
+    ending: Ending,
+    took: std::collections::HashSet<TokenHash>,
+    /// The tokens that have their follow-up already (the ledger's follow-up entries).
+    recorded: std::collections::HashSet<TokenHash>,
+}
+
+/// What the follow-up of an end that ended its ring needs: read once the end holds the ring's
+/// claim, so every token that took the ring is in the ledger by now (a push of the ring in
+/// flight elsewhere finished, and wrote its entry, before the claim was had).
+async fn followup(
+    ctx: &Context,
+    incoming: &Incoming,
+    ended: &crate::db::rings::Ended,
+) -> Result<FollowUp, String> {
+    let gateway = incoming.gateway();
+    let ring_key = crate::db::RingKey {
+        gateway: gateway.to_owned(),
+        event: ended.target.clone(),
+    };
+    let own_key = followup_key(gateway, &ended.target);
+    let mut seen = ctx
+        .ledger
+        .seen(&[ring_key.clone(), own_key.clone()])
+        .await
+        .map_err(|e| e.to_string())?;
+    let state = EndReason::from_name(&ended.state).unwrap_or(EndReason::Cancelled);
+    let ended_at = ended.ended_at.unwrap_or_else(OffsetDateTime::now_utc);
+    Ok(FollowUp {
+        ring: RingEvent {
+            event_id: ended.target.clone(),
+            gateway_id: gateway.to_owned(),
+            pressed_at: ended.pressed_at.unwrap_or(ended_at),
+            switch_id: None,
+        },
+        ending: Ending {
+            state,
+            ended_at,
+            text: crate::provider::followup_text(state, ended.by_name.as_deref()),
+            ttl: ctx.settings.followup_ttl,
+        },
+        took: seen.remove(&ring_key).unwrap_or_default(),
+        recorded: seen.remove(&own_key).unwrap_or_default(),
+    })
+}
+
+/// The phones a follow-up goes to: those that took the ring (on a retry, only those still
+/// pending), but none that has its follow-up already (counted `suppressed`), and none whose
+/// provider sends no follow-up to its kind (an iPhone's VoIP token: counted under the
+/// provider's outcome, e.g. `skipped_voip`).
+fn to_follow_up<'g>(
+    ctx: &Context,
+    incoming: &Incoming,
+    gateway: Option<&'g Gateway>,
+    f: &FollowUp,
+) -> (Vec<&'g Recipient>, usize) {
+    let pending = incoming.pending.as_ref();
+    let mut suppressed = 0;
+    let recipients = gateway
+        .map(|g| {
+            g.recipients
+                .iter()
+                .filter(|r| pending.is_none_or(|p| p.contains(r.token.as_hex())))
+                .filter(|r| {
+                    let hash = ledger_hash(r.token.as_str());
+                    if !f.took.contains(&hash) {
+                        return false;
+                    }
+                    if f.recorded.contains(&hash) {
+                        suppressed += 1;
+                        return false;
+                    }
+                    match ctx.providers.follows_up(r) {
+                        Ok(()) => true,
+                        Err(outcome) => {
+                            // Counted once: on the end's first push (a retry's pending
+                            // tokens never hold one).
+                            ctx.counters.count_followup_skipped(
+                                r.token.platform(),
+                                r.kind,
+                                outcome,
+                            );
+                            false
+                        }
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if suppressed > 0 {
+        Counters::add(&ctx.counters.notifications_suppressed, suppressed);
+    }
+    (recipients, suppressed)
 }
 
 /// The gateway's tokens this delivery goes to — on a retry, only those still pending — but

@@ -12,13 +12,37 @@ use super::decide::{decide, Disposition, Sender, Step};
 use super::HANDBACK_HEADER;
 use super::{ATTEMPT_HEADER, PENDING_HEADER};
 use crate::broker::RETRY_KEY;
+use crate::db::rings::Ended;
 use crate::db::{ClaimGuard, RingKey, TokenHash};
-use crate::wire::ring::RingEvent;
+use crate::wire::ring::{EndEvent, EndReason, Event, RingEvent};
+
+/// What the database says of a delivery's ring's life (asked before it is pushed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Life {
+    /// Not asked yet.
+    Unknown,
+    /// A ring still ringing: pushed to the phones it has not reached.
+    Ringing,
+    /// A press folded into the ring named, still ringing (debounce): not pushed.
+    Folded(String),
+    /// A ring whose end is known: not pushed (no more).
+    Ended,
+    /// An end that ended its ring: the phones that took the ring get a follow-up.
+    FollowUp(Ended),
+    /// An end of a ring that had ended already (its state): nothing pushed.
+    AlreadyEnded(String),
+}
 
 /// A ring as it came off the queue, read once.
 pub(super) struct Incoming {
     pub(super) delivery: Delivery,
+    /// The ring — for an end, the ring it names, pressed (as far as this delivery knows) when
+    /// it ended: its claim is the ring's, and its freshness counts from the end.
     pub(super) ring: RingEvent,
+    /// Set when the delivery is a ring's end (ring event v2, `type: ended`).
+    pub(super) end: Option<EndEvent>,
+    /// What the database says of the ring's life.
+    pub(super) life: Life,
     /// The ring event's JSON as the gateway sent it (unwrapped from a retry envelope).
     pub(super) body: Vec<u8>,
     /// The key the gateway published with (a retry's from its envelope: it comes back from
@@ -52,12 +76,26 @@ impl Incoming {
     pub(super) fn event(&self) -> &str {
         &self.ring.event_id
     }
-    /// The ring as the ledger names it.
+    /// The ring as the ledger and the claims name it (for an end: the ring it names).
     pub(super) fn key(&self) -> RingKey {
         RingKey {
             gateway: self.ring.gateway_id.clone(),
             event: self.ring.event_id.clone(),
         }
+    }
+    /// Under what the ledger records the tokens this delivery reached: the ring's key, or for
+    /// a follow-up its own ([`followup_key`]).
+    pub(super) fn ledger_key(&self) -> RingKey {
+        match &self.life {
+            Life::FollowUp(ended) => followup_key(&self.ring.gateway_id, &ended.target),
+            _ => self.key(),
+        }
+    }
+    /// The event id of the delivery as its logs name it (an end's own id).
+    pub(super) fn own_event(&self) -> &str {
+        self.end
+            .as_ref()
+            .map_or(&self.ring.event_id, |e| &e.event_id)
     }
     /// How long until the ring is no longer worth delivering.
     pub(super) fn time_left(&self, ttl: Duration) -> Duration {
@@ -67,6 +105,8 @@ impl Incoming {
 
 /// A delivery read: a ring to push, or one whose fate is already decided (with its gateway
 /// and event when it could be read, for the logs).
+// Both variants carry a delivery; a `Read` lives only until it is sorted.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Read {
     Ring(Incoming),
     Decided(Delivery, Option<(String, String)>, Disposition),
@@ -109,8 +149,28 @@ pub(super) fn read(
             ),
             Err(e) => return unreadable(delivery, e.to_string()),
         };
-    let ring = match RingEvent::parse(&body, fallback) {
-        Ok(ring) => ring,
+    let (ring, end) = match Event::parse(&body, fallback) {
+        Ok(Event::Ring(ring)) => (ring, None),
+        Ok(Event::Ended(end)) => {
+            if end.reason == EndReason::Missed && sender != Sender::Worker {
+                let error = "an end with reason `missed` is ringpush's own verdict (a ring nobody answered in time); a gateway ends a ring answered, declined, door_opened or cancelled".to_owned();
+                return Read::Decided(
+                    delivery,
+                    Some((end.gateway_id, end.event_id)),
+                    decide(Step::Unreadable { error }),
+                );
+            }
+            // The ring it ends, "pressed" when the end was published (its AMQP timestamp,
+            // else now — not the gateway's `at`, whose clock may be off): a follow-up is
+            // fresh for the ring TTL after that.
+            let ring = RingEvent {
+                event_id: end.ring_id.clone(),
+                gateway_id: end.gateway_id.clone(),
+                pressed_at: fallback,
+                switch_id: None,
+            };
+            (ring, Some(end))
+        }
         Err(e) => return unreadable(delivery, e.to_string()),
     };
     let step = Step::Arrived {
@@ -136,15 +196,27 @@ pub(super) fn read(
             queued: (now - ring.pressed_at).as_seconds_f64().max(0.0),
             delivery,
             ring,
+            end,
+            life: Life::Unknown,
             body,
             routing_key,
             attempt,
             pending,
         }),
         decided => {
-            let ids = Some((ring.gateway_id, ring.event_id));
+            let event = end.map_or(ring.event_id, |e| e.event_id);
+            let ids = Some((ring.gateway_id, event));
             Read::Decided(delivery, ids, decided)
         }
+    }
+}
+
+/// The ledger's name for the follow-ups of ring `event` of `gateway`: the event id and a
+/// control character no event id may hold, so it never names a ring.
+pub(super) fn followup_key(gateway: &str, event: &str) -> RingKey {
+    RingKey {
+        gateway: gateway.to_owned(),
+        event: format!("{event}\u{1}ended"),
     }
 }
 

@@ -53,7 +53,7 @@ async fn record(
 ) {
     let (gateway, event) = (incoming.gateway(), incoming.event());
     loop {
-        let Err(e) = ctx.ledger.record(incoming.key(), accepted).await else {
+        let Err(e) = ctx.ledger.record(incoming.ledger_key(), accepted).await else {
             return;
         };
         let why = format!("the delivery ledger could not be written: {e}");
@@ -229,7 +229,41 @@ fn count_acked(
     outcome: Outcome,
 ) {
     let c = &ctx.counters;
+    if let Some(end) = incoming.and_then(|i| i.end.as_ref()) {
+        let (accepted, rejected) = match outcome {
+            Outcome::Delivered { accepted, rejected } => (accepted, rejected),
+            _ => (0, 0),
+        };
+        match outcome {
+            Outcome::AlreadyEnded => {
+                Counters::add(&c.rings_already_ended, 1);
+            }
+            Outcome::Expired => {
+                Counters::add(&c.rings_expired, 1);
+                info!(
+                    gateway,
+                    event, "end expired before its follow-ups; none sent"
+                );
+            }
+            _ => {
+                Counters::add(&c.rings_ended, 1);
+                info!(
+                    gateway,
+                    event,
+                    ring = %end.ring_id,
+                    reason = %end.reason,
+                    followups = accepted,
+                    rejected,
+                    "ring ended; the phones that took it have their follow-up"
+                );
+            }
+        }
+        return;
+    }
     match outcome {
+        Outcome::Debounced => Counters::add(&c.rings_debounced, 1),
+        Outcome::EndedBeforePush => Counters::add(&c.rings_ended_before_push, 1),
+        Outcome::AlreadyEnded => Counters::add(&c.rings_already_ended, 1),
         Outcome::Delivered { accepted, rejected } => {
             Counters::add(&c.rings_delivered, 1);
             let pressed_to_settled_ms = incoming.map_or(0, |i| {

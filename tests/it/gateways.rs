@@ -397,6 +397,7 @@ async fn ringpush_ring_publishes_as_a_gateway_identity() {
         1,
         1,
         &ringpush::ops::Via::Amqp { declare: false },
+        None,
         tokio_util::sync::CancellationToken::new(),
     )
     .await

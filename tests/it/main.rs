@@ -15,6 +15,7 @@ mod faults;
 mod fcm;
 mod gateways;
 mod holding;
+mod life;
 mod metrics;
 mod migrate;
 mod mistake;

@@ -1,0 +1,439 @@
+//! A ring's life in the database (table `rings`, migration V9): each ring's state from its
+//! press to its end, what the workers agree on whatever their number and the order of events.
+//!
+//! - [`Rings::begin`]: a batch's rings registered before they are pushed, grouped across
+//!   concurrent batches into one statement (as the ledger's writes and the claims are). A ring
+//!   comes back [`Begun::Ringing`] (push it), [`Begun::Folded`] (a press of a switch whose ring
+//!   is still ringing, pressed less than the debounce after it: not pushed) or
+//!   [`Begun::Ended`] (its end came first: not pushed). Two presses of one switch never share
+//!   a statement, so the later one always sees the earlier.
+//! - [`Rings::end`]: an end recorded — the first end wins (`ringpush_end_ring`); the answer
+//!   says whether this end is the one that ended the ring, also when it is asked again.
+//! - [`Rings::sweep_missed`]: the rings still ringing past their deadline end `missed`, in a
+//!   transaction that commits only once their ends are published (a worker that dies
+//!   between the two leaves them to the next sweep).
+//! - [`Rings::sweep`]: the history's retention; [`history`]: what `ringpush history` prints.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+use super::DbError;
+use crate::wire::ring::{EndEvent, EndReason};
+
+/// Longest one statement of the ring's life may take (then it counts as failed: the rings wait).
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What [`Rings::begin`] runs: registers each ring (an end that came first is kept, its ring
+/// filled in) and finds, for a press of a switch, the ring of that switch still ringing that
+/// it folds into. Answers by position (1-based): the ring's state and what it folded into.
+const BEGIN: &str = "WITH r AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+        WITH ORDINALITY AS r(gateway_id, event_id, switch_id, pressed_at, i)
+), p AS (
+    SELECT r.i, (SELECT q.event_id FROM rings q
+                 WHERE $5::float8 > 0 AND q.gateway_id = r.gateway_id AND q.state = 'ringing'
+                   AND q.folded_into IS NULL AND q.switch_id IS NOT DISTINCT FROM r.switch_id
+                   AND q.event_id <> r.event_id AND q.pressed_at <= r.pressed_at
+                   AND r.pressed_at < q.pressed_at + make_interval(secs => $5::float8)
+                 ORDER BY q.pressed_at LIMIT 1) AS parent
+    FROM r
+), ins AS (
+    INSERT INTO rings AS x (gateway_id, event_id, switch_id, pressed_at, deadline, folded_into)
+    SELECT r.gateway_id, r.event_id, r.switch_id, r.pressed_at,
+           r.pressed_at + make_interval(secs => $6::float8), p.parent
+    FROM r JOIN p ON p.i = r.i
+    ORDER BY r.gateway_id, r.event_id
+    ON CONFLICT (gateway_id, event_id) DO UPDATE
+    SET switch_id = excluded.switch_id, pressed_at = excluded.pressed_at,
+        deadline = excluded.deadline
+    WHERE x.pressed_at IS NULL
+    RETURNING x.gateway_id, x.event_id, x.state, x.folded_into
+)
+SELECT r.i::int4, coalesce(ins.state, cur.state), coalesce(ins.folded_into, cur.folded_into)
+FROM r
+LEFT JOIN ins ON ins.gateway_id = r.gateway_id AND ins.event_id = r.event_id
+LEFT JOIN rings cur ON cur.gateway_id = r.gateway_id AND cur.event_id = r.event_id";
+
+const END: &str = "SELECT * FROM ringpush_end_ring($1, $2, $3, $4, $5, $6)";
+
+/// The rings past their deadline, still ringing, end `missed` (locked until the transaction
+/// ends: another worker's sweep skips them).
+const MISSED: &str = "UPDATE rings r
+SET state = 'missed', ended_at = r.deadline, reason = 'timeout', end_event_id = r.event_id
+FROM (SELECT gateway_id, event_id FROM rings
+      WHERE state = 'ringing' AND folded_into IS NULL AND deadline IS NOT NULL
+        AND deadline <= now()
+      ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED) due
+WHERE r.gateway_id = due.gateway_id AND r.event_id = due.event_id
+RETURNING r.gateway_id, r.event_id, r.deadline";
+
+const SWEEP_HISTORY: &str =
+    "DELETE FROM rings WHERE created_at < now() - make_interval(secs => $1::float8)";
+/// Ends whose ring never came, once the ring could no longer be pushed.
+const SWEEP_ORPHAN_ENDS: &str = "DELETE FROM rings
+WHERE pressed_at IS NULL AND created_at < now() - make_interval(secs => $1::float8)";
+
+const HISTORY: &str = "SELECT h.event_id, h.switch_id, h.pressed_at, h.state, h.ended_at, h.reason,
+       h.by_user, u.name, h.phones, h.presses
+FROM ring_history h LEFT JOIN users u ON u.id = h.by_user
+WHERE h.gateway_id = $1
+ORDER BY h.pressed_at DESC
+LIMIT $2";
+
+/// How the ring's life is timed.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// A ring still ringing this long after `pressed_at` ends `missed`.
+    pub timeout: Duration,
+    /// A press less than this after a ring of its switch still ringing folds into it (zero:
+    /// off).
+    pub debounce: Duration,
+}
+
+/// A ring to register.
+#[derive(Debug, Clone)]
+pub struct Begin {
+    pub gateway: String,
+    pub event: String,
+    pub switch: Option<String>,
+    pub pressed_at: OffsetDateTime,
+}
+
+/// A ring registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begun {
+    /// Ringing: push it (to the tokens that did not take it yet).
+    Ringing,
+    /// A press folded into the ring named (still ringing): not pushed.
+    Folded(String),
+    /// Ended already (its end came first, or came while it waited): not pushed.
+    Ended(String),
+}
+
+/// An end recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Whether this end is the one that ended the ring (the first).
+    pub won: bool,
+    /// The ring it ended (a folded press's ring, when the end named the press).
+    pub target: String,
+    /// The ring's state now.
+    pub state: String,
+    /// When the ring was pressed (`None`: the ring is not known yet).
+    pub pressed_at: Option<OffsetDateTime>,
+    pub ended_at: Option<OffsetDateTime>,
+    /// The name of the user who answered or declined.
+    pub by_name: Option<String>,
+}
+
+/// A ring that ended `missed` in a sweep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missed {
+    pub gateway: String,
+    pub event: String,
+    pub deadline: OffsetDateTime,
+}
+
+/// One row of `ring_history`, as `ringpush history` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    pub event_id: String,
+    pub switch_id: Option<String>,
+    pub pressed_at: OffsetDateTime,
+    pub state: String,
+    pub ended_at: Option<OffsetDateTime>,
+    pub reason: Option<String>,
+    pub by_user: Option<i64>,
+    pub by_name: Option<String>,
+    pub phones: i32,
+    pub presses: i32,
+}
+
+type Waiter = (Vec<Begin>, oneshot::Sender<Result<Vec<Begun>, String>>);
+
+#[derive(Default)]
+struct Queue {
+    running: bool,
+    waiting: Vec<Waiter>,
+}
+
+/// The ring's life, for one worker process (any number share the table).
+pub struct Rings {
+    pool: Pool,
+    timing: Timing,
+    queue: Mutex<Queue>,
+}
+
+impl Rings {
+    pub fn new(pool: Pool, timing: Timing) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            timing,
+            queue: Mutex::default(),
+        })
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Registers `rings` (by position: what became of each). The rings of batches that arrive
+    /// while a statement runs go into the next one together.
+    pub async fn begin(self: &Arc<Self>, rings: Vec<Begin>) -> Result<Vec<Begun>, String> {
+        if rings.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.waiting.push((rings, tx));
+            !std::mem::replace(&mut queue.running, true)
+        };
+        if start {
+            let this = self.clone();
+            tokio::spawn(async move { this.drain().await });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the ring registration was abandoned".into()))
+    }
+
+    async fn drain(&self) {
+        /// Frees the runner's place also when a statement panics.
+        struct Running<'a>(&'a Mutex<Queue>);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+            }
+        }
+        let _running = Running(&self.queue);
+        loop {
+            let waiting = {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if queue.waiting.is_empty() {
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            let all: Vec<&Begin> = waiting.iter().flat_map(|(rings, _)| rings).collect();
+            match self.run(&all).await {
+                Ok(mut begun) => {
+                    for (rings, tx) in waiting.into_iter().rev() {
+                        let mine = begun.split_off(begun.len() - rings.len());
+                        let _ = tx.send(Ok(mine));
+                    }
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    for (_, tx) in waiting {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Registers `rings` in as few statements as it can: two presses of one switch (or two
+    /// copies of one ring) go in statements one after the other, so the later sees the
+    /// earlier (a statement sees only what was committed before it).
+    async fn run(&self, rings: &[&Begin]) -> Result<Vec<Begun>, DbError> {
+        let mut order: Vec<usize> = (0..rings.len()).collect();
+        order.sort_by_key(|&i| rings[i].pressed_at);
+        let mut begun: Vec<Option<Begun>> = vec![None; rings.len()];
+        let mut left = order;
+        while !left.is_empty() {
+            let mut switches = HashSet::new();
+            let mut events = HashSet::new();
+            let (now, later): (Vec<usize>, Vec<usize>) = left.into_iter().partition(|&i| {
+                let r = rings[i];
+                let switch = (r.gateway.as_str(), r.switch.as_deref());
+                let event = (r.gateway.as_str(), r.event.as_str());
+                // `&&` would leave the event unmarked when the switch is taken: both checked.
+                let free = !switches.contains(&switch) & !events.contains(&event);
+                if free {
+                    switches.insert(switch);
+                    events.insert(event);
+                }
+                free
+            });
+            let these: Vec<&Begin> = now.iter().map(|&i| rings[i]).collect();
+            for (i, b) in now.iter().zip(self.statement(&these).await?) {
+                begun[*i] = Some(b);
+            }
+            left = later;
+        }
+        Ok(begun
+            .into_iter()
+            .map(|b| b.unwrap_or(Begun::Ringing))
+            .collect())
+    }
+
+    async fn statement(&self, rings: &[&Begin]) -> Result<Vec<Begun>, DbError> {
+        let gateways: Vec<&str> = rings.iter().map(|r| r.gateway.as_str()).collect();
+        let events: Vec<&str> = rings.iter().map(|r| r.event.as_str()).collect();
+        let switches: Vec<Option<&str>> = rings.iter().map(|r| r.switch.as_deref()).collect();
+        let pressed: Vec<OffsetDateTime> = rings.iter().map(|r| r.pressed_at).collect();
+        let debounce = self.timing.debounce.as_secs_f64();
+        let timeout = self.timing.timeout.as_secs_f64();
+        let rows = bounded(async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(BEGIN).await?;
+            Ok(client
+                .query(
+                    &statement,
+                    &[&gateways, &events, &switches, &pressed, &debounce, &timeout],
+                )
+                .await?)
+        })
+        .await?;
+        let mut begun = vec![Begun::Ringing; rings.len()];
+        for row in rows {
+            let i: i32 = row.get(0);
+            let Some(b) = usize::try_from(i - 1).ok().and_then(|i| begun.get_mut(i)) else {
+                continue;
+            };
+            let state: Option<String> = row.get(1);
+            let folded: Option<String> = row.get(2);
+            *b = match (state.as_deref(), folded) {
+                (_, Some(into)) => Begun::Folded(into),
+                // A copy registered by another worker since this statement's snapshot: it
+                // rings (the claims keep the copies apart).
+                (None | Some("ringing"), None) => Begun::Ringing,
+                (Some(ended), None) => Begun::Ended(ended.to_owned()),
+            };
+        }
+        Ok(begun)
+    }
+
+    /// Records `end` (its time: its own `at`, else `received`): the first end of a ring wins.
+    pub async fn end(&self, end: &EndEvent) -> Result<Ended, DbError> {
+        let state = end.reason.as_str();
+        let row = bounded(async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(END).await?;
+            Ok(client
+                .query_one(
+                    &statement,
+                    &[
+                        &end.gateway_id,
+                        &end.ring_id,
+                        &end.event_id,
+                        &state,
+                        &end.by_user,
+                        &end.at,
+                    ],
+                )
+                .await?)
+        })
+        .await?;
+        Ok(Ended {
+            won: row.get(0),
+            target: row.get(1),
+            state: row.get(2),
+            pressed_at: row.get(3),
+            ended_at: row.get(4),
+            by_name: row.get(5),
+        })
+    }
+
+    /// Ends `missed` up to `limit` rings past their deadline, and hands them to `announce`
+    /// (which publishes their ends); commits only when it succeeds. Returns how many.
+    pub async fn sweep_missed<F, Fut>(&self, limit: i64, announce: F) -> Result<usize, String>
+    where
+        F: FnOnce(Vec<Missed>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| DbError::from(e).to_string())?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| DbError::from(e).to_string())?;
+        let rows = tx
+            .query(MISSED, &[&limit])
+            .await
+            .map_err(|e| DbError::from(e).to_string())?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let missed: Vec<Missed> = rows
+            .iter()
+            .map(|row| Missed {
+                gateway: row.get(0),
+                event: row.get(1),
+                deadline: row.get(2),
+            })
+            .collect();
+        let n = missed.len();
+        announce(missed).await?;
+        tx.commit()
+            .await
+            .map_err(|e| DbError::from(e).to_string())?;
+        Ok(n)
+    }
+
+    /// Deletes the rings older than `keep` (the history's retention), and the ends whose ring
+    /// never came once `orphan` has passed; returns how many.
+    pub async fn sweep(&self, keep: Duration, orphan: Duration) -> Result<u64, DbError> {
+        bounded(async {
+            let client = self.pool.get().await?;
+            let old = client
+                .execute(SWEEP_HISTORY, &[&keep.as_secs_f64()])
+                .await?;
+            let orphans = client
+                .execute(SWEEP_ORPHAN_ENDS, &[&orphan.as_secs_f64()])
+                .await?;
+            Ok(old + orphans)
+        })
+        .await
+    }
+}
+
+/// The last `limit` rings of `gateway`, newest first.
+pub async fn history(pool: &Pool, gateway: &str, limit: i64) -> Result<Vec<HistoryRow>, DbError> {
+    let client = pool.get().await?;
+    let rows = client.query(HISTORY, &[&gateway, &limit]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| HistoryRow {
+            event_id: row.get(0),
+            switch_id: row.get(1),
+            pressed_at: row.get(2),
+            state: row.get(3),
+            ended_at: row.get(4),
+            reason: row.get(5),
+            by_user: row.get(6),
+            by_name: row.get(7),
+            phones: row.get(8),
+            presses: row.get(9),
+        })
+        .collect())
+}
+
+/// The end a sweep publishes for a ring it found missed: a v2 end whose own id is the ring's.
+pub fn missed_end(missed: &Missed) -> EndEvent {
+    EndEvent {
+        event_id: missed.event.clone(),
+        ring_id: missed.event.clone(),
+        gateway_id: missed.gateway.clone(),
+        reason: EndReason::Missed,
+        by_user: None,
+        at: Some(missed.deadline),
+    }
+}
+
+async fn bounded<T>(
+    f: impl std::future::Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    match tokio::time::timeout(TIMEOUT, f).await {
+        Ok(result) => result,
+        Err(_) => Err(DbError::Timeout(TIMEOUT)),
+    }
+}
