@@ -69,6 +69,9 @@ fn label(platform: Platform, kind: Kind) -> String {
     format!("{phone} {kind}")
 }
 
+/// How long the demo's rings ring before they are missed (the garage's is).
+const DEMO_RING_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// What the demo saw, printed for a person.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -79,6 +82,14 @@ pub struct Report {
     pub rings_expired: u64,
     pub rings_unknown_gateway: u64,
     pub rings_dead_lettered: u64,
+    /// Presses folded into a ring still ringing (debounce).
+    pub rings_debounced: u64,
+    /// How each ring ended, per door.
+    pub ends: Vec<(&'static str, String)>,
+    /// Follow-ups accepted per person and phone kind, with what they said.
+    pub followups_per_person: Vec<(String, String, String)>,
+    /// iPhone VoIP tokens that got no follow-up (the app ends its CallKit call itself).
+    pub voip_skipped: u64,
     /// Accepted notifications per person and phone kind (`iPhone alert`, `Android call`, …),
     /// with that kind's phone count.
     pub accepted_per_person: Vec<(String, String, u64, usize)>,
@@ -105,7 +116,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "ringpush demo ({}): {} rings published, all settled in {:.2?}",
+            "ringpush demo ({}): {} messages published as gateways do, all settled in {:.2?}",
             self.protocol, self.rings_published, self.elapsed
         )?;
         writeln!(f)?;
@@ -115,6 +126,34 @@ impl fmt::Display for Report {
         writeln!(f, "  expired (not sent)  {:>4}", self.rings_expired)?;
         writeln!(f, "  unknown gateway     {:>4}", self.rings_unknown_gateway)?;
         writeln!(f, "  dead-lettered       {:>4}", self.rings_dead_lettered)?;
+        writeln!(
+            f,
+            "  debounced           {:>4}  (a second press while the ring still rang)",
+            self.rings_debounced
+        )?;
+        writeln!(f)?;
+        writeln!(f, "ring ends")?;
+        for (door, how) in &self.ends {
+            writeln!(f, "  {door:<12} {how}")?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "follow-ups (the ring ended: the phones that took it stop ringing)"
+        )?;
+        let mut last = "";
+        for (who, phone, said) in &self.followups_per_person {
+            let shown = if who == last { "" } else { who.as_str() };
+            last = who;
+            writeln!(f, "  {shown:<8} {phone:<14} {said}")?;
+        }
+        if self.voip_skipped > 0 {
+            writeln!(
+                f,
+                "  (none to {} iPhone call token(s): the app ends its CallKit call itself)",
+                self.voip_skipped
+            )?;
+        }
         writeln!(f)?;
         writeln!(
             f,
@@ -260,6 +299,8 @@ async fn run_inner(
         prefetch: 64,
         batch_size: 16,
         default_topic: Some(TOPIC.into()),
+        // The demo waits for the garage's ring to be missed: 3 s, not the default 30 s.
+        ring_timeout: DEMO_RING_TIMEOUT,
         ..worker::Settings::new(names.clone())
     };
     let feedback_counters = Arc::new(feedback::Counters::default());
@@ -328,12 +369,15 @@ async fn run_inner(
     };
     let rings = [
         ring("front-1", "demo-front", now),
-        ring("front-2", "demo-front", now),
         ring("garage-1", "demo-garage", now),
         ring("unknown-1", "demo-nowhere", now),
         ring("stale-1", "demo-front", now - Duration::from_secs(300)),
+        // The visitor presses again a second later, while the first ring still rings:
+        // folded into it (debounce), published once the first has reached the phones.
+        ring("front-2", "demo-front", now + Duration::from_secs(1)),
     ];
-    for r in &rings {
+    let (again, first) = rings.split_last().expect("rings");
+    for r in first {
         broker::publish_ring(&channel, names, r).await?;
     }
     let malformed = br#"{"v":1,"event_id":"no-gateway"}"#;
@@ -345,12 +389,46 @@ async fn run_inner(
         BasicProperties::default().with_content_type("application/json".into()),
     )
     .await?;
-    let published = rings.len() as u64 + 1;
+    // Bob answers at the front door once the ring has reached the phones; nobody answers
+    // in the garage: it ends missed after the ring timeout (its end comes from a worker).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Counters::get(&counters.rings_delivered) < 2 {
+        if Instant::now() > deadline {
+            anyhow::bail!("the front door's and the garage's rings were not delivered within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker::publish_ring(&channel, names, again).await?;
+    while Counters::get(&counters.rings_debounced) < 1 {
+        if Instant::now() > deadline {
+            anyhow::bail!("the second press at the front door was not handled within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bob: i64 = pool
+        .get()
+        .await?
+        .query_one("SELECT id FROM users WHERE name = 'Bob'", &[])
+        .await?
+        .get(0);
+    let answered = crate::wire::ring::EndEvent {
+        event_id: format!("answer-{}", random_hex(4)),
+        ring_id: rings[0].event_id.clone(),
+        gateway_id: "demo-front".into(),
+        reason: crate::wire::ring::EndReason::Answered,
+        by_user: Some(bob),
+        at: Some(OffsetDateTime::now_utc()),
+    };
+    broker::publish_end(&channel, names, &answered).await?;
+    // The rings, the malformed message and the end; the missed ring's end comes on top.
+    let published = rings.len() as u64 + 2;
 
-    // Wait until every ring is settled and every dead token has gone through the purger.
+    // Wait until every ring is settled, the garage's missed, and every dead token has gone
+    // through the purger.
     let deadline = Instant::now() + Duration::from_secs(60);
     let settled = || {
-        Counters::get(&counters.rings_acked) == published
+        Counters::get(&counters.rings_acked) == published + 1
+            && Counters::get(&counters.rings_ended) == 2
             // (the binary feedback service may add events of its own)
             && feedback::Counters::get(&feedback_counters.acked)
                 >= Counters::get(&counters.feedback_events)
@@ -419,6 +497,18 @@ async fn run_inner(
         dead_reasons,
     );
     report.unsupported = Counters::get(&counters.notifications_unsupported);
+    report.rings_debounced = Counters::get(&counters.rings_debounced);
+    report.ends = vec![
+        ("Front door", "answered by Bob".to_owned()),
+        (
+            "Garage",
+            format!(
+                "missed (nobody answered within {})",
+                crate::cli::duration_text(DEMO_RING_TIMEOUT)
+            ),
+        ),
+    ];
+    report.voip_skipped = counters.followups(Platform::APNS, Kind::Call, "skipped_voip");
     report.feedback_events = Counters::get(&counters.feedback_events);
     report.purge_requests = feedback::Counters::get(&feedback_counters.purge_requests);
     report.tokens_purged = purge::Counters::get(&purge_counters.purged);
@@ -451,10 +541,24 @@ fn report(
     let who = |token: Option<&str>| token.and_then(|t| owner.get(t).copied()).unwrap_or("?");
     let mut accepted: BTreeMap<(&str, String), u64> = BTreeMap::new();
     let mut rejected: BTreeMap<(&str, String), u64> = BTreeMap::new();
+    let mut followups: BTreeMap<(&str, String), Vec<String>> = BTreeMap::new();
     for r in mock.received() {
         let voip = r.headers.get("apns-push-type").is_some_and(|v| v == "voip");
         let kind = if voip { Kind::Call } else { Kind::Alert };
         let who = who(r.token.as_deref());
+        let payload: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+        if let (true, Some(state)) = (r.reason.is_none(), payload["state"].as_str()) {
+            let said = format!(
+                "{}: \"{}\" (silent, replaces the ring's banner)",
+                state,
+                payload["aps"]["alert"]["body"].as_str().unwrap_or_default()
+            );
+            followups
+                .entry((who, label(Platform::APNS, kind)))
+                .or_default()
+                .push(said);
+            continue;
+        }
         match r.reason {
             None => {
                 *accepted
@@ -465,11 +569,35 @@ fn report(
         }
     }
     for r in fcm.received() {
-        let kind = match r.body["message"]["data"]["kind"].as_str() {
+        let message = &r.body["message"];
+        let kind = match message["data"]["kind"].as_str() {
             Some("call") => Kind::Call,
             _ => Kind::Alert,
         };
         let who = who(r.token.as_deref());
+        if r.status == 200 && message["data"]["kind"] == "ended" {
+            let (kind, said) = match message["notification"]["body"].as_str() {
+                Some(body) => (
+                    Kind::Alert,
+                    format!(
+                        "{}: \"{body}\" (quiet channel, replaces the ring's notification)",
+                        message["data"]["state"].as_str().unwrap_or_default()
+                    ),
+                ),
+                None => (
+                    Kind::Call,
+                    format!(
+                        "{} (data only: the app closes its call screen)",
+                        message["data"]["state"].as_str().unwrap_or_default()
+                    ),
+                ),
+            };
+            followups
+                .entry((who, label(Platform::FCM, kind)))
+                .or_default()
+                .push(said);
+            continue;
+        }
         match (r.status, r.code) {
             (200, _) => {
                 *accepted
@@ -499,6 +627,19 @@ fn report(
         rings_expired: Counters::get(&c.rings_expired),
         rings_unknown_gateway: Counters::get(&c.rings_unknown_gateway),
         rings_dead_lettered: Counters::get(&c.rings_dead_lettered),
+        followups_per_person: people
+            .iter()
+            .flat_map(|p| {
+                let followups = &followups;
+                followups
+                    .iter()
+                    .filter(move |((who, _), _)| *who == p.name)
+                    .flat_map(|((who, phone), said)| {
+                        said.iter()
+                            .map(|s| (who.to_string(), phone.clone(), s.clone()))
+                    })
+            })
+            .collect(),
         accepted_per_person: per_person,
         rejections: rejected
             .into_iter()
@@ -553,8 +694,14 @@ async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Resu
     let client = pool.get().await?;
     let mut ids = HashMap::new();
     for person in people {
+        // The name "Answered by …" says: Alice, Bob, …
+        let mut name = person.name.to_owned();
+        name[..1].make_ascii_uppercase();
         let row = client
-            .query_one("INSERT INTO users DEFAULT VALUES RETURNING id", &[])
+            .query_one(
+                "INSERT INTO users (name) VALUES ($1) RETURNING id",
+                &[&name],
+            )
             .await?;
         let id: i64 = row.get(0);
         ids.insert(person.name, id);

@@ -40,6 +40,7 @@ pub use self::ops::{
     ManagementArgs, QueuesArgs, RingArgs, SeedArgs, WhoArgs,
 };
 pub use self::services::{FeedbackArgs, PurgeArgs, WorkerArgs};
+pub(crate) use self::values::duration_text;
 #[cfg(feature = "kit")]
 use self::values::protocol;
 pub use self::values::ApnsProtocol;
@@ -517,6 +518,10 @@ mod tests {
         );
         assert_eq!(ours.ring_ttl, seconds("RINGPUSH_RING_TTL"));
         assert_eq!(ours.grace, seconds("RINGPUSH_SHUTDOWN_GRACE"));
+        assert_eq!(ours.ring_timeout, seconds("RINGPUSH_RING_TIMEOUT"));
+        assert_eq!(ours.ring_debounce, seconds("RINGPUSH_RING_DEBOUNCE"));
+        assert_eq!(ours.followup_ttl, seconds("RINGPUSH_FOLLOWUP_TTL"));
+        assert_eq!(ours.ring_history, seconds("RINGPUSH_RING_HISTORY"));
         assert_eq!(ours.ledger, documented("RINGPUSH_LEDGER") == "on");
         assert_eq!(ours.alert.title, documented("RINGPUSH_ALERT_TITLE"));
         assert_eq!(ours.alert.body, documented("RINGPUSH_ALERT_BODY"));

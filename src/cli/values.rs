@@ -152,14 +152,16 @@ pub fn interval(s: &str) -> Result<Duration, String> {
 }
 
 /// A duration as `--help` and the documentation write it: `300ms`, `25s`, `60s`, `10m`, `1h` —
-/// seconds below ten minutes, then whole minutes or hours. `duration` reads it back.
-pub(super) fn duration_text(d: Duration) -> String {
+/// seconds below ten minutes, then whole minutes, hours or days. `duration` reads it back.
+pub(crate) fn duration_text(d: Duration) -> String {
     let ms = d.as_millis();
     if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = d.as_secs();
-    if s > 0 && s.is_multiple_of(3600) {
+    if s > 0 && s.is_multiple_of(86_400) {
+        format!("{}d", s / 86_400)
+    } else if s > 0 && s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
     } else if s >= 600 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
@@ -240,6 +242,7 @@ mod tests {
             (Duration::from_secs(600), "10m"),
             (Duration::from_secs(3000), "50m"),
             (Duration::from_secs(3600), "1h"),
+            (Duration::from_secs(30 * 86_400), "30d"),
         ];
         for (d, text) in cases {
             assert_eq!(duration_text(d), text);

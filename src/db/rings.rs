@@ -28,8 +28,8 @@ use crate::wire::ring::{EndEvent, EndReason};
 /// Longest one statement of the ring's life may take (then it counts as failed: the rings wait).
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What [`Rings::begin`] runs: registers each ring (an end that came first is kept, its ring
-/// filled in) and finds, for a press of a switch, the ring of that switch still ringing that
+/// What [`Rings::begin`] runs: registers each ring of a known gateway (an end that came first
+/// is kept, its ring filled in) and finds, for a press of a switch, the ring of that switch still ringing that
 /// it folds into. Answers by position (1-based): the ring's state and what it folded into.
 const BEGIN: &str = "WITH r AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
@@ -47,6 +47,8 @@ const BEGIN: &str = "WITH r AS (
     SELECT r.gateway_id, r.event_id, r.switch_id, r.pressed_at,
            r.pressed_at + make_interval(secs => $6::float8), p.parent
     FROM r JOIN p ON p.i = r.i
+    -- A ring of an unknown gateway has no life to keep (it is acked as such).
+    WHERE EXISTS (SELECT FROM gateways g WHERE g.id = r.gateway_id)
     ORDER BY r.gateway_id, r.event_id
     ON CONFLICT (gateway_id, event_id) DO UPDATE
     SET switch_id = excluded.switch_id, pressed_at = excluded.pressed_at,

@@ -237,13 +237,14 @@ mod tests {
 
     #[test]
     fn a_worker_of_the_previous_release_refuses_an_envelope_with_a_clear_reason() {
-        // The previous release reads every body as a ring event v1.
+        // The previous release reads every body as a ring event: the envelope's `v` is
+        // refused by name (as this release's ring parser refuses it).
         let body = write(RING, 1, "ring.gw-042", &["ab"], 1 << 20).remove(0);
         let e = crate::wire::ring::RingEvent::parse(&body, time::OffsetDateTime::now_utc())
             .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown ring event version \"ringpush-retry/1\" (this worker reads v 1)"
+            "unknown ring event version \"ringpush-retry/1\" (this worker reads v 1 and 2)"
         );
     }
 
