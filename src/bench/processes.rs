@@ -205,6 +205,8 @@ impl WorkerOf<'_> {
             .env("RINGPUSH_APNS_TEAM_ID", "BENCHTEAM1")
             .env("RINGPUSH_RING_TTL", "600s")
             .env("RINGPUSH_PREFETCH", self.args.prefetch.to_string())
+            // The bench's gateways ring many times a second: every ring is pushed.
+            .env("RINGPUSH_RING_DEBOUNCE", "0s")
             .env("RINGPUSH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("RUST_LOG", "warn")
             .kill_on_drop(true);

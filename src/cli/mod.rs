@@ -40,7 +40,6 @@ pub use self::ops::{
     ManagementArgs, QueuesArgs, RingArgs, SeedArgs, WhoArgs,
 };
 pub use self::services::{FeedbackArgs, PurgeArgs, WorkerArgs};
-pub(crate) use self::values::duration_text;
 #[cfg(feature = "kit")]
 use self::values::protocol;
 pub use self::values::ApnsProtocol;

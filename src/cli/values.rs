@@ -153,7 +153,7 @@ pub fn interval(s: &str) -> Result<Duration, String> {
 
 /// A duration as `--help` and the documentation write it: `300ms`, `25s`, `60s`, `10m`, `1h` —
 /// seconds below ten minutes, then whole minutes, hours or days. `duration` reads it back.
-pub(crate) fn duration_text(d: Duration) -> String {
+pub(super) fn duration_text(d: Duration) -> String {
     let ms = d.as_millis();
     if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");

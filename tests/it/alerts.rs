@@ -228,6 +228,8 @@ async fn a_real_prometheus_evaluates_every_expression_and_pages_while_apns_is_do
         o.apns_proxy = true;
         // Rings published during the outage are still worth pushing after it.
         o.worker.ring_ttl = Duration::from_secs(600);
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
         o.worker.probe_interval = Duration::from_millis(250);
         o.worker.probe_cap = Duration::from_secs(1);
     })

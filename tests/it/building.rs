@@ -141,6 +141,8 @@ fn failed_exactly(app: &App, count: u64) {
 async fn a_building_ring_reaches_3000_phones_once_each_while_apns_fails_its_first_2500_requests() {
     let app = App::spawn_with(|o| {
         o.worker.ring_ttl = Duration::from_secs(600);
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
         o.worker.max_attempts = 10;
     })
     .await;
@@ -173,6 +175,8 @@ async fn a_building_ring_reaches_3000_phones_once_each_while_apns_fails_its_firs
 async fn a_building_ring_split_over_several_retry_messages_reaches_every_phone_once() {
     let app = App::spawn_with(|o| {
         o.worker.ring_ttl = Duration::from_secs(600);
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
         o.worker.max_attempts = 10;
         // 2,500 pending tokens need far more than 4 KiB: many retry messages.
         o.worker.retry_max_bytes = 4096;
@@ -236,7 +240,14 @@ async fn a_lookup_of_a_gateway_shared_with_20000_users_is_timed() {
 /// are delivered.
 #[tokio::test]
 async fn a_ring_whose_retry_could_never_fit_a_frame_is_dead_lettered_with_the_reason() {
-    let app = App::spawn_with(|o| o.worker.ring_ttl = Duration::from_secs(600)).await;
+    let app = App::spawn_with(|o| {
+        o.worker.ring_ttl = Duration::from_secs(600);
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
+    })
+    .await;
     let owner = app.add_user().await;
     app.add_gateway("gw-heavy", owner, "Door").await;
     let heavy_phone = app.add_token(owner, "production", Some(TOPIC)).await;

@@ -140,7 +140,7 @@ async fn malformed_rings_go_to_the_dead_queue_with_their_reason_and_the_next_rin
 
     app.publish_raw(b"{not json").await;
     app.publish_raw(br#"{"v":1,"event_id":"e-1"}"#).await;
-    app.publish_raw(br#"{"v":2,"event_id":"e-2","gateway_id":"gw-1"}"#)
+    app.publish_raw(br#"{"v":3,"event_id":"e-2","gateway_id":"gw-1"}"#)
         .await;
     // A gateway id PostgreSQL cannot take as text: the lookup would fail on it every time.
     let nul = br#"{"v":1,"event_id":"e-3","gateway_id":"gw\u0000-1"}"#;
@@ -170,8 +170,8 @@ async fn malformed_rings_go_to_the_dead_queue_with_their_reason_and_the_next_rin
         "missing field `gateway_id`"
     );
     assert!(
-        reason(br#"{"v":2,"event_id":"e-2","gateway_id":"gw-1"}"#)
-            .starts_with("unknown ring event version 2"),
+        reason(br#"{"v":3,"event_id":"e-2","gateway_id":"gw-1"}"#)
+            .starts_with("unknown ring event version 3"),
         "{dead:?}"
     );
     assert_eq!(reason(nul), "`gateway_id` must not contain a NUL character");

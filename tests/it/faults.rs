@@ -80,6 +80,8 @@ async fn apns_connections_cut_mid_batch_again_and_again_lose_no_ring() {
         // of time (a ring cut again and again waits out several retry tiers).
         o.worker.max_attempts = 10;
         o.worker.ring_ttl = Duration::from_secs(600);
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
     })
     .await;
     let tokens = gateway(&app, "gw-cut", 4).await;
@@ -109,6 +111,8 @@ async fn apns_answering_503_for_5_s_then_recovering_delivers_every_ring() {
     let app = App::spawn_with(|o| {
         o.worker.max_attempts = 5;
         o.worker.ring_ttl = Duration::from_secs(600);
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
     })
     .await;
     let tokens = gateway(&app, "gw-503", 2).await;

@@ -146,6 +146,8 @@ fn ids(rings: &[RingEvent]) -> HashSet<String> {
 async fn push_tokens_renamed_away_for_15_s_loses_no_ring_and_probes_back_off() {
     let app = App::spawn_with(|o| {
         o.worker.ring_ttl = Duration::from_secs(120);
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
         o.worker.probe_interval = Duration::from_millis(100);
         o.worker.probe_cap = Duration::from_secs(2);
     })
@@ -333,6 +335,8 @@ async fn a_worker_started_before_migrate_waits_and_delivers_every_ring_after_it(
         o.run_purger = false;
         o.metrics = true;
         o.worker.ring_ttl = Duration::from_secs(120);
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
     })
     .await;
     app.start_worker();

@@ -300,7 +300,7 @@ async fn a_ring_nobody_answers_is_missed_once_also_when_the_worker_that_pushed_i
 
 #[tokio::test]
 async fn a_held_button_rings_once_and_the_end_of_any_press_ends_the_ring() {
-    let app = App::spawn().await;
+    let app = App::spawn_with(|o| o.worker.ring_debounce = Duration::from_secs(5)).await;
     let owner = app.add_user().await;
     app.add_gateway("gw-held", owner, "Door").await;
     let iphone = app.add_token(owner, "production", Some(TOPIC)).await;

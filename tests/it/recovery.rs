@@ -44,6 +44,8 @@ async fn pushing_resumes_within_seconds_of_apns_return_not_after_the_reconnect_b
         o.apns.backoff_min = Duration::from_secs(120);
         o.apns.backoff_max = Duration::from_secs(240);
         o.worker.ring_ttl = Duration::from_secs(300);
+        // Nor missed while it is retried (a ring nobody answered ends at its timeout).
+        o.worker.ring_timeout = o.worker.ring_ttl;
         // The production probe schedule (the test support's default is faster).
         o.worker.probe_interval = Duration::from_millis(250);
         o.worker.probe_cap = Duration::from_secs(1);

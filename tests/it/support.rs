@@ -217,6 +217,9 @@ impl App {
                 default_topic: Some(TOPIC.into()),
                 probe_interval: Duration::from_millis(100),
                 grace: Duration::from_secs(5),
+                // The tests publish bursts of one gateway's rings, each a ring of its own;
+                // the tests of a ring's life (life.rs) turn debounce on.
+                ring_debounce: Duration::ZERO,
                 ..worker::Settings::new(names.clone())
             },
             // The mock reads the key's public half from PEM, as `mock-apns` does.
@@ -452,6 +455,8 @@ impl App {
             .env("RINGPUSH_APNS_TEAM_ID", TEAM_ID)
             .env("RINGPUSH_APNS_TOPIC", TOPIC)
             .env("RINGPUSH_PREFETCH", "64")
+            // Bursts of one gateway's rings are rings of their own here (see `Options`).
+            .env("RINGPUSH_RING_DEBOUNCE", "0s")
             // Tests run side by side: no fixed port.
             .env("RINGPUSH_METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
