@@ -384,6 +384,7 @@ const MISSED_PER_SWEEP: i64 = 500;
 /// another worker. Every worker sweeps; the rows one sweeps, the others skip.
 async fn sweep_missed(shared: Arc<Shared>, amqp_url: String, cancel: CancellationToken) {
     let mut channel: Option<(lapin::Connection, lapin::Channel)> = None;
+    let mut failing = false;
     loop {
         let wait =
             crate::backoff::jittered(Duration::from_millis(250), Duration::from_millis(500), 1);
@@ -432,11 +433,20 @@ async fn sweep_missed(shared: Arc<Shared>, amqp_url: String, cancel: Cancellatio
             Ok(())
         };
         match shared.rings.sweep_missed(MISSED_PER_SWEEP, announce).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(rings = n, "rings nobody answered in time end missed"),
+            Ok(n) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("the missed sweep works again");
+                }
+                if n > 0 {
+                    tracing::debug!(rings = n, "rings nobody answered in time end missed");
+                }
+            }
+            // Said once (the database or the broker is down: the worker says so elsewhere),
+            // then quietly retried twice a second.
+            Err(e) if failing => tracing::debug!(error = %e, "the missed sweep failed again"),
             Err(e) => {
+                failing = true;
                 tracing::warn!(error = %e, "the missed sweep failed; it runs again shortly");
-                channel = None;
             }
         }
     }

@@ -5,8 +5,8 @@
 //!   concurrent batches into one statement (as the ledger's writes and the claims are). A ring
 //!   comes back [`Begun::Ringing`] (push it), [`Begun::Folded`] (a press of a switch whose ring
 //!   is still ringing, pressed less than the debounce after it: not pushed) or
-//!   [`Begun::Ended`] (its end came first: not pushed). Two presses of one switch never share
-//!   a statement, so the later one always sees the earlier.
+//!   [`Begun::Ended`] (its end came first: not pushed). A press that may fold into an earlier
+//!   one of the same call goes in a later statement, so it sees the earlier.
 //! - [`Rings::end`]: an end recorded — the first end wins (`ringpush_end_ring`); the answer
 //!   says whether this end is the one that ended the ring, also when it is asked again.
 //! - [`Rings::sweep_missed`]: the rings still ringing past their deadline end `missed`, in a
@@ -14,7 +14,7 @@
 //!   between the two leaves them to the next sweep).
 //! - [`Rings::sweep`]: the history's retention; [`history`]: what `ringpush history` prints.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,8 +31,15 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// What [`Rings::begin`] runs: registers each ring of a known gateway (an end that came first
 /// is kept, its ring filled in) and finds, for a press of a switch, the ring of that switch still ringing that
 /// it folds into. Answers by position (1-based): the ring's state and what it folded into.
-const BEGIN: &str = "WITH r AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+///
+/// Its commit does not wait for the WAL flush (`synchronous_commit` off for this statement
+/// alone): the push does not wait for a disk. A ring's row lost in a crash of PostgreSQL
+/// costs that ring its history and its missed follow-up; its follow-ups after an end still
+/// come from the delivery ledger, whose writes stay durable.
+const BEGIN: &str = "WITH async AS (
+    SELECT set_config('synchronous_commit', 'off', true)
+), r AS (
+    SELECT r.* FROM async, unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
         WITH ORDINALITY AS r(gateway_id, event_id, switch_id, pressed_at, i)
 ), p AS (
     SELECT r.i, (SELECT q.event_id FROM rings q
@@ -239,34 +246,45 @@ impl Rings {
         }
     }
 
-    /// Registers `rings` in as few statements as it can: two presses of one switch (or two
-    /// copies of one ring) go in statements one after the other, so the later sees the
-    /// earlier (a statement sees only what was committed before it).
+    /// Registers `rings` in as few statements as it can — a statement sees only what was
+    /// committed before it, so a press that may fold into another of the same call goes in a
+    /// later statement than that one: per switch, by `pressed_at`, a *leader* is a press not
+    /// within the debounce of the leader before it, a *follower* one within it. The leaders
+    /// go first, the followers next (each then sees its leader); without debounce, one
+    /// statement. Two copies of one ring are never in the same statement either.
     async fn run(&self, rings: &[&Begin]) -> Result<Vec<Begun>, DbError> {
         let mut order: Vec<usize> = (0..rings.len()).collect();
         order.sort_by_key(|&i| rings[i].pressed_at);
+        let debounce = self.timing.debounce;
+        let mut leader_at: HashMap<(&str, Option<&str>), OffsetDateTime> = HashMap::new();
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        // (round, position): round 0 the leaders, 1 the followers, 2+ repeated copies.
+        let mut rounds: Vec<Vec<usize>> = vec![Vec::new(), Vec::new()];
+        for i in order {
+            let r = rings[i];
+            let event = (r.gateway.as_str(), r.event.as_str());
+            if !seen.insert(event) {
+                rounds.push(vec![i]);
+                continue;
+            }
+            let switch = (r.gateway.as_str(), r.switch.as_deref());
+            let follower = !debounce.is_zero()
+                && leader_at
+                    .get(&switch)
+                    .is_some_and(|&at| r.pressed_at < at + debounce);
+            if follower {
+                rounds[1].push(i);
+            } else {
+                leader_at.insert(switch, r.pressed_at);
+                rounds[0].push(i);
+            }
+        }
         let mut begun: Vec<Option<Begun>> = vec![None; rings.len()];
-        let mut left = order;
-        while !left.is_empty() {
-            let mut switches = HashSet::new();
-            let mut events = HashSet::new();
-            let (now, later): (Vec<usize>, Vec<usize>) = left.into_iter().partition(|&i| {
-                let r = rings[i];
-                let switch = (r.gateway.as_str(), r.switch.as_deref());
-                let event = (r.gateway.as_str(), r.event.as_str());
-                // `&&` would leave the event unmarked when the switch is taken: both checked.
-                let free = !switches.contains(&switch) & !events.contains(&event);
-                if free {
-                    switches.insert(switch);
-                    events.insert(event);
-                }
-                free
-            });
-            let these: Vec<&Begin> = now.iter().map(|&i| rings[i]).collect();
-            for (i, b) in now.iter().zip(self.statement(&these).await?) {
+        for round in rounds.into_iter().filter(|r| !r.is_empty()) {
+            let these: Vec<&Begin> = round.iter().map(|&i| rings[i]).collect();
+            for (i, b) in round.iter().zip(self.statement(&these).await?) {
                 begun[*i] = Some(b);
             }
-            left = later;
         }
         Ok(begun
             .into_iter()

@@ -66,7 +66,7 @@ pub struct Settings {
     /// Also serve the legacy binary gateway and feedback service on these addresses.
     pub binary: Option<(SocketAddr, SocketAddr)>,
     /// Append one line per answered HTTP/2 request to this file — `<unix ms> <status>
-    /// <apns-collapse-id> <token>` — the record a test outside the process (the cluster
+    /// <apns-collapse-id> <token> <ring|followup>` — the record a test outside the process (the cluster
     /// test) checks deliveries against. It holds full tokens: a test artifact, not a log.
     pub record: Option<PathBuf>,
 }

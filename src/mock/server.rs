@@ -298,8 +298,13 @@ async fn handle_stream(
             .get("apns-collapse-id")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
+        // A ring's follow-up (its end) carries the ring's collapse id too: told apart.
+        let what = match serde_json::from_slice::<serde_json::Value>(&payload) {
+            Ok(v) if v.get("state").is_some() => "followup",
+            _ => "ring",
+        };
         let line = format!(
-            "{} {status} {collapse} {}\n",
+            "{} {status} {collapse} {} {what}\n",
             time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000,
             token.as_deref().unwrap_or("-")
         );

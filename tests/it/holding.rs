@@ -311,6 +311,7 @@ async fn migrate_and_seed_at_once(app: &App, gateway: &str) -> Vec<DeviceToken> 
         "push_tokens",
         "ring_ledger",
         "ring_claims",
+        "rings",
     ]
     .iter()
     .map(|t| {
@@ -319,6 +320,16 @@ async fn migrate_and_seed_at_once(app: &App, gateway: &str) -> Vec<DeviceToken> 
             stage.schema
         )
     })
+    .chain([
+        format!(
+            "ALTER VIEW \"{}\".ring_history SET SCHEMA \"{schema}\";",
+            stage.schema
+        ),
+        format!(
+            "ALTER FUNCTION \"{}\".ringpush_end_ring(text, text, text, text, bigint, timestamptz) SET SCHEMA \"{schema}\";",
+            stage.schema
+        ),
+    ])
     .collect();
     client
         .batch_execute(&format!("BEGIN; {moves} COMMIT;"))

@@ -18,7 +18,8 @@ async fn migrate_twice_is_a_no_op() {
             "V5__ring_ledger",
             "V6__push_tokens_platform_kind",
             "V7__ring_claims",
-            "V8__push_tokens_any_provider"
+            "V8__push_tokens_any_provider",
+            "V9__ring_life"
         ]
     );
     let second = ringpush::db::migrate(&db.url).await.unwrap();

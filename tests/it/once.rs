@@ -95,6 +95,11 @@ async fn the_broker_closing_the_workers_connection_mid_push_rings_no_phone_twice
         Counters::get(&app.counters.rings_consumed) >= 60
     })
     .await;
+    // Their requests sent (a loaded machine may still be looking the rings up): the close
+    // must find them mid-push, not before it.
+    app.wait_for("requests in flight", || app.mock.stats().max_in_flight > 0)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let url = format!(
         "{}/api/connections/{}",
         management_url(),
