@@ -29,6 +29,9 @@ pub struct Settings {
     pub dedup_window: Duration,
     /// With the binary protocol: the legacy feedback service to poll.
     pub service: Option<Service>,
+    /// Largest feedback event read (`RINGPUSH_MAX_MESSAGE_BYTES`); a larger one goes to the
+    /// dead queue unread.
+    pub max_message_bytes: usize,
 }
 
 impl Settings {
@@ -39,6 +42,7 @@ impl Settings {
             prefetch: 100,
             dedup_window: Duration::from_secs(600),
             service: None,
+            max_message_bytes: broker::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -162,6 +166,19 @@ async fn run(
         connected: &ctx.counters.broker_connected,
         sessions: None,
         acked: Some(ctx.counters.acked.inner()),
+        limit: {
+            let counters = ctx.counters.clone();
+            broker::Limit {
+                counted: Arc::new(move || {
+                    counters.events.inc();
+                    counters.dead_lettered.inc();
+                }),
+                ..broker::Limit::new(
+                    ctx.settings.max_message_bytes,
+                    &ctx.settings.names.feedback_dead,
+                )
+            }
+        },
     };
     consumer
         .run(|publisher, acks, batch, _abort| {
@@ -314,7 +331,10 @@ async fn handle_batch(
                 Ok(())
             }
             Step::Dead(reason) => {
-                warn!(reason, "malformed feedback event goes to the dead queue");
+                warn!(
+                    reason = crate::wire::logged(reason),
+                    "malformed feedback event goes to the dead queue"
+                );
                 let r = broker::dead_letter(
                     publisher,
                     &ctx.settings.names.feedback_dead,
@@ -332,7 +352,8 @@ async fn handle_batch(
                 match &r {
                     Ok(()) => {
                         c.purge_requests.inc();
-                        info!(token = %event.token, reason = %event.reason, "purge requested");
+                        let reason = crate::wire::logged(&event.reason);
+                        info!(token = %event.token, reason, "purge requested");
                     }
                     // Not sent: forget it, so the redelivered event is not taken as a repeat.
                     Err(_) => {

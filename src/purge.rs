@@ -36,6 +36,9 @@ pub struct Settings {
     pub batch_size: usize,
     /// Wait before handing a batch back when the database fails.
     pub db_retry_delay: Duration,
+    /// Largest purge request read (`RINGPUSH_MAX_MESSAGE_BYTES`); a larger one goes to the
+    /// dead queue unread.
+    pub max_message_bytes: usize,
 }
 
 impl Settings {
@@ -46,6 +49,7 @@ impl Settings {
             prefetch: 200,
             batch_size: 100,
             db_retry_delay: Duration::from_secs(1),
+            max_message_bytes: broker::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -240,6 +244,16 @@ async fn run(
         connected: &ctx.counters.broker_connected,
         sessions: None,
         acked: Some(ctx.counters.acked.inner()),
+        limit: {
+            let counters = ctx.counters.clone();
+            broker::Limit {
+                counted: Arc::new(move || {
+                    counters.requests.inc();
+                    counters.dead_lettered.inc();
+                }),
+                ..broker::Limit::new(s.max_message_bytes, &s.names.purge_dead)
+            }
+        },
     };
     consumer
         .run(|publisher, acks, batch, _abort| {
@@ -270,7 +284,10 @@ async fn handle_batch(ctx: &Context, publisher: &Publisher, acks: &Acks, batch: 
             },
             Err(e) => {
                 let reason = e.to_string();
-                warn!(reason, "malformed purge request goes to the dead queue");
+                warn!(
+                    reason = crate::wire::logged(&reason),
+                    "malformed purge request goes to the dead queue"
+                );
                 dead_letter(ctx, publisher, acks, delivery, &reason).await;
             }
         }
@@ -385,7 +402,7 @@ async fn refused(
 ) {
     let reason = format!("purge failed: {e}");
     warn!(
-        reason,
+        reason = crate::wire::logged(&reason),
         sqlstate = e.sqlstate(),
         token = %request.token.short(),
         "the database refuses this purge request; it goes to the dead queue"

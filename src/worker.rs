@@ -115,6 +115,10 @@ pub struct Settings {
     pub followup_ttl: Duration,
     /// How long a ring's history is kept (`RINGPUSH_RING_HISTORY`).
     pub ring_history: Duration,
+    /// Largest message body read (`RINGPUSH_MAX_MESSAGE_BYTES`); a larger one is
+    /// dead-lettered unread ([`broker::Limit`]). The worker's own retry envelopes, back from a
+    /// retry tier, may be as large as `retry_max_bytes`.
+    pub max_message_bytes: usize,
 }
 
 impl Settings {
@@ -139,9 +143,33 @@ impl Settings {
             ring_debounce: Duration::from_secs(5),
             followup_ttl: Duration::from_secs(3600),
             ring_history: Duration::from_secs(30 * 24 * 3600),
+            max_message_bytes: broker::DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+
+    /// What the rings consumer reads: gateways' messages up to `max_message_bytes`; the
+    /// retry envelopes this worker's kind wrote, back from a retry tier (routing key
+    /// `ring.retry`, which no gateway may use), up to `retry_max_bytes` — or a little over
+    /// `max_message_bytes`, for a ring that size with one token in its envelope.
+    fn limit(&self, counters: &Arc<Counters>) -> broker::Limit {
+        let own = self
+            .retry_max_bytes
+            .max(self.max_message_bytes + ENVELOPE_ROOM);
+        let counters = counters.clone();
+        broker::Limit {
+            own: Some((broker::RETRY_KEY.to_owned(), own)),
+            counted: Arc::new(move || {
+                Counters::add(&counters.rings_consumed, 1);
+                Counters::add(&counters.rings_dead_lettered, 1);
+            }),
+            ..broker::Limit::new(self.max_message_bytes, &self.names.dead)
         }
     }
 }
+
+/// What a retry envelope adds to the ring it carries with one token: its head, the routing
+/// key and one quoted token (FCM's are up to 512 bytes), with room to spare.
+const ENVELOPE_ROOM: usize = 4096;
 
 /// The worker's databases: the primary (the ledger is written there) and where the token
 /// lookups go (a standby, with `RINGPUSH_DATABASE_READ_URL`; else the primary too).
@@ -318,6 +346,7 @@ async fn run(
         connected: &shared.counters.broker_connected,
         sessions: Some(shared.counters.broker_sessions.inner()),
         acked: Some(shared.counters.rings_acked.inner()),
+        limit: s.limit(&shared.counters),
     };
     consumer
         .run(|publisher, acks, batch, abort| {

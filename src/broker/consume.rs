@@ -1,6 +1,8 @@
 //! Consuming: the loop every consumer shares ([`consume_batches`]: bounded prefetch, batches
 //! of ready deliveries on tracked tasks, coalesced [`Acks`], pause and graceful stop), and a
-//! consuming process's sessions ([`Consumer`]), reconnected by [`serve`](super::serve).
+//! consuming process's sessions ([`Consumer`]), reconnected by [`serve`](super::serve). A
+//! session's deliveries pass its [`Limit`] before its handler sees them: a body over the
+//! bound is dead-lettered unread.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    confirm_channel, connect, declare, serve, Acks, BrokerError, Names, Progress, Publisher,
+    confirm_channel, connect, dead_letter_with, declare, serve, Acks, BrokerError, Names, Progress,
+    Publisher,
 };
 
 /// How a consume loop stops and pauses.
@@ -272,6 +275,105 @@ pub fn requeue() -> BasicNackOptions {
     }
 }
 
+/// `RINGPUSH_MAX_MESSAGE_BYTES` by default: 64 KiB, a hundred times a ring event's size.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 10;
+
+/// Bounded input: the largest message body a consumer reads. A delivery over it is
+/// dead-lettered before anything parses it — a copy cut to `max_bytes`, with the reason in
+/// `x-ringpush-error` — and acked, so it is neither read whole by a parser nor requeued in a
+/// loop. (The body is in memory by then: the broker's own `max_message_size` is what keeps a
+/// larger one from reaching the process at all; docs/operators.md.)
+#[derive(Clone)]
+pub struct Limit {
+    /// `RINGPUSH_MAX_MESSAGE_BYTES`.
+    pub max_bytes: usize,
+    /// A routing key only ringpush's own processes publish with, and the larger bound its
+    /// messages may have: the workers' retry envelopes come back from the retry tiers with
+    /// `ring.retry`, which no gateway identity may publish.
+    pub own: Option<(String, usize)>,
+    /// Where a message over its bound goes.
+    pub dead_queue: String,
+    /// Called for each message dead-lettered here (the process's counters).
+    pub counted: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Limit {
+    /// `max_bytes` for every message, over it to `dead_queue`.
+    pub fn new(max_bytes: usize, dead_queue: &str) -> Self {
+        Self {
+            max_bytes,
+            own: None,
+            dead_queue: dead_queue.to_owned(),
+            counted: Arc::new(|| {}),
+        }
+    }
+
+    /// The bound of one delivery.
+    fn bound(&self, delivery: &Delivery) -> usize {
+        match &self.own {
+            Some((key, bound)) if delivery.routing_key.as_str() == key => *bound,
+            _ => self.max_bytes,
+        }
+    }
+
+    /// The deliveries within their bound, and those over it.
+    fn split(&self, batch: Vec<Delivery>) -> (Vec<Delivery>, Vec<Delivery>) {
+        batch
+            .into_iter()
+            .partition(|d| d.data.len() <= self.bound(d))
+    }
+
+    /// Dead-letters deliveries over their bound: a copy cut to `max_bytes` with the reason,
+    /// confirmed, then the ack (the body is freed first). One the broker does not take is
+    /// handed back (counted towards the queue's delivery limit).
+    async fn dead_letter(self, publisher: Publisher, acks: Acks, over: Vec<Delivery>) {
+        for mut delivery in over {
+            let bound = self.bound(&delivery);
+            let body = std::mem::take(&mut delivery.data);
+            let bytes = body.len();
+            let cut = body[..self.max_bytes.min(bytes)].to_vec();
+            drop(body);
+            let reason = if bound == self.max_bytes {
+                format!(
+                    "the message body of {bytes} bytes is over RINGPUSH_MAX_MESSAGE_BYTES ({bound}); dead-lettered unread, cut to its first {} bytes",
+                    cut.len()
+                )
+            } else {
+                format!(
+                    "the message body of {bytes} bytes is over the {bound} bytes a message with this routing key may have; dead-lettered unread, cut to its first {} bytes",
+                    cut.len()
+                )
+            };
+            let routing_key = crate::wire::logged(delivery.routing_key.as_str());
+            let published = dead_letter_with(
+                &publisher,
+                &self.dead_queue,
+                &cut,
+                &delivery.properties,
+                &reason,
+            )
+            .await;
+            match published {
+                Ok(()) => {
+                    tracing::warn!(
+                        queue = %self.dead_queue,
+                        routing_key,
+                        bytes,
+                        max_bytes = bound,
+                        "message too large: dead-lettered unread"
+                    );
+                    (self.counted)();
+                    acks.ack(&delivery);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, routing_key, bytes, "cannot dead-letter a message too large; handing it back");
+                    let _ = acks.nack(&delivery, requeue()).await;
+                }
+            }
+        }
+    }
+}
+
 /// A consuming process as the broker sees it: which queue, how many deliveries at once, how
 /// it stops and pauses, and where it reports that it is connected.
 pub struct Consumer<'a> {
@@ -289,6 +391,8 @@ pub struct Consumer<'a> {
     pub sessions: Option<&'a AtomicU64>,
     /// Counts deliveries acked (sent to the broker, not just settled).
     pub acked: Option<&'a AtomicU64>,
+    /// The largest body the handler is given; larger ones are dead-lettered unread.
+    pub limit: Limit,
 }
 
 impl Consumer<'_> {
@@ -341,7 +445,25 @@ impl Consumer<'_> {
             self.control.clone(),
             self.acked,
             &consuming,
-            |acks, batch, abort| handle(publisher.clone(), acks, batch, abort),
+            |acks, batch, abort| {
+                // Bounded input, before any handler parses a body.
+                let (batch, over) = self.limit.split(batch);
+                let over = (!over.is_empty()).then(|| {
+                    self.limit
+                        .clone()
+                        .dead_letter(publisher.clone(), acks.clone(), over)
+                });
+                let handled =
+                    (!batch.is_empty()).then(|| handle(publisher.clone(), acks, batch, abort));
+                async move {
+                    if let Some(over) = over {
+                        over.await;
+                    }
+                    if let Some(handled) = handled {
+                        handled.await;
+                    }
+                }
+            },
         )
         .await;
         self.connected.store(false, Ordering::Relaxed);

@@ -24,7 +24,7 @@ use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 
 pub use acks::Acks;
-pub use consume::{consume_batches, requeue, Consumer, Control};
+pub use consume::{consume_batches, requeue, Consumer, Control, Limit, DEFAULT_MAX_MESSAGE_BYTES};
 pub use publish::{
     check_fits, confirm_channel, dead_letter, dead_letter_with, error_header, properties_size,
     publish_checked, publish_confirmed, publish_end, publish_ring, truncate, with_header,

@@ -336,6 +336,14 @@ mod tests {
                 vec!["ringpush", "mock-apns", "--goaway-debug", "yaml"],
                 "RINGPUSH_MOCK_GOAWAY_DEBUG",
             ),
+            (
+                vec!["ringpush", "worker", "--max-message-bytes", "100"],
+                "RINGPUSH_MAX_MESSAGE_BYTES",
+            ),
+            (
+                vec!["ringpush", "purge", "--max-message-bytes", "16777216"],
+                "RINGPUSH_MAX_MESSAGE_BYTES",
+            ),
         ];
         for (args, var) in cases {
             let err = parse(&args).unwrap_err();
@@ -514,6 +522,10 @@ mod tests {
         assert_eq!(
             ours.retry_max_bytes as u64,
             number("RINGPUSH_RETRY_MAX_BYTES")
+        );
+        assert_eq!(
+            ours.max_message_bytes as u64,
+            number("RINGPUSH_MAX_MESSAGE_BYTES")
         );
         assert_eq!(ours.ring_ttl, seconds("RINGPUSH_RING_TTL"));
         assert_eq!(ours.grace, seconds("RINGPUSH_SHUTDOWN_GRACE"));

@@ -12,10 +12,34 @@ use crate::apns::binary;
 use crate::apns::request::AlertTemplate;
 use crate::{feedback, purge, worker};
 
+/// Bounded input, for every consumer.
+#[derive(Debug, Clone, Args)]
+pub struct InputArgs {
+    /// Largest message body read; a larger one goes to the dead queue unread, cut to this
+    /// size, with the reason (1024 to 8388608).
+    #[arg(long, env = "RINGPUSH_MAX_MESSAGE_BYTES", default_value_t = crate::broker::DEFAULT_MAX_MESSAGE_BYTES, value_parser = max_message_bytes)]
+    pub max_message_bytes: usize,
+}
+
+/// A value parser for `RINGPUSH_MAX_MESSAGE_BYTES`: at least 1 KiB (a ring event with the
+/// longest ids fits), at most what ringpush publishes itself (the cut copy goes to a dead
+/// queue).
+fn max_message_bytes(s: &str) -> Result<usize, String> {
+    let max = crate::broker::MAX_BODY_BYTES;
+    match s.parse::<usize>() {
+        Ok(n) if (1024..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "RINGPUSH_MAX_MESSAGE_BYTES: {s:?} is not a whole number of bytes from 1024 to {max}"
+        )),
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub input: InputArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
@@ -151,6 +175,7 @@ impl WorkerArgs {
             ring_debounce: self.ring_debounce,
             followup_ttl: self.followup_ttl,
             ring_history: self.ring_history,
+            max_message_bytes: self.input.max_message_bytes,
             ..worker::Settings::new(self.broker.names())
         })
     }
@@ -160,6 +185,8 @@ impl WorkerArgs {
 pub struct FeedbackArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub input: InputArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     /// A token reported again within this window produces no second purge request.
@@ -193,6 +220,7 @@ impl FeedbackArgs {
             prefetch: self.prefetch,
             dedup_window: self.dedup_window,
             service,
+            max_message_bytes: self.input.max_message_bytes,
             ..feedback::Settings::new(self.broker.names())
         })
     }
@@ -202,6 +230,8 @@ impl FeedbackArgs {
 pub struct PurgeArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub input: InputArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
@@ -216,6 +246,7 @@ impl PurgeArgs {
         purge::Settings {
             prefetch: (self.batch_size * 2).min(u16::MAX as usize) as u16,
             batch_size: self.batch_size,
+            max_message_bytes: self.input.max_message_bytes,
             ..purge::Settings::new(self.broker.names())
         }
     }

@@ -19,6 +19,9 @@
 //!
 //! Headers ringpush sets on messages it publishes: [`ERROR_HEADER`] on every dead letter,
 //! [`HANDBACK_HEADER`] on a ring handed back at shutdown.
+//!
+//! Text that came in a message — ids, routing keys, a parse error quoting the input — is cut
+//! by [`logged`] before it reaches a log line.
 
 pub mod feedback;
 pub mod retry;
@@ -29,3 +32,38 @@ pub mod time;
 pub const ERROR_HEADER: &str = "x-ringpush-error";
 /// Header counting how often a ring was handed back at shutdown (published again).
 pub const HANDBACK_HEADER: &str = "x-ringpush-handbacks";
+
+/// Longest text from input that a log line carries, in bytes.
+pub const LOGGED_BYTES: usize = 256;
+
+/// `s` as a log line may carry it: cut to [`LOGGED_BYTES`] on a character boundary. Every
+/// log field whose text came from a message (a gateway or event id, a switch id, a routing
+/// key, a parse error that quotes the input, a reason) goes through here, so a sender cannot
+/// fill the logs.
+pub fn logged(s: &str) -> &str {
+    if s.len() <= LOGGED_BYTES {
+        return s;
+    }
+    let mut end = LOGGED_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_text_is_cut_to_256_bytes_on_a_character_boundary() {
+        assert_eq!(logged("gw-042"), "gw-042");
+        assert_eq!(logged(&"x".repeat(300)).len(), LOGGED_BYTES);
+        // 255 ASCII bytes, then a two-byte character across the cut: it goes whole.
+        let s = format!("{}é{}", "a".repeat(255), "b".repeat(10));
+        assert_eq!(logged(&s), "a".repeat(255));
+        let emoji = "🔔".repeat(100);
+        assert_eq!(logged(&emoji).len(), 256);
+        assert!(logged(&emoji).chars().all(|c| c == '🔔'));
+    }
+}

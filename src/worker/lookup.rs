@@ -13,6 +13,8 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::wire::logged;
+
 use super::decide::{decide, Step};
 use super::pause::{pause, Paused};
 use super::read::{Incoming, Life};
@@ -346,7 +348,7 @@ pub(super) async fn wait_for_claim(
                 }
             }
             Err(e) => {
-                warn!(gateway = incoming.gateway(), event = incoming.event(), error = %e, "could not claim the ring; trying again")
+                warn!(gateway = logged(incoming.gateway()), event = logged(incoming.event()), error = %e, "could not claim the ring; trying again")
             }
         }
     }
@@ -430,7 +432,12 @@ async fn lookup_one_by_one(
     *rings = keep;
     join_all(dead.iter().map(|incoming| {
         let reason = refused[incoming.gateway()].clone();
-        warn!(gateway = incoming.gateway(), event = incoming.event(), %reason, "the ring's own lookup fails");
+        warn!(
+            gateway = logged(incoming.gateway()),
+            event = logged(incoming.event()),
+            reason = logged(&reason),
+            "the ring's own lookup fails"
+        );
         settle(ctx, incoming, decide(Step::LookupRefused { reason }))
     }))
     .await;

@@ -57,7 +57,7 @@ pub(super) async fn push_holding(
             return;
         };
         let names = unreachable.first().map_or("", |(p, _)| p.provider_name());
-        warn!(gateway = incoming.gateway(), event = incoming.event(), %error, "{names} unreachable; holding the ring");
+        warn!(gateway = crate::wire::logged(incoming.gateway()), event = crate::wire::logged(incoming.event()), %error, "{names} unreachable; holding the ring");
         for (platform, env) in unreachable {
             pause(&ctx.shared, Paused::Provider(platform, env), &error);
         }
@@ -495,18 +495,22 @@ fn observe_stages(ctx: &Context, incoming: &Incoming, looked_up: LookedUp, last:
 /// dead token at info, our credentials or topic refused at error (no phone will ring), another
 /// rejection for good at warn.
 fn log_rejection(incoming: &Incoming, token: &crate::token::DeviceToken, answer: &Answer) {
-    let (gateway, event) = (incoming.gateway(), incoming.event());
+    use crate::wire::logged;
+    let (gateway, event) = (logged(incoming.gateway()), logged(incoming.event()));
     match answer {
         Answer::Dead { reason, .. } => {
+            let reason = logged(reason);
             info!(gateway, event, %token, reason, "the provider reports the token invalid")
         }
         Answer::Rejected { reason, ours: true } => {
+            let reason = logged(reason);
             error!(gateway, event, %token, reason, "the provider refused our credentials or topic")
         }
         Answer::Rejected {
             reason,
             ours: false,
         } => {
+            let reason = logged(reason);
             warn!(gateway, event, %token, reason, "the provider rejected the notification")
         }
         _ => {}

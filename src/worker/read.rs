@@ -222,7 +222,8 @@ pub(super) fn followup_key(gateway: &str, event: &str) -> RingKey {
 
 /// Who published a delivery, as its routing key says. A gateway's ring comes with
 /// `ring.<gateway_id>`; a worker's retry comes back from its tier with `ring.retry` and carries
-/// the gateway's key in its envelope; a ring handed back keeps its key (an envelope too). An
+/// the gateway's key in its envelope; a ring handed back keeps its key (a retry, envelope or
+/// not, goes back under `ring.retry`, as a retry tier returns it). An
 /// envelope arriving under another key than the one it carries was published by a gateway
 /// (the only key it may use is its own), so it is not trusted.
 fn sender(delivered_with: &str, envelope_key: Option<&str>) -> Sender {

@@ -25,6 +25,7 @@ use crate::broker::{self, BrokerError, Names};
 use crate::db::TokenHash;
 use crate::token::DeviceToken;
 use crate::wire::feedback::Invalidation;
+use crate::wire::logged;
 
 /// Settles a ring that was pushed: first the ledger entry of the tokens that took it
 /// (`accepted`), then the disposition. A ring is acked only once its entry is written; while
@@ -51,7 +52,7 @@ async fn record(
     accepted: &[TokenHash],
     abort: &CancellationToken,
 ) {
-    let (gateway, event) = (incoming.gateway(), incoming.event());
+    let (gateway, event) = (logged(incoming.gateway()), logged(incoming.event()));
     loop {
         let Err(e) = ctx.ledger.record(incoming.ledger_key(), accepted).await else {
             return;
@@ -102,6 +103,8 @@ pub(super) async fn settle_delivery(
     event: &str,
     disposition: Disposition,
 ) {
+    // Logged below, as every line here logs them: cut (they came in the message).
+    let (gateway, event) = (logged(gateway), logged(event));
     let mut disposition = disposition;
     // At most three tries: a publish that fails turns into a hand-back (or, for its size, a
     // dead letter without the part that did not fit), and a failed hand-back into a nack.
@@ -183,15 +186,20 @@ async fn carry_out(
                 }
                 _ => vec![delivery.data.clone()],
             };
-            warn!(gateway, event, reason, "ring goes to the dead queue");
+            warn!(
+                gateway,
+                event,
+                reason = logged(reason),
+                "ring goes to the dead queue"
+            );
             to_dead(ctx, delivery, &bodies, reason).await?;
         }
         Disposition::WrongGateway { reason } => {
             warn!(
                 gateway,
                 event,
-                routing_key = %delivery.routing_key,
-                reason,
+                routing_key = logged(delivery.routing_key.as_str()),
+                reason = logged(reason),
                 "ring names another gateway than its routing key; to the dead queue"
             );
             to_dead(ctx, delivery, std::slice::from_ref(&delivery.data), reason).await?;
@@ -321,6 +329,7 @@ fn log_retry(gateway: &str, event: &str, retry: &Disposition) {
         return;
     };
     let wait_ms = not_before.map_or(0, |w| w.as_millis() as u64);
+    let error = logged(error);
     if *spent {
         warn!(gateway, event, accepted, rejected, pending = pending.len(), attempt, spent, wait_ms, %error, "ring goes to a retry tier");
     } else {
@@ -447,6 +456,13 @@ async fn give_back(
     };
     let names = &ctx.settings.names;
     let Some(bodies) = bodies else {
+        // A retry goes back as a retry tier returns it, under `ring.retry`: its envelope may
+        // be larger than a gateway's message may be (RINGPUSH_MAX_MESSAGE_BYTES), and only a
+        // worker's own routing key is read with that larger bound.
+        let key = match incoming {
+            Some(i) if i.pending.is_some() => broker::RETRY_KEY.to_owned(),
+            _ => key,
+        };
         return broker::publish_checked(
             &ctx.publisher,
             &names.rings,
@@ -456,9 +472,12 @@ async fn give_back(
         )
         .await;
     };
+    // Retry envelopes written here: under `ring.retry` (see above); each carries the ring's
+    // own routing key.
+    let key = broker::RETRY_KEY;
     let properties = plain_properties(&properties).with_content_type("application/json".into());
     for result in join_all(bodies.iter().map(|body| {
-        broker::publish_checked(&ctx.publisher, &names.rings, &key, body, properties.clone())
+        broker::publish_checked(&ctx.publisher, &names.rings, key, body, properties.clone())
     }))
     .await
     {

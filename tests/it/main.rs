@@ -7,6 +7,7 @@ mod alerts;
 mod apns;
 mod architecture;
 mod binary;
+mod bounds;
 mod building;
 mod calls;
 mod delivery;

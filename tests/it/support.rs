@@ -225,16 +225,16 @@ impl App {
             // The mock reads the key's public half from PEM, as `mock-apns` does.
             mock: local.mock_settings(&key).unwrap(),
             feedback: feedback::Settings {
-                names: names.clone(),
                 prefetch: 100,
                 dedup_window: Duration::from_secs(600),
                 service: None,
+                ..feedback::Settings::new(names.clone())
             },
             purge: purge::Settings {
-                names: names.clone(),
                 prefetch: 100,
                 batch_size: 50,
                 db_retry_delay: Duration::from_millis(200),
+                ..purge::Settings::new(names.clone())
             },
             apns: {
                 let placeholder = Endpoint::parse("https://localhost").unwrap();
