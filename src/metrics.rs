@@ -7,7 +7,10 @@
 //! `feedback::Counters::register`, `purge::Counters::register`: counter families whose children
 //! the process increments, [`labelled`]); this module serves them, with the
 //! queue-depth gauges a [`QueueDepth`] poller refreshes by passive declares, so a dashboard
-//! needs no broker plugin.
+//! needs no broker plugin. [`server`] is the HTTP server, bounded against clients that hold
+//! connections open.
+
+pub mod server;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,11 +19,6 @@ use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -101,70 +99,18 @@ pub fn registry() -> Registry {
     Registry::with_prefix("ringpush")
 }
 
-struct Http {
-    registry: Registry,
-    ready: ReadyCheck,
-}
-
-/// Binds `addr` (so a bad address fails at start) and serves until `cancel`. Returns the
-/// bound address.
+/// Binds `addr` (so a bad address fails at start) and serves until `cancel`, bounded
+/// ([`server`]: header timeout, connection cap, `/readyz` refreshed at most once a second).
+/// Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
     ready: ReadyCheck,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(Arc::new(Http { registry, ready }));
-    tokio::spawn(async move {
-        let shutdown = async move { cancel.cancelled().await };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            warn!(error = %e, "metrics server stopped");
-        }
-    });
+    let bound = server::serve(addr, registry, ready, cancel).await?;
     info!(addr = %bound, "metrics, /healthz and /readyz listening");
     Ok(bound)
-}
-
-async fn metrics(State(http): State<Arc<Http>>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &http.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("encoding failed: {e}\n"),
-        ),
-    }
-}
-
-async fn readyz(State(http): State<Arc<Http>>) -> impl IntoResponse {
-    match tokio::time::timeout(Duration::from_secs(2), (http.ready)()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
-        Ok(Err(why)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
-        ),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: checks timed out\n".into(),
-        ),
-    }
 }
 
 /// Where a process serves `/metrics`, `/healthz` and `/readyz`, and how often it refreshes

@@ -168,3 +168,61 @@ async fn a_feedback_event_and_a_purge_request_over_the_bound_go_to_their_dead_qu
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn three_hundred_half_sent_requests_leave_metrics_answering_and_are_closed_after_the_header_timeout(
+) {
+    use ringpush::metrics::server::{HEADER_TIMEOUT, MAX_CONNECTIONS};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = App::spawn_with(|o| o.metrics = true).await;
+    let addr = app.metrics_addr.unwrap();
+    // 300 clients that send half a request and then nothing.
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: ringpush\r\n")
+            .await
+            .unwrap();
+        slow.push((Instant::now(), s));
+    }
+    // A scrape that sends its request whole is answered — within a second, a liveness bound
+    // with a wide margin (it takes milliseconds).
+    for _ in 0..3 {
+        let r = ringpush::http::get(&format!("http://{addr}/metrics"), Duration::from_secs(1))
+            .await
+            .expect("/metrics answers within a second beside 300 slow connections");
+        assert_eq!(r.status, 200);
+        assert!(r.body.contains("ringpush_rings_total"), "{}", r.body);
+    }
+    // Every slow connection is closed: most evicted by the ones after them (the server keeps
+    // 64 open at most), the last ones when their headers have not come within the timeout.
+    let closes = slow.into_iter().map(|(opened, mut s)| async move {
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(HEADER_TIMEOUT + Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a slow connection is still open");
+        opened.elapsed()
+    });
+    let after = futures_util::future::join_all(closes).await;
+    let timed_out = after
+        .iter()
+        .filter(|d| **d >= HEADER_TIMEOUT - Duration::from_millis(500))
+        .count();
+    eprintln!(
+        "300 slow connections: {} closed early (evicted), {timed_out} at the header timeout",
+        300 - timed_out
+    );
+    assert!(
+        (MAX_CONNECTIONS - 10..=MAX_CONNECTIONS).contains(&timed_out),
+        "about the last {MAX_CONNECTIONS} wait out the header timeout: {timed_out}"
+    );
+    app.stop().await;
+}

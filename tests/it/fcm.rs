@@ -351,7 +351,15 @@ async fn metrics_count_per_platform_and_readyz_says_when_fcm_refuses_the_credent
         Counters::get(&app.counters.notifications_accepted) >= 3
     })
     .await;
-    let (status, body) = app.scrape("/readyz").await;
+    // `/readyz` answers from a state at most a second old.
+    let since = std::time::Instant::now();
+    let (status, body) = loop {
+        let (status, body) = app.scrape("/readyz").await;
+        if status == 503 || since.elapsed() > Duration::from_secs(5) {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("FCM"), "{body}");
     let (_, metrics) = app.scrape("/metrics").await;
