@@ -234,7 +234,14 @@ async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: 
                 }
                 let mut failures = 0;
                 while !events.is_empty() {
-                    match publish_all(amqp_url, &ctx.settings.names.feedback, &events).await {
+                    match publish_all(
+                        amqp_url,
+                        &ctx.settings.names,
+                        &ctx.settings.names.feedback,
+                        &events,
+                    )
+                    .await
+                    {
                         Ok(()) => {
                             ctx.counters.service_tokens.inc_by(events.len() as u64);
                             break;
@@ -270,13 +277,14 @@ async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: 
 
 async fn publish_all(
     amqp_url: &str,
+    names: &Names,
     queue: &str,
     events: &[Invalidation],
 ) -> Result<(), broker::BrokerError> {
     let connection = broker::connect(amqp_url, "ringpush feedback service").await?;
-    let channel = broker::confirm_channel(&connection).await?;
     let result = async {
-        for r in join_all(events.iter().map(|e| e.publish(&channel, queue))).await {
+        let publisher = broker::Publisher::open(&connection, names).await?;
+        for r in join_all(events.iter().map(|e| e.publish(&publisher, queue))).await {
             r?;
         }
         Ok(())

@@ -7,6 +7,9 @@
 //!
 //! Passwords are generated here (or read from a file) and never logged; only `add` and
 //! `rotate` print a generated one, once, on stdout.
+//!
+//! [`Management`], the management API client, serves `ringpush service` too
+//! ([`crate::service`]: the processes' own identities, and the topology they may not declare).
 
 use std::time::Duration;
 
@@ -163,7 +166,13 @@ impl Management {
         format!("{}/api/{path}", self.base)
     }
 
-    async fn get(&self, path: &str) -> Result<Option<serde_json::Value>, GatewayError> {
+    /// The vhost of `RINGPUSH_AMQP_URL`, percent-encoded as the API's paths want it.
+    pub(crate) fn vhost(&self) -> &str {
+        &self.vhost
+    }
+
+    /// `GET path`: the JSON answer, `None` for 404.
+    pub(crate) async fn get(&self, path: &str) -> Result<Option<serde_json::Value>, GatewayError> {
         let r = crate::http::get(&self.url(path), TIMEOUT).await?;
         match r.status {
             200 => Ok(Some(serde_json::from_str(&r.body).map_err(|e| {
@@ -179,7 +188,11 @@ impl Management {
     }
 
     /// PUT with a JSON body that may hold a password: an error shows the path, never it.
-    async fn put(&self, path: &str, body: &serde_json::Value) -> Result<(), GatewayError> {
+    pub(crate) async fn put(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), GatewayError> {
         let r = crate::http::put_json(&self.url(path), body, TIMEOUT).await?;
         match r.status {
             200..=299 => Ok(()),
@@ -187,8 +200,32 @@ impl Management {
         }
     }
 
+    /// POST with a JSON body (a binding).
+    pub(crate) async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), GatewayError> {
+        let r =
+            crate::http::request(hyper::Method::POST, &self.url(path), Some(body), TIMEOUT).await?;
+        match r.status {
+            200..=299 => Ok(()),
+            status => Err(status_error(format!("POST {path}"), status, &r.body)),
+        }
+    }
+
+    /// `DELETE path`; `false` when there was nothing there (404).
+    pub(crate) async fn delete(&self, path: &str) -> Result<bool, GatewayError> {
+        let r = crate::http::delete(&self.url(path), TIMEOUT).await?;
+        match r.status {
+            200..=299 => Ok(true),
+            404 => Ok(false),
+            status => Err(status_error(format!("DELETE {path}"), status, &r.body)),
+        }
+    }
+
     /// The user's tags, `None` when there is no such user.
-    async fn tags(&self, user: &str) -> Result<Option<Vec<String>>, GatewayError> {
+    pub(crate) async fn tags(&self, user: &str) -> Result<Option<Vec<String>>, GatewayError> {
         Ok(self
             .get(&format!("users/{user}"))
             .await?
@@ -271,7 +308,7 @@ impl Management {
 
     /// Closes every connection of `user`, MQTT ones included (the broker's connection
     /// tracking, not the statistics a connection list would lag behind).
-    async fn close_connections(&self, user: &str) -> Result<(), GatewayError> {
+    pub(crate) async fn close_connections(&self, user: &str) -> Result<(), GatewayError> {
         let path = format!("connections/username/{user}");
         let r = crate::http::delete(&self.url(&path), TIMEOUT).await?;
         match r.status {
@@ -316,7 +353,7 @@ impl Management {
 }
 
 /// Tags as RabbitMQ 3.10 gives them (a list), or as older versions did (comma-separated).
-fn tags_of(v: &serde_json::Value) -> Vec<String> {
+pub(crate) fn tags_of(v: &serde_json::Value) -> Vec<String> {
     match v {
         serde_json::Value::Array(a) => a
             .iter()

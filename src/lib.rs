@@ -19,7 +19,10 @@
 //!   key, mock settings, client), as the demo, the bench and the tests stand it up;
 //! - [`demo`]: `ringpush demo`, the whole pipeline on one machine;
 //! - [`feedback`], [`purge`]: the stale-token flow;
-//! - [`gateway`]: `ringpush gateway`, one broker identity per gateway;
+//! - [`gateway`]: `ringpush gateway`, one broker identity per gateway (and the management
+//!   API client);
+//! - [`service`]: `ringpush service`, one least-privilege broker identity per ringpush
+//!   process role, and the topology declared for them;
 //! - [`metrics`], [`ops`]: what operators see and type;
 //! - [`bench`]: `ringpush bench`.
 //!
@@ -51,6 +54,7 @@ pub mod mock_fcm;
 pub mod ops;
 pub mod provider;
 pub mod purge;
+pub mod service;
 pub mod token;
 pub mod wire;
 pub mod worker;

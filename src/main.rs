@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use ringpush::cli::{Cli, Command, GatewayCommand, LogFormat};
+use ringpush::cli::{Cli, Command, GatewayCommand, LogFormat, ServiceCommand};
 use ringpush::{db, feedback, ops, purge, worker};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -20,9 +20,11 @@ async fn main() -> ExitCode {
         #[cfg(feature = "kit")]
         Command::Demo(_) | Command::Bench(_) => "error,lapin=off",
         // A queue not declared yet is a line in the table, not lapin's channel-close error.
-        Command::Queues(_) | Command::Who(_) | Command::History(_) | Command::Gateway(_) => {
-            "error,lapin=off"
-        }
+        Command::Queues(_)
+        | Command::Who(_)
+        | Command::History(_)
+        | Command::Gateway(_)
+        | Command::Service(_) => "error,lapin=off",
         // rustls warns when a peer closes without close_notify (ordinary for servers that
         // just drop idle connections), and tokio-postgres logs every server NOTICE (each
         // `migrate` run's "already exists, skipping") at info: noise for an operator.
@@ -134,6 +136,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             Ok(())
         }
         Command::Gateway(command) => gateway(command).await,
+        Command::Service(command) => service(command).await,
         Command::Queues(args) => {
             let names = args.broker.names();
             let management = args.management_url.as_deref();
@@ -217,6 +220,50 @@ async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
         GatewayCommand::List(args) => {
             let identities = args.management().list().await?;
             print!("{}", ringpush::gateway::list_table(&identities));
+            Ok(())
+        }
+    }
+}
+
+/// `ringpush service add|remove|list`: what changed goes to stderr; stdout carries only a
+/// generated password (one line) or the list.
+async fn service(command: ServiceCommand) -> anyhow::Result<()> {
+    use ringpush::service::{self, Added};
+    match command {
+        ServiceCommand::Add(args) => {
+            let (role, name) = (args.role, &args.name.name);
+            service::check_name(name)?;
+            let (password, generated) = args.password()?;
+            let m = &args.name.management;
+            let (management, names) = (m.management(), m.broker.names());
+            match service::add(&management, &names, role, name, &password).await? {
+                Added::Exists => {
+                    eprintln!("service identity {name} ({role}) exists with its role's permissions; nothing changed");
+                }
+                Added::Repaired => {
+                    eprintln!("service identity {name} ({role}) exists; its tags, limits or permissions were not the role's and were set again (its password is unchanged)");
+                }
+                Added::Created => {
+                    eprintln!("declared the topology of {} and created the broker identity {name}: it may do what a {role} does and nothing else", names.prefix);
+                    if generated {
+                        println!("{password}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        ServiceCommand::Remove(args) => {
+            let name = &args.name;
+            if service::remove(&args.management.management(), name).await? {
+                eprintln!("removed the service identity {name}; its connections were closed");
+            } else {
+                eprintln!("no service identity {name}; nothing changed");
+            }
+            Ok(())
+        }
+        ServiceCommand::List(args) => {
+            let identities = service::list(&args.management()).await?;
+            print!("{}", service::list_table(&identities));
             Ok(())
         }
     }

@@ -300,17 +300,10 @@ impl QueueDepth {
                         .ok();
                     // The process declares the topology too, but maybe not yet: a passive
                     // declare of a queue not there yet closes its channel (and lapin logs
-                    // that as an error). Declaring is idempotent, with the same arguments.
+                    // that as an error). Declaring is idempotent, with the same arguments;
+                    // an identity that may not declare checks that it is there.
                     if let Some(conn) = &connection {
-                        let declared = match conn.create_channel().await {
-                            Ok(channel) => {
-                                let done = broker::declare(&channel, &names).await.is_ok();
-                                let _ = channel.close(200, "declared".into()).await;
-                                done
-                            }
-                            Err(_) => false,
-                        };
-                        if !declared {
+                        if broker::declare_or_check(conn, &names).await.is_err() {
                             connection = None;
                         }
                     }

@@ -91,6 +91,45 @@ pub async fn unacked(
         .collect())
 }
 
+/// Every ringpush queue's depth, unacked and consumer counts from RabbitMQ's management API
+/// alone — what a `monitor` identity reads (`ringpush service add monitor`), which may not
+/// open an AMQP connection at all. One GET for the whole vhost, bounded by 10 s. The API's
+/// numbers are the broker's statistics, refreshed every few seconds (5 s by default).
+pub(crate) async fn management_lines(
+    management_url: &str,
+    vhost: &str,
+    names: &Names,
+) -> anyhow::Result<Vec<QueueLine>> {
+    let base = management_url.trim_end_matches('/');
+    let url = format!(
+        "{base}/api/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers"
+    );
+    let response = crate::http::get(&url, Duration::from_secs(10))
+        .await
+        .map_err(|e| anyhow::anyhow!("RINGPUSH_MANAGEMENT_URL: {e}"))?;
+    anyhow::ensure!(
+        response.status == 200,
+        "management API: status {}",
+        response.status
+    );
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&response.body)?;
+    Ok(names
+        .queues()
+        .into_iter()
+        .map(|queue| {
+            let found = listed.iter().find(|q| q["name"].as_str() == Some(queue));
+            let count = |k: &str| found.and_then(|q| q[k].as_u64()).unwrap_or(0);
+            QueueLine {
+                queue: queue.to_owned(),
+                ready: count("messages_ready").min(u64::from(u32::MAX)) as u32,
+                unacked: found.map(|_| count("messages_unacknowledged")),
+                consumers: count("consumers").min(u64::from(u32::MAX)) as u32,
+                missing: found.is_none(),
+            }
+        })
+        .collect())
+}
+
 /// The vhost of an AMQP URL (the first, for a list), percent-encoded as the management API
 /// wants it (`%2f` for the default vhost).
 pub fn vhost_of(amqp_url: &str) -> String {
@@ -136,7 +175,9 @@ pub(crate) fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String 
 }
 
 /// `ringpush queues [--watch]`: the table once, or — `every` given — redrawn in place at
-/// that interval until `cancel`. Unacked counts come from `management_url`, when given.
+/// that interval until `cancel`. With `management_url` every number comes from the
+/// management API and no AMQP connection is opened (a `monitor` identity has none); without
+/// it, from passive declares over AMQP (no unacked counts).
 pub async fn queues(
     amqp_url: &str,
     names: &Names,
@@ -144,17 +185,18 @@ pub async fn queues(
     every: Option<Duration>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let connection = broker::connect(amqp_url, "ringpush queues").await?;
-    let mut last: Option<(Instant, Vec<QueueLine>)> = None;
     let vhost = vhost_of(amqp_url);
+    // The management API (no AMQP connection: a monitor identity may open none), or AMQP.
+    let source = match management_url {
+        Some(url) => Err(url),
+        None => Ok(broker::connect(amqp_url, "ringpush queues").await?),
+    };
+    let mut last: Option<(Instant, Vec<QueueLine>)> = None;
     loop {
-        let mut lines = queue_lines(&connection, names).await?;
-        if let Some(url) = management_url {
-            let unacked = unacked(url, &vhost).await?;
-            for l in &mut lines {
-                l.unacked = unacked.get(&l.queue).copied();
-            }
-        }
+        let lines = match &source {
+            Ok(connection) => queue_lines(connection, names).await?,
+            Err(url) => management_lines(url, &vhost, names).await?,
+        };
         let rates: Option<Vec<f64>> = last.as_ref().map(|(at, before)| {
             let secs = at.elapsed().as_secs_f64().max(0.001);
             lines
@@ -176,7 +218,9 @@ pub async fn queues(
             _ = tokio::time::sleep(every) => {}
         }
     }
-    let _ = connection.close(200, "done".into()).await;
+    if let Ok(connection) = source {
+        let _ = connection.close(200, "done".into()).await;
+    }
     Ok(())
 }
 

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    confirm_channel, connect, dead_letter_with, declare, serve, Acks, BrokerError, Names, Progress,
-    Publisher,
+    connect, dead_letter_with, declare_or_check, serve, Acks, BrokerError, Names, Progress,
+    Publisher, Topology,
 };
 
 /// How a consume loop stops and pauses.
@@ -275,6 +275,18 @@ pub fn requeue() -> BasicNackOptions {
     }
 }
 
+/// Says once per process that its identity may not declare the topology and found it there
+/// (a role's least-privilege identity): after that, each session checks it quietly.
+fn checked_once(process: &str) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::info!(
+            process,
+            "this broker identity may not declare the topology; it is declared (checked by passive declares)"
+        );
+    }
+}
+
 /// `RINGPUSH_MAX_MESSAGE_BYTES` by default: 64 KiB, a hundred times a ring event's size.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 10;
 
@@ -429,11 +441,10 @@ impl Consumer<'_> {
             sessions.fetch_add(1, Ordering::Relaxed);
         }
         let connection = connect(self.amqp_url, name).await?;
-        let publisher = Publisher {
-            channel: confirm_channel(&connection).await?,
-            frame_max: connection.configuration().frame_max(),
-        };
-        declare(&publisher, self.names).await?;
+        let publisher = Publisher::open(&connection, self.names).await?;
+        if declare_or_check(&connection, self.names).await? == Topology::Checked {
+            checked_once(self.process);
+        }
         self.connected.store(true, Ordering::Relaxed);
         // The reconnect rule goes by whether the session's consumer got on the queue.
         let consuming = || progress.consuming();

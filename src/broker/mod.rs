@@ -31,7 +31,8 @@ pub use publish::{
     Publisher, CONFIRM_TIMEOUT, ERROR_HEADER, MAX_BODY_BYTES, MAX_REASON_BYTES,
 };
 pub use topology::{
-    declare, delete, Names, DELIVERY_LIMIT, MQTT_EXCHANGE, RETRY_DELAYS, RETRY_KEY,
+    check, declare, declare_or_check, delete, plan, Binding, Names, Plan, Topology, DELIVERY_LIMIT,
+    MQTT_EXCHANGE, RETRY_DELAYS, RETRY_KEY,
 };
 
 /// The broker failed or refused. Its text holds the cause once (no `source` chain to
@@ -52,6 +53,21 @@ pub enum BrokerError {
     /// connection (and every delivery in flight on it) instead of refusing one message.
     #[error("not published to {target}: {what}")]
     TooLarge { target: String, what: String },
+    /// The broker returned a publish that no binding routed (it would have been lost).
+    #[error("RabbitMQ routed the publish to {0} nowhere: a binding of the topology is missing (`ringpush service add` declares it)")]
+    Unroutable(String),
+    /// A name of the topology is not there, and this identity may not declare it.
+    #[error("the {0} is not declared, and this broker identity may not declare it: an administrator declares the topology (`ringpush service add`, or any ringpush process with a login that may)")]
+    NotDeclared(String),
+}
+
+/// The AMQP reply code of a broker's refusal (403 ACCESS_REFUSED, 404 NOT_FOUND, …), if `e`
+/// is one.
+pub(crate) fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
 }
 
 impl From<lapin::Error> for BrokerError {
@@ -303,7 +319,11 @@ where
                 } else if !ever_consumed && away.is_none() {
                     away = Some((Instant::now(), 0));
                     reported = Instant::now();
-                    tracing::error!(process = what, %broker, error = %e, retry_in_ms, hint = "is RabbitMQ running there? Locally: rabbitmq-server -detached", "cannot connect to the broker; retrying");
+                    if matches!(e, BrokerError::NotDeclared(_)) {
+                        tracing::error!(process = what, %broker, error = %e, retry_in_ms, "the topology is not there; waiting for it");
+                    } else {
+                        tracing::error!(process = what, %broker, error = %e, retry_in_ms, hint = "is RabbitMQ running there? Locally: rabbitmq-server -detached", "cannot connect to the broker; retrying");
+                    }
                 } else {
                     let (since, tried) = away.get_or_insert((Instant::now(), 0));
                     *tried += 1;

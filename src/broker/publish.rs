@@ -1,6 +1,8 @@
-//! Publishing: a confirm-mode channel, a publish that waits for the broker's confirm, the
-//! AMQP limits a message is measured against before it goes out ([`check_fits`]), rings as a
-//! gateway publishes them, and dead letters carrying their reason in `x-ringpush-error`.
+//! Publishing: a confirm-mode channel, a publish that waits for the broker's confirm (and
+//! fails when no binding routes it), the AMQP limits a message is measured against before it
+//! goes out ([`check_fits`]), rings as a gateway publishes them, publishes to ringpush's own
+//! queues through the internal exchange ([`Publisher::to_queue`]), and dead letters carrying
+//! their reason in `x-ringpush-error`.
 
 use std::time::Duration;
 
@@ -16,12 +18,36 @@ pub use crate::wire::ERROR_HEADER;
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A confirm-mode channel for publishes that stand in for an ack, with the connection's
-/// negotiated `frame_max`: what [`publish_checked`] measures a message against before it
-/// goes out.
+/// negotiated `frame_max` — what [`publish_checked`] measures a message against before it
+/// goes out — and the internal exchange its publishes to ringpush's queues go through.
 #[derive(Clone)]
 pub struct Publisher {
     pub channel: Channel,
     pub frame_max: u32,
+    /// [`Names::internal`].
+    pub internal: String,
+}
+
+impl Publisher {
+    /// A confirm-mode channel on `connection` for the topology of `names`.
+    pub async fn open(connection: &Connection, names: &Names) -> Result<Self, BrokerError> {
+        Ok(Self {
+            channel: confirm_channel(connection).await?,
+            frame_max: connection.configuration().frame_max(),
+            internal: names.internal.clone(),
+        })
+    }
+
+    /// [`publish_checked`] to one of ringpush's queues: through the internal exchange, keyed
+    /// by the queue's name (an identity's topic permissions say which queues it may reach).
+    pub async fn to_queue(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        publish_checked(self, &self.internal, queue, body, properties).await
+    }
 }
 
 impl std::ops::Deref for Publisher {
@@ -148,7 +174,9 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerE
     Ok(channel)
 }
 
-/// Publishes persistently and waits for the broker's confirm (bounded by a timeout).
+/// Publishes persistently and waits for the broker's confirm (bounded by a timeout). The
+/// publish is mandatory: one that no binding routes comes back, and is an error
+/// ([`BrokerError::Unroutable`]) instead of being lost.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -166,7 +194,10 @@ pub async fn publish_confirmed(
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 body,
                 properties.with_delivery_mode(2),
             )
@@ -176,7 +207,11 @@ pub async fn publish_confirmed(
     match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
         Err(_) => Err(BrokerError::ConfirmTimeout(target.to_owned())),
         Ok(Err(e)) => Err(e.into()),
-        Ok(Ok(Confirmation::Ack(_))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(BrokerError::Unroutable(format!(
+            "{target} (routing key {})",
+            crate::wire::logged(routing_key)
+        ))),
         Ok(Ok(_)) => Err(BrokerError::NotConfirmed(target.to_owned())),
     }
 }
@@ -225,10 +260,11 @@ pub async fn publish_ring(
 /// Feedback events and purge requests go out here, beside rings, so that [`crate::wire`]
 /// stays free of the broker.
 impl crate::wire::feedback::Invalidation {
-    /// Publishes this invalidation to `queue`, persistent and confirmed.
-    pub async fn publish(&self, channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+    /// Publishes this invalidation to `queue` (through the internal exchange), persistent and
+    /// confirmed.
+    pub async fn publish(&self, publisher: &Publisher, queue: &str) -> Result<(), BrokerError> {
         let properties = BasicProperties::default().with_content_type("application/json".into());
-        publish_confirmed(channel, "", queue, &self.to_json(), properties).await
+        publisher.to_queue(queue, &self.to_json(), properties).await
     }
 }
 
@@ -239,8 +275,9 @@ pub fn with_header(properties: &BasicProperties, name: &str, value: AMQPValue) -
     properties.clone().with_headers(headers)
 }
 
-/// Publishes a copy of `delivery` to `dead_queue` with the reason in `x-ringpush-error`,
-/// confirmed. The caller acks the original only after this returns `Ok`.
+/// Publishes a copy of `delivery` to `dead_queue` (through the internal exchange) with the
+/// reason in `x-ringpush-error`, confirmed. The caller acks the original only after this
+/// returns `Ok`.
 pub async fn dead_letter(
     publisher: &Publisher,
     dead_queue: &str,
@@ -286,7 +323,7 @@ pub async fn dead_letter_with(
         let reason = format!("{reason} (the message's own headers were too large to keep)");
         dead = with_reason(&stripped, &reason);
     }
-    publish_checked(publisher, "", dead_queue, body, dead).await
+    publisher.to_queue(dead_queue, body, dead).await
 }
 
 /// `s` cut to at most `max` bytes, on a character boundary.

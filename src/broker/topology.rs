@@ -1,6 +1,9 @@
 //! The topology docs/design.md names, under one prefix ([`Names`]): the rings exchange and its
-//! quorum work queue, the retry tiers, the dead-letter, feedback and purge queues. Every
-//! process declares it idempotently at start ([`declare`]); the demo and tests delete it.
+//! quorum work queue, the retry tiers, the dead-letter, feedback and purge queues, and the
+//! internal exchange ringpush's processes reach those queues through. One [`plan`] of it,
+//! carried out over AMQP ([`declare`], idempotent, by every process whose identity may) or
+//! through the management API (`ringpush service add`, for processes whose least-privilege
+//! identities may not: they [`check`] that it is there); the demo and tests delete it.
 
 use std::time::Duration;
 
@@ -9,7 +12,7 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use super::BrokerError;
 
@@ -50,6 +53,12 @@ pub struct Names {
     /// Feedback events and purge requests that cannot be read, with the reason.
     pub feedback_dead: String,
     pub purge_dead: String,
+    /// The topic exchange ringpush's processes publish to their queues through (retry tiers,
+    /// dead letters, feedback events, purge requests): every queue but the rings queue is
+    /// bound to it by its own name. Unlike the default exchange, a topic exchange carries
+    /// topic permissions, so each role's broker identity may reach exactly the queues its role
+    /// feeds (`ringpush service add`).
+    pub internal: String,
     /// MQTT ingress (`RINGPUSH_MQTT_INGRESS`): [`declare`] also binds [`MQTT_EXCHANGE`] to
     /// the rings exchange for `ring.#`, so a gateway's MQTT publish is a ring like any other.
     pub mqtt_ingress: bool,
@@ -69,6 +78,7 @@ impl Names {
             purge: format!("{prefix}.purge"),
             feedback_dead: format!("{prefix}.feedback.dead"),
             purge_dead: format!("{prefix}.purge.dead"),
+            internal: format!("{prefix}.internal"),
             mqtt_ingress: false,
         }
     }
@@ -125,101 +135,276 @@ pub(super) fn string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-/// Declares the whole topology; identical arguments in every process (a mismatch would be
-/// 406 PRECONDITION_FAILED).
-pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+/// The whole topology of a prefix, as data: what [`declare`] declares over AMQP and the
+/// management client through its API — one description, so both give every name the same
+/// arguments (a mismatch would be a channel error).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Durable topic exchanges.
+    pub exchanges: Vec<String>,
+    /// Durable queues with their arguments.
+    pub queues: Vec<(String, FieldTable)>,
+    pub bindings: Vec<Binding>,
+}
+
+/// A binding of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// An exchange.
+    pub source: String,
+    /// A queue, or an exchange when `to_exchange`.
+    pub destination: String,
+    pub to_exchange: bool,
+    pub key: String,
+}
+
+/// The topology of `names`: the rings exchange and the internal exchange; every queue of
+/// `names.queues()` (so [`delete`] removes exactly what this declares); the rings queue
+/// bound to the rings exchange for `ring.#`, every other queue to the internal exchange by
+/// its own name; with MQTT ingress, `amq.topic` bound to the rings exchange.
+pub fn plan(names: &Names) -> Plan {
     let quorum = || ("x-queue-type", string("quorum"));
-    channel
-        .exchange_declare(
-            names.rings.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    // Every queue of `names.queues()`, so `delete` removes exactly what this declares.
-    for queue in names.queues() {
-        let arguments = if queue == names.rings {
-            table(&[
-                quorum(),
-                ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
-                ("x-dead-letter-exchange", string("")),
-                ("x-dead-letter-routing-key", string(&names.dead)),
-            ])
-        } else if let Some(tier) = names.retry.iter().position(|r| r == queue) {
-            // A quorum queue without consumers: messages wait out the TTL, then return —
-            // replicated like every queue that holds a ring (a classic queue lives on the node
-            // that declared it: when that node dies, re-declaring it elsewhere fails, and with
-            // it every process's start). Dead-lettered at least once: a message leaves the
-            // tier only when the rings exchange has taken it.
-            table(&[
-                quorum(),
-                ("x-dead-letter-strategy", string("at-least-once")),
-                ("x-overflow", string("reject-publish")),
-                (
-                    "x-message-ttl",
-                    AMQPValue::LongLongInt(RETRY_DELAYS[tier].as_millis() as i64),
-                ),
-                ("x-dead-letter-exchange", string(&names.rings)),
-                ("x-dead-letter-routing-key", string(RETRY_KEY)),
-            ])
-        } else {
-            table(&[quorum()])
-        };
-        channel
-            .queue_declare(queue.into(), durable, arguments)
-            .await?;
-    }
-    channel
-        .queue_bind(
-            names.rings.as_str().into(),
-            names.rings.as_str().into(),
-            "ring.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let queues = names
+        .queues()
+        .into_iter()
+        .map(|queue| {
+            let arguments = if queue == names.rings {
+                table(&[
+                    quorum(),
+                    ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+                    ("x-dead-letter-exchange", string("")),
+                    ("x-dead-letter-routing-key", string(&names.dead)),
+                ])
+            } else if let Some(tier) = names.retry.iter().position(|r| r == queue) {
+                // A quorum queue without consumers: messages wait out the TTL, then return —
+                // replicated like every queue that holds a ring (a classic queue lives on the
+                // node that declared it: when that node dies, re-declaring it elsewhere
+                // fails, and with it every process's start). Dead-lettered at least once: a
+                // message leaves the tier only when the rings exchange has taken it.
+                table(&[
+                    quorum(),
+                    ("x-dead-letter-strategy", string("at-least-once")),
+                    ("x-overflow", string("reject-publish")),
+                    (
+                        "x-message-ttl",
+                        AMQPValue::LongLongInt(RETRY_DELAYS[tier].as_millis() as i64),
+                    ),
+                    ("x-dead-letter-exchange", string(&names.rings)),
+                    ("x-dead-letter-routing-key", string(RETRY_KEY)),
+                ])
+            } else {
+                table(&[quorum()])
+            };
+            (queue.to_owned(), arguments)
+        })
+        .collect();
+    let mut bindings = vec![Binding {
+        source: names.rings.clone(),
+        destination: names.rings.clone(),
+        to_exchange: false,
+        key: "ring.#".into(),
+    }];
+    bindings.extend(
+        names
+            .queues()
+            .into_iter()
+            .filter(|q| *q != names.rings)
+            .map(|queue| Binding {
+                source: names.internal.clone(),
+                destination: queue.to_owned(),
+                to_exchange: false,
+                key: queue.to_owned(),
+            }),
+    );
     if names.mqtt_ingress {
         // An exchange-to-exchange binding: deleting the rings exchange removes it.
+        bindings.push(Binding {
+            source: MQTT_EXCHANGE.into(),
+            destination: names.rings.clone(),
+            to_exchange: true,
+            key: "ring.#".into(),
+        });
+    }
+    Plan {
+        exchanges: vec![names.rings.clone(), names.internal.clone()],
+        queues,
+        bindings,
+    }
+}
+
+/// Declares the whole topology ([`plan`]); identical arguments in every process.
+pub async fn declare(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
+    let plan = plan(names);
+    for exchange in &plan.exchanges {
         channel
-            .exchange_bind(
-                names.rings.as_str().into(),
-                MQTT_EXCHANGE.into(),
-                "ring.#".into(),
-                ExchangeBindOptions::default(),
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;
     }
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for (queue, arguments) in plan.queues {
+        channel
+            .queue_declare(queue.as_str().into(), durable, arguments)
+            .await?;
+    }
+    for b in plan.bindings {
+        let (source, destination, key) = (b.source.as_str(), b.destination.as_str(), b.key);
+        if b.to_exchange {
+            channel
+                .exchange_bind(
+                    destination.into(),
+                    source.into(),
+                    key.as_str().into(),
+                    ExchangeBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        } else {
+            channel
+                .queue_bind(
+                    destination.into(),
+                    source.into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
     Ok(())
 }
 
-/// Deletes every queue and the exchange of a prefix (the demo's and tests' clean-up).
+/// Checks that every exchange and queue of the topology is there, by passive declares (which
+/// need no permission: what an identity that may not declare can do). The first one missing
+/// is named in the error. (Bindings cannot be checked this way: a publish that no binding
+/// routes comes back to its publisher, which then fails, so it is not lost.)
+pub async fn check(connection: &Connection, names: &Names) -> Result<(), BrokerError> {
+    let plan = plan(names);
+    let channel = connection.create_channel().await?;
+    let passive = || QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    for exchange in &plan.exchanges {
+        let options = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| missing(e, "exchange", exchange))?;
+    }
+    for (queue, _) in &plan.queues {
+        channel
+            .queue_declare(queue.as_str().into(), passive(), FieldTable::default())
+            .await
+            .map_err(|e| missing(e, "queue", queue))?;
+    }
+    let _ = channel.close(200, "checked".into()).await;
+    Ok(())
+}
+
+/// A passive declare's error: [`BrokerError::NotDeclared`] when the name is not there.
+fn missing(e: lapin::Error, kind: &str, name: &str) -> BrokerError {
+    if super::reply_code(&e) == Some(404) {
+        BrokerError::NotDeclared(format!("{kind} {name}"))
+    } else {
+        e.into()
+    }
+}
+
+/// What [`declare_or_check`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    Declared,
+    /// The identity may not declare it (a role's least-privilege identity); it is there.
+    Checked,
+}
+
+/// Declares the topology on a channel of its own, or — when the broker refuses it to this
+/// identity (ACCESS_REFUSED: a role's identity has no configure permission; the topology is
+/// the administrator's, declared by `ringpush service add`) — checks that it is there.
+pub async fn declare_or_check(
+    connection: &Connection,
+    names: &Names,
+) -> Result<Topology, BrokerError> {
+    let channel = connection.create_channel().await?;
+    match declare(&channel, names).await {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(Topology::Declared)
+        }
+        Err(BrokerError::Amqp(e)) if super::reply_code(&e) == Some(403) => {
+            check(connection, names).await?;
+            Ok(Topology::Checked)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes every queue and exchange of a prefix (the demo's and tests' clean-up).
 pub async fn delete(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
     for queue in names.queues() {
         channel
             .queue_delete(queue.into(), QueueDeleteOptions::default())
             .await?;
     }
-    channel
-        .exchange_delete(
-            names.rings.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await?;
+    for exchange in [&names.rings, &names.internal] {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plan_binds_every_queue_but_the_rings_queue_to_the_internal_exchange_by_its_name() {
+        let names = Names::new("p");
+        let plan = plan(&names);
+        assert_eq!(plan.exchanges, ["p.rings", "p.internal"]);
+        assert_eq!(plan.queues.len(), names.queues().len());
+        let bound: Vec<(&str, &str, &str)> = plan
+            .bindings
+            .iter()
+            .map(|b| (b.source.as_str(), b.destination.as_str(), b.key.as_str()))
+            .collect();
+        assert_eq!(bound[0], ("p.rings", "p.rings", "ring.#"));
+        for queue in names.queues().into_iter().filter(|q| *q != "p.rings") {
+            assert!(bound.contains(&("p.internal", queue, queue)), "{queue}");
+        }
+        assert_eq!(bound.len(), names.queues().len());
+        assert!(plan.bindings.iter().all(|b| !b.to_exchange));
+        let mqtt = super::plan(&names.clone().with_mqtt_ingress(true));
+        let last = mqtt.bindings.last().unwrap();
+        assert_eq!(
+            (
+                last.source.as_str(),
+                last.destination.as_str(),
+                last.to_exchange
+            ),
+            (MQTT_EXCHANGE, "p.rings", true)
+        );
+    }
 
     #[test]
     fn a_retry_goes_to_its_tier_or_a_later_one_long_enough_for_the_wait_asked() {

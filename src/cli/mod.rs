@@ -37,7 +37,8 @@ pub use self::mock::MockArgs;
 pub use self::mock_fcm::MockFcmArgs;
 pub use self::ops::{
     GatewayAddArgs, GatewayCommand, GatewayIdArgs, GatewayPasswordArgs, HistoryArgs,
-    ManagementArgs, QueuesArgs, RingArgs, SeedArgs, WhoArgs,
+    ManagementArgs, QueuesArgs, RingArgs, SeedArgs, ServiceAddArgs, ServiceCommand,
+    ServiceNameArgs, WhoArgs,
 };
 pub use self::services::{FeedbackArgs, PurgeArgs, WorkerArgs};
 #[cfg(feature = "kit")]
@@ -117,6 +118,10 @@ pub enum Command {
     /// A gateway's own broker identity (RabbitMQ user), through the management API.
     #[command(subcommand)]
     Gateway(GatewayCommand),
+    /// A ringpush process's own broker identity, least privilege per role, through the
+    /// management API.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Measure throughput, latency, CPU and memory against the local broker, database and mock.
     #[cfg(feature = "kit")]
     Bench(BenchArgs),

@@ -137,12 +137,60 @@ pub enum GatewayCommand {
     List(ManagementArgs),
 }
 
+/// `ringpush service …`: one broker identity per ringpush process, least privilege per role.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ServiceCommand {
+    /// Declare the topology and create the identity of a role — worker, feedback, purge or
+    /// monitor — with exactly its permissions (nothing changes if it exists); a generated
+    /// password is printed on stdout, one line.
+    Add(ServiceAddArgs),
+    /// Delete a service identity and close its connections.
+    Remove(ServiceNameArgs),
+    /// Every service identity (users tagged ringpush-<role>) and what it may do here.
+    List(ManagementArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServiceNameArgs {
+    #[command(flatten)]
+    pub management: ManagementArgs,
+    /// The identity's broker user name: ASCII letters, digits, `-` and `_`.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServiceAddArgs {
+    /// `worker`, `feedback`, `purge` or `monitor`.
+    #[arg(value_parser = role)]
+    pub role: crate::service::Role,
+    #[command(flatten)]
+    pub name: ServiceNameArgs,
+    /// Read the password from this file (its first line) instead of generating one.
+    #[arg(long)]
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+fn role(s: &str) -> Result<crate::service::Role, String> {
+    crate::service::Role::parse(s).map_err(|e| e.to_string())
+}
+
+impl ServiceAddArgs {
+    /// The password to set, and whether it was generated (then it is printed, once).
+    pub fn password(&self) -> anyhow::Result<(String, bool)> {
+        match &self.password_file {
+            Some(path) => Ok((read_password(path)?, false)),
+            None => Ok((crate::gateway::generate_password(), true)),
+        }
+    }
+}
+
 /// The management API, and the broker whose vhost and rings exchange the permissions name.
 #[derive(Debug, Clone, Args)]
 pub struct ManagementArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
-    /// RabbitMQ's management API, `http://user:pass@host:15672` (an administrator's login).
+    /// RabbitMQ's management API, `http://user:pass@host:15672` (an administrator's login:
+    /// it creates users and declares the topology).
     #[arg(
         long,
         env = "RINGPUSH_MANAGEMENT_URL",
@@ -225,7 +273,8 @@ pub struct QueuesArgs {
     /// Refresh in place until interrupted.
     #[arg(long)]
     pub watch: bool,
-    /// RabbitMQ's management API (`http://user:pass@host:15672`), for unacked counts.
+    /// RabbitMQ's management API (`http://user:pass@host:15672`): every count is read from it,
+    /// unacked ones included, and no AMQP connection is opened (a monitor identity's way).
     #[arg(long, env = "RINGPUSH_MANAGEMENT_URL", hide_env_values = true)]
     pub management_url: Option<String>,
     /// Seconds between refreshes with --watch (`1`, `0.5`; a duration like `500ms` too).

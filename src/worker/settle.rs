@@ -415,11 +415,12 @@ async fn retry(
     let properties = plain_properties(&incoming.delivery.properties)
         .with_content_type("application/json".into());
     let bodies = envelopes(ctx, incoming, attempt, pending);
-    for result in
-        join_all(bodies.iter().map(|body| {
-            broker::publish_checked(&ctx.publisher, "", tier, body, properties.clone())
-        }))
-        .await
+    for result in join_all(
+        bodies
+            .iter()
+            .map(|body| ctx.publisher.to_queue(tier, body, properties.clone())),
+    )
+    .await
     {
         result?;
     }

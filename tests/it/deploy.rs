@@ -323,6 +323,46 @@ fn the_kubernetes_manifests_run_real_commands_with_variables_they_read() {
         Some(ringpush::broker::Names::new("ringpush").rings.as_str())
     );
     assert_eq!(trigger["metadata"]["mode"].as_str(), Some("QueueLength"));
+    // Each process runs as its role's own broker identity (`ringpush service add`): its
+    // RINGPUSH_AMQP_URL comes from that role's Secret, one per role.
+    let secrets: BTreeSet<String> = load("deploy/kubernetes/secrets.example.yaml")
+        .iter()
+        .filter(|d| d["kind"].as_str() == Some("Secret"))
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    for (_, doc) in &docs {
+        if doc["kind"].as_str() != Some("Deployment") {
+            continue;
+        }
+        let container = &doc["spec"]["template"]["spec"]["containers"][0];
+        let role = strings(&container["args"])[0].clone();
+        let secret = container["env"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"].as_str() == Some("RINGPUSH_AMQP_URL"))
+            .map(|e| e["valueFrom"]["secretKeyRef"]["name"].as_str().unwrap());
+        let own = format!("ringpush-broker-{role}");
+        assert_eq!(secret, Some(own.as_str()), "{role}'s broker identity");
+        assert!(secrets.contains(&own), "secrets.example.yaml has no {own}");
+    }
+    // KEDA reads the depth through the management API as the monitor identity, which may
+    // read depths and nothing else.
+    assert_eq!(trigger["metadata"]["protocol"].as_str(), Some("http"));
+    let auth = trigger["authenticationRef"]["name"].as_str().unwrap();
+    let auth = docs
+        .iter()
+        .find(|(_, d)| {
+            d["kind"].as_str() == Some("TriggerAuthentication")
+                && d["metadata"]["name"].as_str() == Some(auth)
+        })
+        .expect("its TriggerAuthentication")
+        .1
+        .clone();
+    let host = &auth["spec"]["secretTargetRef"][0];
+    assert_eq!(host["parameter"].as_str(), Some("host"));
+    assert_eq!(host["name"].as_str(), Some("ringpush-broker-monitor"));
+    assert!(secrets.contains("ringpush-broker-monitor"));
 }
 
 #[test]

@@ -30,4 +30,5 @@ mod republish;
 mod restarts;
 mod schema_v2;
 mod seam;
+mod services;
 mod support;

@@ -132,7 +132,7 @@ async fn a_purger_that_dies_between_commit_and_ack_redoes_the_delete_harmlessly(
         observed_at: now,
     };
     request
-        .publish(&app.channel, &app.names.purge)
+        .publish(&app.publisher, &app.names.purge)
         .await
         .unwrap();
 
@@ -327,7 +327,7 @@ async fn publish_purge_requests(app: &App, tokens: &[&DeviceToken]) {
             invalid_since: now - DAY,
             observed_at: now,
         }
-        .publish(&app.channel, &app.names.purge)
+        .publish(&app.publisher, &app.names.purge)
         .await
         .unwrap();
     }
@@ -448,7 +448,7 @@ async fn request_purge(
         invalid_since,
         observed_at,
     }
-    .publish(&app.channel, &app.names.purge)
+    .publish(&app.publisher, &app.names.purge)
     .await
     .unwrap();
 }

@@ -128,6 +128,9 @@ pub struct Options {
     pub apns: http2::Settings,
     /// Start the purger with the others (a test may start it later with `start_purger`).
     pub run_purger: bool,
+    /// Start the feedback consumer with the others (a test may start it later with
+    /// `start_feedback_at`).
+    pub run_feedback: bool,
     /// Start the in-process worker (a test may start it later with `start_worker`).
     pub run_worker: bool,
     /// Put a fault proxy between the worker and the mock APNs.
@@ -161,6 +164,7 @@ pub struct App {
     pub feedback_counters: Arc<feedback::Counters>,
     pub purge_counters: Arc<purge::Counters>,
     purge_settings: purge::Settings,
+    feedback_settings: feedback::Settings,
     worker_settings: worker::Settings,
     /// The worker's database pool (through the proxy when asked for).
     worker_pool: Pool,
@@ -178,6 +182,9 @@ pub struct App {
     pub jwt_public_key: Vec<u8>,
     /// A confirm-mode channel for publishing rings and reading queues.
     pub channel: Channel,
+    /// A confirm-mode channel that publishes to the test's queues as ringpush's processes do
+    /// (through the internal exchange).
+    pub publisher: broker::Publisher,
     connection: Connection,
     cancel: CancellationToken,
     /// The processes running in this test: worker, feedback consumer, purger.
@@ -241,6 +248,7 @@ impl App {
                 http2::Settings::new(placeholder.clone(), placeholder)
             },
             run_purger: true,
+            run_feedback: true,
             run_worker: true,
             apns_proxy: false,
             db_proxy: false,
@@ -329,14 +337,9 @@ impl App {
             .expect("broker");
         let channel = broker::confirm_channel(&connection).await.unwrap();
         broker::declare(&channel, &names).await.unwrap();
+        let publisher = broker::Publisher::open(&connection, &names).await.unwrap();
         let counters = Arc::new(Counters::default());
         let feedback_counters = Arc::new(feedback::Counters::default());
-        let feedback = feedback::Process {
-            settings: options.feedback,
-            amqp_url: amqp_url(),
-            counters: feedback_counters.clone(),
-        };
-        let feedback = tokio::spawn(feedback.run(cancel.clone()));
         // One set of providers for the workers this test starts in-process and the metrics
         // server: `/readyz` sees what the workers' providers see (the guard's suspicion).
         let providers = ringpush::worker::providers(Some(worker_apns), worker_fcm);
@@ -369,6 +372,7 @@ impl App {
             feedback_counters,
             purge_counters: Arc::new(purge::Counters::default()),
             purge_settings: options.purge,
+            feedback_settings: options.feedback,
             worker_settings: options.worker,
             providers,
             worker_pool,
@@ -380,13 +384,17 @@ impl App {
             db_url: db.url.clone(),
             jwt_public_key,
             channel,
+            publisher,
             connection,
             cancel,
-            processes: vec![("feedback", feedback)],
+            processes: Vec::new(),
             _queues: queues,
             _db: db,
             dir,
         };
+        if options.run_feedback {
+            app.start_feedback_at(amqp_url());
+        }
         if options.run_worker {
             app.start_worker();
         }
@@ -539,8 +547,24 @@ impl App {
         duplicates
     }
 
+    /// Starts `ringpush feedback` in this test, connected to the broker at `url`.
+    pub fn start_feedback_at(&mut self, url: String) {
+        let feedback = feedback::Process {
+            settings: self.feedback_settings.clone(),
+            amqp_url: url,
+            counters: self.feedback_counters.clone(),
+        };
+        self.processes
+            .push(("feedback", tokio::spawn(feedback.run(self.cancel.clone()))));
+    }
+
     /// Starts `ringpush purge` in this test.
     pub fn start_purger(&mut self) {
+        self.start_purger_at(amqp_url());
+    }
+
+    /// Starts `ringpush purge` in this test, connected to the broker at `url`.
+    pub fn start_purger_at(&mut self, url: String) {
         let (pool, counters, cancel) = (
             self.pool.clone(),
             self.purge_counters.clone(),
@@ -548,7 +572,7 @@ impl App {
         );
         let purger = purge::Process {
             settings: self.purge_settings.clone(),
-            amqp_url: amqp_url(),
+            amqp_url: url,
             pool,
             counters,
         };
