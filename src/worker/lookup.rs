@@ -338,8 +338,8 @@ pub(super) async fn wait_for_claim(
                         incoming.life = Life::Ended;
                     }
                     info!(
-                        gateway = incoming.gateway(),
-                        event = incoming.event(),
+                        gateway = crate::wire::logged(incoming.gateway()),
+                        event = crate::wire::logged(incoming.event()),
                         waited_ms = since.elapsed().as_millis() as u64,
                         recorded = incoming.recorded.len(),
                         "claimed the ring after its other copy; the phones that took it are not pushed again"

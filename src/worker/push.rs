@@ -102,26 +102,26 @@ async fn push(
     let followup = match &incoming.life {
         Life::Folded(into) => {
             info!(
-                gateway = incoming.gateway(),
-                event = incoming.event(),
-                into,
+                gateway = crate::wire::logged(incoming.gateway()),
+                event = crate::wire::logged(incoming.event()),
+                into = crate::wire::logged(into),
                 "a press while its switch's ring still rings: folded into it, not pushed"
             );
             return not_pushed(Outcome::Debounced);
         }
         Life::Ended if incoming.end.is_none() => {
             info!(
-                gateway = incoming.gateway(),
-                event = incoming.event(),
+                gateway = crate::wire::logged(incoming.gateway()),
+                event = crate::wire::logged(incoming.event()),
                 "the ring has ended already: not pushed (to the phones it had not reached)"
             );
             return not_pushed(Outcome::EndedBeforePush);
         }
         Life::AlreadyEnded(state) => {
             info!(
-                gateway = incoming.gateway(),
-                event = incoming.own_event(),
-                ring = incoming.event(),
+                gateway = crate::wire::logged(incoming.gateway()),
+                event = crate::wire::logged(incoming.own_event()),
+                ring = crate::wire::logged(incoming.event()),
                 state,
                 "the ring had ended already: this end changes nothing"
             );
@@ -341,8 +341,8 @@ fn to_push<'g>(
     if suppressed > 0 {
         Counters::add(&ctx.counters.notifications_suppressed, suppressed);
         info!(
-            gateway = incoming.gateway(),
-            event = incoming.event(),
+            gateway = crate::wire::logged(incoming.gateway()),
+            event = crate::wire::logged(incoming.event()),
             suppressed,
             left = recipients.len(),
             "seen before: the tokens that took this ring already are not pushed again"
