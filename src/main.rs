@@ -78,7 +78,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             }
             let process = worker::Process {
                 settings: args.settings()?,
-                amqp_url: args.broker.amqp_url.clone(),
+                amqp_url: args.broker.endpoint()?,
                 pools: worker::Pools {
                     lookups: read_pool.unwrap_or_else(|| pool.clone()),
                     primary: pool,
@@ -92,7 +92,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         Command::Feedback(args) => {
             let process = feedback::Process {
                 settings: args.settings()?,
-                amqp_url: args.broker.amqp_url.clone(),
+                amqp_url: args.broker.endpoint()?,
                 counters: Arc::default(),
             };
             process.observe(&args.metrics.serve(), &cancel).await?;
@@ -103,7 +103,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             preflight(&pool, &args.database.database_url).await;
             let process = purge::Process {
                 settings: args.settings(),
-                amqp_url: args.broker.amqp_url.clone(),
+                amqp_url: args.broker.endpoint()?,
                 pool,
                 counters: Arc::default(),
             };
@@ -114,7 +114,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             let names = args.broker.names();
             let (amqp_url, via) = args.target()?;
             ops::ring(
-                &amqp_url,
+                amqp_url,
                 &names,
                 &args.gateway_id,
                 args.count,
@@ -136,11 +136,11 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         Command::Gateway(command) => gateway(command).await,
         Command::Queues(args) => {
             let names = args.broker.names();
-            let management = args.management_url.as_deref();
+            let management = args.management()?;
             ops::queues(
-                &args.broker.amqp_url,
+                &args.broker.endpoint()?,
                 &names,
-                management,
+                management.as_ref(),
                 args.every(),
                 cancel,
             )
@@ -174,7 +174,7 @@ async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
             ringpush::gateway::check_id(id)?;
             args.prepare_password_file()?;
             let (password, generated) = args.password.password()?;
-            let management = id_args.management.management();
+            let management = id_args.management.management()?;
             match management.add(&names, id, &password).await? {
                 ringpush::gateway::Added::Exists => {
                     eprintln!("gateway {id} exists; nothing changed (`ringpush gateway rotate {id}` gives it a new password)");
@@ -194,7 +194,7 @@ async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
             let (password, generated) = args.password()?;
             args.id
                 .management
-                .management()
+                .management()?
                 .rotate(id, &password)
                 .await?;
             eprintln!("gateway {id} has a new password; its open connections were closed");
@@ -205,7 +205,7 @@ async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
         }
         GatewayCommand::Remove(args) => {
             let id = &args.gateway_id;
-            if args.management.management().remove(id).await? {
+            if args.management.management()?.remove(id).await? {
                 eprintln!(
                     "removed the broker identity of gateway {id}; its connections were closed"
                 );
@@ -215,7 +215,7 @@ async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
             Ok(())
         }
         GatewayCommand::List(args) => {
-            let identities = args.management().list().await?;
+            let identities = args.management()?.list().await?;
             print!("{}", ringpush::gateway::list_table(&identities));
             Ok(())
         }
@@ -311,7 +311,7 @@ mod kit {
     }
 
     async fn run_demo(args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-        let report = demo::run(&args.settings(), cancel).await?;
+        let report = demo::run(&args.settings()?, cancel).await?;
         print!("{report}");
         Ok(())
     }

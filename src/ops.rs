@@ -63,15 +63,24 @@ pub(crate) async fn queue_lines(
     Ok(lines)
 }
 
-/// Unacked counts per queue from RabbitMQ's management API (`http://user:pass@host:port`),
-/// which AMQP itself does not report. One GET for the whole vhost, bounded by 10 s.
+/// RabbitMQ's management API (`http(s)://user:pass@host:port`) and how it is reached.
+#[derive(Debug, Clone)]
+pub struct ManagementApi {
+    pub url: String,
+    pub http: crate::http::Client,
+}
+
+/// Unacked counts per queue from RabbitMQ's management API, which AMQP itself does not
+/// report. One GET for the whole vhost, bounded by 10 s.
 pub async fn unacked(
-    management_url: &str,
+    management: &ManagementApi,
     vhost: &str,
 ) -> anyhow::Result<std::collections::HashMap<String, u64>> {
-    let base = management_url.trim_end_matches('/');
+    let base = management.url.trim_end_matches('/');
     let url = format!("{base}/api/queues/{vhost}?columns=name,messages_unacknowledged");
-    let response = crate::http::get(&url, Duration::from_secs(10))
+    let response = management
+        .http
+        .get(&url, Duration::from_secs(10))
         .await
         .map_err(|e| anyhow::anyhow!("RINGPUSH_MANAGEMENT_URL: {e}"))?;
     anyhow::ensure!(
@@ -138,19 +147,19 @@ pub(crate) fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String 
 /// `ringpush queues [--watch]`: the table once, or — `every` given — redrawn in place at
 /// that interval until `cancel`. Unacked counts come from `management_url`, when given.
 pub async fn queues(
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
     names: &Names,
-    management_url: Option<&str>,
+    management: Option<&ManagementApi>,
     every: Option<Duration>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let connection = broker::connect(amqp_url, "ringpush queues").await?;
     let mut last: Option<(Instant, Vec<QueueLine>)> = None;
-    let vhost = vhost_of(amqp_url);
+    let vhost = vhost_of(amqp_url.url());
     loop {
         let mut lines = queue_lines(&connection, names).await?;
-        if let Some(url) = management_url {
-            let unacked = unacked(url, &vhost).await?;
+        if let Some(management) = management {
+            let unacked = unacked(management, &vhost).await?;
             for l in &mut lines {
                 l.unacked = unacked.get(&l.queue).copied();
             }
@@ -327,7 +336,7 @@ pub(crate) fn with_password(amqp_url: &str, password: &str) -> anyhow::Result<St
 /// steady rate.
 #[allow(clippy::too_many_arguments)]
 pub async fn ring(
-    amqp_url: &str,
+    amqp_url: impl Into<broker::Endpoint>,
     names: &Names,
     gateway_id: &str,
     count: u64,
@@ -337,8 +346,9 @@ pub async fn ring(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::wire::ring::check_gateway_id(gateway_id)?;
+    let amqp_url: broker::Endpoint = amqp_url.into();
     if let Some(end) = end {
-        return publish_end(amqp_url, names, via, &end).await;
+        return publish_end(&amqp_url, names, via, &end).await;
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
     let new_ring = || RingEvent {
@@ -384,7 +394,7 @@ pub async fn ring(
 
 /// `ringpush ring --end`: publishes a ring's end as its gateway would, confirmed.
 async fn publish_end(
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
     names: &Names,
     via: &Via,
     end: &crate::wire::ring::EndEvent,

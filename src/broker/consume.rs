@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    confirm_channel, connect, declare, serve, Acks, BrokerError, Names, Progress, Publisher,
+    confirm_channel, connect, declare, serve, Acks, BrokerError, Endpoint, Names, Progress,
+    Publisher,
 };
 
 /// How a consume loop stops and pauses.
@@ -277,7 +278,7 @@ pub fn requeue() -> BasicNackOptions {
 pub struct Consumer<'a> {
     /// `worker`, `feedback`, `purge`: in the connection name and the logs.
     pub process: &'a str,
-    pub amqp_url: &'a str,
+    pub amqp_url: &'a Endpoint,
     pub names: &'a Names,
     pub queue: &'a str,
     pub prefetch: u16,
@@ -304,7 +305,7 @@ impl Consumer<'_> {
         let name = format!("ringpush {} {}", self.process, self.names.prefix);
         serve(
             self.process,
-            self.amqp_url,
+            self.amqp_url.url(),
             &self.control.cancel,
             |progress| self.session(&name, &handle, progress),
         )

@@ -29,4 +29,6 @@ mod republish;
 mod restarts;
 mod schema_v2;
 mod seam;
+mod servers;
 mod support;
+mod tls;

@@ -199,7 +199,7 @@ impl App {
             Names::new(&format!("t-{id}")),
             format!("t_{}", random_hex(6)),
             std::env::temp_dir().join(format!("ringpush-test-{id}")),
-            &amqp_url(),
+            amqp_url(),
             &database_url(),
         );
         let (names, dir) = (local.names.clone(), local.dir.clone());
@@ -333,7 +333,7 @@ impl App {
         let feedback_counters = Arc::new(feedback::Counters::default());
         let feedback = feedback::Process {
             settings: options.feedback,
-            amqp_url: amqp_url(),
+            amqp_url: amqp_url().into(),
             counters: feedback_counters.clone(),
         };
         let feedback = tokio::spawn(feedback.run(cancel.clone()));
@@ -347,7 +347,7 @@ impl App {
             true => {
                 let process = worker::Process {
                     settings: options.worker.clone(),
-                    amqp_url: amqp_url(),
+                    amqp_url: amqp_url().into(),
                     pools: worker_pool.clone().into(),
                     providers: providers.clone(),
                     counters: counters.clone(),
@@ -419,7 +419,7 @@ impl App {
         );
         let worker = worker::Process {
             settings: self.worker_settings.clone(),
-            amqp_url: url,
+            amqp_url: url.into(),
             pools: pool.into(),
             providers: self.providers.clone(),
             counters,
@@ -548,7 +548,7 @@ impl App {
         );
         let purger = purge::Process {
             settings: self.purge_settings.clone(),
-            amqp_url: amqp_url(),
+            amqp_url: amqp_url().into(),
             pool,
             counters,
         };
