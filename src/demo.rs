@@ -211,7 +211,7 @@ impl fmt::Display for Report {
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The local RabbitMQ: the demo declares queues of its own there and deletes them.
-    pub amqp_url: String,
+    pub amqp_url: broker::Endpoint,
     /// The local PostgreSQL: the demo migrates a schema of its own there and drops it.
     pub database_url: String,
     /// Push over the legacy binary interface instead of HTTP/2.
@@ -221,7 +221,7 @@ pub struct Settings {
 /// Runs the demo and cleans up after it, whatever happened: its queues (prefix
 /// `ringpush-demo-<random>`), its schema and its files.
 pub async fn run(settings: &Settings, cancel: CancellationToken) -> anyhow::Result<Report> {
-    let local = Local::new("demo", &settings.amqp_url, &settings.database_url);
+    let local = Local::new("demo", settings.amqp_url.clone(), &settings.database_url);
     let workers = cancel.child_token();
     let result = run_inner(settings, &local, workers.clone()).await;
     workers.cancel();

@@ -113,7 +113,8 @@ struct Context {
 /// tests run.
 pub struct Process {
     pub settings: Settings,
-    pub amqp_url: String,
+    /// The broker (`RINGPUSH_AMQP_URL` and its TLS).
+    pub amqp_url: broker::Endpoint,
     pub counters: Arc<Counters>,
 }
 
@@ -142,7 +143,7 @@ impl Process {
 /// `ringpush feedback`: consumes feedback events until `cancel`.
 async fn run(
     settings: Settings,
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -152,7 +153,7 @@ async fn run(
         seen: Mutex::new(HashMap::new()),
     });
     if let Some(service) = ctx.settings.service.clone() {
-        let (ctx, url, cancel) = (ctx.clone(), amqp_url.to_owned(), cancel.clone());
+        let (ctx, url, cancel) = (ctx.clone(), amqp_url.clone(), cancel.clone());
         tokio::spawn(async move { poll_service(&ctx, &service, &url, cancel).await });
     }
     let consumer = broker::Consumer {
@@ -196,7 +197,12 @@ async fn run(
 /// rule has it) into the same path.
 /// The service forgets what it listed once read, so tuples are published with confirms and
 /// retried until the broker takes them.
-async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: CancellationToken) {
+async fn poll_service(
+    ctx: &Context,
+    service: &Service,
+    amqp_url: &broker::Endpoint,
+    cancel: CancellationToken,
+) {
     let tls = tokio_rustls::TlsConnector::from(service.tls.clone());
     loop {
         match crate::apns::binary::feedback::read(&service.address, &tls, Duration::from_secs(30))
@@ -276,7 +282,7 @@ async fn poll_service(ctx: &Context, service: &Service, amqp_url: &str, cancel: 
 }
 
 async fn publish_all(
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
     names: &Names,
     queue: &str,
     events: &[Invalidation],

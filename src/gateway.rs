@@ -125,6 +125,8 @@ pub struct Management {
     base: String,
     /// Percent-encoded, as the API's paths want it.
     vhost: String,
+    /// `https://` verified against the public roots and `RINGPUSH_MANAGEMENT_CA_FILE`.
+    http: crate::http::Client,
 }
 
 impl std::fmt::Debug for Management {
@@ -154,12 +156,19 @@ pub enum Added {
 }
 
 impl Management {
-    /// `url`: `http://user:pass@host:15672`; `amqp_url`: whose vhost the permissions are on.
+    /// `url`: `http://user:pass@host:15672` or `https://…:15671`; `amqp_url`: whose vhost the
+    /// permissions are on. `https://` is verified against the public roots.
     pub fn new(url: &str, amqp_url: &str) -> Self {
         Self {
             base: url.trim_end_matches('/').to_owned(),
             vhost: crate::ops::vhost_of(amqp_url),
+            http: crate::http::Client::default(),
         }
+    }
+
+    /// The same API reached with `http` (an extra CA for `https://`).
+    pub fn with_client(self, http: crate::http::Client) -> Self {
+        Self { http, ..self }
     }
 
     fn url(&self, path: &str) -> String {
@@ -173,7 +182,7 @@ impl Management {
 
     /// `GET path`: the JSON answer, `None` for 404.
     pub(crate) async fn get(&self, path: &str) -> Result<Option<serde_json::Value>, GatewayError> {
-        let r = crate::http::get(&self.url(path), TIMEOUT).await?;
+        let r = self.http.get(&self.url(path), TIMEOUT).await?;
         match r.status {
             200 => Ok(Some(serde_json::from_str(&r.body).map_err(|e| {
                 GatewayError::Status {
@@ -193,7 +202,7 @@ impl Management {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<(), GatewayError> {
-        let r = crate::http::put_json(&self.url(path), body, TIMEOUT).await?;
+        let r = self.http.put_json(&self.url(path), body, TIMEOUT).await?;
         match r.status {
             200..=299 => Ok(()),
             status => Err(status_error(format!("PUT {path}"), status, &r.body)),
@@ -206,8 +215,10 @@ impl Management {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<(), GatewayError> {
-        let r =
-            crate::http::request(hyper::Method::POST, &self.url(path), Some(body), TIMEOUT).await?;
+        let r = self
+            .http
+            .request(hyper::Method::POST, &self.url(path), Some(body), TIMEOUT)
+            .await?;
         match r.status {
             200..=299 => Ok(()),
             status => Err(status_error(format!("POST {path}"), status, &r.body)),
@@ -216,7 +227,7 @@ impl Management {
 
     /// `DELETE path`; `false` when there was nothing there (404).
     pub(crate) async fn delete(&self, path: &str) -> Result<bool, GatewayError> {
-        let r = crate::http::delete(&self.url(path), TIMEOUT).await?;
+        let r = self.http.delete(&self.url(path), TIMEOUT).await?;
         match r.status {
             200..=299 => Ok(true),
             404 => Ok(false),
@@ -297,7 +308,7 @@ impl Management {
             other => other?,
         }
         let path = format!("users/{id}");
-        let r = crate::http::delete(&self.url(&path), TIMEOUT).await?;
+        let r = self.http.delete(&self.url(&path), TIMEOUT).await?;
         match r.status {
             200..=299 | 404 => {}
             status => return Err(status_error(format!("DELETE {path}"), status, &r.body)),
@@ -310,7 +321,7 @@ impl Management {
     /// tracking, not the statistics a connection list would lag behind).
     pub(crate) async fn close_connections(&self, user: &str) -> Result<(), GatewayError> {
         let path = format!("connections/username/{user}");
-        let r = crate::http::delete(&self.url(&path), TIMEOUT).await?;
+        let r = self.http.delete(&self.url(&path), TIMEOUT).await?;
         match r.status {
             200..=299 | 404 => Ok(()),
             status => Err(status_error(format!("DELETE {path}"), status, &r.body)),

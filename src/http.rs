@@ -1,20 +1,27 @@
-//! The one HTTP client ringpush uses for what it reads over plain HTTP: RabbitMQ's management
-//! API (`ringpush queues`, `gateway` commands), the `/metrics` pages the bench scrapes, and
-//! tests. hyper's client (through hyper-util) with a timeout on every request; URLs parsed by
-//! the `url` crate, credentials in the URL sent as basic auth.
+//! The one HTTP/1.1 client ringpush uses for what it reads over HTTP: RabbitMQ's management
+//! API (`ringpush queues`, `gateway` commands) over `http://` or `https://`, the `/metrics`
+//! pages the bench scrapes, and tests. One connection per request (hyper's HTTP/1.1 client
+//! connection), a timeout on every request; URLs parsed by the `url` crate, credentials in
+//! the URL sent as basic auth. `https://` is verified as every TLS connection of ringpush
+//! is ([`crate::tls`]): the public roots plus an extra CA when given
+//! (`RINGPUSH_MANAGEMENT_CA_FILE`), never off.
 
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use tokio_rustls::rustls::ClientConfig;
+
+use crate::tls::{self, TlsError};
 
 /// A request that did not get an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("not an http:// URL: {0}")]
+    #[error("not an http:// or https:// URL: {0}")]
     Url(String),
     #[error("no answer from {0} within {1:?}")]
     Timeout(String, Duration),
@@ -29,47 +36,161 @@ pub struct Response {
     pub body: String,
 }
 
+/// Sends requests over `http://` and `https://`; the latter verified against the public
+/// roots and, when given, an extra CA. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    tls: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}
+
+impl Default for Client {
+    /// `https://` verified against the public roots.
+    fn default() -> Self {
+        static PUBLIC: OnceLock<Client> = OnceLock::new();
+        PUBLIC
+            .get_or_init(|| Self {
+                tls: tls::config(
+                    tls::roots(None).expect("no file to read"),
+                    None,
+                    &[b"http/1.1"],
+                )
+                .expect("the ring provider supports the default protocol versions"),
+            })
+            .clone()
+    }
+}
+
+impl Client {
+    /// `https://` verified against the public roots and the certificates of `extra_ca`.
+    pub fn with_ca(extra_ca: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            tls: tls::config(tls::roots(Some(extra_ca))?, None, &[b"http/1.1"])?,
+        })
+    }
+
+    /// `GET url`.
+    pub async fn get(&self, url: &str, timeout: Duration) -> Result<Response, HttpError> {
+        self.request(hyper::Method::GET, url, None, timeout).await
+    }
+
+    /// `PUT url` with a JSON body (the management API's way to create and change things).
+    pub async fn put_json(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<Response, HttpError> {
+        self.request(hyper::Method::PUT, url, Some(body), timeout)
+            .await
+    }
+
+    /// `DELETE url`.
+    pub async fn delete(&self, url: &str, timeout: Duration) -> Result<Response, HttpError> {
+        self.request(hyper::Method::DELETE, url, None, timeout)
+            .await
+    }
+
+    /// One request: `method url`, with a JSON body when given, the URL's user info as basic
+    /// auth, the whole exchange bounded by `timeout`. The URL's password never appears in an
+    /// error (nor does the body, which may hold one).
+    pub async fn request(
+        &self,
+        method: hyper::Method,
+        url: &str,
+        json: Option<&serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<Response, HttpError> {
+        let parsed = url::Url::parse(url).map_err(|e| HttpError::Url(e.to_string()))?;
+        let https = match parsed.scheme() {
+            "http" => false,
+            "https" => true,
+            other => return Err(HttpError::Url(format!("scheme {other:?}"))),
+        };
+        let host = match parsed.host() {
+            Some(url::Host::Domain(d)) => d.to_owned(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err(HttpError::Url("no host".into())),
+        };
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        let mut public = parsed.clone();
+        let _ = public.set_username("");
+        let _ = public.set_password(None);
+        let shown = public.to_string();
+        let request = build(method, &parsed, json)?;
+        let failed = |e: String| HttpError::Request(shown.clone(), e);
+        let exchange = async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| failed(format!("cannot connect: {e}")))?;
+            if !https {
+                return send(TokioIo::new(tcp), request).await.map_err(failed);
+            }
+            let name = rustls_pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| HttpError::Url(e.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| failed(format!("TLS: {e}")))?;
+            send(TokioIo::new(tls), request).await.map_err(failed)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(HttpError::Timeout(shown, timeout)),
+        }
+    }
+}
+
 /// `GET url` with the URL's user info as basic auth; the whole exchange bounded by
-/// `timeout`. The URL's password never appears in an error.
+/// `timeout`; `https://` verified against the public roots. The URL's password never
+/// appears in an error.
 pub async fn get(url: &str, timeout: Duration) -> Result<Response, HttpError> {
-    request(hyper::Method::GET, url, None, timeout).await
+    Client::default().get(url, timeout).await
 }
 
-/// `PUT url` with a JSON body (the management API's way to create and change things).
-pub(crate) async fn put_json(
-    url: &str,
-    body: &serde_json::Value,
-    timeout: Duration,
-) -> Result<Response, HttpError> {
-    request(hyper::Method::PUT, url, Some(body), timeout).await
-}
-
-/// `DELETE url`.
+/// `DELETE url` ([`get`]'s rules).
 pub async fn delete(url: &str, timeout: Duration) -> Result<Response, HttpError> {
-    request(hyper::Method::DELETE, url, None, timeout).await
+    Client::default().delete(url, timeout).await
 }
 
-/// One request: `method url`, with a JSON body when given, the URL's user info as basic auth,
-/// the whole exchange bounded by `timeout`. The URL's password never appears in an error (nor
-/// does the body, which may hold one).
+/// Any method with an optional JSON body ([`get`]'s rules).
 pub async fn request(
     method: hyper::Method,
     url: &str,
     json: Option<&serde_json::Value>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
-    let parsed = url::Url::parse(url).map_err(|e| HttpError::Url(e.to_string()))?;
-    if parsed.scheme() != "http" {
-        return Err(HttpError::Url(format!("scheme {:?}", parsed.scheme())));
+    Client::default().request(method, url, json, timeout).await
+}
+
+/// The request for `url` (origin-form, with `host`), basic auth from its user info, and the
+/// JSON body when given.
+fn build(
+    method: hyper::Method,
+    url: &url::Url,
+    json: Option<&serde_json::Value>,
+) -> Result<hyper::Request<Full<Bytes>>, HttpError> {
+    let mut target = url.path().to_owned();
+    if let Some(query) = url.query() {
+        target.push('?');
+        target.push_str(query);
     }
-    let mut public = parsed.clone();
-    let _ = public.set_username("");
-    let _ = public.set_password(None);
-    let shown = public.to_string();
+    let authority = match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        (None, _) => return Err(HttpError::Url("no host".into())),
+    };
     let mut request = hyper::Request::builder()
         .method(method)
-        .uri(public.as_str());
-    if !parsed.username().is_empty() {
+        .uri(target)
+        .header("host", authority);
+    if !url.username().is_empty() {
         let decode = |s: &str| {
             percent_encoding::percent_decode_str(s)
                 .decode_utf8_lossy()
@@ -77,8 +198,8 @@ pub async fn request(
         };
         let userinfo = format!(
             "{}:{}",
-            decode(parsed.username()),
-            decode(parsed.password().unwrap_or(""))
+            decode(url.username()),
+            decode(url.password().unwrap_or(""))
         );
         let auth = base64::engine::general_purpose::STANDARD.encode(userinfo);
         request = request.header("authorization", format!("Basic {auth}"));
@@ -90,35 +211,40 @@ pub async fn request(
         }
         None => Bytes::new(),
     };
-    let request = request
+    request
         .body(Full::new(body))
-        .map_err(|e| HttpError::Url(e.to_string()))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let exchange = async {
-        let response = client
-            .request(request)
-            .await
-            .map_err(|e| HttpError::Request(shown.clone(), error_text(&e)))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| HttpError::Request(shown.clone(), e.to_string()))?
-            .to_bytes();
-        Ok(Response {
-            status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(result) => result,
-        Err(_) => Err(HttpError::Timeout(shown, timeout)),
-    }
+        .map_err(|e| HttpError::Url(e.to_string()))
 }
 
-/// hyper-util's error with its cause (its own text is only "client error (Connect)").
-fn error_text(e: &hyper_util::client::legacy::Error) -> String {
+/// One HTTP/1.1 exchange over `io`: the answer's status and whole body.
+async fn send<IO>(io: IO, request: hyper::Request<Full<Bytes>>) -> Result<Response, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| error_text(&e))?;
+    let driver = tokio::spawn(connection);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| error_text(&e))?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| error_text(&e))?
+        .to_bytes();
+    driver.abort();
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// hyper's error with its cause (its own text may be only "connection error").
+fn error_text(e: &hyper::Error) -> String {
     match std::error::Error::source(e) {
         Some(cause) => format!("{e}: {cause}"),
         None => e.to_string(),

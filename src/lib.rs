@@ -12,7 +12,9 @@
 //! - [`token`]: device tokens and the APNs environment that issued them;
 //! - [`broker`]: RabbitMQ topology, connections, confirmed publishes;
 //! - [`db`]: PostgreSQL pool, migrations, the batched token lookup;
-//! - [`apns`]: request building, reasons, JWT, TLS and the HTTP/2 client;
+//! - [`tls`]: the TLS every connection uses (rustls with ring; public roots plus an extra
+//!   CA; client certificates; verification never off);
+//! - [`apns`]: request building, reasons, JWT and the HTTP/2 client;
 //! - [`worker`]: `ringpush worker`, the consume → lookup → push → settle loop;
 //! - [`mock`]: `ringpush mock-apns`, a local APNs used by tests, the demo and benchmarks;
 //! - [`local`]: a private world on the local broker and database (queue prefix, schema,
@@ -55,6 +57,7 @@ pub mod ops;
 pub mod provider;
 pub mod purge;
 pub mod service;
+pub mod tls;
 pub mod token;
 pub mod wire;
 pub mod worker;

@@ -18,12 +18,13 @@ use deadpool_postgres::Pool;
 use lapin::options::QueueDeleteOptions;
 use tokio_rustls::rustls::ClientConfig;
 
+use crate::apns::http2;
 use crate::apns::jwt::{self, JwtError, Signer};
 use crate::apns::request::Endpoint;
-use crate::apns::{http2, tls};
 use crate::broker::{self, Names};
 use crate::db::{self, DbError};
 use crate::mock::{self, Mock};
+use crate::tls;
 use crate::token::random_hex;
 
 /// Where a private world lives: its queues, its schema and its files. Nothing exists until
@@ -32,7 +33,7 @@ use crate::token::random_hex;
 #[derive(Debug, Clone)]
 pub struct Local {
     /// The local RabbitMQ, where the world's exchanges and queues are declared.
-    pub amqp_url: String,
+    pub amqp_url: broker::Endpoint,
     /// The local PostgreSQL (its URL without the world's schema).
     pub database_url: String,
     /// The prefix of every exchange and queue of the world.
@@ -46,7 +47,7 @@ pub struct Local {
 impl Local {
     /// A world named after `tool` and a random id: queues `ringpush-<tool>-<id>`, schema
     /// `ringpush_<tool>_<id>`, files in `<temp>/ringpush-<tool>-<id>`.
-    pub fn new(tool: &str, amqp_url: &str, database_url: &str) -> Self {
+    pub fn new(tool: &str, amqp_url: impl Into<broker::Endpoint>, database_url: &str) -> Self {
         let id = random_hex(4);
         Self::named(
             Names::new(&format!("ringpush-{tool}-{id}")),
@@ -62,11 +63,11 @@ impl Local {
         names: Names,
         schema: String,
         dir: PathBuf,
-        amqp_url: &str,
+        amqp_url: impl Into<broker::Endpoint>,
         database_url: &str,
     ) -> Self {
         Self {
-            amqp_url: amqp_url.to_owned(),
+            amqp_url: amqp_url.into(),
             database_url: database_url.to_owned(),
             names,
             schema,
@@ -137,7 +138,7 @@ impl Local {
 /// Deletes a prefix's topology and `other_queues` from the broker, each whatever happened
 /// to the others; the first failure is the answer.
 pub async fn delete_queues(
-    amqp_url: &str,
+    amqp_url: impl Into<broker::Endpoint>,
     names: &Names,
     other_queues: &[String],
 ) -> anyhow::Result<()> {

@@ -80,7 +80,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             }
             let process = worker::Process {
                 settings: args.settings()?,
-                amqp_url: args.broker.amqp_url.clone(),
+                amqp_url: args.broker.endpoint()?,
                 pools: worker::Pools {
                     lookups: read_pool.unwrap_or_else(|| pool.clone()),
                     primary: pool,
@@ -94,7 +94,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         Command::Feedback(args) => {
             let process = feedback::Process {
                 settings: args.settings()?,
-                amqp_url: args.broker.amqp_url.clone(),
+                amqp_url: args.broker.endpoint()?,
                 counters: Arc::default(),
             };
             process.observe(&args.metrics.serve(), &cancel).await?;
@@ -105,7 +105,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             preflight(&pool, &args.database.database_url).await;
             let process = purge::Process {
                 settings: args.settings(),
-                amqp_url: args.broker.amqp_url.clone(),
+                amqp_url: args.broker.endpoint()?,
                 pool,
                 counters: Arc::default(),
             };
@@ -116,7 +116,7 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
             let names = args.broker.names();
             let (amqp_url, via) = args.target()?;
             ops::ring(
-                &amqp_url,
+                amqp_url,
                 &names,
                 &args.gateway_id,
                 args.count,
@@ -139,11 +139,11 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         Command::Service(command) => service(command).await,
         Command::Queues(args) => {
             let names = args.broker.names();
-            let management = args.management_url.as_deref();
+            let management = args.management()?;
             ops::queues(
-                &args.broker.amqp_url,
+                &args.broker.endpoint()?,
                 &names,
-                management,
+                management.as_ref(),
                 args.every(),
                 cancel,
             )
@@ -177,7 +177,7 @@ async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
             ringpush::gateway::check_id(id)?;
             args.prepare_password_file()?;
             let (password, generated) = args.password.password()?;
-            let management = id_args.management.management();
+            let management = id_args.management.management()?;
             match management.add(&names, id, &password).await? {
                 ringpush::gateway::Added::Exists => {
                     eprintln!("gateway {id} exists; nothing changed (`ringpush gateway rotate {id}` gives it a new password)");
@@ -197,7 +197,7 @@ async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
             let (password, generated) = args.password()?;
             args.id
                 .management
-                .management()
+                .management()?
                 .rotate(id, &password)
                 .await?;
             eprintln!("gateway {id} has a new password; its open connections were closed");
@@ -208,7 +208,7 @@ async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
         }
         GatewayCommand::Remove(args) => {
             let id = &args.gateway_id;
-            if args.management.management().remove(id).await? {
+            if args.management.management()?.remove(id).await? {
                 eprintln!(
                     "removed the broker identity of gateway {id}; its connections were closed"
                 );
@@ -218,7 +218,7 @@ async fn gateway(command: GatewayCommand) -> anyhow::Result<()> {
             Ok(())
         }
         GatewayCommand::List(args) => {
-            let identities = args.management().list().await?;
+            let identities = args.management()?.list().await?;
             print!("{}", ringpush::gateway::list_table(&identities));
             Ok(())
         }
@@ -235,7 +235,7 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
             service::check_name(name)?;
             let (password, generated) = args.password()?;
             let m = &args.name.management;
-            let (management, names) = (m.management(), m.broker.names());
+            let (management, names) = (m.management()?, m.broker.names());
             match service::add(&management, &names, role, name, &password).await? {
                 Added::Exists => {
                     eprintln!("service identity {name} ({role}) exists with its role's permissions; nothing changed");
@@ -254,7 +254,7 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
         }
         ServiceCommand::Remove(args) => {
             let name = &args.name;
-            if service::remove(&args.management.management(), name).await? {
+            if service::remove(&args.management.management()?, name).await? {
                 eprintln!("removed the service identity {name}; its connections were closed");
             } else {
                 eprintln!("no service identity {name}; nothing changed");
@@ -262,7 +262,7 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ServiceCommand::List(args) => {
-            let identities = service::list(&args.management()).await?;
+            let identities = service::list(&args.management()?).await?;
             print!("{}", service::list_table(&identities));
             Ok(())
         }
@@ -358,7 +358,7 @@ mod kit {
     }
 
     async fn run_demo(args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-        let report = demo::run(&args.settings(), cancel).await?;
+        let report = demo::run(&args.settings()?, cancel).await?;
         print!("{report}");
         Ok(())
     }

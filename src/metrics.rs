@@ -127,7 +127,7 @@ impl Serve {
     pub async fn start(
         &self,
         registry: Registry,
-        amqp_url: &str,
+        amqp_url: &broker::Endpoint,
         names: Names,
         ready: ReadyCheck,
         cancel: &CancellationToken,
@@ -151,7 +151,7 @@ impl Serve {
 pub async fn observe(
     addr: SocketAddr,
     mut registry: Registry,
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
     names: Names,
     poll_every: Duration,
     ready: ReadyCheck,
@@ -160,7 +160,7 @@ pub async fn observe(
     let depth = QueueDepth::default();
     depth.register(&mut registry);
     registry.register_collector(Box::new(BrokerNodes));
-    depth.spawn(amqp_url.to_owned(), names, poll_every, cancel.clone());
+    depth.spawn(amqp_url.clone(), names, poll_every, cancel.clone());
     serve(addr, registry, ready, cancel.clone()).await
 }
 
@@ -290,7 +290,13 @@ impl QueueDepth {
     }
 
     /// Polls until `cancel`; a failed poll drops the connection and tries again next time.
-    pub fn spawn(self, amqp_url: String, names: Names, every: Duration, cancel: CancellationToken) {
+    pub fn spawn(
+        self,
+        amqp_url: broker::Endpoint,
+        names: Names,
+        every: Duration,
+        cancel: CancellationToken,
+    ) {
         tokio::spawn(async move {
             let mut connection: Option<lapin::Connection> = None;
             loop {

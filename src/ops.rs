@@ -63,15 +63,24 @@ pub(crate) async fn queue_lines(
     Ok(lines)
 }
 
-/// Unacked counts per queue from RabbitMQ's management API (`http://user:pass@host:port`),
-/// which AMQP itself does not report. One GET for the whole vhost, bounded by 10 s.
+/// RabbitMQ's management API (`http(s)://user:pass@host:port`) and how it is reached.
+#[derive(Debug, Clone)]
+pub struct ManagementApi {
+    pub url: String,
+    pub http: crate::http::Client,
+}
+
+/// Unacked counts per queue from RabbitMQ's management API, which AMQP itself does not
+/// report. One GET for the whole vhost, bounded by 10 s.
 pub async fn unacked(
-    management_url: &str,
+    management: &ManagementApi,
     vhost: &str,
 ) -> anyhow::Result<std::collections::HashMap<String, u64>> {
-    let base = management_url.trim_end_matches('/');
+    let base = management.url.trim_end_matches('/');
     let url = format!("{base}/api/queues/{vhost}?columns=name,messages_unacknowledged");
-    let response = crate::http::get(&url, Duration::from_secs(10))
+    let response = management
+        .http
+        .get(&url, Duration::from_secs(10))
         .await
         .map_err(|e| anyhow::anyhow!("RINGPUSH_MANAGEMENT_URL: {e}"))?;
     anyhow::ensure!(
@@ -96,15 +105,17 @@ pub async fn unacked(
 /// open an AMQP connection at all. One GET for the whole vhost, bounded by 10 s. The API's
 /// numbers are the broker's statistics, refreshed every few seconds (5 s by default).
 pub(crate) async fn management_lines(
-    management_url: &str,
+    management: &ManagementApi,
     vhost: &str,
     names: &Names,
 ) -> anyhow::Result<Vec<QueueLine>> {
-    let base = management_url.trim_end_matches('/');
+    let base = management.url.trim_end_matches('/');
     let url = format!(
         "{base}/api/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers"
     );
-    let response = crate::http::get(&url, Duration::from_secs(10))
+    let response = management
+        .http
+        .get(&url, Duration::from_secs(10))
         .await
         .map_err(|e| anyhow::anyhow!("RINGPUSH_MANAGEMENT_URL: {e}"))?;
     anyhow::ensure!(
@@ -179,23 +190,23 @@ pub(crate) fn queue_table(lines: &[QueueLine], rates: Option<&[f64]>) -> String 
 /// management API and no AMQP connection is opened (a `monitor` identity has none); without
 /// it, from passive declares over AMQP (no unacked counts).
 pub async fn queues(
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
     names: &Names,
-    management_url: Option<&str>,
+    management: Option<&ManagementApi>,
     every: Option<Duration>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let vhost = vhost_of(amqp_url);
+    let vhost = vhost_of(amqp_url.url());
     // The management API (no AMQP connection: a monitor identity may open none), or AMQP.
-    let source = match management_url {
-        Some(url) => Err(url),
+    let source = match management {
+        Some(management) => Err(management),
         None => Ok(broker::connect(amqp_url, "ringpush queues").await?),
     };
     let mut last: Option<(Instant, Vec<QueueLine>)> = None;
     loop {
         let lines = match &source {
             Ok(connection) => queue_lines(connection, names).await?,
-            Err(url) => management_lines(url, &vhost, names).await?,
+            Err(management) => management_lines(management, &vhost, names).await?,
         };
         let rates: Option<Vec<f64>> = last.as_ref().map(|(at, before)| {
             let secs = at.elapsed().as_secs_f64().max(0.001);
@@ -371,7 +382,7 @@ pub(crate) fn with_password(amqp_url: &str, password: &str) -> anyhow::Result<St
 /// steady rate.
 #[allow(clippy::too_many_arguments)]
 pub async fn ring(
-    amqp_url: &str,
+    amqp_url: impl Into<broker::Endpoint>,
     names: &Names,
     gateway_id: &str,
     count: u64,
@@ -381,8 +392,9 @@ pub async fn ring(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::wire::ring::check_gateway_id(gateway_id)?;
+    let amqp_url: broker::Endpoint = amqp_url.into();
     if let Some(end) = end {
-        return publish_end(amqp_url, names, via, &end).await;
+        return publish_end(&amqp_url, names, via, &end).await;
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
     let new_ring = || RingEvent {
@@ -428,7 +440,7 @@ pub async fn ring(
 
 /// `ringpush ring --end`: publishes a ring's end as its gateway would, confirmed.
 async fn publish_end(
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
     names: &Names,
     via: &Via,
     end: &crate::wire::ring::EndEvent,

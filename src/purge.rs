@@ -185,7 +185,8 @@ struct Context {
 /// A purger, assembled in one place: what `ringpush purge`, the demo and the tests run.
 pub struct Process {
     pub settings: Settings,
-    pub amqp_url: String,
+    /// The broker (`RINGPUSH_AMQP_URL` and its TLS).
+    pub amqp_url: broker::Endpoint,
     pub pool: Pool,
     pub counters: Arc<Counters>,
 }
@@ -222,7 +223,7 @@ impl Process {
 /// `ringpush purge`: consumes purge requests until `cancel`.
 async fn run(
     settings: Settings,
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
     pool: Pool,
     counters: Arc<Counters>,
     cancel: CancellationToken,

@@ -248,7 +248,8 @@ pub fn providers(apns: Option<crate::apns::Apns>, fcm: Option<crate::fcm::Client
 /// run (the bench runs the binary).
 pub struct Process {
     pub settings: Settings,
-    pub amqp_url: String,
+    /// The broker (`RINGPUSH_AMQP_URL` and its TLS).
+    pub amqp_url: broker::Endpoint,
     pub pools: Pools,
     pub providers: Providers,
     pub counters: Arc<Counters>,
@@ -292,7 +293,7 @@ impl Process {
 /// waits, paused and probing, and starts on its own when the schema appears).
 async fn run(
     settings: Settings,
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
     pools: impl Into<Pools>,
     providers: impl Into<Providers>,
     counters: Arc<Counters>,
@@ -323,7 +324,7 @@ async fn run(
     }
     tokio::spawn(sweep_missed(
         shared.clone(),
-        amqp_url.to_owned(),
+        amqp_url.clone(),
         cancel.clone(),
     ));
     if shared.claims_on() {
@@ -411,7 +412,7 @@ const MISSED_PER_SWEEP: i64 = 500;
 /// phones that took the ring get their follow-up. The rings' rows stay locked until the ends
 /// are confirmed; a worker that dies in between leaves them to the next sweep, here or on
 /// another worker. Every worker sweeps; the rows one sweeps, the others skip.
-async fn sweep_missed(shared: Arc<Shared>, amqp_url: String, cancel: CancellationToken) {
+async fn sweep_missed(shared: Arc<Shared>, amqp_url: broker::Endpoint, cancel: CancellationToken) {
     let mut channel: Option<(lapin::Connection, lapin::Channel)> = None;
     let mut failing = false;
     loop {
@@ -482,7 +483,7 @@ async fn sweep_missed(shared: Arc<Shared>, amqp_url: String, cancel: Cancellatio
 }
 
 async fn connect_for_missed(
-    amqp_url: &str,
+    amqp_url: &broker::Endpoint,
 ) -> Result<(lapin::Connection, lapin::Channel), broker::BrokerError> {
     let connection = broker::connect(amqp_url, "ringpush worker (missed rings)").await?;
     let channel = broker::confirm_channel(&connection).await?;

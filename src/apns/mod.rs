@@ -4,7 +4,6 @@
 //! - [`request`]: pure request and payload building (no network), tested byte for byte;
 //! - [`reason`]: every reason string APNs answers with, and the decisions on it;
 //! - [`jwt`]: ES256 provider tokens;
-//! - [`tls`]: the client's TLS configuration (ALPN h2, ring, verification always on);
 //! - [`http2`]: the persistent HTTP/2 client, over the connections of [`crate::http2`];
 //! - [`binary`]: the legacy binary interface's client;
 //! - [`provider`]: APNs as the worker's provider — payloads per kind, requests, and what
@@ -18,7 +17,6 @@ pub mod jwt;
 pub mod provider;
 pub mod reason;
 pub mod request;
-pub mod tls;
 
 pub use crate::http2::SendError;
 pub use crate::token::Environment;

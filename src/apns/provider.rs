@@ -264,7 +264,7 @@ mod tests {
     #[test]
     fn a_call_goes_to_the_voip_topic_with_the_call_payload() {
         let endpoint = super::super::request::Endpoint::parse("https://localhost").unwrap();
-        let tls = super::super::tls::client_config(None, None).unwrap();
+        let tls = crate::tls::client_config(None, None).unwrap();
         let client = super::super::http2::Client::new(
             super::super::http2::Settings::new(endpoint.clone(), endpoint),
             tls,

@@ -10,7 +10,8 @@ use futures_util::stream::{self, StreamExt};
 
 use super::Settings;
 use crate::apns::request::{build_payload, build_request, AlertTemplate, Notification};
-use crate::apns::{http2, tls, Answer};
+use crate::apns::{http2, Answer};
+use crate::tls;
 use crate::token::{random_hex, DeviceToken, Environment};
 
 use super::bare::bare_h2;

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 
 use super::measure::self_cpu;
-use crate::apns::tls;
 use crate::http2::Endpoint;
+use crate::tls;
 
 /// Sends `request` with `body` `n` times over one connection to `endpoint` (trusting `ca`),
 /// 1,000 at a time; requests per second and CPU µs per request. `what` names the loop in

@@ -9,7 +9,8 @@ use futures_util::stream::{self, StreamExt};
 
 use super::Settings;
 use crate::apns::request::{build_payload, AlertTemplate, Notification};
-use crate::apns::{binary, tls, Answer};
+use crate::apns::{binary, Answer};
+use crate::tls;
 use crate::token::{random_hex, DeviceToken};
 
 use super::processes::MockProcess;

@@ -17,12 +17,12 @@ use super::processes::FcmMockProcess;
 use super::report::Report;
 use super::{ring_now, Settings};
 use crate::apns::request::AlertTemplate;
-use crate::apns::tls;
 use crate::fcm::answer::Verdict;
 use crate::fcm::client::build_request;
 use crate::fcm::message::{Style, Template};
 use crate::fcm::{self, ServiceAccount};
 use crate::http2::Endpoint;
+use crate::tls;
 use crate::token::{DeviceToken, Kind};
 
 pub(super) async fn fcm_leg(

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    connect, dead_letter_with, declare_or_check, serve, Acks, BrokerError, Names, Progress,
-    Publisher, Topology,
+    connect, dead_letter_with, declare_or_check, serve, Acks, BrokerError, Endpoint, Names,
+    Progress, Publisher, Topology,
 };
 
 /// How a consume loop stops and pauses.
@@ -391,7 +391,7 @@ impl Limit {
 pub struct Consumer<'a> {
     /// `worker`, `feedback`, `purge`: in the connection name and the logs.
     pub process: &'a str,
-    pub amqp_url: &'a str,
+    pub amqp_url: &'a Endpoint,
     pub names: &'a Names,
     pub queue: &'a str,
     pub prefetch: u16,
@@ -420,7 +420,7 @@ impl Consumer<'_> {
         let name = format!("ringpush {} {}", self.process, self.names.prefix);
         serve(
             self.process,
-            self.amqp_url,
+            self.amqp_url.url(),
             &self.control.cancel,
             |progress| self.session(&name, &handle, progress),
         )

@@ -6,10 +6,11 @@
 //! (confirmed publishes, message limits, dead letters), `consume` (the shared consume
 //! loop and a consuming process's sessions), [`acks`] (coalesced acks). This file holds
 //! the error, connecting (to one node of a cluster's list, [`connect`]), and the reconnect
-//! loop.
+//! loop; `endpoint` says where the broker is and with which TLS ([`Endpoint`]).
 
 pub mod acks;
 mod consume;
+mod endpoint;
 mod publish;
 mod topology;
 
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use acks::Acks;
 pub use consume::{consume_batches, requeue, Consumer, Control, Limit, DEFAULT_MAX_MESSAGE_BYTES};
+pub use endpoint::Endpoint;
 pub use publish::{
     check_fits, confirm_channel, dead_letter, dead_letter_with, error_header, properties_size,
     publish_checked, publish_confirmed, publish_end, publish_ring, truncate, with_header,
@@ -41,6 +43,8 @@ pub use topology::{
 pub enum BrokerError {
     #[error("RabbitMQ: {0}")]
     Amqp(lapin::Error),
+    #[error("RINGPUSH_AMQP_URL: {0} is not an AMQP URL: {1}")]
+    Url(String, String),
     #[error("RabbitMQ did not confirm the publish to {0}")]
     NotConfirmed(String),
     #[error("RabbitMQ did not confirm the publish to {0} within {CONFIRM_TIMEOUT:?}")]
@@ -143,8 +147,12 @@ pub(crate) fn node_label(url: &str) -> String {
 /// Connects with a heartbeat, named so operators see which process holds the connection:
 /// to the first node of the list that answers, starting with the one the process is on
 /// (see [`next_node`]); each node gets [`NODE_CONNECT_TIMEOUT`]. Logs the node it reached.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
-    let nodes = nodes(url);
+/// Every connection ringpush opens to the broker is opened here: `amqps://` nodes over TLS
+/// verified with the endpoint's roots (a plain URL given as text is an [`Endpoint`] with
+/// the public roots).
+pub async fn connect(broker: impl Into<Endpoint>, name: &str) -> Result<Connection, BrokerError> {
+    let broker = broker.into();
+    let nodes = nodes(broker.url());
     if nodes.is_empty() {
         return Err(BrokerError::NoNode(
             "RINGPUSH_AMQP_URL names no node".into(),
@@ -155,7 +163,7 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     for i in 0..nodes.len() {
         let at = (start + i) % nodes.len();
         let node = nodes[at];
-        let attempt = tokio::time::timeout(NODE_CONNECT_TIMEOUT, connect_node(node, name));
+        let attempt = tokio::time::timeout(NODE_CONNECT_TIMEOUT, connect_node(&broker, node, name));
         let error = match attempt.await {
             Ok(Ok(connection)) => {
                 if at != start % nodes.len() {
@@ -181,7 +189,7 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     Err(BrokerError::NoNode(failures.join("; ")))
 }
 
-async fn connect_node(url: &str, name: &str) -> Result<Connection, BrokerError> {
+async fn connect_node(broker: &Endpoint, url: &str, name: &str) -> Result<Connection, BrokerError> {
     let url = if url.contains("heartbeat=") {
         url.to_owned()
     } else {
@@ -191,7 +199,7 @@ async fn connect_node(url: &str, name: &str) -> Result<Connection, BrokerError> 
         )
     };
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    Ok(Connection::connect(&url, props).await?)
+    broker.open(&url, props).await
 }
 
 /// The first wait between reconnects while no node accepts the connection, doubling up to

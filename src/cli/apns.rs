@@ -13,7 +13,8 @@ use super::{config_error, ApnsProtocol, ConfigError};
 use crate::apns::http2::{self, Client};
 use crate::apns::jwt::{self, Signer};
 use crate::apns::request::Endpoint;
-use crate::apns::{self, binary, tls, Apns};
+use crate::apns::{self, binary, Apns};
+use crate::tls;
 
 #[derive(Debug, Clone, Args)]
 pub struct ApnsArgs {

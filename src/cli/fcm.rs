@@ -9,9 +9,9 @@ use clap::Args;
 
 use super::values::{duration, endpoint, positive, shown};
 use super::{config_error, ConfigError};
-use crate::apns::tls;
 use crate::fcm::{self, ServiceAccount};
 use crate::http2::Endpoint;
+use crate::tls;
 
 #[derive(Debug, Clone, Args)]
 pub struct FcmArgs {

@@ -12,6 +12,7 @@
 //! - `services`: `worker`, `feedback`, `purge`;
 //! - `mock`: `mock-apns`; `mock_fcm`: `mock-fcm`;
 //! - `ops`: the commands a person types — `ring`, `gateway …`, `queues`, `who`, `seed`;
+//! - `tls`: the TLS of the hops to RabbitMQ (`amqps://` nodes, an `https://` management API);
 //! - `values`: value parsers whose errors name the variable, and the defaults.
 
 mod apns;
@@ -22,6 +23,7 @@ mod mock;
 mod mock_fcm;
 mod ops;
 mod services;
+mod tls;
 mod values;
 
 use std::net::SocketAddr;
@@ -41,6 +43,7 @@ pub use self::ops::{
     ServiceNameArgs, WhoArgs,
 };
 pub use self::services::{FeedbackArgs, PurgeArgs, WorkerArgs};
+pub use self::tls::{AmqpTlsArgs, ManagementTlsArgs};
 #[cfg(feature = "kit")]
 use self::values::protocol;
 pub use self::values::ApnsProtocol;
@@ -130,9 +133,11 @@ pub enum Command {
 /// Where the broker is and the prefix of every exchange and queue.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL (`amqps://` for TLS); a comma-separated list names a cluster's nodes.
     #[arg(long, env = "RINGPUSH_AMQP_URL", hide_env_values = true, default_value = defaults::AMQP_URL)]
     pub amqp_url: String,
+    #[command(flatten)]
+    pub tls: AmqpTlsArgs,
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "RINGPUSH_QUEUE_PREFIX", default_value = defaults::QUEUE_PREFIX, value_parser = prefix)]
     pub queue_prefix: String,
@@ -145,6 +150,11 @@ pub struct BrokerArgs {
 impl BrokerArgs {
     pub fn names(&self) -> Names {
         Names::new(&self.queue_prefix).with_mqtt_ingress(self.mqtt_ingress)
+    }
+
+    /// The broker with its TLS, checked ([`AmqpTlsArgs::endpoint`]).
+    pub fn endpoint(&self) -> Result<crate::broker::Endpoint, ConfigError> {
+        self.tls.endpoint(&self.amqp_url)
     }
 }
 
@@ -223,6 +233,8 @@ pub struct LocalArgs {
 pub struct DemoArgs {
     #[command(flatten)]
     pub local: LocalArgs,
+    #[command(flatten)]
+    pub tls: AmqpTlsArgs,
     /// `http2`, or `binary` to run the demo over the legacy binary interface.
     #[arg(long, env = "RINGPUSH_APNS_PROTOCOL", default_value_t = ApnsProtocol::Http2, value_parser = protocol)]
     pub apns_protocol: ApnsProtocol,
@@ -230,12 +242,12 @@ pub struct DemoArgs {
 
 #[cfg(feature = "kit")]
 impl DemoArgs {
-    pub fn settings(&self) -> crate::demo::Settings {
-        crate::demo::Settings {
-            amqp_url: self.local.amqp_url.clone(),
+    pub fn settings(&self) -> Result<crate::demo::Settings, ConfigError> {
+        Ok(crate::demo::Settings {
+            amqp_url: self.tls.endpoint(&self.local.amqp_url)?,
             database_url: self.local.database_url.clone(),
             binary: self.apns_protocol == ApnsProtocol::Binary,
-        }
+        })
     }
 }
 

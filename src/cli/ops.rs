@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::values::{interval, positive};
-use super::{BrokerArgs, DatabaseArgs};
+use super::{BrokerArgs, ConfigError, DatabaseArgs, ManagementTlsArgs};
 
 #[derive(Debug, Clone, Args)]
 pub struct RingArgs {
@@ -89,15 +89,16 @@ impl RingArgs {
         })
     }
 
-    /// The AMQP URL to use, and how to reach the broker.
-    pub fn target(&self) -> anyhow::Result<(String, crate::ops::Via)> {
+    /// The broker to use (with the gateway's password when given), and how to reach it.
+    pub fn target(&self) -> anyhow::Result<(crate::broker::Endpoint, crate::ops::Via)> {
         let password = match &self.password_file {
             None => None,
             Some(path) => Some(read_password(path)?),
         };
+        let endpoint = self.broker.endpoint()?;
         let amqp_url = match &password {
-            Some(p) => crate::ops::with_password(&self.broker.amqp_url, p)?,
-            None => self.broker.amqp_url.clone(),
+            Some(p) => endpoint.with_url(crate::ops::with_password(&self.broker.amqp_url, p)?),
+            None => endpoint,
         };
         let via = match self.mqtt {
             // A gateway's own identity may not declare anything.
@@ -189,8 +190,8 @@ impl ServiceAddArgs {
 pub struct ManagementArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
-    /// RabbitMQ's management API, `http://user:pass@host:15672` (an administrator's login:
-    /// it creates users and declares the topology).
+    /// RabbitMQ's management API, `http://user:pass@host:15672` or `https://…:15671` (an
+    /// administrator's login: it creates users and declares the topology).
     #[arg(
         long,
         env = "RINGPUSH_MANAGEMENT_URL",
@@ -199,11 +200,18 @@ pub struct ManagementArgs {
         hide_default_value = true
     )]
     pub management_url: String,
+    #[command(flatten)]
+    pub tls: ManagementTlsArgs,
 }
 
 impl ManagementArgs {
-    pub fn management(&self) -> crate::gateway::Management {
-        crate::gateway::Management::new(&self.management_url, &self.broker.amqp_url)
+    /// The management API, an `https://` one verified with RINGPUSH_MANAGEMENT_CA_FILE.
+    pub fn management(&self) -> Result<crate::gateway::Management, ConfigError> {
+        let http = self.tls.client(&self.management_url)?;
+        Ok(
+            crate::gateway::Management::new(&self.management_url, &self.broker.amqp_url)
+                .with_client(http),
+        )
     }
 }
 
@@ -273,10 +281,13 @@ pub struct QueuesArgs {
     /// Refresh in place until interrupted.
     #[arg(long)]
     pub watch: bool,
-    /// RabbitMQ's management API (`http://user:pass@host:15672`): every count is read from it,
-    /// unacked ones included, and no AMQP connection is opened (a monitor identity's way).
+    /// RabbitMQ's management API (`http://user:pass@host:15672` or `https://…`): every count
+    /// is read from it, unacked ones included, and no AMQP connection is opened (a monitor
+    /// identity's way).
     #[arg(long, env = "RINGPUSH_MANAGEMENT_URL", hide_env_values = true)]
     pub management_url: Option<String>,
+    #[command(flatten)]
+    pub tls: ManagementTlsArgs,
     /// Seconds between refreshes with --watch (`1`, `0.5`; a duration like `500ms` too).
     #[arg(long, default_value = "2", value_parser = interval)]
     pub interval: Duration,
@@ -286,6 +297,17 @@ impl QueuesArgs {
     /// How often to refresh: `None` shows the table once.
     pub fn every(&self) -> Option<Duration> {
         self.watch.then_some(self.interval)
+    }
+
+    /// The management API unacked counts come from, when RINGPUSH_MANAGEMENT_URL is set.
+    pub fn management(&self) -> Result<Option<crate::ops::ManagementApi>, ConfigError> {
+        let Some(url) = &self.management_url else {
+            return Ok(None);
+        };
+        Ok(Some(crate::ops::ManagementApi {
+            url: url.clone(),
+            http: self.tls.client(url)?,
+        }))
     }
 }
 

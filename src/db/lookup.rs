@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use tokio_postgres::NoTls;
 
 use crate::token::{DeviceToken, Environment, Kind, Platform};
 
@@ -226,8 +225,10 @@ impl Lookups {
                 if let Some(token) = cancel {
                     tokio::spawn(async move {
                         // Through a new connection, which may not open either: bounded too.
-                        let cancelled =
-                            tokio::time::timeout(Duration::from_secs(5), token.cancel_query(NoTls));
+                        let cancelled = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            token.cancel_query(super::tls::CancelTls),
+                        );
                         if !matches!(cancelled.await, Ok(Ok(()))) {
                             tracing::warn!("could not cancel a timed-out lookup on the server");
                         }

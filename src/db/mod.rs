@@ -5,8 +5,9 @@
 //! schemas), `lookup` (the batched token lookup and its grouping, [`Lookups`]), `ledger` (which
 //! tokens took which ring: [`Ledger`]), `claims` (a ring in one worker's hands at a time: [`Claims`]), `rings` (a ring's life: its
 //! state from press to end, [`rings::Rings`]),
-//! `support` (what support asks: `who`, `seed`). This file holds [`DbError`] and how a
-//! driver error is told to an operator.
+//! `support` (what support asks: `who`, `seed`), `tls` (the URL's `sslmode` and
+//! `sslrootcert`, and the rustls connector: [`Target`]). This file holds [`DbError`] and how
+//! a driver error is told to an operator.
 
 mod claims;
 mod ledger;
@@ -14,6 +15,7 @@ mod lookup;
 mod pool;
 pub mod rings;
 mod support;
+mod tls;
 
 pub use claims::{
     key as claim_key, waited as claims_waited, ClaimGuard, Claims, Held, LEASE as CLAIM_LEASE,
@@ -27,6 +29,7 @@ pub use pool::{
     create_schema, drop_schema, migrate, migrate_to, ping, pool, target, url_with_schema,
 };
 pub use support::{random_token, seed, who, Phones, Reach};
+pub use tls::{SslMode, Target};
 
 /// The database cannot be reached or used. Its text says what an operator can act on: the
 /// SQLSTATE, the server's message and, where the server names them, the table, column or
@@ -35,6 +38,9 @@ pub use support::{random_token, seed, who, Phones, Reach};
 pub enum DbError {
     #[error("RINGPUSH_DATABASE_URL is not a PostgreSQL URL: {}", describe(.0))]
     Url(tokio_postgres::Error),
+    /// The URL's TLS settings (`sslmode`, `sslrootcert`) cannot be used.
+    #[error("RINGPUSH_DATABASE_URL: {0}")]
+    Tls(String),
     #[error("PostgreSQL: {}", describe(.0))]
     Postgres(tokio_postgres::Error),
     #[error("PostgreSQL pool: {}", describe_pool(.0))]

@@ -1,13 +1,13 @@
 //! The pool and the schema: opening the pool with every timeout set, `ringpush migrate`,
 //! the liveness ping, where a URL points (for logs), and the schemas that keep the demo's
-//! and tests' tables apart.
+//! and tests' tables apart. Every connection is opened by [`Target::connect`] (TLS as the
+//! URL's `sslmode` says).
 
 use std::time::Duration;
 
 use deadpool_postgres::{HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
-use super::DbError;
+use super::{DbError, Target};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -15,7 +15,7 @@ mod embedded {
 
 /// Where a PostgreSQL URL points, fit for logs: hosts, ports and database, no credentials.
 pub fn target(url: &str) -> String {
-    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+    let Ok(Target { config, .. }) = Target::parse(url) else {
         return "(not a PostgreSQL URL)".into();
     };
     let hosts: Vec<String> = config
@@ -59,13 +59,15 @@ pub(crate) const VERIFY_AFTER_IDLE: Duration = Duration::from_millis(100);
 /// checked when the probe after the failure takes it (consumption pauses, so nothing uses
 /// it in between).
 pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbError> {
-    let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
-    let check: &'static str = match config.get_target_session_attrs() {
+    let target = Target::parse(url)?;
+    let check: &'static str = match target.config.get_target_session_attrs() {
         tokio_postgres::config::TargetSessionAttrs::ReadWrite => STILL_PRIMARY,
         _ => "",
     };
     let recycling_method = RecyclingMethod::Fast;
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method });
+    let config = target.config.clone();
+    let manager =
+        Manager::from_connect(config, Connect(target), ManagerConfig { recycling_method });
     let verify = deadpool_postgres::Hook::async_fn(move |client, metrics| {
         Box::pin(async move {
             if metrics.last_used() < VERIFY_AFTER_IDLE {
@@ -90,6 +92,21 @@ pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbErr
         .build()?)
 }
 
+/// How the pool opens a connection: [`Target::connect`], the same as every other.
+struct Connect(Target);
+
+impl deadpool_postgres::Connect for Connect {
+    fn connect(
+        &self,
+        _: &tokio_postgres::Config,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        Box::pin(self.0.connect())
+    }
+}
+
 /// Applies `migrations/` (refinery keeps its history table beside ours); a second run is
 /// a no-op. Returns the names of the migrations it applied.
 pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
@@ -99,9 +116,7 @@ pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
 /// [`migrate`], stopping after migration `version` when given: how a test builds the
 /// schema an older release left behind, to check what the next migration does to its rows.
 pub async fn migrate_to(url: &str, version: Option<i32>) -> Result<Vec<String>, DbError> {
-    let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
-    let (mut client, connection) = config.connect(NoTls).await?;
-    let driver = tokio::spawn(connection);
+    let (mut client, driver) = Target::parse(url)?.connect().await?;
     let mut runner = embedded::migrations::runner();
     if let Some(version) = version {
         runner = runner.set_target(refinery::Target::Version(version));
@@ -166,9 +181,7 @@ fn checked_identifier(name: &str) -> &str {
 }
 
 async fn schema_statement(url: &str, sql: &str) -> Result<(), DbError> {
-    let config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
-    let (client, connection) = config.connect(NoTls).await?;
-    let driver = tokio::spawn(connection);
+    let (client, driver) = Target::parse(url)?.connect().await?;
     let result = client.batch_execute(sql).await;
     drop(client);
     let _ = driver.await;

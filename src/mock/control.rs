@@ -13,7 +13,8 @@ use http::HeaderMap;
 use super::{certs, FailFirst, Faults, Mock};
 use crate::apns::http2::{self, Client};
 use crate::apns::request::Endpoint;
-use crate::apns::{tls, Reason};
+use crate::apns::Reason;
+use crate::tls;
 use crate::token::DeviceToken;
 
 /// A scripted answer for one token.

@@ -21,7 +21,8 @@ use tracing::{debug, info, warn};
 use super::auth::{check_connection_jwt, JwtState};
 use super::faults::{decide, GoAwayDebug, Plan};
 use super::{binary, certs, shim, validate, Mock, Received, Settings, State};
-use crate::apns::{tls, Reason};
+use crate::apns::Reason;
+use crate::tls;
 
 /// One client connection, as the stream handlers see it.
 pub(super) struct Conn {

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{check, MockFcm, Received, Script, State};
-use crate::apns::tls;
 use crate::mock::certs;
+use crate::tls;
 
 impl MockFcm {
     /// Binds, loads or generates the certificates, and serves until `cancel`.

@@ -365,13 +365,103 @@ fn the_kubernetes_manifests_run_real_commands_with_variables_they_read() {
     assert!(secrets.contains("ringpush-broker-monitor"));
 }
 
+/// The Kubernetes example reaches the broker and the database over verified TLS: amqps://
+/// URLs (KEDA's too, with TLS on and the CA), `sslmode=verify-full` with `sslrootcert`, and
+/// every CA file a process reads mounted into it.
+#[test]
+fn the_kubernetes_manifests_use_tls_urls_with_the_ca_mounted() {
+    let secrets = load("deploy/kubernetes/secrets.example.yaml");
+    let data = |name: &str| -> HashMap<String, String> {
+        let doc = secrets
+            .iter()
+            .find(|d| d["metadata"]["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no secret {name}"));
+        doc["stringData"]
+            .as_hash()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().unwrap().to_owned(),
+                    v.as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let broker = data("ringpush-broker");
+    for key in ["amqp-url", "queue-depth-url"] {
+        for node in broker[key].split(',') {
+            assert!(node.starts_with("amqps://"), "{key}: {node}");
+        }
+    }
+    assert_eq!(broker["queue-depth-tls"], "enable");
+    // A CA of the test's own stands in for the mounted one: each URL parses with its TLS
+    // settings, as the process would read it.
+    let stand_in = std::env::temp_dir().join(format!(
+        "ringpush-deploy-ca-{}.pem",
+        ringpush::token::random_hex(4)
+    ));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&stand_in, params.self_signed(&key).unwrap().pem()).unwrap();
+    let mut ca_files = BTreeSet::new();
+    for (key, url) in data("ringpush-database") {
+        assert!(url.contains("sslmode=verify-full"), "{key}: {url}");
+        let root = url
+            .split("sslrootcert=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
+        let local = url.replace(root, &stand_in.display().to_string());
+        let target = ringpush::db::Target::parse(&local).unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_eq!(target.mode(), ringpush::db::SslMode::VerifyFull, "{key}");
+        ca_files.insert(root.to_owned());
+    }
+    let _ = std::fs::remove_file(&stand_in);
+    assert!(data("ringpush-tls").contains_key("ca.crt"));
+    let config = load("deploy/kubernetes/config.yaml");
+    let amqp_ca = config[0]["data"]["RINGPUSH_AMQP_CA_FILE"].as_str().unwrap();
+    ca_files.insert(amqp_ca.to_owned());
+    assert_eq!(ca_files.len(), 1, "one CA file: {ca_files:?}");
+    let ca = ca_files.into_iter().next().unwrap();
+    for file in ["worker", "feedback", "purge", "migrate-job"] {
+        let doc = &load(&format!("deploy/kubernetes/{file}.yaml"))[0];
+        let pod = &doc["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let mounted = container["volumeMounts"].as_vec().unwrap().iter().any(|m| {
+            let volume = m["name"].as_str().unwrap();
+            let from_tls = pod["volumes"].as_vec().unwrap().iter().any(|v| {
+                v["name"].as_str() == Some(volume)
+                    && v["secret"]["secretName"].as_str() == Some("ringpush-tls")
+            });
+            from_tls && ca.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap()))
+        });
+        assert!(
+            mounted,
+            "{file}: {ca} is not mounted from the ringpush-tls secret"
+        );
+    }
+    let keda = load("deploy/kubernetes/keda-scaledobject.yaml");
+    let auth = keda[0]["spec"]["secretTargetRef"].as_vec().unwrap();
+    for parameter in ["host", "tls", "ca"] {
+        assert!(
+            auth.iter()
+                .any(|r| r["parameter"].as_str() == Some(parameter)),
+            "KEDA's TriggerAuthentication has no {parameter}"
+        );
+    }
+}
+
 #[test]
 fn the_dashboard_plots_only_metrics_ringpush_exports() {
     // Every family the worker, feedback consumer and purger export.
     let mut registry = ringpush::metrics::registry();
     let counters = Arc::new(ringpush::worker::Counters::default());
     let endpoint = ringpush::apns::request::Endpoint::parse("https://localhost").unwrap();
-    let tls = ringpush::apns::tls::client_config(None, None).unwrap();
+    let tls = ringpush::tls::client_config(None, None).unwrap();
     let client = ringpush::apns::http2::Client::new(
         ringpush::apns::http2::Settings::new(endpoint.clone(), endpoint),
         tls,

@@ -428,7 +428,7 @@ async fn the_mock_token_endpoint_answers_over_http1_as_real_oauth_clients_speak_
     .unwrap();
     let json = mock.new_account("p-http1").unwrap();
     let account = ringpush::fcm::ServiceAccount::parse(json.as_bytes()).unwrap();
-    let tls = ringpush::apns::tls::client_config(Some(mock.ca_file()), None).unwrap();
+    let tls = ringpush::tls::client_config(Some(mock.ca_file()), None).unwrap();
     let mut tls = (*tls).clone();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(mock.addr()).await.unwrap();
@@ -501,7 +501,7 @@ impl OAuthRig {
         .unwrap();
         let json = mock.new_account(project).unwrap();
         let account = ringpush::fcm::ServiceAccount::parse(json.as_bytes()).unwrap();
-        let tls = ringpush::apns::tls::client_config(Some(mock.ca_file()), None).unwrap();
+        let tls = ringpush::tls::client_config(Some(mock.ca_file()), None).unwrap();
         let url = ringpush::http2::Endpoint::parse(&mock.url()).unwrap();
         let client =
             ringpush::fcm::Client::new(ringpush::fcm::Settings::new(url), account, tls).unwrap();

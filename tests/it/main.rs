@@ -30,5 +30,7 @@ mod republish;
 mod restarts;
 mod schema_v2;
 mod seam;
+mod servers;
 mod services;
 mod support;
+mod tls;

@@ -223,13 +223,16 @@ async fn queues_reads_unacked_counts_from_the_management_api() {
             .expect("a ring is there");
         held.push(msg);
     }
-    let url = std::env::var("RINGPUSH_MANAGEMENT_URL")
-        .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into());
+    let management = ringpush::ops::ManagementApi {
+        url: std::env::var("RINGPUSH_MANAGEMENT_URL")
+            .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into()),
+        http: ringpush::http::Client::default(),
+    };
     let vhost = ringpush::ops::vhost_of(&crate::support::amqp_url());
     // The management API refreshes its statistics every few seconds.
     let mut seen = None;
     for _ in 0..120 {
-        let unacked = ringpush::ops::unacked(&url, &vhost)
+        let unacked = ringpush::ops::unacked(&management, &vhost)
             .await
             .expect("the management API answers");
         seen = unacked.get(&app.names.rings).copied();

@@ -453,7 +453,7 @@ async fn service_add_declares_the_topology_a_role_waits_for_and_repairs_what_dri
         ringpush::db::pool(&crate::support::database_url(), 1, Duration::from_secs(5)).unwrap();
     let purger = purge::Process {
         settings: purge::Settings::new(names.clone()),
-        amqp_url: url.clone(),
+        amqp_url: url.clone().into(),
         pool,
         counters: counters.clone(),
     };

@@ -206,7 +206,7 @@ impl App {
             Names::new(&format!("t-{id}")),
             format!("t_{}", random_hex(6)),
             std::env::temp_dir().join(format!("ringpush-test-{id}")),
-            &amqp_url(),
+            amqp_url(),
             &database_url(),
         );
         let (names, dir) = (local.names.clone(), local.dir.clone());
@@ -350,7 +350,7 @@ impl App {
             true => {
                 let process = worker::Process {
                     settings: options.worker.clone(),
-                    amqp_url: amqp_url(),
+                    amqp_url: amqp_url().into(),
                     pools: worker_pool.clone().into(),
                     providers: providers.clone(),
                     counters: counters.clone(),
@@ -427,7 +427,7 @@ impl App {
         );
         let worker = worker::Process {
             settings: self.worker_settings.clone(),
-            amqp_url: url,
+            amqp_url: url.into(),
             pools: pool.into(),
             providers: self.providers.clone(),
             counters,
@@ -551,7 +551,7 @@ impl App {
     pub fn start_feedback_at(&mut self, url: String) {
         let feedback = feedback::Process {
             settings: self.feedback_settings.clone(),
-            amqp_url: url,
+            amqp_url: url.into(),
             counters: self.feedback_counters.clone(),
         };
         self.processes
@@ -572,7 +572,7 @@ impl App {
         );
         let purger = purge::Process {
             settings: self.purge_settings.clone(),
-            amqp_url: url,
+            amqp_url: url.into(),
             pool,
             counters,
         };

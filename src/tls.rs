@@ -1,0 +1,273 @@
+//! TLS for every connection ringpush opens — APNs and FCM, the broker (`amqps://`),
+//! PostgreSQL (`sslmode`) and the management API (`https://`): rustls with the ring
+//! provider, Mozilla's roots plus an optional extra CA (the mock's, a private CA's, or a
+//! corporate proxy's), and client certificates. There is no switch that turns verification
+//! off; PostgreSQL's `verify-ca` (the chain without the host name) is [`ChainOnly`].
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+/// A CA file or TLS setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read CA file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("CA file {0} holds no certificate")]
+    EmptyCaFile(String),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("cannot read certificate file {path}: {reason}")]
+    Identity { path: String, reason: String },
+}
+
+impl TlsError {
+    /// Whether this is an error of a CA file (else of a client certificate or of rustls).
+    pub fn is_ca_file(&self) -> bool {
+        matches!(self, TlsError::CaFile { .. } | TlsError::EmptyCaFile(_))
+    }
+}
+
+/// A client certificate chain and its private key: certificate auth.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("certificates", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Reads a PEM file (certificate chain and private key) or a PKCS#12 file (.p12, as
+    /// Keychain exports it) opened with `password`.
+    pub fn from_file(path: &Path, password: &str) -> Result<Self, TlsError> {
+        let err = |reason: String| TlsError::Identity {
+            path: path.display().to_string(),
+            reason,
+        };
+        let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        if data.starts_with(b"-----BEGIN") {
+            Self::from_pem(&data).map_err(err)
+        } else {
+            Self::from_pkcs12(&data, password).map_err(err)
+        }
+    }
+
+    /// Reads a certificate chain and its private key from two PEM files (as a broker's
+    /// client certificate is usually handed out).
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let err = |path: &Path, reason: String| TlsError::Identity {
+            path: path.display().to_string(),
+            reason,
+        };
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| err(cert, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(err(cert, "no CERTIFICATE in the PEM file".into()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| err(key, format!("no private key in the PEM file: {e}")))?;
+        Ok(Self { chain, key })
+    }
+
+    fn from_pem(pem: &[u8]) -> Result<Self, String> {
+        let chain = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        if chain.is_empty() {
+            return Err("no CERTIFICATE in the PEM file".into());
+        }
+        let key = PrivateKeyDer::from_pem_slice(pem)
+            .map_err(|e| format!("no private key in the PEM file: {e}"))?;
+        Ok(Self { chain, key })
+    }
+
+    fn from_pkcs12(der: &[u8], password: &str) -> Result<Self, String> {
+        let store = p12_keystore::KeyStore::from_pkcs12(
+            der,
+            password,
+            p12_keystore::Pkcs12ImportPolicy::Relaxed,
+        )
+        .map_err(|e| format!("not a PKCS#12 file, or a wrong password: {e}"))?;
+        let (_, chain) = store
+            .private_key_chain()
+            .ok_or("the PKCS#12 file holds no private key with a certificate")?;
+        Ok(Self {
+            chain: chain
+                .certs()
+                .iter()
+                .map(|c| CertificateDer::from(c.as_der().to_vec()))
+                .collect(),
+            key: PrivateKeyDer::Pkcs8(chain.key().as_der().to_vec().into()),
+        })
+    }
+}
+
+/// The process-wide crypto provider: ring (one provider per build, see ECOSYSTEM.md).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file.
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let shown = path.display().to_string();
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::CaFile {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::EmptyCaFile(shown));
+    }
+    Ok(certs)
+}
+
+/// The public roots (Mozilla's, as webpki-roots ships them), plus every certificate of
+/// `extra_ca` when given.
+pub fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        roots = with_certs(roots, path)?;
+    }
+    Ok(roots)
+}
+
+/// Only the certificates of `ca` (PostgreSQL's `sslrootcert`: the server's own CA, not the
+/// public ones).
+pub fn only(ca: &Path) -> Result<RootCertStore, TlsError> {
+    with_certs(RootCertStore::empty(), ca)
+}
+
+fn with_certs(mut roots: RootCertStore, path: &Path) -> Result<RootCertStore, TlsError> {
+    for cert in read_certs(path)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// A client configuration that verifies servers against `roots` (certificate chain and host
+/// name), presents `identity` when given, and offers `alpn`.
+pub fn config(
+    roots: RootCertStore,
+    identity: Option<Identity>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(finish(builder, identity, alpn)?)
+}
+
+fn finish(
+    builder: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+    identity: Option<Identity>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain, id.key)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Client configuration for APNs and FCM (HTTP/2): public roots, plus `extra_ca` when given;
+/// with `identity`, the client certificate of certificate auth.
+pub fn client_config(
+    extra_ca: Option<&Path>,
+    identity: Option<Identity>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    config(roots(extra_ca)?, identity, &[b"h2"])
+}
+
+/// A client configuration that checks the server's certificate chain against `roots` but
+/// not which host it names: PostgreSQL's `verify-ca`, for servers reached by an address
+/// their certificate does not list. The handshake's signatures are checked as always.
+pub fn chain_only_config(
+    roots: RootCertStore,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = ChainOnly::new(roots)?;
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    Ok(finish(builder, None, alpn)?)
+}
+
+/// Verifies a server's certificate chain up to its roots — validity period, key usage,
+/// signatures — with rustls's own functions, and not which host the certificate names
+/// (`verify-ca`). The handshake's signatures are checked as always.
+#[derive(Debug)]
+pub struct ChainOnly {
+    roots: RootCertStore,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl ChainOnly {
+    pub fn new(roots: RootCertStore) -> Result<Self, TlsError> {
+        if roots.is_empty() {
+            return Err(TlsError::Rustls(rustls::Error::General(
+                "no root certificate to verify against".into(),
+            )));
+        }
+        Ok(Self {
+            roots,
+            algorithms: provider().signature_verification_algorithms,
+        })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
