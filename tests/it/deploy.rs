@@ -388,13 +388,20 @@ fn the_kubernetes_manifests_use_tls_urls_with_the_ca_mounted() {
             })
             .collect()
     };
-    let broker = data("ringpush-broker");
-    for key in ["amqp-url", "queue-depth-url"] {
-        for node in broker[key].split(',') {
-            assert!(node.starts_with("amqps://"), "{key}: {node}");
+    // Each role's own identity over amqps; the monitor's management API over https.
+    for role in ["worker", "feedback", "purge"] {
+        let broker = data(&format!("ringpush-broker-{role}"));
+        for node in broker["amqp-url"].split(',') {
+            assert!(node.starts_with("amqps://"), "{role}: {node}");
         }
     }
-    assert_eq!(broker["queue-depth-tls"], "enable");
+    let monitor = data("ringpush-broker-monitor");
+    assert!(
+        monitor["management-url"].starts_with("https://"),
+        "{}",
+        monitor["management-url"]
+    );
+    assert_eq!(monitor["management-tls"], "enable");
     // A CA of the test's own stands in for the mounted one: each URL parses with its TLS
     // settings, as the process would read it.
     let stand_in = std::env::temp_dir().join(format!(
