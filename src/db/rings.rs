@@ -28,6 +28,10 @@ use crate::wire::ring::{EndEvent, EndReason};
 /// Longest one statement of the ring's life may take (then it counts as failed: the rings wait).
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a missed sweep holds its rows while their ends are published (then it rolls back,
+/// and the next sweep takes them again).
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What [`Rings::begin`] runs: registers each ring of a known gateway (an end that came first
 /// is kept, its ring filled in) and finds, for a press of a switch, the ring of that switch still ringing that
 /// it folds into. Answers by position (1-based): the ring's state and what it folded into.
@@ -392,7 +396,12 @@ impl Rings {
             })
             .collect();
         let n = missed.len();
-        announce(missed).await?;
+        // The rows stay locked while their ends are published: not for long.
+        tokio::time::timeout(ANNOUNCE_TIMEOUT, announce(missed))
+            .await
+            .map_err(|_| {
+                format!("publishing the missed rings' ends took over {ANNOUNCE_TIMEOUT:?}")
+            })??;
         tx.commit()
             .await
             .map_err(|e| DbError::from(e).to_string())?;
