@@ -34,8 +34,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 pub enum GatewayError {
     #[error("{0:?} is not a gateway id a broker identity can be made for: {1}")]
     InvalidId(String, &'static str),
+    // Not a `source`: the text holds the cause once (`{:#}` would print it again).
     #[error("RINGPUSH_MANAGEMENT_URL: {0}")]
-    Http(#[from] crate::http::HttpError),
+    Http(crate::http::HttpError),
     #[error("management API: {what}: status {status}: {body}")]
     Status {
         what: String,
@@ -48,6 +49,12 @@ pub enum GatewayError {
     Missing(String),
     #[error("the password must be 1 to 1024 bytes on one line")]
     BadPassword,
+}
+
+impl From<crate::http::HttpError> for GatewayError {
+    fn from(e: crate::http::HttpError) -> Self {
+        GatewayError::Http(e)
+    }
 }
 
 /// Checks an id a broker identity is made for: 1 to 128 ASCII letters, digits, `-` and `_`.
@@ -384,17 +391,33 @@ fn status_error(what: String, status: u16, body: &str) -> GatewayError {
     GatewayError::Status { what, status, body }
 }
 
-/// The table `ringpush gateway list` prints.
+/// The table `ringpush gateway list` prints: one line per identity, the ids padded to one
+/// width; with none, a line that says so.
 pub fn list_table(identities: &[Identity]) -> String {
     use std::fmt::Write as _;
-    let mut out = String::new();
+    if identities.is_empty() {
+        return format!(
+            "no gateway identities on this broker (users tagged {TAG}); `ringpush gateway add <gateway_id>` creates one\n"
+        );
+    }
+    let width = identities
+        .iter()
+        .map(|i| i.gateway_id.chars().count())
+        .chain(["gateway".len()])
+        .max()
+        .unwrap_or_default();
+    let mut out = format!("{:<width$}  may publish\n", "gateway");
     for i in identities {
         let keys: Vec<String> = i
             .may_publish
             .iter()
             .map(|(exchange, key)| format!("{exchange}: {key}"))
             .collect();
-        let _ = writeln!(out, "{}\t{}", i.gateway_id, keys.join(", "));
+        let keys = match keys.is_empty() {
+            true => "nothing on this vhost".to_owned(),
+            false => keys.join(", "),
+        };
+        let _ = writeln!(out, "{:<width$}  {keys}", i.gateway_id);
     }
     out
 }
@@ -402,6 +425,28 @@ pub fn list_table(identities: &[Identity]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_list_lines_up_and_an_empty_one_says_so() {
+        let empty = list_table(&[]);
+        assert!(empty.starts_with("no gateway identities"), "{empty}");
+        let table = list_table(&[
+            Identity {
+                gateway_id: "gw-1".into(),
+                may_publish: vec![("ringpush.rings".into(), "^ring\\.gw\\-1$".into())],
+            },
+            Identity {
+                gateway_id: "gateway-with-a-long-id".into(),
+                may_publish: vec![],
+            },
+        ]);
+        let columns: Vec<usize> = table
+            .lines()
+            .map(|l| l.find("  ").unwrap() + l[l.find("  ").unwrap()..].find(|c| c != ' ').unwrap())
+            .collect();
+        assert!(columns.windows(2).all(|w| w[0] == w[1]), "{table}");
+        assert!(table.contains("nothing on this vhost"), "{table}");
+    }
 
     #[test]
     fn gateway_ids_are_one_routing_key_word_and_one_mqtt_topic_level() {

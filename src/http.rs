@@ -23,7 +23,7 @@ use crate::tls::{self, TlsError};
 pub enum HttpError {
     #[error("not an http:// or https:// URL: {0}")]
     Url(String),
-    #[error("no answer from {0} within {1:?}")]
+    #[error("no answer from {} within {}", .0, crate::human::Human(*.1))]
     Timeout(String, Duration),
     #[error("{0}: {1}")]
     Request(String, String),
@@ -128,7 +128,7 @@ impl Client {
         let exchange = async {
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
-                .map_err(|e| failed(format!("cannot connect: {e}")))?;
+                .map_err(|e| failed(connect_failure(&e)))?;
             if !https {
                 return send(TokioIo::new(tcp), request).await.map_err(failed);
             }
@@ -137,7 +137,10 @@ impl Client {
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
                 .connect(name, tcp)
                 .await
-                .map_err(|e| failed(format!("TLS: {e}")))?;
+                // The management API is what ringpush speaks https to.
+                .map_err(|e| {
+                    failed(tls::failure(&e, &host, Some("RINGPUSH_MANAGEMENT_CA_FILE")))
+                })?;
             send(TokioIo::new(tls), request).await.map_err(failed)
         };
         match tokio::time::timeout(timeout, exchange).await {
@@ -241,6 +244,21 @@ where
         status,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
+}
+
+/// A connection that could not be made, in a person's words: `connection refused: nothing
+/// listens on that port`, not `Connection refused (os error 111)`.
+fn connect_failure(io: &std::io::Error) -> String {
+    match io.kind() {
+        std::io::ErrorKind::ConnectionRefused => {
+            "connection refused: nothing listens on that port".into()
+        }
+        _ => {
+            let text = io.to_string();
+            let text = text.split(" (os error").next().unwrap_or_default();
+            format!("cannot connect: {}", text.to_lowercase())
+        }
+    }
 }
 
 /// hyper's error with its cause (its own text may be only "connection error").

@@ -5,6 +5,7 @@
 //! for Android phones — over persistent HTTP/2 connections. The tree is the architecture:
 //!
 //! - [`backoff`]: the jittered reconnect backoff every connection uses;
+//! - [`human`]: how durations read where a person reads them, and the nearest known name;
 //! - [`cli`]: command-line flags and `RINGPUSH_*` variables, parsed once into the plain
 //!   settings below (only the binary uses it; no module here imports it);
 //! - [`wire`]: what crosses the broker — ring event v1 (parsed, never merely validated), the
@@ -46,6 +47,7 @@ pub mod feedback;
 pub mod gateway;
 pub mod http;
 pub mod http2;
+pub mod human;
 #[cfg(feature = "kit")]
 pub mod local;
 pub mod metrics;

@@ -5,7 +5,6 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use ringpush::cli::{Cli, Command, GatewayCommand, LogFormat, ServiceCommand};
 use ringpush::{db, feedback, ops, purge, worker};
 use tokio_util::sync::CancellationToken;
@@ -13,18 +12,19 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_env();
     // Reports for a person: keep the logs to errors unless asked (lapin reports a channel
     // it is closing at the end as an error, which is noise there).
     let default_level = match cli.command {
         #[cfg(feature = "kit")]
-        Command::Demo(_) | Command::Bench(_) => "error,lapin=off",
+        Command::Demo(_) | Command::Bench(_) => "error,ringpush::cli=warn,lapin=off",
         // A queue not declared yet is a line in the table, not lapin's channel-close error.
+        // (An unknown `RINGPUSH_*` variable is still said: `ringpush::cli` at warn.)
         Command::Queues(_)
         | Command::Who(_)
         | Command::History(_)
         | Command::Gateway(_)
-        | Command::Service(_) => "error,lapin=off",
+        | Command::Service(_) => "error,ringpush::cli=warn,lapin=off",
         // rustls warns when a peer closes without close_notify (ordinary for servers that
         // just drop idle connections), and tokio-postgres logs every server NOTICE (each
         // `migrate` run's "already exists, skipping") at info: noise for an operator.
@@ -45,6 +45,7 @@ async fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
+    ringpush::cli::warn_unknown_variables();
     let cancel = shutdown_on_signals();
     match run(cli.command, cancel).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,7 +64,9 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
     };
     match command {
         Command::Migrate(args) => {
-            let applied = db::migrate(&args.database_url).await?;
+            let applied = db::migrate(&args.database_url)
+                .await
+                .map_err(|e| args.explain(e.into()))?;
             if applied.is_empty() {
                 println!("schema is up to date; nothing applied");
             } else {
@@ -74,9 +77,11 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         Command::Worker(args) => {
             let pool = args.database.pool()?;
             let read_pool = args.database.read_pool()?;
-            preflight(&pool, &args.database.database_url).await;
+            let url = &args.database.database_url;
+            preflight(&pool, url, "RINGPUSH_DATABASE_URL", "the token lookup runs").await;
             if let (Some(read), Some(url)) = (&read_pool, &args.database.database_read_url) {
-                preflight(read, url).await;
+                let var = "RINGPUSH_DATABASE_READ_URL";
+                preflight(read, url, var, "the token lookup runs").await;
             }
             let process = worker::Process {
                 settings: args.settings()?,
@@ -102,7 +107,8 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         Command::Purge(args) => {
             let pool = args.database.pool()?;
-            preflight(&pool, &args.database.database_url).await;
+            let url = &args.database.database_url;
+            preflight(&pool, url, "RINGPUSH_DATABASE_URL", "the schema is there").await;
             let process = purge::Process {
                 settings: args.settings(),
                 amqp_url: args.broker.endpoint()?,
@@ -129,14 +135,20 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         Command::History(args) => {
             let pool = args.database.pool()?;
-            print!(
-                "{}",
-                ops::history(&pool, &args.gateway_id, args.limit).await?
-            );
+            let history = ops::history(&pool, &args.gateway_id, args.limit).await;
+            print!("{}", history.map_err(|e| args.database.explain(e))?);
             Ok(())
         }
         Command::Gateway(command) => gateway(command).await,
         Command::Service(command) => service(command).await,
+        Command::Queues(args) if args.delete => {
+            let names = args.broker.names();
+            print!(
+                "{}",
+                ops::delete_topology(&args.broker.amqp_url, &names).await?
+            );
+            Ok(())
+        }
         Command::Queues(args) => {
             let names = args.broker.names();
             let management = args.management()?;
@@ -151,13 +163,14 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         Command::Who(args) => {
             let pool = args.database.pool()?;
-            print!("{}", ops::who(&pool, &args.gateway_id).await?);
+            let who = ops::who(&pool, &args.gateway_id).await;
+            print!("{}", who.map_err(|e| args.database.explain(e))?);
             Ok(())
         }
         Command::Seed(args) => {
             let pool = args.database.pool()?;
-            let report = ops::seed(&pool, &args.gateway_id, args.phones()?, &args.topic).await?;
-            print!("{report}");
+            let report = ops::seed(&pool, &args.gateway_id, args.phones()?, &args.topic).await;
+            print!("{}", report.map_err(|e| args.database.explain(e))?);
             Ok(())
         }
         #[cfg(feature = "kit")]
@@ -269,20 +282,19 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Says at start where the database is, and — when it cannot be reached, or the schema is not
-/// there — what to do about it. The process goes on either way (it waits and retries).
-async fn preflight(pool: &deadpool_postgres::Pool, url: &str) {
+/// Says at start where the database is, and — when it cannot be used — why (a wrong database,
+/// role or password, a missing schema, no server there) and what to do about it. The process
+/// goes on either way (it waits and retries). `ok` is what a working database means here.
+async fn preflight(pool: &deadpool_postgres::Pool, url: &str, var: &str, ok: &str) {
     let database = db::target(url);
     match db::probe_lookup(pool).await {
-        Ok(()) => tracing::info!(%database, "PostgreSQL answers; the token lookup runs"),
-        Err(e) if e.is_schema_error() => tracing::warn!(
-            %database, error = %e,
-            hint = "run `ringpush migrate` against this database; waiting for the schema",
-            "the schema is not there (yet)"
+        Ok(()) => tracing::info!(%database, "PostgreSQL answers; {ok}"),
+        Err(e) if e.trouble() == db::Trouble::SchemaMissing => tracing::warn!(
+            %database, error = %e.explain(url, var),
+            "the schema is not there (yet); waiting for `ringpush migrate`"
         ),
         Err(e) => tracing::error!(
-            %database, error = %e,
-            hint = "is PostgreSQL running there? Locally: pg_ctlcluster --skip-systemctl-redirect <version> main start",
+            %database, cause = e.trouble().label(), error = %e.explain(url, var),
             "cannot use PostgreSQL; waiting for it"
         ),
     }

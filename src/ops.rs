@@ -235,6 +235,50 @@ pub async fn queues(
     Ok(())
 }
 
+/// `ringpush queues --delete`: removes every queue and the rings exchange of a prefix — what
+/// a walkthrough or a trial deployment leaves behind — and says what each queue held.
+/// Refuses, deleting nothing, while a queue has consumers (the prefix's processes still
+/// run).
+pub async fn delete_topology(amqp_url: &str, names: &Names) -> anyhow::Result<String> {
+    let connection = broker::connect(amqp_url, "ringpush queues --delete").await?;
+    let result = async {
+        let lines = queue_lines(&connection, names).await?;
+        if let Some(busy) = lines.iter().find(|l| l.consumers > 0) {
+            anyhow::bail!(
+                "{} has {} consumer(s): stop the processes of prefix {} first; nothing deleted",
+                busy.queue,
+                busy.consumers,
+                names.prefix
+            );
+        }
+        let channel = connection.create_channel().await?;
+        let mut out = String::new();
+        for line in lines.iter().filter(|l| !l.missing) {
+            // (No `if_unused`: quorum queues refuse it; the consumers were checked above.)
+            let held = channel
+                .queue_delete(line.queue.as_str().into(), Default::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {}", line.queue, broker::cause::describe(&e)))?;
+            let _ = writeln!(
+                out,
+                "deleted queue {} ({held} message(s) in it)",
+                line.queue
+            );
+        }
+        channel
+            .exchange_delete(names.rings.as_str().into(), Default::default())
+            .await?;
+        let _ = writeln!(out, "deleted exchange {} (if it was there)", names.rings);
+        if lines.iter().all(|l| l.missing) {
+            let _ = writeln!(out, "no queue of prefix {} was there", names.prefix);
+        }
+        Ok(out)
+    }
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+    result
+}
+
 /// `ringpush who <gateway_id>`: the answer to "why did my phone not ring?".
 pub async fn who(pool: &Pool, gateway_id: &str) -> anyhow::Result<String> {
     let mut out = String::new();
@@ -274,10 +318,11 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> anyhow::Result<String> {
                     out,
                     "{:>8}  {:<7} {:<8} {:<5} {:<11} {:<11} {:<28} {}",
                     r.user_id,
-                    r.role,
-                    r.token.platform(),
-                    r.kind,
-                    r.token.short(),
+                    r.role.to_string(),
+                    // Through `to_string`: their `Display` writes the name without padding.
+                    r.token.platform().to_string(),
+                    r.kind.to_string(),
+                    r.token.short().to_string(),
                     environment,
                     topic,
                     r.registered

@@ -482,9 +482,7 @@ impl Counters {
                 if !connected {
                     return Err("not connected to the broker".into());
                 }
-                crate::db::ping(&pool)
-                    .await
-                    .map_err(|e| format!("database: {e}"))
+                crate::db::ping(&pool).await.map_err(|e| e.summary())
             })
         })
     }

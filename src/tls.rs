@@ -2,7 +2,9 @@
 //! PostgreSQL (`sslmode`) and the management API (`https://`): rustls with the ring
 //! provider, Mozilla's roots plus an optional extra CA (the mock's, a private CA's, or a
 //! corporate proxy's), and client certificates. There is no switch that turns verification
-//! off; PostgreSQL's `verify-ca` (the chain without the host name) is [`ChainOnly`].
+//! off; PostgreSQL's `verify-ca` (the chain without the host name) is [`ChainOnly`]. A failed
+//! handshake is told for a person by [`failure`]: a server certificate from a CA the process
+//! does not trust names the setting that adds one (`RINGPUSH_APNS_CA_FILE`, …).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -269,5 +271,89 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// Whether an IO error is a TLS handshake that rustls refused (a certificate, an alert), not
+/// a connection that could not be made.
+pub fn is_handshake_failure(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some())
+}
+
+/// A failed TLS handshake with `host`, told for a person: what is wrong with the server's
+/// certificate in words (not rustls's `UnknownIssuer`), and — when it is signed by a CA the
+/// process does not trust — the setting that adds that CA (`ca_setting`, e.g.
+/// `RINGPUSH_APNS_CA_FILE`).
+pub fn failure(error: &std::io::Error, host: &str, ca_setting: Option<&str>) -> String {
+    use tokio_rustls::rustls::{CertificateError as C, Error as E};
+    let Some(rustls) = error.get_ref().and_then(|e| e.downcast_ref::<E>()) else {
+        return format!("TLS: {error}");
+    };
+    let certificate = match rustls {
+        E::InvalidCertificate(c) => c,
+        E::AlertReceived(alert) => {
+            return format!("TLS: {host} ended the handshake with the alert {alert:?} (does it want a client certificate, or another TLS version?)")
+        }
+        other => return format!("TLS: {other}"),
+    };
+    let problem = match certificate {
+        C::UnknownIssuer => {
+            let fix = match ca_setting {
+                Some(var) => format!(
+                    "if it is a private CA's or a mock's (the mock's ca.pem), set {var} to that CA's certificate (PEM)"
+                ),
+                None => "trust its CA".into(),
+            };
+            return format!(
+                "TLS: the certificate of {host} is signed by a CA this process does not trust (unknown issuer): {fix}"
+            );
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            format!("is not valid for the name {host}: is that the right host name?")
+        }
+        C::Expired | C::ExpiredContext { .. } => {
+            "has expired (or this machine's clock is wrong)".into()
+        }
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            "is not valid yet (or this machine's clock is wrong)".into()
+        }
+        C::Revoked => "is revoked".into(),
+        C::BadSignature => "has a bad signature".into(),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "is not for a TLS server (wrong key usage)".into()
+        }
+        other => format!("was refused: {other:?}"),
+    };
+    format!("TLS: the certificate of {host} {problem}")
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+    use tokio_rustls::rustls::{CertificateError, Error};
+
+    #[test]
+    fn an_unknown_issuer_names_the_ca_setting() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        );
+        let text = failure(&io, "localhost", Some("RINGPUSH_APNS_CA_FILE"));
+        assert!(text.contains("RINGPUSH_APNS_CA_FILE"), "{text}");
+        assert!(
+            text.contains("localhost") && !text.contains("UnknownIssuer"),
+            "{text}"
+        );
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            Error::InvalidCertificate(CertificateError::NotValidForName),
+        );
+        let text = failure(&io, "example.com", None);
+        assert!(
+            text.contains("not valid for the name example.com"),
+            "{text}"
+        );
     }
 }

@@ -116,6 +116,7 @@ impl Client {
                 tuning.clone(),
                 gauges.clone(),
             )
+            .with_ca_setting("RINGPUSH_APNS_CA_FILE")
         };
         Self {
             inner: Arc::new(Inner {

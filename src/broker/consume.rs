@@ -97,10 +97,18 @@ where
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    tracing::info!(queue, prefetch, "consuming with coalesced acks");
+    // Said once the consumer is on the queue (a process paused at start is not consuming
+    // yet), once a session; `pausing` and `resuming` say the rest.
+    let announced = AtomicBool::new(false);
+    let announce = || {
+        if !announced.swap(true, Ordering::Relaxed) {
+            tracing::info!(queue, prefetch, "consuming with coalesced acks");
+        }
+        consuming();
+    };
     let acks = Acks::new();
     let consume = consume(
-        &channel, queue, batch_size, &control, &acks, consuming, handle,
+        &channel, queue, batch_size, &control, &acks, &announce, handle,
     );
     let (result, ()) = tokio::join!(consume, acks.flush(acked));
     let _ = channel.close(200, "stopping".into()).await;
@@ -252,7 +260,7 @@ where
         .await
         .is_err()
     {
-        tracing::warn!(queue, grace = ?control.grace, "grace period over; handing the rest back");
+        tracing::warn!(queue, grace = %crate::human::Human(control.grace), "grace period over; handing the rest back");
         abort.cancel();
         let _ = tokio::time::timeout(ABORT_WAIT, tracker.wait()).await;
     }

@@ -9,6 +9,7 @@
 //! loop; `endpoint` says where the broker is and with which TLS ([`Endpoint`]).
 
 pub mod acks;
+pub mod cause;
 mod consume;
 mod endpoint;
 mod publish;
@@ -41,13 +42,16 @@ pub use topology::{
 /// repeat it when printed with `{:#}`).
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("RabbitMQ: {0}")]
+    #[error("RabbitMQ: {}", cause::describe(.0))]
     Amqp(lapin::Error),
     #[error("RINGPUSH_AMQP_URL: {0} is not an AMQP URL: {1}")]
     Url(String, String),
+    /// Connecting to the one node there is failed: told for a person ([`cause`]).
+    #[error("{0}")]
+    Connect(Box<cause::Refused>),
     #[error("RabbitMQ did not confirm the publish to {0}")]
     NotConfirmed(String),
-    #[error("RabbitMQ did not confirm the publish to {0} within {CONFIRM_TIMEOUT:?}")]
+    #[error("RabbitMQ did not confirm the publish to {} within {}", .0, crate::human::Human(CONFIRM_TIMEOUT))]
     ConfirmTimeout(String),
     #[error("no node of the broker answered: {0}")]
     NoNode(String),
@@ -71,6 +75,34 @@ pub(crate) fn reply_code(e: &lapin::Error) -> Option<u16> {
     match e.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
         _ => None,
+    }
+}
+
+impl BrokerError {
+    /// Why connecting failed, as far as the process can tell (`Other` for what is not a
+    /// failed connect).
+    pub fn cause(&self) -> cause::Cause {
+        match self {
+            BrokerError::Connect(refused) => refused.cause,
+            _ => cause::Cause::Other,
+        }
+    }
+
+    /// The library's own text of the error, for a debug line (a person reads `Display`).
+    pub fn detail(&self) -> String {
+        match self {
+            BrokerError::Connect(refused) => refused.detail.clone(),
+            BrokerError::Amqp(e) => e.to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    /// A failed connect to the node at `url`, told for a person.
+    fn at_node(self, url: &str) -> BrokerError {
+        match self {
+            BrokerError::Amqp(e) => BrokerError::Connect(Box::new(cause::refused(url, &e))),
+            other => other,
+        }
     }
 }
 
@@ -176,15 +208,16 @@ pub async fn connect(broker: impl Into<Endpoint>, name: &str) -> Result<Connecti
                 CONNECTED.lock().unwrap().insert(name.to_owned(), label);
                 return Ok(connection);
             }
-            Ok(Err(e)) if nodes.len() == 1 => return Err(e),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no connection within {NODE_CONNECT_TIMEOUT:?}"),
+            Ok(Err(e)) if nodes.len() == 1 => return Err(e.at_node(node)),
+            Ok(Err(e)) => e.at_node(node).to_string(),
+            Err(_) if nodes.len() == 1 => {
+                let refused = cause::timed_out(node, NODE_CONNECT_TIMEOUT);
+                return Err(BrokerError::Connect(Box::new(refused)));
+            }
+            Err(_) => cause::timed_out(node, NODE_CONNECT_TIMEOUT).to_string(),
         };
-        if nodes.len() == 1 {
-            return Err(BrokerError::NoNode(error));
-        }
         tracing::warn!(connection = name, node = %node_label(node), %error, "broker node not reachable; trying the next");
-        failures.push(format!("{}: {error}", node_label(node)));
+        failures.push(error);
     }
     Err(BrokerError::NoNode(failures.join("; ")))
 }
@@ -289,9 +322,12 @@ fn reconnect_wait(failures: &mut u32, consumed_for: Option<Duration>) -> Duratio
 /// Runs `session` (connect, declare, consume) until it ends because `cancel` fired; when the
 /// broker connection is lost it reconnects: at once after a session that consumed, then with
 /// a short jittered backoff ([`RECONNECT_FIRST`] doubling to [`RECONNECT_CAP`]) while the
-/// nodes refuse. One line per event: the loss (warn), the first failed reconnect (warn, with
-/// the real wait), the broker still away every 30 s (error), consuming again (info, with how
-/// long the process was away). `amqp_url` is logged with its password hidden.
+/// nodes refuse. One line per event: the loss of a connection that consumed (warn — never
+/// for one that was not up), a first connect that failed (error, with its [`cause`]: the
+/// login or vhost refused, nothing listening, …), the first failed reconnect (warn, with the
+/// real wait), a failure for another cause than the last said (again), the broker still away
+/// every 30 s (error), consuming again (info, with how long the process was away); lapin's own
+/// text of every failure at debug. `amqp_url` is logged with its password hidden.
 pub async fn serve<S, Fut>(
     what: &str,
     amqp_url: &str,
@@ -308,6 +344,8 @@ where
     // Since when the process has been away from the queue, and the sessions tried since.
     let mut away: Option<(Instant, u32)> = None;
     let mut reported = Instant::now();
+    // The cause last reported while away: a retry failing for it again logs only at debug.
+    let mut shown: Option<(bool, cause::Cause)> = None;
     loop {
         let progress = Arc::new(Progress::new(what, away, ever_consumed));
         match session(progress.clone()).await {
@@ -319,30 +357,45 @@ where
                 let consumed_for = progress.consumed_for();
                 let wait = reconnect_wait(&mut failures, consumed_for);
                 let retry_in_ms = wait.as_millis() as u64;
+                // The library's own words, every time, for whoever asks for them.
+                tracing::debug!(process = what, error = %e.detail(), retry_in_ms, "broker session ended");
+                // A connect that failed, or a session that connected and failed before its
+                // consumer got on the queue (a declare refused, a broker still starting).
+                let connected = !matches!(e, BrokerError::Connect(_) | BrokerError::NoNode(_));
+                let cause = (connected, e.cause());
                 if consumed_for.is_some() {
                     ever_consumed = true;
                     away = Some((Instant::now(), 0));
                     reported = Instant::now();
+                    shown = None;
                     tracing::warn!(process = what, %broker, error = %e, retry_in_ms, "broker connection lost; reconnecting");
-                } else if !ever_consumed && away.is_none() {
-                    away = Some((Instant::now(), 0));
-                    reported = Instant::now();
-                    if matches!(e, BrokerError::NotDeclared(_)) {
-                        tracing::error!(process = what, %broker, error = %e, retry_in_ms, "the topology is not there; waiting for it");
-                    } else {
-                        tracing::error!(process = what, %broker, error = %e, retry_in_ms, hint = "is RabbitMQ running there? Locally: rabbitmq-server -detached", "cannot connect to the broker; retrying");
-                    }
                 } else {
+                    let first = away.is_none();
                     let (since, tried) = away.get_or_insert((Instant::now(), 0));
-                    *tried += 1;
-                    let away_ms = since.elapsed().as_millis() as u64;
-                    if *tried == 1 {
+                    if !first {
+                        *tried += 1;
+                    }
+                    let (tried, away_ms) = (*tried, since.elapsed().as_millis() as u64);
+                    let mut report = true;
+                    if tried == 1 && ever_consumed {
                         tracing::warn!(process = what, %broker, error = %e, retry_in_ms, "cannot reach the broker yet; retrying");
+                    } else if shown != Some(cause) {
+                        // The first failure, or one for another cause than the last reported.
+                        if matches!(e, BrokerError::NotDeclared(_)) {
+                            tracing::error!(process = what, %broker, error = %e, retry_in_ms, "the topology is not there; waiting for it");
+                        } else if connected {
+                            tracing::warn!(process = what, %broker, error = %e, retry_in_ms, "the broker session failed before it consumed; retrying");
+                        } else {
+                            tracing::error!(process = what, %broker, error = %e, retry_in_ms, "cannot connect to the broker; retrying");
+                        }
                     } else if reported.elapsed() >= STILL_UNREACHABLE_EVERY {
-                        reported = Instant::now();
                         tracing::error!(process = what, %broker, error = %e, away_ms, retry_in_ms, "still no broker; retrying");
                     } else {
-                        tracing::debug!(process = what, error = %e, retry_in_ms, "reconnect failed");
+                        report = false;
+                    }
+                    if report {
+                        reported = Instant::now();
+                        shown = Some(cause);
                     }
                 }
                 tokio::select! {
@@ -365,6 +418,8 @@ pub(crate) const LAPIN_QUIET: &[&str] = &[
     "lapin::channel=off",
     "lapin::heartbeat=off",
     "lapin::consumer=off",
+    "lapin::returned_messages=off",
+    "lapin::socket_state=off",
 ];
 
 /// The log filter's directives: `RUST_LOG` when set (else `default`), with [`LAPIN_QUIET`]

@@ -187,9 +187,10 @@ impl ApnsArgs {
                     .iter()
                     .filter_map(|(var, set)| (!set).then_some(*var))
                     .collect();
-                if !missing.is_empty() {
+                if let Some(first) = missing.first() {
+                    // Reported under the (first) variable that is missing.
                     return Err(config_error(
-                        "RINGPUSH_APNS_KEY_FILE",
+                        first,
                         format!("APNs needs token auth (RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID, RINGPUSH_APNS_TEAM_ID) or certificate auth (RINGPUSH_APNS_CERT_FILE); missing: {}", missing.join(", ")),
                     ));
                 }
@@ -219,7 +220,10 @@ impl ApnsArgs {
         if !(jwt::MIN_REFRESH..=Duration::from_secs(3600)).contains(&refresh) {
             return Err(config_error(
                 "RINGPUSH_APNS_JWT_REFRESH",
-                format!("{refresh:?} is outside 20m..60m (APNs refuses older tokens and more frequent changes)"),
+                format!(
+                    "{} is outside 20m..60m (APNs refuses older tokens and more frequent changes)",
+                    crate::human::Human(refresh)
+                ),
             ));
         }
         let pem = std::fs::read(file).map_err(|e| {

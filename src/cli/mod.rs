@@ -13,9 +13,12 @@
 //! - `mock`: `mock-apns`; `mock_fcm`: `mock-fcm`;
 //! - `ops`: the commands a person types — `ring`, `gateway …`, `queues`, `who`, `seed`;
 //! - `tls`: the TLS of the hops to RabbitMQ (`amqps://` nodes, an `https://` management API);
-//! - `values`: value parsers whose errors name the variable, and the defaults.
+//! - `values`: value parsers whose errors name the variable, and the defaults;
+//! - `env`: a bad value from the environment named by its variable; unknown `RINGPUSH_*`
+//!   variables warned about.
 
 mod apns;
+mod env;
 mod fcm;
 #[cfg(feature = "kit")]
 mod mock;
@@ -32,6 +35,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use self::apns::{ApnsArgs, ApnsTlsArgs, Secret};
+pub use self::env::{known_variables, unknown_variables, warn_unknown_variables};
 pub use self::fcm::FcmArgs;
 #[cfg(feature = "kit")]
 pub use self::mock::MockArgs;
@@ -47,7 +51,7 @@ pub use self::tls::{AmqpTlsArgs, ManagementTlsArgs};
 #[cfg(feature = "kit")]
 use self::values::protocol;
 pub use self::values::ApnsProtocol;
-use self::values::{defaults, duration, positive, prefix};
+use self::values::{defaults, duration, listen, positive, prefix};
 use crate::broker::Names;
 
 /// A configuration value that cannot be used; the message names the variable.
@@ -176,6 +180,16 @@ pub struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
+    /// A command's error as a person should read it: a database error says why the database
+    /// could not be used and where (`RINGPUSH_DATABASE_URL`, without its password); any other
+    /// error is left as it is.
+    pub fn explain(&self, error: anyhow::Error) -> anyhow::Error {
+        match error.downcast_ref::<crate::db::DbError>() {
+            Some(e) => anyhow::anyhow!(e.explain(&self.database_url, "RINGPUSH_DATABASE_URL")),
+            None => error,
+        }
+    }
+
     /// The pool (connections open on first use).
     pub fn pool(&self) -> Result<deadpool_postgres::Pool, ConfigError> {
         crate::db::pool(
@@ -200,7 +214,7 @@ impl DatabaseArgs {
 #[derive(Debug, Clone, Args)]
 pub struct MetricsArgs {
     /// Where /metrics, /healthz and /readyz listen.
-    #[arg(long, env = "RINGPUSH_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    #[arg(long, env = "RINGPUSH_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = listen("RINGPUSH_METRICS_ADDR"))]
     pub metrics_addr: SocketAddr,
     /// How often queue depths are refreshed for /metrics.
     #[arg(long, env = "RINGPUSH_QUEUE_POLL_INTERVAL", default_value = "5s", value_parser = duration("RINGPUSH_QUEUE_POLL_INTERVAL"))]
@@ -471,6 +485,40 @@ mod tests {
         );
         let err = parse(&["ringpush", "worker", "--apns-protocol", "smoke"]).unwrap_err();
         assert!(err.contains("RINGPUSH_APNS_PROTOCOL"), "{err}");
+        // A missing key id is reported under its own variable.
+        let w = worker(&["--apns-key-file", "/k.p8", "--apns-team-id", "ABCDEFGHIJ"]);
+        let err = w.apns.client().err().unwrap().to_string();
+        assert!(err.starts_with("RINGPUSH_APNS_KEY_ID: "), "{err}");
+    }
+
+    #[test]
+    fn a_url_that_cannot_be_used_is_named_once() {
+        let w = worker(&["--database-url", "postgres://u@h/db?nonsense=1"]);
+        let err = w.database.pool().err().unwrap().to_string();
+        assert!(
+            err.starts_with("RINGPUSH_DATABASE_URL: not a PostgreSQL URL"),
+            "{err}"
+        );
+        assert_eq!(err.matches("RINGPUSH_DATABASE_URL").count(), 1, "{err}");
+        let args: Vec<std::ffi::OsString> = [
+            "ringpush",
+            "queues",
+            "--amqp-url",
+            "http://u:secret@h:15672/",
+        ]
+        .map(Into::into)
+        .to_vec();
+        let err = Cli::try_parse_env(&args).err().unwrap().to_string();
+        assert!(
+            err.contains("RINGPUSH_AMQP_URL") && err.contains("amqp://"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "the password never shows: {err}");
+        let err = parse(&["ringpush", "purge", "--metrics-addr", "9464"]).unwrap_err();
+        assert!(
+            err.contains("RINGPUSH_METRICS_ADDR") && err.contains("127.0.0.1:9464"),
+            "{err}"
+        );
     }
 
     /// The defaults the documentation's configuration tables give (README.md and docs/):

@@ -281,6 +281,10 @@ pub struct QueuesArgs {
     /// Refresh in place until interrupted.
     #[arg(long)]
     pub watch: bool,
+    /// Delete every queue and the rings exchange of RINGPUSH_QUEUE_PREFIX instead (a
+    /// walkthrough's or a trial's teardown), over AMQP; refused while a queue has consumers.
+    #[arg(long, conflicts_with = "watch")]
+    pub delete: bool,
     /// RabbitMQ's management API (`http://user:pass@host:15672` or `https://…`): every count
     /// is read from it, unacked ones included, and no AMQP connection is opened (a monitor
     /// identity's way).

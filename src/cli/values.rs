@@ -59,6 +59,19 @@ pub(super) fn address(
     move |s| binary::Address::parse(s).map_err(|e| format!("{var}: {e}"))
 }
 
+/// A value parser for a listen address, `host:port`, whose error names the variable.
+pub(super) fn listen(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<std::net::SocketAddr, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        s.parse().map_err(|_| {
+            format!(
+                "{var}: {s:?} is not an IP address and port like 127.0.0.1:9464 or 0.0.0.0:9464"
+            )
+        })
+    }
+}
+
 /// A value parser for queue prefixes.
 pub(super) fn prefix(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()

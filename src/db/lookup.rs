@@ -67,7 +67,7 @@ pub enum LookupError {
     #[error("{0}")]
     Data(String),
     /// No answer within the bound; the statement was cancelled on the server.
-    #[error("the lookup took longer than {0:?}")]
+    #[error("the lookup took longer than {}", crate::human::Human(*.0))]
     Timeout(Duration),
     /// The database cannot be used: unreachable, a table or a grant missing, the schema not
     /// migrated yet. The worker's trouble: rings wait.

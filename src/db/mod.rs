@@ -6,9 +6,11 @@
 //! tokens took which ring: [`Ledger`]), `claims` (a ring in one worker's hands at a time: [`Claims`]), `rings` (a ring's life: its
 //! state from press to end, [`rings::Rings`]),
 //! `support` (what support asks: `who`, `seed`), `tls` (the URL's `sslmode` and
-//! `sslrootcert`, and the rustls connector: [`Target`]). This file holds [`DbError`] and how
-//! a driver error is told to an operator.
+//! `sslrootcert`, and the rustls connector: [`Target`]), `cause` (why the database could not
+//! be used, told for a person: [`Trouble`], [`DbError::explain`]). This file holds [`DbError`]
+//! and how a driver error reads in one line.
 
+mod cause;
 mod claims;
 mod ledger;
 mod lookup;
@@ -17,6 +19,7 @@ pub mod rings;
 mod support;
 mod tls;
 
+pub use cause::Trouble;
 pub use claims::{
     key as claim_key, waited as claims_waited, ClaimGuard, Claims, Held, LEASE as CLAIM_LEASE,
     RENEW_EVERY as CLAIM_RENEW_EVERY,
@@ -36,18 +39,18 @@ pub use tls::{SslMode, Target};
 /// constraint — never a bare `db error`.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("RINGPUSH_DATABASE_URL is not a PostgreSQL URL: {}", describe(.0))]
+    #[error("not a PostgreSQL URL: {}", describe(.0))]
     Url(tokio_postgres::Error),
     /// The URL's TLS settings (`sslmode`, `sslrootcert`) cannot be used.
     #[error("RINGPUSH_DATABASE_URL: {0}")]
     Tls(String),
     #[error("PostgreSQL: {}", describe(.0))]
     Postgres(tokio_postgres::Error),
-    #[error("PostgreSQL pool: {}", describe_pool(.0))]
+    #[error("{}", describe_pool(.0))]
     Pool(deadpool_postgres::PoolError),
     #[error("migration: {0}")]
     Migrate(refinery::Error),
-    #[error("no answer within {0:?}")]
+    #[error("no answer within {}", crate::human::Human(*.0))]
     Timeout(std::time::Duration),
     #[error("building the pool: {0}")]
     Build(#[from] deadpool_postgres::BuildError),
@@ -135,9 +138,11 @@ fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A pool's error: the driver's (a connection that could not be opened) as `PostgreSQL: …`,
+/// like any other; the pool's own (a timeout) as `PostgreSQL pool: …`.
 fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
     match e {
-        deadpool_postgres::PoolError::Backend(e) => describe(e),
-        other => other.to_string(),
+        deadpool_postgres::PoolError::Backend(e) => format!("PostgreSQL: {}", describe(e)),
+        other => format!("PostgreSQL pool: {other}"),
     }
 }

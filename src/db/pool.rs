@@ -76,7 +76,7 @@ pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbErr
             let failed = match tokio::time::timeout(timeout, client.simple_query(check)).await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => super::DbError::from(e).to_string(),
-                Err(_) => format!("no answer in {timeout:?}"),
+                Err(_) => format!("no answer in {}", crate::human::Human(timeout)),
             };
             tracing::warn!(error = %failed, "a pooled PostgreSQL connection failed its check; replacing it");
             Err(HookError::message(failed))

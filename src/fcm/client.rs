@@ -137,7 +137,8 @@ impl Client {
             tls,
             Arc::new(settings.tuning.clone()),
             gauges.clone(),
-        );
+        )
+        .with_ca_setting("RINGPUSH_FCM_CA_FILE");
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,

@@ -146,7 +146,8 @@ impl Tokens {
             tls,
             tuning,
             Arc::new(Gauges::default()),
-        );
+        )
+        .with_ca_setting("RINGPUSH_FCM_CA_FILE");
         Ok(Self {
             account,
             endpoint,
@@ -301,7 +302,12 @@ impl Tokens {
         let started = Instant::now();
         let response = tokio::time::timeout(self.request_timeout, sent)
             .await
-            .map_err(|_| unreachable(format!("no answer within {:?}", self.request_timeout)))?
+            .map_err(|_| {
+                unreachable(format!(
+                    "no answer within {}",
+                    crate::human::Human(self.request_timeout)
+                ))
+            })?
             .map_err(unreachable)?;
         let json: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
         if response.status != 200 {

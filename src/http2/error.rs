@@ -10,7 +10,7 @@ use std::time::Duration;
 pub enum SendError {
     #[error("cannot connect to {endpoint}: {reason}")]
     Connect { endpoint: String, reason: String },
-    #[error("{endpoint} is unreachable; next try in {wait:?} (last error: {reason})")]
+    #[error("{endpoint} is unreachable; next try in {} (last error: {reason})", crate::human::Human(*wait))]
     Backoff {
         endpoint: String,
         wait: Duration,
@@ -18,7 +18,7 @@ pub enum SendError {
     },
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
-    #[error("no answer within {0:?}")]
+    #[error("no answer within {}", crate::human::Human(*.0))]
     Timeout(Duration),
     #[error("connection lost before confirmation: {0}")]
     Lost(String),

@@ -157,6 +157,9 @@ pub(crate) struct Slot {
     warned: Arc<AtomicU64>,
     endpoint: Endpoint,
     tls: TlsConnector,
+    /// The setting that adds a CA to trust for this endpoint (`RINGPUSH_APNS_CA_FILE`), named
+    /// when the server's certificate comes from a CA the process does not trust.
+    ca_setting: Option<&'static str>,
     tuning: Arc<Tuning>,
     state: Mutex<SlotState>,
 }
@@ -294,6 +297,7 @@ impl Pool {
                         warned: warned.clone(),
                         endpoint: endpoint.clone(),
                         tls: TlsConnector::from(tls.clone()),
+                        ca_setting: None,
                         tuning: tuning.clone(),
                         state: Mutex::new(SlotState {
                             live: None,
@@ -305,6 +309,17 @@ impl Pool {
                 .collect(),
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Names `var` as the setting that adds a CA to trust, in the error of a handshake with a
+    /// server whose certificate comes from an unknown CA.
+    pub fn with_ca_setting(mut self, var: &'static str) -> Self {
+        for slot in &mut self.slots {
+            if let Some(slot) = Arc::get_mut(slot) {
+                slot.ca_setting = Some(var);
+            }
+        }
+        self
     }
 
     /// How many connections the pool keeps.
@@ -400,7 +415,7 @@ impl Slot {
         let tcp_up = AtomicBool::new(false);
         let connected = match tokio::time::timeout(timeout, self.connect(&tcp_up)).await {
             Ok(result) => result,
-            Err(_) => Err(format!("timed out after {timeout:?}")),
+            Err(_) => Err(format!("timed out after {}", crate::human::Human(timeout))),
         };
         match connected {
             Ok(live) => {
@@ -440,7 +455,7 @@ impl Slot {
             .tls
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(|e| crate::tls::failure(&e, &endpoint.host, self.ca_setting))?;
         let (sender, mut connection) = h2::client::Builder::new()
             // APNs allows one stream until the first authenticated request; its SETTINGS
             // frame then raises the limit (any server's SETTINGS does).

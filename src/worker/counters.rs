@@ -229,9 +229,15 @@ impl Counters {
             return Err(format!("{name} unreachable; consumption paused"));
         }
         if self.paused_database.load(Ordering::Relaxed) {
-            return Err("database unreachable; consumption paused".into());
+            return Err("the database could not be used; consumption paused".into());
         }
         Ok(())
+    }
+
+    /// [`Counters::ready`] but for a database pause: consuming, and no provider paused.
+    fn ready_apart_from_database(&self) -> bool {
+        self.broker_connected.load(Ordering::Relaxed)
+            && !self.paused_provider.load(Ordering::Relaxed)
     }
 
     pub fn get(counter: &Counter) -> u64 {
@@ -464,16 +470,25 @@ impl Counters {
                 .map(|p| p.down());
             let suspicion = providers.guard.suspicion();
             Box::pin(async move {
-                counters.ready()?;
+                if let Err(why) = counters.ready() {
+                    // Paused for the database: say why it cannot be used (a missing schema is
+                    // not an unreachable database).
+                    if counters.paused_database.load(Ordering::Relaxed)
+                        && counters.ready_apart_from_database()
+                    {
+                        if let Err(e) = crate::db::probe_lookup(&pool).await {
+                            return Err(format!("{}; consumption paused", e.summary()));
+                        }
+                    }
+                    return Err(why);
+                }
                 if let Some(suspicion) = suspicion {
                     return Err(suspicion);
                 }
                 if let Some(down) = down {
                     return Err(down);
                 }
-                crate::db::ping(&pool)
-                    .await
-                    .map_err(|e| format!("database: {e}"))
+                crate::db::ping(&pool).await.map_err(|e| e.summary())
             })
         })
     }

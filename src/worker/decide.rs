@@ -105,9 +105,12 @@ pub enum Sender {
 /// What was counted for a ring that is acked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
+    /// Every token answered: accepted, rejected for good, or skipped (no provider for its
+    /// platform, or none for its kind: `unconfigured`, `unsupported`).
     Delivered {
         accepted: usize,
         rejected: usize,
+        skipped: usize,
     },
     /// Older than the ring TTL on its first delivery: not pushed.
     Expired,
@@ -237,7 +240,10 @@ pub(crate) fn decide(step: Step) -> Disposition {
         } => pushed(answers, attempt, max_attempts, may_hold),
         Step::Interrupted { answers, attempt } => interrupted(answers, attempt),
         Step::ExpiredWhileHeld { ttl, attempt, why } => D::Dead {
-            reason: format!("expired ({ttl:?} old) while held after {attempt} attempt(s): {why}"),
+            reason: format!(
+                "expired ({} old) while held after {attempt} attempt(s): {why}",
+                crate::human::Human(ttl)
+            ),
             pending: None,
             feedback: Vec::new(),
         },
@@ -302,7 +308,8 @@ fn arrived(
     let pending = if retry { "some" } else { "all" };
     Disposition::Dead {
         reason: format!(
-            "expired ({ttl:?} old) after {attempt} attempt(s); {pending} token(s) pending"
+            "expired ({} old) after {attempt} attempt(s); {pending} token(s) pending",
+            crate::human::Human(ttl)
         ),
         pending: None,
         feedback: Vec::new(),
@@ -319,6 +326,7 @@ fn looked_up(known: bool, recipients: usize, retry: bool, suppressed: usize) -> 
         (true, 0, true) => ack(Outcome::Delivered {
             accepted: 0,
             rejected: 0,
+            skipped: 0,
         }),
         (true, 0, false) => ack(Outcome::NoTokens),
         (true, _, _) => Disposition::Continue,
@@ -337,6 +345,9 @@ fn ack(outcome: Outcome) -> Disposition {
 struct Tally {
     accepted: usize,
     rejected: usize,
+    /// Not pushed: no provider for the token's platform or kind (counted `unconfigured`,
+    /// `unsupported`, never `rejected`), settled like a rejection.
+    skipped: usize,
     feedback: Vec<Invalidation>,
     /// Tokens to try again: answered "retry", their provider unreachable, or a "dead" answer
     /// doubted.
@@ -380,8 +391,9 @@ fn tally(answers: impl IntoIterator<Item = (Target, Answer)>) -> Tally {
                     observed_at,
                 });
             }
+            Answer::Rejected { .. } => t.rejected += 1,
             // No provider for it (or none that carries its kind): settled like a rejection.
-            Answer::Rejected { .. } | Answer::Skipped(_) => t.rejected += 1,
+            Answer::Skipped(_) => t.skipped += 1,
             Answer::Retry { error, after, .. } => {
                 t.pending.push(target.token);
                 t.only_unreachable = false;
@@ -426,6 +438,7 @@ fn pushed(
     let Tally {
         accepted,
         rejected,
+        skipped,
         feedback,
         pending,
         unreachable,
@@ -436,7 +449,11 @@ fn pushed(
     } = tally(answers);
     if pending.is_empty() {
         return Disposition::Ack {
-            outcome: Outcome::Delivered { accepted, rejected },
+            outcome: Outcome::Delivered {
+                accepted,
+                rejected,
+                skipped,
+            },
             feedback,
         };
     }
@@ -487,6 +504,7 @@ fn interrupted(answers: Vec<(Target, Option<Answer>)>, attempt: u32) -> Disposit
     let Tally {
         accepted,
         rejected,
+        skipped,
         feedback,
         mut pending,
         ..
@@ -494,7 +512,11 @@ fn interrupted(answers: Vec<(Target, Option<Answer>)>, attempt: u32) -> Disposit
     pending.extend(unanswered);
     if pending.is_empty() {
         return Disposition::Ack {
-            outcome: Outcome::Delivered { accepted, rejected },
+            outcome: Outcome::Delivered {
+                accepted,
+                rejected,
+                skipped,
+            },
             feedback,
         };
     }

@@ -402,8 +402,8 @@ async fn lookup_one_by_one(
     // the worker's trouble, so the rings are held, not dead-lettered.
     if answers.len() > 1 && answers.iter().all(|a| matches!(a, Alone::TooSlow(_))) {
         return Err(format!(
-            "every gateway's lookup took longer than {:?} on its own",
-            crate::db::QUERY_TIMEOUT
+            "every gateway's lookup took longer than {} on its own",
+            crate::human::Human(crate::db::QUERY_TIMEOUT)
         ));
     }
     let mut each = HashMap::new();
@@ -419,7 +419,8 @@ async fn lookup_one_by_one(
             }
             Alone::TooSlow(t) => {
                 let reason = format!(
-                    "the token lookup of this gateway took longer than {t:?}, {MAX_LOOKUP_TIMEOUTS} times"
+                    "the token lookup of this gateway took longer than {}, {MAX_LOOKUP_TIMEOUTS} times",
+                    crate::human::Human(t)
                 );
                 refused.insert(id.as_str(), reason);
             }

@@ -108,18 +108,19 @@ pub(super) fn pause(shared: &Arc<Shared>, why: Paused, error: &str) {
 /// What a worker needs of the database, tried: the token lookup, and (when kept) a write to
 /// the delivery ledger — of nothing.
 pub(super) async fn probe_database(shared: &Shared) -> Result<(), String> {
+    // Each failure said by its cause (`schema missing (42P01 …): run `ringpush migrate``).
     db::probe_lookup(&shared.pool)
         .await
-        .map_err(|e| format!("the token lookup failed: {e}"))?;
+        .map_err(|e| format!("the token lookup failed: {}", e.summary()))?;
     if shared.settings.ledger {
         db::Ledger::probe(&shared.primary)
             .await
-            .map_err(|e| format!("the delivery ledger could not be written: {e}"))?;
+            .map_err(|e| format!("the delivery ledger could not be written: {}", e.summary()))?;
     }
     if shared.claims_on() {
         db::Claims::probe(&shared.primary)
             .await
-            .map_err(|e| format!("the rings could not be claimed: {e}"))?;
+            .map_err(|e| format!("the rings could not be claimed: {}", e.summary()))?;
     }
     Ok(())
 }

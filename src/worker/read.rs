@@ -128,8 +128,10 @@ pub(super) fn read(
         .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
         .and_then(crate::wire::time::in_range)
         .unwrap_or(now);
-    let unreadable =
-        |delivery, error: String| Read::Decided(delivery, None, decide(Step::Unreadable { error }));
+    // Logged with what could be read of it: the gateway of its routing key, its `event_id`.
+    let unreadable = |delivery, ids, error: String| {
+        Read::Decided(delivery, Some(ids), decide(Step::Unreadable { error }))
+    };
     let delivered_with = delivery.routing_key.as_str();
     let (body, routing_key, sender, attempt, pending) =
         match crate::wire::retry::read(&delivery.data) {
@@ -147,7 +149,10 @@ pub(super) fn read(
                 legacy_attempt(&delivery),
                 legacy_pending(&delivery),
             ),
-            Err(e) => return unreadable(delivery, e.to_string()),
+            Err(e) => {
+                let ids = readable_ids(delivered_with, &delivery.data);
+                return unreadable(delivery, ids, e.to_string());
+            }
         };
     let (ring, end) = match Event::parse(&body, fallback) {
         Ok(Event::Ring(ring)) => (ring, None),
@@ -171,7 +176,10 @@ pub(super) fn read(
             };
             (ring, Some(end))
         }
-        Err(e) => return unreadable(delivery, e.to_string()),
+        Err(e) => {
+            let ids = readable_ids(&routing_key, &body);
+            return unreadable(delivery, ids, e.to_string());
+        }
     };
     let step = Step::Arrived {
         sender,
@@ -250,6 +258,28 @@ fn keyed(key: &str) -> Sender {
     }
 }
 
+/// What can be read of a message that is not a ring, for its log line: the gateway its
+/// routing key names (`ring.<gateway_id>`), and the `event_id` its body holds when the body is
+/// a JSON object with a string there (each cut to 128 bytes); empty when unknown.
+fn readable_ids(routing_key: &str, body: &[u8]) -> (String, String) {
+    let cut = |s: &str| {
+        let mut end = s.len().min(128);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].to_owned()
+    };
+    let gateway = match routing_key.strip_prefix("ring.") {
+        Some(g) if routing_key != RETRY_KEY => cut(g),
+        _ => String::new(),
+    };
+    let event = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("event_id")?.as_str().map(cut))
+        .unwrap_or_default();
+    (gateway, event)
+}
+
 pub(super) fn header<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a AMQPValue> {
     delivery
         .properties
@@ -303,6 +333,20 @@ fn legacy_pending(delivery: &Delivery) -> Option<HashSet<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_that_is_not_a_ring_is_logged_with_what_can_be_read_of_it() {
+        let ids = |key: &str, body: &str| readable_ids(key, body.as_bytes());
+        let no_gateway = r#"{"v":1,"event_id":"ev-7","pressed_at":"2026-11-28T09:15:02Z"}"#;
+        assert_eq!(ids("ring.gw-1", no_gateway), ("gw-1".into(), "ev-7".into()));
+        assert_eq!(ids("ring.gw-1", "not json"), ("gw-1".into(), String::new()));
+        assert_eq!(
+            ids("ring.retry", r#"{"event_id":5}"#),
+            (String::new(), String::new())
+        );
+        let long = format!(r#"{{"event_id":"{}"}}"#, "é".repeat(100));
+        assert!(ids("ring.x", &long).1.len() <= 128);
+    }
 
     #[test]
     fn the_sender_comes_from_the_routing_key_and_an_envelope_only_from_a_retry_tier() {

@@ -239,7 +239,9 @@ fn count_acked(
     let c = &ctx.counters;
     if let Some(end) = incoming.and_then(|i| i.end.as_ref()) {
         let (accepted, rejected) = match outcome {
-            Outcome::Delivered { accepted, rejected } => (accepted, rejected),
+            Outcome::Delivered {
+                accepted, rejected, ..
+            } => (accepted, rejected),
             _ => (0, 0),
         };
         match outcome {
@@ -272,7 +274,11 @@ fn count_acked(
         Outcome::Debounced => Counters::add(&c.rings_debounced, 1),
         Outcome::EndedBeforePush => Counters::add(&c.rings_ended_before_push, 1),
         Outcome::AlreadyEnded => Counters::add(&c.rings_already_ended, 1),
-        Outcome::Delivered { accepted, rejected } => {
+        Outcome::Delivered {
+            accepted,
+            rejected,
+            skipped,
+        } => {
             Counters::add(&c.rings_delivered, 1);
             let pressed_to_settled_ms = incoming.map_or(0, |i| {
                 (OffsetDateTime::now_utc() - i.ring.pressed_at)
@@ -282,9 +288,10 @@ fn count_acked(
             info!(
                 gateway,
                 event,
-                tokens = accepted + rejected,
+                tokens = accepted + rejected + skipped,
                 accepted,
                 rejected,
+                skipped,
                 pressed_to_settled_ms,
                 "ring delivered"
             );

@@ -12,6 +12,7 @@ mod building;
 mod calls;
 mod delivery;
 mod deploy;
+mod errors;
 mod faults;
 mod fcm;
 mod gateways;

@@ -85,8 +85,24 @@ async fn one_query_finds_every_gateway_of_a_batch_and_tells_empty_from_unknown()
 
 #[tokio::test]
 async fn a_bad_database_url_is_refused_with_the_variable_name() {
+    // The library says what is wrong; the command line names the variable, once.
     let err = ringpush::db::pool("mysql://nope", 1, Duration::from_secs(1)).unwrap_err();
-    assert!(err.to_string().contains("RINGPUSH_DATABASE_URL"), "{err}");
+    assert!(err.to_string().starts_with("not a PostgreSQL URL"), "{err}");
+    let args: Vec<std::ffi::OsString> =
+        ["ringpush", "who", "gw-1", "--database-url", "mysql://nope"]
+            .map(Into::into)
+            .to_vec();
+    let ringpush::cli::Command::Who(who) =
+        ringpush::cli::Cli::try_parse_env(&args).unwrap().command
+    else {
+        panic!("not who");
+    };
+    let err = who.database.pool().unwrap_err().to_string();
+    assert!(
+        err.starts_with("RINGPUSH_DATABASE_URL: not a PostgreSQL URL"),
+        "{err}"
+    );
+    assert_eq!(err.matches("RINGPUSH_DATABASE_URL").count(), 1, "{err}");
 }
 
 #[tokio::test]

@@ -11,17 +11,20 @@
 //!   `ringpush` under test first on `PATH`. The variables the guide says a reader may set
 //!   beforehand are set to a scratch world: `RINGPUSH_QUEUE_PREFIX=t-<hex>`,
 //!   `RINGPUSH_DATABASE_URL` naming a schema `t_<hex>`, and free ports in `MOCK_PORT`,
-//!   `WORKER_METRICS`, `FEEDBACK_METRICS`, `PURGE_METRICS`. The script starts the mock,
-//!   migrates, registers phones through `psql`, starts worker, feedback and purge in the
-//!   background and rings; the test then checks each process answers `/healthz`, the owner's
-//!   phone was pushed (the worker's `/metrics`) and the token the mock calls Unregistered is
-//!   gone from `push_tokens`.
+//!   `MOCK_FCM_PORT`, `WORKER_METRICS`, `FEEDBACK_METRICS`, `PURGE_METRICS`. The script
+//!   starts the mock APNs, migrates, registers phones through `psql`, starts the mock FCM and
+//!   registers an Android phone, starts worker, feedback and purge in the background and
+//!   rings; the test then checks each process answers `/healthz`, the owner's iPhone and
+//!   Android phone were pushed (the worker's `/metrics`) and the token the mock calls
+//!   Unregistered is gone from `push_tokens`.
 //! - `check` (```sh): run once the ring is through; its output must show what the guide
 //!   says it shows.
 //! - `sql` (```sql, docs/apps.md): each statement is prepared in the migrated schema (tables, columns and
 //!   types must exist as written).
 //! - `dead-letters` (```sh): run after a malformed ring was dead-lettered, with the queue
 //!   names' `ringpush.` turned into the scratch prefix; it must show `x-ringpush-error`.
+//! - `teardown` (```sh): run once the processes are stopped; afterwards no queue of the
+//!   scratch prefix and no user of the walkthrough may be left.
 //!
 //! At the end (also when the test fails) the process group is stopped (SIGTERM, then
 //! SIGKILL), the queues and the schema are removed and the directory deleted; on failure
@@ -128,7 +131,8 @@ fn free_ports<const N: usize>() -> [u16; N] {
 struct World {
     dir: PathBuf,
     prefix: String,
-    ports: [u16; 4],
+    /// The mock APNs, the three processes' metrics, the mock FCM.
+    ports: [u16; 5],
     /// The process group of the bash running the operator blocks.
     group: Option<u32>,
     names: Names,
@@ -154,7 +158,7 @@ impl World {
         Self {
             dir,
             prefix,
-            ports: free_ports::<4>(),
+            ports: free_ports::<5>(),
             group: None,
             names,
             _queues: queues,
@@ -189,6 +193,7 @@ impl World {
         .env("RINGPUSH_QUEUE_PREFIX", &self.prefix)
         .env("RINGPUSH_DATABASE_URL", &self.db.url)
         .env("MOCK_PORT", self.ports[0].to_string())
+        .env("MOCK_FCM_PORT", self.ports[4].to_string())
         .env("WORKER_METRICS", self.metrics(0))
         .env("FEEDBACK_METRICS", self.metrics(1))
         .env("PURGE_METRICS", self.metrics(2));
@@ -326,9 +331,11 @@ async fn the_operator_instructions_work_as_written() {
     let check = of_kind(&blocks, "check", "sh");
     let sql = of_kind(&blocks, "sql", "sql");
     let dead_letters = of_kind(&blocks, "dead-letters", "sh");
+    let teardown = of_kind(&blocks, "teardown", "sh");
     let script: String = operator.iter().map(|b| b.body.as_str()).collect();
     for needed in [
         "ringpush mock-apns",
+        "ringpush mock-fcm",
         "ringpush migrate",
         "psql",
         "ringpush worker",
@@ -397,21 +404,24 @@ async fn the_operator_instructions_work_as_written() {
         .await;
     }
 
-    // The ring reached the owner's phone through the mock; the sharee's phone was rejected.
+    // The ring reached the owner's iPhone and Android phone through the mocks; the sharee's
+    // phone was rejected.
     let worker = world.metrics(0);
     wait_for(
-        "the worker's ringpush_notifications_total: 1 accepted, 1 rejected",
+        "the worker's ringpush_notifications_total: 2 accepted (1 through FCM), 1 rejected",
         || {
             let worker = worker.clone();
             async move {
                 let Some((_, body)) = get(&worker, "/metrics").await else {
                     return false;
                 };
-                body.lines()
-                    .any(|l| l == r#"ringpush_notifications_total{outcome="accepted"} 1"#)
-                    && body
-                        .lines()
-                        .any(|l| l == r#"ringpush_notifications_total{outcome="rejected"} 1"#)
+                [
+                    r#"ringpush_notifications_total{outcome="accepted"} 2"#,
+                    r#"ringpush_notifications_total{outcome="rejected"} 1"#,
+                    r#"ringpush_platform_notifications_total{platform="fcm",outcome="accepted"} 1"#,
+                ]
+                .iter()
+                .all(|want| body.lines().any(|l| l == *want))
             }
         },
     )
@@ -434,7 +444,7 @@ async fn the_operator_instructions_work_as_written() {
         || async { !tokens().await.contains(&stale) },
     )
     .await;
-    assert_eq!(tokens().await.len(), 1, "the owner's token is kept");
+    assert_eq!(tokens().await.len(), 2, "the owner's two tokens are kept");
     let purge = world.metrics(2);
     wait_for("the purger's ringpush_tokens_total: 1 purged", || {
         let purge = purge.clone();
@@ -450,9 +460,10 @@ async fn the_operator_instructions_work_as_written() {
     // What the guide says its check shows.
     let shown = world.run("check.sh", &check);
     for expected in [
-        r#"ringpush_notifications_total{outcome="accepted"} 1"#,
+        r#"ringpush_notifications_total{outcome="accepted"} 2"#,
+        r#"ringpush_platform_notifications_total{platform="fcm",outcome="accepted"} 1"#,
         r#"ringpush_tokens_total{outcome="purged"} 1"#,
-        "(1 row)",
+        "(2 rows)",
     ] {
         assert!(
             shown.contains(expected),
@@ -510,6 +521,48 @@ async fn the_operator_instructions_work_as_written() {
 
     // The processes stop cleanly on SIGTERM (the Drop does the same on failure).
     world.stop_group();
+
+    // The teardown leaves no queue of the prefix, no row of the walkthrough, no mock file.
+    let shown = world.run("teardown.sh", &teardown);
+    assert!(
+        shown.contains(&format!("deleted queue {}", world.names.rings)),
+        "the teardown says what it deleted:\n{shown}"
+    );
+    let connection = broker::connect(&support::amqp_url(), "ringpush readme test")
+        .await
+        .unwrap();
+    for queue in world.names.queues() {
+        let channel = connection.create_channel().await.unwrap();
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = channel
+            .queue_declare(queue.into(), passive, Default::default())
+            .await;
+        assert!(declared.is_err(), "{queue} is left after the teardown");
+    }
+    let _ = connection.close(200, "done".into()).await;
+    let client = pool.get().await.unwrap();
+    for table in ["users", "gateways", "gateway_shares", "push_tokens"] {
+        let left: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "rows of {table} left after the teardown");
+    }
+    for file in [
+        "mock-certs",
+        "mock-fcm-certs",
+        "fcm-service-account.json",
+        "worker.log",
+    ] {
+        assert!(
+            !world.dir.join(file).exists(),
+            "{file} left after the teardown"
+        );
+    }
 }
 
 /// The repository's root.

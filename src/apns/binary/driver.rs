@@ -130,7 +130,7 @@ impl Driver {
             .map_or((false, false), |c| (c.proved, c.used));
         self.drop_connection();
         if let Some(wait) = self.reconnect.ended(proved, used, &why) {
-            warn!(gateway = %self.settings.gateway, failures = self.reconnect.failures(), retry_in = ?wait, "the gateway keeps dropping new connections; backing off");
+            warn!(gateway = %self.settings.gateway, failures = self.reconnect.failures(), retry_in = %crate::human::Human(wait), "the gateway keeps dropping new connections; backing off");
         }
     }
 
@@ -198,7 +198,13 @@ impl Driver {
         let timeout = self.settings.write_timeout;
         let written = match tokio::time::timeout(timeout, written).await {
             Ok(written) => written.map_err(|e| (e.to_string(), true)),
-            Err(_) => Err((format!("a write did not finish within {timeout:?}"), false)),
+            Err(_) => Err((
+                format!(
+                    "a write did not finish within {}",
+                    crate::human::Human(timeout)
+                ),
+                false,
+            )),
         };
         // Written, or perhaps partly: either way these frames are on this connection now,
         // after the ones before them, and an error packet may name one of them.
@@ -276,7 +282,7 @@ impl Driver {
             }
             Err(reason) => {
                 let wait = self.reconnect.connect_failed(&reason);
-                warn!(gateway = %gateway, error = %reason, failures = self.reconnect.failures(), retry_in = ?wait, "cannot connect to the gateway");
+                warn!(gateway = %gateway, error = %reason, failures = self.reconnect.failures(), retry_in = %crate::human::Human(wait), "cannot connect to the gateway");
                 Err(SendError::Connect {
                     endpoint: gateway,
                     reason,

@@ -39,5 +39,5 @@ pub async fn read(
     };
     tokio::time::timeout(timeout, read_all)
         .await
-        .map_err(|_| format!("no end of feedback within {timeout:?}"))?
+        .map_err(|_| format!("no end of feedback within {}", crate::human::Human(timeout)))?
 }

@@ -96,11 +96,11 @@ impl Address {
             let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
             tls.connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS: {e}"))
+                .map_err(|e| crate::tls::failure(&e, &self.host, Some("RINGPUSH_APNS_CA_FILE")))
         };
         tokio::time::timeout(timeout, connect)
             .await
-            .map_err(|_| format!("timed out after {timeout:?}"))?
+            .map_err(|_| format!("timed out after {}", crate::human::Human(timeout)))?
     }
 }
 

@@ -46,7 +46,11 @@ impl Driver {
                     .iter()
                     .position(|s| s.job.frame.identifier == packet.identifier);
                 let Some(p) = position else {
-                    warn!(status = ?packet.status, identifier = packet.identifier, "error packet for an unknown notification; resending all unconfirmed");
+                    warn!(
+                        status = packet.status.byte(),
+                        identifier = packet.identifier,
+                        "error packet for an unknown notification; resending all unconfirmed"
+                    );
                     self.resend_all();
                     return;
                 };

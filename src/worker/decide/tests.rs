@@ -218,7 +218,8 @@ fn the_lookup_decides_unknown_gateways_and_gateways_without_phones() {
         looked(true, 0, true),
         ack(Outcome::Delivered {
             accepted: 0,
-            rejected: 0
+            rejected: 0,
+            skipped: 0
         }),
         "a retry whose pending tokens were deleted since is done"
     );
@@ -275,7 +276,8 @@ fn every_token_answered_is_delivered_with_feedback_for_the_dead_ones() {
         Disposition::Ack {
             outcome: Outcome::Delivered {
                 accepted: 1,
-                rejected: 2
+                rejected: 2,
+                skipped: 0
             },
             feedback: vec![dead(1)]
         }
@@ -454,7 +456,8 @@ fn a_push_interrupted_by_the_stop_hands_back_only_the_tokens_not_yet_reached() {
         Disposition::Ack {
             outcome: Outcome::Delivered {
                 accepted: 1,
-                rejected: 1
+                rejected: 1,
+                skipped: 0
             },
             feedback: vec![dead(1)],
         }
@@ -469,7 +472,7 @@ fn fcm_target(n: u8) -> Target {
 }
 
 #[test]
-fn skipped_tokens_settle_like_rejections_and_are_never_retried() {
+fn skipped_tokens_settle_like_rejections_are_never_retried_and_not_called_rejected() {
     use crate::provider::Skip;
     let answers = vec![
         (target(0, Environment::Production), Answer::Accepted),
@@ -493,7 +496,8 @@ fn skipped_tokens_settle_like_rejections_and_are_never_retried() {
         Disposition::Ack {
             outcome: Outcome::Delivered {
                 accepted: 1,
-                rejected: 2
+                rejected: 0,
+                skipped: 2
             },
             feedback: vec![]
         }
