@@ -181,9 +181,19 @@ fn warn_plain(config: &Config, error: &tokio_postgres::Error) {
         .collect();
     let hosts = hosts.join(",");
     if WARNED.lock().unwrap().insert(hosts.clone()) {
-        let cause = std::error::Error::source(error)
-            .map(ToString::to_string)
-            .unwrap_or_else(|| error.to_string());
+        // In words (`the certificate of … is signed by a CA this process does not trust`),
+        // not rustls's `invalid peer certificate: UnknownIssuer`.
+        let mut source = std::error::Error::source(error);
+        let mut cause = error.to_string();
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<io::Error>() {
+                let host = hosts.split(',').next().unwrap_or_default();
+                cause = crate::tls::failure(io, host, Some("sslrootcert in RINGPUSH_DATABASE_URL"));
+                break;
+            }
+            cause = s.to_string();
+            source = s.source();
+        }
         tracing::warn!(
             %hosts,
             error = %cause,

@@ -951,8 +951,15 @@ async fn who_lines_up_its_columns() {
     )
     .await;
     assert_eq!(code, 0, "{text}");
-    // Characters, not bytes: a shortened token ends in `…`.
-    let table: Vec<Vec<char>> = text.lines().skip(1).map(|l| l.chars().collect()).collect();
+    // The table: the indented lines after its title (log lines may come around it);
+    // characters, not bytes: a shortened token ends in `…`.
+    let table: Vec<Vec<char>> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("gateway \"gw-who\""))
+        .skip(1)
+        .take_while(|l| l.starts_with(' '))
+        .map(|l| l.chars().collect())
+        .collect();
     assert_eq!(table.len(), 5, "a header and four phones:\n{text}");
     // Each column starts where its header does.
     let header: String = table[0].iter().collect();
@@ -973,4 +980,64 @@ async fn who_lines_up_its_columns() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_tls_hop_whose_certificate_comes_from_an_unknown_ca_names_the_setting_that_adds_it() {
+    use ringpush::broker::Endpoint;
+    use ringpush::tls::Identity;
+    let world = crate::servers::tls_world().await;
+    let host = crate::servers::SERVER_NAME;
+    // The broker (amqps://), trusting another CA than the node's.
+    let identity = Identity::from_pem_files(&world.client_cert, &world.client_key).unwrap();
+    let endpoint = Endpoint::with_tls(
+        world.amqps_url(host),
+        Some(&world.other_ca_file),
+        Some(identity),
+    )
+    .unwrap();
+    let err = broker::connect(&endpoint, "t unknown ca")
+        .await
+        .expect_err("refused")
+        .to_string();
+    for says in [
+        &format!("RabbitMQ at {host}:{}", world.amqp_port),
+        "unknown issuer",
+        "RINGPUSH_AMQP_CA_FILE",
+    ] {
+        assert!(err.contains(says), "{says:?}: {err}");
+    }
+    assert_no_debug_form(&format!("error: {err}"));
+    // PostgreSQL with sslmode=verify-full and another CA's sslrootcert.
+    let other = world.other_ca_file.display().to_string();
+    let url = world.pg_tls_url(host, &format!("sslmode=verify-full&sslrootcert={other}"));
+    let (code, text) = output(
+        ringpush()
+            .args(["who", "gw-1"])
+            .env("RINGPUSH_DATABASE_URL", &url),
+    )
+    .await;
+    assert_ne!(code, 0, "{text}");
+    for says in [
+        &format!("PostgreSQL at {host}:{}", world.pg_tls_port),
+        "unknown issuer",
+        "sslrootcert in RINGPUSH_DATABASE_URL",
+    ] {
+        assert!(text.contains(says), "{says:?}: {text}");
+    }
+    assert_no_debug_form(&text);
+    // The management API over https, without its CA.
+    let (code, text) = output(
+        ringpush()
+            .args(["gateway", "list"])
+            .env("RINGPUSH_MANAGEMENT_URL", world.management_url()),
+    )
+    .await;
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("unknown issuer") && text.contains("RINGPUSH_MANAGEMENT_CA_FILE"),
+        "{text}"
+    );
+    assert!(!text.contains("guest:guest"), "{text}");
+    assert_no_debug_form(&text);
 }
