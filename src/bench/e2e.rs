@@ -18,7 +18,8 @@ use crate::token::random_hex;
 use crate::wire::ring::RingEvent;
 
 use super::building::building;
-use super::ledger::{claims_cost, ledger_cost};
+use super::ledger::{backends_cpu, claims_cost, ledger_cost};
+use super::life::life_cost;
 use super::live::Live;
 use super::measure::{
     buckets, cpu_seconds, current_rss_mb, machine_busy_seconds, p50_p99, paced, peak_rss_mb,
@@ -46,7 +47,7 @@ pub(super) async fn end_to_end(
         let client = pool.get().await?;
         client
             .execute(
-                "WITH u AS (INSERT INTO users SELECT FROM generate_series(1, $1::int) RETURNING id)
+                "WITH u AS (INSERT INTO users (name) SELECT 'Resident ' || g FROM generate_series(1, $1::int) g RETURNING id)
                  INSERT INTO gateways (id, owner_id, name) SELECT 'bench-' || id, id, 'Door ' || id FROM u",
                 &[&gateways],
             )
@@ -126,6 +127,7 @@ pub(super) async fn end_to_end(
     };
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(&pid);
+    let backends = backends_cpu(&pool, &WorkerOf::application_name(metrics_port)).await;
     report.e2e_cores = service_cores(&services0, &service_cpu(), elapsed);
     report.e2e_cores.insert("worker".into(), cpu / elapsed);
     report
@@ -144,6 +146,10 @@ pub(super) async fn end_to_end(
     report.e2e_notifications_per_s = want / elapsed;
     report.e2e_worker_cpu_s_per_10k = cpu / want * 10_000.0;
     report.e2e_worker_cores = cpu / elapsed;
+    let postgresql_cpu = report.e2e_cores.get("postgresql").copied().unwrap_or(0.0) * elapsed;
+    report.e2e_postgresql_cpu_ms_per_ring = postgresql_cpu / args.rings as f64 * 1000.0;
+    report.e2e_worker_backends_cpu_ms_per_ring =
+        backends.map(|cpu_s| cpu_s / args.rings as f64 * 1000.0);
     let full = buckets(&body, "ringpush_ring_to_accepted_seconds");
     (report.e2e_backlog_p50_ms, report.e2e_backlog_p99_ms) = quantiles_ms(&[], &full);
 
@@ -203,6 +209,21 @@ pub(super) async fn end_to_end(
     }
 
     stop(&mut worker).await;
+
+    // A ring's life: the same drain ring-only and with every ring ended, in turns.
+    report.life = Some(
+        life_cost(
+            &worker_of,
+            &pool,
+            &channel,
+            names,
+            args.rings,
+            args.fanout,
+            &ring,
+            report.e2e_notifications_per_s,
+        )
+        .await?,
+    );
 
     // The delivery ledger on and off, in turns (before the building seeds its shares).
     report.ledger = Some(

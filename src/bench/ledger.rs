@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use crate::broker::{self, Names};
 use crate::wire::ring::RingEvent;
 
-use super::measure::{cpu_seconds, publish_all, sample, scrape, service_cores, service_cpu};
+use super::measure::{
+    cpu_seconds, publish_all, sample, scrape, service_cores, service_cpu, sum_samples,
+};
 use super::processes::{free_port, stop, WorkerOf};
 use super::report::{Drain, LedgerCost};
 
@@ -37,7 +39,10 @@ pub(super) async fn ledger_cost(
         let on = matches!(round % 4, 0 | 3);
         let before = rows_of(pool, "ring_ledger").await?;
         let switch = [("RINGPUSH_LEDGER", if on { "on" } else { "off" })];
-        let mut drain = drain(worker_of, channel, names, rings, fanout, ring, &switch).await?;
+        let mut drain = drain(
+            worker_of, pool, channel, names, rings, fanout, ring, &switch,
+        )
+        .await?;
         drain.ledger = on;
         drain.claims = on;
         let rows = rows_of(pool, "ring_ledger").await? - before;
@@ -57,7 +62,15 @@ pub(super) async fn ledger_cost(
 
 /// The median notifications/s of some drains.
 fn median(d: &[Drain]) -> f64 {
-    let mut v: Vec<f64> = d.iter().map(|d| d.notifications_per_s).collect();
+    median_of(d, |d| d.notifications_per_s)
+}
+
+/// The median of a figure of some drains (0 if there are none).
+pub(super) fn median_of(d: &[Drain], figure: impl Fn(&Drain) -> f64) -> f64 {
+    let mut v: Vec<f64> = d.iter().map(figure).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
     v.sort_by(f64::total_cmp);
     (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
 }
@@ -85,7 +98,10 @@ pub(super) async fn claims_cost(
             ("RINGPUSH_LEDGER", "on"),
             ("RINGPUSH_CLAIMS", if on { "on" } else { "off" }),
         ];
-        let mut drain = drain(worker_of, channel, names, rings, fanout, ring, &switch).await?;
+        let mut drain = drain(
+            worker_of, pool, channel, names, rings, fanout, ring, &switch,
+        )
+        .await?;
         drain.ledger = true;
         drain.claims = on;
         let rows = rows_of(pool, "ring_claims").await? - before;
@@ -112,8 +128,10 @@ async fn rows_of(pool: &deadpool_postgres::Pool, table: &str) -> anyhow::Result<
 }
 
 /// One drain: `rings` published first, then a worker started that pushes them all.
+#[allow(clippy::too_many_arguments)]
 async fn drain(
     worker_of: &WorkerOf<'_>,
+    pool: &deadpool_postgres::Pool,
     channel: &lapin::Channel,
     names: &Names,
     rings: usize,
@@ -129,36 +147,93 @@ async fn drain(
         500,
     )
     .await?;
+    measure_drain(worker_of, pool, rings, (rings * fanout) as f64, env).await
+}
+
+/// A worker started (with `env` on top) on what the queue holds, timed until it has `want`
+/// notifications accepted; `rings` is what the per-ring figures divide by. A worker whose
+/// count stops moving for [`STALLED_AFTER`] fails the drain (with what it had counted),
+/// instead of waiting out the 10 minutes.
+pub(super) async fn measure_drain(
+    worker_of: &WorkerOf<'_>,
+    pool: &deadpool_postgres::Pool,
+    rings: usize,
+    want: f64,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Drain> {
     let port = free_port();
     let mut worker = worker_of.spawn_with(port, None, env)?;
     let pid = worker.id().expect("a running worker").to_string();
     let services0 = service_cpu();
     let started = Instant::now();
-    let want = (rings * fanout) as f64;
     let accepted = r#"ringpush_notifications_total{outcome="accepted"}"#;
-    loop {
+    let (mut last, mut moved) = (0.0, Instant::now());
+    let body = loop {
         tokio::time::sleep(Duration::from_millis(25)).await;
         if let Ok(body) = scrape(port).await {
-            if sample(&body, accepted) >= want {
-                break;
+            let now = sample(&body, accepted);
+            if now >= want {
+                break body;
+            }
+            if now > last {
+                (last, moved) = (now, Instant::now());
             }
         }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "the worker did not drain the rings in 10 minutes"
-        );
-    }
+        if moved.elapsed() > STALLED_AFTER || started.elapsed() > Duration::from_secs(600) {
+            stop(&mut worker).await;
+            anyhow::bail!(
+                "the worker did not drain the rings: {last} of {want} notifications accepted, \
+                 none for {:.0} s",
+                moved.elapsed().as_secs_f64()
+            );
+        }
+    };
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(&pid);
-    let cores = service_cores(&services0, &service_cpu(), elapsed);
+    let services1 = service_cpu();
+    let backends = backends_cpu(pool, &WorkerOf::application_name(port)).await;
+    let cores = service_cores(&services0, &services1, elapsed);
     stop(&mut worker).await;
+    let postgresql_cores = cores.get("postgresql").copied().unwrap_or_default();
+    let per_ring_ms = |cpu_s: f64| cpu_s / rings as f64 * 1000.0;
     Ok(Drain {
         ledger: true,
         claims: true,
+        ends: false,
         rings_per_s: rings as f64 / elapsed,
         notifications_per_s: want / elapsed,
         worker_cpu_s_per_10k: cpu / want * 10_000.0,
-        postgresql_cores: cores.get("postgresql").copied().unwrap_or_default(),
+        postgresql_cores,
         rabbitmq_cores: cores.get("rabbitmq").copied().unwrap_or_default(),
+        postgresql_cpu_ms_per_ring: per_ring_ms(postgresql_cores * elapsed),
+        worker_backends_cpu_ms_per_ring: backends.map(per_ring_ms),
+        followups_per_ring: Some(
+            sum_samples(&body, "ringpush_followups_total{", r#"outcome="accepted""#) / rings as f64,
+        ),
     })
+}
+
+/// How long a drain's accepted count may stand still before the drain fails.
+const STALLED_AFTER: Duration = Duration::from_secs(30);
+
+/// CPU seconds of the PostgreSQL backends serving connections named `application_name` (a
+/// bench worker's: [`WorkerOf::application_name`]), from `/proc`; `None` if they cannot be
+/// listed.
+pub(super) async fn backends_cpu(
+    pool: &deadpool_postgres::Pool,
+    application_name: &str,
+) -> Option<f64> {
+    let client = pool.get().await.ok()?;
+    let rows = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&application_name],
+        )
+        .await
+        .ok()?;
+    Some(
+        rows.iter()
+            .map(|row| cpu_seconds(&row.get::<_, i32>(0).to_string()))
+            .sum(),
+    )
 }

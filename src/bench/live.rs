@@ -61,7 +61,7 @@ pub(super) struct Beside<'a> {
 }
 
 /// How far back a ring beside the measured ones is pressed: beyond the histogram's last
-/// bucket (about 19 s), well within the bench worker's 600 s ring TTL.
+/// bucket (about 19 s), well within the bench workers' ring TTL (an hour).
 pub(super) const BESIDE_PRESSED_BEFORE: time::Duration = time::Duration::seconds(60);
 
 impl Live<'_> {

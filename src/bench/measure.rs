@@ -102,6 +102,19 @@ pub(super) fn sample(body: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of a family's samples in a scrape whose series begins with `series` (e.g.
+/// `ringpush_followups_total{`) and whose labels hold `label` (e.g. `outcome="accepted"`).
+pub(super) fn sum_samples(body: &str, series: &str, label: &str) -> f64 {
+    body.lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|l| l.split_once("} "))
+        .filter(|(labels, _)| labels.split(',').any(|l| l == label))
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum::<f64>()
+        // An empty sum is -0.0: none counted reads 0.
+        + 0.0
+}
+
 /// The cumulative buckets of a histogram in a scrape.
 pub(super) fn buckets(body: &str, name: &str) -> Vec<(f64, f64)> {
     labelled_buckets(body, name, "")
@@ -240,6 +253,24 @@ mod tests {
         // Never below the finite buckets: what is measured stays.
         leave_out_above_last_bucket(&mut b, 3000.0);
         assert_eq!(b[3], (f64::INFINITY, 100.0));
+    }
+
+    #[test]
+    fn samples_of_a_family_are_summed_by_one_label() {
+        let body = "# TYPE ringpush_followups_total counter
+ringpush_followups_total{platform=\"apns\",kind=\"alert\",outcome=\"accepted\"} 12
+ringpush_followups_total{platform=\"fcm\",kind=\"call\",outcome=\"accepted\"} 3
+ringpush_followups_total{platform=\"apns\",kind=\"voip\",outcome=\"skipped_voip\"} 5
+ringpush_followups_totally{outcome=\"accepted\"} 100
+";
+        let accepted = r#"outcome="accepted""#;
+        assert_eq!(
+            sum_samples(body, "ringpush_followups_total{", accepted),
+            15.0
+        );
+        let skipped = r#"outcome="skipped_voip""#;
+        assert_eq!(sum_samples(body, "ringpush_followups_total{", skipped), 5.0);
+        assert_eq!(sum_samples("", "ringpush_followups_total{", accepted), 0.0);
     }
 
     #[test]

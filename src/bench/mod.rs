@@ -13,10 +13,15 @@
 //!    second, the building rings' own time to their last token, and the worker's peak RSS;
 //! 6. the FCM leg: ringpush's FCM client against a bare `h2` loop, one connection each, and
 //!    the peer sender (`firebase-admin` for Python, driven by `bench/peers/`), to a
-//!    `mock-fcm` process.
+//!    `mock-fcm` process;
+//! 7. a ring's life (after 1, before the ledger's and the claims' parts, a fresh worker per
+//!    drain): the drain of 1 again, ring-only and with every ring ended a second after its
+//!    press, in turns — notifications/s (rings and follow-ups together) with ends against
+//!    ring-only, and PostgreSQL's CPU per ring.
 //!
 //! The tree: [`e2e`] (1 and 2; its windows in [`live`]), [`building`] (5), [`apns_leg`] (3),
-//! [`binary_leg`] (4), [`fcm_leg`] (6); what they share: [`measure`] (`/proc`, scrapes,
+//! [`binary_leg`] (4), [`fcm_leg`] (6), [`life`] (7; its drains and the ledger's and claims'
+//! parts' in [`ledger`]); what they share: [`measure`] (`/proc`, scrapes,
 //! quantiles, pacing), [`processes`] (the mock and worker processes), [`peers`] (the peer
 //! clients' scripts); [`report`] (what a run measured, as a table and as JSON).
 
@@ -27,6 +32,7 @@ mod building;
 mod e2e;
 mod fcm_leg;
 mod ledger;
+mod life;
 mod live;
 mod measure;
 mod peers;
@@ -45,7 +51,7 @@ use binary_leg::binary_leg;
 use e2e::{broker_ceiling, end_to_end};
 use fcm_leg::fcm_leg;
 
-pub use report::{Building, Drain, LedgerCost, Peer, Report, Round, Window};
+pub use report::{Building, Drain, LedgerCost, LifeCost, Peer, Report, Round, Window};
 
 /// What `ringpush bench` runs, and against which broker and database.
 #[derive(Debug, Clone)]

@@ -165,7 +165,18 @@ pub(super) struct WorkerOf<'a> {
     pub(super) fcm: Option<&'a FcmMockProcess>,
 }
 
+/// The bench workers' ring TTL (`RINGPUSH_RING_TTL`), and the ring timeout
+/// (`RINGPUSH_RING_TIMEOUT`, at most the TTL) unless the bench's environment sets one: longer
+/// than a run, with `--soak` too.
+const RING_TTL: &str = "3600s";
+
 impl WorkerOf<'_> {
+    /// The `application_name` of the database connections of the worker serving `/metrics`
+    /// on `metrics_port`: how its backends are told apart in `pg_stat_activity`.
+    pub(super) fn application_name(metrics_port: u16) -> String {
+        format!("ringpush-bench-worker-{metrics_port}")
+    }
+
     /// Starts one worker against the mock, serving `/metrics` on `metrics_port`. Its logs
     /// are warnings only, or — with `info_log` — its per-ring lines too, as JSON, into that
     /// file. The worker's other variables come from the bench's environment.
@@ -190,7 +201,15 @@ impl WorkerOf<'_> {
             .arg("worker")
             .env("RINGPUSH_AMQP_URL", &self.args.amqp_url)
             .env("RINGPUSH_QUEUE_PREFIX", &self.names.prefix)
-            .env("RINGPUSH_DATABASE_URL", self.db_url)
+            .env(
+                "RINGPUSH_DATABASE_URL",
+                format!(
+                    "{}{}application_name={}",
+                    self.db_url,
+                    if self.db_url.contains('?') { '&' } else { '?' },
+                    Self::application_name(metrics_port)
+                ),
+            )
             .env(
                 "RINGPUSH_APNS_PRODUCTION_URL",
                 format!("https://localhost:{}", mock.port),
@@ -203,13 +222,23 @@ impl WorkerOf<'_> {
             .env("RINGPUSH_APNS_KEY_FILE", self.key_file)
             .env("RINGPUSH_APNS_KEY_ID", "BENCHKEY01")
             .env("RINGPUSH_APNS_TEAM_ID", "BENCHTEAM1")
-            .env("RINGPUSH_RING_TTL", "600s")
+            .env("RINGPUSH_RING_TTL", RING_TTL)
             .env("RINGPUSH_PREFETCH", self.args.prefetch.to_string())
-            // The bench's gateways ring many times a second: every ring is pushed.
-            .env("RINGPUSH_RING_DEBOUNCE", "0s")
             .env("RINGPUSH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("RUST_LOG", "warn")
             .kill_on_drop(true);
+        // The bench presses each of its gateways about once a second, far more often than
+        // a doorbell is pressed: debounce would fold those presses into one ring. And no
+        // ring goes missed within a run (whose follow-ups would join the next drain's
+        // count). Either can still be set through the bench's environment.
+        for (name, value) in [
+            ("RINGPUSH_RING_DEBOUNCE", "0s"),
+            ("RINGPUSH_RING_TIMEOUT", RING_TTL),
+        ] {
+            if std::env::var_os(name).is_none() {
+                command.env(name, value);
+            }
+        }
         if let Some(fcm) = self.fcm {
             command
                 .env("RINGPUSH_FCM_CREDENTIALS_FILE", &fcm.credentials)

@@ -16,6 +16,10 @@ pub struct Report {
     pub e2e_worker_cpu_s_per_10k: f64,
     pub e2e_worker_cores: f64,
     pub e2e_worker_peak_rss_mb: f64,
+    /// PostgreSQL's CPU per ring while draining, ms: every `postgres` process (the host's
+    /// other users of the server included), and the worker's own backends alone.
+    pub e2e_postgresql_cpu_ms_per_ring: f64,
+    pub e2e_worker_backends_cpu_ms_per_ring: Option<f64>,
     /// Cores used while draining, by process: worker, mock, rabbitmq, postgresql, and
     /// `machine` (all processes; 2.0 is every core of a 2-core machine busy).
     pub e2e_cores: BTreeMap<String, f64>,
@@ -70,6 +74,9 @@ pub struct Report {
     pub ledger: Option<LedgerCost>,
     /// The same drain, the ledger on, with re-publish recognition (ring claims) on and off.
     pub claims: Option<LedgerCost>,
+    /// A ring's life: the same drain with every ring ended a second after its press, and
+    /// without (see [`LifeCost`]).
+    pub life: Option<LifeCost>,
     pub notes: Vec<String>,
 }
 
@@ -137,18 +144,61 @@ pub struct LedgerCost {
     pub claim_rows_per_ring: Option<f64>,
 }
 
-/// One drain of the ledger part.
+/// A ring's life (issue 26): `rings` pre-published rings drained by a fresh worker process,
+/// ring-only and with every ring's end (`answered`, by the gateway's owner) published
+/// [`end_after_s`](LifeCost::end_after_s) after its press, in turns (ring-only, with ends,
+/// with ends, ring-only, …), in the same run. A drain with ends counts the rings' and the
+/// follow-ups' notifications together.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct LifeCost {
+    pub rings: usize,
+    /// How long after its press each ring's end is published, seconds.
+    pub end_after_s: f64,
+    /// Every drain, in the order they ran (`ends`: with ends).
+    pub drains: Vec<Drain>,
+    /// Median notifications/s of the ring-only drains, and of the drains with ends (rings'
+    /// and follow-ups' notifications together).
+    pub ring_only_notifications_per_s: f64,
+    pub with_ends_notifications_per_s: f64,
+    /// With ends / ring-only (medians): the target is ≥ 0.8.
+    pub throughput_ratio: f64,
+    pub target_met: bool,
+    /// The medians with ends against this run's end-to-end figure
+    /// (`e2e_notifications_per_s`).
+    pub ratio_to_e2e: f64,
+    /// PostgreSQL's CPU per ring (median over the drains of each kind), ms: all of its
+    /// processes (other users of the same server included), and the worker's own backends.
+    pub postgresql_cpu_ms_per_ring_only: f64,
+    pub postgresql_cpu_ms_per_ring_with_end: f64,
+    pub worker_backends_cpu_ms_per_ring_only: Option<f64>,
+    pub worker_backends_cpu_ms_per_ring_with_end: Option<f64>,
+    /// Follow-ups accepted per ring in the drains with ends (the fan-out, if every phone
+    /// that took a ring got its follow-up).
+    pub followups_per_ring: Option<f64>,
+}
+
+/// One drain of the ledger, claims or life part.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Drain {
     pub ledger: bool,
     /// Whether rings were claimed (re-publish recognition).
     pub claims: bool,
+    /// Whether every ring's end was published too (the life part).
+    pub ends: bool,
     pub rings_per_s: f64,
+    /// Notifications accepted per second: the rings', and the follow-ups' with ends.
     pub notifications_per_s: f64,
     pub worker_cpu_s_per_10k: f64,
     /// Cores PostgreSQL and RabbitMQ used over the drain.
     pub postgresql_cores: f64,
     pub rabbitmq_cores: f64,
+    /// PostgreSQL's CPU per ring over the drain, ms: every `postgres` process (the host's
+    /// other users of the server included) …
+    pub postgresql_cpu_ms_per_ring: f64,
+    /// … and the worker's own backends alone (`None`: not listed).
+    pub worker_backends_cpu_ms_per_ring: Option<f64>,
+    /// Follow-ups accepted per ring (the worker's `ringpush_followups_total`).
+    pub followups_per_ring: Option<f64>,
 }
 
 /// One (A) window and the (B) window after it.
@@ -257,6 +307,13 @@ impl std::fmt::Display for Report {
             f,
             "  worker peak RSS              {:>7.1} MB",
             self.e2e_worker_peak_rss_mb
+        )?;
+        writeln!(
+            f,
+            "  PostgreSQL CPU per ring      {:>7.3} ms (the worker's backends {})",
+            self.e2e_postgresql_cpu_ms_per_ring,
+            self.e2e_worker_backends_cpu_ms_per_ring
+                .map_or("-".to_owned(), |v| format!("{v:.3} ms"))
         )?;
         writeln!(
             f,
@@ -515,6 +572,9 @@ impl std::fmt::Display for Report {
                     .map_or("-".to_owned(), |r| format!("{r:.2}"))
             )?;
         }
+        if let Some(l) = &self.life {
+            write_life(f, l)?;
+        }
         if let Some(c) = &self.claims {
             writeln!(
                 f,
@@ -544,4 +604,44 @@ impl std::fmt::Display for Report {
         }
         Ok(())
     }
+}
+
+/// The life part's lines of the table.
+fn write_life(f: &mut std::fmt::Formatter<'_>, l: &LifeCost) -> std::fmt::Result {
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
+    writeln!(
+        f,
+        "a ring's life: {} rings drained by a fresh worker, ring-only and with each ring ended {:.0} s after its press, in turns",
+        l.rings, l.end_after_s
+    )?;
+    for d in &l.drains {
+        writeln!(
+            f,
+            "  {:<9} notifications/s {:>8.0}  rings/s {:>7.0}  worker CPU s/10k {:.3}  PostgreSQL ms/ring {:.3} (worker's backends {})  follow-ups/ring {}",
+            if d.ends { "with ends" } else { "ring-only" },
+            d.notifications_per_s,
+            d.rings_per_s,
+            d.worker_cpu_s_per_10k,
+            d.postgresql_cpu_ms_per_ring,
+            ms(d.worker_backends_cpu_ms_per_ring),
+            d.followups_per_ring.map_or("-".to_owned(), |r| format!("{r:.2}"))
+        )?;
+    }
+    writeln!(
+        f,
+        "  notifications/s with ends / ring-only (medians)  {:.0} / {:.0} = {:.3} (target ≥ 0.8: {}); against the end-to-end figure {:.3}",
+        l.with_ends_notifications_per_s,
+        l.ring_only_notifications_per_s,
+        l.throughput_ratio,
+        if l.target_met { "met" } else { "missed" },
+        l.ratio_to_e2e
+    )?;
+    writeln!(
+        f,
+        "  PostgreSQL CPU per ring, ring-only / with its end: {:.3} / {:.3} ms (the worker's backends {} / {} ms)",
+        l.postgresql_cpu_ms_per_ring_only,
+        l.postgresql_cpu_ms_per_ring_with_end,
+        ms(l.worker_backends_cpu_ms_per_ring_only),
+        ms(l.worker_backends_cpu_ms_per_ring_with_end)
+    )
 }
