@@ -27,7 +27,7 @@ use super::measure::{
 };
 use super::processes::{free_port, signer, stop, FcmMockProcess, MockProcess, WorkerOf};
 use super::report::Report;
-use super::{broker_queue, ring_now};
+use super::{broker_queue, ring_now, Part};
 
 pub(super) async fn end_to_end(
     args: &Settings,
@@ -211,50 +211,58 @@ pub(super) async fn end_to_end(
     stop(&mut worker).await;
 
     // A ring's life: the same drain ring-only and with every ring ended, in turns.
-    report.life = Some(
-        life_cost(
-            &worker_of,
-            &pool,
-            &channel,
-            names,
-            args.rings,
-            args.fanout,
-            &ring,
-            report.e2e_notifications_per_s,
-        )
-        .await?,
-    );
+    if args.runs(Part::Life) {
+        report.life = Some(
+            life_cost(
+                &worker_of,
+                &pool,
+                &channel,
+                names,
+                args.rings,
+                args.fanout,
+                &ring,
+                report.e2e_notifications_per_s,
+            )
+            .await?,
+        );
+    }
 
     // The delivery ledger on and off, in turns (before the building seeds its shares).
-    report.ledger = Some(
-        ledger_cost(
-            &worker_of,
-            &pool,
-            &channel,
-            names,
-            args.rings,
-            args.fanout,
-            &ring,
-        )
-        .await?,
-    );
+    if args.runs(Part::Ledger) {
+        report.ledger = Some(
+            ledger_cost(
+                &worker_of,
+                &pool,
+                &channel,
+                names,
+                args.rings,
+                args.fanout,
+                &ring,
+            )
+            .await?,
+        );
+    }
     // Recognising a gateway's re-publish (ring claims) on and off, the ledger on.
-    report.claims = Some(
-        claims_cost(
-            &worker_of,
-            &pool,
-            &channel,
-            names,
-            args.rings,
-            args.fanout,
-            &ring,
-        )
-        .await?,
-    );
+    if args.runs(Part::Claims) {
+        report.claims = Some(
+            claims_cost(
+                &worker_of,
+                &pool,
+                &channel,
+                names,
+                args.rings,
+                args.fanout,
+                &ring,
+            )
+            .await?,
+        );
+    }
 
     // Building rings beside ordinary ones, with a worker of its own (see `building`).
-    let quarter = report.e2e_rings_per_s / 4.0;
-    report.building = Some(building(&worker_of, &pool, &channel, quarter, &ring, dir).await?);
+    if args.runs(Part::Building) {
+        let quarter = report.e2e_rings_per_s / 4.0;
+        report.building = Some(building(&worker_of, &pool, &channel, quarter, &ring, dir).await?);
+    }
     let _ = connection.close(200, "done".into()).await;
     Ok(())
 }

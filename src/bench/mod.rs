@@ -81,6 +81,45 @@ pub struct Settings {
     pub prefetch: u16,
     /// Keep rings flowing at 80% of the measured rate this long after the drain.
     pub soak: Option<std::time::Duration>,
+    /// Parts left out.
+    pub skip: Vec<Part>,
+}
+
+/// A part of the bench that `--skip` can leave out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// A ring's life: ring-only and with ends, in turns.
+    Life,
+    /// The delivery ledger on and off.
+    Ledger,
+    /// Ring claims on and off.
+    Claims,
+    /// Building rings beside ordinary ones.
+    Building,
+    /// The broker's ceiling.
+    Broker,
+    /// The APNs leg and its peers.
+    Apns,
+    /// The legacy binary interface.
+    Binary,
+    /// The FCM leg and its peer.
+    Fcm,
+}
+
+impl Part {
+    /// The part's name, as `--skip` takes it.
+    fn name(&self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned())
+    }
+}
+
+impl Settings {
+    /// Whether `part` runs.
+    fn runs(&self, part: Part) -> bool {
+        !self.skip.contains(&part)
+    }
 }
 
 /// Runs the benchmark and cleans up after it.
@@ -107,14 +146,23 @@ async fn run_here(args: &Settings) -> anyhow::Result<Report> {
         android_share: args.android_share,
         apns_requests: args.apns_requests,
         binary_frames: args.binary_frames,
+        skipped: args.skip.iter().map(Part::name).collect(),
         ..Report::default()
     };
     let result = async {
         end_to_end(args, &local, &mut report).await?;
-        broker_ceiling(args, names, &mut report).await?;
-        apns_leg(args, dir, &mut report).await?;
-        binary_leg(args, dir, &mut report).await?;
-        fcm_leg(args, dir, &mut report).await?;
+        if args.runs(Part::Broker) {
+            broker_ceiling(args, names, &mut report).await?;
+        }
+        if args.runs(Part::Apns) {
+            apns_leg(args, dir, &mut report).await?;
+        }
+        if args.runs(Part::Binary) {
+            binary_leg(args, dir, &mut report).await?;
+        }
+        if args.runs(Part::Fcm) {
+            fcm_leg(args, dir, &mut report).await?;
+        }
         anyhow::Ok(())
     }
     .await;

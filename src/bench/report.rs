@@ -78,6 +78,8 @@ pub struct Report {
     /// without (see [`LifeCost`]).
     pub life: Option<LifeCost>,
     pub notes: Vec<String>,
+    /// The parts left out (`--skip`).
+    pub skipped: Vec<String>,
 }
 
 /// Is a ring of thousands of tokens shared fairly? Ordinary rings published live at a
@@ -265,6 +267,11 @@ impl Report {
     pub fn to_json(&self) -> serde_json::Value {
         json!(self)
     }
+
+    /// Whether the part named so ran (was not left out).
+    fn ran(&self, part: &str) -> bool {
+        !self.skipped.iter().any(|p| p == part)
+    }
 }
 
 impl std::fmt::Display for Report {
@@ -367,59 +374,63 @@ impl std::fmt::Display for Report {
             }
             writeln!(f, "    cores                      {}", cores(&w.cores))?;
         }
-        writeln!(f, "broker ceiling (bare consume + ack)")?;
-        writeln!(
-            f,
-            "  rings/s                      {:>10.0}",
-            self.broker_rings_per_s
-        )?;
-        writeln!(
-            f,
-            "  publish→consume at {:.0}/s   p50 {} p99 {}",
-            self.half_rate.rings_per_s,
-            ms(self.broker_half_rate_p50_ms),
-            ms(self.broker_half_rate_p99_ms)
-        )?;
-        writeln!(
-            f,
-            "  publish→consume at {:.0}/s   p50 {} p99 {}",
-            self.quarter_rate.rings_per_s,
-            ms(self.broker_quarter_rate_p50_ms),
-            ms(self.broker_quarter_rate_p99_ms)
-        )?;
-        writeln!(
-            f,
-            "APNs leg ({} requests, one connection)",
-            self.apns_requests
-        )?;
-        writeln!(
-            f,
-            "  ringpush client              {:>10.0}/s {:>7.1} µs CPU each",
-            self.ringpush_client_per_s, self.ringpush_client_cpu_us
-        )?;
-        writeln!(
-            f,
-            "  ringpush client at {:.0}/s    p50 {} p99 {}",
-            self.half_rate.rings_per_s * self.fanout as f64,
-            ms(self.ringpush_client_half_rate_p50_ms),
-            ms(self.ringpush_client_half_rate_p99_ms)
-        )?;
-        writeln!(
-            f,
-            "  bare h2 loop                 {:>10.0}/s {:>7.1} µs CPU each",
-            self.bare_h2_per_s, self.bare_h2_cpu_us
-        )?;
-        for p in &self.peers {
-            match (p.per_s, p.cpu_us) {
-                (Some(r), Some(c)) => {
-                    writeln!(f, "  {:<28} {:>10.0}/s {:>7.1} µs CPU each", p.name, r, c)?
+        if self.ran("broker") {
+            writeln!(f, "broker ceiling (bare consume + ack)")?;
+            writeln!(
+                f,
+                "  rings/s                      {:>10.0}",
+                self.broker_rings_per_s
+            )?;
+            writeln!(
+                f,
+                "  publish→consume at {:.0}/s   p50 {} p99 {}",
+                self.half_rate.rings_per_s,
+                ms(self.broker_half_rate_p50_ms),
+                ms(self.broker_half_rate_p99_ms)
+            )?;
+            writeln!(
+                f,
+                "  publish→consume at {:.0}/s   p50 {} p99 {}",
+                self.quarter_rate.rings_per_s,
+                ms(self.broker_quarter_rate_p50_ms),
+                ms(self.broker_quarter_rate_p99_ms)
+            )?;
+        }
+        if self.ran("apns") {
+            writeln!(
+                f,
+                "APNs leg ({} requests, one connection)",
+                self.apns_requests
+            )?;
+            writeln!(
+                f,
+                "  ringpush client              {:>10.0}/s {:>7.1} µs CPU each",
+                self.ringpush_client_per_s, self.ringpush_client_cpu_us
+            )?;
+            writeln!(
+                f,
+                "  ringpush client at {:.0}/s    p50 {} p99 {}",
+                self.half_rate.rings_per_s * self.fanout as f64,
+                ms(self.ringpush_client_half_rate_p50_ms),
+                ms(self.ringpush_client_half_rate_p99_ms)
+            )?;
+            writeln!(
+                f,
+                "  bare h2 loop                 {:>10.0}/s {:>7.1} µs CPU each",
+                self.bare_h2_per_s, self.bare_h2_cpu_us
+            )?;
+            for p in &self.peers {
+                match (p.per_s, p.cpu_us) {
+                    (Some(r), Some(c)) => {
+                        writeln!(f, "  {:<28} {:>10.0}/s {:>7.1} µs CPU each", p.name, r, c)?
+                    }
+                    _ => writeln!(
+                        f,
+                        "  {:<28} not measured: {}",
+                        p.name,
+                        p.note.as_deref().unwrap_or("?")
+                    )?,
                 }
-                _ => writeln!(
-                    f,
-                    "  {:<28} not measured: {}",
-                    p.name,
-                    p.note.as_deref().unwrap_or("?")
-                )?,
             }
         }
         if let (Some(secs), Some(rate)) = (self.soak_seconds, self.soak_rings_per_s) {
@@ -430,45 +441,49 @@ impl std::fmt::Display for Report {
                 rss.join(" ")
             )?;
         }
-        writeln!(f, "legacy binary interface ({} frames)", self.binary_frames)?;
-        writeln!(
-            f,
-            "  frames/s                     {:>10.0}",
-            self.binary_frames_per_s
-        )?;
-        writeln!(
-            f,
-            "FCM leg ({} requests, one connection, mock-fcm)",
-            self.apns_requests
-        )?;
-        writeln!(
-            f,
-            "  ringpush FCM client          {:>10.0}/s {:>7.1} µs CPU each",
-            self.fcm_client_per_s, self.fcm_client_cpu_us
-        )?;
-        writeln!(
-            f,
-            "  bare h2 loop                 {:>10.0}/s {:>7.1} µs CPU each",
-            self.fcm_bare_h2_per_s, self.fcm_bare_h2_cpu_us
-        )?;
-        for p in &self.fcm_peers {
-            match (p.per_s, p.cpu_us) {
-                (Some(r), Some(c)) => writeln!(
-                    f,
-                    "  {:<28} {:>10.0}/s {:>7.1} µs CPU each; client {} per CPU-second (target ≥ 10)",
-                    p.name,
-                    r,
-                    c,
-                    self.fcm_client_cpu_ratio
-                        .get(&p.name)
-                        .map_or("-".to_owned(), |x| format!("{x:.1}×"))
-                )?,
-                _ => writeln!(
-                    f,
-                    "  {:<28} not measured: {}",
-                    p.name,
-                    p.note.as_deref().unwrap_or("?")
-                )?,
+        if self.ran("binary") {
+            writeln!(f, "legacy binary interface ({} frames)", self.binary_frames)?;
+            writeln!(
+                f,
+                "  frames/s                     {:>10.0}",
+                self.binary_frames_per_s
+            )?;
+        }
+        if self.ran("fcm") {
+            writeln!(
+                f,
+                "FCM leg ({} requests, one connection, mock-fcm)",
+                self.apns_requests
+            )?;
+            writeln!(
+                f,
+                "  ringpush FCM client          {:>10.0}/s {:>7.1} µs CPU each",
+                self.fcm_client_per_s, self.fcm_client_cpu_us
+            )?;
+            writeln!(
+                f,
+                "  bare h2 loop                 {:>10.0}/s {:>7.1} µs CPU each",
+                self.fcm_bare_h2_per_s, self.fcm_bare_h2_cpu_us
+            )?;
+            for p in &self.fcm_peers {
+                match (p.per_s, p.cpu_us) {
+                    (Some(r), Some(c)) => writeln!(
+                        f,
+                        "  {:<28} {:>10.0}/s {:>7.1} µs CPU each; client {} per CPU-second (target ≥ 10)",
+                        p.name,
+                        r,
+                        c,
+                        self.fcm_client_cpu_ratio
+                            .get(&p.name)
+                            .map_or("-".to_owned(), |x| format!("{x:.1}×"))
+                    )?,
+                    _ => writeln!(
+                        f,
+                        "  {:<28} not measured: {}",
+                        p.name,
+                        p.note.as_deref().unwrap_or("?")
+                    )?,
+                }
             }
         }
         if let Some(b) = &self.building {

@@ -306,6 +306,10 @@ pub struct BenchArgs {
     /// (e.g. `10m`), sampling the worker's RSS every 10 s.
     #[arg(long, value_parser = duration("--soak"))]
     pub soak: Option<Duration>,
+    /// Parts to leave out (comma-separated), for a shorter run of the others; the
+    /// end-to-end part and its live windows always run.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub skip: Vec<crate::bench::Part>,
 }
 
 #[cfg(feature = "kit")]
@@ -323,6 +327,7 @@ impl BenchArgs {
             binary_frames: self.binary_frames,
             prefetch: self.prefetch,
             soak: self.soak,
+            skip: self.skip.clone(),
         }
     }
 }
@@ -342,6 +347,28 @@ mod tests {
             Command::Worker(w) => w,
             _ => panic!("not a worker"),
         }
+    }
+
+    #[cfg(feature = "kit")]
+    #[test]
+    fn the_bench_leaves_out_the_parts_named() {
+        use crate::bench::Part;
+        let skip = |args: &[&str]| {
+            let mut all = vec!["ringpush", "bench"];
+            all.extend_from_slice(args);
+            match parse(&all).map(|c| c.command) {
+                Ok(Command::Bench(b)) => Ok(b.settings().skip),
+                Ok(_) => panic!("not the bench"),
+                Err(e) => Err(e),
+            }
+        };
+        assert_eq!(skip(&[]).unwrap(), []);
+        assert_eq!(
+            skip(&["--skip", "ledger,claims", "--skip", "fcm"]).unwrap(),
+            [Part::Ledger, Part::Claims, Part::Fcm]
+        );
+        let e = skip(&["--skip", "e2e"]).unwrap_err();
+        assert!(e.contains("--skip") && e.contains("life"), "{e}");
     }
 
     #[test]
