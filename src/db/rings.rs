@@ -7,8 +7,9 @@
 //!   is still ringing, pressed less than the debounce after it: not pushed) or
 //!   [`Begun::Ended`] (its end came first: not pushed). A press that may fold into an earlier
 //!   one of the same call goes in a later statement, so it sees the earlier.
-//! - [`Rings::end`]: an end recorded — the first end wins (`ringpush_end_ring`); the answer
-//!   says whether this end is the one that ended the ring, also when it is asked again.
+//! - [`Rings::end`]: a batch's ends recorded — the first end wins (`ringpush_end_ring`); the
+//!   answer says whether this end is the one that ended the ring, also when it is asked
+//!   again. Grouped across concurrent batches as `begin` is: one statement, one commit.
 //! - [`Rings::sweep_missed`]: the rings still ringing past their deadline end `missed`, in a
 //!   transaction that commits only once their ends are published (a worker that dies
 //!   between the two leaves them to the next sweep).
@@ -72,7 +73,23 @@ FROM r
 LEFT JOIN ins ON ins.gateway_id = r.gateway_id AND ins.event_id = r.event_id
 LEFT JOIN rings cur ON cur.gateway_id = r.gateway_id AND cur.event_id = r.event_id";
 
-const END: &str = "SELECT * FROM ringpush_end_ring($1, $2, $3, $4, $5, $6)";
+/// What [`Rings::end`] runs: `ringpush_end_ring` for each end, in one statement (one commit
+/// for all of them), in the order of the rings they name, and the ends of one ring in the
+/// order they came (the first of them wins) — every worker's statements lock the rings in
+/// that order, so two of them seldom wait for each other in a circle (an end naming a folded
+/// press locks its ring; the server breaks such a deadlock, and the statement is tried
+/// again). Answers by position (1-based).
+const END: &str = "SELECT e.i::int4, f.won, f.target, f.state, f.pressed_at, f.ended_at, f.by_name
+FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[],
+                           $6::timestamptz[])
+          WITH ORDINALITY AS e(gateway_id, ring_id, end_id, state, by_user, at, i)
+      ORDER BY e.gateway_id, e.ring_id, e.i) e
+CROSS JOIN LATERAL ringpush_end_ring(e.gateway_id, e.ring_id, e.end_id, e.state, e.by_user,
+                                     e.at) f";
+
+/// Tries of a grouped end statement that the server failed to break a deadlock (with a
+/// statement that locks rings in another order: a ledger write counting phones).
+const END_TRIES: usize = 3;
 
 /// The rings past their deadline, still ringing, end `missed` (locked until the transaction
 /// ends: another worker's sweep skips them).
@@ -167,19 +184,31 @@ pub struct HistoryRow {
     pub presses: i32,
 }
 
-type Waiter = (Vec<Begin>, oneshot::Sender<Result<Vec<Begun>, String>>);
-
-#[derive(Default)]
-struct Queue {
+/// What concurrent batches ask of one kind of grouped statement (registrations, ends): each
+/// batch's asks and where its answers go, and whether a statement runs.
+struct Queue<A, R> {
     running: bool,
-    waiting: Vec<Waiter>,
+    waiting: Vec<(Vec<A>, Answers<R>)>,
+}
+
+/// Where a batch's answers go (by position), or why there are none.
+type Answers<R> = oneshot::Sender<Result<Vec<R>, String>>;
+
+impl<A, R> Default for Queue<A, R> {
+    fn default() -> Self {
+        Self {
+            running: false,
+            waiting: Vec::new(),
+        }
+    }
 }
 
 /// The ring's life, for one worker process (any number share the table).
 pub struct Rings {
     pool: Pool,
     timing: Timing,
-    queue: Mutex<Queue>,
+    begins: Mutex<Queue<Begin, Begun>>,
+    ends: Mutex<Queue<EndEvent, Ended>>,
 }
 
 impl Rings {
@@ -187,7 +216,8 @@ impl Rings {
         Arc::new(Self {
             pool,
             timing,
-            queue: Mutex::default(),
+            begins: Mutex::default(),
+            ends: Mutex::default(),
         })
     }
 
@@ -198,56 +228,16 @@ impl Rings {
     /// Registers `rings` (by position: what became of each). The rings of batches that arrive
     /// while a statement runs go into the next one together.
     pub async fn begin(self: &Arc<Self>, rings: Vec<Begin>) -> Result<Vec<Begun>, String> {
-        if rings.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (tx, rx) = oneshot::channel();
-        let start = {
-            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            queue.waiting.push((rings, tx));
-            !std::mem::replace(&mut queue.running, true)
-        };
-        if start {
-            let this = self.clone();
-            tokio::spawn(async move { this.drain().await });
-        }
-        rx.await
-            .unwrap_or_else(|_| Err("the ring registration was abandoned".into()))
-    }
-
-    async fn drain(&self) {
-        /// Frees the runner's place also when a statement panics.
-        struct Running<'a>(&'a Mutex<Queue>);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                self.0.lock().unwrap_or_else(|e| e.into_inner()).running = false;
-            }
-        }
-        let _running = Running(&self.queue);
-        loop {
-            let waiting = {
-                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if queue.waiting.is_empty() {
-                    return;
-                }
-                std::mem::take(&mut queue.waiting)
-            };
-            let all: Vec<&Begin> = waiting.iter().flat_map(|(rings, _)| rings).collect();
-            match self.run(&all).await {
-                Ok(mut begun) => {
-                    for (rings, tx) in waiting.into_iter().rev() {
-                        let mine = begun.split_off(begun.len() - rings.len());
-                        let _ = tx.send(Ok(mine));
-                    }
-                }
-                Err(e) => {
-                    let e = e.to_string();
-                    for (_, tx) in waiting {
-                        let _ = tx.send(Err(e.clone()));
-                    }
-                }
-            }
-        }
+        let this = self.clone();
+        grouped(&self.begins, rings, "the ring registration", async move {
+            let this = &*this;
+            run_grouped(&this.begins, |all: Vec<Begin>| async move {
+                let all: Vec<&Begin> = all.iter().collect();
+                this.run(&all).await.map_err(|e| e.to_string())
+            })
+            .await
+        })
+        .await
     }
 
     /// Registers `rings` in as few statements as it can — a statement sees only what was
@@ -333,35 +323,60 @@ impl Rings {
         Ok(begun)
     }
 
-    /// Records `end` (its time: its own `at`, else `received`): the first end of a ring wins.
-    pub async fn end(&self, end: &EndEvent) -> Result<Ended, DbError> {
-        let state = end.reason.as_str();
-        let row = bounded(async {
-            let client = self.pool.get().await?;
-            let statement = client.prepare_cached(END).await?;
-            Ok(client
-                .query_one(
-                    &statement,
-                    &[
-                        &end.gateway_id,
-                        &end.ring_id,
-                        &end.event_id,
-                        &state,
-                        &end.by_user,
-                        &end.at,
-                    ],
-                )
-                .await?)
+    /// Records `ends` (by position: what became of each; an end's time is its own `at`, else
+    /// now): the first end of a ring wins. The ends of batches that arrive while a statement
+    /// runs go into the next one together.
+    pub async fn end(self: &Arc<Self>, ends: Vec<EndEvent>) -> Result<Vec<Ended>, String> {
+        let this = self.clone();
+        grouped(&self.ends, ends, "the ends' recording", async move {
+            run_grouped(&this.ends, |all: Vec<EndEvent>| this.end_statement(all)).await
         })
-        .await?;
-        Ok(Ended {
-            won: row.get(0),
-            target: row.get(1),
-            state: row.get(2),
-            pressed_at: row.get(3),
-            ended_at: row.get(4),
-            by_name: row.get(5),
-        })
+        .await
+    }
+
+    async fn end_statement(&self, ends: Vec<EndEvent>) -> Result<Vec<Ended>, String> {
+        let gateways: Vec<&str> = ends.iter().map(|e| e.gateway_id.as_str()).collect();
+        let rings: Vec<&str> = ends.iter().map(|e| e.ring_id.as_str()).collect();
+        let own: Vec<&str> = ends.iter().map(|e| e.event_id.as_str()).collect();
+        let states: Vec<&str> = ends.iter().map(|e| e.reason.as_str()).collect();
+        let by: Vec<Option<i64>> = ends.iter().map(|e| e.by_user).collect();
+        let at: Vec<Option<OffsetDateTime>> = ends.iter().map(|e| e.at).collect();
+        let mut tries = 0;
+        let rows = loop {
+            tries += 1;
+            let rows = bounded(async {
+                let client = self.pool.get().await?;
+                let statement = client.prepare_cached(END).await?;
+                Ok(client
+                    .query(&statement, &[&gateways, &rings, &own, &states, &by, &at])
+                    .await?)
+            })
+            .await;
+            match rows {
+                Err(e) if tries < END_TRIES && e.is_deadlock() => continue,
+                rows => break rows.map_err(|e| e.to_string())?,
+            }
+        };
+        let mut ended: Vec<Option<Ended>> = vec![None; ends.len()];
+        for row in rows {
+            let i: i32 = row.get(0);
+            let Some(e) = usize::try_from(i - 1).ok().and_then(|i| ended.get_mut(i)) else {
+                continue;
+            };
+            *e = Some(Ended {
+                won: row.get(1),
+                target: row.get(2),
+                state: row.get(3),
+                pressed_at: row.get(4),
+                ended_at: row.get(5),
+                by_name: row.get(6),
+            });
+        }
+        // `ringpush_end_ring` answers every end, or fails the statement.
+        ended
+            .into_iter()
+            .map(|e| e.ok_or_else(|| "an end got no answer".to_owned()))
+            .collect()
     }
 
     /// Ends `missed` up to `limit` rings past their deadline, and hands them to `announce`
@@ -455,6 +470,72 @@ pub fn missed_end(missed: &Missed) -> EndEvent {
         reason: EndReason::Missed,
         by_user: None,
         at: Some(missed.deadline),
+    }
+}
+
+/// Adds `asks` to `queue` and awaits their answers; the first caller while no statement
+/// runs starts `runner` (on a task of its own, so a caller that goes away never stops the
+/// others'). `what` names the statement in the error of an abandoned one.
+async fn grouped<A, R>(
+    queue: &Mutex<Queue<A, R>>,
+    asks: Vec<A>,
+    what: &str,
+    runner: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Vec<R>, String> {
+    if asks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (tx, rx) = oneshot::channel();
+    let start = {
+        let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.waiting.push((asks, tx));
+        !std::mem::replace(&mut queue.running, true)
+    };
+    if start {
+        tokio::spawn(runner);
+    }
+    rx.await
+        .unwrap_or_else(|_| Err(format!("{what} was abandoned")))
+}
+
+/// Runs what waits in `queue`, all of it in one call of `run` at a time, until nothing does;
+/// answers each caller its part (by position).
+async fn run_grouped<A, R, F, Fut>(queue: &Mutex<Queue<A, R>>, run: F)
+where
+    F: Fn(Vec<A>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<R>, String>>,
+{
+    /// Frees the runner's place also when a statement panics.
+    struct Running<'a, A, R>(&'a Mutex<Queue<A, R>>);
+    impl<A, R> Drop for Running<'_, A, R> {
+        fn drop(&mut self) {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+        }
+    }
+    let _running = Running(queue);
+    loop {
+        let waiting = {
+            let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.waiting.is_empty() {
+                return;
+            }
+            std::mem::take(&mut queue.waiting)
+        };
+        let (asks, answers): (Vec<Vec<A>>, Vec<_>) = waiting.into_iter().unzip();
+        let lengths: Vec<usize> = asks.iter().map(Vec::len).collect();
+        match run(asks.into_iter().flatten().collect()).await {
+            Ok(mut all) => {
+                for (n, tx) in lengths.into_iter().zip(answers).rev() {
+                    let mine = all.split_off(all.len() - n);
+                    let _ = tx.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for tx in answers {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }
 

@@ -161,10 +161,11 @@ pub(super) async fn lookup_holding(
             ctx.claims.claim(&asks),
             ctx.rings
                 .begin(begins.iter().map(|(_, b)| b.clone()).collect()),
-            join_all(ends.iter().map(|&i| {
-                let end = rings[i].end.as_ref().expect("an end");
-                ctx.rings.end(end)
-            })),
+            ctx.rings.end(
+                ends.iter()
+                    .map(|&i| rings[i].end.clone().expect("an end"))
+                    .collect()
+            ),
         );
         drop(asks);
         // What the claims found, at once: a ring claimed keeps its claim (and the ledger's
@@ -252,7 +253,7 @@ fn note_life(
     begins: &[(usize, crate::db::rings::Begin)],
     begun: Result<Vec<crate::db::rings::Begun>, String>,
     ends: &[usize],
-    ended: Vec<Result<crate::db::rings::Ended, crate::db::DbError>>,
+    ended: Result<Vec<crate::db::rings::Ended>, String>,
 ) -> Result<(), String> {
     use crate::db::rings::Begun;
     let begun = begun?;
@@ -266,22 +267,19 @@ fn note_life(
             (Begun::Ended(_), _) => Life::Ended,
         };
     }
-    let mut trouble = None;
-    for (&i, e) in ends.iter().zip(ended) {
+    for (&i, e) in ends.iter().zip(ended?) {
         let ring = &mut rings[i];
-        match e {
-            Ok(e) if e.won => {
-                let first = ring.attempt == 0 && !ring.maybe_seen && ring.life == Life::Unknown;
-                if first {
-                    ctx.counters.count_end(&e);
-                }
-                ring.life = Life::FollowUp(e);
+        if e.won {
+            let first = ring.attempt == 0 && !ring.maybe_seen && ring.life == Life::Unknown;
+            if first {
+                ctx.counters.count_end(&e);
             }
-            Ok(e) => ring.life = Life::AlreadyEnded(e.state),
-            Err(e) => trouble = Some(e.to_string()),
+            ring.life = Life::FollowUp(e);
+        } else {
+            ring.life = Life::AlreadyEnded(e.state);
         }
     }
-    trouble.map_or(Ok(()), Err)
+    Ok(())
 }
 
 /// First wait before a ring another copy of which is in hand claims again, doubling up to

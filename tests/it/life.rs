@@ -528,3 +528,109 @@ async fn ringpush_ring_end_and_history_as_a_person_uses_them() {
     assert!(none.contains("no rings"), "{none}");
     app.stop_with_nothing_unacked().await;
 }
+
+/// The ends of concurrent batches go into one statement (one commit) together: within it and
+/// across two at once the first end of a ring still wins, each answer is its own end's, an
+/// end of a ring not known yet is kept, and an end naming a folded press ends its ring.
+#[tokio::test]
+async fn ends_recorded_together_the_first_end_of_each_ring_wins() {
+    use ringpush::db::rings::{Begin, Begun, Rings, Timing};
+    let db = crate::support::TestDb::new().await;
+    ringpush::db::migrate(&db.url).await.unwrap();
+    let pool = ringpush::db::pool(&db.url, 4, Duration::from_secs(5)).unwrap();
+    // Rings of a known gateway only have a life kept.
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "WITH u AS (INSERT INTO users DEFAULT VALUES RETURNING id)
+             INSERT INTO gateways (id, owner_id, name) SELECT 'gw', id, 'Door' FROM u",
+        )
+        .await
+        .unwrap();
+    let rings = Rings::new(
+        pool.clone(),
+        Timing {
+            timeout: Duration::from_secs(30),
+            debounce: Duration::from_secs(5),
+        },
+    );
+    let now = OffsetDateTime::now_utc();
+    let press = |event: &str, after: i64| Begin {
+        gateway: "gw".into(),
+        event: event.into(),
+        switch: Some("front".into()),
+        pressed_at: now + time::Duration::milliseconds(after),
+    };
+    let begun = rings
+        .begin(vec![press("a", 0), press("a-again", 100)])
+        .await
+        .unwrap();
+    assert_eq!(begun, [Begun::Ringing, Begun::Folded("a".into())]);
+    rings
+        .begin(vec![Begin {
+            switch: Some("back".into()),
+            ..press("b", 0)
+        }])
+        .await
+        .unwrap();
+    let end = |id: &str, ring: &str, reason| EndEvent {
+        event_id: id.into(),
+        ring_id: ring.into(),
+        gateway_id: "gw".into(),
+        reason,
+        by_user: None,
+        at: Some(now + time::Duration::seconds(1)),
+    };
+    // One call: two ends of `a` (one naming its folded press), an end of a ring not seen yet.
+    let first = vec![
+        end("e1", "a", EndReason::Answered),
+        end("e2", "a-again", EndReason::Declined),
+        end("e3", "unknown", EndReason::Cancelled),
+    ];
+    // Beside it, at the same time, two more ends of `b`.
+    let second = vec![
+        end("e4", "b", EndReason::DoorOpened),
+        end("e5", "b", EndReason::Answered),
+    ];
+    let (first, second) = tokio::join!(rings.end(first), rings.end(second));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    let view = |e: &ringpush::db::rings::Ended| (e.won, e.target.clone(), e.state.clone());
+    assert_eq!(
+        first.iter().map(view).collect::<Vec<_>>(),
+        [
+            (true, "a".into(), "answered".into()),
+            (false, "a".into(), "answered".into()),
+            (true, "unknown".into(), "cancelled".into()),
+        ]
+    );
+    assert_eq!(
+        second.iter().map(view).collect::<Vec<_>>(),
+        [
+            (true, "b".into(), "door_opened".into()),
+            (false, "b".into(), "door_opened".into()),
+        ]
+    );
+    // Asked again (a redelivered end), the winner still says so; nothing changes.
+    let again = rings
+        .end(vec![
+            end("e1", "a", EndReason::Answered),
+            end("e5", "b", EndReason::Answered),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        again.iter().map(|e| e.won).collect::<Vec<_>>(),
+        [true, false]
+    );
+    assert!(rings.end(Vec::new()).await.unwrap().is_empty());
+    // The ring whose end came first is not pushed when it comes.
+    let late = rings
+        .begin(vec![Begin {
+            switch: None,
+            ..press("unknown", 0)
+        }])
+        .await
+        .unwrap();
+    assert_eq!(late, [Begun::Ended("cancelled".into())]);
+}
