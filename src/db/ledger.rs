@@ -6,8 +6,9 @@
 //! ring (gateway of its routing key, event id) and its accepted tokens as 8-byte hashes
 //! ([`hash`]), concatenated. Rows are only inserted and swept: [`Ledger::record`] groups
 //! the writes of concurrent rings into one statement (one commit) like a group commit;
-//! [`Ledger::seen`] reads the rings of a batch in one statement; [`Ledger::sweep`] deletes
-//! rows older than the ring TTL plus a margin through the BRIN index on `recorded_at`.
+//! [`Ledger::seen`] reads the rings of a batch in one statement (those of callers that ask
+//! while a read runs, together in the next); [`Ledger::sweep`] deletes rows older than the
+//! ring TTL plus a margin through the BRIN index on `recorded_at`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -66,12 +67,23 @@ const SWEEP: &str =
 /// One entry waiting to be written, and who waits for it.
 type Waiter = (RingKey, Vec<u8>, oneshot::Sender<Result<(), String>>);
 
+/// The rings one caller asks about, waiting for the next read, and where the answer goes.
+type Reader = (Vec<RingKey>, oneshot::Sender<Result<Seen, String>>);
+
+/// The reads waiting for the next statement, and whether one runs.
+#[derive(Default)]
+struct Reads {
+    reading: bool,
+    waiting: Vec<Reader>,
+}
+
 /// The ledger of one worker process (any number of workers share the table).
 pub struct Ledger {
     pool: Pool,
     /// The worker's claims, told when the entries of the rings they hold are written.
     claims: std::sync::OnceLock<Arc<super::Claims>>,
     state: Mutex<Queue>,
+    reads: Mutex<Reads>,
 }
 
 #[derive(Default)]
@@ -86,6 +98,7 @@ impl Ledger {
             pool,
             claims: std::sync::OnceLock::new(),
             state: Mutex::default(),
+            reads: Mutex::default(),
         })
     }
 
@@ -176,12 +189,69 @@ impl Ledger {
         Ok(())
     }
 
-    /// The tokens recorded for `rings`, in one statement.
-    pub async fn seen(&self, rings: &[RingKey]) -> Result<Seen, DbError> {
-        let mut seen = Seen::new();
+    /// The tokens recorded for `rings`. The reads of callers that ask while a read runs (the
+    /// follow-ups of a batch's ends, each on its own) go into the next statement together.
+    pub async fn seen(self: &Arc<Self>, rings: &[RingKey]) -> Result<Seen, String> {
         if rings.is_empty() {
-            return Ok(seen);
+            return Ok(Seen::new());
         }
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+            reads.waiting.push((rings.to_vec(), tx));
+            !std::mem::replace(&mut reads.reading, true)
+        };
+        if start {
+            let this = self.clone();
+            tokio::spawn(async move { this.read_waiting().await });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the ledger read was abandoned".into()))
+    }
+
+    /// Reads what waits, one statement at a time, until nothing does; answers each caller
+    /// the rings it asked about.
+    async fn read_waiting(&self) {
+        /// Frees the reader's place also when a read panics (the next caller starts one).
+        struct Reading<'a>(&'a Mutex<Reads>);
+        impl Drop for Reading<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).reading = false;
+            }
+        }
+        let _reading = Reading(&self.reads);
+        loop {
+            let waiting = {
+                let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+                if reads.waiting.is_empty() {
+                    return;
+                }
+                std::mem::take(&mut reads.waiting)
+            };
+            let all: Vec<&RingKey> = waiting.iter().flat_map(|(rings, _)| rings).collect();
+            match self.read(&all).await {
+                Ok(seen) => {
+                    for (rings, tx) in waiting {
+                        let mine = rings
+                            .iter()
+                            .filter_map(|r| seen.get(r).map(|t| (r.clone(), t.clone())))
+                            .collect();
+                        let _ = tx.send(Ok(mine));
+                    }
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    for (_, tx) in waiting {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tokens recorded for `rings`, in one statement.
+    async fn read(&self, rings: &[&RingKey]) -> Result<Seen, DbError> {
+        let mut seen = Seen::new();
         let gateways: Vec<&str> = rings.iter().map(|r| r.gateway.as_str()).collect();
         let events: Vec<&str> = rings.iter().map(|r| r.event.as_str()).collect();
         let rows = bounded(async {

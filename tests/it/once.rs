@@ -289,6 +289,11 @@ async fn the_ledger_sweep_removes_old_entries_through_its_index_and_keeps_fresh_
     let fresh = &seen[&ring("fresh")];
     assert!(fresh.contains(&ledger_hash("aa")) && fresh.contains(&ledger_hash("bb")));
     assert!(!fresh.contains(&ledger_hash("cc")));
+    // Callers asking at once share a read; each is answered about its own rings only.
+    let (asked, asked_too) = ([ring("fresh"), ring("never")], [ring("old")]);
+    let (mine, theirs) = tokio::join!(ledger.seen(&asked), ledger.seen(&asked_too));
+    assert_eq!(mine.unwrap().keys().collect::<Vec<_>>(), [&ring("fresh")]);
+    assert!(theirs.unwrap().is_empty());
     // The sweep can run on the BRIN index of recorded_at (on a small table the planner may
     // prefer a scan; forbidden one, it must still find a plan through the index).
     client
