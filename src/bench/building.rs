@@ -68,7 +68,7 @@ pub(super) async fn building(
                 &[&BUILDING, &BUILDING_SHAREES, &BUILDING_PHONES],
             )
             .await?;
-        client.batch_execute("ANALYZE").await?;
+        super::e2e::analyze(&client).await?;
         let row = client
             .query_one(
                 "SELECT count(*) FROM push_tokens t JOIN gateway_shares s USING (user_id)

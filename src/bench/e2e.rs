@@ -67,7 +67,7 @@ pub(super) async fn end_to_end(
             )
             .await?;
         // Statistics, as a database in service has them (autovacuum would, a minute later).
-        client.batch_execute("ANALYZE").await?;
+        analyze(&client).await?;
     }
     let mock = MockProcess::start(dir).await?;
     let fcm = match args.android_share {
@@ -431,4 +431,22 @@ async fn broker_latency(
     }
     publisher.await??;
     Ok(p50_p99(latencies))
+}
+
+/// `ANALYZE` of every table of the bench's own schema (the first on its search path) — not
+/// of the whole database, whose other schemas' tables may be locked for minutes by whatever
+/// else uses the server (a database-wide `ANALYZE` queues behind any of them).
+pub(super) async fn analyze(client: &deadpool_postgres::Client) -> anyhow::Result<()> {
+    let tables: Option<String> = client
+        .query_one(
+            "SELECT string_agg(format('%I.%I', schemaname, tablename), ', ')
+             FROM pg_tables WHERE schemaname = current_schema()",
+            &[],
+        )
+        .await?
+        .get(0);
+    if let Some(tables) = tables {
+        client.batch_execute(&format!("ANALYZE {tables}")).await?;
+    }
+    Ok(())
 }
