@@ -315,6 +315,7 @@ async fn run_inner(
             pools: pool.into(),
             providers: crate::worker::providers(Some(apns), Some(fcm)),
             counters,
+            apps: None,
         };
         processes.spawn(worker.run(cancel));
     }

@@ -34,6 +34,7 @@
 //! (`--no-default-features`) with the crates only they need.
 
 pub mod apns;
+pub mod apps;
 pub mod backoff;
 #[cfg(feature = "kit")]
 pub mod bench;

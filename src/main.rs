@@ -83,15 +83,21 @@ async fn run(command: Command, cancel: CancellationToken) -> anyhow::Result<()> 
                 let var = "RINGPUSH_DATABASE_READ_URL";
                 preflight(read, url, var, "the token lookup runs").await;
             }
+            let settings = args.settings()?;
+            let apps = args.apps()?;
             let process = worker::Process {
-                settings: args.settings()?,
+                settings,
                 amqp_url: args.broker.endpoint()?,
                 pools: worker::Pools {
                     lookups: read_pool.unwrap_or_else(|| pool.clone()),
                     primary: pool,
                 },
-                providers: args.providers()?,
+                providers: apps.providers().clone(),
                 counters: Arc::default(),
+                apps: Some(worker::Apps {
+                    apps,
+                    poll: args.apps_poll,
+                }),
             };
             process.observe(&args.metrics.serve(), &cancel).await?;
             process.run(cancel).await

@@ -230,6 +230,34 @@ pub mod encode {
         Ok(())
     }
 
+    /// One gauge or counter family with a child per set of labels given (values read at
+    /// scrape time).
+    pub fn family(
+        e: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        counter: bool,
+        children: &[(Vec<(String, String)>, i64)],
+    ) -> fmt::Result {
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::MetricType;
+        let kind = if counter {
+            MetricType::Counter
+        } else {
+            MetricType::Gauge
+        };
+        let mut family = e.encode_descriptor(name, help, None, kind)?;
+        for (labels, value) in children {
+            let child = family.encode_family(labels)?;
+            if counter {
+                ConstCounter::new((*value).max(0) as u64).encode(child)?;
+            } else {
+                ConstGauge::new(*value).encode(child)?;
+            }
+        }
+        Ok(())
+    }
+
     /// One counter family with a child per `(label, value)` pair given (counts read at
     /// scrape time).
     pub fn counters(

@@ -19,17 +19,16 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 use tracing::warn;
 
 use crate::db::Recipient;
-use crate::token::{Environment, Kind, Platform};
+use crate::token::{AppId, Environment, Kind, Platform};
 
 pub use prepare::{followup_text, AlertTemplate, Ending, Messages, Prepared, Ring};
 
@@ -162,89 +161,217 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// paused for it probes.
     fn probe(&self, environment: Environment) -> Probing<'_>;
 
-    /// Encodes what is known only at scrape time (connections, streams in flight).
-    fn collect(&self, _e: &mut DescriptorEncoder) -> fmt::Result {
-        Ok(())
+    /// What is known only at scrape time (connections, streams in flight): the registry
+    /// shows each with the provider's app (`app` label), one family per name.
+    fn stats(&self) -> Vec<Stat> {
+        Vec::new()
     }
 }
 
-/// The providers a worker pushes through, one per platform; the guard that judges their
-/// "dead" answers; the once-a-minute warnings for tokens no provider takes.
+/// A number a provider shows at `/metrics`, read at scrape time.
+#[derive(Debug, Clone)]
+pub struct Stat {
+    /// The family's name, without `ringpush_` (`apns_connections`).
+    pub name: &'static str,
+    pub help: &'static str,
+    /// A counter (else a gauge).
+    pub counter: bool,
+    /// Its labels besides `app`.
+    pub labels: Vec<(&'static str, &'static str)>,
+    pub value: i64,
+}
+
+impl Stat {
+    pub fn gauge(name: &'static str, help: &'static str, value: i64) -> Self {
+        Self {
+            name,
+            help,
+            counter: false,
+            labels: Vec::new(),
+            value,
+        }
+    }
+}
+
+/// The providers a worker pushes through: per app, one per platform (an app is an instance
+/// of each provider it has credentials for — its own connections, JWTs and access tokens);
+/// the guard that judges their "dead" answers; the once-a-minute warnings for tokens no
+/// provider takes. Clones share everything: an app's providers replaced on one clone
+/// ([`Providers::set_app`], a reload) are what every clone pushes through from then on.
 #[derive(Clone)]
 pub struct Providers {
-    by_platform: Arc<[Arc<dyn Provider>]>,
-    /// `ringpush_<platform>_request_seconds`: each provider's request latency, send to
-    /// answer (FCM's with a `Retry-After` wait included).
-    request_seconds: Arc<[Histogram]>,
-    /// When a skipped token was last warned about, per reason and platform (seconds since
-    /// the epoch): at most one warning a minute each.
-    warned: Arc<Mutex<HashMap<(Platform, bool), u64>>>,
+    /// The apps' providers now; a ring prepared holds the ones it was prepared with.
+    table: Arc<RwLock<Arc<Table>>>,
+    /// `ringpush_<platform>_request_seconds`: each platform's request latency, send to
+    /// answer (FCM's with a `Retry-After` wait included), whatever the app.
+    request_seconds: Arc<[(Platform, Histogram)]>,
+    /// When a skipped token was last warned about, per app, platform and reason (seconds
+    /// since the epoch): at most one warning a minute each.
+    warned: Arc<Mutex<HashMap<Warned, u64>>>,
     /// Judges "dead" answers against the rest before they may delete a token.
     pub guard: Arc<guard::Guard>,
 }
 
-impl fmt::Debug for Providers {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.by_platform.iter()).finish()
+/// What a skipped token was warned about: its app, platform, and whether it was unsupported.
+type Warned = (AppId, Platform, bool);
+
+/// Every app's providers at one moment.
+#[derive(Default)]
+struct Table {
+    entries: Vec<(AppId, Arc<dyn Provider>)>,
+}
+
+impl Table {
+    fn get(&self, app: AppId, platform: Platform) -> Option<&Arc<dyn Provider>> {
+        self.entries
+            .iter()
+            .find(|(a, p)| *a == app && p.platform() == platform)
+            .map(|(_, p)| p)
     }
 }
 
+impl fmt::Debug for Providers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.entries()).finish()
+    }
+}
+
+/// Refuses a second provider for one platform in one app: a mistake in the assembly.
+fn one_per_platform(app: AppId, providers: &[Arc<dyn Provider>]) -> Result<(), String> {
+    for (i, p) in providers.iter().enumerate() {
+        if providers[..i].iter().any(|q| q.platform() == p.platform()) {
+            return Err(format!(
+                "two providers for the platform {} in the app {app}",
+                p.platform()
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Providers {
-    /// The registry of `providers`, one per platform (a second one for a platform is a
-    /// mistake in the assembly: refused, naming it).
+    /// The registry of `providers`, one per platform, all the app `default`'s (a second one
+    /// for a platform is a mistake in the assembly: refused, naming it).
     pub fn new(providers: Vec<Arc<dyn Provider>>) -> Result<Self, String> {
-        for (i, p) in providers.iter().enumerate() {
-            if providers[..i].iter().any(|q| q.platform() == p.platform()) {
-                return Err(format!("two providers for the platform {}", p.platform()));
+        Self::of_apps(vec![(AppId::DEFAULT, providers)])
+    }
+
+    /// The registry of several apps' providers, one per platform in each app.
+    pub fn of_apps(apps: Vec<(AppId, Vec<Arc<dyn Provider>>)>) -> Result<Self, String> {
+        let mut entries = Vec::new();
+        for (i, (app, providers)) in apps.iter().enumerate() {
+            if apps[..i].iter().any(|(a, _)| a == app) {
+                return Err(format!("the app {app} is given twice"));
+            }
+            one_per_platform(*app, providers)?;
+            entries.extend(providers.iter().map(|p| (*app, p.clone())));
+        }
+        // Every platform met now, and APNs and FCM whatever is configured: an app that
+        // appears later with a platform no app had has its latency measured too.
+        let mut platforms = vec![Platform::APNS, Platform::FCM];
+        for (_, p) in &entries {
+            if !platforms.contains(&p.platform()) {
+                platforms.push(p.platform());
             }
         }
         Ok(Self {
-            request_seconds: providers
-                .iter()
-                .map(|_| crate::metrics::latency_histogram())
+            request_seconds: platforms
+                .into_iter()
+                .map(|p| (p, crate::metrics::latency_histogram()))
                 .collect(),
-            by_platform: providers.into(),
+            table: Arc::new(RwLock::new(Arc::new(Table { entries }))),
             warned: Arc::default(),
             guard: Arc::default(),
         })
     }
 
-    /// The provider of `platform`, when one is registered.
-    pub fn get(&self, platform: Platform) -> Option<&Arc<dyn Provider>> {
-        self.by_platform.iter().find(|p| p.platform() == platform)
+    /// The table now (a ring prepared keeps the providers it was prepared with).
+    fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Registers each provider's request latency histogram,
+    /// Replaces `app`'s providers (none: the app is gone, its tokens are skipped as
+    /// unconfigured). A ring already prepared finishes with the ones it was prepared with;
+    /// every ring prepared after this uses the new ones. Refused when two are for one
+    /// platform.
+    pub fn set_app(&self, app: AppId, providers: Vec<Arc<dyn Provider>>) -> Result<(), String> {
+        one_per_platform(app, &providers)?;
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let mut entries: Vec<_> = table
+            .entries
+            .iter()
+            .filter(|(a, _)| *a != app)
+            .cloned()
+            .collect();
+        entries.extend(providers.into_iter().map(|p| (app, p)));
+        *table = Arc::new(Table { entries });
+        Ok(())
+    }
+
+    /// The provider of `app` for `platform`, when one is registered.
+    pub fn get(&self, app: AppId, platform: Platform) -> Option<Arc<dyn Provider>> {
+        self.table().get(app, platform).cloned()
+    }
+
+    /// Some provider of `platform` (whichever app's): the endpoints are the deployment's, so
+    /// any of them tells whether the service can be reached.
+    pub fn any(&self, platform: Platform) -> Option<Arc<dyn Provider>> {
+        let table = self.table();
+        let found = table.entries.iter().find(|(_, p)| p.platform() == platform);
+        found.map(|(_, p)| p.clone())
+    }
+
+    /// Registers each platform's request latency histogram,
     /// `ringpush_<platform>_request_seconds`.
     pub fn register(&self, registry: &mut Registry) {
-        for (p, h) in self.by_platform.iter().zip(self.request_seconds.iter()) {
+        for (platform, h) in self.request_seconds.iter() {
             registry.register(
-                format!("{}_request_seconds", p.platform()),
+                format!("{platform}_request_seconds"),
                 format!(
                     "{} request latency, send to answer (a wait the service asked for included)",
-                    p.platform().provider_name()
+                    platform.provider_name()
                 ),
                 h.clone(),
             );
         }
     }
 
-    /// Every provider registered.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Provider>> {
-        self.by_platform.iter()
+    /// Every provider registered now, with its app.
+    pub fn entries(&self) -> Vec<(AppId, Arc<dyn Provider>)> {
+        self.table().entries.clone()
     }
 
-    /// How many providers are registered.
+    /// The apps that have a provider now.
+    pub fn apps(&self) -> Vec<AppId> {
+        let mut apps: Vec<AppId> = self.table().entries.iter().map(|(a, _)| *a).collect();
+        apps.sort();
+        apps.dedup();
+        apps
+    }
+
+    /// The platforms some app has a provider for now.
+    pub fn platforms(&self) -> Vec<Platform> {
+        let mut platforms: Vec<Platform> = Vec::new();
+        for (_, p) in self.table().entries.iter() {
+            if !platforms.contains(&p.platform()) {
+                platforms.push(p.platform());
+            }
+        }
+        platforms
+    }
+
+    /// How many platforms some app has a provider for (one: a ring none of whose tokens can
+    /// be reached may be held).
     pub fn len(&self) -> usize {
-        self.by_platform.len()
+        self.platforms().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_platform.is_empty()
+        self.table().entries.is_empty()
     }
 
-    /// Prepares a ring for `recipients`: each registered provider's message for each kind
-    /// among its tokens, built once and shared by them.
+    /// Prepares a ring for `recipients`: for each app and platform among them, its provider's
+    /// message for each kind among its tokens, built once and shared by them.
     pub fn prepare(
         &self,
         event: &crate::wire::ring::RingEvent,
@@ -253,63 +380,73 @@ impl Providers {
         messages: &Messages<'_>,
         ending: Option<&Ending>,
     ) -> Result<Prepared, PrepareError> {
-        Prepared::new(self, event, gateway_name, recipients, messages, ending)
+        let table = self.table();
+        let of = |app, platform| table.get(app, platform).cloned();
+        Prepared::new(&of, event, gateway_name, recipients, messages, ending)
     }
 
     /// Whether `to` gets a follow-up when a ring ends (`Err`: the outcome it is counted under
-    /// instead). A platform without a provider: `Ok` (its tokens are then skipped as
-    /// unconfigured, as for a ring).
+    /// instead). A token without a provider: `Ok` (it is then skipped as unconfigured, as
+    /// for a ring).
     pub fn follows_up(&self, to: &Recipient) -> Result<(), &'static str> {
-        match self.get(to.token.platform()) {
+        match self.table().get(to.app, to.token.platform()) {
             Some(p) => p.follow_up(to.kind),
             None => Ok(()),
         }
     }
 
-    /// Sends the ring to one token through its platform's provider and says what it means.
+    /// Sends the ring to one token through the provider of its app and platform that the
+    /// ring was prepared with, and says what it means.
     pub async fn send(&self, ring: &Prepared, to: &Recipient) -> Answer {
         let platform = to.token.platform();
-        let at = self
-            .by_platform
-            .iter()
-            .position(|p| p.platform() == platform);
-        let (Some(at), Some(message)) = (at, ring.message(platform, to.kind)) else {
-            return self.skipped(Skip::Unconfigured(platform));
+        let Some((provider, message)) = ring.message(to.app, platform, to.kind) else {
+            return self.skipped(to.app, Skip::Unconfigured(platform));
         };
         let sent = Instant::now();
-        let answer = self.by_platform[at].send(ring, message, to).await;
+        let answer = provider.send(ring, message, to).await;
         if answer.answered() {
-            self.request_seconds[at].observe(sent.elapsed().as_secs_f64());
+            if let Some((_, h)) = self.request_seconds.iter().find(|(p, _)| *p == platform) {
+                h.observe(sent.elapsed().as_secs_f64());
+            }
         }
         if let Answer::Skipped(skip) = answer {
-            return self.skipped(skip);
+            return self.skipped(to.app, skip);
         }
         answer
     }
 
     /// The topic a request for `to` goes under (APNs), for the feedback event.
     pub fn topic(&self, ring: &Prepared, to: &Recipient) -> Option<String> {
-        self.get(to.token.platform())?.topic(ring, to)
+        let (provider, _) = ring.message(to.app, to.token.platform(), to.kind)?;
+        provider.topic(ring, to)
     }
 
-    /// The scope `to`'s request went under (what the guard weighs its answer against).
+    /// The scope `to`'s request went under (what the guard weighs its answer against): its
+    /// provider's, within its app (one app's mistake is judged on that app's answers).
     pub fn scope(&self, ring: &Prepared, to: &Recipient) -> guard::Scope {
-        match self.get(to.token.platform()) {
-            Some(p) => p.scope(ring, to),
-            None => guard::Scope::new(to.token.platform(), "(no provider)"),
+        let platform = to.token.platform();
+        let scope = match ring.message(to.app, platform, to.kind) {
+            Some((p, _)) => p.scope(ring, to),
+            None => guard::Scope::new(platform, "(no provider)"),
+        };
+        match to.app {
+            AppId::DEFAULT => scope,
+            app => guard::Scope::new(scope.platform, format!("app {app}: {}", scope.what)),
         }
     }
 
-    /// Whether `platform`'s provider can be reached now: what a paused worker probes.
+    /// Whether `platform` can be reached now: what a paused worker probes (any app's
+    /// provider of it: the endpoints are the deployment's).
     pub async fn probe(&self, platform: Platform, environment: Environment) -> Result<(), String> {
-        match self.get(platform) {
+        match self.any(platform) {
             Some(p) => p.probe(environment).await,
             None => Ok(()),
         }
     }
 
-    /// Counts a skipped token, warning about its reason at most once a minute per platform.
-    fn skipped(&self, skip: Skip) -> Answer {
+    /// Counts a skipped token, warning about its reason at most once a minute per app and
+    /// platform.
+    fn skipped(&self, app: AppId, skip: Skip) -> Answer {
         let (platform, unsupported) = match skip {
             Skip::Unconfigured(p) => (p, false),
             Skip::Unsupported(p) => (p, true),
@@ -320,7 +457,7 @@ impl Providers {
             .as_secs();
         let due = {
             let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-            let last = warned.entry((platform, unsupported)).or_insert(0);
+            let last = warned.entry((app, platform, unsupported)).or_insert(0);
             let due = now.saturating_sub(*last) >= 60;
             if due {
                 *last = now;
@@ -330,9 +467,9 @@ impl Providers {
         if due {
             let name = platform.provider_name();
             if unsupported {
-                warn!(platform = %platform, "a call-style ring to a {name} token was not pushed: {name} as configured cannot carry calls (APNs's legacy binary interface has no VoIP pushes); counted as unsupported, not retried (warned once a minute)");
+                warn!(%app, platform = %platform, "a call-style ring to a {name} token was not pushed: {name} as configured cannot carry calls (APNs's legacy binary interface has no VoIP pushes); counted as unsupported, not retried (warned once a minute)");
             } else {
-                warn!(platform = %platform, "a {name} token was not pushed: {name} is not configured ({}); such tokens are counted as unconfigured, not retried (warned once a minute)", configured_by(platform));
+                warn!(%app, platform = %platform, "a {name} token of the app {app} was not pushed: the app has no {name} credentials ({}); such tokens are counted as unconfigured, not retried (warned once a minute)", configured_by(app, platform));
             }
         }
         Answer::Skipped(skip)
@@ -340,11 +477,17 @@ impl Providers {
 }
 
 /// What configures a platform's provider, for the warning about its skipped tokens.
-fn configured_by(platform: Platform) -> &'static str {
-    match platform {
-        Platform::APNS => "RINGPUSH_APNS_KEY_FILE or RINGPUSH_APNS_CERT_FILE",
-        Platform::FCM => "RINGPUSH_FCM_CREDENTIALS_FILE",
-        _ => "no provider is registered for this platform",
+fn configured_by(app: AppId, platform: Platform) -> String {
+    match (app, platform) {
+        (AppId::DEFAULT, Platform::APNS) => {
+            "RINGPUSH_APNS_KEY_FILE or RINGPUSH_APNS_CERT_FILE, or RINGPUSH_APPS_DIR/default".into()
+        }
+        (AppId::DEFAULT, Platform::FCM) => {
+            "RINGPUSH_FCM_CREDENTIALS_FILE, or RINGPUSH_APPS_DIR/default".into()
+        }
+        (app, Platform::APNS) => format!("\"apns\" in RINGPUSH_APPS_DIR/{app}/app.json"),
+        (app, Platform::FCM) => format!("\"fcm\" in RINGPUSH_APPS_DIR/{app}/app.json"),
+        _ => "no provider is registered for this platform".into(),
     }
 }
 
@@ -359,6 +502,7 @@ mod tests {
             kind,
             environment: Environment::Production,
             topic: None,
+            app: AppId::DEFAULT,
         }
     }
 

@@ -232,6 +232,81 @@ impl fmt::Display for Platform {
     }
 }
 
+/// Which app a token belongs to (the `app` column; contract v3): the app `default`, which
+/// the single-app variables configure, or the name of a folder under `RINGPUSH_APPS_DIR`
+/// (1 to 64 of `a-z 0-9 _ -`). Copy, compared by name; names are interned once (a
+/// deployment has a handful of apps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AppId(&'static str);
+
+/// The app names seen so far.
+static APPS: std::sync::RwLock<Vec<&'static str>> = std::sync::RwLock::new(Vec::new());
+
+impl AppId {
+    /// The app the single-app variables configure, and every token registered without one.
+    pub const DEFAULT: AppId = AppId("default");
+    /// The longest app id.
+    pub const MAX_NAME: usize = 64;
+
+    /// The app called `name`.
+    pub fn named(name: &str) -> Result<AppId, String> {
+        if name == "default" {
+            return Ok(AppId::DEFAULT);
+        }
+        let valid = !name.is_empty()
+            && name.len() <= Self::MAX_NAME
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid {
+            let shown: String = name.chars().take(70).collect();
+            return Err(format!(
+                "{shown:?} is not an app id (1 to {} of a-z 0-9 _ -)",
+                Self::MAX_NAME
+            ));
+        }
+        if let Some(&known) = APPS
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|n| **n == name)
+        {
+            return Ok(AppId(known));
+        }
+        let mut names = APPS.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(&known) = names.iter().find(|n| **n == name) {
+            return Ok(AppId(known));
+        }
+        let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        names.push(leaked);
+        Ok(AppId(leaked))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl Default for AppId {
+    /// Every v2 row is the app `default`'s.
+    fn default() -> Self {
+        AppId::DEFAULT
+    }
+}
+
+impl FromStr for AppId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AppId::named(s)
+    }
+}
+
+impl fmt::Display for AppId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a phone wants a ring (the `kind` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Kind {

@@ -234,14 +234,23 @@ impl std::ops::Deref for Context {
 /// The providers of a worker from its configured services: APNs and FCM, either absent when
 /// its credentials are not configured (their tokens are then counted unconfigured).
 pub fn providers(apns: Option<crate::apns::Apns>, fcm: Option<crate::fcm::Client>) -> Providers {
+    Providers::new(providers_of(apns, fcm, None)).expect("one provider per platform")
+}
+
+/// One app's providers: APNs (with the app's topic) and FCM, when configured.
+pub fn providers_of(
+    apns: Option<crate::apns::Apns>,
+    fcm: Option<crate::fcm::Client>,
+    topic: Option<String>,
+) -> Vec<Arc<dyn crate::provider::Provider>> {
     let mut list: Vec<Arc<dyn crate::provider::Provider>> = Vec::new();
     if let Some(apns) = apns {
-        list.push(Arc::new(crate::apns::Provider::new(apns)));
+        list.push(Arc::new(crate::apns::Provider::new(apns).with_topic(topic)));
     }
     if let Some(fcm) = fcm {
         list.push(Arc::new(crate::fcm::Provider::new(fcm)));
     }
-    Providers::new(list).expect("one provider per platform")
+    list
 }
 
 /// A worker process, assembled in one place: what `ringpush worker`, the demo and the tests
@@ -253,6 +262,16 @@ pub struct Process {
     pub pools: Pools,
     pub providers: Providers,
     pub counters: Arc<Counters>,
+    /// The apps whose providers `providers` are, read again every `RINGPUSH_APPS_POLL` and on
+    /// SIGHUP while it runs (`None`: the providers are fixed, as a test or the demo gives).
+    pub apps: Option<Apps>,
+}
+
+/// The apps a worker process reads again, and how often.
+#[derive(Clone)]
+pub struct Apps {
+    pub apps: Arc<crate::apps::Apps>,
+    pub poll: Duration,
 }
 
 impl Process {
@@ -264,6 +283,9 @@ impl Process {
     ) -> anyhow::Result<std::net::SocketAddr> {
         let mut registry = crate::metrics::registry();
         self.counters.register(&mut registry, &self.providers);
+        if let Some(apps) = &self.apps {
+            apps.apps.register(&mut registry);
+        }
         let ready = self
             .counters
             .ready_check(self.pools.primary.clone(), &self.providers);
@@ -275,6 +297,9 @@ impl Process {
 
     /// Runs it until `cancel` ([`run`]).
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        if let Some(Apps { apps, poll }) = self.apps {
+            tokio::spawn(apps.watch(poll, cancel.clone()));
+        }
         run(
             self.settings,
             &self.amqp_url,

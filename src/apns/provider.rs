@@ -5,10 +5,7 @@
 //! binary status 8), a retry, a rejection of our credentials or topic, or APNs unreachable,
 //! which may hold a ring (consumption paused, APNs probed) when APNs is the only provider.
 
-use std::fmt;
-
 use bytes::Bytes;
-use prometheus_client::encoding::DescriptorEncoder;
 use time::OffsetDateTime;
 
 use super::request::{
@@ -18,7 +15,7 @@ use super::{Apns, Reason, SendError};
 use crate::db::Recipient;
 use crate::provider::guard::Scope;
 use crate::provider::{
-    self, Answer, Message, PrepareError, Prepared, Probing, Ring, Sending, Skip,
+    self, Answer, Message, PrepareError, Prepared, Probing, Ring, Sending, Skip, Stat,
 };
 use crate::token::{Environment, Kind, Platform};
 
@@ -26,13 +23,23 @@ use crate::token::{Environment, Kind, Platform};
 #[derive(Debug, Clone)]
 pub struct Provider {
     client: Apns,
+    /// The app's topic (bundle id), for tokens whose row names none.
+    topic: Option<String>,
 }
 
 impl Provider {
     pub fn new(client: impl Into<Apns>) -> Self {
         Self {
             client: client.into(),
+            topic: None,
         }
+    }
+
+    /// With the app's topic: what its tokens whose row names none are sent under (else the
+    /// worker's `RINGPUSH_APNS_TOPIC`).
+    pub fn with_topic(mut self, topic: Option<String>) -> Self {
+        self.topic = topic;
+        self
     }
 
     /// The client it sends through.
@@ -100,9 +107,13 @@ impl provider::Provider for Provider {
         })
     }
 
-    /// Its row's topic, else the default; `.voip` for a call.
+    /// Its row's topic, else its app's, else the worker's default; `.voip` for a call.
     fn topic(&self, ring: &Prepared, to: &Recipient) -> Option<String> {
-        let topic = to.topic.as_deref().or(ring.default_topic())?;
+        let topic = to
+            .topic
+            .as_deref()
+            .or(self.topic.as_deref())
+            .or(ring.default_topic())?;
         Some(match to.kind {
             Kind::Alert => topic.to_owned(),
             Kind::Call => voip_topic(topic),
@@ -139,20 +150,19 @@ impl provider::Provider for Provider {
         })
     }
 
-    fn collect(&self, e: &mut DescriptorEncoder) -> fmt::Result {
-        use crate::metrics::encode;
-        encode::gauge(
-            e,
-            "apns_connections",
-            "Open HTTP/2 connections to APNs.",
-            self.client.connections_open(),
-        )?;
-        encode::gauge(
-            e,
-            "apns_streams_in_flight",
-            "APNs requests awaiting their answer.",
-            self.client.in_flight(),
-        )
+    fn stats(&self) -> Vec<Stat> {
+        vec![
+            Stat::gauge(
+                "apns_connections",
+                "Open HTTP/2 connections to APNs, per app.",
+                self.client.connections_open(),
+            ),
+            Stat::gauge(
+                "apns_streams_in_flight",
+                "APNs requests awaiting their answer, per app.",
+                self.client.in_flight(),
+            ),
+        ]
     }
 }
 
@@ -249,6 +259,7 @@ mod tests {
             kind,
             environment: Environment::Production,
             topic: topic.map(str::to_owned),
+            app: crate::token::AppId::DEFAULT,
         }
     }
 

@@ -124,6 +124,16 @@ impl ApnsArgs {
         self.configured().then(|| self.client()).transpose()
     }
 
+    /// When the configured client certificate expires (`RINGPUSH_APNS_CERT_FILE`), for
+    /// `ringpush_credential_expiry_timestamp_seconds`.
+    pub(crate) fn certificate_expiry(
+        &self,
+    ) -> Result<Vec<(&'static str, time::OffsetDateTime)>, ConfigError> {
+        // EXPIRY: .and_then(|identity| identity.not_after()).map(|at| ("apns", at))
+        let _ = self.tls.identity()?;
+        Ok(Vec::new())
+    }
+
     /// Checks the credentials and builds the client (connections open on first use).
     pub fn client(&self) -> Result<Apns, ConfigError> {
         match self.tls.apns_protocol {
@@ -140,6 +150,56 @@ impl ApnsArgs {
                 "the binary protocol has no token auth: use RINGPUSH_APNS_CERT_FILE only",
             ));
         }
+        Ok(self.binary_client_with(self.tls.binary_tls()?))
+    }
+
+    /// A client of an app's own credentials — a signer (token auth) or a client certificate —
+    /// with the deployment's endpoints, CA, protocol and timeouts: what an app folder under
+    /// `RINGPUSH_APPS_DIR` becomes. Its own connections: two apps never share one.
+    pub fn client_with(
+        &self,
+        signer: Option<Signer>,
+        identity: Option<tls::Identity>,
+    ) -> Result<Apns, String> {
+        match self.tls.apns_protocol {
+            ApnsProtocol::Binary => {
+                let Some(identity) = identity else {
+                    return Err(
+                        "the binary protocol (RINGPUSH_APNS_PROTOCOL) needs certificate auth (cert_file)"
+                            .into(),
+                    );
+                };
+                let mut config =
+                    (*tls::client_config(self.tls.apns_ca_file.as_deref(), Some(identity))
+                        .map_err(|e| e.to_string())?)
+                    .clone();
+                config.alpn_protocols.clear();
+                Ok(self.binary_client_with(Arc::new(config)))
+            }
+            ApnsProtocol::Http2 => {
+                let tls = tls::client_config(self.tls.apns_ca_file.as_deref(), identity)
+                    .map_err(|e| e.to_string())?;
+                Ok(Client::new(self.http2_settings(), tls, signer.map(Arc::new)).into())
+            }
+        }
+    }
+
+    /// The deployment's JWT refresh, checked (20m to 60m).
+    pub fn jwt_refresh(&self) -> Result<Duration, ConfigError> {
+        let refresh = self.apns_jwt_refresh;
+        if !(jwt::MIN_REFRESH..=Duration::from_secs(3600)).contains(&refresh) {
+            return Err(config_error(
+                "RINGPUSH_APNS_JWT_REFRESH",
+                format!(
+                    "{} is outside 20m..60m (APNs refuses older tokens and more frequent changes)",
+                    crate::human::Human(refresh)
+                ),
+            ));
+        }
+        Ok(refresh)
+    }
+
+    fn binary_client_with(&self, tls: Arc<tokio_rustls::rustls::ClientConfig>) -> Apns {
         let settings = binary::Settings {
             connect_timeout: self.apns_connect_timeout,
             request_timeout: self.apns_request_timeout,
@@ -148,14 +208,18 @@ impl ApnsArgs {
             quiet: self.apns_binary_quiet,
             ..binary::Settings::new(self.apns_binary_addr.clone())
         };
-        Ok(binary::Client::new(settings, self.tls.binary_tls()?).into())
+        binary::Client::new(settings, tls).into()
     }
 
     fn http2_client(&self) -> Result<Apns, ConfigError> {
         let (signer, identity) = self.credentials()?;
         let tls = tls::client_config(self.tls.apns_ca_file.as_deref(), identity)
             .map_err(|e| config_error("RINGPUSH_APNS_CA_FILE", e))?;
-        let settings = http2::Settings {
+        Ok(Client::new(self.http2_settings(), tls, signer.map(Arc::new)).into())
+    }
+
+    fn http2_settings(&self) -> http2::Settings {
+        http2::Settings {
             request_timeout: self.apns_request_timeout,
             connect_timeout: self.apns_connect_timeout,
             connections: self.apns_connections,
@@ -164,8 +228,7 @@ impl ApnsArgs {
                 self.apns_production_url.clone(),
                 self.apns_sandbox_url.clone(),
             )
-        };
-        Ok(Client::new(settings, tls, signer.map(Arc::new)).into())
+        }
     }
 
     /// Exactly one of token auth (key file, key id, team id) and certificate auth.
@@ -216,16 +279,7 @@ impl ApnsArgs {
                 ));
             }
         }
-        let refresh = self.apns_jwt_refresh;
-        if !(jwt::MIN_REFRESH..=Duration::from_secs(3600)).contains(&refresh) {
-            return Err(config_error(
-                "RINGPUSH_APNS_JWT_REFRESH",
-                format!(
-                    "{} is outside 20m..60m (APNs refuses older tokens and more frequent changes)",
-                    crate::human::Human(refresh)
-                ),
-            ));
-        }
+        let refresh = self.jwt_refresh()?;
         let pem = std::fs::read(file).map_err(|e| {
             config_error("RINGPUSH_APNS_KEY_FILE", format!("{}: {e}", file.display()))
         })?;

@@ -55,6 +55,14 @@ impl FcmArgs {
             .map_err(|e| config_error(var, format!("{}: {e}", path.display())))?;
         let account = ServiceAccount::parse(&json)
             .map_err(|e| config_error(var, format!("{}: {e}", path.display())))?;
+        self.check()?;
+        self.client_with(account)
+            .map(Some)
+            .map_err(|e| config_error(var, e))
+    }
+
+    /// Checks the deployment-wide settings (channels).
+    pub fn check(&self) -> Result<(), ConfigError> {
         if self.fcm_channel.is_empty() {
             return Err(config_error("RINGPUSH_FCM_CHANNEL", "must not be empty"));
         }
@@ -64,15 +72,21 @@ impl FcmArgs {
                 "must not be empty",
             ));
         }
-        let tls = tls::client_config(self.fcm_ca_file.as_deref(), None)
+        tls::client_config(self.fcm_ca_file.as_deref(), None)
             .map_err(|e| config_error("RINGPUSH_FCM_CA_FILE", e))?;
+        Ok(())
+    }
+
+    /// A client of an app's own service account with the deployment's endpoint, CA,
+    /// channels and timeouts: its own connections and access tokens.
+    pub fn client_with(&self, account: ServiceAccount) -> Result<fcm::Client, String> {
+        let tls =
+            tls::client_config(self.fcm_ca_file.as_deref(), None).map_err(|e| e.to_string())?;
         let mut settings = fcm::Settings::new(self.fcm_url.clone());
         settings.channel = self.fcm_channel.clone();
         settings.quiet_channel = self.fcm_quiet_channel.clone();
         settings.request_timeout = self.fcm_request_timeout;
         settings.tuning.connections = self.fcm_connections;
-        fcm::Client::new(settings, account, tls)
-            .map(Some)
-            .map_err(|e| config_error(var, e))
+        fcm::Client::new(settings, account, tls).map_err(|e| e.to_string())
     }
 }

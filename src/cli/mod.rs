@@ -18,6 +18,7 @@
 //!   variables warned about.
 
 mod apns;
+mod apps;
 mod env;
 mod fcm;
 #[cfg(feature = "kit")]
@@ -493,8 +494,12 @@ mod tests {
         std::fs::write(&good, json).unwrap();
         let w = worker(&["--fcm-credentials-file", good.to_str().unwrap()]);
         let providers = w.providers().expect("FCM alone is a provider");
-        use crate::token::Platform;
-        assert!(providers.get(Platform::APNS).is_none() && providers.get(Platform::FCM).is_some());
+        use crate::token::{AppId, Platform};
+        let default = AppId::DEFAULT;
+        assert!(
+            providers.get(default, Platform::APNS).is_none()
+                && providers.get(default, Platform::FCM).is_some()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

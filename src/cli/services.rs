@@ -48,6 +48,13 @@ pub struct WorkerArgs {
     pub apns: ApnsArgs,
     #[command(flatten)]
     pub fcm: super::FcmArgs,
+    /// One folder per app (named by the app's id) with its `app.json` and credential files,
+    /// as Kubernetes mounts one Secret per app; read again on change and on SIGHUP.
+    #[arg(long, env = "RINGPUSH_APPS_DIR")]
+    pub apps_dir: Option<std::path::PathBuf>,
+    /// How often the apps' files (and the single-app variables' files) are read for changes.
+    #[arg(long, env = "RINGPUSH_APPS_POLL", default_value = "5s", value_parser = duration("RINGPUSH_APPS_POLL"))]
+    pub apps_poll: Duration,
     /// How long a ring is worth delivering after it was pressed.
     #[arg(long, env = "RINGPUSH_RING_TTL", default_value = shown!(defaults::worker().ring_ttl), value_parser = duration("RINGPUSH_RING_TTL"))]
     pub ring_ttl: Duration,
@@ -103,18 +110,62 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
-    /// The providers the worker pushes through, each checked; at least one must be
-    /// configured.
+    /// The providers the worker pushes through now, each checked; at least one must be
+    /// configured ([`WorkerArgs::apps`]).
     pub fn providers(&self) -> Result<crate::provider::Providers, ConfigError> {
-        let apns = self.apns.client_if_configured()?;
-        let fcm = self.fcm.client()?;
-        if apns.is_none() && fcm.is_none() {
-            return Err(config_error(
-                "RINGPUSH_APNS_KEY_FILE",
-                "no push provider is configured: set APNs token auth (RINGPUSH_APNS_KEY_FILE, RINGPUSH_APNS_KEY_ID, RINGPUSH_APNS_TEAM_ID) or certificate auth (RINGPUSH_APNS_CERT_FILE), or FCM (RINGPUSH_FCM_CREDENTIALS_FILE)",
-            ));
+        Ok(self.apps()?.providers().clone())
+    }
+
+    /// Every app: the app `default` from the single-app variables (checked here: a mistake
+    /// stops the start, naming its variable) and the folders of `RINGPUSH_APPS_DIR` (a
+    /// broken one is logged and counted, and waits for a good one); at least one provider.
+    pub fn apps(&self) -> Result<std::sync::Arc<crate::apps::Apps>, ConfigError> {
+        use crate::apps::{Apps, Built, FromEnv};
+        use std::sync::Arc;
+        if self.apps_poll < Duration::from_millis(100) {
+            return Err(config_error("RINGPUSH_APPS_POLL", "must be at least 100ms"));
         }
-        Ok(crate::worker::providers(apns, fcm))
+        let refresh = self.apns.jwt_refresh()?;
+        self.fcm.check()?;
+        let configured = self.apns.configured() || self.fcm.fcm_credentials_file.is_some();
+        let env = match configured {
+            false => None,
+            true => {
+                let (apns, fcm) = (self.apns.clone(), self.fcm.clone());
+                let build = move || -> Result<Built, ConfigError> {
+                    let topic = apns.apns_topic.clone();
+                    let providers = crate::worker::providers_of(
+                        apns.client_if_configured()?,
+                        fcm.client()?,
+                        topic,
+                    );
+                    Ok(Built {
+                        providers,
+                        expires: apns.certificate_expiry()?,
+                    })
+                };
+                // Checked now: a mistake in the variables stops the start, naming the variable.
+                build()?;
+                let files = [
+                    &self.apns.apns_key_file,
+                    &self.apns.tls.apns_cert_file,
+                    &self.fcm.fcm_credentials_file,
+                ]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+                Some(FromEnv {
+                    files,
+                    build: Arc::new(move || build().map_err(|e| e.to_string())),
+                })
+            }
+        };
+        let (apns, fcm) = (self.apns.clone(), self.fcm.clone());
+        let build = Arc::new(move |_app, c: &crate::apps::Credentials| {
+            super::apps::build(&apns, &fcm, refresh, c)
+        });
+        Apps::start(self.apps_dir.clone(), env, build).map_err(|e| config_error(e.var, e.reason))
     }
 
     pub fn settings(&self) -> Result<worker::Settings, ConfigError> {

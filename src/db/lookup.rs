@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 
-use crate::token::{DeviceToken, Environment, Kind, Platform};
+use crate::token::{AppId, DeviceToken, Environment, Kind, Platform};
 
 use super::DbError;
 
@@ -21,8 +21,10 @@ pub struct Recipient {
     pub kind: Kind,
     /// APNs only: the environment that issued the token (FCM tokens read `production`).
     pub environment: Environment,
-    /// APNs only: the app's bundle id; `None` means the configured default topic.
+    /// APNs only: the app's bundle id; `None` means its app's topic.
     pub topic: Option<String>,
+    /// The app the token belongs to: whose credentials push it.
+    pub app: AppId,
 }
 
 /// What the lookup found for one gateway.
@@ -42,7 +44,7 @@ pub struct Gateway {
 /// gateway (no row). (An `OR` join here made PostgreSQL scan every token for every gateway:
 /// 43 ms for 64 gateways over 2,000 tokens, against 1 ms this way.)
 const LOOKUP: &str = "
-SELECT g.id, coalesce(g.name, g.id), t.token, t.environment, t.topic, t.platform, t.kind
+SELECT g.id, coalesce(g.name, g.id), t.token, t.environment, t.topic, t.platform, t.kind, t.app
 FROM gateways g
 CROSS JOIN LATERAL (
     SELECT g.owner_id AS user_id
@@ -280,8 +282,8 @@ async fn lookup_cancellable(
     Ok(found)
 }
 
-/// One token row of the lookup as a recipient (columns 3 to 6: environment, topic, platform,
-/// kind).
+/// One token row of the lookup as a recipient (columns 3 to 7: environment, topic, platform,
+/// kind, app).
 fn recipient(row: &tokio_postgres::Row, token: &str) -> Result<Recipient, String> {
     let platform: Platform = row.get::<_, String>(5).parse()?;
     Ok(Recipient {
@@ -294,6 +296,7 @@ fn recipient(row: &tokio_postgres::Row, token: &str) -> Result<Recipient, String
             _ => crate::token::Environment::Production,
         },
         topic: row.get(4),
+        app: row.get::<_, String>(7).parse()?,
     })
 }
 

@@ -6,10 +6,8 @@
 //! rejection, or FCM unreachable (no connection, no access token), which never holds a ring:
 //! its tokens wait on the retry path, so a down FCM never pauses the iPhones.
 
-use std::fmt;
 use std::sync::atomic::Ordering;
 
-use prometheus_client::encoding::DescriptorEncoder;
 use time::OffsetDateTime;
 use tracing::error;
 
@@ -18,7 +16,9 @@ use super::message::{Style, Template};
 use super::{Client, FcmError};
 use crate::db::Recipient;
 use crate::provider::guard::Scope;
-use crate::provider::{self, Answer, Message, PrepareError, Prepared, Probing, Ring, Sending};
+use crate::provider::{
+    self, Answer, Message, PrepareError, Prepared, Probing, Ring, Sending, Stat,
+};
 use crate::token::{Environment, Kind, Platform};
 
 /// FCM, registered with the worker's providers.
@@ -97,31 +97,31 @@ impl provider::Provider for Provider {
         Box::pin(async move { self.client.probe().await.map_err(|e| e.to_string()) })
     }
 
-    fn collect(&self, e: &mut DescriptorEncoder) -> fmt::Result {
-        use crate::metrics::encode;
-        encode::gauge(
-            e,
-            "fcm_connections",
-            "Open HTTP/2 connections to FCM.",
-            self.client.connections_open(),
-        )?;
-        encode::gauge(
-            e,
-            "fcm_streams_in_flight",
-            "FCM requests awaiting their answer.",
-            self.client.streams_in_flight(),
-        )?;
+    fn stats(&self) -> Vec<Stat> {
         let tokens = self.client.tokens();
-        encode::counters(
-            e,
-            "fcm_token_renewals",
-            "OAuth 2.0 access-token exchanges at the service account's token_uri, by outcome.",
-            "outcome",
-            &[
-                ("ok", tokens.renewals.load(Ordering::Relaxed)),
-                ("failed", tokens.renewal_failures.load(Ordering::Relaxed)),
-            ],
-        )
+        let renewals = |outcome, n: &std::sync::atomic::AtomicU64| {
+            Stat {
+            name: "fcm_token_renewals",
+            help: "OAuth 2.0 access-token exchanges at the service account's token_uri, per app and outcome.",
+            counter: true,
+            labels: vec![("outcome", outcome)],
+            value: n.load(Ordering::Relaxed) as i64,
+        }
+        };
+        vec![
+            Stat::gauge(
+                "fcm_connections",
+                "Open HTTP/2 connections to FCM, per app.",
+                self.client.connections_open(),
+            ),
+            Stat::gauge(
+                "fcm_streams_in_flight",
+                "FCM requests awaiting their answer, per app.",
+                self.client.streams_in_flight(),
+            ),
+            renewals("ok", &tokens.renewals),
+            renewals("failed", &tokens.renewal_failures),
+        ]
     }
 }
 

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::{Message, PrepareError, Providers};
+use std::sync::Arc;
+
+use super::{Message, PrepareError, Provider};
 use crate::db::Recipient;
-use crate::token::{Kind, Platform};
+use crate::token::{AppId, Kind, Platform};
 use crate::wire::ring::{EndReason, RingEvent};
 
 /// How a ring ended, as its follow-up tells the phones that took it.
@@ -86,6 +88,9 @@ pub struct Ring<'a> {
     pub ending: Option<&'a Ending>,
 }
 
+/// One app's message for its tokens of a platform and kind, and the provider that made it.
+type ForKind = (AppId, Platform, Kind, Arc<dyn Provider>, Message);
+
 /// A ring ready to be sent to its tokens.
 #[derive(Clone)]
 pub struct Prepared {
@@ -95,7 +100,10 @@ pub struct Prepared {
     /// FCM's `ttl` counts down to.
     expiration: i64,
     default_topic: Option<String>,
-    messages: Vec<(Platform, Kind, Message)>,
+    /// Per app, platform and kind among the tokens: the provider that prepared the message
+    /// (the one its tokens are sent through, whatever a reload does meanwhile) and the
+    /// message.
+    messages: Vec<ForKind>,
     followup: bool,
 }
 
@@ -110,7 +118,7 @@ impl std::fmt::Debug for Prepared {
 
 impl Prepared {
     pub(super) fn new(
-        providers: &Providers,
+        providers: &dyn Fn(AppId, Platform) -> Option<Arc<dyn Provider>>,
         event: &RingEvent,
         gateway_name: &str,
         recipients: &[&Recipient],
@@ -123,18 +131,25 @@ impl Prepared {
             messages,
             ending,
         };
-        let mut prepared: Vec<(Platform, Kind, Message)> = Vec::new();
+        let mut prepared: Vec<ForKind> = Vec::new();
+        let mut missing: Vec<(AppId, Platform)> = Vec::new();
         for r in recipients {
-            let (platform, kind) = (r.token.platform(), r.kind);
-            if prepared
-                .iter()
-                .any(|(p, k, _)| (*p, *k) == (platform, kind))
+            let (app, platform, kind) = (r.app, r.token.platform(), r.kind);
+            if missing.contains(&(app, platform))
+                || prepared
+                    .iter()
+                    .any(|(a, p, k, _, _)| (*a, *p, *k) == (app, platform, kind))
             {
                 continue;
             }
-            // A platform without a provider gets no message: its tokens are skipped.
-            if let Some(provider) = providers.get(platform) {
-                prepared.push((platform, kind, provider.prepare(&ring, kind)?));
+            // An app without a provider for the platform gets no message: its tokens are
+            // skipped.
+            match providers(app, platform) {
+                Some(provider) => {
+                    let message = provider.prepare(&ring, kind)?;
+                    prepared.push((app, platform, kind, provider, message));
+                }
+                None => missing.push((app, platform)),
             }
         }
         Ok(Self {
@@ -178,11 +193,17 @@ impl Prepared {
         self.default_topic.as_deref()
     }
 
-    /// The message prepared for `platform`'s tokens of `kind` (none: no provider for it).
-    pub(super) fn message(&self, platform: Platform, kind: Kind) -> Option<&Message> {
+    /// The provider and the message prepared for `app`'s tokens of `platform` and `kind`
+    /// (none: the app has no provider for the platform).
+    pub(super) fn message(
+        &self,
+        app: AppId,
+        platform: Platform,
+        kind: Kind,
+    ) -> Option<(&Arc<dyn Provider>, &Message)> {
         self.messages
             .iter()
-            .find(|(p, k, _)| (*p, *k) == (platform, kind))
-            .map(|(_, _, m)| m)
+            .find(|(a, p, k, _, _)| (*a, *p, *k) == (app, platform, kind))
+            .map(|(_, _, _, provider, m)| (provider, m))
     }
 }

@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 
 use crate::metrics::{self, encode, ReadyCheck};
 use crate::provider::{Answer, Providers, Skip};
-use crate::token::{Kind, Platform};
+use crate::token::{AppId, Kind, Platform};
 
 use metrics::{labelled as child, Family1};
 
@@ -27,11 +27,10 @@ pub struct Counters {
     rings: Family1,
     notifications: Family1,
     rejected: Family1,
-    /// `ringpush_platform_notifications_total{platform, outcome}`: the outcomes of
-    /// `notifications` per platform, children kept by platform (created on first use, one
-    /// per provider's platform and per unconfigured one met).
+    /// `ringpush_platform_notifications_total{app, platform, outcome}`: the outcomes of
+    /// `notifications` per app and platform, children kept by both (created on first use).
     by_platform: Family1,
-    by_platform_children: RwLock<HashMap<Platform, [Counter; PLATFORM_OUTCOMES.len()]>>,
+    by_platform_children: RwLock<HashMap<(AppId, Platform), [Counter; PLATFORM_OUTCOMES.len()]>>,
     pub rings_consumed: Counter,
     /// Rings settled: acked after a push, expiry, unknown gateway, retry or dead-letter.
     pub rings_acked: Counter,
@@ -261,8 +260,8 @@ impl Counters {
         *self.paused_for.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one answer of `platform` under its outcome, per platform.
-    pub(super) fn count_platform(&self, platform: Platform, answer: &Answer) {
+    /// Counts one answer of `app`'s `platform` under its outcome, per app and platform.
+    pub(super) fn count_platform(&self, app: AppId, platform: Platform, answer: &Answer) {
         let outcome = match answer {
             Answer::Accepted => 0,
             Answer::Dead { .. } | Answer::Rejected { .. } => 1,
@@ -271,17 +270,22 @@ impl Counters {
             Answer::Skipped(Skip::Unsupported(_)) => 4,
             Answer::Doubted { .. } => 5,
         };
-        self.platform_children(platform, |children| children[outcome].inc());
+        self.platform_children(app, platform, |children| children[outcome].inc());
     }
 
-    /// Runs `f` on `platform`'s children of `ringpush_platform_notifications_total`, made
-    /// the first time (a read lock after that).
-    fn platform_children<T>(&self, platform: Platform, f: impl Fn(&[Counter]) -> T) -> T {
+    /// Runs `f` on `app`'s and `platform`'s children of
+    /// `ringpush_platform_notifications_total`, made the first time (a read lock after that).
+    fn platform_children<T>(
+        &self,
+        app: AppId,
+        platform: Platform,
+        f: impl Fn(&[Counter]) -> T,
+    ) -> T {
         let children = self
             .by_platform_children
             .read()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = children.get(&platform) {
+        if let Some(c) = children.get(&(app, platform)) {
             return f(c);
         }
         drop(children);
@@ -289,9 +293,10 @@ impl Counters {
             .by_platform_children
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        let made = children.entry(platform).or_insert_with(|| {
+        let made = children.entry((app, platform)).or_insert_with(|| {
             PLATFORM_OUTCOMES.map(|o| {
                 self.by_platform.get_or_create_owned(&vec![
+                    ("app".to_owned(), app.as_str().to_owned()),
                     ("platform".to_owned(), platform.as_str().to_owned()),
                     ("outcome".to_owned(), o.to_owned()),
                 ])
@@ -301,12 +306,29 @@ impl Counters {
     }
 
     /// Notifications of `platform` counted under `outcome` (accepted, rejected, failed,
-    /// unconfigured, unsupported, doubted); 0 for an outcome it does not count.
+    /// unconfigured, unsupported, doubted), whatever their app; 0 for an outcome it does
+    /// not count.
     pub fn platform(&self, platform: Platform, outcome: &str) -> u64 {
         let Some(o) = PLATFORM_OUTCOMES.iter().position(|x| *x == outcome) else {
             return 0;
         };
-        self.platform_children(platform, |children| children[o].get())
+        let children = self
+            .by_platform_children
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        children
+            .iter()
+            .filter(|((_, p), _)| *p == platform)
+            .map(|(_, c)| c[o].get())
+            .sum()
+    }
+
+    /// Notifications of `app`'s `platform` counted under `outcome`.
+    pub fn app(&self, app: AppId, platform: Platform, outcome: &str) -> u64 {
+        let Some(o) = PLATFORM_OUTCOMES.iter().position(|x| *x == outcome) else {
+            return 0;
+        };
+        self.platform_children(app, platform, |children| children[o].get())
     }
 
     /// Counts a token that was skipped (no provider for it).
@@ -386,7 +408,7 @@ impl Counters {
         );
         registry.register(
             "platform_notifications",
-            "Notifications by platform (apns, fcm) and outcome (as ringpush_notifications_total)",
+            "Notifications by app, platform (apns, fcm) and outcome (as ringpush_notifications_total)",
             self.by_platform.clone(),
         );
         registry.register(
@@ -465,9 +487,13 @@ impl Counters {
             // (then consumption pauses, and `ready` says so).
             let alone = providers.len() == 1;
             let down = providers
-                .iter()
-                .find(|p| !(p.up() || alone && p.holds()))
-                .map(|p| p.down());
+                .entries()
+                .into_iter()
+                .find(|(_, p)| !(p.up() || alone && p.holds()))
+                .map(|(app, p)| match app {
+                    AppId::DEFAULT => p.down(),
+                    app => format!("app {app}: {}", p.down()),
+                });
             let suspicion = providers.guard.suspicion();
             Box::pin(async move {
                 if let Err(why) = counters.ready() {
@@ -493,6 +519,9 @@ impl Counters {
         })
     }
 }
+
+/// A child of a provider's family at scrape time: its labels and value.
+type Child = (Vec<(String, String)>, i64);
 
 /// What is only known at scrape time: whether the worker consumes or is paused, and its
 /// providers' connections.
@@ -520,37 +549,58 @@ impl Collector for Scrape {
         )?;
         let p = &self.providers;
         let paused_for = c.paused_for();
+        let entries = p.entries();
+        // Per platform: usable while every app's provider of it is.
         let up: Vec<_> = p
-            .iter()
-            .map(|provider| {
-                let platform = provider.platform();
-                let usable = paused_for != Some(platform) && provider.up();
+            .platforms()
+            .into_iter()
+            .map(|platform| {
+                let usable = paused_for != Some(platform)
+                    && entries
+                        .iter()
+                        .filter(|(_, q)| q.platform() == platform)
+                        .all(|(_, q)| q.up());
                 (platform.as_str(), i64::from(usable))
             })
             .collect();
         encode::gauges(
             &mut e,
             "provider_up",
-            "1 while a configured push service is usable as far as this worker knows (APNs: consumption not paused for it and no endpoint in reconnect backoff; FCM: a connection can be had and the last access-token exchange worked).",
+            "1 while a configured push service is usable as far as this worker knows, for every app that has it (APNs: consumption not paused for it and no endpoint in reconnect backoff; FCM: a connection can be had and the last access-token exchange worked).",
             "platform",
             &up,
         )?;
         let suspected: Vec<_> = p
-            .iter()
-            .map(|provider| {
-                let platform = provider.platform();
-                (platform.as_str(), i64::from(p.guard.suspected(platform)))
-            })
+            .platforms()
+            .into_iter()
+            .map(|platform| (platform.as_str(), i64::from(p.guard.suspected(platform))))
             .collect();
         encode::gauges(
             &mut e,
             "config_suspected",
-            "1 while a configured push service answers \"dead\" to most tokens of a scope (an APNs environment and topic, an FCM project), or to tokens it took lately: a configuration mistake is suspected, the tokens are kept and their rings retried (docs/design.md, 'A configuration mistake never deletes the fleet's tokens').",
+            "1 while a configured push service answers \"dead\" to most tokens of a scope (an app's APNs environment and topic, an FCM project), or to tokens it took lately: a configuration mistake is suspected, the tokens are kept and their rings retried (docs/design.md, 'A configuration mistake never deletes the fleet's tokens').",
             "platform",
             &suspected,
         )?;
-        for provider in p.iter() {
-            provider.collect(&mut e)?;
+        // The providers' own numbers, one family per name, a child per app.
+        let mut families: Vec<(crate::provider::Stat, Vec<Child>)> = Vec::new();
+        for (app, provider) in &entries {
+            for stat in provider.stats() {
+                let mut labels = vec![("app".to_owned(), app.as_str().to_owned())];
+                labels.extend(
+                    stat.labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string())),
+                );
+                let value = stat.value;
+                match families.iter_mut().find(|(s, _)| s.name == stat.name) {
+                    Some((_, children)) => children.push((labels, value)),
+                    None => families.push((stat, vec![(labels, value)])),
+                }
+            }
+        }
+        for (stat, children) in &families {
+            encode::family(&mut e, stat.name, stat.help, stat.counter, children)?;
         }
         Ok(())
     }

@@ -176,12 +176,12 @@ async fn push(
     judge(ctx, incoming, &prepared, &mut sent);
     for s in &sent {
         if let Some(answer) = &s.answer {
-            count(ctx, s.target.token.platform(), answer);
+            count(ctx, s.recipient.app, s.target.token.platform(), answer);
             if followup.is_some() {
                 ctx.counters
                     .count_followup(s.target.token.platform(), s.recipient.kind, answer);
             }
-            log_rejection(incoming, &s.target.token, answer);
+            log_rejection(incoming, s.recipient, answer);
         }
     }
     let (answers, answered): (Vec<_>, Vec<_>) = sent
@@ -494,24 +494,25 @@ fn observe_stages(ctx: &Context, incoming: &Incoming, looked_up: LookedUp, last:
 /// Logs a token's rejection at the level an operator needs, with the ring it belongs to: a
 /// dead token at info, our credentials or topic refused at error (no phone will ring), another
 /// rejection for good at warn.
-fn log_rejection(incoming: &Incoming, token: &crate::token::DeviceToken, answer: &Answer) {
+fn log_rejection(incoming: &Incoming, to: &Recipient, answer: &Answer) {
     use crate::wire::logged;
     let (gateway, event) = (logged(incoming.gateway()), logged(incoming.event()));
+    let (token, app) = (&to.token, to.app.as_str());
     match answer {
         Answer::Dead { reason, .. } => {
             let reason = logged(reason);
-            info!(gateway, event, %token, reason, "the provider reports the token invalid")
+            info!(gateway, event, app, %token, reason, "the provider reports the token invalid")
         }
         Answer::Rejected { reason, ours: true } => {
             let reason = logged(reason);
-            error!(gateway, event, %token, reason, "the provider refused our credentials or topic")
+            error!(gateway, event, app, %token, reason, "the provider refused our credentials or topic")
         }
         Answer::Rejected {
             reason,
             ours: false,
         } => {
             let reason = logged(reason);
-            warn!(gateway, event, %token, reason, "the provider rejected the notification")
+            warn!(gateway, event, app, %token, reason, "the provider rejected the notification")
         }
         _ => {}
     }
@@ -519,7 +520,12 @@ fn log_rejection(incoming: &Incoming, token: &crate::token::DeviceToken, answer:
 
 /// Counts one answer once it is judged: notifications by outcome (and per platform),
 /// rejections by reason.
-fn count(ctx: &Context, platform: crate::token::Platform, answer: &Answer) {
+fn count(
+    ctx: &Context,
+    app: crate::token::AppId,
+    platform: crate::token::Platform,
+    answer: &Answer,
+) {
     let c = &ctx.counters;
     match answer {
         Answer::Accepted => Counters::add(&c.notifications_accepted, 1),
@@ -533,5 +539,5 @@ fn count(ctx: &Context, platform: crate::token::Platform, answer: &Answer) {
             Counters::add(&c.notifications_failed, 1)
         }
     }
-    c.count_platform(platform, answer);
+    c.count_platform(app, platform, answer);
 }

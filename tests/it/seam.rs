@@ -97,7 +97,10 @@ async fn add_pigeon_token(app: &App, user: i64, kind: &str) -> DeviceToken {
 async fn a_provider_defined_outside_the_crate_rings_phones_through_the_real_worker() {
     let mut app = App::spawn_with(|o| o.run_worker = false).await;
     let pigeons = Arc::new(Pigeon::default());
-    let apns = app.providers.get(Platform::APNS).unwrap().clone();
+    let apns = app
+        .providers
+        .get(ringpush::token::AppId::DEFAULT, Platform::APNS)
+        .unwrap();
     app.providers = Providers::new(vec![apns, pigeons.clone()]).unwrap();
     app.start_worker();
 

@@ -354,6 +354,7 @@ impl App {
                     pools: worker_pool.clone().into(),
                     providers: providers.clone(),
                     counters: counters.clone(),
+                    apps: None,
                 };
                 let serve = ringpush::metrics::Serve {
                     addr: "127.0.0.1:0".parse().unwrap(),
@@ -431,6 +432,7 @@ impl App {
             pools: pool.into(),
             providers: self.providers.clone(),
             counters,
+            apps: None,
         };
         self.processes
             .push(("worker", tokio::spawn(worker.run(cancel))));
