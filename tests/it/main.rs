@@ -30,6 +30,7 @@ mod recovery;
 mod republish;
 mod restarts;
 mod schema_v2;
+mod schema_v3;
 mod seam;
 mod servers;
 mod services;
