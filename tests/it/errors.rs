@@ -11,17 +11,17 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
 use ringpush::broker;
 use ringpush::token::random_hex;
-use tokio::io::AsyncBufReadExt;
+
 use tokio::process::Command;
 
 use crate::fcm::{add_fcm_token, fcm_settings};
-use crate::support::{self, gateway, terminate, App, TestDb};
+use crate::support::{self, gateway, App, Running, TestDb};
 
 /// The binary under test, with none of the caller's `RINGPUSH_*` setup and logs at info.
 fn ringpush() -> Command {
@@ -59,76 +59,6 @@ async fn output(command: &mut Command) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), text)
-}
-
-/// A running process and every line it writes (stdout and stderr).
-struct Running {
-    child: tokio::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
-    fn start(command: &mut Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ringpush starts");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        for stream in [
-            Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(stderr),
-        ] {
-            let kept = lines.clone();
-            tokio::spawn(async move {
-                let mut reader = tokio::io::BufReader::new(stream).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    kept.lock().unwrap().push(line);
-                }
-            });
-        }
-        Self { child, lines }
-    }
-
-    fn text(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// Waits (up to 30 s) for a line containing `what`; fails the test with the log if none
-    /// comes.
-    async fn wait_for(&self, what: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(line) = self.lines.lock().unwrap().iter().find(|l| l.contains(what)) {
-                return line.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no line with {what:?} within 30 s:\n{}",
-                self.text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Where its metrics server listens (from its log line).
-    async fn metrics_addr(&self) -> String {
-        let line = self.wait_for("/readyz listening").await;
-        line.split("addr=")
-            .nth(1)
-            .and_then(|a| a.split_whitespace().next())
-            .expect("the line names the address")
-            .to_owned()
-    }
-
-    /// SIGTERM; waits for a clean exit; the whole log.
-    async fn stop(mut self) -> String {
-        terminate(&mut self.child).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        self.text()
-    }
 }
 
 /// The lines at WARN or ERROR, and the `error:` a command ends with.

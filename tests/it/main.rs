@@ -5,6 +5,7 @@
 mod acks;
 mod alerts;
 mod apns;
+mod apps;
 mod architecture;
 mod binary;
 mod bounds;

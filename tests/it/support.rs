@@ -4,7 +4,8 @@
 //! the clean-up on drop are the tests' own.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -23,6 +24,8 @@ use ringpush::wire::ring::RingEvent;
 use ringpush::worker::{self, Counters};
 use ringpush::{feedback, purge};
 use time::OffsetDateTime;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::Command;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -819,4 +822,74 @@ pub async fn nothing_waiting_or_dead(app: &App) {
     let dead = app.drain_dead().await;
     let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
     assert!(dead.is_empty(), "nothing dead-lettered: {reasons:?}");
+}
+
+/// A running process and every line it writes (stdout and stderr).
+pub struct Running {
+    pub child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    pub fn start(command: &mut Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ringpush starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for stream in [
+            Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(stderr),
+        ] {
+            let kept = lines.clone();
+            tokio::spawn(async move {
+                let mut reader = tokio::io::BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    kept.lock().unwrap().push(line);
+                }
+            });
+        }
+        Self { child, lines }
+    }
+
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits (up to 30 s) for a line containing `what`; fails the test with the log if none
+    /// comes.
+    pub async fn wait_for(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(line) = self.lines.lock().unwrap().iter().find(|l| l.contains(what)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {what:?} within 30 s:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Where its metrics server listens (from its log line).
+    pub async fn metrics_addr(&self) -> String {
+        let line = self.wait_for("/readyz listening").await;
+        line.split("addr=")
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next())
+            .expect("the line names the address")
+            .to_owned()
+    }
+
+    /// SIGTERM; waits for a clean exit; the whole log.
+    pub async fn stop(mut self) -> String {
+        terminate(&mut self.child).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.text()
+    }
 }
