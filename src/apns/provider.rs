@@ -240,7 +240,7 @@ fn answer_of(result: Result<super::Answer, SendError>) -> Answer {
 fn mistake(reason: &Reason) -> Option<&'static str> {
     match reason {
         Reason::BadDeviceToken => Some("check RINGPUSH_APNS_PRODUCTION_URL and RINGPUSH_APNS_SANDBOX_URL (production and sandbox swapped?) and the tokens' environment"),
-        Reason::DeviceTokenNotForTopic => Some("check RINGPUSH_APNS_TOPIC (or the rows' topic) and that the APNs key or certificate is of the app's team"),
+        Reason::DeviceTokenNotForTopic => Some("check RINGPUSH_APNS_TOPIC or the app folder's apns.topic (or the rows' topic), and that the APNs key or certificate is of the app's team"),
         Reason::InvalidToken => Some("check RINGPUSH_APNS_BINARY_ADDR (production and sandbox swapped?) and the tokens' environment"),
         _ => None,
     }

@@ -134,7 +134,7 @@ fn answer_of(result: Result<Verdict, FcmError>) -> Answer {
             let now = OffsetDateTime::now_utc();
             Answer::Dead {
                 mistake: (code == Code::SenderIdMismatch).then_some(
-                    "check RINGPUSH_FCM_CREDENTIALS_FILE: a service account of another Firebase project than the app's?",
+                    "check RINGPUSH_FCM_CREDENTIALS_FILE or the app folder's fcm.credentials_file: a service account of another Firebase project than the app's?",
                 ),
                 reason: code.to_string(),
                 since: now,
