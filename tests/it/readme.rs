@@ -418,7 +418,7 @@ async fn the_operator_instructions_work_as_written() {
                 [
                     r#"ringpush_notifications_total{outcome="accepted"} 2"#,
                     r#"ringpush_notifications_total{outcome="rejected"} 1"#,
-                    r#"ringpush_platform_notifications_total{platform="fcm",outcome="accepted"} 1"#,
+                    r#"ringpush_platform_notifications_total{app="default",platform="fcm",outcome="accepted"} 1"#,
                 ]
                 .iter()
                 .all(|want| body.lines().any(|l| l == *want))
@@ -461,7 +461,7 @@ async fn the_operator_instructions_work_as_written() {
     let shown = world.run("check.sh", &check);
     for expected in [
         r#"ringpush_notifications_total{outcome="accepted"} 2"#,
-        r#"ringpush_platform_notifications_total{platform="fcm",outcome="accepted"} 1"#,
+        r#"ringpush_platform_notifications_total{app="default",platform="fcm",outcome="accepted"} 1"#,
         r#"ringpush_tokens_total{outcome="purged"} 1"#,
         "(2 rows)",
     ] {
