@@ -514,3 +514,131 @@ fn the_dashboard_plots_only_metrics_ringpush_exports() {
     }
     assert!(plotted >= 10);
 }
+
+/// Every volume a Kubernetes workload mounts is one of its pod's, and no Secret is mounted
+/// through `subPath` (a subPath mount never receives the Secret's updates). The worker's
+/// apps: `RINGPUSH_APPS_DIR` holds one folder per app, each a whole Secret volume of its own
+/// named by an app id, and each Secret in secrets.example.yaml has an `app.json` that the
+/// worker reads (its fields, as `ringpush::apps::AppJson` parses them) naming files that are
+/// keys of that Secret.
+#[test]
+fn the_worker_mounts_each_app_from_a_secret_of_its_own_that_updates_in_place() {
+    let secrets: HashMap<String, HashMap<String, String>> =
+        load("deploy/kubernetes/secrets.example.yaml")
+            .iter()
+            .filter(|d| d["kind"].as_str() == Some("Secret"))
+            .map(|d| {
+                let data = d["stringData"]
+                    .as_hash()
+                    .map(|h| {
+                        h.iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.as_str().unwrap().to_owned(),
+                                    v.as_str().unwrap_or_default().to_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (d["metadata"]["name"].as_str().unwrap().to_owned(), data)
+            })
+            .collect();
+    for file in ["worker", "feedback", "purge", "migrate-job"] {
+        let doc = &load(&format!("deploy/kubernetes/{file}.yaml"))[0];
+        let pod = &doc["spec"]["template"]["spec"];
+        let volumes = pod["volumes"].as_vec().cloned().unwrap_or_default();
+        for container in pod["containers"].as_vec().unwrap() {
+            for m in container["volumeMounts"]
+                .as_vec()
+                .cloned()
+                .unwrap_or_default()
+            {
+                let name = m["name"].as_str().unwrap();
+                let volume = volumes
+                    .iter()
+                    .find(|v| v["name"].as_str() == Some(name))
+                    .unwrap_or_else(|| panic!("{file}: the mount {name} has no volume"));
+                assert!(
+                    volume["secret"].is_badvalue() || m["subPath"].is_badvalue(),
+                    "{file}: the Secret volume {name} is mounted through subPath, which never receives its updates"
+                );
+            }
+        }
+    }
+
+    let worker = &load("deploy/kubernetes/worker.yaml")[0];
+    let pod = &worker["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let env = container["env"].as_vec().unwrap();
+    let value = |var: &str| {
+        env.iter()
+            .find(|e| e["name"].as_str() == Some(var))
+            .and_then(|e| e["value"].as_str())
+    };
+    let dir = value("RINGPUSH_APPS_DIR").expect("the worker sets RINGPUSH_APPS_DIR");
+    // The app `default` stays the single-app variables'.
+    assert!(
+        value("RINGPUSH_APNS_KEY_FILE").is_some()
+            && value("RINGPUSH_FCM_CREDENTIALS_FILE").is_some()
+    );
+    let mut apps = Vec::new();
+    for m in container["volumeMounts"].as_vec().unwrap() {
+        let path = m["mountPath"].as_str().unwrap();
+        let Some(app) = path.strip_prefix(dir).and_then(|p| p.strip_prefix('/')) else {
+            continue;
+        };
+        let id = ringpush::token::AppId::named(app)
+            .unwrap_or_else(|e| panic!("{path}: the folder's name is not an app id: {e}"));
+        assert_ne!(
+            id,
+            ringpush::token::AppId::DEFAULT,
+            "{path}: the single-app variables configure the app `default` (the worker refuses both)"
+        );
+        let volume = pod["volumes"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .unwrap();
+        let secret = volume["secret"]["secretName"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{path}: not a Secret's volume"));
+        assert!(
+            volume["secret"]["items"].is_badvalue(),
+            "{path}: every key of {secret} is a file of the app's folder (no `items`)"
+        );
+        let keys = secrets
+            .get(secret)
+            .unwrap_or_else(|| panic!("secrets.example.yaml has no {secret} (mounted at {path})"));
+        let json = keys
+            .get("app.json")
+            .unwrap_or_else(|| panic!("{secret} has no app.json"));
+        let parsed: ringpush::apps::AppJson = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("{secret}: app.json is not what the worker reads: {e}"));
+        let mut files = Vec::new();
+        if let Some(apns) = &parsed.apns {
+            files.extend(
+                [&apns.key_file, &apns.cert_file, &apns.cert_password_file]
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
+        }
+        if let Some(fcm) = &parsed.fcm {
+            files.push(fcm.credentials_file.clone());
+        }
+        assert!(!files.is_empty(), "{secret}: app.json names no credentials");
+        for f in files {
+            assert!(
+                keys.contains_key(&f),
+                "{secret}: app.json names {f}, which is not a key"
+            );
+        }
+        apps.push(app.to_owned());
+    }
+    assert!(
+        apps.len() >= 2,
+        "the example mounts two apps under {dir}: {apps:?}"
+    );
+}
