@@ -92,6 +92,12 @@ pub struct Apps {
     bad_names: Mutex<std::collections::HashSet<String>>,
     /// One reload at a time (a SIGHUP during a poll waits for it).
     reloading: tokio::sync::Mutex<()>,
+    /// SIGHUP, listened for from the start (its default action would end the process): a
+    /// SIGHUP before the reloads run reads the apps once they do.
+    #[cfg(unix)]
+    hangup: Mutex<Option<tokio::signal::unix::Signal>>,
+    /// The last error reading `RINGPUSH_APPS_DIR` itself (logged once per change).
+    dir_error: Mutex<Option<String>>,
     metrics: Metrics,
 }
 
@@ -142,6 +148,11 @@ impl Apps {
             seen: Mutex::default(),
             bad_names: Mutex::default(),
             reloading: tokio::sync::Mutex::new(()),
+            #[cfg(unix)]
+            hangup: Mutex::new(tokio::runtime::Handle::try_current().ok().and_then(|_| {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+            })),
+            dir_error: Mutex::default(),
             metrics: Metrics::default(),
         });
         apps.read_all("start");
@@ -193,8 +204,14 @@ impl Apps {
     /// certificates expiring within 30 days.
     pub async fn watch(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
         #[cfg(unix)]
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut hangup = self
+            .hangup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .or_else(|| {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+            });
         let mut warned_at = tokio::time::Instant::now();
         loop {
             #[cfg(unix)]
@@ -239,10 +256,19 @@ impl Apps {
         }
         if let Some(dir) = &self.dir {
             let folders = match list(dir) {
-                Ok(f) => f,
+                Ok(f) => {
+                    *self.dir_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    f
+                }
                 Err(e) => {
-                    // The folder itself is gone or unreadable: every app keeps what it has.
-                    error!(dir = %dir.display(), error = %e, "RINGPUSH_APPS_DIR cannot be read; every app keeps its credentials");
+                    // The folder itself is gone or unreadable: every app keeps what it has
+                    // (said once per change of the error).
+                    let e = e.to_string();
+                    let mut last = self.dir_error.lock().unwrap_or_else(|e| e.into_inner());
+                    if last.as_deref() != Some(e.as_str()) {
+                        error!(dir = %dir.display(), error = %e, "RINGPUSH_APPS_DIR cannot be read; every app keeps its credentials");
+                        *last = Some(e);
+                    }
                     return;
                 }
             };
