@@ -297,15 +297,19 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> anyhow::Result<String> {
             );
             let _ = writeln!(
                 out,
-                "{:>8}  {:<7} {:<8} {:<5} {:<11} {:<11} {:<28} registered",
-                "user", "role", "platform", "kind", "token", "environment", "topic"
+                "{:>8}  {:<7} {:<12} {:<8} {:<5} {:<11} {:<11} {:<28} registered",
+                "user", "role", "app", "platform", "kind", "token", "environment", "topic"
             );
             for r in &reach {
                 let apns = r.token.platform() == crate::token::Platform::APNS;
                 let (environment, topic) = match (apns, r.topic.as_deref()) {
                     (false, _) => ("-", "-".to_owned()),
                     (true, Some(topic)) => (r.environment.as_str(), topic.to_owned()),
-                    (true, None) => (r.environment.as_str(), "(RINGPUSH_APNS_TOPIC)".to_owned()),
+                    // The app's topic: the variable's for the app default, else its folder's.
+                    (true, None) if r.app == "default" => {
+                        (r.environment.as_str(), "(RINGPUSH_APNS_TOPIC)".to_owned())
+                    }
+                    (true, None) => (r.environment.as_str(), "(its app's topic)".to_owned()),
                 };
                 // A call-style ring goes to the topic's `.voip` variant.
                 let topic = match (apns, r.kind) {
@@ -316,9 +320,10 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> anyhow::Result<String> {
                 };
                 let _ = writeln!(
                     out,
-                    "{:>8}  {:<7} {:<8} {:<5} {:<11} {:<11} {:<28} {}",
+                    "{:>8}  {:<7} {:<12} {:<8} {:<5} {:<11} {:<11} {:<28} {}",
                     r.user_id,
                     r.role.to_string(),
+                    r.app,
                     // Through `to_string`: their `Display` writes the name without padding.
                     r.token.platform().to_string(),
                     r.kind.to_string(),

@@ -18,6 +18,8 @@ pub struct Reach {
     pub kind: Kind,
     pub environment: String,
     pub topic: Option<String>,
+    /// The app the token belongs to (whose credentials push it).
+    pub app: String,
     /// When the phone last registered the token (RFC 3339).
     pub registered: String,
 }
@@ -39,7 +41,7 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> Result<Option<(String, Vec<Re
         .query(
             "SELECT t.user_id, t.token, t.environment, t.topic,
                     to_char(t.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                    t.platform, t.kind
+                    t.platform, t.kind, t.app
              FROM push_tokens t
              WHERE t.user_id = $2
                 OR t.user_id IN (SELECT s.user_id FROM gateway_shares s WHERE s.gateway_id = $1)
@@ -59,6 +61,7 @@ pub async fn who(pool: &Pool, gateway_id: &str) -> Result<Option<(String, Vec<Re
                 kind: row.get::<_, String>(6).parse().ok()?,
                 environment: row.get(2),
                 topic: row.get(3),
+                app: row.get(7),
                 registered: row.get(4),
             })
         })
