@@ -164,6 +164,7 @@ pub async fn delete_queues(
 
 /// An ES256 key of the world's own, as Apple issues a team (a .p8), with its key and team
 /// ids: the client signs JWTs with it, the mock checks them with its public half.
+#[derive(Clone)]
 pub struct Key {
     /// The private key, PEM PKCS#8 (a .p8 file's contents).
     pub pem: String,
@@ -195,15 +196,15 @@ impl Key {
         )
     }
 
-    /// The mock's JWT checks for this key. The mock reads the public half from PEM, as
+    /// The key as the mock accepts it. The mock reads the public half from PEM, as
     /// `mock-apns` does.
+    pub fn check(&self) -> Result<mock::KeyCheck, JwtError> {
+        mock::KeyCheck::from_pem(self.public_pem.as_bytes(), &self.key_id, &self.team_id)
+    }
+
+    /// The mock's JWT checks for this key alone.
     pub(crate) fn auth_check(&self) -> Result<mock::AuthCheck, JwtError> {
-        Ok(mock::AuthCheck {
-            public_key: Some(jwt::public_key_from_pem(self.public_pem.as_bytes())?),
-            key_id: Some(self.key_id.clone()),
-            team_id: Some(self.team_id.clone()),
-            ..mock::AuthCheck::default()
-        })
+        Ok(mock::AuthCheck::key(self.check()?))
     }
 
     /// Writes the key as a .p8 file only its owner may read (for a worker process).

@@ -37,6 +37,11 @@ pub struct MockArgs {
     /// Team id JWTs must carry, when set.
     #[arg(long, env = "RINGPUSH_MOCK_TEAM_ID")]
     pub team_id: Option<String>,
+    /// An apps folder (`<app>/app.json`, as RINGPUSH_APPS_DIR): each app's key is accepted
+    /// for its team and its topic takes that team's JWTs only; certificate apps need nothing
+    /// beyond the mock's CA. Read once, at start.
+    #[arg(long, env = "RINGPUSH_MOCK_APPS_DIR")]
+    pub apps_dir: Option<PathBuf>,
     /// Tokens (hex, comma-separated) answered with 410 Unregistered.
     #[arg(long, env = "RINGPUSH_MOCK_UNREGISTERED", value_delimiter = ',')]
     pub unregistered: Vec<String>,
@@ -124,12 +129,17 @@ impl MockArgs {
                 DeviceToken::parse(t).map_err(|e| config_error("RINGPUSH_MOCK_UNREGISTERED", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let auth = mock::AuthCheck {
-            public_key,
-            key_id: self.key_id.clone(),
-            team_id: self.team_id.clone(),
-            ..mock::AuthCheck::default()
-        };
+        let mut auth = mock::AuthCheck::default();
+        if let Some(public_key) = public_key {
+            auth.keys.push(mock::KeyCheck {
+                public_key,
+                key_id: self.key_id.clone(),
+                team_id: self.team_id.clone(),
+            });
+        }
+        if let Some(dir) = &self.apps_dir {
+            add_apps(&mut auth, dir)?;
+        }
         let error_rate = match (self.error_per_mille, &self.error_reason) {
             (0, _) => None,
             (per_mille, reason) if per_mille <= 1000 => {
@@ -189,10 +199,107 @@ fn write_new_key(path: &Path) -> Result<(), ConfigError> {
         .map_err(|e| config_error(var, format!("{}: {e}", path.display())))
 }
 
+/// Accepts every token-auth app's key of `dir` for its team, and maps its topic to that team.
+fn add_apps(auth: &mut mock::AuthCheck, dir: &Path) -> Result<(), ConfigError> {
+    let var = "RINGPUSH_MOCK_APPS_DIR";
+    for app in mock::apps::read(dir).map_err(|e| config_error(var, e))? {
+        let Some(mock::apps::Apns {
+            topic,
+            key: Some((file, key_id, team_id)),
+        }) = app.apns
+        else {
+            continue;
+        };
+        let pem = std::fs::read(&file)
+            .map_err(|e| config_error(var, format!("{}: {e}", file.display())))?;
+        let key = mock::KeyCheck::from_pem(&pem, &key_id, &team_id)
+            .map_err(|e| config_error(var, format!("{}: {e}", file.display())))?;
+        auth.add_key(key);
+        auth.topics.insert(topic, team_id);
+    }
+    Ok(())
+}
+
 fn read_public_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
     let var = "RINGPUSH_MOCK_JWT_KEY_FILE";
     let pem =
         std::fs::read(path).map_err(|e| config_error(var, format!("{}: {e}", path.display())))?;
     jwt::public_key_from_pem(&pem)
         .map_err(|e| config_error(var, format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn an_apps_folder_gives_both_mocks_every_apps_credentials() {
+        let dir = std::env::temp_dir().join(format!(
+            "ringpush-mock-apps-{}",
+            crate::token::random_hex(6)
+        ));
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::create_dir_all(dir.join("brand")).unwrap();
+        std::fs::create_dir_all(dir.join("installer")).unwrap();
+        std::fs::write(dir.join("brand/apns.p8"), key.serialize_pem()).unwrap();
+        let account = crate::fcm::credentials::generate(
+            "proj-brand",
+            "svc@proj-brand.iam.gserviceaccount.com",
+            "https://localhost:1/token",
+        )
+        .unwrap();
+        std::fs::write(dir.join("brand/fcm.json"), &account).unwrap();
+        std::fs::write(
+            dir.join("brand/app.json"),
+            r#"{"apns": {"topic": "com.brand.doorbell", "key_file": "apns.p8", "key_id": "ABC123DEFG", "team_id": "TEAM123456"}, "fcm": {"credentials_file": "fcm.json"}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("installer/app.json"),
+            r#"{"apns": {"topic": "com.installer", "cert_file": "apns.p12", "cert_password_file": "apns.pass"}}"#,
+        )
+        .unwrap();
+        let path = dir.to_str().unwrap();
+
+        let cli = Cli::try_parse_from(["ringpush", "mock-apns", "--apps-dir", path]).unwrap();
+        let Command::MockApns(args) = cli.command else {
+            panic!("not mock-apns")
+        };
+        let auth = args.settings().unwrap().0.auth;
+        let want = crate::mock::KeyCheck::from_pem(
+            key.public_key_pem().as_bytes(),
+            "ABC123DEFG",
+            "TEAM123456",
+        )
+        .unwrap();
+        assert_eq!(auth.keys, vec![want]);
+        assert_eq!(
+            auth.topics.into_iter().collect::<Vec<_>>(),
+            vec![("com.brand.doorbell".to_owned(), "TEAM123456".to_owned())]
+        );
+
+        let cli = Cli::try_parse_from(["ringpush", "mock-fcm", "--apps-dir", path]).unwrap();
+        let Command::MockFcm(args) = cli.command else {
+            panic!("not mock-fcm")
+        };
+        let accounts = args.settings().unwrap().0.accounts;
+        let emails: Vec<_> = accounts.iter().map(|a| a.client_email.as_str()).collect();
+        assert_eq!(emails, ["svc@proj-brand.iam.gserviceaccount.com"]);
+        assert_eq!(accounts[0].project_id, "proj-brand");
+
+        // A key file that is not there names the variable and the file.
+        std::fs::remove_file(dir.join("brand/apns.p8")).unwrap();
+        let cli = Cli::try_parse_from(["ringpush", "mock-apns", "--apps-dir", path]).unwrap();
+        let Command::MockApns(args) = cli.command else {
+            panic!("not mock-apns")
+        };
+        let err = args.settings().unwrap_err().to_string();
+        assert!(
+            err.contains("RINGPUSH_MOCK_APPS_DIR") && err.contains("apns.p8"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

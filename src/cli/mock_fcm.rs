@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -39,6 +39,10 @@ pub struct MockFcmArgs {
     /// mock, and take its assertions; workers read the same file.
     #[arg(long, env = "RINGPUSH_MOCK_FCM_GENERATE_CREDENTIALS")]
     pub generate_credentials: Option<PathBuf>,
+    /// An apps folder (`<app>/app.json`, as RINGPUSH_APPS_DIR): every app's service account
+    /// is taken too, each sending for its own project. Read once, at start.
+    #[arg(long, env = "RINGPUSH_MOCK_FCM_APPS_DIR")]
+    pub apps_dir: Option<PathBuf>,
     /// The base URL clients reach the mock at, for the written token_uri (default:
     /// https://localhost:<port>).
     #[arg(long, env = "RINGPUSH_MOCK_FCM_PUBLIC_URL")]
@@ -115,9 +119,14 @@ impl MockFcmArgs {
             goaway_after: self.goaway_after,
             close_after: self.close_after,
         };
+        let accounts = match &self.apps_dir {
+            Some(dir) => apps_accounts(dir)?,
+            None => Vec::new(),
+        };
         let settings = mock_fcm::Settings {
             listen: self.listen,
             token_lifetime: self.token_lifetime,
+            accounts,
             faults,
             ..mock_fcm::Settings::local(self.cert_dir.clone())
         };
@@ -136,4 +145,19 @@ impl MockFcmArgs {
         };
         Ok((settings, credentials))
     }
+}
+
+/// The service account of every app of `dir` that has one.
+fn apps_accounts(dir: &Path) -> Result<Vec<mock_fcm::Account>, ConfigError> {
+    let var = "RINGPUSH_MOCK_FCM_APPS_DIR";
+    let apps = crate::mock::apps::read(dir).map_err(|e| config_error(var, e))?;
+    apps.into_iter()
+        .filter_map(|app| app.fcm_credentials)
+        .map(|file| {
+            let json = std::fs::read(&file)
+                .map_err(|e| config_error(var, format!("{}: {e}", file.display())))?;
+            mock_fcm::account_of(&json)
+                .map_err(|e| config_error(var, format!("{}: {e}", file.display())))
+        })
+        .collect()
 }

@@ -183,6 +183,10 @@ fn record(
         connection,
         stream_id: *identifier,
         certificate: true,
+        topic: None,
+        key_id: None,
+        team_id: None,
+        certificate_topic: None,
     });
 }
 

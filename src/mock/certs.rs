@@ -141,6 +141,81 @@ pub fn issue_client_certificate(dir: &Path, name: &str) -> Result<(String, Strin
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// The OID of a subject's `UID` attribute, where Apple's push certificates name their topic.
+const UID: [u64; 7] = [0, 9, 2342, 19_200_300, 100, 1, 1];
+
+/// What Apple's push certificates' common names say before their topic.
+const APPLE_CN_PREFIX: &str = "Apple Push Services: ";
+
+/// Issues a client identity for `topic` signed by the CA of `dir` (which must exist), named
+/// as Apple names its push certificates (subject `UID=<topic>`, `CN=Apple Push Services:
+/// <topic>`) and valid until `not_after`, and writes it to `file` — its PEM certificate, the
+/// CA's, then its PKCS#8 key, readable by its owner only: a `RINGPUSH_APNS_CERT_FILE` (or an
+/// app's `cert_file`) the mock takes for `topic` and `<topic>.voip` only.
+pub fn issue_topic_identity(
+    dir: &Path,
+    topic: &str,
+    not_after: std::time::SystemTime,
+    file: &Path,
+) -> Result<(), CertError> {
+    let pem = topic_identity_pem(dir, topic, not_after)?;
+    write_private(file, &pem).map_err(|source| CertError::Io {
+        path: file.display().to_string(),
+        source,
+    })
+}
+
+/// [`issue_topic_identity`]'s PEM, not written.
+pub(crate) fn topic_identity_pem(
+    dir: &Path,
+    topic: &str,
+    not_after: std::time::SystemTime,
+) -> Result<String, CertError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).map_err(|source| CertError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let issuer = Issuer::new(ca_params()?, KeyPair::from_pem(&read(CA_KEY_FILE)?)?);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CustomDnType(UID.to_vec()), topic);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{APPLE_CN_PREFIX}{topic}"));
+    params.distinguished_name.push(DnType::CountryName, "US");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let not_after = time::OffsetDateTime::from(not_after);
+    params.not_before = not_after.min(time::OffsetDateTime::now_utc()) - time::Duration::days(1);
+    params.not_after = not_after;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(format!(
+        "{}{}{}",
+        cert.pem(),
+        read("ca.pem")?,
+        key.serialize_pem()
+    ))
+}
+
+/// The topic a client certificate (DER) is issued for: its subject's `UID`, else the topic
+/// in a common name `Apple Push Services: <topic>`; `None` when it names none.
+pub(crate) fn certificate_topic(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let uid = x509_parser::der_parser::Oid::from(&UID).ok()?;
+    let value = |a: &x509_parser::x509::AttributeTypeAndValue| a.as_str().ok().map(str::to_owned);
+    let uid = subject.iter_by_oid(&uid).find_map(value);
+    let topic = uid.or_else(|| {
+        let cn = subject.iter_common_name().find_map(value)?;
+        cn.strip_prefix(APPLE_CN_PREFIX).map(str::to_owned)
+    });
+    topic.filter(|t| !t.is_empty())
+}
+
 /// Writes a private key readable by its owner only.
 pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -151,4 +226,43 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> 
     #[cfg(unix)]
     options.mode(0o600);
     options.open(path)?.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_topic_identity_names_its_topic_as_apples_do_and_expires_when_asked() {
+        let dir =
+            std::env::temp_dir().join(format!("ringpush-certs-{}", crate::token::random_hex(6)));
+        Certs::load_or_generate(&dir).unwrap();
+        let file = dir.join("apns.pem");
+        let not_after = SystemTime::now() + Duration::from_secs(10 * 86_400);
+        issue_topic_identity(&dir, "com.brand.doorbell", not_after, &file).unwrap();
+        let identity = crate::tls::Identity::from_file(&file, "").unwrap();
+        let pem = std::fs::read(&file).unwrap();
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(chain.len(), 2, "the certificate, then the CA");
+        assert_eq!(
+            certificate_topic(&chain[0]).as_deref(),
+            Some("com.brand.doorbell")
+        );
+        let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let expiry = cert.validity().not_after.timestamp();
+        let wanted = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!((expiry - wanted).abs() <= 1, "{expiry} against {wanted}");
+        drop(identity);
+        // A certificate with neither a UID nor Apple's name names no topic.
+        let (plain, _) = issue_client_certificate(&dir, "com.example.doorbell").unwrap();
+        let plain = CertificateDer::from_pem_slice(plain.as_bytes()).unwrap();
+        assert_eq!(certificate_topic(&plain), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::HeaderMap;
 
-use super::{certs, FailFirst, Faults, Mock};
+use super::{certs, FailFirst, Faults, KeyCheck, Mock};
 use crate::apns::http2::{self, Client};
 use crate::apns::request::Endpoint;
 use crate::apns::Reason;
@@ -41,6 +41,14 @@ pub struct Received {
     pub stream_id: u32,
     /// Whether the connection presented a client certificate.
     pub certificate: bool,
+    /// The `apns-topic` it carried.
+    pub topic: Option<String>,
+    /// The `kid` and `iss` of the JWT it carried, as it carried them (verified or not);
+    /// `None` on certificate connections, where APNs ignores `authorization`.
+    pub key_id: Option<String>,
+    pub team_id: Option<String>,
+    /// The topic the connection's client certificate is issued for, when it names one.
+    pub certificate_topic: Option<String>,
 }
 
 impl Received {
@@ -118,6 +126,38 @@ impl Mock {
         name: &str,
     ) -> Result<(String, String), certs::CertError> {
         certs::issue_client_certificate(&self.cert_dir, name)
+    }
+
+    /// A client identity for `topic`, named as Apple names push certificates and valid until
+    /// `not_after`, written to `file` (PEM: certificate, CA, key): certificate auth for
+    /// that topic (and `<topic>.voip`) only.
+    pub fn issue_topic_identity(
+        &self,
+        topic: &str,
+        not_after: std::time::SystemTime,
+        file: &std::path::Path,
+    ) -> Result<(), certs::CertError> {
+        certs::issue_topic_identity(&self.cert_dir, topic, not_after, file)
+    }
+
+    /// Accepts JWTs signed with `key` from now on (in place of an accepted key of the same
+    /// id), on connections already open too.
+    pub fn add_key(&self, key: KeyCheck) {
+        self.state.auth.write().unwrap().add_key(key);
+    }
+
+    /// Refuses JWTs of the key `key_id` from now on (403 InvalidProviderToken), as APNs
+    /// does a revoked key's.
+    pub fn remove_key(&self, key_id: &str) {
+        let mut auth = self.state.auth.write().unwrap();
+        auth.keys.retain(|k| k.key_id.as_deref() != Some(key_id));
+    }
+
+    /// `topic` (and `<topic>.voip`) takes JWTs of `team_id` only from now on (others: 400
+    /// TopicDisallowed).
+    pub fn set_topic(&self, topic: &str, team_id: &str) {
+        let mut auth = self.state.auth.write().unwrap();
+        auth.topics.insert(topic.to_owned(), team_id.to_owned());
     }
 
     /// An APNs client (token auth) that sends both environments here, trusting the mock's CA.

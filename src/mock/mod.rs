@@ -5,7 +5,10 @@
 //! with a millisecond `timestamp`, or any status and reason), and counts what it saw. Like
 //! APNs (protocol sheet A8/A9) it announces one stream per connection until the first
 //! accepted request, locks a connection to its first team and key, refuses a JWT that changes
-//! too often or is over an hour old, and accepts client certificates signed by its CA. Fault
+//! too often or is over an hour old, and accepts client certificates signed by its CA. It
+//! serves many apps at once: several keys, each for its team, told apart by `kid` (added and
+//! revoked while it runs); topics that take one team's JWTs only; a certificate that names
+//! its topic sends to that topic only. Fault
 //! modes ([`Faults`]) inject GOAWAY, REFUSED_STREAM, 503 Shutdown, a TCP close mid-stream and
 //! a rate of errors; a frame-level [`shim`] lets it change SETTINGS and write GOAWAY frames
 //! the `h2` server cannot.
@@ -13,9 +16,11 @@
 //! One concern a file: `server` (the listener, its TLS and the HTTP/2 streams), `faults`
 //! (what to inject and each stream's fate), `auth` (a connection's JWT lock), `control`
 //! (what tests, the demo and the benchmark set and read on a running [`Mock`]), beside
-//! [`certs`], [`validate`], [`shim`] and [`binary`]. This file holds the settings, the state
-//! they share, and `ringpush mock-apns`.
+//! [`certs`], [`validate`], [`shim`] and [`binary`], and `apps` (an apps folder as both
+//! mocks read it). This file holds the settings, the state they share, and `ringpush
+//! mock-apns`.
 
+pub(crate) mod apps;
 pub mod binary;
 pub mod certs;
 pub mod shim;
@@ -30,7 +35,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -39,7 +44,7 @@ use tracing::info;
 use crate::token::DeviceToken;
 pub use control::{Received, Script, Stats};
 pub use faults::{ErrorRate, FailFirst, Faults, GoAwayDebug};
-pub use validate::AuthCheck;
+pub use validate::{AuthCheck, KeyCheck};
 
 /// How the mock is set up.
 #[derive(Debug, Clone)]
@@ -47,7 +52,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Where the CA and server certificate live (generated on first start).
     pub cert_dir: PathBuf,
-    /// JWT checks; without a public key every request is taken as authorised.
+    /// JWT checks (keys, topics' teams); with no key every request is taken as authorised.
+    /// The start; [`Mock::add_key`], [`Mock::remove_key`] and [`Mock::set_topic`] change it.
     pub auth: AuthCheck,
     /// MAX_CONCURRENT_STREAMS announced when a connection opens (APNs: 1).
     pub initial_streams: u32,
@@ -94,6 +100,8 @@ impl Settings {
 /// Shared state of a running mock.
 struct State {
     settings: Settings,
+    /// The keys and topics checked now: `settings.auth`, changed while running.
+    auth: RwLock<AuthCheck>,
     faults: Mutex<Faults>,
     /// The failures [`FailFirst`] has left to answer.
     fail_first: Mutex<Option<FailFirst>>,

@@ -5,7 +5,7 @@
 //! [`shim`]: super::shim
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::auth::{check_connection_jwt, JwtState};
 use super::faults::{decide, GoAwayDebug, Plan};
+use super::validate::ClientCert;
 use super::{binary, certs, shim, validate, Mock, Received, Settings, State};
 use crate::apns::Reason;
 use crate::tls;
@@ -28,8 +29,8 @@ use crate::tls;
 pub(super) struct Conn {
     number: u64,
     pub(super) shim: shim::Handle,
-    /// The client presented a certificate signed by the mock's CA.
-    certificate: bool,
+    /// The certificate the client presented (signed by the mock's CA), if any.
+    certificate: Option<ClientCert>,
     /// The stream limit has been raised after an accepted request.
     raised: AtomicBool,
     /// Streams open on this connection now.
@@ -82,6 +83,7 @@ impl Mock {
         };
         let state = Arc::new(State {
             faults: Mutex::new(settings.faults.clone()),
+            auth: RwLock::new(settings.auth.clone()),
             fail_first: Mutex::default(),
             settings: settings.clone(),
             in_flight: AtomicU64::new(0),
@@ -147,7 +149,10 @@ async fn serve_connection(
         .get_ref()
         .1
         .peer_certificates()
-        .is_some_and(|c| !c.is_empty());
+        .and_then(|c| c.first())
+        .map(|c| ClientCert {
+            topic: certs::certificate_topic(c),
+        });
     let settings = &state.settings;
     let (io, shim) = shim::spawn(tls, settings.initial_streams, state.pings.clone());
     let mut h2 = h2::server::Builder::new()
@@ -263,8 +268,8 @@ async fn handle_stream(
         _ => validate::validate(
             &parts,
             &payload,
-            &state.settings.auth,
-            conn.certificate,
+            &state.auth.read().unwrap(),
+            conn.certificate.as_ref(),
             now,
         )
         .and_then(|valid| {
@@ -312,6 +317,16 @@ async fn handle_stream(
         let _ = file.lock().unwrap().write_all(line.as_bytes());
     }
     if state.settings.keep_requests > 0 {
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let topic = header("apns-topic").map(str::to_owned);
+        // What the JWT claimed, verified or not; APNs ignores it on certificate connections.
+        let (key_id, team_id) = match header("authorization") {
+            Some(value) if conn.certificate.is_none() => value
+                .strip_prefix("bearer ")
+                .and_then(validate::carried)
+                .map_or((None, None), |(kid, iss)| (Some(kid), Some(iss))),
+            _ => (None, None),
+        };
         let mut received = state.received.lock().unwrap();
         if received.len() == state.settings.keep_requests {
             received.pop_front();
@@ -325,7 +340,11 @@ async fn handle_stream(
             payload,
             connection: conn.number,
             stream_id: id,
-            certificate: conn.certificate,
+            certificate: conn.certificate.is_some(),
+            topic,
+            key_id,
+            team_id,
+            certificate_topic: conn.certificate.as_ref().and_then(|c| c.topic.clone()),
         });
     }
     let response = Response::builder()

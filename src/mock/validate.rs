@@ -1,6 +1,7 @@
 //! The mock's request checks, in roughly the order APNs applies them (protocol sheet A9):
 //! a pure function of the request, so each rule is tested without a network.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use http::request::Parts;
@@ -25,14 +26,41 @@ const PUSH_TYPES: [&str; 11] = [
     "controls",
 ];
 
+/// One signing key the mock accepts (an Apple team's .p8, by its public half).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCheck {
+    /// The P-256 public point its JWTs verify with.
+    pub public_key: Vec<u8>,
+    /// The `kid` its JWTs carry; `None` takes any (`mock-apns` without `--key-id`).
+    pub key_id: Option<String>,
+    /// The team its JWTs must name as `iss`; `None` takes any.
+    pub team_id: Option<String>,
+}
+
+impl KeyCheck {
+    /// A key with its id and team.
+    pub fn new(public_key: Vec<u8>, key_id: &str, team_id: &str) -> Self {
+        Self {
+            public_key,
+            key_id: Some(key_id.to_owned()),
+            team_id: Some(team_id.to_owned()),
+        }
+    }
+
+    /// A key from PEM — a public key (SPKI) or the .p8 itself — with its id and team.
+    pub fn from_pem(pem: &[u8], key_id: &str, team_id: &str) -> Result<Self, jwt::JwtError> {
+        Ok(Self::new(jwt::public_key_from_pem(pem)?, key_id, team_id))
+    }
+}
+
 /// What the mock checks a provider token against.
 #[derive(Debug, Clone)]
 pub struct AuthCheck {
-    /// The P-256 public point JWTs must verify with; `None` skips JWT checks.
-    pub public_key: Option<Vec<u8>>,
-    /// The key id and team id a token must carry, when set.
-    pub key_id: Option<String>,
-    pub team_id: Option<String>,
+    /// The keys JWTs may be signed with, told apart by `kid`; none: JWTs are not checked.
+    pub keys: Vec<KeyCheck>,
+    /// The team each topic belongs to (a topic `T` also covers `T.voip`): a JWT of another
+    /// team is `TopicDisallowed` for it. Topics not listed take any team.
+    pub topics: HashMap<String, String>,
     /// Tokens whose `iat` is older than this are `ExpiredProviderToken` (APNs: one hour).
     pub max_age: Duration,
 }
@@ -40,11 +68,52 @@ pub struct AuthCheck {
 impl Default for AuthCheck {
     fn default() -> Self {
         Self {
-            public_key: None,
-            key_id: None,
-            team_id: None,
+            keys: Vec::new(),
+            topics: HashMap::new(),
             max_age: Duration::from_secs(3600),
         }
+    }
+}
+
+impl AuthCheck {
+    /// Checks JWTs against one key.
+    pub fn key(key: KeyCheck) -> Self {
+        Self {
+            keys: vec![key],
+            ..Self::default()
+        }
+    }
+
+    /// Accepts `key` from now on, in place of an accepted key with the same id.
+    pub(crate) fn add_key(&mut self, key: KeyCheck) {
+        self.keys
+            .retain(|k| key.key_id.is_none() || k.key_id != key.key_id);
+        self.keys.push(key);
+    }
+
+    /// The team `topic` belongs to, when listed (itself, or the app of a `.voip` topic).
+    fn team_of(&self, topic: &str) -> Option<&str> {
+        self.topics
+            .get(topic)
+            .or_else(|| topic.strip_suffix(".voip").and_then(|t| self.topics.get(t)))
+            .map(String::as_str)
+    }
+}
+
+/// What a client certificate says about the connection it opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ClientCert {
+    /// The topic it is issued for (its UID, or its CN `Apple Push Services: <topic>`), when
+    /// it names one: requests for other topics are `TopicDisallowed`.
+    pub topic: Option<String>,
+}
+
+impl ClientCert {
+    /// Whether the certificate may send to `topic`: its own, and its `.voip` topic.
+    fn covers(&self, topic: &str) -> bool {
+        self.topic
+            .as_deref()
+            .is_none_or(|own| topic == own || topic.strip_suffix(".voip") == Some(own))
     }
 }
 
@@ -58,12 +127,12 @@ pub(crate) struct Valid {
 }
 
 /// Checks one request; returns its device token (and JWT), or the status and reason to
-/// answer. `certificate` says the connection presented a client certificate.
+/// answer. `certificate` is the client certificate the connection presented, if any.
 pub(crate) fn validate(
     parts: &Parts,
     body: &[u8],
     auth: &AuthCheck,
-    certificate: bool,
+    certificate: Option<&ClientCert>,
     now_unix: i64,
 ) -> Result<Valid, (u16, Reason)> {
     let h = &parts.headers;
@@ -80,9 +149,10 @@ pub(crate) fn validate(
     if parts.method != Method::POST {
         return bad(Reason::MethodNotAllowed);
     }
-    if text("apns-topic").is_none_or(str::is_empty) {
-        return bad(Reason::MissingTopic);
-    }
+    let topic = match text("apns-topic") {
+        Some(t) if !t.is_empty() => t,
+        _ => return bad(Reason::MissingTopic),
+    };
     if text("apns-collapse-id").is_some_and(|c| c.len() > 64) {
         return bad(Reason::BadCollapseId);
     }
@@ -113,8 +183,15 @@ pub(crate) fn validate(
     let Ok(token) = DeviceToken::parse(token) else {
         return bad(Reason::BadDeviceToken);
     };
-    let jwt = match &auth.public_key {
-        Some(key) if !certificate => Some(check_jwt(text("authorization"), key, auth, now_unix)?),
+    let jwt = match certificate {
+        Some(cert) if !cert.covers(topic) => return bad(Reason::TopicDisallowed),
+        None if !auth.keys.is_empty() => {
+            let (token, claims) = check_jwt(text("authorization"), auth, now_unix)?;
+            if auth.team_of(topic).is_some_and(|t| t != claims.team_id) {
+                return bad(Reason::TopicDisallowed);
+            }
+            Some((token, claims))
+        }
         _ => None,
     };
     if body.is_empty() {
@@ -131,9 +208,10 @@ pub(crate) fn validate(
     Ok(Valid { token, jwt })
 }
 
+/// Verifies the JWT with the accepted key its `kid` names, and its `iss` against that
+/// key's team.
 fn check_jwt(
     header: Option<&str>,
-    key: &[u8],
     auth: &AuthCheck,
     now_unix: i64,
 ) -> Result<(String, jwt::Claims), (u16, Reason)> {
@@ -141,17 +219,41 @@ fn check_jwt(
     let Some(token) = header.and_then(|v| v.strip_prefix("bearer ")) else {
         return bad(Reason::MissingProviderToken);
     };
-    let Ok(claims) = jwt::verify(token, key) else {
+    let Some((kid, _)) = carried(token) else {
         return bad(Reason::InvalidProviderToken);
     };
-    let mismatch = |want: &Option<String>, got: &str| want.as_deref().is_some_and(|w| w != got);
-    if mismatch(&auth.key_id, &claims.key_id) || mismatch(&auth.team_id, &claims.team_id) {
+    let verified = auth
+        .keys
+        .iter()
+        .filter(|k| k.key_id.as_deref().is_none_or(|id| id == kid))
+        .find_map(|k| jwt::verify(token, &k.public_key).ok().map(|c| (k, c)));
+    let Some((key, claims)) = verified else {
+        return bad(Reason::InvalidProviderToken);
+    };
+    if key.team_id.as_deref().is_some_and(|t| t != claims.team_id) {
         return bad(Reason::InvalidProviderToken);
     }
     if now_unix - claims.issued_at > auth.max_age.as_secs() as i64 {
         return bad(Reason::ExpiredProviderToken);
     }
     Ok((token.to_owned(), claims))
+}
+
+/// The `kid` and `iss` a JWT carries, read without verifying it (what a request claimed,
+/// kept with it for tests).
+pub(crate) fn carried(token: &str) -> Option<(String, String)> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let mut parts = token.split('.');
+    let mut json = || -> Option<serde_json::Value> {
+        serde_json::from_slice(&B64.decode(parts.next()?).ok()?).ok()
+    };
+    let (header, claims) = (json()?, json()?);
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+    Some((
+        text(&header["kid"])?,
+        text(&claims["iss"]).unwrap_or_default(),
+    ))
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -231,7 +333,7 @@ mod tests {
             (request(|b| b), &[b' '; 4097], Some(Reason::PayloadTooLarge)),
         ];
         for (i, (parts, body, want)) in cases.into_iter().enumerate() {
-            let got = validate(&parts, body, &AuthCheck::default(), false, NOW)
+            let got = validate(&parts, body, &AuthCheck::default(), None, NOW)
                 .err()
                 .map(|(_, r)| r);
             assert_eq!(got, want, "case {i}");
@@ -243,7 +345,7 @@ mod tests {
                 http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 value.parse().unwrap(),
             );
-            validate(&parts, b"{}", &AuthCheck::default(), false, NOW).err()
+            validate(&parts, b"{}", &AuthCheck::default(), None, NOW).err()
         };
         assert_eq!(
             single("apns-collapse-id", &long),
@@ -271,28 +373,33 @@ mod tests {
             .serialize_pem();
         let signer =
             Signer::from_pem(pem.as_bytes(), "KEY1234567", "TEAM123456", DEFAULT_REFRESH).unwrap();
-        let auth = AuthCheck {
-            public_key: Some(signer.public_key()),
-            key_id: Some("KEY1234567".into()),
-            team_id: Some("TEAM123456".into()),
-            ..AuthCheck::default()
-        };
+        let auth = AuthCheck::key(KeyCheck::new(
+            signer.public_key(),
+            "KEY1234567",
+            "TEAM123456",
+        ));
         let with = |jwt: Option<String>| {
             let parts = request(|b| match jwt {
                 Some(j) => b.header("authorization", format!("bearer {j}")),
                 None => b,
             });
-            validate(&parts, b"{}", &auth, false, NOW)
+            validate(&parts, b"{}", &auth, None, NOW)
                 .err()
                 .map(|(_, r)| r)
         };
         assert_eq!(with(Some(signer.sign(NOW - 10))), None);
         assert_eq!(with(None), Some(Reason::MissingProviderToken));
         // On a certificate connection APNs ignores `authorization`.
-        assert!(validate(&request(|b| b), b"{}", &auth, true, NOW)
-            .unwrap()
-            .jwt
-            .is_none());
+        assert!(validate(
+            &request(|b| b),
+            b"{}",
+            &auth,
+            Some(&ClientCert::default()),
+            NOW
+        )
+        .unwrap()
+        .jwt
+        .is_none());
         assert_eq!(
             with(Some(signer.sign(NOW - 3601))),
             Some(Reason::ExpiredProviderToken)
@@ -307,5 +414,139 @@ mod tests {
             with(Some(other_team.sign(NOW))),
             Some(Reason::InvalidProviderToken)
         );
+    }
+
+    /// A new key's PEM, a signer with it, and the key as the mock accepts it.
+    fn team_key(key_id: &str, team_id: &str) -> (String, Signer, KeyCheck) {
+        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem();
+        let signer = Signer::from_pem(pem.as_bytes(), key_id, team_id, DEFAULT_REFRESH).unwrap();
+        let check = KeyCheck::from_pem(pem.as_bytes(), key_id, team_id).unwrap();
+        (pem, signer, check)
+    }
+
+    fn answer(auth: &AuthCheck, topic: &str, jwt: &str) -> Option<Reason> {
+        let mut parts = request(|b| b.header("authorization", format!("bearer {jwt}")));
+        parts.headers.insert("apns-topic", topic.parse().unwrap());
+        validate(&parts, b"{}", auth, None, NOW)
+            .err()
+            .map(|(_, r)| r)
+    }
+
+    #[test]
+    fn each_key_verifies_the_jwts_of_its_kid_and_its_team_only() {
+        let (pem_a, a, key_a) = team_key("KEYAAAAAAA", "TEAMAAAAAA");
+        let (_, b, key_b) = team_key("KEYBBBBBBB", "TEAMBBBBBB");
+        let (_, c, _) = team_key("KEYCCCCCCC", "TEAMAAAAAA");
+        let mut auth = AuthCheck::key(key_a.clone());
+        auth.add_key(key_b.clone());
+        assert_eq!(answer(&auth, "com.a", &a.sign(NOW)), None);
+        assert_eq!(answer(&auth, "com.b", &b.sign(NOW)), None);
+        // A key the mock does not know, even of a known team.
+        assert_eq!(
+            answer(&auth, "com.a", &c.sign(NOW)),
+            Some(Reason::InvalidProviderToken)
+        );
+        // Signed with A's key but naming B's: verified with B's, which fails.
+        let forged = Signer::from_pem(
+            pem_a.as_bytes(),
+            "KEYBBBBBBB",
+            "TEAMBBBBBB",
+            DEFAULT_REFRESH,
+        )
+        .unwrap();
+        assert_eq!(
+            answer(&auth, "com.b", &forged.sign(NOW)),
+            Some(Reason::InvalidProviderToken)
+        );
+        // A's key and id, naming B's team.
+        let other_team = Signer::from_pem(
+            pem_a.as_bytes(),
+            "KEYAAAAAAA",
+            "TEAMBBBBBB",
+            DEFAULT_REFRESH,
+        )
+        .unwrap();
+        assert_eq!(
+            answer(&auth, "com.a", &other_team.sign(NOW)),
+            Some(Reason::InvalidProviderToken)
+        );
+        // A key added again replaces the one of its id.
+        auth.add_key(KeyCheck::new(
+            key_b.public_key.clone(),
+            "KEYAAAAAAA",
+            "TEAMAAAAAA",
+        ));
+        assert_eq!(auth.keys.len(), 2);
+        assert_eq!(
+            answer(&auth, "com.a", &a.sign(NOW)),
+            Some(Reason::InvalidProviderToken)
+        );
+        // A key of no id and team (`mock-apns` without --key-id, --team-id) takes any.
+        let any = AuthCheck::key(KeyCheck {
+            key_id: None,
+            team_id: None,
+            ..key_b
+        });
+        assert_eq!(answer(&any, "com.b", &b.sign(NOW)), None);
+        assert_eq!(
+            answer(&any, "com.a", &a.sign(NOW)),
+            Some(Reason::InvalidProviderToken)
+        );
+    }
+
+    #[test]
+    fn a_topic_takes_only_its_teams_jwts_and_a_certificate_only_its_topic() {
+        let (_, a, key_a) = team_key("KEYAAAAAAA", "TEAMAAAAAA");
+        let (_, b, key_b) = team_key("KEYBBBBBBB", "TEAMBBBBBB");
+        let mut auth = AuthCheck::key(key_a);
+        auth.add_key(key_b);
+        auth.topics.insert("com.a".into(), "TEAMAAAAAA".into());
+        assert_eq!(answer(&auth, "com.a", &a.sign(NOW)), None);
+        assert_eq!(answer(&auth, "com.a.voip", &a.sign(NOW)), None);
+        assert_eq!(
+            answer(&auth, "com.a", &b.sign(NOW)),
+            Some(Reason::TopicDisallowed)
+        );
+        assert_eq!(
+            answer(&auth, "com.a.voip", &b.sign(NOW)),
+            Some(Reason::TopicDisallowed)
+        );
+        // Topics not listed take any team.
+        assert_eq!(answer(&auth, "com.b", &a.sign(NOW)), None);
+        assert_eq!(
+            Reason::TopicDisallowed.status(),
+            400,
+            "APNs answers 400 TopicDisallowed"
+        );
+
+        let on_cert = |cert: &ClientCert, topic: &str| {
+            let mut parts = request(|b| b);
+            parts.headers.insert("apns-topic", topic.parse().unwrap());
+            validate(&parts, b"{}", &auth, Some(cert), NOW)
+                .err()
+                .map(|(_, r)| r)
+        };
+        let cert = ClientCert {
+            topic: Some("com.c".into()),
+        };
+        assert_eq!(on_cert(&cert, "com.c"), None);
+        assert_eq!(on_cert(&cert, "com.c.voip"), None);
+        assert_eq!(on_cert(&cert, "com.a"), Some(Reason::TopicDisallowed));
+        assert_eq!(on_cert(&cert, "com.cc"), Some(Reason::TopicDisallowed));
+        // A certificate naming no topic sends to any (no JWT is asked for).
+        assert_eq!(on_cert(&ClientCert::default(), "com.a"), None);
+    }
+
+    #[test]
+    fn what_a_jwt_carries_is_read_without_verifying_it() {
+        let (_, a, _) = team_key("KEYAAAAAAA", "TEAMAAAAAA");
+        assert_eq!(
+            carried(&a.sign(NOW)),
+            Some(("KEYAAAAAAA".into(), "TEAMAAAAAA".into()))
+        );
+        assert_eq!(carried("a.b.c"), None);
+        assert_eq!(carried(""), None);
     }
 }

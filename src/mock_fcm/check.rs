@@ -87,6 +87,17 @@ pub(crate) fn token_request(
     Ok(())
 }
 
+/// The `iss` of a token request's assertion, read without verifying it: which account's
+/// key to verify it with.
+pub(crate) fn assertion_issuer(form: &[u8]) -> Option<String> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let (_, assertion) = url::form_urlencoded::parse(form).find(|(k, _)| k == "assertion")?;
+    let claims = B64.decode(assertion.split('.').nth(1)?).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&claims).ok()?;
+    claims["iss"].as_str().map(str::to_owned)
+}
+
 /// Checks a message's shape; `Err` is what an INVALID_ARGUMENT says, and whether it is about
 /// `message.token`. On success, the token.
 pub fn message(body: &[u8]) -> Result<String, (String, bool)> {

@@ -2,10 +2,13 @@
 //! development, tests, the demo and the benchmark.
 //!
 //! HTTP/2 over TLS with its own CA (the same kind of certificate directory as `mock-apns`,
-//! [`crate::mock::certs`]). `POST /token` takes the service account's RS256 assertion —
+//! [`crate::mock::certs`]). `POST /token` takes the RS256 assertion of any service account
+//! it was given (several apps' at once; added, rotated and removed while it runs) —
 //! signature, `iss`, `scope`, `aud`, `iat`/`exp` checked ([`check`]) — and issues access
-//! tokens; `POST /v1/projects/<project_id>/messages:send` checks the bearer token is one it
-//! issued and still valid, checks the message's shape, and answers 200 or FCM's error JSON.
+//! tokens bound to that account and its project; `POST /v1/projects/<project_id>/messages:send`
+//! checks the bearer token is one it issued, still valid and of that project (403
+//! PERMISSION_DENIED), that a registration token bound to a project is sent under it (403
+//! SENDER_ID_MISMATCH), checks the message's shape, and answers 200 or FCM's error JSON.
 //! Fault modes ([`Faults`], and [`MockFcm`]'s control methods): tokens answered
 //! UNREGISTERED, a share of errors by code, 429/503 with `Retry-After`, the next n requests
 //! failing, access tokens expiring early, connections dropped after n streams, GOAWAY after
@@ -35,9 +38,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Where the CA and server certificate live (generated on first start).
     pub cert_dir: PathBuf,
-    /// The service account whose assertions the token endpoint takes (set later with
-    /// [`MockFcm::set_account`] when its `token_uri` must name the mock's port).
-    pub account: Option<Account>,
+    /// The service accounts whose assertions the token endpoint takes at start (more are
+    /// added later with [`MockFcm::new_account`] when their `token_uri` must name the
+    /// mock's port).
+    pub accounts: Vec<Account>,
     /// `expires_in` of the access tokens it issues.
     pub token_lifetime: Duration,
     /// MAX_CONCURRENT_STREAMS announced.
@@ -51,7 +55,7 @@ impl Settings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             cert_dir,
-            account: None,
+            accounts: Vec::new(),
             token_lifetime: Duration::from_secs(3600),
             max_concurrent_streams: 1000,
             faults: Faults::default(),
@@ -82,6 +86,11 @@ pub struct Faults {
 pub struct Received {
     /// `message.token`, when the body had one.
     pub token: Option<String>,
+    /// The project of the URL (`/v1/projects/<project>/messages:send`).
+    pub project: String,
+    /// The service account (`client_email`) the bearer token was issued to, when it is one
+    /// the mock issued.
+    pub account: Option<String>,
     pub status: u16,
     /// FCM's error code of the answer, when it was an error.
     pub code: Option<String>,
@@ -119,10 +128,13 @@ pub struct Stats {
 
 struct State {
     settings: Settings,
-    account: Mutex<Option<Account>>,
+    /// The service accounts taken, by `client_email`.
+    accounts: Mutex<HashMap<String, Account>>,
     faults: Mutex<Faults>,
-    /// Access tokens issued: valid until.
-    tokens: Mutex<HashMap<String, Instant>>,
+    /// Access tokens issued, with whom to and until when.
+    tokens: Mutex<HashMap<String, Issued>>,
+    /// Registration tokens bound to the project that registered them.
+    bound: Mutex<HashMap<String, String>>,
     scripts: Mutex<HashMap<String, Script>>,
     /// The next sends, whatever their token, answered so (a 503 burst).
     fail_next: Mutex<VecDeque<Script>>,
@@ -130,6 +142,16 @@ struct State {
     received: Mutex<Vec<Received>>,
     /// Cancelled to drop every open connection.
     cut: Mutex<CancellationToken>,
+}
+
+/// An access token the mock issued.
+#[derive(Debug, Clone)]
+struct Issued {
+    /// The service account's `client_email`.
+    account: String,
+    /// Its project: the only one the token may send for.
+    project: String,
+    valid_until: Instant,
 }
 
 /// A running mock. Dropping it does not stop it: cancel the token given to `start`.
@@ -160,22 +182,77 @@ impl MockFcm {
         format!("{}/token", self.url())
     }
 
-    /// Takes assertions from `account` from now on.
-    pub(crate) fn set_account(&self, account: Account) {
-        *self.state.account.lock().unwrap() = Some(account);
+    /// Takes assertions from `account` from now on, beside the accounts already taken (in
+    /// place of one with the same `client_email`: its key replaced).
+    pub(crate) fn add_account(&self, account: Account) {
+        let mut accounts = self.state.accounts.lock().unwrap();
+        accounts.insert(account.client_email.clone(), account);
     }
 
-    /// A new service account whose `token_uri` is this mock's, accepted from now on: its
-    /// JSON, for a client.
+    /// A new service account of `project_id` (a `client_email` of its own), whose
+    /// `token_uri` is this mock's, accepted from now on beside the others: its JSON, for a
+    /// client. Its access tokens send for `project_id` only.
     pub fn new_account(&self, project_id: &str) -> anyhow::Result<String> {
+        let email = format!(
+            "ringpush-{}@{project_id}.iam.gserviceaccount.com",
+            crate::token::random_hex(3)
+        );
+        let json = crate::fcm::credentials::generate(project_id, &email, &self.token_uri())
+            .map_err(anyhow::Error::msg)?;
+        self.add_account(account_of(json.as_bytes())?);
+        Ok(json)
+    }
+
+    /// A new key for the account `client_email` (its JSON, same account and project): the
+    /// old key's assertions are refused from now on; access tokens already issued keep
+    /// working until they expire, as Google's do when a key is deleted.
+    pub fn rotate_key(&self, client_email: &str) -> anyhow::Result<String> {
+        let account = self
+            .state
+            .accounts
+            .lock()
+            .unwrap()
+            .get(client_email)
+            .cloned();
+        let account = account.ok_or_else(|| anyhow::anyhow!("no account {client_email}"))?;
         let json = crate::fcm::credentials::generate(
-            project_id,
-            &format!("ringpush@{project_id}.iam.gserviceaccount.com"),
-            &self.token_uri(),
+            &account.project_id,
+            client_email,
+            &account.token_uri,
         )
         .map_err(anyhow::Error::msg)?;
-        self.set_account(account_of(json.as_bytes())?);
+        self.add_account(account_of(json.as_bytes())?);
         Ok(json)
+    }
+
+    /// Deletes the account `client_email`: its assertions are refused and its access tokens
+    /// answered 401 UNAUTHENTICATED from now on.
+    pub fn remove_account(&self, client_email: &str) {
+        self.state.accounts.lock().unwrap().remove(client_email);
+        let mut tokens = self.state.tokens.lock().unwrap();
+        tokens.retain(|_, issued| issued.account != client_email);
+    }
+
+    /// The `client_email` of every account taken, sorted.
+    pub fn accounts(&self) -> Vec<String> {
+        let mut emails: Vec<_> = self
+            .state
+            .accounts
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        emails.sort();
+        emails
+    }
+
+    /// Binds the registration token `token` to `project` (the one its app registered with):
+    /// sent under another project it is answered 403 SENDER_ID_MISMATCH. Tokens not bound go
+    /// to any project.
+    pub fn bind_token(&self, token: &str, project: &str) {
+        let mut bound = self.state.bound.lock().unwrap();
+        bound.insert(token.to_owned(), project.to_owned());
     }
 
     /// Changes the faults.
@@ -208,8 +285,8 @@ impl MockFcm {
     /// Every access token issued so far stops working now (answered 401).
     pub fn expire_access_tokens(&self) {
         let now = Instant::now();
-        for valid in self.state.tokens.lock().unwrap().values_mut() {
-            *valid = now;
+        for issued in self.state.tokens.lock().unwrap().values_mut() {
+            issued.valid_until = now;
         }
     }
 
@@ -276,7 +353,7 @@ pub async fn run(
             info!(file = %path.display(), %token_uri, "wrote a new service account for the mock");
         }
         let json = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        mock.set_account(account_of(&json)?);
+        mock.add_account(account_of(&json)?);
     }
     let mut last = Stats::default();
     let mut tick = tokio::time::interval(Duration::from_secs(10));

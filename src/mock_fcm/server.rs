@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{check, MockFcm, Received, Script, State};
+use super::{check, Issued, MockFcm, Received, Script, State};
 use crate::mock::certs;
 use crate::tls;
 
@@ -38,7 +38,14 @@ impl MockFcm {
         let listener = TcpListener::bind(settings.listen).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
-            account: Mutex::new(settings.account.clone()),
+            accounts: Mutex::new(
+                settings
+                    .accounts
+                    .iter()
+                    .map(|a| (a.client_email.clone(), a.clone()))
+                    .collect(),
+            ),
+            bound: Mutex::default(),
             faults: Mutex::new(settings.faults.clone()),
             settings,
             tokens: Mutex::default(),
@@ -229,16 +236,23 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// `POST /token`: an access token for a valid assertion of the account.
+/// `POST /token`: an access token for a valid assertion of an account the mock takes.
 fn token(state: &State, form: &[u8]) -> Answer {
-    let account = state.account.lock().unwrap().clone();
     let refused = |error: &str, description: String| {
         state.stats.lock().unwrap().token_refusals += 1;
         let body = serde_json::json!({"error": error, "error_description": description});
         (400, vec![], Bytes::from(body.to_string()))
     };
+    let account = {
+        let accounts = state.accounts.lock().unwrap();
+        if accounts.is_empty() {
+            return refused("invalid_client", "the mock has no service account".into());
+        }
+        check::assertion_issuer(form).and_then(|iss| accounts.get(&iss).cloned())
+    };
+    // Google's answer for an assertion of an account it does not know (or deleted).
     let Some(account) = account else {
-        return refused("invalid_client", "the mock has no service account".into());
+        return refused("invalid_grant", "Invalid grant: account not found".into());
     };
     if let Err((error, description)) = check::token_request(form, &account, unix_now()) {
         return refused(error, description);
@@ -256,11 +270,12 @@ fn token(state: &State, form: &[u8]) -> Answer {
         .token_valid_for
         .unwrap_or(lifetime)
         .min(lifetime);
-    state
-        .tokens
-        .lock()
-        .unwrap()
-        .insert(token.clone(), Instant::now() + valid);
+    let issued = Issued {
+        account: account.client_email,
+        project: account.project_id,
+        valid_until: Instant::now() + valid,
+    };
+    state.tokens.lock().unwrap().insert(token.clone(), issued);
     state.stats.lock().unwrap().tokens_issued += 1;
     let body = serde_json::json!({
         "access_token": token,
@@ -280,7 +295,9 @@ fn send(
 ) -> Answer {
     let body_json: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
     let token = body_json["message"]["token"].as_str().map(str::to_owned);
-    let answer = decide(state, project, bearer, payload, token.as_deref());
+    let issued = bearer.and_then(|b| state.tokens.lock().unwrap().get(b).cloned());
+    let account = issued.as_ref().map(|i| i.account.clone());
+    let answer = decide(state, project, issued, payload, token.as_deref());
     let (status, code) = (answer.0, answer_code(&answer.2));
     {
         let mut stats = state.stats.lock().unwrap();
@@ -292,6 +309,8 @@ fn send(
     }
     state.received.lock().unwrap().push(Received {
         token,
+        project: project.to_owned(),
+        account,
         status,
         code,
         body: body_json,
@@ -301,15 +320,16 @@ fn send(
     answer
 }
 
+/// The answer to a send under `project` with the access token `issued` (`None`: not one
+/// the mock issued).
 fn decide(
     state: &State,
     project: &str,
-    bearer: Option<&str>,
+    issued: Option<Issued>,
     payload: &[u8],
     token: Option<&str>,
 ) -> Answer {
-    let valid = bearer.and_then(|b| state.tokens.lock().unwrap().get(b).copied());
-    if valid.is_none_or(|until| Instant::now() >= until) {
+    let Some(issued) = issued.filter(|i| Instant::now() < i.valid_until) else {
         return error(
             401,
             "UNAUTHENTICATED",
@@ -317,19 +337,14 @@ fn decide(
             "Request had invalid authentication credentials. Expected OAuth 2 access token.",
             false,
         );
-    }
-    let expected = state
-        .account
-        .lock()
-        .unwrap()
-        .as_ref()
-        .map(|a| a.project_id.clone());
-    if expected.as_deref() != Some(project) {
+    };
+    // An access token sends for its account's project only.
+    if issued.project != project {
         return error(
             403,
             "PERMISSION_DENIED",
             None,
-            "Permission 'cloudmessaging.messages.create' denied",
+            &format!("Permission 'cloudmessaging.messages.create' denied on resource '//cloudresourcemanager.googleapis.com/projects/{project}' (or it may not exist)."),
             false,
         );
     }
@@ -356,6 +371,17 @@ fn decide(
             }
             return answer;
         }
+    }
+    // A registration token belongs to the project its app registered with.
+    let owner = state.bound.lock().unwrap().get(token).cloned();
+    if owner.is_some_and(|p| p != project) {
+        return error(
+            403,
+            "PERMISSION_DENIED",
+            Some("SENDER_ID_MISMATCH"),
+            "SenderId mismatch",
+            false,
+        );
     }
     let faults = state.faults.lock().unwrap().clone();
     if faults.unregistered.contains(token) {

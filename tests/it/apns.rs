@@ -40,12 +40,9 @@ impl Apns {
     async fn start(edit: impl FnOnce(&mut mock::Settings)) -> Self {
         let dir = std::env::temp_dir().join(format!("ringpush-apns-{}", random_hex(6)));
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let auth = mock::AuthCheck {
-            public_key: Some(jwt::public_key_from_pem(key.public_key_pem().as_bytes()).unwrap()),
-            key_id: Some(KEY_ID.into()),
-            team_id: Some(TEAM_ID.into()),
-            ..mock::AuthCheck::default()
-        };
+        let auth = mock::AuthCheck::key(
+            mock::KeyCheck::from_pem(key.public_key_pem().as_bytes(), KEY_ID, TEAM_ID).unwrap(),
+        );
         let mut settings = mock::Settings::local(dir.join("certs"), auth);
         edit(&mut settings);
         let cancel = CancellationToken::new();

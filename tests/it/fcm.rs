@@ -341,10 +341,12 @@ async fn metrics_count_per_platform_and_readyz_says_when_fcm_refuses_the_credent
     }
     let (status, _) = app.scrape("/readyz").await;
     assert_eq!(status, 200);
-    // The project's key is revoked: the token endpoint refuses the worker's assertions.
+    // The project's service account is deleted: the token endpoint refuses the worker's
+    // assertions, and its access token is answered 401.
     let mock = app.fcm.as_ref().unwrap();
-    mock.new_account("another-project").unwrap();
-    mock.expire_access_tokens();
+    for account in mock.accounts() {
+        mock.remove_account(&account);
+    }
     let ring = App::ring("gw-ops", Duration::ZERO);
     app.publish(&ring).await;
     app.wait_for("the iPhone rang again", || {
@@ -577,9 +579,12 @@ async fn a_renewal_ahead_of_expiry_that_fails_keeps_the_current_token_in_use() {
         matches!(v, Ok(ringpush::fcm::answer::Verdict::Accepted))
     };
     assert!(accepted(&client.send(message, token, expiration).await));
-    // The token endpoint stops taking this client's assertions (the project's key was
-    // rotated): the renewal at three quarters of the 6 s lifetime fails.
-    mock.new_account("p-keep").unwrap();
+    // The token endpoint stops taking this client's assertions (the account's key was
+    // rotated; its access tokens live on): the renewal at three quarters of the 6 s
+    // lifetime fails.
+    for account in mock.accounts() {
+        mock.rotate_key(&account).unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(5000)).await;
     assert!(
         mock.stats().token_refusals >= 1,
