@@ -4,10 +4,15 @@
 //! files, an ES256 key the client signs JWTs with and the mock checks them against, the
 //! mock APNs's settings and an HTTP/2 client (or, for the legacy interface, a client
 //! certificate) that trusts the mock's CA; and [`Local::clean_up`], which leaves the broker,
-//! the database and the disk as they were.
+//! the database and the disk as they were. [`write_app`] and [`write_cert_app`] make the
+//! folders of an apps directory (`RINGPUSH_APPS_DIR`) against running mocks.
 //!
 //! What each caller does with its world stays with it: the demo's seeding and report, the
 //! bench's worker and mock processes, the tests' fault proxies and clean-up on drop.
+
+mod apps;
+
+pub use apps::{write_app, write_cert_app, AppApns, AppFcm, AppFolder, Layout};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

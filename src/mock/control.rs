@@ -140,6 +140,11 @@ impl Mock {
         certs::issue_topic_identity(&self.cert_dir, topic, not_after, file)
     }
 
+    /// Where the mock's CA lives (to issue client identities from).
+    pub(crate) fn cert_dir(&self) -> &std::path::Path {
+        &self.cert_dir
+    }
+
     /// Accepts JWTs signed with `key` from now on (in place of an accepted key of the same
     /// id), on connections already open too.
     pub fn add_key(&self, key: KeyCheck) {

@@ -36,4 +36,5 @@ mod seam;
 mod servers;
 mod services;
 mod support;
+mod tenants;
 mod tls;
