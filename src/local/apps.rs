@@ -389,3 +389,102 @@ fn p12_of(pem: &str, password: &str) -> anyhow::Result<Vec<u8>> {
     store.add_entry("apns", p12_keystore::KeyStoreEntry::PrivateKeyChain(entry));
     Ok(store.writer(password).write()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apps::folder::{self, ApnsAuth};
+    use std::time::Duration;
+
+    /// What the worker's reader makes of an app folder: topic, key id or certificate
+    /// password, service account.
+    fn read_back(app: &AppFolder) -> (String, String, Option<String>) {
+        let read = folder::read(&app.dir).unwrap();
+        let credentials = read.credentials.unwrap().unwrap();
+        let apns = credentials.apns.unwrap();
+        let auth = match apns.auth {
+            ApnsAuth::Token { pem, key_id, .. } => {
+                assert_eq!(pem, app.key().unwrap().pem.as_bytes());
+                key_id
+            }
+            ApnsAuth::Certificate { file, password } => {
+                crate::tls::Identity::from_file(&file, &password).unwrap();
+                password
+            }
+        };
+        let fcm = credentials.fcm.map(|json| {
+            let account = crate::fcm::ServiceAccount::parse(&json).unwrap();
+            account.client_email.clone()
+        });
+        (apns.topic, auth, fcm)
+    }
+
+    #[tokio::test]
+    async fn the_worker_reads_every_generation_of_a_folder_as_written() {
+        let dir = std::env::temp_dir().join(format!("ringpush-appdirs-{}", random_hex(6)));
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let settings =
+            crate::mock::Settings::local(dir.join("apns"), crate::mock::AuthCheck::default());
+        let mock = Mock::start(settings, cancel.clone()).await.unwrap();
+        let fcm = MockFcm::start(
+            crate::mock_fcm::Settings::local(dir.join("fcm")),
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
+        let apps = dir.join("apps");
+        for layout in [Layout::Files, Layout::Secret] {
+            let id = format!("{layout:?}").to_lowercase();
+            let topic = format!("com.{id}.bell");
+            let one = write_app(
+                &apps,
+                &id,
+                &topic,
+                "KEY0000001",
+                "TEAM000001",
+                &mock,
+                Some((&fcm, "proj")),
+                layout,
+            )
+            .unwrap();
+            let email = one.client_email().map(str::to_owned);
+            assert_eq!(read_back(&one), (topic.clone(), "KEY0000001".into(), email));
+            // A new key, the same account.
+            let two = one.rotate_key("KEY0000002", &mock, None).unwrap();
+            assert_eq!(two.client_email(), one.client_email());
+            let email = one.client_email().map(str::to_owned);
+            assert_eq!(read_back(&two), (topic.clone(), "KEY0000002".into(), email));
+            // A new key and a new account.
+            let three = two.rotate_key("KEY0000003", &mock, Some(&fcm)).unwrap();
+            assert_ne!(three.client_email(), two.client_email());
+            let email = three.client_email().map(str::to_owned);
+            assert_eq!(
+                read_back(&three),
+                (topic.clone(), "KEY0000003".into(), email)
+            );
+
+            let cert_id = format!("{id}-cert");
+            let soon = SystemTime::now() + Duration::from_secs(10 * 86_400);
+            let cert =
+                write_cert_app(&apps, &cert_id, "com.cert", soon, &mock, None, layout).unwrap();
+            let AppApns::Certificate { password, .. } = &cert.apns else {
+                panic!("a certificate app")
+            };
+            assert_eq!(
+                read_back(&cert),
+                ("com.cert".into(), password.clone(), None)
+            );
+            let later = soon + Duration::from_secs(365 * 86_400);
+            let renewed = cert.renew_certificate(later, &mock, None).unwrap();
+            let AppApns::Certificate { password, .. } = &renewed.apns else {
+                panic!("a certificate app")
+            };
+            assert_eq!(
+                read_back(&renewed),
+                ("com.cert".into(), password.clone(), None)
+            );
+        }
+        cancel.cancel();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
