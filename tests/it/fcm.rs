@@ -327,11 +327,11 @@ async fn metrics_count_per_platform_and_readyz_says_when_fcm_refuses_the_credent
     app.wait_acked(1).await;
     let (_, metrics) = app.scrape("/metrics").await;
     for line in [
-        r#"ringpush_platform_notifications_total{platform="apns",outcome="accepted"} 1"#,
-        r#"ringpush_platform_notifications_total{platform="fcm",outcome="accepted"} 1"#,
+        r#"ringpush_platform_notifications_total{app="default",platform="apns",outcome="accepted"} 1"#,
+        r#"ringpush_platform_notifications_total{app="default",platform="fcm",outcome="accepted"} 1"#,
         r#"ringpush_provider_up{platform="fcm"} 1"#,
         r#"ringpush_provider_up{platform="apns"} 1"#,
-        r#"ringpush_fcm_token_renewals_total{outcome="ok"} 1"#,
+        r#"ringpush_fcm_token_renewals_total{app="default",outcome="ok"} 1"#,
         "ringpush_fcm_request_seconds_count 1",
     ] {
         assert!(
