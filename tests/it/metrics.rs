@@ -75,7 +75,7 @@ async fn metrics_match_what_the_mock_received() {
         Some(10.0)
     );
     assert_eq!(
-        sample(&body, "ringpush_apns_connections"),
+        sample(&body, r#"ringpush_apns_connections{app="default"}"#),
         Some(2.0),
         "two connections per endpoint, one endpoint used"
     );

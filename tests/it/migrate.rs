@@ -19,7 +19,8 @@ async fn migrate_twice_is_a_no_op() {
             "V6__push_tokens_platform_kind",
             "V7__ring_claims",
             "V8__push_tokens_any_provider",
-            "V9__ring_life"
+            "V9__ring_life",
+            "V10__push_tokens_app"
         ]
     );
     let second = ringpush::db::migrate(&db.url).await.unwrap();
