@@ -14,7 +14,7 @@ use crate::wire::ring::RingEvent;
 
 /// One queue as `ringpush queues` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct QueueLine {
+pub struct QueueLine {
     pub queue: String,
     pub ready: u32,
     /// Delivered and not yet acked (from the management API; `None` without it).
@@ -70,41 +70,11 @@ pub struct ManagementApi {
     pub http: crate::http::Client,
 }
 
-/// Unacked counts per queue from RabbitMQ's management API, which AMQP itself does not
-/// report. One GET for the whole vhost, bounded by 10 s.
-pub async fn unacked(
-    management: &ManagementApi,
-    vhost: &str,
-) -> anyhow::Result<std::collections::HashMap<String, u64>> {
-    let base = management.url.trim_end_matches('/');
-    let url = format!("{base}/api/queues/{vhost}?columns=name,messages_unacknowledged");
-    let response = management
-        .http
-        .get(&url, Duration::from_secs(10))
-        .await
-        .map_err(|e| anyhow::anyhow!("RINGPUSH_MANAGEMENT_URL: {e}"))?;
-    anyhow::ensure!(
-        response.status == 200,
-        "management API: status {}",
-        response.status
-    );
-    let queues: Vec<serde_json::Value> = serde_json::from_str(&response.body)?;
-    Ok(queues
-        .iter()
-        .filter_map(|q| {
-            Some((
-                q["name"].as_str()?.to_owned(),
-                q["messages_unacknowledged"].as_u64().unwrap_or(0),
-            ))
-        })
-        .collect())
-}
-
 /// Every ringpush queue's depth, unacked and consumer counts from RabbitMQ's management API
 /// alone — what a `monitor` identity reads (`ringpush service add monitor`), which may not
 /// open an AMQP connection at all. One GET for the whole vhost, bounded by 10 s. The API's
 /// numbers are the broker's statistics, refreshed every few seconds (5 s by default).
-pub(crate) async fn management_lines(
+pub async fn management_lines(
     management: &ManagementApi,
     vhost: &str,
     names: &Names,

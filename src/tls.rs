@@ -4,7 +4,8 @@
 //! corporate proxy's), and client certificates. There is no switch that turns verification
 //! off; PostgreSQL's `verify-ca` (the chain without the host name) is [`ChainOnly`]. A failed
 //! handshake is told for a person by [`failure`]: a server certificate from a CA the process
-//! does not trust names the setting that adds one (`RINGPUSH_APNS_CA_FILE`, …).
+//! does not trust names the setting that adds one (`RINGPUSH_APNS_CA_FILE`, …). A client
+//! certificate says when it expires ([`Identity::not_after`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -79,6 +80,17 @@ impl Identity {
         let key = PrivateKeyDer::from_pem_file(key)
             .map_err(|e| err(key, format!("no private key in the PEM file: {e}")))?;
         Ok(Self { chain, key })
+    }
+
+    /// When the client's own certificate (the chain's first, the leaf) stops being valid: its
+    /// `notAfter`, UTCTime or GeneralizedTime as RFC 5280 has it (what the expiry metric and
+    /// alerts watch: APNs refuses an expired certificate, and every ring of that app with
+    /// it). `None` when the leaf is not an X.509 certificate that can be read (rustls would
+    /// refuse it at the first handshake).
+    pub fn not_after(&self) -> Option<time::OffsetDateTime> {
+        let leaf = self.chain.first()?;
+        let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        Some(certificate.validity().not_after.to_datetime())
     }
 
     fn from_pem(pem: &[u8]) -> Result<Self, String> {
@@ -355,5 +367,126 @@ mod failure_tests {
             text.contains("not valid for the name example.com"),
             "{text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+    use rcgen::{CertificateParams, Issuer, KeyPair};
+    use time::macros::datetime;
+    use time::OffsetDateTime;
+
+    /// A certificate for `name` valid until `not_after`: self-signed, or signed by `issuer`.
+    fn certificate(
+        name: &str,
+        not_after: OffsetDateTime,
+        issuer: Option<&Issuer<'_, KeyPair>>,
+    ) -> (CertificateDer<'static>, KeyPair) {
+        let mut params = CertificateParams::new(vec![name.into()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.not_before = datetime!(2024-01-01 00:00 UTC);
+        params.not_after = not_after;
+        let key = KeyPair::generate().unwrap();
+        let cert = match issuer {
+            Some(issuer) => params.signed_by(&key, issuer).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (cert.der().clone(), key)
+    }
+
+    /// A CA valid until `not_after`: its certificate and its issuer.
+    fn ca(not_after: OffsetDateTime) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Test CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.not_after = not_after;
+        let key = KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().clone();
+        (der, Issuer::new(params, key))
+    }
+
+    fn identity(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> Identity {
+        Identity {
+            chain,
+            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        }
+    }
+
+    /// Whether `der` holds `bytes` (an encoded time, tag and length first).
+    fn holds(der: &[u8], bytes: &[u8]) -> bool {
+        der.windows(bytes.len()).any(|w| w == bytes)
+    }
+
+    #[test]
+    fn not_after_reads_a_utctime_to_the_second() {
+        let at = datetime!(2031-05-17 12:34:56 UTC);
+        let (cert, key) = certificate("client", at, None);
+        // Before 2050, RFC 5280 says UTCTime (tag 0x17): YYMMDDHHMMSSZ.
+        assert!(holds(&cert, b"\x17\x0d310517123456Z"));
+        assert_eq!(identity(vec![cert], &key).not_after(), Some(at));
+    }
+
+    #[test]
+    fn not_after_reads_a_generalizedtime_from_2050_on() {
+        let at = datetime!(2051-01-02 03:04:05 UTC);
+        let (cert, key) = certificate("client", at, None);
+        // From 2050, GeneralizedTime (tag 0x18): YYYYMMDDHHMMSSZ.
+        assert!(holds(&cert, b"\x18\x0f20510102030405Z"));
+        assert_eq!(identity(vec![cert], &key).not_after(), Some(at));
+    }
+
+    #[test]
+    fn not_after_is_the_leafs_not_its_issuers() {
+        let (ca_der, issuer) = ca(datetime!(2040-01-01 00:00 UTC));
+        let at = datetime!(2027-03-01 08:00 UTC);
+        let (leaf, key) = certificate("client", at, Some(&issuer));
+        assert_eq!(identity(vec![leaf, ca_der], &key).not_after(), Some(at));
+    }
+
+    #[test]
+    fn not_after_is_the_leafs_in_a_pkcs12_file_as_keychain_exports_it() {
+        let (ca_der, issuer) = ca(datetime!(2060-06-01 00:00 UTC));
+        let at = datetime!(2026-09-30 17:45:10 UTC);
+        let (leaf, key) = certificate("com.example.doorbell", at, Some(&issuer));
+        let chain = p12_keystore::PrivateKeyChain::new(
+            "key-1",
+            p12_keystore::PrivateKey::from_der(&key.serialize_der()).unwrap(),
+            [&leaf, &ca_der].map(|c| p12_keystore::Certificate::from_der(c).unwrap()),
+        );
+        let mut store = p12_keystore::KeyStore::new();
+        store.add_entry("apns", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+        let p12 = store.writer("secret").write().unwrap();
+        let identity = Identity::from_pkcs12(&p12, "secret").unwrap();
+        assert_eq!(identity.chain.len(), 2);
+        assert_eq!(identity.not_after(), Some(at));
+    }
+
+    #[test]
+    fn not_after_of_what_is_not_a_certificate_is_none() {
+        let (cert, key) = certificate("client", datetime!(2031-05-17 12:34:56 UTC), None);
+        let cut = CertificateDer::from(cert[..cert.len() / 2].to_vec());
+        assert_eq!(identity(vec![cut], &key).not_after(), None);
+        let junk = CertificateDer::from(b"not a certificate".to_vec());
+        assert_eq!(identity(vec![junk], &key).not_after(), None);
+        assert_eq!(identity(Vec::new(), &key).not_after(), None);
+    }
+
+    #[test]
+    fn not_after_is_read_from_a_pem_file_as_the_worker_loads_it() {
+        let at = datetime!(2030-12-31 23:59:59 UTC);
+        let mut params = CertificateParams::new(vec!["client".into()]).unwrap();
+        params.not_after = at;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let pem = format!("{}{}", cert.pem(), key.serialize_pem());
+        let identity = Identity::from_pem(pem.as_bytes()).unwrap();
+        assert_eq!(identity.not_after(), Some(at));
     }
 }

@@ -157,16 +157,57 @@ pub async fn create_schema(url: &str, schema: &str) -> Result<(), DbError> {
     .await
 }
 
-/// Drops a schema and everything in it.
+/// Drops a schema and everything in it. A session idle in a transaction that holds locks in
+/// the schema is ended rather than waited for: the schema is going, and such a session may
+/// never end by itself (a process stopped between two statements — a test's runtime blocked
+/// by that test's own teardown). The drop waits a second for the locks it needs, then ends
+/// those sessions and tries again, 30 times at most (a session running a
+/// statement is waited for).
 pub async fn drop_schema(url: &str, schema: &str) -> Result<(), DbError> {
-    schema_statement(
-        url,
-        &format!(
-            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-            checked_identifier(schema)
-        ),
-    )
-    .await
+    let drop_it = format!(
+        "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+        checked_identifier(schema)
+    );
+    let (client, driver) = Target::parse(url)?.connect().await?;
+    let result = async {
+        client.batch_execute("SET lock_timeout = '1s'").await?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match client.batch_execute(&drop_it).await {
+                Err(e) if tries < DROP_TRIES && is_lock_timeout(&e) => {
+                    // Not allowed to end them (another role's, without pg_signal_backend):
+                    // wait on; their own bound may end them.
+                    let _ = client.execute(END_IDLE_HOLDERS, &[&schema]).await;
+                }
+                result => return result,
+            }
+        }
+    }
+    .await;
+    drop(client);
+    let _ = driver.await;
+    Ok(result?)
+}
+
+/// Tries of [`drop_schema`], a second's wait for locks each.
+const DROP_TRIES: usize = 30;
+
+/// Ends the other sessions of this database that sit idle in a transaction holding a lock on
+/// the schema `$1` or on anything in it.
+const END_IDLE_HOLDERS: &str = "SELECT pg_terminate_backend(a.pid)
+FROM pg_stat_activity a
+WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()
+  AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+  AND EXISTS (
+    SELECT FROM pg_locks l, pg_namespace n
+    WHERE l.pid = a.pid AND n.nspname = $1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND (l.relation IN (SELECT oid FROM pg_class WHERE relnamespace = n.oid)
+           OR (l.classid = 'pg_namespace'::regclass AND l.objid = n.oid)))";
+
+fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
 }
 
 fn checked_identifier(name: &str) -> &str {

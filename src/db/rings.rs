@@ -12,7 +12,8 @@
 //!   again. Grouped across concurrent batches as `begin` is: one statement, one commit.
 //! - [`Rings::sweep_missed`]: the rings still ringing past their deadline end `missed`, in a
 //!   transaction that commits only once their ends are published (a worker that dies
-//!   between the two leaves them to the next sweep).
+//!   between the two leaves them to the next sweep; one that stops running leaves them
+//!   when the server ends its idle transaction).
 //! - [`Rings::sweep`]: the history's retention; [`history`]: what `ringpush history` prints.
 
 use std::collections::{HashMap, HashSet};
@@ -32,6 +33,15 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a missed sweep holds its rows while their ends are published (then it rolls back,
 /// and the next sweep takes them again).
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server's own bound on the missed sweep's transaction, for that transaction alone:
+/// idle (between its statements) for 10 s — twice [`ANNOUNCE_TIMEOUT`] — the server ends
+/// the session, and the rows it locked go back to the next sweep. [`ANNOUNCE_TIMEOUT`] ends
+/// a slow publish; this ends a process that stopped running the sweep's task at all (its
+/// runtime blocked — a test's teardown blocking the thread it runs on —, the process
+/// stopped), which otherwise held the rows, and anything waiting on their locks (a `DROP
+/// SCHEMA`, another worker's end of those rings), for as long as its connection lived.
+const IDLE_BOUND: &str = "SET LOCAL idle_in_transaction_session_timeout = '10s'";
 
 /// What [`Rings::begin`] runs: registers each ring of a known gateway (an end that came first
 /// is kept, its ring filled in) and finds, for a press of a switch, the ring of that switch still ringing that
@@ -393,6 +403,9 @@ impl Rings {
             .map_err(|e| DbError::from(e).to_string())?;
         let tx = client
             .transaction()
+            .await
+            .map_err(|e| DbError::from(e).to_string())?;
+        tx.batch_execute(IDLE_BOUND)
             .await
             .map_err(|e| DbError::from(e).to_string())?;
         let rows = tx

@@ -6,7 +6,7 @@
 //! | `sslmode` | TLS | the server's certificate |
 //! |---|---|---|
 //! | `disable` | never | — |
-//! | `prefer` (default) | when the server offers it and its certificate verifies as under `require`; else plain (a warning says why) | as `require` |
+//! | `prefer` (default) | when the server offers it and its certificate verifies as under `require`; else plain (an info line says why, once) | as `require` |
 //! | `require` | always | with `sslrootcert`: the chain to that CA (libpq's `verify-ca`, as libpq does when a root file is there); without: the public roots and the host name |
 //! | `verify-ca` | always | the chain to `sslrootcert` (required) |
 //! | `verify-full` | always | the chain to `sslrootcert` (or, without it or with `system`, the public roots) and the host name |
@@ -130,8 +130,9 @@ impl Target {
 
     /// Opens one connection as the URL says and spawns its driver. Under `prefer`, a server
     /// whose TLS handshake fails (its certificate does not verify) is connected to again
-    /// without TLS, as libpq does after a failed handshake, and a warning says so once per
-    /// process and server.
+    /// without TLS, as libpq does after a failed handshake, and an info line says so once per
+    /// process and server — `prefer`'s documented way, not a fault (libpq's `prefer` checks no
+    /// certificate at all).
     pub async fn connect(&self) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
         let Some(tls) = &self.tls else {
             return drive(self.config.connect(NoTls).await?);
@@ -140,7 +141,7 @@ impl Target {
         match self.config.connect(tls.clone()).await {
             Ok(pair) => drive(pair),
             Err(e) if self.mode == SslMode::Prefer && tls.failed() => {
-                warn_plain(&self.config, &e);
+                tell_plain(&self.config, &e);
                 let mut plain = self.config.clone();
                 plain.ssl_mode(DriverMode::Disable);
                 drive(plain.connect(NoTls).await?)
@@ -166,10 +167,14 @@ where
     Ok((client, driver))
 }
 
-/// The servers already warned about (`prefer` fell back to plain).
-static WARNED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+/// The servers already told about (`prefer` fell back to plain).
+static TOLD: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
-fn warn_plain(config: &Config, error: &tokio_postgres::Error) {
+/// Says once per process and server that `prefer` connected without TLS, why, and how to
+/// require it. At info, not warn: it is what `prefer` promises (as libpq's, which would take
+/// the unverified session and say nothing), and a start without faults logs no warning — a
+/// local PostgreSQL with Debian's self-signed certificate gets here on every start.
+fn tell_plain(config: &Config, error: &tokio_postgres::Error) {
     let hosts: Vec<String> = config
         .get_hosts()
         .iter()
@@ -180,7 +185,7 @@ fn warn_plain(config: &Config, error: &tokio_postgres::Error) {
         })
         .collect();
     let hosts = hosts.join(",");
-    if WARNED.lock().unwrap().insert(hosts.clone()) {
+    if TOLD.lock().unwrap().insert(hosts.clone()) {
         // In words (`the certificate of … is signed by a CA this process does not trust`),
         // not rustls's `invalid peer certificate: UnknownIssuer`.
         let mut source = std::error::Error::source(error);
@@ -194,11 +199,11 @@ fn warn_plain(config: &Config, error: &tokio_postgres::Error) {
             cause = s.to_string();
             source = s.source();
         }
-        tracing::warn!(
+        tracing::info!(
             %hosts,
-            error = %cause,
-            hint = "give the server's CA with sslrootcert= and use sslmode=verify-full, or say sslmode=disable if plain is meant",
-            "PostgreSQL offered TLS but its certificate does not verify; connected without TLS (sslmode=prefer)"
+            reason = %cause,
+            require_tls = "sslmode=verify-full&sslrootcert=/path/to/the-server-ca.pem in the URL (sslmode=disable says plain is meant)",
+            "PostgreSQL offered TLS but its certificate does not verify, so sslmode=prefer connected without TLS"
         );
     }
 }

@@ -1,7 +1,8 @@
 //! What a person reads when something outside the process is wrong: the `ringpush` binary run
 //! against the real PostgreSQL and RabbitMQ with a wrong database, role, password, vhost, a
 //! closed port, a URL that is not AMQP, a server certificate from a CA it does not trust, a
-//! missing schema — and a misspelt or badly valued variable. Each error must name its cause
+//! missing schema — and a misspelt or badly valued variable (and, without a fault, nothing at
+//! warn or error, PostgreSQL's `prefer` without TLS included). Each error must name its cause
 //! and where it tried (the address, never the password), must not repeat on every retry, and
 //! no line at WARN or ERROR may show a library's error in Rust's debug form
 //! (`ShortString(…)`, `AMQPError { … }`, `UnknownIssuer`, `180.881817ms`). The logs must agree
@@ -374,6 +375,46 @@ async fn an_unreachable_database_names_the_address_in_every_command() {
     );
     let text = process.stop().await;
     assert_no_debug_form(&text);
+}
+
+/// A start and a ring without faults log nothing at warn or error. A Debian PostgreSQL (the
+/// shared one here) offers TLS with its self-signed "snakeoil" certificate: the default
+/// `sslmode=prefer` then connects without TLS, as `prefer` means to, and says so once per
+/// process, at info, with what to set to require TLS.
+#[tokio::test]
+async fn a_fault_free_start_logs_nothing_at_warn_and_prefer_without_tls_says_so_at_info() {
+    let app = app_without_worker(true).await;
+    gateway(&app, "gw-quiet", 2).await;
+    let ssl: String = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SHOW ssl", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let process = Running::start(&mut worker(&app, &[]));
+    process.wait_for("consuming with coalesced acks").await;
+    app.publish(&App::ring("gw-quiet", Duration::ZERO)).await;
+    process.wait_for("ring delivered").await;
+    let text = process.stop().await;
+    assert!(loud(&text).is_empty(), "lines at warn or error:\n{text}");
+    let plain: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sslmode=prefer connected without TLS"))
+        .collect();
+    if ssl == "on" {
+        assert_eq!(plain.len(), 1, "once per process:\n{text}");
+        assert!(
+            plain[0].split_whitespace().nth(1) == Some("INFO")
+                && plain[0].contains("sslmode=verify-full&sslrootcert="),
+            "{}",
+            plain[0]
+        );
+    } else {
+        assert!(plain.is_empty(), "{text}");
+    }
 }
 
 #[tokio::test]

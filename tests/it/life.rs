@@ -3,7 +3,8 @@
 //! one follow-up per alert and Android token, none to an iPhone's VoIP token, none again for a
 //! second end —; a ring nobody answers ends `missed` exactly once, also when the worker that
 //! pushed it was killed; debounce; an end before its ring; an end under another gateway's key;
-//! an unknown type; the broker closing the connection mid-follow-up; the history.
+//! an unknown type; the broker closing the connection mid-follow-up; the history; a missed
+//! sweep whose process stops running it does not hold its rings.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -633,4 +634,91 @@ async fn ends_recorded_together_the_first_end_of_each_ring_wins() {
         .await
         .unwrap();
     assert_eq!(late, [Begun::Ended("cancelled".into())]);
+}
+
+/// A missed sweep whose process stops running it — its rows locked, their ends being
+/// published — does not hold them for ever: the server ends the sweep's transaction once it
+/// sits idle past its bound, the rings are ringing again, and the next sweep ends them.
+/// (Found as a test whose teardown waited for ever: its `DROP SCHEMA` behind a sweep the
+/// blocked runtime never ran again.)
+#[tokio::test]
+async fn a_missed_sweep_that_stops_running_does_not_hold_its_rings() {
+    use ringpush::db::rings::{Begin, Rings, Timing};
+    let db = crate::support::TestDb::new().await;
+    ringpush::db::migrate(&db.url).await.unwrap();
+    let pool = ringpush::db::pool(&db.url, 4, Duration::from_secs(5)).unwrap();
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "WITH u AS (INSERT INTO users DEFAULT VALUES RETURNING id)
+             INSERT INTO gateways (id, owner_id, name) SELECT 'gw', id, 'Door' FROM u",
+        )
+        .await
+        .unwrap();
+    let rings = Rings::new(
+        pool.clone(),
+        Timing {
+            timeout: Duration::from_secs(1),
+            debounce: Duration::ZERO,
+        },
+    );
+    // Pressed a minute ago: past its deadline.
+    rings
+        .begin(vec![Begin {
+            gateway: "gw".into(),
+            event: "r1".into(),
+            switch: None,
+            pressed_at: OffsetDateTime::now_utc() - time::Duration::minutes(1),
+        }])
+        .await
+        .unwrap();
+    // The sweep takes the ring and starts publishing its end; from then on nothing runs
+    // the sweep (its future kept, never polled again), as in a process stopped there.
+    let (entered, announcing) = tokio::sync::oneshot::channel::<Vec<String>>();
+    let announce = |missed: Vec<ringpush::db::rings::Missed>| async move {
+        let _ = entered.send(missed.into_iter().map(|m| m.event).collect());
+        std::future::pending::<Result<(), String>>().await
+    };
+    let mut sweep = std::pin::pin!(rings.sweep_missed(10, announce));
+    let taken = tokio::select! {
+        done = &mut sweep => panic!("the sweep ended without publishing: {done:?}"),
+        taken = announcing => taken.unwrap(),
+    };
+    assert_eq!(taken, ["r1"]);
+    // Another session waits for the ring's row (a guard against waiting for ever if the
+    // bound is gone, far above it): it gets it once the server has ended the sweep's
+    // transaction, and the sweep's change is gone with it.
+    let other = pool.get().await.unwrap();
+    other
+        .batch_execute("SET lock_timeout = '120s'")
+        .await
+        .unwrap();
+    let state: String = other
+        .query_one(
+            "SELECT state FROM rings WHERE event_id = 'r1' FOR UPDATE",
+            &[],
+        )
+        .await
+        .expect("the ring's row, once the idle sweep is ended")
+        .get(0);
+    assert_eq!(state, "ringing");
+    drop(other);
+    // The next sweep ends it missed.
+    let (entered, announcing) = tokio::sync::oneshot::channel::<Vec<String>>();
+    let announce = |missed: Vec<ringpush::db::rings::Missed>| async move {
+        let _ = entered.send(missed.into_iter().map(|m| m.event).collect());
+        Ok(())
+    };
+    assert_eq!(rings.sweep_missed(10, announce).await, Ok(1));
+    assert_eq!(announcing.await.unwrap(), ["r1"]);
+    let state: String = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT state FROM rings WHERE event_id = 'r1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "missed");
 }

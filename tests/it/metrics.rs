@@ -232,10 +232,13 @@ async fn queues_reads_unacked_counts_from_the_management_api() {
     // The management API refreshes its statistics every few seconds.
     let mut seen = None;
     for _ in 0..120 {
-        let unacked = ringpush::ops::unacked(&management, &vhost)
+        let lines = ringpush::ops::management_lines(&management, &vhost, &app.names)
             .await
             .expect("the management API answers");
-        seen = unacked.get(&app.names.rings).copied();
+        seen = lines
+            .iter()
+            .find(|l| l.queue == app.names.rings)
+            .and_then(|l| l.unacked);
         if seen == Some(2) {
             break;
         }

@@ -1,4 +1,5 @@
-//! `ringpush migrate` and the batched lookup, against a real PostgreSQL.
+//! `ringpush migrate`, the batched lookup and the schemas of the demo and the tests, against a
+//! real PostgreSQL.
 
 use std::time::Duration;
 
@@ -249,4 +250,36 @@ async fn a_lookup_that_times_out_is_cancelled_on_the_server() {
     let error = found.as_ref().as_ref().unwrap_err();
     assert!(error.to_string().contains("took longer"), "{error}");
     assert_eq!(left, 0, "the timed-out lookup still runs on the server");
+}
+
+/// A schema is dropped also while a session sits idle in a transaction holding locks in it
+/// (a process stopped between two statements): that session is ended, not waited for.
+#[tokio::test]
+async fn a_schema_is_dropped_past_a_session_idle_in_a_transaction_in_it() {
+    let db = TestDb::new().await;
+    ringpush::db::migrate(&db.url).await.unwrap();
+    let pool = ringpush::db::pool(&db.url, 1, Duration::from_secs(5)).unwrap();
+    let idle = pool.get().await.unwrap();
+    idle.batch_execute("BEGIN; LOCK TABLE rings IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let url = crate::support::database_url();
+    ringpush::db::drop_schema(&url, &db.schema)
+        .await
+        .expect("the schema dropped");
+    let left: i64 = ringpush::db::pool(&url, 1, Duration::from_secs(5))
+        .unwrap()
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+            &[&db.schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    // The idle session was ended: its next statement fails.
+    assert!(idle.batch_execute("COMMIT").await.is_err());
 }
