@@ -129,9 +129,13 @@ impl ApnsArgs {
     pub(crate) fn certificate_expiry(
         &self,
     ) -> Result<Vec<(&'static str, time::OffsetDateTime)>, ConfigError> {
-        // EXPIRY: .and_then(|identity| identity.not_after()).map(|at| ("apns", at))
-        let _ = self.tls.identity()?;
-        Ok(Vec::new())
+        Ok(self
+            .tls
+            .identity()?
+            .and_then(|identity| identity.not_after())
+            .map(|at| ("apns", at))
+            .into_iter()
+            .collect())
     }
 
     /// Checks the credentials and builds the client (connections open on first use).

@@ -38,8 +38,9 @@ pub(super) fn build(
             ApnsAuth::Certificate { file, password } => {
                 let identity = tls::Identity::from_file(file, password)
                     .map_err(|e| format!("apns.cert_file: {e}"))?;
-                // EXPIRY: if let Some(at) = identity.not_after() { expires.push(("apns", at)); }
-                let _ = &mut expires;
+                if let Some(at) = identity.not_after() {
+                    expires.push(("apns", at));
+                }
                 (None, Some(identity))
             }
         };
