@@ -9,6 +9,7 @@ mod apps;
 mod architecture;
 mod binary;
 mod bounds;
+mod brands;
 mod building;
 mod calls;
 mod delivery;
