@@ -112,19 +112,7 @@ impl Brands {
 
     /// The worker binary with the app default's FCM variables and the brands' folder.
     fn worker(&self, poll: &str) -> Running {
-        let fcm = self.test.fcm.as_ref().unwrap();
-        let account = self.test.dir.join("fcm-service-account.json");
-        Running::start(&mut self.test.worker_command(&[
-            ("RINGPUSH_APPS_DIR", self.apps.to_str().unwrap()),
-            ("RINGPUSH_APPS_POLL", poll),
-            ("RINGPUSH_FCM_CREDENTIALS_FILE", account.to_str().unwrap()),
-            ("RINGPUSH_FCM_URL", &fcm.url()),
-            ("RINGPUSH_FCM_CA_FILE", fcm.ca_file().to_str().unwrap()),
-            // No missed ring's follow-up within the test: the mocks see rings only.
-            ("RINGPUSH_RING_TTL", "10m"),
-            ("RINGPUSH_RING_TIMEOUT", "10m"),
-            ("RUST_LOG", "info"),
-        ]))
+        worker(&self.test, &self.apps, poll)
     }
 
     /// Per (event, token): how many times the mocks accepted it.
@@ -195,6 +183,23 @@ impl Brands {
         }
         seen
     }
+}
+
+/// The worker binary with the app default's FCM variables and the apps folder `apps`.
+fn worker(test: &App, apps: &std::path::Path, poll: &str) -> Running {
+    let fcm = test.fcm.as_ref().unwrap();
+    let account = test.dir.join("fcm-service-account.json");
+    Running::start(&mut test.worker_command(&[
+        ("RINGPUSH_APPS_DIR", apps.to_str().unwrap()),
+        ("RINGPUSH_APPS_POLL", poll),
+        ("RINGPUSH_FCM_CREDENTIALS_FILE", account.to_str().unwrap()),
+        ("RINGPUSH_FCM_URL", &fcm.url()),
+        ("RINGPUSH_FCM_CA_FILE", fcm.ca_file().to_str().unwrap()),
+        // No missed ring's follow-up within the test: the mocks see rings only.
+        ("RINGPUSH_RING_TTL", "10m"),
+        ("RINGPUSH_RING_TIMEOUT", "10m"),
+        ("RUST_LOG", "info"),
+    ]))
 }
 
 #[derive(Debug, Default)]
@@ -515,5 +520,78 @@ async fn a_certificate_app_is_pushed_over_its_certificate_and_its_expiry_is_a_ga
         (g - later).abs() <= 1.0
     })
     .await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn one_brand_configured_with_another_firebase_project_keeps_its_tokens_and_the_others_ring() {
+    let test = App::spawn_with(|o| {
+        o.run_worker = false;
+        o.fcm = Some(fcm_settings());
+    })
+    .await;
+    let apps = test.dir.join("apps");
+    std::fs::create_dir_all(&apps).unwrap();
+    let fcm = test.fcm.as_ref().unwrap();
+    // brand-b's folder holds a service account of another Firebase project than its phones'.
+    local::write_app(
+        &apps,
+        "brand-b",
+        "com.brand-b.bell",
+        "BRANDBKEY1",
+        "TEAMBBBBBB",
+        &test.mock,
+        Some((fcm, "someone-elses-project")),
+        Layout::Files,
+    )
+    .unwrap();
+    local::write_app(
+        &apps,
+        "brand-a",
+        "com.brand-a.bell",
+        "BRANDAKEY1",
+        "TEAMAAAAAA",
+        &test.mock,
+        Some((fcm, "brand-a-project")),
+        Layout::Files,
+    )
+    .unwrap();
+    let test = &test;
+    let owner = test.add_user().await;
+    test.add_gateway("gw-tower", owner, "Tower").await;
+    let ours = add_app_fcm_token(test, owner, "brand-a", "brand-a-project").await;
+    let mut theirs = Vec::new();
+    for _ in 0..4 {
+        let user = test.add_user().await;
+        test.share("gw-tower", user).await;
+        theirs.push(add_app_fcm_token(test, user, "brand-b", "brand-b-project").await);
+    }
+    let worker = worker(test, &apps, "5s");
+    let addr = worker.metrics_addr().await;
+    for _ in 0..2 {
+        test.publish(&App::ring("gw-tower", Duration::ZERO)).await;
+    }
+    let doubted =
+        r#"ringpush_platform_notifications_total{app="brand-b",platform="fcm",outcome="doubted"}"#;
+    crate::apps::wait_metrics(&addr, "brand-b's answers doubted", |m| {
+        sample(m, doubted) >= 8.0
+    })
+    .await;
+    let accepted =
+        r#"ringpush_platform_notifications_total{app="brand-a",platform="fcm",outcome="accepted"}"#;
+    assert_eq!(sample(&metrics(&addr).await, accepted), 2.0, "brand-a rang");
+    let ready = ringpush::http::get(&format!("http://{addr}/readyz"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        ready.body.contains("app brand-b") && ready.body.contains("fcm.credentials_file"),
+        "/readyz names the app and the setting: {}",
+        ready.body
+    );
+    // The purger runs: a doubted token is never reported, so none is deleted.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for token in theirs.iter().chain([&ours]) {
+        assert!(test.token_exists(token).await, "{token} kept");
+    }
     worker.stop().await;
 }
