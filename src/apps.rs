@@ -195,9 +195,14 @@ impl Apps {
 
     /// Reads every app again now (`why`: what asked, for the log). What changed is used for
     /// every ring prepared from now on.
-    pub async fn reload(&self, why: &str) {
+    pub async fn reload(self: &Arc<Self>, why: &'static str) {
         let _one = self.reloading.lock().await;
-        self.read_all(why);
+        // Files are read (twice, a moment apart when a Secret is being swapped) and keys
+        // parsed off the runtime's threads.
+        let apps = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || apps.read_all(why)).await {
+            error!(error = %e, "reading the apps' credentials failed; every app keeps what it has");
+        }
     }
 
     /// Reloads every `every` and on SIGHUP, until `cancel`; warns once a day about
