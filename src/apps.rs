@@ -511,8 +511,11 @@ fn list(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
             continue;
         }
         let path = entry.path();
-        if path.is_dir() {
-            found.push((name, path));
+        // A folder that cannot be looked at (a stat failing for a moment mid-swap) is still
+        // an app: its read fails, is counted, and it keeps its credentials — it is not gone.
+        match std::fs::metadata(&path) {
+            Ok(m) if !m.is_dir() => {}
+            _ => found.push((name, path)),
         }
     }
     found.sort();

@@ -360,10 +360,13 @@ impl Providers {
         platforms
     }
 
-    /// How many platforms some app has a provider for (one: a ring none of whose tokens can
-    /// be reached may be held).
+    /// How many providers are registered, over every app and platform. Only when there is
+    /// one may a ring none of whose tokens can be reached be held (consumption paused, that
+    /// provider probed): with two or more — two platforms, or two apps, whose connections
+    /// and credentials fail apart — a down one never pauses the others' rings, and its
+    /// tokens wait on the retry path.
     pub fn len(&self) -> usize {
-        self.platforms().len()
+        self.table().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -44,7 +44,9 @@ pub(super) fn build(
                 (None, Some(identity))
             }
         };
-        let client = apns.client_with(signer, identity)?;
+        let client = apns
+            .client_with(signer, identity)
+            .map_err(|e| format!("apns (its certificate, or RINGPUSH_APNS_CA_FILE): {e}"))?;
         let provider = crate::apns::Provider::new(client).with_topic(Some(a.topic.clone()));
         providers.push(Arc::new(provider));
     }
@@ -53,7 +55,7 @@ pub(super) fn build(
             ServiceAccount::parse(json).map_err(|e| format!("fcm.credentials_file: {e}"))?;
         let client = fcm
             .client_with(account)
-            .map_err(|e| format!("fcm.credentials_file: {e}"))?;
+            .map_err(|e| format!("fcm (its service account, or RINGPUSH_FCM_CA_FILE): {e}"))?;
         providers.push(Arc::new(crate::fcm::Provider::new(client)));
     }
     Ok(Built { providers, expires })

@@ -125,9 +125,22 @@ impl WorkerArgs {
         if self.apps_poll < Duration::from_millis(100) {
             return Err(config_error("RINGPUSH_APPS_POLL", "must be at least 100ms"));
         }
-        let refresh = self.apns.jwt_refresh()?;
-        self.fcm.check()?;
-        let configured = self.apns.configured() || self.fcm.fcm_credentials_file.is_some();
+        // The app default exists when a single-app credential is set — or, with no apps
+        // folder, when the binary protocol is asked for (its certificate is then required).
+        let credentials = self.apns.apns_key_file.is_some()
+            || self.apns.apns_key_id.is_some()
+            || self.apns.apns_team_id.is_some()
+            || self.apns.tls.apns_cert_file.is_some()
+            || self.fcm.fcm_credentials_file.is_some();
+        let configured = credentials || (self.apns.configured() && self.apps_dir.is_none());
+        // The deployment-wide settings are checked when something uses them.
+        let refresh = match configured || self.apps_dir.is_some() {
+            true => self.apns.jwt_refresh()?,
+            false => self.apns.apns_jwt_refresh,
+        };
+        if self.fcm.fcm_credentials_file.is_some() || self.apps_dir.is_some() {
+            self.fcm.check()?;
+        }
         let env = match configured {
             false => None,
             true => {
@@ -146,8 +159,11 @@ impl WorkerArgs {
                 };
                 // Checked now: a mistake in the variables stops the start, naming the variable.
                 build()?;
+                // Read again to tell a change: the certificate and the service account, which
+                // say what they are. Not the .p8 key: its key id is a variable read at start,
+                // and a new key always has a new id — signing it under the old id would have
+                // APNs refuse every request until the restart that reads the new id.
                 let files = [
-                    &self.apns.apns_key_file,
                     &self.apns.tls.apns_cert_file,
                     &self.fcm.fcm_credentials_file,
                 ]

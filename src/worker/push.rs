@@ -205,7 +205,8 @@ async fn push(
                 .collect(),
             attempt: incoming.attempt,
             max_attempts: ctx.settings.max_attempts,
-            // With two providers or more, a down one never pauses the others' rings.
+            // With two providers or more (platforms or apps), a down one never pauses the
+            // others' rings.
             may_hold: ctx.providers.len() == 1,
         }
     } else {
