@@ -6,7 +6,8 @@
 //! - The app `default` comes from the single-app variables (`RINGPUSH_APNS_KEY_FILE` …,
 //!   `RINGPUSH_FCM_CREDENTIALS_FILE`), as before there were apps.
 //! - `RINGPUSH_APPS_DIR` holds one folder per app, named by its id, as Kubernetes mounts one
-//!   Secret per app: `app.json` ([`folder`]) and the credential files it names.
+//!   Secret per app: `app.json` ([`folder`]) and the credential files it names, built into
+//!   its providers with the deployment's settings ([`build`]).
 //! - [`Apps::reload`] reads them all again — every `RINGPUSH_APPS_POLL` and on SIGHUP
 //!   ([`Apps::watch`]): an app whose files changed gets new providers (rings prepared before
 //!   finish with the old ones, every ring after uses the new ones: none lost, none doubled);
@@ -14,6 +15,7 @@
 //!   read or is invalid keeps its app's last good credentials, logged and counted, and never
 //!   touches another app.
 
+pub mod build;
 pub mod folder;
 
 use std::collections::HashMap;

@@ -14,6 +14,7 @@ use crate::apns::http2::{self, Client};
 use crate::apns::jwt::{self, Signer};
 use crate::apns::request::Endpoint;
 use crate::apns::{self, binary, Apns};
+use crate::apps;
 use crate::tls;
 
 #[derive(Debug, Clone, Args)]
@@ -157,34 +158,18 @@ impl ApnsArgs {
         Ok(self.binary_client_with(self.tls.binary_tls()?))
     }
 
-    /// A client of an app's own credentials — a signer (token auth) or a client certificate —
-    /// with the deployment's endpoints, CA, protocol and timeouts: what an app folder under
-    /// `RINGPUSH_APPS_DIR` becomes. Its own connections: two apps never share one.
-    pub fn client_with(
-        &self,
-        signer: Option<Signer>,
-        identity: Option<tls::Identity>,
-    ) -> Result<Apns, String> {
-        match self.tls.apns_protocol {
-            ApnsProtocol::Binary => {
-                let Some(identity) = identity else {
-                    return Err(
-                        "the binary protocol (RINGPUSH_APNS_PROTOCOL) needs certificate auth (cert_file)"
-                            .into(),
-                    );
-                };
-                let mut config =
-                    (*tls::client_config(self.tls.apns_ca_file.as_deref(), Some(identity))
-                        .map_err(|e| e.to_string())?)
-                    .clone();
-                config.alpn_protocols.clear();
-                Ok(self.binary_client_with(Arc::new(config)))
-            }
-            ApnsProtocol::Http2 => {
-                let tls = tls::client_config(self.tls.apns_ca_file.as_deref(), identity)
-                    .map_err(|e| e.to_string())?;
-                Ok(Client::new(self.http2_settings(), tls, signer.map(Arc::new)).into())
-            }
+    /// The deployment's APNs settings every app folder's client is built with: the
+    /// protocol with its endpoints and timeouts, the CA, the JWT refresh (checked by
+    /// [`ApnsArgs::jwt_refresh`]).
+    pub fn app_settings(&self, jwt_refresh: Duration) -> apps::build::ApnsSettings {
+        let protocol = match self.tls.apns_protocol {
+            ApnsProtocol::Binary => apps::build::Protocol::Binary(self.binary_settings()),
+            ApnsProtocol::Http2 => apps::build::Protocol::Http2(self.http2_settings()),
+        };
+        apps::build::ApnsSettings {
+            protocol,
+            ca_file: self.tls.apns_ca_file.clone(),
+            jwt_refresh,
         }
     }
 
@@ -204,15 +189,18 @@ impl ApnsArgs {
     }
 
     fn binary_client_with(&self, tls: Arc<tokio_rustls::rustls::ClientConfig>) -> Apns {
-        let settings = binary::Settings {
+        binary::Client::new(self.binary_settings(), tls).into()
+    }
+
+    fn binary_settings(&self) -> binary::Settings {
+        binary::Settings {
             connect_timeout: self.apns_connect_timeout,
             request_timeout: self.apns_request_timeout,
             // Callers give up after the request timeout: a stalled write must be noticed first.
             write_timeout: self.apns_request_timeout / 2,
             quiet: self.apns_binary_quiet,
             ..binary::Settings::new(self.apns_binary_addr.clone())
-        };
-        binary::Client::new(settings, tls).into()
+        }
     }
 
     fn http2_client(&self) -> Result<Apns, ConfigError> {

@@ -9,6 +9,7 @@ use clap::Args;
 
 use super::values::{duration, endpoint, positive, shown};
 use super::{config_error, ConfigError};
+use crate::apps;
 use crate::fcm::{self, ServiceAccount};
 use crate::http2::Endpoint;
 use crate::tls;
@@ -56,7 +57,8 @@ impl FcmArgs {
         let account = ServiceAccount::parse(&json)
             .map_err(|e| config_error(var, format!("{}: {e}", path.display())))?;
         self.check()?;
-        self.client_with(account)
+        self.app_settings()
+            .client(account)
             .map(Some)
             .map_err(|e| config_error(var, e))
     }
@@ -77,16 +79,17 @@ impl FcmArgs {
         Ok(())
     }
 
-    /// A client of an app's own service account with the deployment's endpoint, CA,
-    /// channels and timeouts: its own connections and access tokens.
-    pub fn client_with(&self, account: ServiceAccount) -> Result<fcm::Client, String> {
-        let tls =
-            tls::client_config(self.fcm_ca_file.as_deref(), None).map_err(|e| e.to_string())?;
-        let mut settings = fcm::Settings::new(self.fcm_url.clone());
-        settings.channel = self.fcm_channel.clone();
-        settings.quiet_channel = self.fcm_quiet_channel.clone();
-        settings.request_timeout = self.fcm_request_timeout;
-        settings.tuning.connections = self.fcm_connections;
-        fcm::Client::new(settings, account, tls).map_err(|e| e.to_string())
+    /// The deployment's FCM settings every app's client is built with: the endpoint,
+    /// channels, timeouts and CA.
+    pub fn app_settings(&self) -> apps::build::FcmSettings {
+        let mut client = fcm::Settings::new(self.fcm_url.clone());
+        client.channel = self.fcm_channel.clone();
+        client.quiet_channel = self.fcm_quiet_channel.clone();
+        client.request_timeout = self.fcm_request_timeout;
+        client.tuning.connections = self.fcm_connections;
+        apps::build::FcmSettings {
+            client,
+            ca_file: self.fcm_ca_file.clone(),
+        }
     }
 }
