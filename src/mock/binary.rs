@@ -71,6 +71,13 @@ async fn serve_gateway(
 ) -> anyhow::Result<()> {
     let mut tls = acceptor.accept(tcp).await?;
     let number = state.connections.fetch_add(1, Ordering::SeqCst) + 1;
+    // The topic its client certificate is issued for: whose connection it is.
+    let certificate_topic = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| super::certs::certificate_topic(c));
     let shutdown_after = state.faults.lock().unwrap().shutdown_after;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut good = 0u64;
@@ -110,6 +117,7 @@ async fn serve_gateway(
                         &decoded.identifier,
                         &hex,
                         frame.payload.clone(),
+                        certificate_topic.as_deref(),
                         invalid,
                     );
                     if invalid {
@@ -157,6 +165,7 @@ fn record(
     identifier: &u32,
     token: &str,
     payload: Bytes,
+    certificate_topic: Option<&str>,
     invalid: bool,
 ) {
     {
@@ -186,7 +195,7 @@ fn record(
         topic: None,
         key_id: None,
         team_id: None,
-        certificate_topic: None,
+        certificate_topic: certificate_topic.map(str::to_owned),
     });
 }
 
