@@ -1,15 +1,20 @@
 //! `ringpush demo`: the whole pipeline on one machine. It migrates a schema of its own,
 //! seeds users, gateways, shares and tokens (iPhones and Android phones, alert and call
-//! style), starts the mock APNs, the mock FCM and a worker in this process, publishes rings
-//! the way a gateway does, and reports what reached which phone, per user, platform and
-//! kind. It leaves the broker and the database as it found them.
+//! style, of three apps), starts the mock APNs, the mock FCM and a worker in this process —
+//! serving the app `default` and two brands, each from its folder with its own credentials —
+//! publishes rings the way a gateway does, rotates a brand's key while it runs, and reports
+//! what reached which phone, per user, platform and kind, and under which app's credentials.
+//! It leaves the broker and the database as it found them.
 //!
-//! [`seed`]: the people, their phones and gateways; [`report`]: what the demo saw, printed.
+//! [`seed`]: the apps, people, phones and gateways; [`apps`]: the apps' folders and the
+//! worker's reading of them; [`report`]: what the demo saw, printed.
 
+mod apps;
 mod report;
 mod seed;
 
-pub use report::Report;
+pub use apps::Rotation;
+pub use report::{Carried, Report, SharedPush};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,11 +24,11 @@ use lapin::BasicProperties;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::apns::jwt;
-use crate::apns::{binary, Apns};
+use crate::apns::{binary, jwt};
 use crate::broker;
-use crate::local::{self, Key, Local};
+use crate::local::Local;
 use crate::mock::Mock;
+use crate::mock_fcm::MockFcm;
 use crate::token::{random_hex, Kind, Platform};
 use crate::wire::ring::RingEvent;
 use crate::wire::ERROR_HEADER;
@@ -70,54 +75,57 @@ async fn run_inner(
     let people = seed::people();
     seed::seed(&pool, &people).await?;
 
-    // APNs: a key of our own, the mock checking JWTs with its public half.
+    // The mocks: APNs (and, for the binary interface, its legacy gateway and feedback
+    // service) and FCM, taking each app's credentials as its folder is written.
     std::fs::create_dir_all(dir)?;
-    let key = Key::generate("DEMOKEY123", "DEMOTEAM12")?;
-    let signer = key.signer()?;
     let binary = demo.binary;
-    let mut mock_settings = local.mock_settings(&key)?;
+    let mut mock_settings =
+        crate::mock::Settings::local(dir.join("mock-certs"), crate::mock::AuthCheck::default());
     if binary {
         let any = "127.0.0.1:0".parse()?;
         mock_settings.binary = Some((any, any));
     }
     let mock = Mock::start(mock_settings, cancel.clone()).await?;
+    let fcm_settings = crate::mock_fcm::Settings::local(dir.join("mock-fcm-certs"));
+    let fcm_mock = MockFcm::start(fcm_settings, cancel.clone()).await?;
     let now_ms = jwt::unix_now() * 1000;
-    // FCM: a service account of our own, the mock taking its assertions.
-    let placeholder = crate::http2::Endpoint::parse(crate::fcm::URL).map_err(anyhow::Error::msg)?;
-    let (fcm_mock, fcm) =
-        local::fcm_world(dir, crate::fcm::Settings::new(placeholder), cancel.clone()).await?;
-    for phone in people.iter().flat_map(|p| &p.phones) {
-        match (phone.unregistered, phone.token.platform()) {
-            (false, _) => {}
-            (true, Platform::APNS) => mock.unregister(&phone.token, now_ms - 86_400_000),
-            (true, _) => fcm_mock.faults(|f| {
-                f.unregistered.insert(phone.token.as_str().to_owned());
-            }),
+    for person in &people {
+        for phone in &person.phones {
+            let token = &phone.token;
+            match (phone.unregistered, token.platform()) {
+                (true, Platform::APNS) => mock.unregister(token, now_ms - 86_400_000),
+                (true, _) => fcm_mock.faults(|f| {
+                    f.unregistered.insert(token.as_str().to_owned());
+                }),
+                (false, _) => {}
+            }
+            if token.platform() == Platform::FCM {
+                // Registered with its app's project: sent under another, refused.
+                fcm_mock.bind_token(token.as_str(), seed::app(person.app).project);
+            }
         }
     }
-    // The binary interface knows only certificate auth: a client certificate from the
-    // mock's CA; its feedback service is polled too.
-    let (apns, service): (Apns, Option<feedback::Service>) = if binary {
-        let tls = local.binary_tls(&mock)?;
-        let at = |addr: Option<std::net::SocketAddr>| {
-            binary::Address::parse(&format!(
-                "localhost:{}",
-                addr.expect("binary ports are on").port()
-            ))
-            .map_err(anyhow::Error::msg)
-        };
-        let client =
-            binary::Client::new(binary::Settings::new(at(mock.gateway_addr())?), tls.clone());
+    // The binary interface knows only certificate auth; its feedback service is polled too
+    // (with a client certificate from the mock's CA).
+    let at = |addr: Option<std::net::SocketAddr>| {
+        binary::Address::parse(&format!(
+            "localhost:{}",
+            addr.expect("binary ports are on").port()
+        ))
+        .map_err(anyhow::Error::msg)
+    };
+    let (gateway, service) = if binary {
         let service = feedback::Service {
             address: at(mock.feedback_addr())?,
-            tls,
+            tls: local.binary_tls(&mock)?,
             every: Duration::from_millis(500),
         };
-        (client.into(), Some(service))
+        (Some(at(mock.gateway_addr())?), Some(service))
     } else {
-        let client = local::http2_client(&mock, None, mock.client_settings(), Arc::new(signer))?;
-        (client.into(), None)
+        (None, None)
     };
+    // The apps: a folder each, read and built as `ringpush worker` does.
+    let mut deployment = apps::start(&dir.join("apps"), &mock, &fcm_mock, gateway)?;
 
     // A worker in this process.
     let counters = Arc::new(Counters::default());
@@ -139,9 +147,14 @@ async fn run_inner(
             settings,
             amqp_url: url,
             pools: pool.into(),
-            providers: crate::worker::providers(Some(apns), Some(fcm)),
+            providers: deployment.apps.providers().clone(),
             counters,
-            apps: None,
+            // Read again every minute and on SIGHUP; the demo has them read at once after
+            // its rotation.
+            apps: Some(worker::Apps {
+                apps: deployment.apps.clone(),
+                poll: Duration::from_secs(60),
+            }),
         };
         processes.spawn(worker.run(cancel));
     }
@@ -194,17 +207,20 @@ async fn run_inner(
         pressed_at,
         switch_id: Some("front".into()),
     };
-    let rings = [
-        ring("front-1", "demo-front", now),
+    let front = ring("front-1", "demo-front", now);
+    // One press at the shop rings phones of three apps.
+    let shop = ring("shop-1", seed::SHARED_GATEWAY.0, now);
+    let first = [
+        front.clone(),
         ring("garage-1", "demo-garage", now),
         ring("unknown-1", "demo-nowhere", now),
         ring("stale-1", "demo-front", now - Duration::from_secs(300)),
-        // The visitor presses again a second later, while the first ring still rings:
-        // folded into it (debounce), published once the first has reached the phones.
-        ring("front-2", "demo-front", now + Duration::from_secs(1)),
+        shop.clone(),
     ];
-    let (again, first) = rings.split_last().expect("rings");
-    for r in first {
+    // The visitor presses again a second later, while the first ring still rings: folded
+    // into it (debounce), published once the first has reached the phones.
+    let again = ring("front-2", "demo-front", now + Duration::from_secs(1));
+    for r in &first {
         broker::publish_ring(&channel, names, r).await?;
     }
     let malformed = br#"{"v":1,"event_id":"no-gateway"}"#;
@@ -216,46 +232,58 @@ async fn run_inner(
         BasicProperties::default().with_content_type("application/json".into()),
     )
     .await?;
-    // Bob answers at the front door once the ring has reached the phones; nobody answers
-    // in the garage: it ends missed after the ring timeout (its end comes from a worker).
+    // Bob answers at the front door and Erin at the shop once the rings have reached the
+    // phones; nobody answers in the garage: it ends missed after the ring timeout (its end
+    // comes from a worker).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Counters::get(&counters.rings_delivered) < 2 {
+    while Counters::get(&counters.rings_delivered) < 3 {
         if Instant::now() > deadline {
-            anyhow::bail!("the front door's and the garage's rings were not delivered within 30 s");
+            anyhow::bail!(
+                "the front door's, the garage's and the shop's rings were not delivered within 30 s"
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    broker::publish_ring(&channel, names, again).await?;
+    broker::publish_ring(&channel, names, &again).await?;
     while Counters::get(&counters.rings_debounced) < 1 {
         if Instant::now() > deadline {
             anyhow::bail!("the second press at the front door was not handled within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let bob: i64 = pool
-        .get()
-        .await?
-        .query_one("SELECT id FROM users WHERE name = 'Bob'", &[])
-        .await?
-        .get(0);
-    let answered = crate::wire::ring::EndEvent {
-        event_id: format!("answer-{}", random_hex(4)),
-        ring_id: rings[0].event_id.clone(),
-        gateway_id: "demo-front".into(),
-        reason: crate::wire::ring::EndReason::Answered,
-        by_user: Some(bob),
-        at: Some(OffsetDateTime::now_utc()),
+    // Before Erin answers, a brand's key is rotated without a restart: the shop ring's
+    // follow-ups go out with the new key.
+    let rotation = deployment.rotate(&mock).await?;
+    let client = pool.get().await?;
+    let answer = async |ring: &RingEvent, name: &str| -> anyhow::Result<()> {
+        let user: i64 = client
+            .query_one("SELECT id FROM users WHERE name = $1", &[&name])
+            .await?
+            .get(0);
+        let answered = crate::wire::ring::EndEvent {
+            event_id: format!("answer-{}", random_hex(4)),
+            ring_id: ring.event_id.clone(),
+            gateway_id: ring.gateway_id.clone(),
+            reason: crate::wire::ring::EndReason::Answered,
+            by_user: Some(user),
+            at: Some(OffsetDateTime::now_utc()),
+        };
+        broker::publish_end(&channel, names, &answered).await?;
+        Ok(())
     };
-    broker::publish_end(&channel, names, &answered).await?;
-    // The rings, the malformed message and the end; the missed ring's end comes on top.
-    let published = rings.len() as u64 + 2;
+    answer(&front, "Bob").await?;
+    answer(&shop, "Erin").await?;
+    drop(client);
+    // The rings, the malformed message and the two ends; the missed ring's end comes on
+    // top.
+    let published = first.len() as u64 + 1 + 1 + 2;
 
     // Wait until every ring is settled, the garage's missed, and every dead token has gone
     // through the purger.
     let deadline = Instant::now() + Duration::from_secs(60);
     let settled = || {
         Counters::get(&counters.rings_acked) == published + 1
-            && Counters::get(&counters.rings_ended) == 2
+            && Counters::get(&counters.rings_ended) == 3
             // (the binary feedback service may add events of its own)
             && feedback::Counters::get(&feedback_counters.acked)
                 >= Counters::get(&counters.feedback_events)
@@ -334,7 +362,10 @@ async fn run_inner(
                 DEMO_RING_TIMEOUT.as_secs()
             ),
         ),
+        (seed::SHARED_GATEWAY.1, "answered by Erin".to_owned()),
     ];
+    report.shared = report::shared(&people, &mock, &fcm_mock, &shop.event_id);
+    report.rotation = rotation;
     report.voip_skipped = counters.followups(Platform::APNS, Kind::Call, "skipped_voip");
     report.feedback_events = Counters::get(&counters.feedback_events);
     report.purge_requests = feedback::Counters::get(&feedback_counters.purge_requests);

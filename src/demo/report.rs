@@ -1,11 +1,13 @@
 //! What the demo saw, read from the worker's counters and from what the mock APNs and the
-//! mock FCM received, per person and phone; and how it is printed.
+//! mock FCM received, per person and phone — and, at the gateway the apps share, under
+//! which app's credentials each phone got its ring; and how it is printed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
-use super::seed::{label, Person};
+use super::apps::Rotation;
+use super::seed::{label, Person, SHARED_GATEWAY};
 use crate::mock::Mock;
 use crate::mock_fcm::MockFcm;
 use crate::token::{Kind, Platform};
@@ -49,6 +51,58 @@ pub struct Report {
     pub stale_tokens_left: u64,
     /// `HTTP/2` or `binary`.
     pub protocol: &'static str,
+    /// Every push of the ring at the gateway users of different apps share, to each phone,
+    /// as APNs and FCM received it.
+    pub shared: Vec<SharedPush>,
+    /// The key rotated while the worker ran (token auth only).
+    pub rotation: Option<Rotation>,
+}
+
+/// One push to a phone of the shared gateway's ring: the ring or its follow-up.
+#[derive(Debug, Clone)]
+pub struct SharedPush {
+    pub who: String,
+    /// `iPhone alert`, `Android alert`, …
+    pub phone: String,
+    /// The phone's app (its token's `push_tokens.app`).
+    pub app: String,
+    /// `ring`, or how the ring ended for its follow-up (`answered`).
+    pub push: String,
+    pub carried: Carried,
+}
+
+/// Whose credentials a push carried, as the mock received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Carried {
+    /// APNs over HTTP/2 with token auth: the `apns-topic` and the JWT's key and team.
+    Jwt {
+        topic: String,
+        key_id: String,
+        team_id: String,
+    },
+    /// APNs over a connection whose client certificate is issued for `topic` (the binary
+    /// interface's only auth).
+    Certificate { topic: String },
+    /// FCM: the project it was sent for and the service account its access token was issued
+    /// to.
+    Fcm { project: String, account: String },
+}
+
+impl fmt::Display for Carried {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Carried::Jwt {
+                topic,
+                key_id,
+                team_id,
+            } => write!(f, "{topic:<22} key {key_id} of team {team_id}"),
+            Carried::Certificate { topic } => write!(f, "{topic:<22} a client certificate for it"),
+            Carried::Fcm { project, account } => {
+                let account = account.split('@').next().unwrap_or_default();
+                write!(f, "project {project:<14} service account {account}@…")
+            }
+        }
+    }
 }
 
 impl fmt::Display for Report {
@@ -114,6 +168,39 @@ impl fmt::Display for Report {
                 "  (not sent: {} call ring(s) to iPhones — the binary interface has no VoIP pushes)",
                 self.unsupported
             )?;
+        }
+        if !self.shared.is_empty() {
+            writeln!(f)?;
+            let apps: std::collections::BTreeSet<&str> =
+                self.shared.iter().map(|p| p.app.as_str()).collect();
+            writeln!(
+                f,
+                "one gateway, {} apps: the {}'s ring, each phone through its own app (as APNs and FCM received it)",
+                apps.len(),
+                SHARED_GATEWAY.1
+            )?;
+            let (mut last_who, mut last_phone) = ("", ("", ""));
+            for p in &self.shared {
+                let phone = (p.who.as_str(), p.phone.as_str());
+                let (who, shown, app) = match (p.who == last_who, phone == last_phone) {
+                    (_, true) => ("", "", ""),
+                    (true, false) => ("", p.phone.as_str(), p.app.as_str()),
+                    (false, _) => (p.who.as_str(), p.phone.as_str(), p.app.as_str()),
+                };
+                (last_who, last_phone) = (p.who.as_str(), phone);
+                writeln!(
+                    f,
+                    "  {who:<8} {shown:<14} {app:<8} {:<9} {}",
+                    p.push, p.carried
+                )?;
+            }
+            if let Some(r) = &self.rotation {
+                writeln!(
+                    f,
+                    "  ({}'s key rotated between the ring and its answer, the worker not restarted: {} → {}, the old key revoked)",
+                    r.app, r.from, r.to
+                )?;
+            }
         }
         writeln!(f)?;
         writeln!(f, "rejections")?;
@@ -273,4 +360,65 @@ pub(super) fn report(
         dead_reasons,
         ..Report::default()
     }
+}
+
+/// Every push of the ring `event_id` (the shared gateway's) that APNs or FCM accepted, per
+/// person and phone in the seed's order, the ring before its follow-up.
+pub(super) fn shared(
+    people: &[Person],
+    mock: &Mock,
+    fcm: &MockFcm,
+    event_id: &str,
+) -> Vec<SharedPush> {
+    let mut seen: HashMap<String, Vec<(String, Carried)>> = HashMap::new();
+    for r in mock.received() {
+        let payload: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+        if r.reason.is_some() || payload["event_id"] != event_id {
+            continue;
+        }
+        let push = payload["state"].as_str().unwrap_or("ring").to_owned();
+        let carried = match (r.key_id, r.certificate_topic) {
+            (Some(key_id), _) => Carried::Jwt {
+                topic: r.topic.unwrap_or_default(),
+                key_id,
+                team_id: r.team_id.unwrap_or_default(),
+            },
+            (None, topic) => Carried::Certificate {
+                topic: topic.unwrap_or_default(),
+            },
+        };
+        let token = r.token.unwrap_or_default();
+        seen.entry(token).or_default().push((push, carried));
+    }
+    for r in fcm.received() {
+        let data = &r.body["message"]["data"];
+        if r.status != 200 || data["event_id"] != event_id {
+            continue;
+        }
+        let push = match data["kind"].as_str() {
+            Some("ended") => data["state"].as_str().unwrap_or_default().to_owned(),
+            _ => "ring".to_owned(),
+        };
+        let carried = Carried::Fcm {
+            project: r.project,
+            account: r.account.unwrap_or_default(),
+        };
+        let token = r.token.unwrap_or_default();
+        seen.entry(token).or_default().push((push, carried));
+    }
+    let mut pushes = Vec::new();
+    for person in people {
+        for phone in &person.phones {
+            for (push, carried) in seen.remove(phone.token.as_str()).unwrap_or_default() {
+                pushes.push(SharedPush {
+                    who: person.name.to_owned(),
+                    phone: phone.label(),
+                    app: person.app.to_owned(),
+                    push,
+                    carried,
+                });
+            }
+        }
+    }
+    pushes
 }

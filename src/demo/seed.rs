@@ -1,16 +1,67 @@
-//! The demo's people, their phones and their gateways, and the rows they become: users,
-//! gateways, shares and push tokens.
+//! The demo's apps, people, phones and gateways, and the rows they become: users, gateways,
+//! shares and push tokens (each of its app).
 
 use std::collections::HashMap;
 
 use crate::token::{DeviceToken, Kind, Platform};
 
-/// The topic (bundle id) of the demo's iPhone app.
+/// The topic (bundle id) of the app `default`'s iPhone app.
 pub(super) const TOPIC: &str = "com.example.doorbell";
 
-/// A person of the seed data, their phones and what they should hear.
+/// An app of the demo's deployment (a folder of its `RINGPUSH_APPS_DIR`): its APNs topic and
+/// team key, its Firebase project.
+pub(super) struct App {
+    pub id: &'static str,
+    pub topic: &'static str,
+    pub key_id: &'static str,
+    pub team_id: &'static str,
+    pub project: &'static str,
+}
+
+/// The app `default` and two brands, each with an Apple team and a Firebase project of its
+/// own.
+pub(super) const APPS: [App; 3] = [
+    App {
+        id: "default",
+        topic: TOPIC,
+        key_id: "DEMOKEY123",
+        team_id: "DEMOTEAM12",
+        project: "example-doorbell",
+    },
+    App {
+        id: "acme",
+        topic: "com.acme.doorbell",
+        key_id: "ACMEKEY001",
+        team_id: "ACMETEAM01",
+        project: "acme-doorbell",
+    },
+    App {
+        id: "globex",
+        topic: "com.globex.ring",
+        key_id: "GLOBEXKEY1",
+        team_id: "GLOBEXTEAM",
+        project: "globex-ring",
+    },
+];
+
+/// The app whose key the demo rotates while it runs, and the new key's id.
+pub(super) const ROTATED: (&str, &str) = ("acme", "ACMEKEY002");
+
+/// The app `id`.
+pub(super) fn app(id: &str) -> &'static App {
+    APPS.iter()
+        .find(|a| a.id == id)
+        .expect("one of the demo's apps")
+}
+
+/// The gateway shared by users of different apps.
+pub(super) const SHARED_GATEWAY: (&str, &str) = ("demo-shop", "Shop");
+
+/// A person of the seed data, the app they use (their tokens' app), their phones and what
+/// they should hear.
 pub(super) struct Person {
     pub name: &'static str,
+    pub app: &'static str,
     pub phones: Vec<Phone>,
 }
 
@@ -52,7 +103,8 @@ pub(super) fn label(platform: Platform, kind: Kind) -> String {
 
 /// alice has two iPhones and an Android phone; bob an iPhone; carol a development iPhone
 /// (sandbox), an iPhone whose app was deleted, and an iPhone that rings as a call; dan an
-/// iPhone and an Android phone whose app was deleted.
+/// iPhone and an Android phone whose app was deleted — all of them with the app `default`.
+/// erin has the brand acme's app on an iPhone and an Android phone, frank the brand globex's.
 pub(super) fn people() -> Vec<Person> {
     use Kind::{Alert, Call};
     const APNS: Platform = Platform::APNS;
@@ -60,6 +112,7 @@ pub(super) fn people() -> Vec<Person> {
     vec![
         Person {
             name: "alice",
+            app: "default",
             phones: vec![
                 Phone::new(APNS, Alert, "production", false),
                 Phone::new(APNS, Alert, "production", false),
@@ -68,10 +121,12 @@ pub(super) fn people() -> Vec<Person> {
         },
         Person {
             name: "bob",
+            app: "default",
             phones: vec![Phone::new(APNS, Alert, "production", false)],
         },
         Person {
             name: "carol",
+            app: "default",
             phones: vec![
                 Phone::new(APNS, Alert, "sandbox", false),
                 Phone::new(APNS, Alert, "production", true),
@@ -80,16 +135,34 @@ pub(super) fn people() -> Vec<Person> {
         },
         Person {
             name: "dan",
+            app: "default",
             phones: vec![
                 Phone::new(APNS, Alert, "production", false),
                 Phone::new(FCM, Alert, "production", true),
+            ],
+        },
+        Person {
+            name: "erin",
+            app: "acme",
+            phones: vec![
+                Phone::new(APNS, Alert, "production", false),
+                Phone::new(FCM, Alert, "production", false),
+            ],
+        },
+        Person {
+            name: "frank",
+            app: "globex",
+            phones: vec![
+                Phone::new(APNS, Alert, "production", false),
+                Phone::new(FCM, Alert, "production", false),
             ],
         },
     ]
 }
 
 /// alice owns the front door and shares it with bob and carol (and, by mistake, with
-/// herself); dan owns the garage and shares it with alice.
+/// herself); dan owns the garage and shares it with alice; erin (acme) owns the shop and
+/// shares it with frank (globex) and bob (default).
 pub(super) async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> anyhow::Result<()> {
     let client = pool.get().await?;
     let mut ids = HashMap::new();
@@ -106,15 +179,15 @@ pub(super) async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> a
         let id: i64 = row.get(0);
         ids.insert(person.name, id);
         for (i, phone) in person.phones.iter().enumerate() {
-            // Every other iPhone relies on the default topic (RINGPUSH_APNS_TOPIC).
+            // Every other iPhone registered without a topic: its app's is used.
             let apns = phone.token.platform() == Platform::APNS;
-            let topic = (apns && i % 2 == 0).then_some(TOPIC);
+            let topic = (apns && i % 2 == 0).then_some(app(person.app).topic);
             // A phone whose app was deleted registered its token a month ago.
             let age_days = if phone.unregistered { 30.0 } else { 0.0 };
             client
                 .execute(
-                    "INSERT INTO push_tokens (token, user_id, environment, topic, platform, kind, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, now() - make_interval(days => $7::float8::int))",
+                    "INSERT INTO push_tokens (token, user_id, environment, topic, platform, kind, app, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, now() - make_interval(days => $8::float8::int))",
                     &[
                         &phone.token.as_str(),
                         &id,
@@ -122,6 +195,7 @@ pub(super) async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> a
                         &topic,
                         &phone.token.platform().as_str(),
                         &phone.kind.as_str(),
+                        &person.app,
                         &age_days,
                     ],
                 )
@@ -136,6 +210,12 @@ pub(super) async fn seed(pool: &deadpool_postgres::Pool, people: &[Person]) -> a
             &["bob", "carol", "alice"][..],
         ),
         ("demo-garage", "Garage", "dan", &["alice"][..]),
+        (
+            SHARED_GATEWAY.0,
+            SHARED_GATEWAY.1,
+            "erin",
+            &["frank", "bob"][..],
+        ),
     ];
     for (gw, name, owner, sharees) in gateways {
         client

@@ -13,6 +13,7 @@ mod brands;
 mod building;
 mod calls;
 mod delivery;
+mod demo;
 mod deploy;
 mod errors;
 mod faults;
