@@ -2,6 +2,7 @@
 //! a pure function of the request, so each rule is tested without a network.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::request::Parts;
@@ -63,6 +64,8 @@ pub struct AuthCheck {
     pub topics: HashMap<String, String>,
     /// Tokens whose `iat` is older than this are `ExpiredProviderToken` (APNs: one hour).
     pub max_age: Duration,
+    /// Signatures verified already.
+    verified: Verified,
 }
 
 impl Default for AuthCheck {
@@ -71,7 +74,51 @@ impl Default for AuthCheck {
             keys: Vec::new(),
             topics: HashMap::new(),
             max_age: Duration::from_secs(3600),
+            verified: Verified::default(),
         }
+    }
+}
+
+/// The JWTs whose signature verified, each with the public key it verified with and its
+/// claims: a client sends one token for many requests (ringpush: for 20 to 60 minutes), and
+/// verifying its ECDSA signature on every request made the mock several times dearer per
+/// request than a client (60 µs against 20), the limit of any bench run against it. Exact:
+/// a signature that verified with a key always does; a remembered token is taken only while
+/// that key is accepted under the token's `kid`, and its team and age are checked on every
+/// request as before. Shared by the clones of an [`AuthCheck`].
+#[derive(Clone, Default)]
+struct Verified(Arc<Mutex<HashMap<String, Remembered>>>);
+
+/// A verified token's public key and claims.
+type Remembered = (Vec<u8>, jwt::Claims);
+
+/// Tokens remembered at most (then forgotten all at once: clients change tokens rarely).
+const VERIFIED_MAX: usize = 4096;
+
+impl std::fmt::Debug for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |m| m.len());
+        write!(f, "Verified({n} tokens)")
+    }
+}
+
+impl Verified {
+    /// The accepted key `token` verified with before, and its claims.
+    fn get<'a>(&self, token: &str, keys: &'a [KeyCheck]) -> Option<(&'a KeyCheck, jwt::Claims)> {
+        let memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (public_key, claims) = memo.get(token)?;
+        let key = keys.iter().find(|k| {
+            k.public_key == *public_key && k.key_id.as_deref().is_none_or(|id| id == claims.key_id)
+        })?;
+        Some((key, claims.clone()))
+    }
+
+    fn put(&self, token: &str, public_key: &[u8], claims: &jwt::Claims) {
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.len() >= VERIFIED_MAX {
+            memo.clear();
+        }
+        memo.insert(token.to_owned(), (public_key.to_owned(), claims.clone()));
     }
 }
 
@@ -219,14 +266,23 @@ fn check_jwt(
     let Some(token) = header.and_then(|v| v.strip_prefix("bearer ")) else {
         return bad(Reason::MissingProviderToken);
     };
-    let Some((kid, _)) = carried(token) else {
-        return bad(Reason::InvalidProviderToken);
+    let verified = match auth.verified.get(token, &auth.keys) {
+        Some(hit) => Some(hit),
+        None => {
+            let Some((kid, _)) = carried(token) else {
+                return bad(Reason::InvalidProviderToken);
+            };
+            let found = auth
+                .keys
+                .iter()
+                .filter(|k| k.key_id.as_deref().is_none_or(|id| id == kid))
+                .find_map(|k| jwt::verify(token, &k.public_key).ok().map(|c| (k, c)));
+            if let Some((key, claims)) = &found {
+                auth.verified.put(token, &key.public_key, claims);
+            }
+            found
+        }
     };
-    let verified = auth
-        .keys
-        .iter()
-        .filter(|k| k.key_id.as_deref().is_none_or(|id| id == kid))
-        .find_map(|k| jwt::verify(token, &k.public_key).ok().map(|c| (k, c)));
     let Some((key, claims)) = verified else {
         return bad(Reason::InvalidProviderToken);
     };
@@ -432,6 +488,48 @@ mod tests {
         validate(&parts, b"{}", auth, None, NOW)
             .err()
             .map(|(_, r)| r)
+    }
+
+    #[test]
+    fn a_token_verified_once_is_still_checked_against_the_keys_teams_and_clock_of_now() {
+        let (_, a, key_a) = team_key("KEYAAAAAAA", "TEAMAAAAAA");
+        let (_, _, key_b) = team_key("KEYBBBBBBB", "TEAMBBBBBB");
+        let mut auth = AuthCheck::key(key_a.clone());
+        let token = a.sign(NOW);
+        assert_eq!(answer(&auth, "com.a", &token), None);
+        assert_eq!(answer(&auth, "com.a", &token), None, "remembered");
+        // Its topic given to another team.
+        auth.topics.insert("com.a".into(), "TEAMBBBBBB".into());
+        assert_eq!(
+            answer(&auth, "com.a", &token),
+            Some(Reason::TopicDisallowed)
+        );
+        auth.topics.clear();
+        // Too old by now.
+        let mut parts = request(|b| b.header("authorization", format!("bearer {token}")));
+        parts.headers.insert("apns-topic", "com.a".parse().unwrap());
+        let later = validate(&parts, b"{}", &auth, None, NOW + 3601).err();
+        assert_eq!(later.map(|(_, r)| r), Some(Reason::ExpiredProviderToken));
+        // Its key replaced under its id (another public key), then removed: refused, as a
+        // token never seen would be.
+        auth.add_key(KeyCheck::new(
+            key_b.public_key.clone(),
+            "KEYAAAAAAA",
+            "TEAMAAAAAA",
+        ));
+        assert_eq!(
+            answer(&auth, "com.a", &token),
+            Some(Reason::InvalidProviderToken)
+        );
+        auth.keys.clear();
+        auth.add_key(key_b);
+        assert_eq!(
+            answer(&auth, "com.a", &token),
+            Some(Reason::InvalidProviderToken)
+        );
+        // Its key back: taken again.
+        auth.add_key(key_a);
+        assert_eq!(answer(&auth, "com.a", &token), None);
     }
 
     #[test]
