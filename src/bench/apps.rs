@@ -204,8 +204,16 @@ pub(super) async fn apps_cost(
             three_apps: spread,
             mock_apns_cores: (mock.cpu() - mock0) / elapsed,
             mock_fcm_cores: (fcm.cpu() - fcm0) / elapsed,
-            accepted: by_app(&body, "ringpush_platform_notifications_total", Some("accepted")),
-            failed: by_app(&body, "ringpush_platform_notifications_total", Some("failed")),
+            accepted: by_app(
+                &body,
+                "ringpush_platform_notifications_total",
+                Some("accepted"),
+            ),
+            failed: by_app(
+                &body,
+                "ringpush_platform_notifications_total",
+                Some("failed"),
+            ),
             connections: by_app(&body, "ringpush_apns_connections", None)
                 .into_iter()
                 .chain(by_app(&body, "ringpush_fcm_connections", None))
@@ -227,7 +235,8 @@ pub(super) async fn apps_cost(
     cost.target_met = cost.throughput_ratio >= TARGET;
     cost.one_app_worker_cpu_s_per_10k = median_of(&one, cpu);
     cost.three_apps_worker_cpu_s_per_10k = median_of(&three, cpu);
-    cost.worker_cpu_ratio = cost.three_apps_worker_cpu_s_per_10k / cost.one_app_worker_cpu_s_per_10k;
+    cost.worker_cpu_ratio =
+        cost.three_apps_worker_cpu_s_per_10k / cost.one_app_worker_cpu_s_per_10k;
     Ok(cost)
 }
 
@@ -303,7 +312,10 @@ async fn expected(
     prefix: &str,
     rings: usize,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
-    let (full, rem) = ((rings / GATEWAYS as usize) as i64, (rings % GATEWAYS as usize) as i64);
+    let (full, rem) = (
+        (rings / GATEWAYS as usize) as i64,
+        (rings % GATEWAYS as usize) as i64,
+    );
     let client = pool.get().await?;
     let rows = client
         .query(
@@ -370,7 +382,11 @@ fn family_platform(family: &str) -> &'static str {
 /// counted nothing rejected, skipped or doubted: the proof that every app's own credentials
 /// were taken by the mocks.
 fn check(drain: &AppsDrain, body: &str, expected: &BTreeMap<String, f64>) -> anyhow::Result<()> {
-    let kind = if drain.three_apps { "three-app" } else { "one-app" };
+    let kind = if drain.three_apps {
+        "three-app"
+    } else {
+        "one-app"
+    };
     for outcome in ["rejected", "unconfigured", "unsupported", "doubted"] {
         let counted = by_app(body, "ringpush_platform_notifications_total", Some(outcome));
         let counted: BTreeMap<_, _> = counted.into_iter().filter(|(_, n)| *n > 0.0).collect();
@@ -461,7 +477,10 @@ ringpush_fcm_connections{app=\"brand-a\"} 1
 ";
         let family = "ringpush_platform_notifications_total";
         let accepted = by_app(body, family, Some("accepted"));
-        let want = [("brand-a/fcm".to_owned(), 4.0), ("default/apns".into(), 10.0)];
+        let want = [
+            ("brand-a/fcm".to_owned(), 4.0),
+            ("default/apns".into(), 10.0),
+        ];
         assert_eq!(accepted, BTreeMap::from(want));
         assert_eq!(by_app(body, family, Some("failed")).len(), 1);
         let connections = by_app(body, "ringpush_apns_connections", None);

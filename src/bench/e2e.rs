@@ -17,6 +17,7 @@ use crate::local::Local;
 use crate::token::random_hex;
 use crate::wire::ring::RingEvent;
 
+use super::apps::apps_cost;
 use super::building::building;
 use super::ledger::{backends_cpu, claims_cost, ledger_cost};
 use super::life::life_cost;
@@ -258,6 +259,11 @@ pub(super) async fn end_to_end(
         );
     }
 
+    // One app against three, in turns, with mocks of its own (before the building seeds
+    // its shares: both of its fleets alike without them).
+    if args.runs(Part::Apps) {
+        report.apps = Some(apps_cost(args, names, &db_url, &pool, &channel, dir).await?);
+    }
     // Building rings beside ordinary ones, with a worker of its own (see `building`).
     if args.runs(Part::Building) {
         let quarter = report.e2e_rings_per_s / 4.0;

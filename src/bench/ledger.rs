@@ -161,6 +161,20 @@ pub(super) async fn measure_drain(
     want: f64,
     env: &[(&str, &str)],
 ) -> anyhow::Result<Drain> {
+    let (drain, _) = measure_drain_scraped(worker_of, pool, rings, want, env).await?;
+    Ok(drain)
+}
+
+/// [`measure_drain`], and the worker's `/metrics` page as it stood once the drain was done
+/// (scraped again after the count was reached, before the worker stops: every counter of
+/// the drain's last answers is in it).
+pub(super) async fn measure_drain_scraped(
+    worker_of: &WorkerOf<'_>,
+    pool: &deadpool_postgres::Pool,
+    rings: usize,
+    want: f64,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Drain, String)> {
     let port = free_port();
     let mut worker = worker_of.spawn_with(port, None, env)?;
     let pid = worker.id().expect("a running worker").to_string();
@@ -193,10 +207,11 @@ pub(super) async fn measure_drain(
     let services1 = service_cpu();
     let backends = backends_cpu(pool, &WorkerOf::application_name(port)).await;
     let cores = service_cores(&services0, &services1, elapsed);
+    let body = scrape(port).await.unwrap_or(body);
     stop(&mut worker).await;
     let postgresql_cores = cores.get("postgresql").copied().unwrap_or_default();
     let per_ring_ms = |cpu_s: f64| cpu_s / rings as f64 * 1000.0;
-    Ok(Drain {
+    let drain = Drain {
         ledger: true,
         claims: true,
         ends: false,
@@ -210,7 +225,8 @@ pub(super) async fn measure_drain(
         followups_per_ring: Some(
             sum_samples(&body, "ringpush_followups_total{", r#"outcome="accepted""#) / rings as f64,
         ),
-    })
+    };
+    Ok((drain, body))
 }
 
 /// How long a drain's accepted count may stand still before the drain fails.

@@ -17,15 +17,19 @@
 //! 7. a ring's life (after 1, before the ledger's and the claims' parts, a fresh worker per
 //!    drain): the drain of 1 again, ring-only and with every ring ended a second after its
 //!    press, in turns — notifications/s (rings and follow-ups together) with ends against
-//!    ring-only, and PostgreSQL's CPU per ring.
+//!    ring-only, and PostgreSQL's CPU per ring;
+//! 8. many apps (after the claims' part, a fresh worker per drain): the same workload with
+//!    every token in the app `default` and spread evenly over three apps, each with its own
+//!    credentials, in turns — notifications/s three apps against one, within 10 %.
 //!
 //! The tree: [`e2e`] (1 and 2; its windows in [`live`]), [`building`] (5), [`apns_leg`] (3),
 //! [`binary_leg`] (4), [`fcm_leg`] (6), [`life`] (7; its drains and the ledger's and claims'
-//! parts' in [`ledger`]); what they share: [`measure`] (`/proc`, scrapes,
+//! parts' in [`ledger`]), [`apps`] (8); what they share: [`measure`] (`/proc`, scrapes,
 //! quantiles, pacing), [`processes`] (the mock and worker processes), [`peers`] (the peer
 //! clients' scripts); [`report`] (what a run measured, as a table and as JSON).
 
 mod apns_leg;
+mod apps;
 mod bare;
 mod binary_leg;
 mod building;
@@ -51,6 +55,7 @@ use binary_leg::binary_leg;
 use e2e::{broker_ceiling, end_to_end};
 use fcm_leg::fcm_leg;
 
+pub use apps::{AppsCost, AppsDrain};
 pub use report::{Building, Drain, LedgerCost, LifeCost, Peer, Report, Round, Window};
 
 /// What `ringpush bench` runs, and against which broker and database.
@@ -104,6 +109,8 @@ pub enum Part {
     Binary,
     /// The FCM leg and its peer.
     Fcm,
+    /// Many apps: one app against three, in turns.
+    Apps,
 }
 
 impl Part {

@@ -1,6 +1,7 @@
 //! The processes the bench starts: the mock APNs in a child process (so its CPU is not
 //! counted with the client's), `ringpush worker` processes against it, and how they stop.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -34,6 +35,12 @@ pub(super) struct MockProcess {
 
 impl MockProcess {
     pub(super) async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, &[]).await
+    }
+
+    /// [`MockProcess::start`], with more of `ringpush mock-apns`'s flags (JWT checks, an
+    /// apps folder).
+    pub(super) async fn start_with(dir: &Path, flags: &[OsString]) -> anyhow::Result<Self> {
         let (port, binary_port, feedback_port) = (free_port(), free_port(), free_port());
         let cert_dir = dir.join("mock-certs");
         let child = tokio::process::Command::new(std::env::current_exe()?)
@@ -43,6 +50,7 @@ impl MockProcess {
             .args(["--feedback-listen", &format!("127.0.0.1:{feedback_port}")])
             .arg("--cert-dir")
             .arg(&cert_dir)
+            .args(flags)
             .env("RUST_LOG", "error")
             .kill_on_drop(true)
             .stdout(Stdio::null())
@@ -90,7 +98,16 @@ pub(super) struct FcmMockProcess {
 
 impl FcmMockProcess {
     pub(super) async fn start(dir: &Path) -> anyhow::Result<Self> {
-        let port = free_port();
+        Self::start_with(dir, free_port(), &[]).await
+    }
+
+    /// [`FcmMockProcess::start`] on `port` (known beforehand: an apps folder's service
+    /// accounts name it in their `token_uri`), with more of `ringpush mock-fcm`'s flags.
+    pub(super) async fn start_with(
+        dir: &Path,
+        port: u16,
+        flags: &[OsString],
+    ) -> anyhow::Result<Self> {
         let (cert_dir, credentials) = (dir.join("fcm-certs"), dir.join("fcm-service-account.json"));
         let child = tokio::process::Command::new(std::env::current_exe()?)
             .arg("mock-fcm")
@@ -99,6 +116,7 @@ impl FcmMockProcess {
             .arg(&cert_dir)
             .arg("--generate-credentials")
             .arg(&credentials)
+            .args(flags)
             .env("RUST_LOG", "error")
             .kill_on_drop(true)
             .stdout(Stdio::null())

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 
+use super::apps::{write_apps, AppsCost};
+
 /// Everything one run measured; `None` where a part was skipped or failed (with the reason).
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Report {
@@ -77,6 +79,8 @@ pub struct Report {
     /// A ring's life: the same drain with every ring ended a second after its press, and
     /// without (see [`LifeCost`]).
     pub life: Option<LifeCost>,
+    /// The same workload in one app and spread over three (see [`AppsCost`]).
+    pub apps: Option<AppsCost>,
     pub notes: Vec<String>,
     /// The parts left out (`--skip`).
     pub skipped: Vec<String>,
@@ -616,6 +620,9 @@ impl std::fmt::Display for Report {
                 c.claim_rows_per_ring
                     .map_or("-".to_owned(), |r| format!("{r:.2}"))
             )?;
+        }
+        if let Some(a) = &self.apps {
+            write_apps(f, a)?;
         }
         Ok(())
     }

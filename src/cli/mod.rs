@@ -368,6 +368,7 @@ mod tests {
             skip(&["--skip", "ledger,claims", "--skip", "fcm"]).unwrap(),
             [Part::Ledger, Part::Claims, Part::Fcm]
         );
+        assert_eq!(skip(&["--skip", "apps"]).unwrap(), [Part::Apps]);
         let e = skip(&["--skip", "e2e"]).unwrap_err();
         assert!(e.contains("--skip") && e.contains("life"), "{e}");
     }
