@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::values::{address, defaults, duration, endpoint, positive, protocol, shown};
 use super::{config_error, ApnsProtocol, ConfigError};
-use crate::apns::http2::{self, Client};
+use crate::apns::http2;
 use crate::apns::jwt::{self, Signer};
 use crate::apns::request::Endpoint;
 use crate::apns::{self, binary, Apns};
@@ -203,11 +203,13 @@ impl ApnsArgs {
         }
     }
 
+    /// The app `default`'s HTTP/2 client: its credentials checked here (each mistake named by
+    /// its variable), the client built as every app's is.
     fn http2_client(&self) -> Result<Apns, ConfigError> {
         let (signer, identity) = self.credentials()?;
-        let tls = tls::client_config(self.tls.apns_ca_file.as_deref(), identity)
-            .map_err(|e| config_error("RINGPUSH_APNS_CA_FILE", e))?;
-        Ok(Client::new(self.http2_settings(), tls, signer.map(Arc::new)).into())
+        self.app_settings(self.apns_jwt_refresh)
+            .client(signer, identity)
+            .map_err(|e| config_error("RINGPUSH_APNS_CA_FILE", e))
     }
 
     fn http2_settings(&self) -> http2::Settings {
