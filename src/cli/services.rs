@@ -52,7 +52,8 @@ pub struct WorkerArgs {
     /// as Kubernetes mounts one Secret per app; read again on change and on SIGHUP.
     #[arg(long, env = "RINGPUSH_APPS_DIR")]
     pub apps_dir: Option<std::path::PathBuf>,
-    /// How often the apps' files (and the single-app variables' files) are read for changes.
+    /// How often the app folders (and the app `default`'s certificate and service account
+    /// files) are read for changes.
     #[arg(long, env = "RINGPUSH_APPS_POLL", default_value = "5s", value_parser = duration("RINGPUSH_APPS_POLL"))]
     pub apps_poll: Duration,
     /// How long a ring is worth delivering after it was pressed.
